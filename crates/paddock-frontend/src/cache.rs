@@ -1,0 +1,59 @@
+//! The front-end's local artifact cache: `<dir>/<engine hash>/<component sha256>.cwasm`.
+//!
+//! A cached artifact that fails its checks is a cache miss: it is compiled (or fetched) again and
+//! overwritten, never trusted.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use paddock_runtime::{AppSpec, AppVersion, LoadError, Runtime};
+
+#[derive(Clone)]
+pub struct ArtifactCache {
+    dir: PathBuf,
+    runtime: Arc<Runtime>,
+}
+
+impl ArtifactCache {
+    pub fn open(root: &Path, runtime: Arc<Runtime>) -> anyhow::Result<ArtifactCache> {
+        let dir = root.join(runtime.engine_hash());
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(ArtifactCache { dir, runtime })
+    }
+
+    fn path_of(&self, component_sha256: &str) -> PathBuf {
+        self.dir.join(format!("{component_sha256}.cwasm"))
+    }
+
+    /// Loads `component` (whose sha256 is `spec.component_sha256`) as app version `spec`, from the cache when its artifact is there and
+    /// sound, else by compiling it and caching the result. Blocking: call off the async threads.
+    pub fn load_component(
+        &self,
+        spec: AppSpec,
+        component: &[u8],
+    ) -> Result<Arc<AppVersion>, LoadError> {
+        let path = self.path_of(&spec.component_sha256);
+        if let Ok(bytes) = std::fs::read(&path) {
+            match self.runtime.load(spec.clone(), &bytes) {
+                Ok(version) => return Ok(version),
+                Err(e) => tracing::warn!(
+                    path = %path.display(),
+                    "cached artifact not usable, compiling again: {e}"
+                ),
+            }
+        }
+        let artifact = self.runtime.compile(component)?;
+        if let Err(e) = write_atomically(&path, artifact.as_bytes()) {
+            tracing::warn!(path = %path.display(), "could not cache the artifact: {e:#}");
+        }
+        self.runtime.load(spec, artifact.as_bytes())
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,84 @@
+//! Paddock's front-end server: many apps behind one listener, each app one current version that
+//! can be swapped while requests run.
+//!
+//! - [`apps::Apps`] holds the route table (`arc-swap`): a request takes the `Arc` of the version
+//!   its path routes to and keeps it until its response ends, so a swap never disturbs a request
+//!   already running, and the old version is freed when its last request ends.
+//! - [`server`] accepts connections, routes, adds the `x-paddock-*` headers, answers
+//!   `/_paddock/health`, counts requests in flight and shuts down gracefully.
+//! - [`folder`] deploys the app packages found in a folder and redeploys one when it changes.
+//! - [`cache`] keeps compiled artifacts on disk so that a restart does not compile again.
+//!
+//! Deliberately absent: wasmtime (the runtime crate owns it), SQL, and any decision about *which*
+//! version should run — that is given to the front-end (by its folder today, by the controller).
+
+pub mod apps;
+pub mod cache;
+pub mod folder;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use paddock_runtime::{Runtime, RuntimeConfig};
+
+pub use apps::{Apps, DeployError};
+pub use server::Server;
+
+/// Everything `paddock frontend` is configured with, resolved.
+#[derive(Debug, Clone)]
+pub struct FrontendConfig {
+    /// The server's name in the farm; sent in `x-paddock-server` and the health report.
+    pub name: String,
+    pub listen: SocketAddr,
+    /// The folder of app packages to deploy and watch, if any.
+    pub apps_dir: Option<PathBuf>,
+    /// Where the artifact cache lives.
+    pub data_dir: PathBuf,
+    /// How often the apps folder is looked at.
+    pub scan_interval: Duration,
+    /// How long in-flight requests may take to finish after a shutdown signal.
+    pub shutdown_timeout: Duration,
+    pub runtime: RuntimeConfig,
+}
+
+/// Runs a front-end until `shutdown` resolves, then drains it.
+pub async fn run(
+    config: FrontendConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let runtime = Arc::new(Runtime::new(&config.runtime)?);
+    let cache = cache::ArtifactCache::open(&config.data_dir.join("artifacts"), runtime.clone())
+        .with_context(|| {
+            format!(
+                "opening the artifact cache in {}",
+                config.data_dir.display()
+            )
+        })?;
+    let apps = Arc::new(Apps::new(runtime.clone()));
+
+    let watcher = match &config.apps_dir {
+        Some(dir) => {
+            let mut folder = folder::AppFolder::new(dir.clone(), apps.clone(), cache.clone());
+            folder.scan(true).await;
+            Some(tokio::spawn(folder.watch(config.scan_interval)))
+        }
+        None => None,
+    };
+
+    let server = Server::bind(&config, apps.clone()).await?;
+    tracing::info!(
+        server = %config.name,
+        engine = runtime.engine_hash(),
+        "listening on http://{}",
+        server.local_addr()
+    );
+    let result = server.serve(shutdown, config.shutdown_timeout).await;
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
+    result
+}

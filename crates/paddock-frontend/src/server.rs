@@ -1,0 +1,281 @@
+//! The HTTP side of a front-end: accept, route, serve, health, graceful shutdown.
+//!
+//! A request's life: look up its path in the route table → take the app version's `Arc` → count
+//! it in flight → run it on a fresh instance → add `x-paddock-*` headers → stream the body → the
+//! in-flight count drops when the body has been sent (or the client went away).
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body::{Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use paddock_api::HealthReport;
+use paddock_core::ServerState;
+use tokio::net::TcpListener;
+
+use crate::FrontendConfig;
+use crate::apps::Apps;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+const HEALTH_PATH: &str = "/_paddock/health";
+/// Time a client has to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Server {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    name: String,
+    server_header: HeaderValue,
+    apps: Arc<Apps>,
+    state: AtomicU8,
+    in_flight: AtomicU64,
+    next_request_id: AtomicU64,
+}
+
+impl Shared {
+    fn state(&self) -> ServerState {
+        match self.state.load(Ordering::Acquire) {
+            0 => ServerState::Serving,
+            1 => ServerState::Draining,
+            _ => ServerState::Stopping,
+        }
+    }
+
+    fn set_state(&self, state: ServerState) {
+        let raw = match state {
+            ServerState::Serving => 0,
+            ServerState::Draining => 1,
+            ServerState::Stopping => 2,
+        };
+        self.state.store(raw, Ordering::Release);
+    }
+}
+
+impl Server {
+    pub async fn bind(config: &FrontendConfig, apps: Arc<Apps>) -> anyhow::Result<Server> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        let server_header = HeaderValue::from_str(&config.name).map_err(|_| {
+            anyhow::anyhow!("server name {:?} cannot be sent in a header", config.name)
+        })?;
+        Ok(Server {
+            listener,
+            shared: Arc::new(Shared {
+                name: config.name.clone(),
+                server_header,
+                apps,
+                state: AtomicU8::new(0),
+                in_flight: AtomicU64::new(0),
+                next_request_id: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound TCP listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves; then stops accepting, reports `stopping`, lets requests
+    /// in flight finish (at most `drain_timeout`) and closes every connection.
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+        drain_timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .keep_alive(true);
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, _peer) = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait a moment, keep serving.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let shared = self.shared.clone();
+            let service = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(&shared, req).await) }
+            });
+            let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!("connection ended: {e}");
+                }
+            });
+        }
+
+        self.shared.set_state(ServerState::Stopping);
+        drop(self.listener);
+        let in_flight = self.shared.in_flight.load(Ordering::Acquire);
+        tracing::info!(in_flight, "stopping: no new connections, finishing requests in flight");
+        match tokio::time::timeout(drain_timeout, graceful.shutdown()).await {
+            Ok(()) => tracing::info!("stopped: every request answered"),
+            Err(_) => tracing::warn!(
+                in_flight = self.shared.in_flight.load(Ordering::Acquire),
+                "stopped after {}s with requests still running",
+                drain_timeout.as_secs()
+            ),
+        }
+        Ok(())
+    }
+}
+
+async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path();
+    if path == HEALTH_PATH && (req.method() == Method::GET || req.method() == Method::HEAD) {
+        return with_server(shared, health(shared));
+    }
+    if paddock_core::route_matches(paddock_core::route::RESERVED_PREFIX, path) {
+        return with_server(shared, text(StatusCode::NOT_FOUND, "not found\n"));
+    }
+    let Some(app) = shared.apps.table().lookup(path).cloned() else {
+        return with_server(shared, text(StatusCode::NOT_FOUND, "not found\n"));
+    };
+
+    let guard = InFlight::enter(shared.clone());
+    let request_id = shared.next_request_id.fetch_add(1, Ordering::Relaxed);
+    let mut response = match shared.apps.runtime().serve(&app, req, request_id).await {
+        Ok(response) => response.map(|body| {
+            TrackedBody {
+                inner: body,
+                _guard: guard,
+            }
+            .boxed_unsync()
+        }),
+        Err(e) => {
+            let mut r = text(e.status(), &format!("{e} (request {request_id})\n"));
+            if e.status() == StatusCode::SERVICE_UNAVAILABLE {
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            r
+        }
+    };
+    let spec = app.spec();
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&spec.name) {
+        headers.insert("x-paddock-app", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&spec.version) {
+        headers.insert("x-paddock-version", v);
+    }
+    with_server(shared, response)
+}
+
+fn health(shared: &Shared) -> Response<Body> {
+    let state = shared.state();
+    let report = HealthReport {
+        server: shared.name.clone(),
+        state,
+        apps: shared.apps.loaded(),
+        in_flight: shared.in_flight.load(Ordering::Acquire),
+    };
+    let status = if state.is_routable() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::to_vec(&report).unwrap_or_default();
+    let mut response = Response::new(full(Bytes::from(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn with_server(shared: &Shared, mut response: Response<Body>) -> Response<Body> {
+    response
+        .headers_mut()
+        .insert("x-paddock-server", shared.server_header.clone());
+    response
+}
+
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Body> {
+    let mut response = Response::new(full(Bytes::copy_from_slice(body.as_bytes())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Counts a request in flight from routing until its response body is done or dropped.
+struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    fn enter(shared: Arc<Shared>) -> InFlight {
+        shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(shared)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An app's response body that keeps its request counted in flight until it ends.
+struct TrackedBody {
+    inner: paddock_runtime::ResponseBody,
+    _guard: InFlight,
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map_err(|e| Box::new(e) as BoxError)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,205 @@
+//! The per-request host state (`T` of `Store<T>`) and the app's stdout/stderr as log lines.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use wasmtime::component::ResourceTable;
+use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use crate::AppSpec;
+
+pub struct Host {
+    table: ResourceTable,
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    pub(crate) limits: StoreLimits,
+}
+
+impl Host {
+    pub(crate) fn new(spec: &AppSpec, request_id: u64) -> Host {
+        let tags = Arc::new(LogTags {
+            app: spec.name.clone(),
+            version: spec.version.clone(),
+            request_id,
+        });
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(LogStream {
+            tags: tags.clone(),
+            stream: "stdout",
+        })
+        .stderr(LogStream {
+            tags,
+            stream: "stderr",
+        })
+        .env("PADDOCK_APP", &spec.name)
+        .env("PADDOCK_VERSION", &spec.version)
+        .env("PADDOCK_REQUEST_ID", request_id.to_string());
+        Host {
+            table: ResourceTable::new(),
+            wasi: wasi.build(),
+            http: WasiHttpCtx::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(spec.limits.memory_mib as usize * 1024 * 1024)
+                .trap_on_grow_failure(true)
+                .build(),
+        }
+    }
+}
+
+impl WasiView for Host {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for Host {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: Default::default(),
+        }
+    }
+}
+
+struct LogTags {
+    app: String,
+    version: String,
+    request_id: u64,
+}
+
+/// An app's stdout or stderr: each line becomes a log event tagged with app, version, request.
+struct LogStream {
+    tags: Arc<LogTags>,
+    stream: &'static str,
+}
+
+impl IsTerminal for LogStream {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for LogStream {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(LineLogger::new(self.tags.clone(), self.stream))
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(LineLogger::new(self.tags.clone(), self.stream))
+    }
+}
+
+/// Longest line kept; the rest of a longer line is dropped (and said so).
+const MAX_LINE: usize = 8 * 1024;
+
+struct LineLogger {
+    tags: Arc<LogTags>,
+    stream: &'static str,
+    line: Vec<u8>,
+    truncated: bool,
+}
+
+impl LineLogger {
+    fn new(tags: Arc<LogTags>, stream: &'static str) -> LineLogger {
+        LineLogger {
+            tags,
+            stream,
+            line: Vec::new(),
+            truncated: false,
+        }
+    }
+
+    fn push(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let (chunk, end_of_line) = match bytes.iter().position(|&b| b == b'\n') {
+                Some(i) => (&bytes[..i], true),
+                None => (bytes, false),
+            };
+            let room = MAX_LINE - self.line.len();
+            self.line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            self.truncated |= chunk.len() > room;
+            bytes = &bytes[(chunk.len() + usize::from(end_of_line)).min(bytes.len())..];
+            if end_of_line {
+                self.emit();
+            }
+        }
+    }
+
+    fn emit(&mut self) {
+        let text = String::from_utf8_lossy(&self.line);
+        let text = text.trim_end_matches('\r');
+        let tags = &self.tags;
+        tracing::info!(
+            target: "paddock::app",
+            app = %tags.app,
+            version = %tags.version,
+            request = tags.request_id,
+            stream = self.stream,
+            "{text}{}",
+            if self.truncated { " [line truncated]" } else { "" }
+        );
+        self.line.clear();
+        self.truncated = false;
+    }
+}
+
+impl Drop for LineLogger {
+    fn drop(&mut self) {
+        if !self.line.is_empty() {
+            self.emit();
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Pollable for LineLogger {
+    async fn ready(&mut self) {}
+}
+
+impl OutputStream for LineLogger {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.push(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(64 * 1024)
+    }
+}
+
+impl tokio::io::AsyncWrite for LineLogger {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.push(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}

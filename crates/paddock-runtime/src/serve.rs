@@ -1,0 +1,201 @@
+//! One request on a fresh instance: instantiate from the `ProxyPre`, call the incoming handler,
+//! hand back the response as soon as the app sets it, enforce the app's limits throughout.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+use wasmtime::{PoolConcurrencyLimitError, Store, Trap, UpdateDeadline};
+use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+
+use crate::host::Host;
+use crate::{AppVersion, Runtime};
+
+/// The body of an app's response, streamed while the instance still runs.
+pub type ResponseBody = HyperOutgoingBody;
+
+/// Why a request got no response from the app. Each is logged once, by the runtime, with app,
+/// version and request; the caller only turns it into a status code.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The app trapped (panic, out of memory, unreachable, ...) before responding: 500.
+    #[error("the app failed while handling the request")]
+    Trap,
+    /// The request ran past the app's time limit: 504.
+    #[error("the app did not answer within its time limit")]
+    Timeout,
+    /// Every instance slot is taken: 503, try again.
+    #[error("the server is at its instance limit")]
+    Busy,
+    /// The app returned without setting a response, or set an error: 500.
+    #[error("the app sent no response")]
+    NoResponse,
+    /// The request could not be handed to the app (e.g. a malformed header): 400.
+    #[error("the request could not be passed to the app")]
+    BadRequest,
+}
+
+impl ServeError {
+    pub fn status(&self) -> http::StatusCode {
+        use http::StatusCode as S;
+        match self {
+            ServeError::Trap | ServeError::NoResponse => S::INTERNAL_SERVER_ERROR,
+            ServeError::Timeout => S::GATEWAY_TIMEOUT,
+            ServeError::Busy => S::SERVICE_UNAVAILABLE,
+            ServeError::BadRequest => S::BAD_REQUEST,
+        }
+    }
+}
+
+impl Runtime {
+    /// Serves `request` on a fresh instance of `app`. Returns once the app has set its response
+    /// head; the body streams from a task that keeps running the instance (and holds `app`) until
+    /// the body is done or the app's time limit passes.
+    pub async fn serve<B>(
+        &self,
+        app: &Arc<AppVersion>,
+        request: hyper::Request<B>,
+        request_id: u64,
+    ) -> Result<hyper::Response<ResponseBody>, ServeError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let spec = &app.spec;
+        let deadline = Instant::now() + spec.limits.request_timeout;
+        let method = request.method().clone();
+        let path = request.uri().path().to_string();
+        let log_failure = {
+            let app = app.clone();
+            move |what: &str, error: &dyn std::fmt::Display| {
+                let spec = &app.spec;
+                tracing::warn!(
+                    app = %spec.name,
+                    version = %spec.version,
+                    request = request_id,
+                    %method,
+                    %path,
+                    "{what}: {error}"
+                );
+            }
+        };
+
+        let mut store = Store::new(&self.engine, Host::new(spec, request_id));
+        store.limiter(|host| &mut host.limits);
+        // Every tick the instance yields its thread (so a busy loop never starves other
+        // requests); once the deadline has passed, the next tick interrupts it.
+        let std_deadline = deadline.into_std();
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if std::time::Instant::now() >= std_deadline {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let handles = (|| -> wasmtime::Result<_> {
+            let req = store
+                .data_mut()
+                .http()
+                .new_incoming_request(Scheme::Http, request)?;
+            let out = store.data_mut().http().new_response_outparam(sender)?;
+            Ok((req, out))
+        })();
+        let (req, out) = match handles {
+            Ok(handles) => handles,
+            Err(e) => {
+                log_failure("request refused", &format!("{:#}", anyhow::Error::from(e)));
+                return Err(ServeError::BadRequest);
+            }
+        };
+
+        let pre = app.pre.clone();
+        let app_alive = app.clone();
+        let task = tokio::spawn(async move {
+            let _app = app_alive;
+            let run = async {
+                let proxy = pre.instantiate_async(&mut store).await?;
+                proxy
+                    .wasi_http_incoming_handler()
+                    .call_handle(&mut store, req, out)
+                    .await
+            };
+            let outcome = match tokio::time::timeout_at(deadline, run).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => classify(anyhow::Error::from(e)),
+                Err(_elapsed) => (
+                    ServeError::Timeout,
+                    anyhow::anyhow!("time limit exceeded while waiting"),
+                ),
+            };
+            let what = match outcome.0 {
+                ServeError::Timeout => "request timed out",
+                ServeError::Busy => "no instance slot free",
+                _ => "app trapped",
+            };
+            // The cause in one line for the operator; the wasm backtrace at debug level.
+            log_failure(what, &outcome.1.root_cause());
+            tracing::debug!(request = request_id, "{what}: {:?}", outcome.1);
+            Err(outcome.0)
+        });
+
+        match receiver.await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(code)) => {
+                let message = error_code_message(&code);
+                tracing::warn!(
+                    app = %spec.name,
+                    version = %spec.version,
+                    request = request_id,
+                    "app answered with an error: {message}"
+                );
+                Err(ServeError::NoResponse)
+            }
+            // The outparam was dropped unset: the task has ended, and says why.
+            Err(_) => match task.await {
+                Ok(Ok(())) => {
+                    tracing::warn!(
+                        app = %spec.name,
+                        version = %spec.version,
+                        request = request_id,
+                        "app returned without setting a response"
+                    );
+                    Err(ServeError::NoResponse)
+                }
+                Ok(Err(e)) => Err(e),
+                Err(join) => {
+                    tracing::error!(
+                        app = %spec.name,
+                        version = %spec.version,
+                        request = request_id,
+                        "request task failed: {join}"
+                    );
+                    Err(ServeError::Trap)
+                }
+            },
+        }
+    }
+}
+
+fn classify(error: anyhow::Error) -> (ServeError, anyhow::Error) {
+    if error.chain().any(|e| e.is::<PoolConcurrencyLimitError>()) {
+        return (ServeError::Busy, error);
+    }
+    let interrupted = error
+        .chain()
+        .any(|e| matches!(e.downcast_ref::<Trap>(), Some(Trap::Interrupt)))
+        || matches!(error.downcast_ref::<Trap>(), Some(Trap::Interrupt));
+    if interrupted {
+        (ServeError::Timeout, error)
+    } else {
+        (ServeError::Trap, error)
+    }
+}
+
+fn error_code_message(code: &ErrorCode) -> String {
+    format!("{code:?}")
+}
