@@ -83,7 +83,10 @@ pub enum ManifestError {
     #[error("paddock.toml is not valid: {0}")]
     Syntax(String),
     #[error("paddock.toml: field `{field}` {problem}")]
-    Field { field: &'static str, problem: String },
+    Field {
+        field: &'static str,
+        problem: String,
+    },
 }
 
 fn field(field: &'static str, problem: impl Into<String>) -> ManifestError {
@@ -193,10 +196,7 @@ impl Manifest {
         if limits.memory_mib == 0 || limits.memory_mib > MAX_MEMORY_MIB {
             return Err(field(
                 "limits.memory_mib",
-                format!(
-                    "is {}: use 1 to {MAX_MEMORY_MIB} (MiB)",
-                    limits.memory_mib
-                ),
+                format!("is {}: use 1 to {MAX_MEMORY_MIB} (MiB)", limits.memory_mib),
             ));
         }
         if limits.request_timeout.is_zero() || limits.request_timeout > MAX_REQUEST_TIMEOUT {
@@ -264,7 +264,10 @@ impl Manifest {
     pub fn version_for(&self, component_sha256: &str) -> String {
         match &self.version {
             Some(v) => v.clone(),
-            None => format!("sha-{}", &component_sha256[..12.min(component_sha256.len())]),
+            None => format!(
+                "sha-{}",
+                &component_sha256[..12.min(component_sha256.len())]
+            ),
         }
     }
 }
@@ -338,7 +341,10 @@ currency = "EUR"
         assert_eq!(m.version.as_deref(), Some("1.4.0"));
         assert_eq!(m.limits.memory_mib, 128);
         assert_eq!(m.limits.request_timeout, Duration::from_secs(5));
-        assert_eq!(m.timers[1].schedule, TimerSchedule::Every(Duration::from_secs(30)));
+        assert_eq!(
+            m.timers[1].schedule,
+            TimerSchedule::Every(Duration::from_secs(30))
+        );
         assert_eq!(m.config["currency"], "EUR");
     }
 
@@ -347,21 +353,51 @@ currency = "EUR"
         let cases = [
             ("name = \"Orders\"\ncomponent = \"a.wasm\"", "`name`"),
             ("name = \"a\"\ncomponent = \"../a.wasm\"", "`component`"),
-            ("name = \"a\"\ncomponent = \"a.wasm\"\nroute = \"a\"", "`route`"),
-            ("name = \"a\"\ncomponent = \"a.wasm\"\nroute = \"/_paddock\"", "reserved"),
-            ("name = \"a\"\ncomponent = \"a.wasm\"\nversion = \"1 0\"", "`version`"),
-            ("name = \"a\"\ncomponent = \"a.wasm\"\nsmoke = \"/b/health\"", "`smoke`"),
-            ("name = \"a\"\ncomponent = \"a.wasm\"\n[limits]\nmemory_mib = 0", "limits.memory_mib"),
-            ("name = \"a\"\ncomponent = \"a.wasm\"\n[limits]\nrequest_timeout = \"2h\"", "limits.request_timeout"),
-            ("name = \"a\"\ncomponent = \"a.wasm\"\nrout = \"/x\"", "unknown field `rout`"),
+            (
+                "name = \"a\"\ncomponent = \"a.wasm\"\nroute = \"a\"",
+                "`route`",
+            ),
+            (
+                "name = \"a\"\ncomponent = \"a.wasm\"\nroute = \"/_paddock\"",
+                "reserved",
+            ),
+            (
+                "name = \"a\"\ncomponent = \"a.wasm\"\nversion = \"1 0\"",
+                "`version`",
+            ),
+            (
+                "name = \"a\"\ncomponent = \"a.wasm\"\nsmoke = \"/b/health\"",
+                "`smoke`",
+            ),
+            (
+                "name = \"a\"\ncomponent = \"a.wasm\"\n[limits]\nmemory_mib = 0",
+                "limits.memory_mib",
+            ),
+            (
+                "name = \"a\"\ncomponent = \"a.wasm\"\n[limits]\nrequest_timeout = \"2h\"",
+                "limits.request_timeout",
+            ),
+            (
+                "name = \"a\"\ncomponent = \"a.wasm\"\nrout = \"/x\"",
+                "unknown field `rout`",
+            ),
             ("component = \"a.wasm\"", "missing field `name`"),
-            ("name = \"a\"\ncomponent = \"a.wasm\"\n[[timer]]\nname = \"t\"\npath = \"/a/t\"", "exactly one of"),
-            ("name = \"a\"\ncomponent = \"a.wasm\"\n[[timer]]\nname = \"t\"\nevery = \"1s\"\npath = \"/b\"", "timer.path"),
+            (
+                "name = \"a\"\ncomponent = \"a.wasm\"\n[[timer]]\nname = \"t\"\npath = \"/a/t\"",
+                "exactly one of",
+            ),
+            (
+                "name = \"a\"\ncomponent = \"a.wasm\"\n[[timer]]\nname = \"t\"\nevery = \"1s\"\npath = \"/b\"",
+                "timer.path",
+            ),
             ("name = = ", "not valid"),
         ];
         for (text, expected) in cases {
             let err = parse(text).unwrap_err().to_string();
-            assert!(err.contains(expected), "{text:?}: {err:?} should mention {expected:?}");
+            assert!(
+                err.contains(expected),
+                "{text:?}: {err:?} should mention {expected:?}"
+            );
         }
     }
 

@@ -123,11 +123,7 @@ impl AppFolder {
         }
     }
 
-    async fn deploy(
-        &self,
-        path: &Path,
-        others: &[(PathBuf, String)],
-    ) -> anyhow::Result<String> {
+    async fn deploy(&self, path: &Path, others: &[(PathBuf, String)]) -> anyhow::Result<String> {
         let (manifest, component) = read_package(path)?;
         if let Some((other, _)) = others.iter().find(|(_, name)| *name == manifest.name) {
             anyhow::bail!(

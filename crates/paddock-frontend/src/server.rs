@@ -135,7 +135,10 @@ impl Server {
         self.shared.set_state(ServerState::Stopping);
         drop(self.listener);
         let in_flight = self.shared.in_flight.load(Ordering::Acquire);
-        tracing::info!(in_flight, "stopping: no new connections, finishing requests in flight");
+        tracing::info!(
+            in_flight,
+            "stopping: no new connections, finishing requests in flight"
+        );
         match tokio::time::timeout(drain_timeout, graceful.shutdown()).await {
             Ok(()) => tracing::info!("stopped: every request answered"),
             Err(_) => tracing::warn!(
@@ -223,7 +226,9 @@ fn with_server(shared: &Shared, mut response: Response<Body>) -> Response<Body> 
 }
 
 fn full(bytes: Bytes) -> Body {
-    Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Body> {

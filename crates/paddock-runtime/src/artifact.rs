@@ -57,8 +57,8 @@ impl Artifact {
             .take(1024)
             .position(|w| w == b"\n\n")
             .ok_or_else(|| damaged("no paddock-artifact header"))?;
-        let head = std::str::from_utf8(&bytes[..head_len])
-            .map_err(|_| damaged("header is not text"))?;
+        let head =
+            std::str::from_utf8(&bytes[..head_len]).map_err(|_| damaged("header is not text"))?;
         let mut lines = head.lines();
         if lines.next() != Some(MAGIC) {
             return Err(damaged("not a paddock-artifact 1 file"));

@@ -106,7 +106,9 @@ impl AppVersion {
 
 impl std::fmt::Debug for AppVersion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AppVersion").field("spec", &self.spec).finish()
+        f.debug_struct("AppVersion")
+            .field("spec", &self.spec)
+            .finish()
     }
 }
 

@@ -1,0 +1,302 @@
+//! The end-to-end test harness: starts real `paddock` processes on loopback ports, gives tests
+//! keep-alive HTTP connections to them, and reads their logs.
+//!
+//! Every wait here waits for a fact (a log line, a health report, a response), bounded by a
+//! deadline that fails the test with what was seen.
+
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper_util::rt::TokioIo;
+
+pub const PADDOCK: &str = env!("CARGO_BIN_EXE_paddock");
+
+/// The folder of the committed test app packages.
+pub fn fixture(package: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/apps/packages")
+        .join(package)
+}
+
+/// Copies a fixture package into `dir/name`, atomically: a watcher sees all of it or none.
+pub fn install_package(apps_dir: &Path, package: &str, name: &str) {
+    let staging = apps_dir.join(format!(".staging-{name}"));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).unwrap();
+    for file in std::fs::read_dir(fixture(package)).unwrap() {
+        let file = file.unwrap();
+        std::fs::copy(file.path(), staging.join(file.file_name())).unwrap();
+    }
+    std::fs::rename(&staging, apps_dir.join(name)).unwrap();
+}
+
+/// Replaces the files of an installed package with those of another fixture, each file by an
+/// atomic rename (as a deployment script would).
+pub fn replace_package(apps_dir: &Path, name: &str, package: &str) {
+    for file in std::fs::read_dir(fixture(package)).unwrap() {
+        let file = file.unwrap();
+        write_atomically(
+            &apps_dir.join(name).join(file.file_name()),
+            &std::fs::read(file.path()).unwrap(),
+        );
+    }
+}
+
+pub fn write_atomically(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("incoming");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A running `paddock frontend --apps DIR`.
+pub struct Frontend {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub apps_dir: PathBuf,
+    child: Child,
+    log: Arc<Mutex<String>>,
+    _dir: tempfile::TempDir,
+}
+
+pub struct FrontendBuilder {
+    name: String,
+    packages: Vec<(String, String)>,
+    extra_args: Vec<String>,
+}
+
+impl FrontendBuilder {
+    /// Installs fixture `package` in the apps folder before start, under the folder name `name`.
+    pub fn package(mut self, package: &str, name: &str) -> Self {
+        self.packages.push((package.into(), name.into()));
+        self
+    }
+
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.extra_args.push(arg.into());
+        self
+    }
+
+    pub async fn start(self) -> Frontend {
+        let dir = tempfile::tempdir().unwrap();
+        let apps_dir = dir.path().join("apps");
+        std::fs::create_dir_all(&apps_dir).unwrap();
+        for (package, name) in &self.packages {
+            install_package(&apps_dir, package, name);
+        }
+        let mut child = Command::new(PADDOCK)
+            .arg("frontend")
+            .args(["--listen", "127.0.0.1:0", "--name", &self.name])
+            .arg("--apps")
+            .arg(&apps_dir)
+            .arg("--data")
+            .arg(dir.path().join("data"))
+            .args(["--scan-interval", "100ms"])
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start paddock frontend");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        {
+            let log = log.clone();
+            let name = self.name.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    eprintln!("[{name}] {line}");
+                    let mut log = log.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            });
+        }
+        let mut frontend = Frontend {
+            name: self.name,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            apps_dir,
+            child,
+            log,
+            _dir: dir,
+        };
+        let line = frontend
+            .wait_for_log("listening on http://", Duration::from_secs(120))
+            .await;
+        let addr = line.split("listening on http://").nth(1).unwrap();
+        let addr = addr.split_whitespace().next().unwrap();
+        frontend.addr = addr.parse().unwrap();
+        frontend
+    }
+}
+
+impl Frontend {
+    pub fn builder(name: &str) -> FrontendBuilder {
+        FrontendBuilder {
+            name: name.into(),
+            packages: Vec::new(),
+            extra_args: Vec::new(),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until a log line contains `needle` and returns that line.
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
+        self.wait_for_log_after(0, needle, timeout).await
+    }
+
+    /// Like `wait_for_log`, looking only at the log after byte `offset` (see `log_len`).
+    pub async fn wait_for_log_after(
+        &self,
+        offset: usize,
+        needle: &str,
+        timeout: Duration,
+    ) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let log = self.log.lock().unwrap();
+                if let Some(line) = log[offset.min(log.len())..]
+                    .lines()
+                    .find(|l| l.contains(needle))
+                {
+                    return line.to_string();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: no log line with {needle:?} within {timeout:?}; log:\n{}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log_len(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    pub async fn connect(&self) -> Conn {
+        Conn::open(self.addr).await.expect("connect to front-end")
+    }
+
+    /// The parsed health report and its status code.
+    pub async fn health(&self) -> (u16, serde_json::Value) {
+        let reply = self.connect().await.get("/_paddock/health").await.unwrap();
+        (reply.status, serde_json::from_str(&reply.body).unwrap())
+    }
+
+    /// Waits until the health report satisfies `check`.
+    pub async fn wait_for_health(
+        &self,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (_, report) = self.health().await;
+            if check(&report) {
+                return report;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: health never showed {what} within {timeout:?}; last: {report}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit on its own.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {timeout:?}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Frontend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection.
+pub struct Conn {
+    sender: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+}
+
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn version(&self) -> Option<&str> {
+        self.header("x-paddock-version")
+    }
+}
+
+impl Conn {
+    pub async fn open(addr: SocketAddr) -> anyhow::Result<Conn> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        Ok(Conn { sender })
+    }
+
+    pub async fn get(&mut self, path: &str) -> anyhow::Result<Reply> {
+        self.sender.ready().await?;
+        let request = http::Request::get(path)
+            .header(http::header::HOST, "paddock.test")
+            .body(Empty::new())?;
+        let response = self.sender.send_request(request).await?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok(Reply {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+}
