@@ -134,8 +134,7 @@ struct RawTimer {
 impl Manifest {
     /// Parses and validates the text of a `paddock.toml`.
     pub fn from_toml(text: &str) -> Result<Manifest, ManifestError> {
-        let raw: RawManifest =
-            toml::from_str(text).map_err(|e| ManifestError::Syntax(e.to_string()))?;
+        let raw: RawManifest = toml::from_str(text).map_err(|e| syntax_error(text, &e))?;
 
         if !is_valid_name(&raw.name) {
             return Err(field(
@@ -270,6 +269,19 @@ impl Manifest {
             ),
         }
     }
+}
+
+/// One line: the parser's message and where it points, e.g. "unknown field `rout`, expected one
+/// of ... (line 4, column 1)".
+fn syntax_error(text: &str, error: &toml::de::Error) -> ManifestError {
+    let message = error.message().trim().replace('\n', " ");
+    let at = error.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        format!(" (line {line}, column {column})")
+    });
+    ManifestError::Syntax(format!("{message}{}", at.unwrap_or_default()))
 }
 
 fn path_of(path_with_query: &str) -> &str {

@@ -154,7 +154,7 @@ impl AppFolder {
         let loaded = tokio::task::spawn_blocking(move || cache.load_component(spec, &component))
             .await
             .context("loading task failed")?
-            .with_context(|| format!("{}", manifest.component))?;
+            .with_context(|| manifest.component.clone())?;
         let previous = self.apps.deploy(loaded.clone())?;
         tracing::info!(
             package = %path.display(),

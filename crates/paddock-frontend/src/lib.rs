@@ -40,6 +40,8 @@ pub struct FrontendConfig {
     pub data_dir: PathBuf,
     /// How often the apps folder is looked at.
     pub scan_interval: Duration,
+    /// How long the server keeps serving, reporting `stopping`, after a shutdown signal.
+    pub drain_delay: Duration,
     /// How long in-flight requests may take to finish after a shutdown signal.
     pub shutdown_timeout: Duration,
     pub runtime: RuntimeConfig,
@@ -76,7 +78,9 @@ pub async fn run(
         "listening on http://{}",
         server.local_addr()
     );
-    let result = server.serve(shutdown, config.shutdown_timeout).await;
+    let result = server
+        .serve(shutdown, config.drain_delay, config.shutdown_timeout)
+        .await;
     if let Some(watcher) = watcher {
         watcher.abort();
     }

@@ -92,11 +92,13 @@ impl Server {
             .expect("a bound TCP listener has an address")
     }
 
-    /// Serves until `shutdown` resolves; then stops accepting, reports `stopping`, lets requests
-    /// in flight finish (at most `drain_timeout`) and closes every connection.
+    /// Serves until `shutdown` resolves. Then reports `stopping` (health answers 503) while still
+    /// serving for `drain_delay`, so that load balancers notice; then stops accepting, lets the
+    /// requests in flight finish (at most `drain_timeout`) and closes every connection.
     pub async fn serve(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send,
+        drain_delay: Duration,
         drain_timeout: Duration,
     ) -> anyhow::Result<()> {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -105,7 +107,9 @@ impl Server {
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .keep_alive(true);
         tokio::pin!(shutdown);
+        let mut stop_accepting_at: Option<tokio::time::Instant> = None;
         loop {
+            let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
             let (stream, _peer) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
                     Ok(accepted) => accepted,
@@ -116,7 +120,15 @@ impl Server {
                         continue;
                     }
                 },
-                () = &mut shutdown => break,
+                () = &mut shutdown, if stop_accepting_at.is_none() => {
+                    self.shared.set_state(ServerState::Stopping);
+                    tracing::info!(
+                        "stopping: health answers 503, still serving for {drain_delay:?}"
+                    );
+                    stop_accepting_at = Some(tokio::time::Instant::now() + drain_delay);
+                    continue;
+                }
+                () = tokio::time::sleep_until(stop_accepting_at.unwrap_or(far)), if stop_accepting_at.is_some() => break,
             };
             let _ = stream.set_nodelay(true);
             let shared = self.shared.clone();

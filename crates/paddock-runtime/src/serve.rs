@@ -84,15 +84,20 @@ impl Runtime {
 
         let mut store = Store::new(&self.engine, Host::new(spec, request_id));
         store.limiter(|host| &mut host.limits);
-        // Every tick the instance yields its thread (so a busy loop never starves other
-        // requests); once the deadline has passed, the next tick interrupts it.
+        // Every tick the instance yields its thread, so a busy loop never starves other requests;
+        // once the deadline has passed, the next tick interrupts it. The yield goes through
+        // `tokio::task::yield_now`, which lets the worker poll its sockets before running the
+        // instance again (a plain self-wake would keep the I/O driver waiting for dozens of slices).
         let std_deadline = deadline.into_std();
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
             if std::time::Instant::now() >= std_deadline {
                 Ok(UpdateDeadline::Interrupt)
             } else {
-                Ok(UpdateDeadline::Yield(1))
+                Ok(UpdateDeadline::YieldCustom(
+                    1,
+                    Box::pin(tokio::task::yield_now()),
+                ))
             }
         });
 

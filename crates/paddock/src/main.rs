@@ -49,6 +49,10 @@ struct FrontendArgs {
     /// How often the apps folder is looked at.
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
     scan_interval: Duration,
+    /// After SIGTERM or Ctrl-C, keep serving this long while health answers 503, so that an
+    /// external load balancer takes the server out before it stops accepting connections.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    drain_delay: Duration,
     /// How long requests in flight may take to finish after SIGTERM or Ctrl-C.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_timeout: Duration,
@@ -102,6 +106,7 @@ fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
         apps_dir: args.apps,
         data_dir,
         scan_interval: args.scan_interval,
+        drain_delay: args.drain_delay,
         shutdown_timeout: args.shutdown_timeout,
         runtime: RuntimeConfig {
             max_instances: args.max_instances,
