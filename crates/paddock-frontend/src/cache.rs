@@ -51,6 +51,31 @@ impl ArtifactCache {
     }
 }
 
+impl ArtifactCache {
+    /// The app version from the cached artifact, if there is one and it is sound. Blocking.
+    pub fn load_cached(&self, spec: AppSpec) -> Option<Arc<AppVersion>> {
+        let path = self.path_of(&spec.component_sha256);
+        let bytes = std::fs::read(&path).ok()?;
+        match self.runtime.load(spec, &bytes) {
+            Ok(version) => Some(version),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "cached artifact not usable: {e}");
+                None
+            }
+        }
+    }
+
+    /// Loads an artifact received from the controller and, once it has loaded, caches it. Blocking.
+    pub fn load_artifact(&self, spec: AppSpec, bytes: &[u8]) -> Result<Arc<AppVersion>, LoadError> {
+        let path = self.path_of(&spec.component_sha256);
+        let version = self.runtime.load(spec, bytes)?;
+        if let Err(e) = write_atomically(&path, bytes) {
+            tracing::warn!(path = %path.display(), "could not cache the artifact: {e:#}");
+        }
+        Ok(version)
+    }
+}
+
 fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;

@@ -14,6 +14,7 @@
 
 pub mod apps;
 pub mod cache;
+pub mod deployer;
 pub mod folder;
 pub mod server;
 
@@ -36,6 +37,8 @@ pub struct FrontendConfig {
     pub listen: SocketAddr,
     /// The folder of app packages to deploy and watch, if any.
     pub apps_dir: Option<PathBuf>,
+    /// The controller whose desired state this front-end follows, if any.
+    pub controller: Option<deployer::ControllerLink>,
     /// Where the artifact cache lives.
     pub data_dir: PathBuf,
     /// How often the apps folder is looked at.
@@ -71,7 +74,24 @@ pub async fn run(
         None => None,
     };
 
-    let server = Server::bind(&config, apps.clone()).await?;
+    let vitals = Arc::new(server::Vitals::new(&config.name));
+    let deployer = match &config.controller {
+        Some(link) => {
+            let deployer = Arc::new(deployer::Deployer::new(
+                link.clone(),
+                config.name.clone(),
+                apps.clone(),
+                vitals.clone(),
+                cache.clone(),
+                &config.data_dir,
+            )?);
+            let generation = deployer.restore().await;
+            Some(tokio::spawn(deployer.run(generation)))
+        }
+        None => None,
+    };
+
+    let server = Server::bind(&config, apps.clone(), vitals).await?;
     tracing::info!(
         server = %config.name,
         engine = runtime.engine_hash(),
@@ -81,8 +101,8 @@ pub async fn run(
     let result = server
         .serve(shutdown, config.drain_delay, config.shutdown_timeout)
         .await;
-    if let Some(watcher) = watcher {
-        watcher.abort();
+    for task in [watcher, deployer].into_iter().flatten() {
+        task.abort();
     }
     result
 }

@@ -38,16 +38,39 @@ pub struct Server {
 }
 
 struct Shared {
-    name: String,
     server_header: HeaderValue,
     apps: Arc<Apps>,
-    state: AtomicU8,
-    in_flight: AtomicU64,
+    vitals: Arc<Vitals>,
     next_request_id: AtomicU64,
 }
 
-impl Shared {
-    fn state(&self) -> ServerState {
+/// What the front-end reports about itself: its state and its requests in flight. Shared by the
+/// server (which changes them) and the health report and heartbeat (which read them).
+pub struct Vitals {
+    name: String,
+    state: AtomicU8,
+    in_flight: AtomicU64,
+}
+
+impl Vitals {
+    pub fn new(name: &str) -> Vitals {
+        Vitals {
+            name: name.to_string(),
+            state: AtomicU8::new(0),
+            in_flight: AtomicU64::new(0),
+        }
+    }
+
+    pub fn report(&self, apps: &Apps) -> HealthReport {
+        HealthReport {
+            server: self.name.clone(),
+            state: self.state(),
+            apps: apps.loaded(),
+            in_flight: self.in_flight.load(Ordering::Acquire),
+        }
+    }
+
+    pub fn state(&self) -> ServerState {
         match self.state.load(Ordering::Acquire) {
             0 => ServerState::Serving,
             1 => ServerState::Draining,
@@ -55,7 +78,7 @@ impl Shared {
         }
     }
 
-    fn set_state(&self, state: ServerState) {
+    pub fn set_state(&self, state: ServerState) {
         let raw = match state {
             ServerState::Serving => 0,
             ServerState::Draining => 1,
@@ -66,7 +89,11 @@ impl Shared {
 }
 
 impl Server {
-    pub async fn bind(config: &FrontendConfig, apps: Arc<Apps>) -> anyhow::Result<Server> {
+    pub async fn bind(
+        config: &FrontendConfig,
+        apps: Arc<Apps>,
+        vitals: Arc<Vitals>,
+    ) -> anyhow::Result<Server> {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
@@ -76,11 +103,9 @@ impl Server {
         Ok(Server {
             listener,
             shared: Arc::new(Shared {
-                name: config.name.clone(),
                 server_header,
                 apps,
-                state: AtomicU8::new(0),
-                in_flight: AtomicU64::new(0),
+                vitals,
                 next_request_id: AtomicU64::new(1),
             }),
         })
@@ -121,7 +146,7 @@ impl Server {
                     }
                 },
                 () = &mut shutdown, if stop_accepting_at.is_none() => {
-                    self.shared.set_state(ServerState::Stopping);
+                    self.shared.vitals.set_state(ServerState::Stopping);
                     tracing::info!(
                         "stopping: health answers 503, still serving for {drain_delay:?}"
                     );
@@ -144,9 +169,9 @@ impl Server {
             });
         }
 
-        self.shared.set_state(ServerState::Stopping);
+        self.shared.vitals.set_state(ServerState::Stopping);
         drop(self.listener);
-        let in_flight = self.shared.in_flight.load(Ordering::Acquire);
+        let in_flight = self.shared.vitals.in_flight.load(Ordering::Acquire);
         tracing::info!(
             in_flight,
             "stopping: no new connections, finishing requests in flight"
@@ -154,7 +179,7 @@ impl Server {
         match tokio::time::timeout(drain_timeout, graceful.shutdown()).await {
             Ok(()) => tracing::info!("stopped: every request answered"),
             Err(_) => tracing::warn!(
-                in_flight = self.shared.in_flight.load(Ordering::Acquire),
+                in_flight = self.shared.vitals.in_flight.load(Ordering::Acquire),
                 "stopped after {}s with requests still running",
                 drain_timeout.as_secs()
             ),
@@ -206,14 +231,8 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> 
 }
 
 fn health(shared: &Shared) -> Response<Body> {
-    let state = shared.state();
-    let report = HealthReport {
-        server: shared.name.clone(),
-        state,
-        apps: shared.apps.loaded(),
-        in_flight: shared.in_flight.load(Ordering::Acquire),
-    };
-    let status = if state.is_routable() {
+    let report = shared.vitals.report(&shared.apps);
+    let status = if report.state.is_routable() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -258,14 +277,14 @@ struct InFlight(Arc<Shared>);
 
 impl InFlight {
     fn enter(shared: Arc<Shared>) -> InFlight {
-        shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        shared.vitals.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(shared)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.vitals.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -7,7 +7,14 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use paddock_controller::ControllerConfig;
 use paddock_frontend::FrontendConfig;
+use paddock_frontend::deployer::ControllerLink;
+
+mod cmd {
+    pub mod admin;
+    pub mod up;
+}
 use paddock_runtime::{RuntimeConfig, sha256_hex};
 
 #[derive(Parser)]
@@ -23,8 +30,37 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a whole farm on this machine: a controller and front-ends, stopped together.
+    Up(cmd::up::UpArgs),
+    /// Run the controller: desired state, publishing, admin API.
+    Controller(ControllerArgs),
     /// Run a front-end server: serve apps, hot-swap their versions.
     Frontend(FrontendArgs),
+    /// Upload, publish, list and roll back apps.
+    App {
+        #[command(subcommand)]
+        command: cmd::admin::AppCommand,
+        #[command(flatten)]
+        target: cmd::admin::Target,
+    },
+    /// The servers of the farm: role, address, health, services, loaded versions.
+    Servers {
+        #[command(flatten)]
+        target: cmd::admin::Target,
+    },
+    /// Switch a server's services, or remove it.
+    Server {
+        name: String,
+        #[command(subcommand)]
+        command: cmd::admin::ServerCommand,
+        #[command(flatten)]
+        target: cmd::admin::Target,
+    },
+    /// The farm's health: one line per server, and what is out of date where.
+    Status {
+        #[command(flatten)]
+        target: cmd::admin::Target,
+    },
     /// Check an app package (paddock.toml and its component) without deploying it.
     Check {
         /// The package folder (holding paddock.toml).
@@ -33,7 +69,44 @@ enum Command {
 }
 
 #[derive(clap::Args)]
+struct ControllerArgs {
+    /// Address of the admin API and the control channel.
+    #[arg(long, default_value = "127.0.0.1:7070", env = "PADDOCK_LISTEN")]
+    listen: SocketAddr,
+    /// The platform database: sqlite://PATH (one machine) or postgres://USER@HOST:PORT/DB.
+    #[arg(
+        long,
+        env = "PADDOCK_DB",
+        default_value = "sqlite://.paddock/paddock.db"
+    )]
+    db: String,
+    /// Where the tokens are kept.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "PADDOCK_DATA",
+        default_value = ".paddock/controller"
+    )]
+    data: PathBuf,
+    /// Largest package upload accepted, in MiB.
+    #[arg(long, default_value_t = 64)]
+    max_upload_mib: usize,
+}
+
+#[derive(clap::Args)]
 struct FrontendArgs {
+    /// Follow this controller's desired state (deployment service).
+    #[arg(long, env = "PADDOCK_CONTROLLER", value_name = "URL")]
+    controller: Option<String>,
+    /// The deployment zone this server belongs to.
+    #[arg(long, default_value = "default", env = "PADDOCK_ZONE")]
+    zone: String,
+    /// The controller's join token (its <data>/join.token).
+    #[arg(long, env = "PADDOCK_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// The address others reach this server at (default: --listen).
+    #[arg(long)]
+    advertise: Option<String>,
     /// Address to serve apps and /_paddock/health on.
     #[arg(long, default_value = "127.0.0.1:8080", env = "PADDOCK_LISTEN")]
     listen: SocketAddr,
@@ -72,8 +145,26 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
+        Command::Up(args) => cmd::up::up(args),
+        Command::Controller(args) => controller(args),
         Command::Frontend(args) => frontend(args),
         Command::Check { path } => check(&path),
+        Command::App { command, target } => admin(&target, |client| {
+            Box::pin(async move { cmd::admin::app(&client, command).await })
+        }),
+        Command::Servers { target } => admin(&target, |client| {
+            Box::pin(async move { cmd::admin::servers(&client).await })
+        }),
+        Command::Server {
+            name,
+            command,
+            target,
+        } => admin(&target, |client| {
+            Box::pin(async move { cmd::admin::server(&client, &name, command).await })
+        }),
+        Command::Status { target } => admin(&target, |client| {
+            Box::pin(async move { cmd::admin::status(&client).await })
+        }),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -82,6 +173,34 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+type BoxFuture = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>>>>;
+
+fn admin(
+    target: &cmd::admin::Target,
+    command: impl FnOnce(cmd::admin::Client) -> BoxFuture,
+) -> anyhow::Result<()> {
+    let client = cmd::admin::Client::new(target)?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(command(client))
+}
+
+fn controller(args: ControllerArgs) -> anyhow::Result<()> {
+    let config = ControllerConfig {
+        listen: args.listen,
+        db_url: args.db,
+        data_dir: args.data,
+        max_upload_bytes: args.max_upload_mib * 1024 * 1024,
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("paddock-controller")
+        .build()
+        .context("starting the async runtime")?
+        .block_on(paddock_controller::run(config, shutdown_signal()))
 }
 
 fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
@@ -100,10 +219,27 @@ fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
             dir.display()
         );
     }
+    let controller = match args.controller {
+        Some(url) => Some(ControllerLink {
+            url,
+            join_token: args.join_token.context(
+                "--controller needs --join-token (or PADDOCK_JOIN_TOKEN): the controller's <data>/join.token",
+            )?,
+            zone: args.zone,
+            advertise: args.advertise.unwrap_or_else(|| args.listen.to_string()),
+        }),
+        None => None,
+    };
+    if controller.is_none() && args.apps.is_none() {
+        anyhow::bail!(
+            "nothing to serve: give --apps DIR (a folder of app packages) or --controller URL"
+        );
+    }
     let config = FrontendConfig {
         name,
         listen: args.listen,
         apps_dir: args.apps,
+        controller,
         data_dir,
         scan_interval: args.scan_interval,
         drain_delay: args.drain_delay,

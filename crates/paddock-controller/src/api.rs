@@ -1,0 +1,686 @@
+//! The controller's HTTP surface. Admin API under `/v1/` (admin token), control channel for
+//! front-ends under `/control/v1/` (join token). JSON in and out; every error is an
+//! [`ApiError`] body naming the problem and what to do. Documented in `docs/api.md`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use paddock_api::{
+    ApiError, DesiredApp, DesiredState, HealthReport, Registration, ServerFlag, ServerInfo,
+    VersionInfo,
+};
+use paddock_core::Manifest;
+use paddock_core::manifest::is_valid_name;
+use paddock_runtime::sha256_hex;
+use paddock_store::{PutOutcome, StoreError};
+use serde::{Deserialize, Serialize};
+
+use crate::{Controller, now_ms};
+
+/// How long a desired-state long-poll waits for a change before answering "unchanged".
+pub const LONG_POLL: Duration = Duration::from_secs(25);
+
+pub fn router(controller: Arc<Controller>) -> Router {
+    let admin = Router::new()
+        .route("/v1/apps", get(list_apps).post(upload))
+        .route("/v1/apps/{name}/versions", get(list_versions))
+        .route("/v1/apps/{name}/deploy", post(deploy))
+        .route("/v1/apps/{name}/rollback", post(rollback))
+        .route("/v1/servers", get(list_servers))
+        .route("/v1/servers/{name}", get(show_server).delete(remove_server))
+        .route("/v1/servers/{name}/flags", post(set_flag))
+        .route("/v1/status", get(status))
+        .route("/v1/audit", get(audit))
+        .layer(DefaultBodyLimit::max(controller.max_upload_bytes))
+        .route_layer(middleware::from_fn_with_state(
+            controller.clone(),
+            require_admin,
+        ));
+    let control = Router::new()
+        .route("/control/v1/register", post(register))
+        .route("/control/v1/heartbeat/{name}", post(heartbeat))
+        .route("/control/v1/desired/{name}", get(desired))
+        .route("/control/v1/artifacts/{sha256}", get(artifact))
+        .route_layer(middleware::from_fn_with_state(
+            controller.clone(),
+            require_join,
+        ));
+    admin
+        .merge(control)
+        .fallback(|| async {
+            Failure::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such endpoint; see docs/api.md",
+            )
+        })
+        .with_state(controller)
+}
+
+/// An error answer: status, stable kind, message.
+#[derive(Debug)]
+pub struct Failure {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl Failure {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Failure {
+        Failure {
+            status,
+            kind,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(kind: &'static str, message: impl Into<String>) -> Failure {
+        Failure::new(StatusCode::BAD_REQUEST, kind, message)
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let body = ApiError {
+            error: self.kind.to_string(),
+            message: self.message,
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Failure {
+        let (status, kind) = match &e {
+            StoreError::UnknownServer(_) => (StatusCode::NOT_FOUND, "unknown_server"),
+            StoreError::UnknownVersion { .. } => (StatusCode::NOT_FOUND, "unknown_version"),
+            StoreError::VersionConflict { .. } => (StatusCode::CONFLICT, "version_conflict"),
+            StoreError::ZoneConflict { .. } => (StatusCode::CONFLICT, "zone_conflict"),
+            _ => {
+                tracing::error!("store: {e}");
+                (StatusCode::INTERNAL_SERVER_ERROR, "store_error")
+            }
+        };
+        Failure::new(status, kind, e.to_string())
+    }
+}
+
+type Answer<T> = Result<Json<T>, Failure>;
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+}
+
+async fn require_admin(State(c): State<Arc<Controller>>, request: Request, next: Next) -> Response {
+    match bearer(request.headers()) {
+        Some(token) if crate::tokens::same(token, &c.tokens.admin) => next.run(request).await,
+        _ => Failure::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong admin token: send `Authorization: Bearer <token>` (the CLI reads PADDOCK_TOKEN or <data>/admin.token)",
+        )
+        .into_response(),
+    }
+}
+
+async fn require_join(State(c): State<Arc<Controller>>, request: Request, next: Next) -> Response {
+    match bearer(request.headers()) {
+        Some(token) if crate::tokens::same(token, &c.tokens.join) => next.run(request).await,
+        _ => Failure::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong join token: start the front-end with --join-token (or PADDOCK_JOIN_TOKEN) from the controller's <data>/join.token",
+        )
+        .into_response(),
+    }
+}
+
+// ---- admin: apps ----------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct UploadQuery {
+    #[serde(default)]
+    deploy: bool,
+}
+
+/// What `POST /v1/apps` answers.
+#[derive(Serialize, Deserialize)]
+pub struct Uploaded {
+    pub version: VersionInfo,
+    /// False when the same name@version with the same content was already stored.
+    pub created: bool,
+    /// The generation after deploying, when `?deploy=true`.
+    pub generation: Option<i64>,
+}
+
+async fn upload(
+    State(c): State<Arc<Controller>>,
+    Query(query): Query<UploadQuery>,
+    mut multipart: Multipart,
+) -> Answer<Uploaded> {
+    let too_big = |e: axum::extract::multipart::MultipartError| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Failure::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "upload_too_large",
+                format!(
+                    "the upload is larger than {} bytes; make the component smaller or start the controller with a larger --max-upload",
+                    c.max_upload_bytes
+                ),
+            )
+        } else {
+            Failure::bad_request(
+                "bad_upload",
+                format!("the upload is not a valid multipart form: {e}"),
+            )
+        }
+    };
+    let (mut manifest_text, mut component) = (None, None);
+    while let Some(field) = multipart.next_field().await.map_err(too_big)? {
+        match field.name() {
+            Some("manifest") => manifest_text = Some(field.text().await.map_err(too_big)?),
+            Some("component") => component = Some(field.bytes().await.map_err(too_big)?),
+            _ => {}
+        }
+    }
+    let (Some(manifest_text), Some(component)) = (manifest_text, component) else {
+        return Err(Failure::bad_request(
+            "bad_upload",
+            "an upload needs two form fields: `manifest` (paddock.toml) and `component` (the .wasm)",
+        ));
+    };
+    let manifest = Manifest::from_toml(&manifest_text)
+        .map_err(|e| Failure::bad_request("bad_manifest", e.to_string()))?;
+    let sha = sha256_hex(&component);
+    let version = manifest.version_for(&sha);
+
+    match c.store.version(&manifest.name, &version).await {
+        Ok(existing) if existing.component_sha256 == sha && existing.manifest == manifest => {
+            let generation = if query.deploy {
+                Some(set_desired(&c, &existing).await?)
+            } else {
+                None
+            };
+            return Ok(Json(Uploaded {
+                version: existing,
+                created: false,
+                generation,
+            }));
+        }
+        Ok(_) => {
+            return Err(StoreError::VersionConflict {
+                app: manifest.name.clone(),
+                version,
+            }
+            .into());
+        }
+        Err(StoreError::UnknownVersion { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+
+    // Compile once, off the async threads; a component that is not a wasi:http app stops here.
+    let runtime = c.runtime.clone();
+    let bytes = component.clone();
+    let artifact = tokio::task::spawn_blocking(move || runtime.compile(&bytes))
+        .await
+        .map_err(|e| {
+            Failure::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "compile_failed",
+                e.to_string(),
+            )
+        })?
+        .map_err(|e| {
+            Failure::bad_request("bad_component", format!("{}: {e}", manifest.component))
+        })?;
+    let now = now_ms();
+    let created = c
+        .store
+        .put_version(&manifest, &version, &component, &sha, now)
+        .await?
+        == PutOutcome::Created;
+    c.store
+        .put_artifact(
+            &sha,
+            c.runtime.engine_hash(),
+            &sha256_hex(artifact.as_bytes()),
+            artifact.as_bytes(),
+        )
+        .await?;
+    c.store
+        .audit(
+            "admin",
+            "upload",
+            &format!("{}@{version} sha256 {sha}", manifest.name),
+            now,
+        )
+        .await?;
+    tracing::info!(app = %manifest.name, %version, "version uploaded and compiled");
+    let stored = c.store.version(&manifest.name, &version).await?;
+    let generation = if query.deploy {
+        Some(set_desired(&c, &stored).await?)
+    } else {
+        None
+    };
+    Ok(Json(Uploaded {
+        version: stored,
+        created,
+        generation,
+    }))
+}
+
+async fn set_desired(c: &Controller, version: &VersionInfo) -> Result<i64, Failure> {
+    let now = now_ms();
+    let generation = c
+        .store
+        .set_desired(&version.app, &version.zone, &version.version, now)
+        .await?;
+    c.store
+        .audit(
+            "admin",
+            "deploy",
+            &format!(
+                "{}@{} to zone {}",
+                version.app, version.version, version.zone
+            ),
+            now,
+        )
+        .await?;
+    c.announce(generation);
+    tracing::info!(app = %version.app, version = %version.version, zone = %version.zone, generation, "desired version set");
+    Ok(generation)
+}
+
+async fn list_apps(State(c): State<Arc<Controller>>) -> Answer<Vec<paddock_api::AppSummary>> {
+    Ok(Json(c.store.apps().await?))
+}
+
+async fn list_versions(
+    State(c): State<Arc<Controller>>,
+    Path(name): Path<String>,
+) -> Answer<Vec<VersionInfo>> {
+    let versions = c.store.versions(&name).await?;
+    if versions.is_empty() {
+        return Err(Failure::new(
+            StatusCode::NOT_FOUND,
+            "unknown_app",
+            format!("unknown app {name:?}; `paddock app list` lists the apps"),
+        ));
+    }
+    Ok(Json(versions))
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct DeployRequest {
+    pub version: String,
+}
+
+/// What deploy and rollback answer.
+#[derive(Serialize, Deserialize)]
+pub struct Deployed {
+    pub version: VersionInfo,
+    pub generation: i64,
+}
+
+async fn deploy(
+    State(c): State<Arc<Controller>>,
+    Path(name): Path<String>,
+    Json(request): Json<DeployRequest>,
+) -> Answer<Deployed> {
+    let version = c.store.version(&name, &request.version).await?;
+    let generation = set_desired(&c, &version).await?;
+    Ok(Json(Deployed {
+        version,
+        generation,
+    }))
+}
+
+#[derive(Serialize, Deserialize, Default)]
+pub struct RollbackRequest {
+    pub to: Option<String>,
+}
+
+async fn rollback(
+    State(c): State<Arc<Controller>>,
+    Path(name): Path<String>,
+    Json(request): Json<RollbackRequest>,
+) -> Answer<Deployed> {
+    let target = match request.to {
+        Some(to) => c.store.version(&name, &to).await?,
+        None => {
+            let versions = c.store.versions(&name).await?;
+            let Some(first) = versions.first() else {
+                return Err(Failure::new(
+                    StatusCode::NOT_FOUND,
+                    "unknown_app",
+                    format!("unknown app {name:?}; `paddock app list` lists the apps"),
+                ));
+            };
+            let current = c
+                .store
+                .desired(&first.zone)
+                .await?
+                .into_iter()
+                .find(|v| v.app == name)
+                .ok_or_else(|| {
+                    Failure::new(
+                        StatusCode::CONFLICT,
+                        "not_deployed",
+                        format!("{name} was never deployed; nothing to roll back"),
+                    )
+                })?;
+            let at = versions
+                .iter()
+                .position(|v| v.version == current.version)
+                .unwrap_or(0);
+            if at == 0 {
+                return Err(Failure::new(
+                    StatusCode::CONFLICT,
+                    "no_earlier_version",
+                    format!(
+                        "{name}@{} is its oldest version; name one with --to",
+                        current.version
+                    ),
+                ));
+            }
+            versions[at - 1].clone()
+        }
+    };
+    let generation = set_desired(&c, &target).await?;
+    c.store
+        .audit(
+            "admin",
+            "rollback",
+            &format!("{}@{}", target.app, target.version),
+            now_ms(),
+        )
+        .await?;
+    Ok(Json(Deployed {
+        version: target,
+        generation,
+    }))
+}
+
+// ---- admin: servers -------------------------------------------------------------------------
+
+async fn list_servers(State(c): State<Arc<Controller>>) -> Answer<Vec<ServerInfo>> {
+    Ok(Json(c.store.servers().await?))
+}
+
+async fn show_server(
+    State(c): State<Arc<Controller>>,
+    Path(name): Path<String>,
+) -> Answer<ServerInfo> {
+    Ok(Json(c.store.server(&name).await?))
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct FlagRequest {
+    pub flag: ServerFlag,
+    pub on: bool,
+}
+
+async fn set_flag(
+    State(c): State<Arc<Controller>>,
+    Path(name): Path<String>,
+    Json(request): Json<FlagRequest>,
+) -> Answer<ServerInfo> {
+    let generation = c.store.set_flag(&name, request.flag, request.on).await?;
+    c.store
+        .audit(
+            "admin",
+            "server-flag",
+            &format!(
+                "{name} {} {}",
+                serde_json::to_string(&request.flag)
+                    .unwrap_or_default()
+                    .trim_matches('"'),
+                if request.on { "on" } else { "off" }
+            ),
+            now_ms(),
+        )
+        .await?;
+    c.announce(generation);
+    Ok(Json(c.store.server(&name).await?))
+}
+
+async fn remove_server(
+    State(c): State<Arc<Controller>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, Failure> {
+    let generation = c.store.remove_server(&name).await?;
+    c.store
+        .audit("admin", "server-remove", &name, now_ms())
+        .await?;
+    c.announce(generation);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /v1/status`: every server with what it serves and what it should serve.
+#[derive(Serialize, Deserialize)]
+pub struct Status {
+    pub generation: i64,
+    pub database: String,
+    pub servers: Vec<ServerStatus>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct ServerStatus {
+    pub server: ServerInfo,
+    /// Whether its last heartbeat is recent (within 5 s).
+    pub alive: bool,
+    /// One line per app whose loaded version differs from the desired one.
+    pub out_of_date: Vec<String>,
+}
+
+/// A server is considered alive when it sent a heartbeat within this long.
+pub const ALIVE_WITHIN_MS: i64 = 5_000;
+
+async fn status(State(c): State<Arc<Controller>>) -> Answer<Status> {
+    let now = now_ms();
+    let mut servers = Vec::new();
+    let mut desired_by_zone = std::collections::BTreeMap::new();
+    for server in c.store.servers().await? {
+        if !desired_by_zone.contains_key(&server.zone) {
+            desired_by_zone.insert(server.zone.clone(), c.store.desired(&server.zone).await?);
+        }
+        let desired = &desired_by_zone[&server.zone];
+        let loaded = server
+            .observed
+            .as_ref()
+            .map(|o| o.apps.as_slice())
+            .unwrap_or(&[]);
+        let out_of_date = desired
+            .iter()
+            .filter_map(|d| {
+                let serving = loaded
+                    .iter()
+                    .find(|l| l.name == d.app)
+                    .map(|l| l.version.as_str());
+                (serving != Some(d.version.as_str())).then(|| {
+                    format!(
+                        "{}: serving {}, desired {}",
+                        d.app,
+                        serving.unwrap_or("nothing"),
+                        d.version
+                    )
+                })
+            })
+            .collect();
+        servers.push(ServerStatus {
+            alive: server
+                .heartbeat_ms
+                .is_some_and(|t| now - t <= ALIVE_WITHIN_MS),
+            server,
+            out_of_date,
+        });
+    }
+    Ok(Json(Status {
+        generation: c.store.generation().await?,
+        database: c.store.backend().to_string(),
+        servers,
+    }))
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    limit: Option<i64>,
+}
+
+async fn audit(
+    State(c): State<Arc<Controller>>,
+    Query(q): Query<AuditQuery>,
+) -> Answer<Vec<paddock_api::AuditEntry>> {
+    Ok(Json(
+        c.store
+            .audit_log(q.limit.unwrap_or(100).clamp(1, 10_000))
+            .await?,
+    ))
+}
+
+// ---- control channel ------------------------------------------------------------------------
+
+async fn register(
+    State(c): State<Arc<Controller>>,
+    Json(registration): Json<Registration>,
+) -> Answer<ServerInfo> {
+    for (field, value) in [("name", &registration.name), ("zone", &registration.zone)] {
+        if !is_valid_name(value) {
+            return Err(Failure::bad_request(
+                "bad_registration",
+                format!("server {field} {value:?} is not valid: use 1 to 63 of a-z, 0-9 and '-'"),
+            ));
+        }
+    }
+    let server = c.store.register_server(&registration, now_ms()).await?;
+    tracing::info!(server = %server.name, zone = %server.zone, address = %server.address, "front-end registered");
+    Ok(Json(server))
+}
+
+async fn heartbeat(
+    State(c): State<Arc<Controller>>,
+    Path(name): Path<String>,
+    Json(report): Json<HealthReport>,
+) -> Result<StatusCode, Failure> {
+    c.store.heartbeat(&name, &report, now_ms()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct DesiredQuery {
+    /// Answer once the generation is past this one (or after the long-poll time).
+    after: Option<i64>,
+}
+
+async fn desired(
+    State(c): State<Arc<Controller>>,
+    Path(name): Path<String>,
+    Query(q): Query<DesiredQuery>,
+) -> Answer<DesiredState> {
+    let mut changes = c.watch_generation();
+    if let Some(after) = q.after {
+        // Wait for a newer generation than the caller has, or the long-poll deadline.
+        let _ = tokio::time::timeout(LONG_POLL, changes.wait_for(|g| *g > after)).await;
+    }
+    let server = c.store.server(&name).await?;
+    let generation = c.store.generation().await?;
+    let apps = c
+        .store
+        .desired(&server.zone)
+        .await?
+        .into_iter()
+        .map(|v| DesiredApp {
+            name: v.app,
+            version: v.version,
+            route: v.manifest.route.clone(),
+            component_sha256: v.component_sha256,
+            limits: v.manifest.limits,
+        })
+        .collect();
+    Ok(Json(DesiredState {
+        generation,
+        deployment: server.deployment,
+        apps,
+    }))
+}
+
+#[derive(Deserialize)]
+struct ArtifactQuery {
+    engine: String,
+}
+
+/// The artifact of a component for the caller's engine; compiled now if this controller's engine
+/// is the one asked for and it has none yet.
+async fn artifact(
+    State(c): State<Arc<Controller>>,
+    Path(sha256): Path<String>,
+    Query(q): Query<ArtifactQuery>,
+) -> Result<Response, Failure> {
+    let found = c.store.artifact(&sha256, &q.engine).await?;
+    let (artifact_sha, bytes) = match found {
+        Some(found) => found,
+        None if q.engine == c.runtime.engine_hash() => {
+            let component = c.store.component(&sha256).await?.ok_or_else(|| {
+                Failure::new(
+                    StatusCode::NOT_FOUND,
+                    "unknown_component",
+                    format!("no component with sha256 {sha256}"),
+                )
+            })?;
+            let runtime = c.runtime.clone();
+            let artifact = tokio::task::spawn_blocking(move || runtime.compile(&component))
+                .await
+                .map_err(|e| {
+                    Failure::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "compile_failed",
+                        e.to_string(),
+                    )
+                })?
+                .map_err(|e| {
+                    Failure::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "compile_failed",
+                        e.to_string(),
+                    )
+                })?;
+            let artifact_sha = sha256_hex(artifact.as_bytes());
+            c.store
+                .put_artifact(&sha256, &q.engine, &artifact_sha, artifact.as_bytes())
+                .await?;
+            (artifact_sha, artifact.as_bytes().to_vec())
+        }
+        None => {
+            return Err(Failure::new(
+                StatusCode::CONFLICT,
+                "engine_mismatch",
+                format!(
+                    "no artifact for engine {}; this controller compiles for engine {}: run the same Paddock release on the controller and the front-end",
+                    q.engine,
+                    c.runtime.engine_hash()
+                ),
+            ));
+        }
+    };
+    let mut response = bytes.into_response();
+    if let Ok(v) = HeaderValue::from_str(&artifact_sha) {
+        response
+            .headers_mut()
+            .insert("x-paddock-artifact-sha256", v);
+    }
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    Ok(response)
+}

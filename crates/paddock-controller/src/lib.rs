@@ -1,0 +1,126 @@
+//! Paddock's controller: the farm's single writer of desired state.
+//!
+//! It accepts app packages, validates and compiles each component once per engine, keeps every
+//! version, records which version each zone should run, and tells front-ends about it through the
+//! control channel, where they long-poll on the store's **generation**. Every admin action lands
+//! in the audit log.
+//!
+//! - [`api`]: the admin API (`/v1/...`, admin token) and the control channel (`/control/v1/...`,
+//!   join token), on axum.
+//! - [`tokens`]: the two bearer tokens, generated at first start in the data folder.
+//!
+//! Deliberately absent: SQL (the store crate), wasmtime beyond `Runtime::compile` (the runtime
+//! crate), and any IO towards front-ends: they come to the controller, never the other way round.
+
+pub mod api;
+pub mod tokens;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use paddock_runtime::{Runtime, RuntimeConfig};
+use paddock_store::{SqlStore, Store};
+use tokio::sync::watch;
+
+/// Everything `paddock controller` is configured with, resolved.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    pub listen: SocketAddr,
+    /// `sqlite://PATH` or `postgres://...`.
+    pub db_url: String,
+    /// Tokens live here.
+    pub data_dir: PathBuf,
+    /// Largest package upload accepted, in bytes.
+    pub max_upload_bytes: usize,
+}
+
+/// What every request handler shares.
+pub struct Controller {
+    pub store: Arc<dyn Store>,
+    pub runtime: Arc<Runtime>,
+    pub tokens: tokens::Tokens,
+    pub max_upload_bytes: usize,
+    /// The newest generation this controller wrote; long-polls wait on it.
+    generation: watch::Sender<i64>,
+}
+
+impl Controller {
+    /// Tells waiting front-ends that desired state changed.
+    pub fn announce(&self, generation: i64) {
+        self.generation.send_if_modified(|current| {
+            if generation > *current {
+                *current = generation;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    pub fn watch_generation(&self) -> watch::Receiver<i64> {
+        self.generation.subscribe()
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Runs a controller until `shutdown` resolves.
+pub async fn run(
+    config: ControllerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating the data folder {}", config.data_dir.display()))?;
+    let tokens = tokens::Tokens::load_or_create(&config.data_dir)?;
+    let store = SqlStore::open(&config.db_url)
+        .await
+        .with_context(|| format!("opening the platform database {}", redact(&config.db_url)))?;
+    let runtime = Runtime::new(&RuntimeConfig {
+        max_instances: 1,
+        ..RuntimeConfig::default()
+    })?;
+    let generation = store.generation().await?;
+    let controller = Arc::new(Controller {
+        store: Arc::new(store),
+        runtime: Arc::new(runtime),
+        tokens,
+        max_upload_bytes: config.max_upload_bytes,
+        generation: watch::channel(generation).0,
+    });
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    tracing::info!(
+        database = controller.store.backend(),
+        engine = controller.runtime.engine_hash(),
+        generation,
+        "listening on http://{}",
+        listener.local_addr()?
+    );
+    axum::serve(listener, api::router(controller))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serving the admin API")?;
+    Ok(())
+}
+
+/// A database URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}

@@ -1,0 +1,334 @@
+//! The deployment service: brings this front-end in line with the controller's desired state.
+//!
+//! It registers, then long-polls `/control/v1/desired/<name>?after=<generation>` (no busy
+//! polling: the controller answers when the generation moves, or after its long-poll time), and
+//! for each app version it should serve and does not, fetches the artifact (from the local cache,
+//! else from the controller, checked against its sha256), loads it and swaps it in. Apps no longer
+//! desired are undeployed. A heartbeat (the health report) goes to the controller every second and
+//! right after every change, so that "deployed" is a fact the controller can see.
+//!
+//! With its deployment flag off it keeps what it has and takes nothing new; switched on, the
+//! generation moves and it catches up at once. The last applied desired state is kept in
+//! `<data>/desired.json`: at start the front-end serves it from its artifact cache before it has
+//! reached the controller, so a restart while the controller is down still serves.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use paddock_api::{DesiredApp, DesiredState, Registration};
+use paddock_runtime::{AppSpec, sha256_hex};
+use tokio::sync::Notify;
+
+use crate::apps::Apps;
+use crate::cache::ArtifactCache;
+use crate::server::Vitals;
+
+/// How to reach the controller.
+#[derive(Debug, Clone)]
+pub struct ControllerLink {
+    pub url: String,
+    pub join_token: String,
+    pub zone: String,
+    /// The address the balancer and smoke tests reach this server at.
+    pub advertise: String,
+}
+
+pub struct Deployer {
+    link: ControllerLink,
+    name: String,
+    apps: Arc<Apps>,
+    vitals: Arc<Vitals>,
+    cache: ArtifactCache,
+    state_file: PathBuf,
+    http: reqwest::Client,
+    /// Wakes the heartbeat loop right after a change.
+    pub changed: Arc<Notify>,
+}
+
+impl Deployer {
+    pub fn new(
+        link: ControllerLink,
+        name: String,
+        apps: Arc<Apps>,
+        vitals: Arc<Vitals>,
+        cache: ArtifactCache,
+        data_dir: &std::path::Path,
+    ) -> anyhow::Result<Deployer> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Deployer {
+            link,
+            name,
+            apps,
+            vitals,
+            cache,
+            state_file: data_dir.join("desired.json"),
+            http,
+            changed: Arc::new(Notify::new()),
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.link.url.trim_end_matches('/'))
+    }
+
+    /// Serves what was last applied, from the local artifact cache, before the controller is
+    /// reached. Returns the generation it was at.
+    pub async fn restore(&self) -> i64 {
+        let text = match tokio::fs::read_to_string(&self.state_file).await {
+            Ok(text) => text,
+            Err(_) => return 0,
+        };
+        match serde_json::from_str::<DesiredState>(&text) {
+            Ok(state) => {
+                let (loaded, failed) = self.apply(&state, true).await;
+                tracing::info!(
+                    generation = state.generation,
+                    loaded,
+                    failed,
+                    "restored the last desired state from the local cache"
+                );
+                state.generation
+            }
+            Err(e) => {
+                tracing::warn!(file = %self.state_file.display(), "ignoring the saved desired state: {e}");
+                0
+            }
+        }
+    }
+
+    /// The deployment service's loop; never returns.
+    pub async fn run(self: Arc<Self>, mut generation: i64) {
+        self.register_until_done().await;
+        tokio::spawn(self.clone().heartbeats());
+        let mut failures = 0u32;
+        loop {
+            match self.fetch_desired(generation).await {
+                Ok(state) => {
+                    failures = 0;
+                    if state.deployment && state.generation != generation {
+                        let (_, failed) = self.apply(&state, false).await;
+                        if failed == 0 {
+                            self.save(&state).await;
+                        }
+                        self.changed.notify_one();
+                    } else if !state.deployment && state.generation != generation {
+                        tracing::info!(
+                            generation = state.generation,
+                            "deployment service is off: keeping the apps loaded now"
+                        );
+                    }
+                    generation = state.generation;
+                }
+                Err(e) => {
+                    failures += 1;
+                    if failures == 1 || failures % 30 == 0 {
+                        tracing::warn!(
+                            "cannot reach the controller, serving what is loaded: {e:#}"
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if e.to_string().contains("unknown_server") {
+                        self.register_until_done().await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn register_until_done(&self) {
+        let registration = Registration {
+            name: self.name.clone(),
+            zone: self.link.zone.clone(),
+            address: self.link.advertise.clone(),
+            platform_version: env!("CARGO_PKG_VERSION").to_string(),
+            engine: self.apps.runtime().engine_hash().to_string(),
+        };
+        let mut attempt = 0u32;
+        loop {
+            let result = async {
+                let response = self
+                    .http
+                    .post(self.url("/control/v1/register"))
+                    .bearer_auth(&self.link.join_token)
+                    .json(&registration)
+                    .send()
+                    .await?;
+                check(response).await
+            }
+            .await;
+            match result {
+                Ok(_) => {
+                    tracing::info!(controller = %self.link.url, zone = %self.link.zone, "registered with the controller");
+                    return;
+                }
+                Err(e) => {
+                    attempt += 1;
+                    if attempt == 1 || attempt % 30 == 0 {
+                        tracing::warn!(controller = %self.link.url, "cannot register, retrying: {e:#}");
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    async fn fetch_desired(&self, after: i64) -> anyhow::Result<DesiredState> {
+        let response = self
+            .http
+            .get(self.url(&format!("/control/v1/desired/{}", self.name)))
+            .query(&[("after", after)])
+            .bearer_auth(&self.link.join_token)
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await?;
+        Ok(check(response).await?.json().await?)
+    }
+
+    async fn heartbeats(self: Arc<Self>) {
+        loop {
+            let report = self.vitals.report(&self.apps);
+            let sent = async {
+                let response = self
+                    .http
+                    .post(self.url(&format!("/control/v1/heartbeat/{}", self.name)))
+                    .bearer_auth(&self.link.join_token)
+                    .timeout(Duration::from_secs(5))
+                    .json(&report)
+                    .send()
+                    .await?;
+                check(response).await
+            }
+            .await;
+            if let Err(e) = sent {
+                tracing::debug!("heartbeat not sent: {e:#}");
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.changed.notified()).await;
+        }
+    }
+
+    /// Loads and swaps in every desired app that is not served as desired, and undeploys the
+    /// apps no longer desired. Returns how many apps were loaded and how many failed.
+    async fn apply(&self, state: &DesiredState, cache_only: bool) -> (usize, usize) {
+        let (mut loaded, mut failed) = (0, 0);
+        for app in &state.apps {
+            if let Some(current) = self.apps.current(&app.name) {
+                let s = current.spec();
+                if s.version == app.version
+                    && s.component_sha256 == app.component_sha256
+                    && s.route == app.route
+                    && s.limits == app.limits
+                {
+                    continue;
+                }
+            }
+            match self.load(app, cache_only).await {
+                Ok(()) => loaded += 1,
+                Err(e) => {
+                    failed += 1;
+                    tracing::error!(app = %app.name, version = %app.version, "cannot deploy, keeping what is served: {e:#}");
+                }
+            }
+        }
+        for current in self.apps.loaded() {
+            if !state.apps.iter().any(|a| a.name == current.name)
+                && self.apps.undeploy(&current.name).is_some()
+            {
+                tracing::info!(app = %current.name, version = %current.version, "app undeployed: no longer desired");
+            }
+        }
+        (loaded, failed)
+    }
+
+    async fn load(&self, app: &DesiredApp, cache_only: bool) -> anyhow::Result<()> {
+        let spec = AppSpec {
+            name: app.name.clone(),
+            version: app.version.clone(),
+            route: app.route.clone(),
+            component_sha256: app.component_sha256.clone(),
+            limits: app.limits,
+        };
+        let started = std::time::Instant::now();
+        let cached = {
+            let cache = self.cache.clone();
+            let spec = spec.clone();
+            tokio::task::spawn_blocking(move || cache.load_cached(spec)).await?
+        };
+        let version = match cached {
+            Some(version) => version,
+            None if cache_only => anyhow::bail!("not in the local artifact cache"),
+            None => {
+                let bytes = self.download(&app.component_sha256).await?;
+                let cache = self.cache.clone();
+                tokio::task::spawn_blocking(move || cache.load_artifact(spec, &bytes)).await??
+            }
+        };
+        let previous = self.apps.deploy(version)?;
+        tracing::info!(
+            app = %app.name,
+            version = %app.version,
+            route = %app.route,
+            previous = previous.as_ref().map(|p| p.spec().version.as_str()).unwrap_or("none"),
+            load_ms = started.elapsed().as_millis() as u64,
+            "app deployed"
+        );
+        Ok(())
+    }
+
+    async fn download(&self, component_sha256: &str) -> anyhow::Result<Vec<u8>> {
+        let engine = self.apps.runtime().engine_hash().to_string();
+        let response = self
+            .http
+            .get(self.url(&format!("/control/v1/artifacts/{component_sha256}")))
+            .query(&[("engine", engine)])
+            .bearer_auth(&self.link.join_token)
+            .timeout(Duration::from_secs(120))
+            .send()
+            .await?;
+        let response = check(response).await?;
+        let expected = response
+            .headers()
+            .get("x-paddock-artifact-sha256")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .context("the controller sent an artifact without its sha256")?;
+        let bytes = response.bytes().await?.to_vec();
+        let actual = sha256_hex(&bytes);
+        anyhow::ensure!(
+            actual == expected,
+            "artifact download damaged: sha256 {actual}, expected {expected}"
+        );
+        Ok(bytes)
+    }
+
+    async fn save(&self, state: &DesiredState) {
+        let result = async {
+            let json = serde_json::to_vec_pretty(state)?;
+            let tmp = self.state_file.with_extension("tmp");
+            tokio::fs::write(&tmp, json).await?;
+            tokio::fs::rename(&tmp, &self.state_file).await?;
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(file = %self.state_file.display(), "cannot save the desired state: {e:#}");
+        }
+    }
+}
+
+/// Turns an error answer of the controller into an error carrying its message.
+async fn check(response: reqwest::Response) -> anyhow::Result<reqwest::Response> {
+    if response.status().is_success() {
+        return Ok(response);
+    }
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    match serde_json::from_str::<paddock_api::ApiError>(&body) {
+        Ok(e) => anyhow::bail!("{} ({status}, {})", e.message, e.error),
+        Err(_) => anyhow::bail!("controller answered {status}: {body}"),
+    }
+}

@@ -1,0 +1,613 @@
+//! Paddock's platform database. The only crate with SQL.
+//!
+//! [`Store`] is what the controller needs from the database; [`SqlStore`] implements it on
+//! SQLite (embedded default, one machine, WAL mode) and on PostgreSQL (several machines), with one
+//! set of queries over sqlx's `Any` driver and one migration folder per backend
+//! (`migrations/sqlite`, `migrations/postgres`), applied at open.
+//!
+//! Conventions: timestamps are milliseconds since the Unix epoch (`i64`), flags are `0`/`1`
+//! integers, structured observations are JSON text. Every change of desired state or of a server
+//! flag bumps the farm's **generation** in the same transaction; front-ends long-poll on it.
+//!
+//! Deliberately absent: HTTP, wasmtime, policy. The store records; the controller decides.
+
+use std::borrow::Cow;
+
+use async_trait::async_trait;
+use paddock_api::{
+    AppSummary, AuditEntry, HealthReport, Registration, Role, ServerFlag, ServerInfo, VersionInfo,
+};
+use paddock_core::Manifest;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row as _};
+
+/// Why a store operation failed. Callers branch on the kind; the message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("unknown server {0:?}; `paddock servers` lists the servers of the farm")]
+    UnknownServer(String),
+    #[error("unknown app version {app}@{version}; `paddock app versions {app}` lists its versions")]
+    UnknownVersion { app: String, version: String },
+    #[error(
+        "{app}@{version} already exists with other content; versions are immutable, publish it under a new version"
+    )]
+    VersionConflict { app: String, version: String },
+    #[error("app {app} belongs to zone {existing}, not {requested}; an app stays in one zone")]
+    ZoneConflict {
+        app: String,
+        existing: String,
+        requested: String,
+    },
+    #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://USER@HOST:PORT/DB")]
+    BadUrl(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is not readable: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Whether `put_version` stored something new.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    Created,
+    /// The same name@version with the same content was already there: nothing changed.
+    Unchanged,
+}
+
+/// What the controller needs from the platform database.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Which backend this is, for logs and status: `sqlite` or `postgres`.
+    fn backend(&self) -> &'static str;
+
+    /// Records a front-end (new, or the same name coming back); its flags are kept.
+    async fn register_server(&self, registration: &Registration, now_ms: i64)
+    -> Result<ServerInfo>;
+    async fn heartbeat(&self, name: &str, observed: &HealthReport, now_ms: i64) -> Result<()>;
+    async fn servers(&self) -> Result<Vec<ServerInfo>>;
+    async fn server(&self, name: &str) -> Result<ServerInfo>;
+    /// Switches a flag; returns the new generation.
+    async fn set_flag(&self, name: &str, flag: ServerFlag, on: bool) -> Result<i64>;
+    /// Forgets a server; returns the new generation.
+    async fn remove_server(&self, name: &str) -> Result<i64>;
+
+    /// Stores an app version and its component. Refuses the same name@version with other content.
+    async fn put_version(
+        &self,
+        manifest: &Manifest,
+        version: &str,
+        component: &[u8],
+        component_sha256: &str,
+        now_ms: i64,
+    ) -> Result<PutOutcome>;
+    async fn version(&self, app: &str, version: &str) -> Result<VersionInfo>;
+    /// Every version of `app`, oldest first.
+    async fn versions(&self, app: &str) -> Result<Vec<VersionInfo>>;
+    async fn apps(&self) -> Result<Vec<AppSummary>>;
+    async fn component(&self, sha256: &str) -> Result<Option<Vec<u8>>>;
+
+    async fn put_artifact(
+        &self,
+        component_sha256: &str,
+        engine: &str,
+        artifact_sha256: &str,
+        bytes: &[u8],
+    ) -> Result<()>;
+    /// The artifact of a component for an engine: its sha256 and bytes.
+    async fn artifact(
+        &self,
+        component_sha256: &str,
+        engine: &str,
+    ) -> Result<Option<(String, Vec<u8>)>>;
+    /// The sha256 of the artifact, without its bytes.
+    async fn artifact_sha256(&self, component_sha256: &str, engine: &str)
+    -> Result<Option<String>>;
+
+    /// Makes `version` the desired version of `app` in `zone`; returns the new generation.
+    async fn set_desired(&self, app: &str, zone: &str, version: &str, now_ms: i64) -> Result<i64>;
+    /// The desired versions of a zone's apps.
+    async fn desired(&self, zone: &str) -> Result<Vec<VersionInfo>>;
+    async fn generation(&self) -> Result<i64>;
+
+    async fn audit(&self, actor: &str, action: &str, detail: &str, now_ms: i64) -> Result<()>;
+    /// The newest `limit` entries, newest first.
+    async fn audit_log(&self, limit: i64) -> Result<Vec<AuditEntry>>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// The SQL implementation of [`Store`], on SQLite or PostgreSQL.
+pub struct SqlStore {
+    pool: AnyPool,
+    dialect: Dialect,
+}
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+impl SqlStore {
+    /// Opens (creating if needed) the database at `url` and applies pending migrations.
+    /// `sqlite://PATH` or `postgres://...`.
+    pub async fn open(url: &str) -> Result<SqlStore> {
+        sqlx::any::install_default_drivers();
+        let (dialect, connect_url) = if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err(StoreError::BadUrl(url.into()));
+            }
+            let sep = if path.contains('?') { '&' } else { '?' };
+            (Dialect::Sqlite, format!("sqlite://{path}{sep}mode=rwc"))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            (Dialect::Postgres, url.to_string())
+        } else {
+            return Err(StoreError::BadUrl(url.into()));
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(if dialect == Dialect::Sqlite { 4 } else { 8 })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if dialect == Dialect::Sqlite {
+                        use sqlx::Executor as _;
+                        conn.execute("PRAGMA foreign_keys = ON").await?;
+                        conn.execute("PRAGMA busy_timeout = 5000").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&connect_url)
+            .await?;
+        if dialect == Dialect::Sqlite {
+            sqlx::query("PRAGMA journal_mode = WAL")
+                .execute(&pool)
+                .await?;
+        }
+        match dialect {
+            Dialect::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
+            Dialect::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
+        }
+        Ok(SqlStore { pool, dialect })
+    }
+
+    /// Runs one statement as is (administration, e.g. creating a test database).
+    pub async fn execute_raw(&self, sql: &str) -> Result<()> {
+        sqlx::raw_sql(sql).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Queries are written with `$1` parameters; SQLite's numbered form is `?1`.
+    fn sql<'a>(&self, sql: &'a str) -> Cow<'a, str> {
+        match self.dialect {
+            Dialect::Postgres => Cow::Borrowed(sql),
+            Dialect::Sqlite => Cow::Owned(sql.replace('$', "?")),
+        }
+    }
+
+    async fn bump_generation(&self, tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> Result<i64> {
+        let row = sqlx::query(
+            &self.sql("UPDATE generation SET value = value + 1 WHERE id = 1 RETURNING value"),
+        )
+        .fetch_one(&mut **tx)
+        .await?;
+        Ok(row.try_get::<i64, _>(0)?)
+    }
+}
+
+const SERVER_COLUMNS: &str = "name, zone, address, platform_version, engine, role, deployment_on, \
+     scheduler_on, registered_ms, heartbeat_ms, observed";
+
+fn server_from_row(row: &AnyRow) -> Result<ServerInfo> {
+    let role: String = row.try_get("role")?;
+    let observed: Option<String> = row.try_get("observed")?;
+    Ok(ServerInfo {
+        name: row.try_get("name")?,
+        zone: row.try_get("zone")?,
+        address: row.try_get("address")?,
+        platform_version: row.try_get("platform_version")?,
+        engine: row.try_get("engine")?,
+        role: Role::parse(&role).ok_or_else(|| StoreError::Corrupt(format!("role {role:?}")))?,
+        deployment: row.try_get::<i64, _>("deployment_on")? != 0,
+        scheduler: row.try_get::<i64, _>("scheduler_on")? != 0,
+        registered_ms: row.try_get("registered_ms")?,
+        heartbeat_ms: row.try_get("heartbeat_ms")?,
+        observed: match observed {
+            Some(json) => Some(
+                serde_json::from_str(&json)
+                    .map_err(|e| StoreError::Corrupt(format!("observed state: {e}")))?,
+            ),
+            None => None,
+        },
+    })
+}
+
+const VERSION_COLUMNS: &str = "app, version, zone, manifest, component_sha256, created_ms";
+
+fn version_from_row(row: &AnyRow) -> Result<VersionInfo> {
+    let manifest: String = row.try_get("manifest")?;
+    Ok(VersionInfo {
+        app: row.try_get("app")?,
+        version: row.try_get("version")?,
+        zone: row.try_get("zone")?,
+        component_sha256: row.try_get("component_sha256")?,
+        created_ms: row.try_get("created_ms")?,
+        manifest: serde_json::from_str(&manifest)
+            .map_err(|e| StoreError::Corrupt(format!("manifest: {e}")))?,
+    })
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    fn backend(&self) -> &'static str {
+        match self.dialect {
+            Dialect::Sqlite => "sqlite",
+            Dialect::Postgres => "postgres",
+        }
+    }
+
+    async fn register_server(&self, r: &Registration, now_ms: i64) -> Result<ServerInfo> {
+        sqlx::query(&self.sql(
+            "INSERT INTO servers (name, zone, address, platform_version, engine, registered_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (name) DO UPDATE SET zone = excluded.zone, address = excluded.address, \
+             platform_version = excluded.platform_version, engine = excluded.engine",
+        ))
+        .bind(&r.name)
+        .bind(&r.zone)
+        .bind(&r.address)
+        .bind(&r.platform_version)
+        .bind(&r.engine)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        self.server(&r.name).await
+    }
+
+    async fn heartbeat(&self, name: &str, observed: &HealthReport, now_ms: i64) -> Result<()> {
+        let json = serde_json::to_string(observed)
+            .map_err(|e| StoreError::Corrupt(format!("observed state: {e}")))?;
+        let done = sqlx::query(
+            &self.sql("UPDATE servers SET heartbeat_ms = $1, observed = $2 WHERE name = $3"),
+        )
+        .bind(now_ms)
+        .bind(json)
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::UnknownServer(name.into()));
+        }
+        Ok(())
+    }
+
+    async fn servers(&self) -> Result<Vec<ServerInfo>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SERVER_COLUMNS} FROM servers ORDER BY zone, name"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(server_from_row).collect()
+    }
+
+    async fn server(&self, name: &str) -> Result<ServerInfo> {
+        let row = sqlx::query(&self.sql(&format!(
+            "SELECT {SERVER_COLUMNS} FROM servers WHERE name = $1"
+        )))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => server_from_row(&row),
+            None => Err(StoreError::UnknownServer(name.into())),
+        }
+    }
+
+    async fn set_flag(&self, name: &str, flag: ServerFlag, on: bool) -> Result<i64> {
+        let column = match flag {
+            ServerFlag::Deployment => "deployment_on",
+            ServerFlag::Scheduler => "scheduler_on",
+        };
+        let mut tx = self.pool.begin().await?;
+        let done =
+            sqlx::query(&self.sql(&format!("UPDATE servers SET {column} = $1 WHERE name = $2")))
+                .bind(i64::from(on))
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::UnknownServer(name.into()));
+        }
+        let generation = self.bump_generation(&mut tx).await?;
+        tx.commit().await?;
+        Ok(generation)
+    }
+
+    async fn remove_server(&self, name: &str) -> Result<i64> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(&self.sql("DELETE FROM servers WHERE name = $1"))
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::UnknownServer(name.into()));
+        }
+        let generation = self.bump_generation(&mut tx).await?;
+        tx.commit().await?;
+        Ok(generation)
+    }
+
+    async fn put_version(
+        &self,
+        manifest: &Manifest,
+        version: &str,
+        component: &[u8],
+        component_sha256: &str,
+        now_ms: i64,
+    ) -> Result<PutOutcome> {
+        let manifest_json = serde_json::to_string(manifest)
+            .map_err(|e| StoreError::Corrupt(format!("manifest: {e}")))?;
+        let mut tx = self.pool.begin().await?;
+        let existing = sqlx::query(&self.sql(&format!(
+            "SELECT {VERSION_COLUMNS} FROM versions WHERE app = $1 AND version = $2"
+        )))
+        .bind(&manifest.name)
+        .bind(version)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = existing {
+            let existing = version_from_row(&row)?;
+            return if existing.component_sha256 == component_sha256
+                && existing.manifest == *manifest
+            {
+                Ok(PutOutcome::Unchanged)
+            } else {
+                Err(StoreError::VersionConflict {
+                    app: manifest.name.clone(),
+                    version: version.into(),
+                })
+            };
+        }
+        let zone = sqlx::query(&self.sql("SELECT zone FROM versions WHERE app = $1 LIMIT 1"))
+            .bind(&manifest.name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(zone) = zone {
+            let zone: String = zone.try_get(0)?;
+            if zone != manifest.zone {
+                return Err(StoreError::ZoneConflict {
+                    app: manifest.name.clone(),
+                    existing: zone,
+                    requested: manifest.zone.clone(),
+                });
+            }
+        }
+        sqlx::query(&self.sql(
+            "INSERT INTO blobs (sha256, size, bytes) VALUES ($1, $2, $3) ON CONFLICT (sha256) DO NOTHING",
+        ))
+        .bind(component_sha256)
+        .bind(component.len() as i64)
+        .bind(component)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(&self.sql(
+            "INSERT INTO versions (app, version, zone, manifest, component_sha256, created_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        ))
+        .bind(&manifest.name)
+        .bind(version)
+        .bind(&manifest.zone)
+        .bind(manifest_json)
+        .bind(component_sha256)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(PutOutcome::Created)
+    }
+
+    async fn version(&self, app: &str, version: &str) -> Result<VersionInfo> {
+        let row = sqlx::query(&self.sql(&format!(
+            "SELECT {VERSION_COLUMNS} FROM versions WHERE app = $1 AND version = $2"
+        )))
+        .bind(app)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => version_from_row(&row),
+            None => Err(StoreError::UnknownVersion {
+                app: app.into(),
+                version: version.into(),
+            }),
+        }
+    }
+
+    async fn versions(&self, app: &str) -> Result<Vec<VersionInfo>> {
+        let rows = sqlx::query(&self.sql(&format!(
+            "SELECT {VERSION_COLUMNS} FROM versions WHERE app = $1 ORDER BY created_ms, version"
+        )))
+        .bind(app)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(version_from_row).collect()
+    }
+
+    async fn apps(&self) -> Result<Vec<AppSummary>> {
+        let rows = sqlx::query(
+            "SELECT v.app AS app, v.zone AS zone, COUNT(*) AS n, \
+             (SELECT l.version FROM versions l WHERE l.app = v.app ORDER BY l.created_ms DESC, l.version DESC LIMIT 1) AS latest, \
+             (SELECT d.version FROM desired d WHERE d.app = v.app AND d.zone = v.zone) AS desired \
+             FROM versions v GROUP BY v.app, v.zone ORDER BY v.app",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(AppSummary {
+                    name: row.try_get("app")?,
+                    zone: row.try_get("zone")?,
+                    versions: row.try_get::<i64, _>("n")? as u64,
+                    latest: row.try_get("latest")?,
+                    desired: row.try_get("desired")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn component(&self, sha256: &str) -> Result<Option<Vec<u8>>> {
+        let row = sqlx::query(&self.sql("SELECT bytes FROM blobs WHERE sha256 = $1"))
+            .bind(sha256)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(row) => Some(row.try_get(0)?),
+            None => None,
+        })
+    }
+
+    async fn put_artifact(
+        &self,
+        component_sha256: &str,
+        engine: &str,
+        artifact_sha256: &str,
+        bytes: &[u8],
+    ) -> Result<()> {
+        sqlx::query(&self.sql(
+            "INSERT INTO artifacts (component_sha256, engine, artifact_sha256, bytes) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (component_sha256, engine) DO UPDATE SET artifact_sha256 = excluded.artifact_sha256, bytes = excluded.bytes",
+        ))
+        .bind(component_sha256)
+        .bind(engine)
+        .bind(artifact_sha256)
+        .bind(bytes)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn artifact(
+        &self,
+        component_sha256: &str,
+        engine: &str,
+    ) -> Result<Option<(String, Vec<u8>)>> {
+        let row = sqlx::query(&self.sql(
+            "SELECT artifact_sha256, bytes FROM artifacts WHERE component_sha256 = $1 AND engine = $2",
+        ))
+        .bind(component_sha256)
+        .bind(engine)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            Some(row) => Some((row.try_get(0)?, row.try_get(1)?)),
+            None => None,
+        })
+    }
+
+    async fn artifact_sha256(
+        &self,
+        component_sha256: &str,
+        engine: &str,
+    ) -> Result<Option<String>> {
+        let row = sqlx::query(&self.sql(
+            "SELECT artifact_sha256 FROM artifacts WHERE component_sha256 = $1 AND engine = $2",
+        ))
+        .bind(component_sha256)
+        .bind(engine)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            Some(row) => Some(row.try_get(0)?),
+            None => None,
+        })
+    }
+
+    async fn set_desired(&self, app: &str, zone: &str, version: &str, now_ms: i64) -> Result<i64> {
+        let mut tx = self.pool.begin().await?;
+        let exists = sqlx::query(
+            &self.sql("SELECT 1 FROM versions WHERE app = $1 AND version = $2 AND zone = $3"),
+        )
+        .bind(app)
+        .bind(version)
+        .bind(zone)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if exists.is_none() {
+            return Err(StoreError::UnknownVersion {
+                app: app.into(),
+                version: version.into(),
+            });
+        }
+        sqlx::query(&self.sql(
+            "INSERT INTO desired (app, zone, version, updated_ms) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (app, zone) DO UPDATE SET version = excluded.version, updated_ms = excluded.updated_ms",
+        ))
+        .bind(app)
+        .bind(zone)
+        .bind(version)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        let generation = self.bump_generation(&mut tx).await?;
+        tx.commit().await?;
+        Ok(generation)
+    }
+
+    async fn desired(&self, zone: &str) -> Result<Vec<VersionInfo>> {
+        let rows = sqlx::query(&self.sql(
+            "SELECT v.app AS app, v.version AS version, v.zone AS zone, v.manifest AS manifest, \
+             v.component_sha256 AS component_sha256, v.created_ms AS created_ms \
+             FROM desired d JOIN versions v ON v.app = d.app AND v.version = d.version \
+             WHERE d.zone = $1 ORDER BY v.app",
+        ))
+        .bind(zone)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(version_from_row).collect()
+    }
+
+    async fn generation(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT value FROM generation WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+
+    async fn audit(&self, actor: &str, action: &str, detail: &str, now_ms: i64) -> Result<()> {
+        sqlx::query(
+            &self.sql("INSERT INTO audit (at_ms, actor, action, detail) VALUES ($1, $2, $3, $4)"),
+        )
+        .bind(now_ms)
+        .bind(actor)
+        .bind(action)
+        .bind(detail)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn audit_log(&self, limit: i64) -> Result<Vec<AuditEntry>> {
+        let rows =
+            sqlx::query(&self.sql(
+                "SELECT id, at_ms, actor, action, detail FROM audit ORDER BY id DESC LIMIT $1",
+            ))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(AuditEntry {
+                    id: row.try_get("id")?,
+                    at_ms: row.try_get("at_ms")?,
+                    actor: row.try_get("actor")?,
+                    action: row.try_get("action")?,
+                    detail: row.try_get("detail")?,
+                })
+            })
+            .collect()
+    }
+}

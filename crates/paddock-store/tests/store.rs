@@ -1,0 +1,340 @@
+//! The store's behaviour, run against both backends: SQLite always, PostgreSQL at the URL in
+//! `PADDOCK_TEST_POSTGRES` (scripts/test.sh starts a throw-away cluster and sets it). Without that
+//! variable the PostgreSQL tests fail, unless `PADDOCK_TEST_SKIP_POSTGRES=1` says to skip them.
+
+use paddock_api::{HealthReport, Registration, Role, ServerFlag, ServerState};
+use paddock_core::Manifest;
+use paddock_store::{PutOutcome, SqlStore, Store, StoreError};
+
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A fresh, empty store of the given backend. The guard keeps its files alive.
+async fn fresh(backend: Backend, test: &str) -> Option<(SqlStore, tempfile::TempDir)> {
+    let dir = tempfile::tempdir().unwrap();
+    let store = match backend {
+        Backend::Sqlite => {
+            let url = format!("sqlite://{}", dir.path().join("paddock.db").display());
+            SqlStore::open(&url).await.unwrap()
+        }
+        Backend::Postgres => {
+            let Ok(base) = std::env::var("PADDOCK_TEST_POSTGRES") else {
+                if std::env::var("PADDOCK_TEST_SKIP_POSTGRES").as_deref() == Ok("1") {
+                    eprintln!("SKIPPED on PostgreSQL: PADDOCK_TEST_SKIP_POSTGRES=1");
+                    return None;
+                }
+                panic!(
+                    "PADDOCK_TEST_POSTGRES is not set: run scripts/test.sh (it starts PostgreSQL), \
+                     or set PADDOCK_TEST_SKIP_POSTGRES=1 to skip the PostgreSQL half"
+                );
+            };
+            let db = format!("t_{}_{}", test, std::process::id());
+            let admin = SqlStore::open(&base).await.unwrap();
+            admin
+                .execute_raw(&format!("DROP DATABASE IF EXISTS {db}"))
+                .await
+                .unwrap();
+            admin
+                .execute_raw(&format!("CREATE DATABASE {db}"))
+                .await
+                .unwrap();
+            let (prefix, _) = base.rsplit_once('/').unwrap();
+            SqlStore::open(&format!("{prefix}/{db}")).await.unwrap()
+        }
+    };
+    Some((store, dir))
+}
+
+fn registration(name: &str, zone: &str) -> Registration {
+    Registration {
+        name: name.into(),
+        zone: zone.into(),
+        address: "127.0.0.1:9000".into(),
+        platform_version: "0.1.0".into(),
+        engine: "e1".into(),
+    }
+}
+
+fn manifest(name: &str, zone: &str) -> Manifest {
+    Manifest::from_toml(&format!(
+        "name = \"{name}\"\ncomponent = \"{name}.wasm\"\nzone = \"{zone}\"\n"
+    ))
+    .unwrap()
+}
+
+async fn servers_and_flags(store: &dyn Store) {
+    let g0 = store.generation().await.unwrap();
+    let s = store
+        .register_server(&registration("fe1", "default"), 1000)
+        .await
+        .unwrap();
+    assert_eq!(
+        (s.role, s.deployment, s.scheduler),
+        (Role::Active, true, true)
+    );
+    assert_eq!(s.heartbeat_ms, None);
+
+    let g1 = store
+        .set_flag("fe1", ServerFlag::Deployment, false)
+        .await
+        .unwrap();
+    assert!(g1 > g0, "a flag change bumps the generation");
+    // Registering again (a restart) keeps the flags and updates the address.
+    let mut again = registration("fe1", "default");
+    again.address = "127.0.0.1:9001".into();
+    let s = store.register_server(&again, 2000).await.unwrap();
+    assert_eq!(
+        (s.deployment, s.address.as_str()),
+        (false, "127.0.0.1:9001")
+    );
+
+    let report = HealthReport {
+        server: "fe1".into(),
+        state: ServerState::Serving,
+        apps: vec![],
+        in_flight: 3,
+    };
+    store.heartbeat("fe1", &report, 3000).await.unwrap();
+    let s = store.server("fe1").await.unwrap();
+    assert_eq!(s.heartbeat_ms, Some(3000));
+    assert_eq!(s.observed, Some(report.clone()));
+
+    // Unknown servers are refused and change nothing.
+    let g = store.generation().await.unwrap();
+    for err in [
+        store
+            .set_flag("nope", ServerFlag::Scheduler, false)
+            .await
+            .unwrap_err(),
+        store.remove_server("nope").await.unwrap_err(),
+        store.heartbeat("nope", &report, 1).await.unwrap_err(),
+        store.server("nope").await.unwrap_err(),
+    ] {
+        assert!(
+            matches!(err, StoreError::UnknownServer(ref n) if n == "nope"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("paddock servers"), "{err}");
+    }
+    assert_eq!(store.generation().await.unwrap(), g);
+
+    store
+        .register_server(&registration("fe2", "eu"), 1000)
+        .await
+        .unwrap();
+    let names: Vec<_> = store
+        .servers()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["fe1", "fe2"]);
+    assert!(store.remove_server("fe1").await.unwrap() > g);
+    assert_eq!(store.servers().await.unwrap().len(), 1);
+}
+
+async fn versions_are_immutable(store: &dyn Store) {
+    let m = manifest("hello", "default");
+    assert_eq!(
+        store
+            .put_version(&m, "v1", b"one", "sha-one", 10)
+            .await
+            .unwrap(),
+        PutOutcome::Created
+    );
+    assert_eq!(
+        store
+            .put_version(&m, "v1", b"one", "sha-one", 11)
+            .await
+            .unwrap(),
+        PutOutcome::Unchanged
+    );
+    let err = store
+        .put_version(&m, "v1", b"two", "sha-two", 12)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::VersionConflict { .. }), "{err}");
+    assert!(err.to_string().contains("immutable"), "{err}");
+    assert_eq!(
+        store
+            .put_version(&m, "v2", b"two", "sha-two", 20)
+            .await
+            .unwrap(),
+        PutOutcome::Created
+    );
+    // The same app in another zone is refused.
+    let err = store
+        .put_version(&manifest("hello", "eu"), "v3", b"three", "sha-three", 30)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::ZoneConflict { .. }), "{err}");
+
+    let versions: Vec<_> = store
+        .versions("hello")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.version)
+        .collect();
+    assert_eq!(versions, ["v1", "v2"]);
+    assert_eq!(
+        store.component("sha-two").await.unwrap().as_deref(),
+        Some(&b"two"[..])
+    );
+    assert_eq!(
+        store.component("sha-three").await.unwrap(),
+        None,
+        "a refused version stores nothing"
+    );
+    let v = store.version("hello", "v2").await.unwrap();
+    assert_eq!(v.manifest, m);
+    assert!(matches!(
+        store.version("hello", "v9").await.unwrap_err(),
+        StoreError::UnknownVersion { .. }
+    ));
+}
+
+async fn desired_state_per_zone(store: &dyn Store) {
+    store
+        .put_version(&manifest("hello", "default"), "v1", b"1", "s1", 1)
+        .await
+        .unwrap();
+    store
+        .put_version(&manifest("hello", "default"), "v2", b"2", "s2", 2)
+        .await
+        .unwrap();
+    store
+        .put_version(&manifest("shop", "eu"), "v1", b"3", "s3", 3)
+        .await
+        .unwrap();
+    let g0 = store.generation().await.unwrap();
+    let g1 = store
+        .set_desired("hello", "default", "v1", 5)
+        .await
+        .unwrap();
+    let g2 = store
+        .set_desired("hello", "default", "v2", 6)
+        .await
+        .unwrap();
+    assert!(g0 < g1 && g1 < g2);
+    store.set_desired("shop", "eu", "v1", 7).await.unwrap();
+
+    let default: Vec<_> = store
+        .desired("default")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| format!("{}@{}", v.app, v.version))
+        .collect();
+    assert_eq!(default, ["hello@v2"]);
+    assert_eq!(store.desired("eu").await.unwrap()[0].app, "shop");
+
+    // A version that does not exist (or not in that zone) is refused and changes nothing.
+    let g = store.generation().await.unwrap();
+    assert!(
+        store
+            .set_desired("hello", "default", "v9", 8)
+            .await
+            .is_err()
+    );
+    assert!(store.set_desired("shop", "default", "v1", 8).await.is_err());
+    assert_eq!(store.generation().await.unwrap(), g);
+
+    let apps = store.apps().await.unwrap();
+    assert_eq!(apps.len(), 2);
+    assert_eq!(
+        (
+            apps[0].name.as_str(),
+            apps[0].versions,
+            apps[0].latest.as_str()
+        ),
+        ("hello", 2, "v2")
+    );
+    assert_eq!(apps[0].desired.as_deref(), Some("v2"));
+}
+
+async fn artifacts_and_audit(store: &dyn Store) {
+    assert_eq!(store.artifact("c1", "e1").await.unwrap(), None);
+    store
+        .put_artifact("c1", "e1", "a1", b"native")
+        .await
+        .unwrap();
+    store
+        .put_artifact("c1", "e2", "a2", b"other")
+        .await
+        .unwrap();
+    assert_eq!(
+        store.artifact("c1", "e1").await.unwrap(),
+        Some(("a1".to_string(), b"native".to_vec()))
+    );
+    assert_eq!(
+        store.artifact_sha256("c1", "e2").await.unwrap().as_deref(),
+        Some("a2")
+    );
+
+    store
+        .audit("admin", "publish", "hello@v1", 1)
+        .await
+        .unwrap();
+    store
+        .audit("admin", "rollback", "hello@v1", 2)
+        .await
+        .unwrap();
+    let log = store.audit_log(10).await.unwrap();
+    assert_eq!(log.len(), 2);
+    assert_eq!(log[0].action, "rollback", "newest first");
+}
+
+macro_rules! on_both_backends {
+    ($($name:ident),*) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let (store, _dir) = super::fresh(super::Backend::Sqlite, stringify!($name)).await.unwrap();
+                    super::$name(&store).await;
+                    // Opening again applies no migration twice and keeps the data.
+                    drop(store);
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    if let Some((store, _dir)) = super::fresh(super::Backend::Postgres, stringify!($name)).await {
+                        super::$name(&store).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    servers_and_flags,
+    versions_are_immutable,
+    desired_state_per_zone,
+    artifacts_and_audit
+);
+
+#[tokio::test]
+async fn reopening_a_sqlite_store_keeps_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("p.db").display());
+    let store = SqlStore::open(&url).await.unwrap();
+    store
+        .register_server(&registration("fe1", "default"), 1)
+        .await
+        .unwrap();
+    drop(store);
+    let store = SqlStore::open(&url).await.unwrap();
+    assert_eq!(store.servers().await.unwrap().len(), 1);
+    assert!(matches!(
+        SqlStore::open("mysql://x").await,
+        Err(StoreError::BadUrl(_))
+    ));
+}

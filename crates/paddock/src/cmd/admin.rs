@@ -1,0 +1,448 @@
+//! The admin commands: a client of the controller's admin API (`/v1/...`).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use paddock_api::{ApiError, AppSummary, ServerFlag, ServerInfo, VersionInfo};
+use paddock_controller::api::{Deployed, FlagRequest, RollbackRequest, Status, Uploaded};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Where the controller is and how to prove we are its admin.
+#[derive(clap::Args, Clone)]
+pub struct Target {
+    /// The controller's URL.
+    #[arg(
+        long,
+        global = true,
+        env = "PADDOCK_CONTROLLER",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    pub controller: String,
+    /// The admin token (default: read from <data>/controller/admin.token).
+    #[arg(long, global = true, env = "PADDOCK_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The data folder of `paddock up` or the controller, to read the admin token from.
+    #[arg(long, global = true, env = "PADDOCK_DATA", default_value = ".paddock")]
+    pub data: PathBuf,
+    /// Print the controller's answer as JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+pub struct Client {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+    pub json: bool,
+}
+
+impl Client {
+    pub fn new(target: &Target) -> anyhow::Result<Client> {
+        let token = match &target.token {
+            Some(token) => token.clone(),
+            None => read_token(&target.data)?,
+        };
+        Ok(Client {
+            base: target.controller.trim_end_matches('/').to_string(),
+            token,
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(3))
+                .build()?,
+            json: target.json,
+        })
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> anyhow::Result<T> {
+        let response = request.bearer_auth(&self.token).send().await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach the controller at {}: {e}; is `paddock controller` (or `paddock up`) running? Set --controller or PADDOCK_CONTROLLER",
+                self.base
+            )
+        })?;
+        let status = response.status();
+        if status.is_success() {
+            if status == reqwest::StatusCode::NO_CONTENT {
+                return serde_json::from_str("null").context("empty answer");
+            }
+            return response
+                .json()
+                .await
+                .context("reading the controller's answer");
+        }
+        let body = response.text().await.unwrap_or_default();
+        match serde_json::from_str::<ApiError>(&body) {
+            Ok(e) => anyhow::bail!("{}", e.message),
+            Err(_) => anyhow::bail!("the controller answered {status}: {body}"),
+        }
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+
+    pub async fn delete(&self, path: &str) -> anyhow::Result<()> {
+        self.send::<()>(self.http.delete(format!("{}{path}", self.base)))
+            .await
+    }
+
+    /// Uploads a package folder; with `deploy`, also makes it the desired version.
+    pub async fn upload(&self, package: &Path, deploy: bool) -> anyhow::Result<Uploaded> {
+        let manifest_path = package.join("paddock.toml");
+        let manifest_text = std::fs::read_to_string(&manifest_path)
+            .with_context(|| format!("reading {}", manifest_path.display()))?;
+        let manifest = paddock_core::Manifest::from_toml(&manifest_text)
+            .with_context(|| format!("{}", manifest_path.display()))?;
+        let component_path = package.join(&manifest.component);
+        let component = std::fs::read(&component_path)
+            .with_context(|| format!("reading the component {}", component_path.display()))?;
+        let form = reqwest::multipart::Form::new()
+            .text("manifest", manifest_text)
+            .part(
+                "component",
+                reqwest::multipart::Part::bytes(component).file_name(manifest.component.clone()),
+            );
+        let url = format!("{}/v1/apps?deploy={deploy}", self.base);
+        self.send(self.http.post(url).multipart(form)).await
+    }
+
+    fn print<T: Serialize>(&self, value: &T, human: impl FnOnce(&T)) -> anyhow::Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(value)?);
+        } else {
+            human(value);
+        }
+        Ok(())
+    }
+}
+
+fn read_token(data: &Path) -> anyhow::Result<String> {
+    let candidates = [
+        data.join("controller/admin.token"),
+        data.join("admin.token"),
+    ];
+    for path in &candidates {
+        if let Ok(token) = std::fs::read_to_string(path) {
+            return Ok(token.trim().to_string());
+        }
+    }
+    anyhow::bail!(
+        "no admin token: set PADDOCK_TOKEN or --token, or run where `paddock up` keeps {} ",
+        candidates[0].display()
+    )
+}
+
+#[derive(clap::Subcommand)]
+pub enum AppCommand {
+    /// Store and compile a package's version; deploys nothing.
+    Upload { path: PathBuf },
+    /// Upload, then deploy to every front-end of the app's zone and wait until they serve it.
+    Publish {
+        path: PathBuf,
+        /// How long to wait for every front-end to report the version.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// The apps of the farm.
+    List,
+    /// Every version of an app.
+    Versions { name: String },
+    /// Deploy the previous version of an app (or the one named), and wait like publish.
+    Rollback {
+        name: String,
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+pub async fn app(client: &Client, command: AppCommand) -> anyhow::Result<()> {
+    match command {
+        AppCommand::Upload { path } => {
+            let uploaded = client.upload(&path, false).await?;
+            client.print(&uploaded, |u| {
+                let v = &u.version;
+                let what = if u.created {
+                    "uploaded and compiled"
+                } else {
+                    "already stored, unchanged"
+                };
+                println!(
+                    "{}@{} {what} (zone {}, sha256 {}); not deployed",
+                    v.app, v.version, v.zone, v.component_sha256
+                );
+            })
+        }
+        AppCommand::Publish { path, timeout } => {
+            let uploaded = client.upload(&path, true).await?;
+            let v = &uploaded.version;
+            if !client.json {
+                println!(
+                    "{}@{} stored; deploying to zone {}",
+                    v.app, v.version, v.zone
+                );
+            }
+            wait_rollout(client, v, timeout).await?;
+            client.print(&uploaded, |_| {})
+        }
+        AppCommand::List => {
+            let apps: Vec<AppSummary> = client.get("/v1/apps").await?;
+            client.print(&apps, |apps| {
+                println!(
+                    "{:<20} {:<12} {:>8} {:<16} {:<16}",
+                    "APP", "ZONE", "VERSIONS", "LATEST", "DEPLOYED"
+                );
+                for a in apps {
+                    println!(
+                        "{:<20} {:<12} {:>8} {:<16} {:<16}",
+                        a.name,
+                        a.zone,
+                        a.versions,
+                        a.latest,
+                        a.desired.as_deref().unwrap_or("-")
+                    );
+                }
+            })
+        }
+        AppCommand::Versions { name } => {
+            let versions: Vec<VersionInfo> =
+                client.get(&format!("/v1/apps/{name}/versions")).await?;
+            client.print(&versions, |versions| {
+                println!(
+                    "{:<16} {:<12} {:<16} COMPONENT SHA256",
+                    "VERSION", "ZONE", "ROUTE"
+                );
+                for v in versions {
+                    println!(
+                        "{:<16} {:<12} {:<16} {}",
+                        v.version, v.zone, v.manifest.route, v.component_sha256
+                    );
+                }
+            })
+        }
+        AppCommand::Rollback { name, to, timeout } => {
+            let deployed: Deployed = client
+                .post(
+                    &format!("/v1/apps/{name}/rollback"),
+                    &RollbackRequest { to },
+                )
+                .await?;
+            if !client.json {
+                println!("rolling {} back to {}", name, deployed.version.version);
+            }
+            wait_rollout(client, &deployed.version, timeout).await?;
+            client.print(&deployed, |_| {})
+        }
+    }
+}
+
+/// Waits until every live front-end of the version's zone whose deployment service is on reports
+/// the version loaded; prints each as it does. Fails naming the servers that did not.
+async fn wait_rollout(client: &Client, v: &VersionInfo, timeout: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut reported = std::collections::BTreeSet::new();
+    loop {
+        let status: Status = client.get("/v1/status").await?;
+        let targets: Vec<_> = status
+            .servers
+            .iter()
+            .filter(|s| s.server.zone == v.zone && s.server.deployment && s.alive)
+            .collect();
+        let mut waiting = Vec::new();
+        for s in &targets {
+            let serving = s.server.observed.as_ref().is_some_and(|o| {
+                o.apps
+                    .iter()
+                    .any(|a| a.name == v.app && a.version == v.version)
+            });
+            if serving {
+                if reported.insert(s.server.name.clone()) && !client.json {
+                    println!(
+                        "  {:<16} serves {}@{} ({:.1}s)",
+                        s.server.name,
+                        v.app,
+                        v.version,
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+            } else {
+                waiting.push(s.server.name.clone());
+            }
+        }
+        if waiting.is_empty() {
+            if !client.json {
+                if targets.is_empty() {
+                    println!(
+                        "no live front-end of zone {} takes deployments now; they get it when they do",
+                        v.zone
+                    );
+                } else {
+                    println!(
+                        "{}@{} is served by all {} front-end(s) of zone {}",
+                        v.app,
+                        v.version,
+                        targets.len(),
+                        v.zone
+                    );
+                }
+            }
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            anyhow::bail!(
+                "{}@{} not reported by {} within {timeout:?}; `paddock status` shows what they serve",
+                v.app,
+                v.version,
+                waiting.join(", ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn servers(client: &Client) -> anyhow::Result<()> {
+    let status: Status = client.get("/v1/status").await?;
+    client.print(
+        &status.servers.iter().map(|s| &s.server).collect::<Vec<_>>(),
+        |_| {
+            println!(
+                "{:<12} {:<10} {:<8} {:<22} {:<7} {:<10} {:<9} {:<10} LOADED",
+                "SERVER",
+                "ZONE",
+                "ROLE",
+                "ADDRESS",
+                "HEALTH",
+                "DEPLOYMENT",
+                "SCHEDULER",
+                "HEARTBEAT"
+            );
+            let now = paddock_controller::now_ms();
+            for s in &status.servers {
+                let i: &ServerInfo = &s.server;
+                let health = match (&i.observed, s.alive) {
+                    (_, false) => "down".to_string(),
+                    (Some(o), true) => format!("{:?}", o.state).to_lowercase(),
+                    (None, true) => "?".into(),
+                };
+                let loaded = i
+                    .observed
+                    .as_ref()
+                    .map(|o| {
+                        o.apps
+                            .iter()
+                            .map(|a| format!("{}@{}", a.name, a.version))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    })
+                    .unwrap_or_default();
+                let heartbeat = i
+                    .heartbeat_ms
+                    .map(|t| format!("{:.1}s ago", (now - t) as f64 / 1000.0))
+                    .unwrap_or("never".into());
+                println!(
+                    "{:<12} {:<10} {:<8} {:<22} {:<7} {:<10} {:<9} {:<10} {loaded}",
+                    i.name,
+                    i.zone,
+                    i.role.as_str(),
+                    i.address,
+                    health,
+                    on_off(i.deployment),
+                    on_off(i.scheduler),
+                    heartbeat
+                );
+            }
+        },
+    )
+}
+
+fn on_off(on: bool) -> &'static str {
+    if on { "on" } else { "off" }
+}
+
+#[derive(clap::Subcommand)]
+pub enum ServerCommand {
+    /// Switch the server's deployment service.
+    Deployment { state: OnOff },
+    /// Switch the server's scheduler service.
+    Scheduler { state: OnOff },
+    /// Forget the server (it registers again if it is still running).
+    Remove,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+pub async fn server(client: &Client, name: &str, command: ServerCommand) -> anyhow::Result<()> {
+    let (flag, state) = match command {
+        ServerCommand::Deployment { state } => (ServerFlag::Deployment, state),
+        ServerCommand::Scheduler { state } => (ServerFlag::Scheduler, state),
+        ServerCommand::Remove => {
+            client.delete(&format!("/v1/servers/{name}")).await?;
+            return client.print(&serde_json::json!({"removed": name}), |_| {
+                println!("{name} removed")
+            });
+        }
+    };
+    let on = matches!(state, OnOff::On);
+    let info: ServerInfo = client
+        .post(
+            &format!("/v1/servers/{name}/flags"),
+            &FlagRequest { flag, on },
+        )
+        .await?;
+    client.print(&info, |i| {
+        println!(
+            "{}: deployment {}, scheduler {}",
+            i.name,
+            on_off(i.deployment),
+            on_off(i.scheduler)
+        )
+    })
+}
+
+pub async fn status(client: &Client) -> anyhow::Result<()> {
+    let status: Status = client.get("/v1/status").await?;
+    client.print(&status, |status| {
+        println!(
+            "controller: up, database {}, generation {}",
+            status.database, status.generation
+        );
+        for s in &status.servers {
+            let i = &s.server;
+            let state = if !s.alive {
+                "DOWN (no heartbeat)".to_string()
+            } else if s.out_of_date.is_empty() {
+                "ok, up to date".to_string()
+            } else if !i.deployment {
+                format!("ok, deployment off: {}", s.out_of_date.join("; "))
+            } else {
+                format!("ok, updating: {}", s.out_of_date.join("; "))
+            };
+            println!(
+                "{:<12} zone {:<10} deployment {:<3} scheduler {:<3} {state}",
+                i.name,
+                i.zone,
+                on_off(i.deployment),
+                on_off(i.scheduler)
+            );
+        }
+    })
+}

@@ -1,0 +1,192 @@
+//! `paddock up`: a whole farm on one machine — the controller (SQLite) and N front-ends, as child
+//! processes of this one, stopped together on Ctrl-C or SIGTERM.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+#[derive(clap::Args)]
+pub struct UpArgs {
+    /// How many front-ends to start.
+    #[arg(long, default_value_t = 2)]
+    frontends: u16,
+    /// Where the farm keeps its database, tokens and caches.
+    #[arg(long, default_value = ".paddock", env = "PADDOCK_DATA")]
+    data: PathBuf,
+    /// The controller's port; front-ends take the ports after 8080.
+    #[arg(long, default_value_t = 7070)]
+    controller_port: u16,
+    /// The first front-end's port.
+    #[arg(long, default_value_t = 8081)]
+    frontend_port: u16,
+}
+
+struct Farm {
+    children: Vec<(String, Child)>,
+}
+
+impl Drop for Farm {
+    fn drop(&mut self) {
+        for (_, child) in &self.children {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+        for (name, child) in &mut self.children {
+            let deadline = Instant::now() + Duration::from_secs(40);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    _ => {
+                        eprintln!("{name} did not stop in time; killing it");
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn spawn(name: &str, args: &[String]) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe().context("finding the paddock binary")?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    for stream in [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let name = name.to_string();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[{name}] {line}");
+            }
+        });
+    }
+    Ok(child)
+}
+
+fn wait_for_file(path: &Path, child: &mut Child) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path)
+            && !text.trim().is_empty()
+        {
+            return Ok(text.trim().to_string());
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("the controller exited ({status}) before it was ready; its log is above");
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the controller did not write {} within 60s",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn up(args: UpArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data)
+        .with_context(|| format!("creating {}", args.data.display()))?;
+    let data = args.data.canonicalize()?;
+    let controller_dir = data.join("controller");
+    let controller_url = format!("http://127.0.0.1:{}", args.controller_port);
+    let mut farm = Farm {
+        children: Vec::new(),
+    };
+
+    let controller = spawn(
+        "controller",
+        &[
+            "controller".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", args.controller_port),
+            "--db".into(),
+            format!("sqlite://{}", data.join("paddock.db").display()),
+            "--data".into(),
+            controller_dir.display().to_string(),
+        ],
+    )?;
+    farm.children.push(("controller".into(), controller));
+    let join_token = wait_for_file(&controller_dir.join("join.token"), &mut farm.children[0].1)?;
+    let admin_token = wait_for_file(&controller_dir.join("admin.token"), &mut farm.children[0].1)?;
+
+    let mut frontends = Vec::new();
+    for i in 1..=args.frontends {
+        let name = format!("fe-{i}");
+        let port = args.frontend_port + i - 1;
+        let child = spawn(
+            &name,
+            &[
+                "frontend".into(),
+                "--name".into(),
+                name.clone(),
+                "--listen".into(),
+                format!("127.0.0.1:{port}"),
+                "--data".into(),
+                data.join(&name).display().to_string(),
+                "--controller".into(),
+                controller_url.clone(),
+                "--join-token".into(),
+                join_token.clone(),
+            ],
+        )?;
+        farm.children.push((name.clone(), child));
+        frontends.push(format!("{name}: http://127.0.0.1:{port}/"));
+    }
+
+    println!();
+    println!(
+        "Paddock farm is up ({} front-ends, data in {}):",
+        args.frontends,
+        data.display()
+    );
+    println!("  controller: {controller_url}   (admin token: {admin_token})");
+    for f in &frontends {
+        println!("  {f}");
+    }
+    println!();
+    println!("Publish an app:   paddock app publish fixtures/apps/packages/hello-v1");
+    println!("See the farm:     paddock status");
+    println!("Stop: Ctrl-C");
+    println!();
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        anyhow::Ok(())
+    })?;
+    eprintln!("stopping the farm...");
+    drop(farm);
+    Ok(())
+}
