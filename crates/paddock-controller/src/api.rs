@@ -471,13 +471,15 @@ async fn remove_server(
 pub struct Status {
     pub generation: i64,
     pub database: String,
+    /// Largest upload this controller accepts, in bytes.
+    pub max_upload_bytes: usize,
     pub servers: Vec<ServerStatus>,
 }
 
 #[derive(Serialize, Deserialize)]
 pub struct ServerStatus {
     pub server: ServerInfo,
-    /// Whether its last heartbeat is recent (within 5 s).
+    /// Whether its last heartbeat (or its registration) is recent (within 5 s).
     pub alive: bool,
     /// One line per app whose loaded version differs from the desired one.
     pub out_of_date: Vec<String>,
@@ -528,6 +530,7 @@ async fn status(State(c): State<Arc<Controller>>) -> Answer<Status> {
     Ok(Json(Status {
         generation: c.store.generation().await?,
         database: c.store.backend().to_string(),
+        max_upload_bytes: c.max_upload_bytes,
         servers,
     }))
 }

@@ -126,7 +126,7 @@ impl Deployer {
                 }
                 Err(e) => {
                     failures += 1;
-                    if failures == 1 || failures % 30 == 0 {
+                    if failures == 1 || failures.is_multiple_of(30) {
                         tracing::warn!(
                             "cannot reach the controller, serving what is loaded: {e:#}"
                         );
@@ -168,7 +168,7 @@ impl Deployer {
                 }
                 Err(e) => {
                     attempt += 1;
-                    if attempt == 1 || attempt % 30 == 0 {
+                    if attempt == 1 || attempt.is_multiple_of(30) {
                         tracing::warn!(controller = %self.link.url, "cannot register, retrying: {e:#}");
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;

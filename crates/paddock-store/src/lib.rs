@@ -255,7 +255,8 @@ impl Store for SqlStore {
             "INSERT INTO servers (name, zone, address, platform_version, engine, registered_ms) \
              VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (name) DO UPDATE SET zone = excluded.zone, address = excluded.address, \
-             platform_version = excluded.platform_version, engine = excluded.engine",
+             platform_version = excluded.platform_version, engine = excluded.engine, \
+             registered_ms = excluded.registered_ms",
         ))
         .bind(&r.name)
         .bind(&r.zone)

@@ -110,6 +110,16 @@ impl Client {
         let component_path = package.join(&manifest.component);
         let component = std::fs::read(&component_path)
             .with_context(|| format!("reading the component {}", component_path.display()))?;
+        // Refuse here what the controller would refuse: a large body cut off mid-upload would
+        // only show as a broken connection.
+        let status: Status = self.get("/v1/status").await?;
+        let size = component.len() + manifest_text.len();
+        if size > status.max_upload_bytes {
+            anyhow::bail!(
+                "the package is {size} bytes, larger than the {} bytes the controller accepts; make the component smaller or start the controller with a larger --max-upload-mib",
+                status.max_upload_bytes
+            );
+        }
         let form = reqwest::multipart::Form::new()
             .text("manifest", manifest_text)
             .part(

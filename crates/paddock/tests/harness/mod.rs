@@ -70,6 +70,8 @@ pub struct FrontendBuilder {
     name: String,
     packages: Vec<(String, String)>,
     extra_args: Vec<String>,
+    dir: Option<tempfile::TempDir>,
+    wait_registered: bool,
 }
 
 impl FrontendBuilder {
@@ -84,8 +86,34 @@ impl FrontendBuilder {
         self
     }
 
+    /// Follows `controller`'s desired state, in `zone`.
+    pub fn controller(mut self, controller: &Controller, zone: &str) -> Self {
+        self.wait_registered = true;
+        self.arg("--controller")
+            .arg(&controller.url)
+            .arg("--join-token")
+            .arg(&controller.join_token)
+            .arg("--zone")
+            .arg(zone)
+    }
+
+    /// Does not wait for the front-end to register (its controller may be down).
+    pub fn without_registration(mut self) -> Self {
+        self.wait_registered = false;
+        self
+    }
+
+    /// Starts with the folders (apps, data) of a front-end that ran before.
+    pub fn reuse(mut self, dir: tempfile::TempDir) -> Self {
+        self.dir = Some(dir);
+        self
+    }
+
     pub async fn start(self) -> Frontend {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = match self.dir {
+            Some(dir) => dir,
+            None => tempfile::tempdir().unwrap(),
+        };
         let apps_dir = dir.path().join("apps");
         std::fs::create_dir_all(&apps_dir).unwrap();
         for (package, name) in &self.packages {
@@ -135,6 +163,11 @@ impl FrontendBuilder {
         let addr = line.split("listening on http://").nth(1).unwrap();
         let addr = addr.split_whitespace().next().unwrap();
         frontend.addr = addr.parse().unwrap();
+        if self.wait_registered {
+            frontend
+                .wait_for_log("registered with the controller", Duration::from_secs(30))
+                .await;
+        }
         frontend
     }
 }
@@ -145,6 +178,8 @@ impl Frontend {
             name: name.into(),
             packages: Vec::new(),
             extra_args: Vec::new(),
+            dir: None,
+            wait_registered: false,
         }
     }
 
@@ -183,6 +218,44 @@ impl Frontend {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Stops the process (SIGTERM, then waits) and hands back its folders for a restart.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        self.signal("TERM");
+        self.wait_exit(Duration::from_secs(30)).await;
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self._dir, dir)
+    }
+
+    /// The version of `app` this front-end serves now, by its health report.
+    pub async fn serving(&self, app: &str) -> Option<String> {
+        let (_, report) = self.health().await;
+        report["apps"]
+            .as_array()?
+            .iter()
+            .find(|a| a["name"] == app)
+            .and_then(|a| a["version"].as_str())
+            .map(str::to_string)
+    }
+
+    /// Waits until the front-end serves `app` at `version` (by health and by a real request).
+    pub async fn wait_serving(&self, app: &str, version: &str, path: &str) {
+        self.wait_for_health(&format!("{app}@{version}"), Duration::from_secs(60), |h| {
+            h["apps"].as_array().is_some_and(|apps| {
+                apps.iter()
+                    .any(|a| a["name"] == app && a["version"] == version)
+            })
+        })
+        .await;
+        let reply = self.connect().await.get(path).await.unwrap();
+        assert_eq!(
+            (reply.status, reply.version()),
+            (200, Some(version)),
+            "{}: {}",
+            self.name,
+            reply.body
+        );
     }
 
     pub fn log_len(&self) -> usize {
@@ -299,4 +372,179 @@ impl Conn {
             body: String::from_utf8_lossy(&body).into_owned(),
         })
     }
+}
+
+/// Which database a controller uses.
+#[derive(Clone, Copy, Debug)]
+pub enum Db {
+    Sqlite,
+    Postgres,
+}
+
+/// A running `paddock controller`.
+pub struct Controller {
+    pub url: String,
+    pub admin_token: String,
+    pub join_token: String,
+    db_url: String,
+    data: PathBuf,
+    child: Option<Child>,
+    log: Arc<Mutex<String>>,
+    extra_args: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Controller {
+    pub async fn start(db: Db, test: &str, extra_args: &[&str]) -> Controller {
+        let dir = tempfile::tempdir().unwrap();
+        let db_url = match db {
+            Db::Sqlite => format!("sqlite://{}", dir.path().join("paddock.db").display()),
+            Db::Postgres => {
+                let base = std::env::var("PADDOCK_TEST_POSTGRES").expect(
+                    "PADDOCK_TEST_POSTGRES is not set: run scripts/test.sh, which starts PostgreSQL",
+                );
+                let name = format!("farm_{test}_{}", std::process::id());
+                let admin = paddock_store::SqlStore::open(&base).await.unwrap();
+                admin
+                    .execute_raw(&format!("DROP DATABASE IF EXISTS {name}"))
+                    .await
+                    .unwrap();
+                admin
+                    .execute_raw(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .unwrap();
+                let (prefix, _) = base.rsplit_once('/').unwrap();
+                format!("{prefix}/{name}")
+            }
+        };
+        let mut controller = Controller {
+            url: String::new(),
+            admin_token: String::new(),
+            join_token: String::new(),
+            db_url,
+            data: dir.path().join("controller"),
+            child: None,
+            log: Arc::new(Mutex::new(String::new())),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            _dir: dir,
+        };
+        controller.launch("127.0.0.1:0").await;
+        controller.admin_token = std::fs::read_to_string(controller.data.join("admin.token"))
+            .unwrap()
+            .trim()
+            .into();
+        controller.join_token = std::fs::read_to_string(controller.data.join("join.token"))
+            .unwrap()
+            .trim()
+            .into();
+        controller
+    }
+
+    async fn launch(&mut self, listen: &str) {
+        let mut child = Command::new(PADDOCK)
+            .args(["controller", "--listen", listen, "--db", &self.db_url])
+            .arg("--data")
+            .arg(&self.data)
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start paddock controller");
+        let stderr = child.stderr.take().unwrap();
+        let log = self.log.clone();
+        let start = log.lock().unwrap().len();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[controller] {line}");
+                let mut log = log.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let found = {
+                let log = self.log.lock().unwrap();
+                log[start..].lines().find_map(|l| {
+                    l.split("listening on http://")
+                        .nth(1)
+                        .map(|a| a.split_whitespace().next().unwrap_or("").to_string())
+                })
+            };
+            if let Some(addr) = found {
+                self.url = format!("http://{addr}");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "controller did not start; log:\n{}",
+                self.log.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILL: the controller dies at once, as on a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same address and database.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let listen = self.url.trim_start_matches("http://").to_string();
+        self.launch(&listen).await;
+    }
+
+    /// Runs a `paddock` admin command against this controller.
+    pub fn cli(&self, args: &[&str]) -> CliOutput {
+        let out = Command::new(PADDOCK)
+            .args(args)
+            .env("PADDOCK_CONTROLLER", &self.url)
+            .env("PADDOCK_TOKEN", &self.admin_token)
+            .output()
+            .unwrap();
+        CliOutput {
+            success: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Like `cli`, and the command must succeed.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.success,
+            "paddock {args:?} failed: {}{}",
+            out.stdout, out.stderr
+        );
+        out.stdout
+    }
+
+    /// Like `cli`, and the command must fail; returns its error output.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(!out.success, "paddock {args:?} should fail: {}", out.stdout);
+        out.stderr
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct CliOutput {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
 }

@@ -1,0 +1,271 @@
+//! A farm end to end: a real controller (on SQLite and on PostgreSQL), real front-ends following
+//! it, driven through the `paddock` CLI as an operator would.
+
+mod harness;
+
+use std::time::Duration;
+
+use harness::{Controller, Db, Frontend, fixture};
+
+fn hello(version: &str) -> String {
+    fixture(&format!("hello-{version}")).display().to_string()
+}
+
+async fn frontend(controller: &Controller, name: &str, zone: &str) -> Frontend {
+    Frontend::builder(name)
+        .controller(controller, zone)
+        .start()
+        .await
+}
+
+async fn publish_reaches_every_frontend_and_late_joiners(db: Db) {
+    let controller = Controller::start(db, "publish", &[]).await;
+    let fe1 = frontend(&controller, "fe1", "default").await;
+    let fe2 = frontend(&controller, "fe2", "default").await;
+
+    // Upload stores and compiles, deploys nothing.
+    let out = controller.ok(&["app", "upload", &hello("v1")]);
+    assert!(out.contains("hello@v1 uploaded and compiled"), "{out}");
+    assert_eq!(fe1.serving("hello").await, None);
+
+    // Publish deploys, and returns once every front-end reports it.
+    let out = controller.ok(&["app", "publish", &hello("v1")]);
+    assert!(out.contains("served by all 2 front-end(s)"), "{out}");
+    for fe in [&fe1, &fe2] {
+        assert_eq!(
+            fe.serving("hello").await.as_deref(),
+            Some("v1"),
+            "{}",
+            fe.name
+        );
+        let reply = fe.connect().await.get("/hello/").await.unwrap();
+        assert_eq!(
+            (reply.status, reply.body.as_str()),
+            (200, "hello from v1\n")
+        );
+    }
+
+    // A front-end started later gets every app of its zone, without anyone publishing again.
+    let fe3 = frontend(&controller, "fe3", "default").await;
+    fe3.wait_serving("hello", "v1", "/hello/").await;
+
+    controller.ok(&["app", "publish", &hello("v2")]);
+    for fe in [&fe1, &fe2, &fe3] {
+        fe.wait_serving("hello", "v2", "/hello/").await;
+    }
+
+    // Rollback: to the previous version, and to a named one.
+    let out = controller.ok(&["app", "rollback", "hello"]);
+    assert!(out.contains("rolling hello back to v1"), "{out}");
+    for fe in [&fe1, &fe2, &fe3] {
+        assert_eq!(fe.serving("hello").await.as_deref(), Some("v1"));
+    }
+    controller.ok(&["app", "rollback", "hello", "--to", "v2"]);
+    fe1.wait_serving("hello", "v2", "/hello/").await;
+    let err = controller.fails(&["app", "rollback", "hello", "--to", "v9"]);
+    assert!(err.contains("unknown app version hello@v9"), "{err}");
+
+    let list = controller.ok(&["app", "list"]);
+    assert!(list.contains("hello") && list.contains("v2"), "{list}");
+    let versions = controller.ok(&["app", "versions", "hello"]);
+    assert!(
+        versions.contains("v1") && versions.contains("v2"),
+        "{versions}"
+    );
+    let status = controller.ok(&["status"]);
+    assert!(
+        status.contains("fe3") && status.contains("up to date"),
+        "{status}"
+    );
+    let audit: serde_json::Value =
+        serde_json::from_str(&controller.ok(&["servers", "--json"])).unwrap();
+    assert_eq!(audit.as_array().unwrap().len(), 3);
+}
+
+async fn deployment_off_keeps_the_old_version_then_catches_up(db: Db) {
+    let controller = Controller::start(db, "deployoff", &[]).await;
+    let fe1 = frontend(&controller, "fe1", "default").await;
+    let fe2 = frontend(&controller, "fe2", "default").await;
+    controller.ok(&["app", "publish", &hello("v1")]);
+
+    let out = controller.ok(&["server", "fe2", "deployment", "off"]);
+    assert!(out.contains("fe2: deployment off"), "{out}");
+    controller.ok(&["app", "publish", &hello("v2")]);
+    fe1.wait_serving("hello", "v2", "/hello/").await;
+    // fe2 has seen the new generation (its heartbeat is newer than the publish) and kept v1.
+    let status = controller.ok(&["status"]);
+    assert!(
+        status.contains("deployment off: hello: serving v1, desired v2"),
+        "{status}"
+    );
+    assert_eq!(fe2.serving("hello").await.as_deref(), Some("v1"));
+    let reply = fe2.connect().await.get("/hello/").await.unwrap();
+    assert_eq!(reply.version(), Some("v1"));
+
+    controller.ok(&["server", "fe2", "deployment", "on"]);
+    fe2.wait_serving("hello", "v2", "/hello/").await;
+}
+
+async fn zones_keep_their_apps(db: Db) {
+    let controller = Controller::start(db, "zones", &[]).await;
+    let fe_a = frontend(&controller, "fe-a", "a").await;
+    let fe_b = frontend(&controller, "fe-b", "b").await;
+    let package = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("hello-v1").join("hello.wasm"),
+        package.path().join("hello.wasm"),
+    )
+    .unwrap();
+    std::fs::write(
+        package.path().join("paddock.toml"),
+        "name = \"hello\"\nversion = \"v1\"\ncomponent = \"hello.wasm\"\nzone = \"a\"\n",
+    )
+    .unwrap();
+    let out = controller.ok(&["app", "publish", &package.path().display().to_string()]);
+    assert!(
+        out.contains("served by all 1 front-end(s) of zone a"),
+        "{out}"
+    );
+    fe_a.wait_serving("hello", "v1", "/hello/").await;
+    // fe-b has heartbeated since (status shows it up to date with nothing to serve).
+    let status = controller.ok(&["status"]);
+    assert!(
+        status.contains("fe-b") && status.contains("zone b"),
+        "{status}"
+    );
+    assert_eq!(fe_b.serving("hello").await, None);
+    let reply = fe_b.connect().await.get("/hello/").await.unwrap();
+    assert_eq!(reply.status, 404);
+}
+
+async fn a_frontend_restarted_while_the_controller_is_down_serves_from_its_cache(db: Db) {
+    let mut controller = Controller::start(db, "cache", &[]).await;
+    let fe1 = frontend(&controller, "fe1", "default").await;
+    controller.ok(&["app", "publish", &hello("v1")]);
+    fe1.wait_serving("hello", "v1", "/hello/").await;
+
+    controller.kill();
+    let folders = fe1.stop().await;
+    let fe1 = Frontend::builder("fe1")
+        .controller(&controller, "default")
+        .without_registration()
+        .reuse(folders)
+        .start()
+        .await;
+    fe1.wait_serving("hello", "v1", "/hello/").await;
+    assert!(
+        fe1.log().contains("restored the last desired state"),
+        "{}",
+        fe1.log()
+    );
+
+    // The controller comes back; the front-end registers again and follows it.
+    controller.restart().await;
+    controller.ok(&["app", "publish", &hello("v2")]);
+    fe1.wait_serving("hello", "v2", "/hello/").await;
+}
+
+async fn bad_inputs_get_clear_errors_and_change_nothing(db: Db) {
+    let controller = Controller::start(db, "bad", &["--max-upload-mib", "1"]).await;
+    let fe1 = frontend(&controller, "fe1", "default").await;
+    controller.ok(&["app", "publish", &hello("v1")]);
+    let before = controller.ok(&["app", "list", "--json"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let package = |manifest: &str, component: &[u8]| {
+        let p = tempfile::tempdir_in(dir.path()).unwrap().keep();
+        std::fs::write(p.join("paddock.toml"), manifest).unwrap();
+        std::fs::write(p.join("app.wasm"), component).unwrap();
+        p.display().to_string()
+    };
+    let wasm = std::fs::read(fixture("hello-v2").join("hello.wasm")).unwrap();
+
+    // A malformed component.
+    let bad = package(
+        "name = \"hello\"\nversion = \"v3\"\ncomponent = \"app.wasm\"\n",
+        b"\0asm nope",
+    );
+    let err = controller.fails(&["app", "publish", &bad]);
+    assert!(err.contains("not a valid WebAssembly component"), "{err}");
+    // A bad manifest.
+    let err = controller.fails(&[
+        "app",
+        "upload",
+        &package("name = \"Hello\"\ncomponent = \"app.wasm\"\n", &wasm),
+    ]);
+    assert!(err.contains("field `name`"), "{err}");
+    // The same version with other content.
+    let dup = package(
+        "name = \"hello\"\nversion = \"v1\"\ncomponent = \"app.wasm\"\n",
+        &wasm,
+    );
+    let err = controller.fails(&["app", "publish", &dup]);
+    assert!(err.contains("versions are immutable"), "{err}");
+    // An oversized upload.
+    let mut big = wasm.clone();
+    big.resize(2 << 20, 0);
+    let err = controller.fails(&[
+        "app",
+        "upload",
+        &package("name = \"big\"\ncomponent = \"app.wasm\"\n", &big),
+    ]);
+    assert!(err.contains("larger than"), "{err}");
+    // An unknown server.
+    let err = controller.fails(&["server", "nope", "deployment", "off"]);
+    assert!(err.contains("unknown server \"nope\""), "{err}");
+    // A wrong token.
+    let out = std::process::Command::new(harness::PADDOCK)
+        .args(["app", "list"])
+        .env("PADDOCK_CONTROLLER", &controller.url)
+        .env("PADDOCK_TOKEN", "not-the-token")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong admin token"));
+    // A front-end with a wrong join token is refused, says so, and serves nothing.
+    let intruder = Frontend::builder("intruder")
+        .arg("--controller")
+        .arg(&controller.url)
+        .arg("--join-token")
+        .arg("wrong")
+        .start()
+        .await;
+    intruder
+        .wait_for_log("wrong join token", Duration::from_secs(10))
+        .await;
+
+    // Nothing changed.
+    assert_eq!(controller.ok(&["app", "list", "--json"]), before);
+    let servers = controller.ok(&["servers"]);
+    assert!(!servers.contains("intruder"), "{servers}");
+    assert_eq!(fe1.serving("hello").await.as_deref(), Some("v1"));
+}
+
+macro_rules! on_both_backends {
+    ($($name:ident),*) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Db::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Db::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    publish_reaches_every_frontend_and_late_joiners,
+    deployment_off_keeps_the_old_version_then_catches_up,
+    zones_keep_their_apps,
+    a_frontend_restarted_while_the_controller_is_down_serves_from_its_cache,
+    bad_inputs_get_clear_errors_and_change_nothing
+);
