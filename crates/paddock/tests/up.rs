@@ -1,0 +1,127 @@
+//! `paddock up`: the whole farm from one command, publishable at once, stopped by one signal.
+
+mod harness;
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use harness::{Conn, PADDOCK, fixture};
+
+/// A port nobody listens on now, with the next one free too.
+fn free_port_pair() -> u16 {
+    loop {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = a.local_addr().unwrap().port();
+        if port < 65000 && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller_port = free_port_pair();
+    let frontend_port = free_port_pair();
+    let mut up = Command::new(PADDOCK)
+        .args(["up", "--frontends", "2"])
+        .arg("--data")
+        .arg(dir.path())
+        .args(["--controller-port", &controller_port.to_string()])
+        .args(["--frontend-port", &frontend_port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let output = Arc::new(Mutex::new(String::new()));
+    for stream in [
+        Box::new(up.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(up.stderr.take().unwrap()),
+    ] {
+        let output = output.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                eprintln!("[up] {line}");
+                output.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !output
+        .lock()
+        .unwrap()
+        .contains("registered with the controller")
+        || output
+            .lock()
+            .unwrap()
+            .matches("registered with the controller")
+            .count()
+            < 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the farm did not come up:\n{}",
+            output.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let printed = output.lock().unwrap().clone();
+    assert!(
+        printed.contains(&format!("controller: http://127.0.0.1:{controller_port}")),
+        "{printed}"
+    );
+    assert!(printed.contains("admin token: "), "{printed}");
+
+    // The admin token is found in the data folder, as after `paddock up` in a project folder.
+    let publish = Command::new(PADDOCK)
+        .args(["app", "publish"])
+        .arg(fixture("hello-v1"))
+        .env(
+            "PADDOCK_CONTROLLER",
+            format!("http://127.0.0.1:{controller_port}"),
+        )
+        .env("PADDOCK_DATA", dir.path())
+        .env_remove("PADDOCK_TOKEN")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&publish.stdout);
+    assert!(
+        publish.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&publish.stderr)
+    );
+    assert!(stdout.contains("served by all 2 front-end(s)"), "{stdout}");
+    for port in [frontend_port, frontend_port + 1] {
+        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        let reply = Conn::open(addr)
+            .await
+            .unwrap()
+            .get("/hello/")
+            .await
+            .unwrap();
+        assert_eq!((reply.status, reply.version()), (200, Some("v1")));
+    }
+
+    Command::new("kill")
+        .args(["-TERM", &up.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = up.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "paddock up did not stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}");
+    for port in [controller_port, frontend_port, frontend_port + 1] {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "port {port} still served after the farm stopped"
+        );
+    }
+}
