@@ -50,17 +50,14 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
         });
     }
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !output
-        .lock()
-        .unwrap()
-        .contains("registered with the controller")
-        || output
+    let registered = || {
+        output
             .lock()
             .unwrap()
             .matches("registered with the controller")
             .count()
-            < 2
-    {
+    };
+    while registered() < 2 {
         assert!(
             Instant::now() < deadline,
             "the farm did not come up:\n{}",
