@@ -101,22 +101,31 @@ impl Deployer {
         }
     }
 
-    /// The deployment service's loop; never returns.
+    /// The deployment service's loop; never returns. `generation` is the one restored from the
+    /// local state: the first fetch does not wait, later ones long-poll past what is applied.
     pub async fn run(self: Arc<Self>, mut generation: i64) {
         self.register_until_done().await;
         tokio::spawn(self.clone().heartbeats());
+        let mut first = true;
         let mut failures = 0u32;
         loop {
-            match self.fetch_desired(generation).await {
+            let after = if first { None } else { Some(generation) };
+            match self.fetch_desired(after).await {
                 Ok(state) => {
                     failures = 0;
-                    if state.deployment && state.generation != generation {
+                    let changed = first || state.generation != generation;
+                    first = false;
+                    if state.deployment && changed {
                         let (_, failed) = self.apply(&state, false).await;
-                        if failed == 0 {
-                            self.save(&state).await;
-                        }
                         self.changed.notify_one();
-                    } else if !state.deployment && state.generation != generation {
+                        if failed > 0 {
+                            // Try again shortly; the generation stays behind so the next
+                            // fetch answers at once.
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
+                        }
+                        self.save(&state).await;
+                    } else if !state.deployment && changed {
                         tracing::info!(
                             generation = state.generation,
                             "deployment service is off: keeping the apps loaded now"
@@ -177,11 +186,14 @@ impl Deployer {
         }
     }
 
-    async fn fetch_desired(&self, after: i64) -> anyhow::Result<DesiredState> {
-        let response = self
+    async fn fetch_desired(&self, after: Option<i64>) -> anyhow::Result<DesiredState> {
+        let mut request = self
             .http
-            .get(self.url(&format!("/control/v1/desired/{}", self.name)))
-            .query(&[("after", after)])
+            .get(self.url(&format!("/control/v1/desired/{}", self.name)));
+        if let Some(after) = after {
+            request = request.query(&[("after", after)]);
+        }
+        let response = request
             .bearer_auth(&self.link.join_token)
             .timeout(Duration::from_secs(60))
             .send()

@@ -77,9 +77,19 @@ async fn publish_reaches_every_frontend_and_late_joiners(db: Db) {
         status.contains("fe3") && status.contains("up to date"),
         "{status}"
     );
-    let audit: serde_json::Value =
+    let servers: serde_json::Value =
         serde_json::from_str(&controller.ok(&["servers", "--json"])).unwrap();
-    assert_eq!(audit.as_array().unwrap().len(), 3);
+    assert_eq!(servers.as_array().unwrap().len(), 3);
+
+    // A server taken out of the farm for good: stopped, then removed.
+    fe3.stop().await;
+    let out = controller.ok(&["server", "fe3", "remove"]);
+    assert!(out.contains("fe3 removed"), "{out}");
+    let servers: serde_json::Value =
+        serde_json::from_str(&controller.ok(&["servers", "--json"])).unwrap();
+    assert_eq!(servers.as_array().unwrap().len(), 2, "{servers}");
+    let err = controller.fails(&["server", "fe3", "remove"]);
+    assert!(err.contains("unknown server \"fe3\""), "{err}");
 }
 
 async fn deployment_off_keeps_the_old_version_then_catches_up(db: Db) {
