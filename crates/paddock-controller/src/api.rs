@@ -228,21 +228,10 @@ async fn upload(
         Err(e) => return Err(e.into()),
     }
 
-    // Compile once, off the async threads; a component that is not a wasi:http app stops here.
-    let runtime = c.runtime.clone();
-    let bytes = component.clone();
-    let artifact = tokio::task::spawn_blocking(move || runtime.compile(&bytes))
-        .await
-        .map_err(|e| {
-            Failure::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "compile_failed",
-                e.to_string(),
-            )
-        })?
-        .map_err(|e| {
-            Failure::bad_request("bad_component", format!("{}: {e}", manifest.component))
-        })?;
+    // Compile once; a component that is not a wasi:http app stops here.
+    let artifact = compile(&c, component.clone()).await?.map_err(|e| {
+        Failure::bad_request("bad_component", format!("{}: {e}", manifest.component))
+    })?;
     let now = now_ms();
     let created = c
         .store
@@ -277,6 +266,23 @@ async fn upload(
         created,
         generation,
     }))
+}
+
+/// Compiles a component on a blocking thread, so that the API keeps answering meanwhile.
+async fn compile(
+    c: &Controller,
+    component: impl AsRef<[u8]> + Send + 'static,
+) -> Result<Result<paddock_runtime::Artifact, paddock_runtime::LoadError>, Failure> {
+    let runtime = c.runtime.clone();
+    tokio::task::spawn_blocking(move || runtime.compile(component.as_ref()))
+        .await
+        .map_err(|e| {
+            Failure::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "compile_failed",
+                e.to_string(),
+            )
+        })
 }
 
 async fn set_desired(c: &Controller, version: &VersionInfo) -> Result<i64, Failure> {
@@ -519,10 +525,10 @@ async fn status(State(c): State<Arc<Controller>>) -> Answer<Status> {
                 })
             })
             .collect();
+        // A server that has just registered counts as alive until its first heartbeat is due.
+        let last_seen = server.heartbeat_ms.unwrap_or(server.registered_ms);
         servers.push(ServerStatus {
-            alive: server
-                .heartbeat_ms
-                .is_some_and(|t| now - t <= ALIVE_WITHIN_MS),
+            alive: now - last_seen <= ALIVE_WITHIN_MS,
             server,
             out_of_date,
         });
@@ -575,6 +581,15 @@ async fn heartbeat(
     Path(name): Path<String>,
     Json(report): Json<HealthReport>,
 ) -> Result<StatusCode, Failure> {
+    if report.server != name {
+        return Err(Failure::bad_request(
+            "bad_heartbeat",
+            format!(
+                "a heartbeat for {name:?} reports server {:?}; a front-end reports for itself only",
+                report.server
+            ),
+        ));
+    }
     c.store.heartbeat(&name, &report, now_ms()).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -595,8 +610,10 @@ async fn desired(
         // Wait for a newer generation than the caller has, or the long-poll deadline.
         let _ = tokio::time::timeout(LONG_POLL, changes.wait_for(|g| *g > after)).await;
     }
-    let server = c.store.server(&name).await?;
+    // The generation is read first: a change committed after this read is announced again, so
+    // the caller fetches once more rather than recording a generation it has not seen.
     let generation = c.store.generation().await?;
+    let server = c.store.server(&name).await?;
     let apps = c
         .store
         .desired(&server.zone)
@@ -629,6 +646,12 @@ async fn artifact(
     Path(sha256): Path<String>,
     Query(q): Query<ArtifactQuery>,
 ) -> Result<Response, Failure> {
+    if !paddock_core::is_sha256(&sha256) {
+        return Err(Failure::bad_request(
+            "bad_sha256",
+            format!("{sha256:?} is not a sha256 (64 lowercase hex digits)"),
+        ));
+    }
     let found = c.store.artifact(&sha256, &q.engine).await?;
     let (artifact_sha, bytes) = match found {
         Some(found) => found,
@@ -640,23 +663,13 @@ async fn artifact(
                     format!("no component with sha256 {sha256}"),
                 )
             })?;
-            let runtime = c.runtime.clone();
-            let artifact = tokio::task::spawn_blocking(move || runtime.compile(&component))
-                .await
-                .map_err(|e| {
-                    Failure::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "compile_failed",
-                        e.to_string(),
-                    )
-                })?
-                .map_err(|e| {
-                    Failure::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "compile_failed",
-                        e.to_string(),
-                    )
-                })?;
+            let artifact = compile(&c, component).await?.map_err(|e| {
+                Failure::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "compile_failed",
+                    e.to_string(),
+                )
+            })?;
             let artifact_sha = sha256_hex(artifact.as_bytes());
             c.store
                 .put_artifact(&sha256, &q.engine, &artifact_sha, artifact.as_bytes())

@@ -13,6 +13,14 @@ pub use route::route_matches;
 
 use serde::{Deserialize, Serialize};
 
+/// Whether `s` is a sha256 in lowercase hex, as Paddock writes them. Checked wherever a hash
+/// arrives from outside before it names a file or a row.
+pub fn is_sha256(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// Where a server stands towards traffic. Reported by `/_paddock/health`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -22,7 +22,10 @@ impl ArtifactCache {
         Ok(ArtifactCache { dir, runtime })
     }
 
+    /// The cache file of a component. Only ever called with a checked sha256 (see
+    /// `Deployer::load`); anything else would name a file outside the cache.
     fn path_of(&self, component_sha256: &str) -> PathBuf {
+        debug_assert!(paddock_core::is_sha256(component_sha256));
         self.dir.join(format!("{component_sha256}.cwasm"))
     }
 

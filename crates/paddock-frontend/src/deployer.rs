@@ -25,6 +25,9 @@ use crate::apps::Apps;
 use crate::cache::ArtifactCache;
 use crate::server::Vitals;
 
+/// Longest wait between two attempts to load what failed to load.
+const MAX_RETRY: Duration = Duration::from_secs(30);
+
 /// How to reach the controller.
 #[derive(Debug, Clone)]
 pub struct ControllerLink {
@@ -108,6 +111,7 @@ impl Deployer {
         tokio::spawn(self.clone().heartbeats());
         let mut first = true;
         let mut failures = 0u32;
+        let mut retry_delay = Duration::ZERO;
         loop {
             let after = if first { None } else { Some(generation) };
             match self.fetch_desired(after).await {
@@ -119,11 +123,14 @@ impl Deployer {
                         let (_, failed) = self.apply(&state, false).await;
                         self.changed.notify_one();
                         if failed > 0 {
-                            // Try again shortly; the generation stays behind so the next
-                            // fetch answers at once.
-                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            // Try again, backing off; the next fetch does not wait.
+                            retry_delay =
+                                (retry_delay * 2).clamp(Duration::from_secs(1), MAX_RETRY);
+                            tokio::time::sleep(retry_delay).await;
+                            first = true;
                             continue;
                         }
+                        retry_delay = Duration::ZERO;
                         self.save(&state).await;
                     } else if !state.deployment && changed {
                         tracing::info!(
@@ -257,6 +264,11 @@ impl Deployer {
     }
 
     async fn load(&self, app: &DesiredApp, cache_only: bool) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            paddock_core::is_sha256(&app.component_sha256),
+            "desired state names component {:?}, which is not a sha256",
+            app.component_sha256
+        );
         let spec = AppSpec {
             name: app.name.clone(),
             version: app.version.clone(),

@@ -230,6 +230,11 @@ fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
         }),
         None => None,
     };
+    if controller.is_some() && args.apps.is_some() {
+        anyhow::bail!(
+            "--apps and --controller both decide which apps run; give one: --controller for a farm, --apps for a folder"
+        );
+    }
     if controller.is_none() && args.apps.is_none() {
         anyhow::bail!(
             "nothing to serve: give --apps DIR (a folder of app packages) or --controller URL"

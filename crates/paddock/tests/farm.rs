@@ -100,9 +100,12 @@ async fn deployment_off_keeps_the_old_version_then_catches_up(db: Db) {
 
     let out = controller.ok(&["server", "fe2", "deployment", "off"]);
     assert!(out.contains("fe2: deployment off"), "{out}");
+    let mark = fe2.log_len();
     controller.ok(&["app", "publish", &hello("v2")]);
     fe1.wait_serving("hello", "v2", "/hello/").await;
-    // fe2 has seen the new generation (its heartbeat is newer than the publish) and kept v1.
+    // fe2 has seen the new generation, and kept v1.
+    fe2.wait_for_log_after(mark, "deployment service is off", Duration::from_secs(30))
+        .await;
     let status = controller.ok(&["status"]);
     assert!(
         status.contains("deployment off: hello: serving v1, desired v2"),

@@ -55,10 +55,11 @@ impl Drop for Farm {
     }
 }
 
-fn spawn(name: &str, args: &[String]) -> anyhow::Result<Child> {
+fn spawn(name: &str, args: &[String], env: &[(&str, &str)]) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("finding the paddock binary")?;
     let mut child = Command::new(exe)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -129,6 +130,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             "--data".into(),
             controller_dir.display().to_string(),
         ],
+        &[],
     )?;
     farm.children.push(("controller".into(), controller));
     let join_token = wait_for_file(&controller_dir.join("join.token"), &mut farm.children[0].1)?;
@@ -150,9 +152,9 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
                 data.join(&name).display().to_string(),
                 "--controller".into(),
                 controller_url.clone(),
-                "--join-token".into(),
-                join_token.clone(),
             ],
+            // Through the environment: a command line is readable by every local user.
+            &[("PADDOCK_JOIN_TOKEN", join_token.as_str())],
         )?;
         farm.children.push((name.clone(), child));
         frontends.push(format!("{name}: http://127.0.0.1:{port}/"));

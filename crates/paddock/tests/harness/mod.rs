@@ -119,11 +119,14 @@ impl FrontendBuilder {
         for (package, name) in &self.packages {
             install_package(&apps_dir, package, name);
         }
-        let mut child = Command::new(PADDOCK)
+        let mut command = Command::new(PADDOCK);
+        command
             .arg("frontend")
-            .args(["--listen", "127.0.0.1:0", "--name", &self.name])
-            .arg("--apps")
-            .arg(&apps_dir)
+            .args(["--listen", "127.0.0.1:0", "--name", &self.name]);
+        if !self.extra_args.iter().any(|a| a == "--controller") {
+            command.arg("--apps").arg(&apps_dir);
+        }
+        let mut child = command
             .arg("--data")
             .arg(dir.path().join("data"))
             .args(["--scan-interval", "100ms"])
