@@ -189,6 +189,19 @@ impl SqlStore {
         }
     }
 
+    /// Begins a transaction that will write after reading. On SQLite the write lock is taken
+    /// first (a no-op write), so that a heartbeat committed meanwhile cannot invalidate the read
+    /// snapshot (`SQLITE_BUSY_SNAPSHOT` is not retried by the busy timeout; a lock wait is).
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'_, sqlx::Any>> {
+        let mut tx = self.pool.begin().await?;
+        if self.dialect == Dialect::Sqlite {
+            sqlx::query("UPDATE generation SET value = value WHERE id = 1")
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(tx)
+    }
+
     async fn bump_generation(&self, tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> Result<i64> {
         let row = sqlx::query(
             &self.sql("UPDATE generation SET value = value + 1 WHERE id = 1 RETURNING value"),
@@ -352,7 +365,7 @@ impl Store for SqlStore {
     ) -> Result<PutOutcome> {
         let manifest_json = serde_json::to_string(manifest)
             .map_err(|e| StoreError::Corrupt(format!("manifest: {e}")))?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let existing = sqlx::query(&self.sql(&format!(
             "SELECT {VERSION_COLUMNS} FROM versions WHERE app = $1 AND version = $2"
         )))
@@ -528,7 +541,7 @@ impl Store for SqlStore {
     }
 
     async fn set_desired(&self, app: &str, zone: &str, version: &str, now_ms: i64) -> Result<i64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let exists = sqlx::query(
             &self.sql("SELECT 1 FROM versions WHERE app = $1 AND version = $2 AND zone = $3"),
         )
