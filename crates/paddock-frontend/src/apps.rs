@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use http::HeaderValue;
 use paddock_api::LoadedApp;
 use paddock_core::route_matches;
 use paddock_runtime::{AppVersion, Runtime};
@@ -18,18 +19,33 @@ pub struct Apps {
 /// App versions, longest route first, so the first match is the longest prefix.
 #[derive(Default)]
 pub struct RouteTable {
-    entries: Vec<Arc<AppVersion>>,
+    entries: Vec<Route>,
+}
+
+/// One app version in the table, with the response headers that name it, made once at deploy
+/// time rather than on every request.
+#[derive(Clone)]
+pub struct Route {
+    pub version: Arc<AppVersion>,
+    /// `x-paddock-app` and `x-paddock-version` (names and versions are validated to be header-safe).
+    pub headers: Option<(HeaderValue, HeaderValue)>,
+}
+
+impl Route {
+    fn new(version: Arc<AppVersion>) -> Route {
+        let spec = version.spec();
+        let headers = HeaderValue::from_str(&spec.name)
+            .ok()
+            .zip(HeaderValue::from_str(&spec.version).ok());
+        Route { version, headers }
+    }
 }
 
 impl RouteTable {
-    pub fn lookup(&self, path: &str) -> Option<&Arc<AppVersion>> {
+    pub fn lookup(&self, path: &str) -> Option<&Route> {
         self.entries
             .iter()
-            .find(|app| route_matches(&app.spec().route, path))
-    }
-
-    pub fn apps(&self) -> impl Iterator<Item = &Arc<AppVersion>> {
-        self.entries.iter()
+            .find(|r| route_matches(&r.version.spec().route, path))
     }
 }
 
@@ -63,8 +79,8 @@ impl Apps {
             .load()
             .entries
             .iter()
-            .find(|a| a.spec().name == name)
-            .cloned()
+            .find(|r| r.version.spec().name == name)
+            .map(|r| r.version.clone())
     }
 
     /// Makes `version` the one serving its app, replacing the app's previous version in one step.
@@ -73,32 +89,28 @@ impl Apps {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.table.load_full();
         let spec = version.spec();
-        if let Some(other) = current
-            .entries
-            .iter()
-            .find(|a| a.spec().route == spec.route && a.spec().name != spec.name)
-        {
+        if let Some(other) = current.entries.iter().find(|r| {
+            let s = r.version.spec();
+            s.route == spec.route && s.name != spec.name
+        }) {
             return Err(DeployError::RouteTaken {
                 route: spec.route.clone(),
-                other: other.spec().name.clone(),
+                other: other.version.spec().name.clone(),
             });
         }
         let mut entries = Vec::with_capacity(current.entries.len() + 1);
         let mut previous = None;
-        for app in &current.entries {
-            if app.spec().name == spec.name {
-                previous = Some(app.clone());
+        for route in &current.entries {
+            if route.version.spec().name == spec.name {
+                previous = Some(route.version.clone());
             } else {
-                entries.push(app.clone());
+                entries.push(route.clone());
             }
         }
-        entries.push(version);
+        entries.push(Route::new(version));
         entries.sort_by(|a, b| {
-            b.spec()
-                .route
-                .len()
-                .cmp(&a.spec().route.len())
-                .then_with(|| a.spec().route.cmp(&b.spec().route))
+            let (a, b) = (&a.version.spec().route, &b.version.spec().route);
+            b.len().cmp(&a.len()).then_with(|| a.cmp(b))
         });
         self.table.store(Arc::new(RouteTable { entries }));
         Ok(previous)
@@ -111,12 +123,12 @@ impl Apps {
         let removed = current
             .entries
             .iter()
-            .find(|a| a.spec().name == name)
-            .cloned()?;
+            .find(|r| r.version.spec().name == name)
+            .map(|r| r.version.clone())?;
         let entries = current
             .entries
             .iter()
-            .filter(|a| a.spec().name != name)
+            .filter(|r| r.version.spec().name != name)
             .cloned()
             .collect();
         self.table.store(Arc::new(RouteTable { entries }));
@@ -130,8 +142,8 @@ impl Apps {
             .load()
             .entries
             .iter()
-            .map(|a| {
-                let s = a.spec();
+            .map(|r| {
+                let s = r.version.spec();
                 LoadedApp {
                     name: s.name.clone(),
                     version: s.version.clone(),

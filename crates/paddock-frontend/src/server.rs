@@ -196,13 +196,18 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> 
     if paddock_core::route_matches(paddock_core::route::RESERVED_PREFIX, path) {
         return with_server(shared, text(StatusCode::NOT_FOUND, "not found\n"));
     }
-    let Some(app) = shared.apps.table().lookup(path).cloned() else {
+    let Some(route) = shared.apps.table().lookup(path).cloned() else {
         return with_server(shared, text(StatusCode::NOT_FOUND, "not found\n"));
     };
 
     let guard = InFlight::enter(shared.clone());
     let request_id = shared.next_request_id.fetch_add(1, Ordering::Relaxed);
-    let mut response = match shared.apps.runtime().serve(&app, req, request_id).await {
+    let mut response = match shared
+        .apps
+        .runtime()
+        .serve(&route.version, req, request_id)
+        .await
+    {
         Ok(response) => response.map(|body| {
             TrackedBody {
                 inner: body,
@@ -219,13 +224,10 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> 
             r
         }
     };
-    let spec = app.spec();
-    let headers = response.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&spec.name) {
-        headers.insert("x-paddock-app", v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&spec.version) {
-        headers.insert("x-paddock-version", v);
+    if let Some((app, version)) = route.headers {
+        let headers = response.headers_mut();
+        headers.insert("x-paddock-app", app);
+        headers.insert("x-paddock-version", version);
     }
     with_server(shared, response)
 }

@@ -56,7 +56,30 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-/// A running `paddock frontend --apps DIR`.
+/// Starts a `paddock` process whose stderr (its log) is appended to `log` and echoed with `name`.
+fn spawn_logged(command: &mut Command, name: &str, log: &Arc<Mutex<String>>) -> Child {
+    let mut child = command
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {name}: {e}"));
+    let stderr = child.stderr.take().unwrap();
+    let (log, name) = (log.clone(), name.to_string());
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("[{name}] {line}");
+            let mut log = log.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    child
+}
+
+/// A running `paddock frontend` (with an apps folder, or following a controller).
 pub struct Frontend {
     pub name: String,
     pub addr: SocketAddr,
@@ -126,32 +149,13 @@ impl FrontendBuilder {
         if !self.extra_args.iter().any(|a| a == "--controller") {
             command.arg("--apps").arg(&apps_dir);
         }
-        let mut child = command
+        command
             .arg("--data")
             .arg(dir.path().join("data"))
             .args(["--scan-interval", "100ms"])
-            .args(&self.extra_args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start paddock frontend");
+            .args(&self.extra_args);
         let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().unwrap();
-        {
-            let log = log.clone();
-            let name = self.name.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    eprintln!("[{name}] {line}");
-                    let mut log = log.lock().unwrap();
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-            });
-        }
+        let child = spawn_logged(&mut command, &self.name, &log);
         let mut frontend = Frontend {
             name: self.name,
             addr: "127.0.0.1:0".parse().unwrap(),
@@ -444,30 +448,14 @@ impl Controller {
     }
 
     async fn launch(&mut self, listen: &str) {
-        let mut child = Command::new(PADDOCK)
+        let mut command = Command::new(PADDOCK);
+        command
             .args(["controller", "--listen", listen, "--db", &self.db_url])
             .arg("--data")
             .arg(&self.data)
-            .args(&self.extra_args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start paddock controller");
-        let stderr = child.stderr.take().unwrap();
-        let log = self.log.clone();
-        let start = log.lock().unwrap().len();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[controller] {line}");
-                let mut log = log.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        self.child = Some(child);
+            .args(&self.extra_args);
+        let start = self.log.lock().unwrap().len();
+        self.child = Some(spawn_logged(&mut command, "controller", &self.log));
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let found = {
