@@ -84,6 +84,154 @@ pub struct ServerInfo {
     pub heartbeat_ms: Option<i64>,
     /// Its last heartbeat.
     pub observed: Option<HealthReport>,
+    /// How the balancers route it.
+    #[serde(default)]
+    pub lb: LbState,
+    /// Its share of its zone's traffic under the `ratio` policy.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// How the balancers treat a front-end (`paddock server NAME lb ready|drain|maint`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LbState {
+    /// Takes new requests.
+    #[default]
+    Ready,
+    /// Takes no new request; the requests in flight finish.
+    Drain,
+    /// Takes no traffic at all, health checks included.
+    Maint,
+}
+
+impl LbState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LbState::Ready => "ready",
+            LbState::Drain => "drain",
+            LbState::Maint => "maint",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<LbState> {
+        match s {
+            "ready" => Some(LbState::Ready),
+            "drain" => Some(LbState::Drain),
+            "maint" => Some(LbState::Maint),
+            _ => None,
+        }
+    }
+}
+
+/// How a balancer picks a front-end among the routable ones of a zone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// Each in turn.
+    #[default]
+    RoundRobin,
+    /// The one with the fewest requests in flight from this balancer (ties in turn).
+    LeastConnections,
+    /// In turn, in proportion to the front-ends' weights.
+    Ratio,
+}
+
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::RoundRobin => "round-robin",
+            Policy::LeastConnections => "least-connections",
+            Policy::Ratio => "ratio",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Policy> {
+        match s {
+            "round-robin" => Some(Policy::RoundRobin),
+            "least-connections" => Some(Policy::LeastConnections),
+            "ratio" => Some(Policy::Ratio),
+            _ => None,
+        }
+    }
+}
+
+/// What balancers route by (`GET /control/v1/routing`). The controller publishes it; each
+/// balancer applies it whole and acknowledges its generation.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoutingTable {
+    /// The farm's generation this table was read at.
+    pub generation: i64,
+    pub zones: Vec<ZoneRouting>,
+    /// Path prefixes and the app and zone they lead to.
+    pub routes: Vec<RouteEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ZoneRouting {
+    pub zone: String,
+    #[serde(default)]
+    pub policy: Policy,
+    pub upstreams: Vec<Upstream>,
+}
+
+/// A front-end as the balancers see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upstream {
+    pub name: String,
+    /// `host:port`.
+    pub address: String,
+    #[serde(default)]
+    pub state: LbState,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteEntry {
+    /// A path prefix, matched on whole segments.
+    pub prefix: String,
+    pub app: String,
+    pub zone: String,
+}
+
+/// What a balancer tells the controller every second and right after applying a table
+/// (`POST /control/v1/balancers/{name}`): the acknowledgement of the generation it routes by.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BalancerReport {
+    pub name: String,
+    /// Where it takes client traffic.
+    pub listen: String,
+    /// Where it serves `/metrics`, if anywhere.
+    pub admin: Option<String>,
+    /// The generation of the table it routes by now.
+    pub generation: i64,
+    pub upstreams: Vec<UpstreamReport>,
+}
+
+/// One front-end as a balancer sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamReport {
+    pub name: String,
+    /// Whether its health checks pass.
+    pub up: bool,
+    /// Requests this balancer has sent to it and not yet finished relaying.
+    pub in_flight: u64,
+}
+
+/// A balancer as the controller knows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BalancerInfo {
+    pub report: BalancerReport,
+    /// When its applied generation last changed.
+    pub applied_ms: i64,
+    pub heartbeat_ms: i64,
+    /// Whether it reported recently; only live balancers are waited for.
+    pub alive: bool,
 }
 
 /// A server flag an admin can switch.

@@ -12,8 +12,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use paddock_api::{
-    ApiError, DesiredApp, DesiredState, HealthReport, Registration, ServerFlag, ServerInfo,
-    VersionInfo,
+    ApiError, BalancerReport, DesiredApp, DesiredState, HealthReport, LbState, Policy,
+    Registration, RoutingTable, ServerFlag, ServerInfo, VersionInfo,
 };
 use paddock_core::Manifest;
 use paddock_core::manifest::is_valid_name;
@@ -21,6 +21,7 @@ use paddock_runtime::sha256_hex;
 use paddock_store::{PutOutcome, StoreError};
 use serde::{Deserialize, Serialize};
 
+use crate::routing::RoutingStatus;
 use crate::{Controller, now_ms};
 
 /// How long a desired-state long-poll waits for a change before answering "unchanged".
@@ -35,6 +36,9 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/servers", get(list_servers))
         .route("/v1/servers/{name}", get(show_server).delete(remove_server))
         .route("/v1/servers/{name}/flags", post(set_flag))
+        .route("/v1/servers/{name}/lb", post(set_lb))
+        .route("/v1/zones/{zone}/policy", post(set_policy))
+        .route("/v1/routing", get(routing_status))
         .route("/v1/status", get(status))
         .route("/v1/audit", get(audit))
         .layer(DefaultBodyLimit::max(controller.max_upload_bytes))
@@ -47,6 +51,8 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/control/v1/heartbeat/{name}", post(heartbeat))
         .route("/control/v1/desired/{name}", get(desired))
         .route("/control/v1/artifacts/{sha256}", get(artifact))
+        .route("/control/v1/routing", get(routing_table))
+        .route("/control/v1/balancers/{name}", post(balancer_report))
         .route_layer(middleware::from_fn_with_state(
             controller.clone(),
             require_join,
@@ -472,6 +478,94 @@ async fn remove_server(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[derive(Serialize, Deserialize)]
+pub struct LbRequest {
+    pub state: LbState,
+    /// 1 to 100; unchanged when absent.
+    pub weight: Option<u32>,
+}
+
+/// Largest weight a front-end can have under the `ratio` policy.
+pub const MAX_WEIGHT: u32 = 100;
+
+async fn set_lb(
+    State(c): State<Arc<Controller>>,
+    Path(name): Path<String>,
+    Json(request): Json<LbRequest>,
+) -> Answer<ServerInfo> {
+    if let Some(w) = request.weight
+        && !(1..=MAX_WEIGHT).contains(&w)
+    {
+        return Err(Failure::bad_request(
+            "bad_weight",
+            format!(
+                "weight {w} is out of range: use 1 to {MAX_WEIGHT} (to take a server out, use `lb drain` or `lb maint`)"
+            ),
+        ));
+    }
+    let generation = c.store.set_lb(&name, request.state, request.weight).await?;
+    let weight = request
+        .weight
+        .map(|w| format!(" weight {w}"))
+        .unwrap_or_default();
+    c.store
+        .audit(
+            "admin",
+            "server-lb",
+            &format!("{name} {}{weight}", request.state.as_str()),
+            now_ms(),
+        )
+        .await?;
+    c.announce(generation);
+    Ok(Json(c.store.server(&name).await?))
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct PolicyRequest {
+    pub policy: Policy,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct PolicySet {
+    pub zone: String,
+    pub policy: Policy,
+    pub generation: i64,
+}
+
+async fn set_policy(
+    State(c): State<Arc<Controller>>,
+    Path(zone): Path<String>,
+    Json(request): Json<PolicyRequest>,
+) -> Answer<PolicySet> {
+    if !is_valid_name(&zone) {
+        return Err(Failure::bad_request(
+            "bad_zone",
+            format!("zone {zone:?} is not valid: use 1 to 63 of a-z, 0-9 and '-'"),
+        ));
+    }
+    let generation = c.store.set_zone_policy(&zone, request.policy).await?;
+    c.store
+        .audit(
+            "admin",
+            "zone-policy",
+            &format!("{zone} {}", request.policy.as_str()),
+            now_ms(),
+        )
+        .await?;
+    c.announce(generation);
+    Ok(Json(PolicySet {
+        zone,
+        policy: request.policy,
+        generation,
+    }))
+}
+
+async fn routing_status(State(c): State<Arc<Controller>>) -> Answer<RoutingStatus> {
+    Ok(Json(
+        crate::routing::status(c.store.as_ref(), now_ms(), ALIVE_WITHIN_MS).await?,
+    ))
+}
+
 /// `GET /v1/status`: every server with what it serves and what it should serve.
 #[derive(Serialize, Deserialize)]
 pub struct Status {
@@ -632,6 +726,43 @@ async fn desired(
         deployment: server.deployment,
         apps,
     }))
+}
+
+#[derive(Deserialize)]
+struct RoutingQuery {
+    /// Answer once the generation is past this one (or after the long-poll time).
+    after: Option<i64>,
+}
+
+/// The balancers' long-poll: the routing table, once it is newer than the caller's.
+async fn routing_table(
+    State(c): State<Arc<Controller>>,
+    Query(q): Query<RoutingQuery>,
+) -> Answer<RoutingTable> {
+    let mut changes = c.watch_generation();
+    if let Some(after) = q.after {
+        let _ = tokio::time::timeout(LONG_POLL, changes.wait_for(|g| *g > after)).await;
+    }
+    Ok(Json(crate::routing::table(c.store.as_ref()).await?))
+}
+
+/// A balancer's heartbeat and acknowledgement of the generation it routes by.
+async fn balancer_report(
+    State(c): State<Arc<Controller>>,
+    Path(name): Path<String>,
+    Json(report): Json<BalancerReport>,
+) -> Result<StatusCode, Failure> {
+    if report.name != name || !is_valid_name(&name) {
+        return Err(Failure::bad_request(
+            "bad_report",
+            format!(
+                "a report for {name:?} names balancer {:?}; a balancer reports for itself, under a name of 1 to 63 of a-z, 0-9 and '-'",
+                report.name
+            ),
+        ));
+    }
+    c.store.balancer_report(&report, now_ms()).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Deserialize)]

@@ -7,12 +7,15 @@
 //!
 //! - [`api`]: the admin API (`/v1/...`, admin token) and the control channel (`/control/v1/...`,
 //!   join token), on axum.
+//! - [`routing`]: the balancers' routing table, and the facts operations wait on (every live
+//!   balancer acknowledged a generation; a front-end is drained).
 //! - [`tokens`]: the two bearer tokens, generated at first start in the data folder.
 //!
 //! Deliberately absent: SQL (the store crate), wasmtime beyond `Runtime::compile` (the runtime
 //! crate), and any IO towards front-ends: they come to the controller, never the other way round.
 
 pub mod api;
+pub mod routing;
 pub mod tokens;
 
 use std::net::SocketAddr;

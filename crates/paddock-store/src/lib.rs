@@ -15,7 +15,8 @@ use std::borrow::Cow;
 
 use async_trait::async_trait;
 use paddock_api::{
-    AppSummary, AuditEntry, HealthReport, Registration, Role, ServerFlag, ServerInfo, VersionInfo,
+    AppSummary, AuditEntry, BalancerInfo, BalancerReport, HealthReport, LbState, Policy,
+    Registration, Role, RouteEntry, ServerFlag, ServerInfo, VersionInfo,
 };
 use paddock_core::Manifest;
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -64,7 +65,8 @@ pub trait Store: Send + Sync + 'static {
     /// Which backend this is, for logs and status: `sqlite` or `postgres`.
     fn backend(&self) -> &'static str;
 
-    /// Records a front-end (new, or the same name coming back); its flags are kept.
+    /// Records a front-end (new, or the same name coming back); its flags are kept. Bumps the
+    /// generation: the balancers' routing table lists it.
     async fn register_server(&self, registration: &Registration, now_ms: i64)
     -> Result<ServerInfo>;
     async fn heartbeat(&self, name: &str, observed: &HealthReport, now_ms: i64) -> Result<()>;
@@ -74,6 +76,19 @@ pub trait Store: Send + Sync + 'static {
     async fn set_flag(&self, name: &str, flag: ServerFlag, on: bool) -> Result<i64>;
     /// Forgets a server; returns the new generation.
     async fn remove_server(&self, name: &str) -> Result<i64>;
+    /// Sets how the balancers treat a front-end, and its weight if given; returns the new
+    /// generation.
+    async fn set_lb(&self, name: &str, state: LbState, weight: Option<u32>) -> Result<i64>;
+    /// Sets a zone's balancing policy; returns the new generation.
+    async fn set_zone_policy(&self, zone: &str, policy: Policy) -> Result<i64>;
+    /// The zones whose policy was set (the others are round-robin).
+    async fn zone_policies(&self) -> Result<Vec<(String, Policy)>>;
+    /// The route of every app version desired somewhere.
+    async fn routes(&self) -> Result<Vec<RouteEntry>>;
+    /// Records a balancer's report; `applied_ms` moves when its generation changes.
+    async fn balancer_report(&self, report: &BalancerReport, now_ms: i64) -> Result<()>;
+    /// Every balancer that ever reported; `alive` when it reported at or after `alive_since_ms`.
+    async fn balancers(&self, alive_since_ms: i64) -> Result<Vec<BalancerInfo>>;
 
     /// Stores an app version and its component. Refuses the same name@version with other content.
     async fn put_version(
@@ -213,10 +228,11 @@ impl SqlStore {
 }
 
 const SERVER_COLUMNS: &str = "name, zone, address, platform_version, engine, role, deployment_on, \
-     scheduler_on, registered_ms, heartbeat_ms, observed";
+     scheduler_on, registered_ms, heartbeat_ms, observed, lb, weight";
 
 fn server_from_row(row: &AnyRow) -> Result<ServerInfo> {
     let role: String = row.try_get("role")?;
+    let lb: String = row.try_get("lb")?;
     let observed: Option<String> = row.try_get("observed")?;
     Ok(ServerInfo {
         name: row.try_get("name")?,
@@ -236,6 +252,9 @@ fn server_from_row(row: &AnyRow) -> Result<ServerInfo> {
             ),
             None => None,
         },
+        lb: LbState::parse(&lb).ok_or_else(|| StoreError::Corrupt(format!("lb state {lb:?}")))?,
+        weight: u32::try_from(row.try_get::<i64, _>("weight")?)
+            .map_err(|_| StoreError::Corrupt("weight out of range".into()))?,
     })
 }
 
@@ -264,6 +283,7 @@ impl Store for SqlStore {
     }
 
     async fn register_server(&self, r: &Registration, now_ms: i64) -> Result<ServerInfo> {
+        let mut tx = self.begin_write().await?;
         sqlx::query(&self.sql(
             "INSERT INTO servers (name, zone, address, platform_version, engine, registered_ms) \
              VALUES ($1, $2, $3, $4, $5, $6) \
@@ -277,8 +297,10 @@ impl Store for SqlStore {
         .bind(&r.platform_version)
         .bind(&r.engine)
         .bind(now_ms)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        self.bump_generation(&mut tx).await?;
+        tx.commit().await?;
         self.server(&r.name).await
     }
 
@@ -353,6 +375,117 @@ impl Store for SqlStore {
         let generation = self.bump_generation(&mut tx).await?;
         tx.commit().await?;
         Ok(generation)
+    }
+
+    async fn set_lb(&self, name: &str, state: LbState, weight: Option<u32>) -> Result<i64> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            &self.sql("UPDATE servers SET lb = $1, weight = COALESCE($2, weight) WHERE name = $3"),
+        )
+        .bind(state.as_str())
+        .bind(weight.map(i64::from))
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::UnknownServer(name.into()));
+        }
+        let generation = self.bump_generation(&mut tx).await?;
+        tx.commit().await?;
+        Ok(generation)
+    }
+
+    async fn set_zone_policy(&self, zone: &str, policy: Policy) -> Result<i64> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(&self.sql(
+            "INSERT INTO zones (zone, policy) VALUES ($1, $2) \
+             ON CONFLICT (zone) DO UPDATE SET policy = excluded.policy",
+        ))
+        .bind(zone)
+        .bind(policy.as_str())
+        .execute(&mut *tx)
+        .await?;
+        let generation = self.bump_generation(&mut tx).await?;
+        tx.commit().await?;
+        Ok(generation)
+    }
+
+    async fn zone_policies(&self) -> Result<Vec<(String, Policy)>> {
+        let rows = sqlx::query("SELECT zone, policy FROM zones ORDER BY zone")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let policy: String = row.try_get("policy")?;
+                Ok((
+                    row.try_get("zone")?,
+                    Policy::parse(&policy)
+                        .ok_or_else(|| StoreError::Corrupt(format!("policy {policy:?}")))?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn routes(&self) -> Result<Vec<RouteEntry>> {
+        let rows = sqlx::query(
+            "SELECT v.app AS app, v.version AS version, v.zone AS zone, v.manifest AS manifest, \
+             v.component_sha256 AS component_sha256, v.created_ms AS created_ms \
+             FROM desired d JOIN versions v ON v.app = d.app AND v.version = d.version \
+             ORDER BY v.zone, v.app",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let v = version_from_row(row)?;
+                Ok(RouteEntry {
+                    prefix: v.manifest.route,
+                    app: v.app,
+                    zone: v.zone,
+                })
+            })
+            .collect()
+    }
+
+    async fn balancer_report(&self, report: &BalancerReport, now_ms: i64) -> Result<()> {
+        let json = serde_json::to_string(report)
+            .map_err(|e| StoreError::Corrupt(format!("balancer report: {e}")))?;
+        sqlx::query(&self.sql(
+            "INSERT INTO balancers (name, report, generation, applied_ms, heartbeat_ms) \
+             VALUES ($1, $2, $3, $4, $4) \
+             ON CONFLICT (name) DO UPDATE SET report = excluded.report, \
+             heartbeat_ms = excluded.heartbeat_ms, \
+             applied_ms = CASE WHEN balancers.generation = excluded.generation \
+                 THEN balancers.applied_ms ELSE excluded.applied_ms END, \
+             generation = excluded.generation",
+        ))
+        .bind(&report.name)
+        .bind(json)
+        .bind(report.generation)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn balancers(&self, alive_since_ms: i64) -> Result<Vec<BalancerInfo>> {
+        let rows =
+            sqlx::query("SELECT report, applied_ms, heartbeat_ms FROM balancers ORDER BY name")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|row| {
+                let report: String = row.try_get("report")?;
+                let heartbeat_ms: i64 = row.try_get("heartbeat_ms")?;
+                Ok(BalancerInfo {
+                    report: serde_json::from_str(&report)
+                        .map_err(|e| StoreError::Corrupt(format!("balancer report: {e}")))?,
+                    applied_ms: row.try_get("applied_ms")?,
+                    heartbeat_ms,
+                    alive: heartbeat_ms >= alive_since_ms,
+                })
+            })
+            .collect()
     }
 
     async fn put_version(

@@ -2,7 +2,10 @@
 //! `PADDOCK_TEST_POSTGRES` (scripts/test.sh starts a throw-away cluster and sets it). Without that
 //! variable the PostgreSQL tests fail, unless `PADDOCK_TEST_SKIP_POSTGRES=1` says to skip them.
 
-use paddock_api::{HealthReport, Registration, Role, ServerFlag, ServerState};
+use paddock_api::{
+    BalancerReport, HealthReport, LbState, Policy, Registration, Role, RouteEntry, ServerFlag,
+    ServerState,
+};
 use paddock_core::Manifest;
 use paddock_store::{PutOutcome, SqlStore, Store, StoreError};
 
@@ -314,7 +317,92 @@ macro_rules! on_both_backends {
     };
 }
 
+async fn routing_state(store: &dyn Store) {
+    let g0 = store.generation().await.unwrap();
+    let s = store
+        .register_server(&registration("fe1", "default"), 1000)
+        .await
+        .unwrap();
+    assert_eq!((s.lb, s.weight), (LbState::Ready, 1));
+    let g1 = store.generation().await.unwrap();
+    assert!(g1 > g0, "a registration changes the routing table");
+
+    let g2 = store.set_lb("fe1", LbState::Drain, None).await.unwrap();
+    assert!(g2 > g1);
+    let s = store.server("fe1").await.unwrap();
+    assert_eq!((s.lb, s.weight), (LbState::Drain, 1));
+    store.set_lb("fe1", LbState::Ready, Some(5)).await.unwrap();
+    let s = store.server("fe1").await.unwrap();
+    assert_eq!((s.lb, s.weight), (LbState::Ready, 5));
+    // A restart keeps the routing state.
+    let s = store
+        .register_server(&registration("fe1", "default"), 2000)
+        .await
+        .unwrap();
+    assert_eq!(s.weight, 5);
+    let g = store.generation().await.unwrap();
+    assert!(matches!(
+        store.set_lb("nope", LbState::Maint, None).await,
+        Err(StoreError::UnknownServer(_))
+    ));
+    assert_eq!(store.generation().await.unwrap(), g);
+
+    assert!(store.zone_policies().await.unwrap().is_empty());
+    assert!(store.set_zone_policy("eu", Policy::Ratio).await.unwrap() > g);
+    store
+        .set_zone_policy("eu", Policy::LeastConnections)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.zone_policies().await.unwrap(),
+        [("eu".to_string(), Policy::LeastConnections)]
+    );
+
+    // Routes are those of the desired versions.
+    assert!(store.routes().await.unwrap().is_empty());
+    let m = manifest("hello", "default");
+    store
+        .put_version(&m, "v1", b"c1", &"a".repeat(64), 1)
+        .await
+        .unwrap();
+    assert!(store.routes().await.unwrap().is_empty(), "not deployed yet");
+    store
+        .set_desired("hello", "default", "v1", 2)
+        .await
+        .unwrap();
+    let routes = store.routes().await.unwrap();
+    assert_eq!(
+        routes,
+        [RouteEntry {
+            prefix: "/hello".into(),
+            app: "hello".into(),
+            zone: "default".into()
+        }]
+    );
+
+    // Balancer acknowledgements: applied_ms moves with the generation only.
+    let mut report = BalancerReport {
+        name: "lb1".into(),
+        listen: "127.0.0.1:8080".into(),
+        admin: None,
+        generation: 7,
+        upstreams: vec![],
+    };
+    store.balancer_report(&report, 100).await.unwrap();
+    store.balancer_report(&report, 200).await.unwrap();
+    let b = &store.balancers(150).await.unwrap()[0];
+    assert_eq!((b.applied_ms, b.heartbeat_ms, b.alive), (100, 200, true));
+    report.generation = 8;
+    store.balancer_report(&report, 300).await.unwrap();
+    let b = &store.balancers(400).await.unwrap()[0];
+    assert_eq!(
+        (b.report.generation, b.applied_ms, b.alive),
+        (8, 300, false)
+    );
+}
+
 on_both_backends!(
+    routing_state,
     servers_and_flags,
     versions_are_immutable,
     desired_state_per_zone,

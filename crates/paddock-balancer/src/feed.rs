@@ -1,0 +1,174 @@
+//! Where routing tables come from: the controller's long-poll (`/control/v1/routing`), with the
+//! last table saved to the data folder so that a restart without the controller keeps routing;
+//! or a file given at start. Reports go back to the controller every second and right after a
+//! table is applied: they are the acknowledgement an operation waits for.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use paddock_api::{ApiError, RoutingTable};
+use tokio::sync::Notify;
+
+use crate::Balancer;
+
+/// How often a balancer reports when nothing changes.
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone)]
+pub struct ControllerLink {
+    pub url: String,
+    pub join_token: String,
+}
+
+/// Reads a routing table file (the JSON of `GET /control/v1/routing`).
+pub fn read_table(path: &Path) -> anyhow::Result<RoutingTable> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the routing table {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a routing table (JSON as `GET /control/v1/routing` answers)",
+            path.display()
+        )
+    })
+}
+
+fn save_table(path: &Path, table: &RoutingTable) -> anyhow::Result<()> {
+    let json = serde_json::to_vec_pretty(table)?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, json).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(())
+}
+
+/// Follows the controller for ever: long-polls the table, applies each new one, saves it.
+pub async fn follow(
+    balancer: Arc<Balancer>,
+    link: ControllerLink,
+    saved: PathBuf,
+    applied: Arc<Notify>,
+) {
+    let http = match reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .build()
+    {
+        Ok(http) => http,
+        Err(e) => {
+            tracing::error!("cannot build an HTTP client: {e}");
+            return;
+        }
+    };
+    let base = link.url.trim_end_matches('/').to_string();
+    let mut backoff = Duration::from_millis(200);
+    let mut failing = false;
+    loop {
+        let current = balancer.generation();
+        let url = if current > 0 {
+            format!("{base}/control/v1/routing?after={current}")
+        } else {
+            format!("{base}/control/v1/routing")
+        };
+        let fetched = fetch(&http, &url, &link.join_token).await;
+        match fetched {
+            Ok(table) => {
+                if failing {
+                    tracing::info!("controller reachable again at {base}");
+                    failing = false;
+                }
+                backoff = Duration::from_millis(200);
+                if table.generation != current {
+                    balancer.apply(&table).await;
+                    applied.notify_one();
+                    if let Err(e) = save_table(&saved, &table) {
+                        tracing::warn!("cannot save the routing table: {e:#}");
+                    }
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(
+                        "cannot get the routing table from {base}: {e:#}; routing by generation {current} meanwhile"
+                    );
+                    failing = true;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn fetch(http: &reqwest::Client, url: &str, token: &str) -> anyhow::Result<RoutingTable> {
+    let response = http
+        .get(url)
+        .bearer_auth(token)
+        .timeout(Duration::from_secs(40))
+        .send()
+        .await?;
+    let status = response.status();
+    if !status.is_success() {
+        let body = response.text().await.unwrap_or_default();
+        match serde_json::from_str::<ApiError>(&body) {
+            Ok(e) => anyhow::bail!("{}", e.message),
+            Err(_) => anyhow::bail!("the controller answered {status}: {body}"),
+        }
+    }
+    Ok(response.json().await?)
+}
+
+/// Reports to the controller every second and whenever `applied` is notified.
+pub async fn report(balancer: Arc<Balancer>, link: ControllerLink, applied: Arc<Notify>) {
+    let http = match reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(5))
+        .build()
+    {
+        Ok(http) => http,
+        Err(e) => {
+            tracing::error!("cannot build an HTTP client: {e}");
+            return;
+        }
+    };
+    let url = format!(
+        "{}/control/v1/balancers/{}",
+        link.url.trim_end_matches('/'),
+        balancer.name
+    );
+    let mut failing = false;
+    loop {
+        let report = balancer.report();
+        let sent = http
+            .post(&url)
+            .bearer_auth(&link.join_token)
+            .json(&report)
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => failing = false,
+            Ok(r) => {
+                if !failing {
+                    let status = r.status();
+                    let body = r.text().await.unwrap_or_default();
+                    let message = serde_json::from_str::<ApiError>(&body)
+                        .map(|e| e.message)
+                        .unwrap_or(body);
+                    tracing::warn!(
+                        "the controller refused this balancer's report ({status}): {message}"
+                    );
+                }
+                failing = true;
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::debug!("cannot report to the controller: {e}");
+                }
+                failing = true;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(REPORT_INTERVAL) => {}
+            _ = applied.notified() => {}
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! Request-smuggling guard: watches the bytes a client sends and flags a connection whose request
+//! framing is ambiguous (`Content-Length` together with `Transfer-Encoding`, or `Content-Length`
+//! twice).
+//!
+//! hyper resolves both cases safely on its own (chunked wins, duplicates must agree), but it
+//! drops the evidence before the request reaches the proxy, and a front-end or another proxy on
+//! the path may resolve them differently. So the balancer follows the framing of the byte stream
+//! itself, request after request, and answers 400 and closes the connection once it is flagged.
+//! The scanner never changes a byte; anything it cannot follow (an oversized or malformed head)
+//! hyper rejects by itself, so the scanner simply stops watching.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Longest chunk-size or trailer line the scanner follows.
+const MAX_LINE: usize = 4096;
+
+/// A client connection whose reads pass through a [`Scanner`].
+pub struct Guarded<T> {
+    inner: T,
+    scanner: Scanner,
+}
+
+impl<T> Guarded<T> {
+    /// `suspect` is raised when the client sent an ambiguous request.
+    pub fn new(inner: T, max_head: usize, suspect: Arc<AtomicBool>) -> Guarded<T> {
+        Guarded {
+            inner,
+            scanner: Scanner::new(max_head, suspect),
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            this.scanner.feed(&buf.filled()[before..]);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Follows HTTP/1.1 request framing over a byte stream.
+pub struct Scanner {
+    state: State,
+    /// The head being read, or the current chunk-size / trailer line.
+    line: Vec<u8>,
+    max_head: usize,
+    suspect: Arc<AtomicBool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Head,
+    /// Bytes of a `Content-Length` body still to come.
+    Body(u64),
+    ChunkSize,
+    ChunkData(u64),
+    /// The CRLF after a chunk's data: how many bytes of it are still to come.
+    ChunkEnd(u8),
+    Trailers,
+    /// Not following any more: the stream is flagged, or hyper will reject it.
+    Off,
+}
+
+impl Scanner {
+    pub fn new(max_head: usize, suspect: Arc<AtomicBool>) -> Scanner {
+        Scanner {
+            state: State::Head,
+            line: Vec::new(),
+            max_head,
+            suspect,
+        }
+    }
+
+    pub fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            match self.state {
+                State::Off => return,
+                State::Head => {
+                    if self.line.is_empty() {
+                        // Empty lines before a request are allowed (RFC 9112, 2.2).
+                        let skip = data
+                            .iter()
+                            .take_while(|b| matches!(b, b'\r' | b'\n'))
+                            .count();
+                        data = &data[skip..];
+                        if data.is_empty() {
+                            return;
+                        }
+                    }
+                    let searched_from = self.line.len().saturating_sub(3);
+                    let old_len = self.line.len();
+                    self.line.extend_from_slice(data);
+                    match find(&self.line[searched_from..], b"\r\n\r\n") {
+                        Some(at) => {
+                            let end = searched_from + at + 4;
+                            data = &data[end - old_len..];
+                            self.line.truncate(end);
+                            self.state = self.head_done();
+                            self.line.clear();
+                        }
+                        None => {
+                            if self.line.len() > self.max_head {
+                                self.state = State::Off;
+                            }
+                            return;
+                        }
+                    }
+                }
+                State::Body(left) => {
+                    let take = left.min(data.len() as u64);
+                    data = &data[take as usize..];
+                    self.state = if take == left {
+                        State::Head
+                    } else {
+                        State::Body(left - take)
+                    };
+                }
+                State::ChunkSize | State::Trailers => {
+                    let Some(line) = self.take_line(&mut data) else {
+                        return;
+                    };
+                    self.state = if self.state == State::Trailers {
+                        if line { State::Head } else { State::Trailers }
+                    } else {
+                        match chunk_size(&self.line) {
+                            Some(0) => State::Trailers,
+                            Some(size) => State::ChunkData(size),
+                            None => State::Off,
+                        }
+                    };
+                    self.line.clear();
+                }
+                State::ChunkData(left) => {
+                    let take = left.min(data.len() as u64);
+                    data = &data[take as usize..];
+                    self.state = if take == left {
+                        State::ChunkEnd(2)
+                    } else {
+                        State::ChunkData(left - take)
+                    };
+                }
+                State::ChunkEnd(left) => {
+                    let take = usize::from(left).min(data.len());
+                    data = &data[take..];
+                    self.state = if take == usize::from(left) {
+                        State::ChunkSize
+                    } else {
+                        State::ChunkEnd(left - take as u8)
+                    };
+                }
+            }
+        }
+    }
+
+    /// Reads up to and including a `\n` into `self.line`. `Some(true)` when the line is empty
+    /// (the end of the trailers), `None` when it is not complete yet.
+    fn take_line(&mut self, data: &mut &[u8]) -> Option<bool> {
+        match data.iter().position(|&b| b == b'\n') {
+            Some(at) => {
+                self.line.extend_from_slice(&data[..=at]);
+                *data = &data[at + 1..];
+                Some(self.line == b"\r\n" || self.line == b"\n")
+            }
+            None => {
+                self.line.extend_from_slice(data);
+                *data = &[];
+                if self.line.len() > MAX_LINE {
+                    self.state = State::Off;
+                }
+                None
+            }
+        }
+    }
+
+    /// A complete head is in `self.line`: check its framing and say what follows it.
+    fn head_done(&mut self) -> State {
+        let mut headers = [httparse::EMPTY_HEADER; 256];
+        let mut request = httparse::Request::new(&mut headers);
+        if !matches!(request.parse(&self.line), Ok(httparse::Status::Complete(_))) {
+            return State::Off;
+        }
+        let mut lengths = 0;
+        let mut length = 0u64;
+        let mut chunked = false;
+        for h in request.headers.iter() {
+            if h.name.eq_ignore_ascii_case("content-length") {
+                lengths += 1;
+                length = match std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok())
+                {
+                    Some(n) => n,
+                    None => return State::Off,
+                };
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                chunked = true;
+            }
+        }
+        if lengths > 1 || (lengths == 1 && chunked) {
+            self.suspect.store(true, Ordering::Release);
+            return State::Off;
+        }
+        if chunked {
+            State::ChunkSize
+        } else if length > 0 {
+            State::Body(length)
+        } else {
+            State::Head
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let digits: Vec<u8> = line
+        .iter()
+        .copied()
+        .take_while(|b| b.is_ascii_hexdigit())
+        .collect();
+    if digits.is_empty() || digits.len() > 15 {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(&digits).ok()?, 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(chunks: &[&[u8]]) -> bool {
+        let suspect = Arc::new(AtomicBool::new(false));
+        let mut s = Scanner::new(16 * 1024, suspect.clone());
+        for c in chunks {
+            s.feed(c);
+        }
+        suspect.load(Ordering::Acquire)
+    }
+
+    fn bytewise(stream: &[u8]) -> bool {
+        let pieces: Vec<&[u8]> = stream.chunks(1).collect();
+        scan(&pieces)
+    }
+
+    #[test]
+    fn clean_requests_pass_in_any_split() {
+        let stream: &[u8] = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n\
+            POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 39\r\n\r\n\
+            Content-Length: 5\r\nTransfer-Encoding: x\
+            POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+            5;ext=1\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n\
+            GET /d HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert!(!scan(&[stream]));
+        assert!(!bytewise(stream), "the same stream one byte at a time");
+    }
+
+    #[test]
+    fn ambiguous_framing_is_flagged() {
+        assert!(scan(&[
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ]));
+        assert!(scan(&[
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\ncontent-length: 3\r\n\r\nabc"
+        ]));
+        // A smuggled request behind a clean one, after a chunked body.
+        assert!(bytewise(
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+              GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ));
+    }
+
+    #[test]
+    fn bodies_are_not_read_as_heads() {
+        // The body contains what would be ambiguous headers; it is data, not a request.
+        assert!(!bytewise(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 56\r\n\r\n\
+              GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n"
+        ));
+    }
+}

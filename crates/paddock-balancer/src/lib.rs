@@ -1,0 +1,324 @@
+//! Paddock's HTTP load balancer. It is fed a routing table (path prefix → app and zone; each
+//! zone's front-ends with their state, weight and the zone's policy) and knows nothing of
+//! deployments: the controller decides, the balancer routes and says what it routes by.
+//!
+//! - [`table`]: the table as requests use it, and the policies (round-robin, least-connections,
+//!   ratio).
+//! - [`upstream`]: a front-end's health, requests in flight and keep-alive connection pool.
+//! - [`health`]: active health checks on `/_paddock/health`.
+//! - [`proxy`]: one request: checks, routing, forwarding, retries, relaying.
+//! - [`guard`]: the request-smuggling guard under hyper.
+//! - [`feed`]: tables from the controller (or a file), reports back to it.
+//! - [`metrics`]: `/metrics` on the admin port.
+//!
+//! **Invariants:** a table is applied whole, in one pointer store, and only after every new
+//! front-end in it had its first health check; the generation reported to the controller is the
+//! one requests are routed by; a front-end in `drain` or `maint` gets no new request from the
+//! moment its table is applied; nothing a client sends reaches a front-end before the request
+//! passed the checks of [`proxy`] and [`guard`].
+
+pub mod feed;
+pub mod guard;
+pub mod health;
+pub mod metrics;
+pub mod proxy;
+pub mod table;
+pub mod upstream;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use paddock_api::{BalancerReport, RoutingTable, UpstreamReport};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use crate::metrics::Metrics;
+use crate::proxy::ProxyConfig;
+use crate::table::Table;
+use crate::upstream::{HealthConfig, PoolConfig};
+
+/// Where the routing table comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    Controller(feed::ControllerLink),
+    /// A fixed table, read once at start.
+    File(PathBuf),
+}
+
+/// Everything `paddock balancer` is configured with, resolved.
+#[derive(Debug, Clone)]
+pub struct BalancerConfig {
+    /// This balancer's name in the farm.
+    pub name: String,
+    pub listen: SocketAddr,
+    /// Where `/metrics` and `/status` are served.
+    pub admin: Option<SocketAddr>,
+    pub source: Source,
+    /// Keeps the last routing table.
+    pub data_dir: PathBuf,
+    pub health: HealthConfig,
+    pub pool: PoolConfig,
+    pub proxy: ProxyConfig,
+    /// Time a client has to send a request's headers.
+    pub header_timeout: Duration,
+    /// Largest request head (request line and headers), in bytes.
+    pub max_header_bytes: usize,
+    /// Most headers in a request.
+    pub max_headers: usize,
+}
+
+/// What every connection shares.
+pub struct Shared {
+    pub table: ArcSwap<Table>,
+    pub metrics: Metrics,
+    pub proxy: ProxyConfig,
+}
+
+/// A running balancer: its table and what it reports.
+pub struct Balancer {
+    pub name: String,
+    listen: String,
+    admin: Option<String>,
+    shared: Arc<Shared>,
+    health: HealthConfig,
+    pool: PoolConfig,
+    /// Applies one table at a time.
+    applying: tokio::sync::Mutex<()>,
+}
+
+impl Balancer {
+    pub fn generation(&self) -> i64 {
+        self.shared.table.load().generation
+    }
+
+    /// Applies a table: new front-ends get their first health check, then the whole table
+    /// replaces the old one at once.
+    pub async fn apply(&self, wire: &RoutingTable) {
+        let _one_at_a_time = self.applying.lock().await;
+        let previous = self.shared.table.load_full();
+        let table = Table::build(wire, &previous, &self.pool);
+        // Identities (addresses) of the upstreams that already have a health watcher.
+        let known: Vec<usize> = previous
+            .upstreams()
+            .map(|(_, m)| Arc::as_ptr(&m.upstream) as usize)
+            .collect();
+        let mut first_checks = tokio::task::JoinSet::new();
+        for (_, member) in table.upstreams() {
+            let upstream = &member.upstream;
+            let health = self.health.clone();
+            if !known.contains(&(Arc::as_ptr(upstream) as usize)) {
+                tokio::spawn(health::watch(Arc::downgrade(upstream), health.clone()));
+            }
+            if !upstream.is_known() && member.state != paddock_api::LbState::Maint {
+                let upstream = upstream.clone();
+                first_checks.spawn(async move {
+                    health::check(&upstream, &health, &mut None).await;
+                });
+            }
+        }
+        first_checks.join_all().await;
+        let generation = table.generation;
+        self.shared.table.store(Arc::new(table));
+        tracing::info!(generation, "routing table applied");
+    }
+
+    /// The acknowledgement and the upstreams' state, as the controller wants it.
+    pub fn report(&self) -> BalancerReport {
+        let table = self.shared.table.load();
+        BalancerReport {
+            name: self.name.clone(),
+            listen: self.listen.clone(),
+            admin: self.admin.clone(),
+            generation: table.generation,
+            upstreams: table
+                .upstreams()
+                .map(|(_, m)| UpstreamReport {
+                    name: m.upstream.name.clone(),
+                    up: m.upstream.is_up(),
+                    in_flight: m.upstream.in_flight(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Runs a balancer until `shutdown` resolves; then stops accepting and lets the requests in
+/// flight finish (at most 30 s).
+pub async fn run(
+    config: BalancerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let admin_listener = match config.admin {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--admin)"))?,
+        ),
+        None => None,
+    };
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating the data folder {}", config.data_dir.display()))?;
+    let listen = listener.local_addr()?;
+    let balancer = Arc::new(Balancer {
+        name: config.name.clone(),
+        listen: listen.to_string(),
+        admin: match &admin_listener {
+            Some(l) => Some(l.local_addr()?.to_string()),
+            None => None,
+        },
+        shared: Arc::new(Shared {
+            table: ArcSwap::from_pointee(Table::empty()),
+            metrics: Metrics::new(),
+            proxy: config.proxy.clone(),
+        }),
+        health: config.health.clone(),
+        pool: config.pool.clone(),
+        applying: tokio::sync::Mutex::new(()),
+    });
+
+    match &config.source {
+        Source::File(path) => {
+            let table = feed::read_table(path)?;
+            balancer.apply(&table).await;
+        }
+        Source::Controller(link) => {
+            let saved = config.data_dir.join("routing.json");
+            if saved.exists() {
+                match feed::read_table(&saved) {
+                    Ok(table) => {
+                        tracing::info!(
+                            generation = table.generation,
+                            "routing by the saved table until the controller answers"
+                        );
+                        balancer.apply(&table).await;
+                    }
+                    Err(e) => tracing::warn!("ignoring the saved routing table: {e:#}"),
+                }
+            }
+            let applied = Arc::new(Notify::new());
+            tokio::spawn(feed::follow(
+                balancer.clone(),
+                link.clone(),
+                saved,
+                applied.clone(),
+            ));
+            tokio::spawn(feed::report(balancer.clone(), link.clone(), applied));
+        }
+    }
+    if let Some(admin) = admin_listener {
+        tracing::info!("metrics on http://{}/metrics", admin.local_addr()?);
+        tokio::spawn(serve_admin(admin, balancer.clone()));
+    }
+    tracing::info!(name = %config.name, "balancing on http://{listen}");
+
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(config.header_timeout)
+        .max_header_size(config.max_header_bytes)
+        .keep_alive(true);
+    if config.max_headers != 100 {
+        http.max_headers(config.max_headers);
+    }
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let suspect = Arc::new(AtomicBool::new(false));
+        let io = TokioIo::new(guard::Guarded::new(
+            stream,
+            config.max_header_bytes,
+            suspect.clone(),
+        ));
+        let shared = balancer.shared.clone();
+        let service = service_fn(move |request| {
+            proxy::handle(request, shared.clone(), peer, suspect.clone())
+        });
+        let connection = graceful.watch(http.serve_connection(io, service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, "client connection ended: {e}");
+            }
+        });
+    }
+    tracing::info!("stopping: no new connections; letting requests in flight finish");
+    drop(listener);
+    if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still in flight after 30 s; stopping anyway");
+    }
+    Ok(())
+}
+
+/// The admin port: `/metrics` (Prometheus text), `/status` (the report sent to the controller).
+async fn serve_admin(listener: TcpListener, balancer: Arc<Balancer>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let balancer = balancer.clone();
+        let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+            let balancer = balancer.clone();
+            async move {
+                let (status, content_type, body) = match request.uri().path() {
+                    "/metrics" => (
+                        StatusCode::OK,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        balancer
+                            .shared
+                            .metrics
+                            .render(&balancer.shared.table.load()),
+                    ),
+                    "/status" => (
+                        StatusCode::OK,
+                        "application/json",
+                        serde_json::to_string_pretty(&balancer.report()).unwrap_or_default(),
+                    ),
+                    _ => (
+                        StatusCode::NOT_FOUND,
+                        "text/plain; charset=utf-8",
+                        "the admin port serves /metrics and /status\n".to_string(),
+                    ),
+                };
+                let mut response = Response::new(Full::new(Bytes::from(body)));
+                *response.status_mut() = status;
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    http::HeaderValue::from_static(content_type),
+                );
+                Ok::<_, Infallible>(response)
+            }
+        });
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

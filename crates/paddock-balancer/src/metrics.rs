@@ -1,0 +1,173 @@
+//! `/metrics` in Prometheus text format: requests by app, version, status and server; latency by
+//! app; each upstream's health, routing state and requests in flight; the routing generation.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::table::Table;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub app: String,
+    pub version: String,
+    pub status: u16,
+    /// The front-end that answered, or empty when the balancer answered itself.
+    pub server: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AppLabels {
+    app: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    server: String,
+    zone: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    server: String,
+    zone: String,
+    state: String,
+}
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<AppLabels, Histogram>,
+    retries: Family<UpstreamLabels, Counter>,
+    upstream_up: Family<UpstreamLabels, Gauge>,
+    upstream_state: Family<StateLabels, Gauge>,
+    upstream_in_flight: Family<UpstreamLabels, Gauge>,
+    generation: Gauge,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms to ~16 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("paddock_balancer");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let duration =
+            Family::<AppLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> _);
+        let retries = Family::<UpstreamLabels, Counter>::default();
+        let upstream_up = Family::<UpstreamLabels, Gauge>::default();
+        let upstream_state = Family::<StateLabels, Gauge>::default();
+        let upstream_in_flight = Family::<UpstreamLabels, Gauge>::default();
+        let generation = Gauge::default();
+        registry.register(
+            "requests",
+            "Requests answered, by app, version, status and front-end",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from a request's arrival to the end of its response, by app",
+            duration.clone(),
+        );
+        registry.register(
+            "retries",
+            "Requests sent again to another front-end after this one failed before answering",
+            retries.clone(),
+        );
+        registry.register(
+            "upstream_up",
+            "1 when the front-end's health checks pass",
+            upstream_up.clone(),
+        );
+        registry.register(
+            "upstream_state",
+            "1 for the front-end's routing state (ready, drain, maint)",
+            upstream_state.clone(),
+        );
+        registry.register(
+            "upstream_in_flight",
+            "Requests sent to the front-end and not yet finished",
+            upstream_in_flight.clone(),
+        );
+        registry.register(
+            "routing_generation",
+            "The generation of the routing table in use",
+            generation.clone(),
+        );
+        Metrics {
+            registry: Mutex::new(registry),
+            requests,
+            duration,
+            retries,
+            upstream_up,
+            upstream_state,
+            upstream_in_flight,
+            generation,
+        }
+    }
+
+    pub fn request(&self, labels: RequestLabels, seconds: f64) {
+        self.duration
+            .get_or_create(&AppLabels {
+                app: labels.app.clone(),
+            })
+            .observe(seconds);
+        self.requests.get_or_create(&labels).inc();
+    }
+
+    pub fn retry(&self, server: &str, zone: &str) {
+        self.retries
+            .get_or_create(&UpstreamLabels {
+                server: server.into(),
+                zone: zone.into(),
+            })
+            .inc();
+    }
+
+    /// The text exposition, with the upstream gauges read from `table` now.
+    pub fn render(&self, table: &Table) -> String {
+        self.upstream_up.clear();
+        self.upstream_state.clear();
+        self.upstream_in_flight.clear();
+        for (zone, m) in table.upstreams() {
+            let labels = UpstreamLabels {
+                server: m.upstream.name.clone(),
+                zone: zone.name.clone(),
+            };
+            self.upstream_up
+                .get_or_create(&labels)
+                .set(i64::from(m.upstream.is_up()));
+            self.upstream_in_flight
+                .get_or_create(&labels)
+                .set(m.upstream.in_flight() as i64);
+            self.upstream_state
+                .get_or_create(&StateLabels {
+                    server: labels.server,
+                    zone: labels.zone,
+                    state: m.state.as_str().into(),
+                })
+                .set(1);
+        }
+        self.generation.set(table.generation);
+        let mut out = String::new();
+        if let Ok(registry) = self.registry.lock()
+            && let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry)
+        {
+            tracing::error!("encoding metrics: {e}");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
+}

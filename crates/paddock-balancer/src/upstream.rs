@@ -1,0 +1,296 @@
+//! One front-end as the balancer sees it: its health, the apps it reports, its requests in flight
+//! and its pool of keep-alive connections.
+//!
+//! An `Upstream` outlives routing tables: a new table that lists the same name at the same
+//! address reuses it, with its health and its connections.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::proxy::UpBody;
+
+/// Connection and pool settings shared by every upstream.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub connect_timeout: Duration,
+    /// Idle keep-alive connections are dropped after this long. Shorter than the front-end's own
+    /// idle limit (30 s), so that the balancer never sends on a connection the server is closing.
+    pub idle_timeout: Duration,
+    pub max_idle: usize,
+}
+
+/// Health-check settings.
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down server back.
+    pub rise: u32,
+    /// Consecutive failures that take an up server out.
+    pub fall: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> HealthConfig {
+        HealthConfig {
+            interval: Duration::from_millis(500),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 2,
+        }
+    }
+}
+
+pub struct Upstream {
+    pub name: String,
+    pub address: String,
+    up: AtomicBool,
+    health: Mutex<Health>,
+    /// The apps its last health report listed.
+    apps: ArcSwap<Vec<String>>,
+    /// Requests this balancer sent it that are not finished yet.
+    in_flight: AtomicU64,
+    /// Set while the routing table says `maint`: no traffic and no health checks.
+    pub(crate) maint: AtomicBool,
+    idle: Mutex<Vec<Idle>>,
+    pool: PoolConfig,
+}
+
+#[derive(Default)]
+struct Health {
+    /// False until the first check: a new server joins on its first success.
+    known: bool,
+    successes: u32,
+    failures: u32,
+}
+
+struct Idle {
+    sender: SendRequest<UpBody>,
+    since: Instant,
+}
+
+/// A connection to an upstream, checked out of its pool.
+pub struct Conn {
+    pub sender: SendRequest<UpBody>,
+    /// Whether it was opened for this request (a reused one may have been closed by the server).
+    pub fresh: bool,
+}
+
+#[derive(Debug)]
+pub enum ConnectError {
+    Timeout,
+    Io(std::io::Error),
+    Handshake(hyper::Error),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Timeout => write!(f, "connect timed out"),
+            ConnectError::Io(e) => write!(f, "connect failed: {e}"),
+            ConnectError::Handshake(e) => write!(f, "HTTP handshake failed: {e}"),
+        }
+    }
+}
+
+impl Upstream {
+    pub fn new(name: String, address: String, pool: PoolConfig) -> Upstream {
+        Upstream {
+            name,
+            address,
+            up: AtomicBool::new(false),
+            health: Mutex::new(Health::default()),
+            apps: ArcSwap::from_pointee(Vec::new()),
+            in_flight: AtomicU64::new(0),
+            maint: AtomicBool::new(false),
+            idle: Mutex::new(Vec::new()),
+            pool,
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Whether its health has been checked at least once.
+    pub fn is_known(&self) -> bool {
+        self.health.lock().map(|h| h.known).unwrap_or(false)
+    }
+
+    pub fn serves(&self, app: &str) -> bool {
+        self.apps.load().iter().any(|a| a == app)
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Counts a request in flight until the guard is dropped.
+    pub fn start_request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    /// Back to the state of a new upstream: down until its next check passes.
+    pub fn forget_health(&self) {
+        if let Ok(mut h) = self.health.lock() {
+            *h = Health::default();
+        }
+        self.up.store(false, Ordering::Release);
+        self.drop_idle();
+    }
+
+    /// An active check passed; `apps` is what the server reported serving.
+    pub fn check_passed(&self, apps: Vec<String>, rise: u32) {
+        self.apps.store(Arc::new(apps));
+        let Ok(mut h) = self.health.lock() else {
+            return;
+        };
+        h.failures = 0;
+        h.successes = h.successes.saturating_add(1);
+        if !self.is_up() && (!h.known || h.successes >= rise) {
+            self.up.store(true, Ordering::Release);
+            tracing::info!(upstream = %self.name, address = %self.address, "up: health checks pass");
+        }
+        h.known = true;
+    }
+
+    /// An active check failed.
+    pub fn check_failed(&self, why: &str, fall: u32) {
+        let Ok(mut h) = self.health.lock() else {
+            return;
+        };
+        h.successes = 0;
+        h.failures = h.failures.saturating_add(1);
+        let first = !std::mem::replace(&mut h.known, true);
+        if first || (self.is_up() && h.failures >= fall) {
+            self.up.store(false, Ordering::Release);
+            tracing::warn!(upstream = %self.name, address = %self.address, "down: {why}");
+            self.drop_idle();
+        }
+    }
+
+    /// A request could not reach it (connect failure, reset before any response byte): down at
+    /// once; it comes back after `rise` passing checks.
+    pub fn failed_passively(&self, why: &str) {
+        if let Ok(mut h) = self.health.lock() {
+            h.known = true;
+            h.successes = 0;
+            h.failures = h.failures.saturating_add(1);
+        }
+        if self.up.swap(false, Ordering::AcqRel) {
+            tracing::warn!(upstream = %self.name, address = %self.address, "down at once: {why}");
+        }
+        self.drop_idle();
+    }
+
+    fn drop_idle(&self) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.clear();
+        }
+    }
+
+    /// A pooled connection ready to send on, or a new one.
+    pub async fn connection(&self) -> Result<Conn, ConnectError> {
+        if let Some(sender) = self.checkout() {
+            return Ok(Conn {
+                sender,
+                fresh: false,
+            });
+        }
+        self.connect().await.map(|sender| Conn {
+            sender,
+            fresh: true,
+        })
+    }
+
+    fn checkout(&self) -> Option<SendRequest<UpBody>> {
+        let mut idle = self.idle.lock().ok()?;
+        while let Some(entry) = idle.pop() {
+            if entry.since.elapsed() < self.pool.idle_timeout
+                && entry.sender.is_ready()
+                && !entry.sender.is_closed()
+            {
+                return Some(entry.sender);
+            }
+        }
+        None
+    }
+
+    /// Opens a new connection, always (the pool is not looked at).
+    pub async fn connect(&self) -> Result<SendRequest<UpBody>, ConnectError> {
+        let stream = match tokio::time::timeout(
+            self.pool.connect_timeout,
+            TcpStream::connect(&self.address),
+        )
+        .await
+        {
+            Err(_) => return Err(ConnectError::Timeout),
+            Ok(Err(e)) => return Err(ConnectError::Io(e)),
+            Ok(Ok(stream)) => stream,
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(ConnectError::Handshake)?;
+        let name = self.name.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(upstream = %name, "connection ended: {e}");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Gives a connection back once its exchange is complete.
+    pub fn checkin(self: &Arc<Self>, mut sender: SendRequest<UpBody>) {
+        if sender.is_closed() || !self.is_up() {
+            return;
+        }
+        if sender.is_ready() {
+            self.put_idle(sender);
+            return;
+        }
+        // The connection task has not seen the end of the exchange yet; it will in a moment.
+        let upstream = self.clone();
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                upstream.put_idle(sender);
+            }
+        });
+    }
+
+    fn put_idle(&self, sender: SendRequest<UpBody>) {
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < self.pool.max_idle
+        {
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+/// A request counted in flight on an upstream.
+pub struct InFlight(Arc<Upstream>);
+
+impl InFlight {
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
