@@ -26,12 +26,15 @@ pub struct ControllerLink {
 pub fn read_table(path: &Path) -> anyhow::Result<RoutingTable> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the routing table {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| {
+    let mut table: RoutingTable = serde_json::from_str(&text).with_context(|| {
         format!(
             "{} is not a routing table (JSON as `GET /control/v1/routing` answers)",
             path.display()
         )
-    })
+    })?;
+    // Generation 0 means "no table yet" to the request path.
+    table.generation = table.generation.max(1);
+    Ok(table)
 }
 
 fn save_table(path: &Path, table: &RoutingTable) -> anyhow::Result<()> {

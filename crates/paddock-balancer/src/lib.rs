@@ -48,6 +48,10 @@ use crate::proxy::ProxyConfig;
 use crate::table::Table;
 use crate::upstream::{HealthConfig, PoolConfig};
 
+/// How long a balancer without a saved table waits for the controller's first table before it
+/// takes traffic anyway (answering 503 until a table arrives).
+const FIRST_TABLE_WAIT: Duration = Duration::from_secs(5);
+
 /// Where the routing table comes from.
 #[derive(Debug, Clone)]
 pub enum Source {
@@ -217,6 +221,11 @@ pub async fn run(
                 applied.clone(),
             ));
             tokio::spawn(feed::report(balancer.clone(), link.clone(), applied));
+            // Give the controller a moment to hand over a first table before taking traffic.
+            let deadline = tokio::time::Instant::now() + FIRST_TABLE_WAIT;
+            while balancer.generation() == 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
     }
     if let Some(admin) = admin_listener {

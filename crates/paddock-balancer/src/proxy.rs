@@ -78,6 +78,15 @@ pub async fn handle(
         ));
     }
     let table = shared.table.load_full();
+    if table.generation == 0 {
+        return Ok(answer(
+            &shared,
+            started,
+            "",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this balancer has no routing table yet: the controller has not answered; its log says why".into(),
+        ));
+    }
     let Some(route) = table.route(path) else {
         return Ok(answer(
             &shared,

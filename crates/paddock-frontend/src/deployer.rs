@@ -34,8 +34,9 @@ pub struct ControllerLink {
     pub url: String,
     pub join_token: String,
     pub zone: String,
-    /// The address the balancer and smoke tests reach this server at.
-    pub advertise: String,
+    /// The address the balancer and smoke tests reach this server at (default: the address
+    /// the server is bound to).
+    pub advertise: Option<String>,
 }
 
 pub struct Deployer {
@@ -160,7 +161,7 @@ impl Deployer {
         let registration = Registration {
             name: self.name.clone(),
             zone: self.link.zone.clone(),
-            address: self.link.advertise.clone(),
+            address: self.link.advertise.clone().unwrap_or_default(),
             platform_version: env!("CARGO_PKG_VERSION").to_string(),
             engine: self.apps.runtime().engine_hash().to_string(),
         };

@@ -75,10 +75,16 @@ pub async fn run(
     };
 
     let vitals = Arc::new(server::Vitals::new(&config.name));
+    // Bound before the deployment service starts, so that it can advertise the real port.
+    let server = Server::bind(&config, apps.clone(), vitals.clone()).await?;
     let deployer = match &config.controller {
         Some(link) => {
+            let mut link = link.clone();
+            if link.advertise.is_none() {
+                link.advertise = Some(server.local_addr().to_string());
+            }
             let deployer = Arc::new(deployer::Deployer::new(
-                link.clone(),
+                link,
                 config.name.clone(),
                 apps.clone(),
                 vitals.clone(),
@@ -91,7 +97,6 @@ pub async fn run(
         None => None,
     };
 
-    let server = Server::bind(&config, apps.clone(), vitals).await?;
     tracing::info!(
         server = %config.name,
         engine = runtime.engine_hash(),

@@ -36,6 +36,8 @@ enum Command {
     Controller(ControllerArgs),
     /// Run a front-end server: serve apps, hot-swap their versions.
     Frontend(FrontendArgs),
+    /// Run a load balancer: route requests to the front-ends, as the controller's table says.
+    Balancer(BalancerArgs),
     /// Upload, publish, list and roll back apps.
     App {
         #[command(subcommand)]
@@ -48,11 +50,24 @@ enum Command {
         #[command(flatten)]
         target: cmd::admin::Target,
     },
-    /// Switch a server's services, or remove it.
+    /// Switch a server's services, its routing (ready, drain, maint), or remove it.
     Server {
         name: String,
         #[command(subcommand)]
         command: cmd::admin::ServerCommand,
+        #[command(flatten)]
+        target: cmd::admin::Target,
+    },
+    /// Set a zone's balancing policy.
+    Zone {
+        name: String,
+        #[command(subcommand)]
+        command: cmd::admin::ZoneCommand,
+        #[command(flatten)]
+        target: cmd::admin::Target,
+    },
+    /// The routing: each balancer and the generation it routes by, each front-end's state.
+    Routing {
         #[command(flatten)]
         target: cmd::admin::Target,
     },
@@ -104,7 +119,8 @@ struct FrontendArgs {
     /// The controller's join token (its <data>/join.token).
     #[arg(long, env = "PADDOCK_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
-    /// The address others reach this server at (default: --listen).
+    /// The address balancers reach this server at (default: the address it listens on; give
+    /// it when listening on 0.0.0.0).
     #[arg(long)]
     advertise: Option<String>,
     /// Address to serve apps and /_paddock/health on.
@@ -134,6 +150,65 @@ struct FrontendArgs {
     max_instances: u32,
 }
 
+#[derive(clap::Args)]
+struct BalancerArgs {
+    /// Follow this controller's routing table.
+    #[arg(long, env = "PADDOCK_CONTROLLER", value_name = "URL")]
+    controller: Option<String>,
+    /// The controller's join token (its <data>/join.token).
+    #[arg(long, env = "PADDOCK_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// Route by this fixed table instead (the JSON of `GET /control/v1/routing`).
+    #[arg(long, value_name = "FILE", conflicts_with = "controller")]
+    table: Option<PathBuf>,
+    /// Address to take client traffic on.
+    #[arg(long, default_value = "127.0.0.1:8000", env = "PADDOCK_LISTEN")]
+    listen: SocketAddr,
+    /// Address of the admin port (/metrics, /status).
+    #[arg(long, default_value = "127.0.0.1:9180")]
+    admin: SocketAddr,
+    /// This balancer's name in the farm (default: lb-<host name>).
+    #[arg(long, env = "PADDOCK_NAME")]
+    name: Option<String>,
+    /// Where the last routing table is kept (default: .paddock/<name>).
+    #[arg(long, value_name = "DIR", env = "PADDOCK_DATA")]
+    data: Option<PathBuf>,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Health check interval.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    check_interval: Duration,
+    /// A health check not answered within this long fails.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    check_timeout: Duration,
+    /// Consecutive passing checks that bring a down front-end back.
+    #[arg(long, default_value_t = 2)]
+    rise: u32,
+    /// Consecutive failing checks that take a front-end out.
+    #[arg(long, default_value_t = 2)]
+    fall: u32,
+    /// Time allowed to connect to a front-end.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
+    /// Idle keep-alive connections to front-ends are closed after this long (keep it under the
+    /// front-ends' 30 s).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// Time a front-end has to start its response.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    response_timeout: Duration,
+    /// Time a client has to send a request's headers; slower clients are cut off.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    header_timeout: Duration,
+    /// Largest request head (request line and headers) in bytes; larger gets 431.
+    #[arg(long, default_value_t = 16 * 1024)]
+    max_header_bytes: usize,
+    /// Most headers in one request; more gets 431.
+    #[arg(long, default_value_t = 100)]
+    max_headers: usize,
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -148,6 +223,7 @@ fn main() -> std::process::ExitCode {
         Command::Up(args) => cmd::up::up(args),
         Command::Controller(args) => controller(args),
         Command::Frontend(args) => frontend(args),
+        Command::Balancer(args) => balancer(args),
         Command::Check { path } => check(&path),
         Command::App { command, target } => admin(&target, |client| {
             Box::pin(async move { cmd::admin::app(&client, command).await })
@@ -161,6 +237,16 @@ fn main() -> std::process::ExitCode {
             target,
         } => admin(&target, |client| {
             Box::pin(async move { cmd::admin::server(&client, &name, command).await })
+        }),
+        Command::Zone {
+            name,
+            command,
+            target,
+        } => admin(&target, |client| {
+            Box::pin(async move { cmd::admin::zone(&client, &name, command).await })
+        }),
+        Command::Routing { target } => admin(&target, |client| {
+            Box::pin(async move { cmd::admin::routing(&client).await })
         }),
         Command::Status { target } => admin(&target, |client| {
             Box::pin(async move { cmd::admin::status(&client).await })
@@ -226,7 +312,7 @@ fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
                 "--controller needs --join-token (or PADDOCK_JOIN_TOKEN): the controller's <data>/join.token",
             )?,
             zone: args.zone,
-            advertise: args.advertise.unwrap_or_else(|| args.listen.to_string()),
+            advertise: args.advertise,
         }),
         None => None,
     };
@@ -260,6 +346,77 @@ fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(paddock_frontend::run(config, shutdown_signal()))
+}
+
+fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
+    let name = match args.name {
+        Some(name) => name,
+        None => format!("lb-{}", host_name()),
+    };
+    if !paddock_core::manifest::is_valid_name(&name) {
+        anyhow::bail!(
+            "balancer name {name:?} is not valid: give --name with 1 to 63 of a-z, 0-9 and '-'"
+        );
+    }
+    let source = match (args.controller, args.table) {
+        (Some(url), None) => paddock_balancer::Source::Controller(
+            paddock_balancer::feed::ControllerLink {
+                url,
+                join_token: args.join_token.context(
+                    "--controller needs --join-token (or PADDOCK_JOIN_TOKEN): the controller's <data>/join.token",
+                )?,
+            },
+        ),
+        (None, Some(path)) => paddock_balancer::Source::File(path),
+        _ => anyhow::bail!(
+            "nothing to route by: give --controller URL (a farm) or --table FILE (a fixed routing table)"
+        ),
+    };
+    if args.rise == 0 || args.fall == 0 {
+        anyhow::bail!("--rise and --fall count checks: give 1 or more");
+    }
+    if args.max_header_bytes < 1024 {
+        anyhow::bail!(
+            "--max-header-bytes {} is too small: give 1024 or more",
+            args.max_header_bytes
+        );
+    }
+    let config = paddock_balancer::BalancerConfig {
+        data_dir: args
+            .data
+            .unwrap_or_else(|| PathBuf::from(".paddock").join(&name)),
+        name,
+        listen: args.listen,
+        admin: Some(args.admin),
+        source,
+        health: paddock_balancer::upstream::HealthConfig {
+            interval: args.check_interval,
+            timeout: args.check_timeout,
+            rise: args.rise,
+            fall: args.fall,
+        },
+        pool: paddock_balancer::upstream::PoolConfig {
+            connect_timeout: args.connect_timeout,
+            idle_timeout: args.idle_timeout,
+            max_idle: 256,
+        },
+        proxy: paddock_balancer::proxy::ProxyConfig {
+            response_timeout: args.response_timeout,
+        },
+        header_timeout: args.header_timeout,
+        max_header_bytes: args.max_header_bytes,
+        max_headers: args.max_headers,
+    };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = args.threads {
+        runtime.worker_threads(threads.max(1));
+    }
+    runtime
+        .enable_all()
+        .thread_name("paddock-balancer")
+        .build()
+        .context("starting the async runtime")?
+        .block_on(paddock_balancer::run(config, shutdown_signal()))
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

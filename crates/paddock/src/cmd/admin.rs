@@ -5,7 +5,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use paddock_api::{ApiError, AppSummary, ServerFlag, ServerInfo, VersionInfo};
-use paddock_controller::api::{Deployed, FlagRequest, RollbackRequest, Status, Uploaded};
+use paddock_api::{LbState, Policy};
+use paddock_controller::api::{
+    Deployed, FlagRequest, LbRequest, PolicyRequest, PolicySet, RollbackRequest, Status, Uploaded,
+};
+use paddock_controller::routing::RoutingStatus;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -331,12 +335,13 @@ pub async fn servers(client: &Client) -> anyhow::Result<()> {
         &status.servers.iter().map(|s| &s.server).collect::<Vec<_>>(),
         |_| {
             println!(
-                "{:<12} {:<10} {:<8} {:<22} {:<7} {:<10} {:<9} {:<10} LOADED",
+                "{:<12} {:<10} {:<8} {:<22} {:<7} {:<6} {:<10} {:<9} {:<10} LOADED",
                 "SERVER",
                 "ZONE",
                 "ROLE",
                 "ADDRESS",
                 "HEALTH",
+                "LB",
                 "DEPLOYMENT",
                 "SCHEDULER",
                 "HEARTBEAT"
@@ -365,12 +370,13 @@ pub async fn servers(client: &Client) -> anyhow::Result<()> {
                     .map(|t| format!("{:.1}s ago", (now - t) as f64 / 1000.0))
                     .unwrap_or("never".into());
                 println!(
-                    "{:<12} {:<10} {:<8} {:<22} {:<7} {:<10} {:<9} {:<10} {loaded}",
+                    "{:<12} {:<10} {:<8} {:<22} {:<7} {:<6} {:<10} {:<9} {:<10} {loaded}",
                     i.name,
                     i.zone,
                     i.role.as_str(),
                     i.address,
                     health,
+                    i.lb.as_str(),
                     on_off(i.deployment),
                     on_off(i.scheduler),
                     heartbeat
@@ -390,8 +396,218 @@ pub enum ServerCommand {
     Deployment { state: OnOff },
     /// Switch the server's scheduler service.
     Scheduler { state: OnOff },
+    /// How the balancers treat the server: `ready` takes requests, `drain` takes no new ones
+    /// (those in flight finish), `maint` takes no traffic and no health checks.
+    Lb {
+        state: LbArg,
+        /// Its share of the zone's traffic under the `ratio` policy (1 to 100).
+        #[arg(long)]
+        weight: Option<u32>,
+        /// Wait until every live balancer routes by the change (and, for drain and maint, until
+        /// the server has no request in flight).
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this long.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Forget the server (it registers again if it is still running).
     Remove,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+pub enum LbArg {
+    Ready,
+    Drain,
+    Maint,
+}
+
+impl From<LbArg> for LbState {
+    fn from(arg: LbArg) -> LbState {
+        match arg {
+            LbArg::Ready => LbState::Ready,
+            LbArg::Drain => LbState::Drain,
+            LbArg::Maint => LbState::Maint,
+        }
+    }
+}
+
+#[derive(clap::Subcommand)]
+pub enum ZoneCommand {
+    /// How balancers pick a front-end of the zone.
+    Policy { policy: PolicyArg },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+pub enum PolicyArg {
+    RoundRobin,
+    LeastConnections,
+    Ratio,
+}
+
+pub async fn zone(client: &Client, name: &str, command: ZoneCommand) -> anyhow::Result<()> {
+    let ZoneCommand::Policy { policy } = command;
+    let policy = match policy {
+        PolicyArg::RoundRobin => Policy::RoundRobin,
+        PolicyArg::LeastConnections => Policy::LeastConnections,
+        PolicyArg::Ratio => Policy::Ratio,
+    };
+    let set: PolicySet = client
+        .post(
+            &format!("/v1/zones/{name}/policy"),
+            &PolicyRequest { policy },
+        )
+        .await?;
+    client.print(&set, |s| {
+        println!(
+            "zone {}: policy {} (generation {})",
+            s.zone,
+            s.policy.as_str(),
+            s.generation
+        )
+    })
+}
+
+/// Sets a server's routing state; with `wait`, returns once it is a fact.
+async fn set_lb(
+    client: &Client,
+    name: &str,
+    state: LbState,
+    weight: Option<u32>,
+    wait: bool,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let info: ServerInfo = client
+        .post(
+            &format!("/v1/servers/{name}/lb"),
+            &LbRequest { state, weight },
+        )
+        .await?;
+    if !wait {
+        return client.print(&info, |i| {
+            println!("{}: lb {}, weight {}", i.name, i.lb.as_str(), i.weight)
+        });
+    }
+    let started = Instant::now();
+    let mut acknowledged = None;
+    loop {
+        let routing: RoutingStatus = client.get("/v1/routing").await?;
+        let server = routing
+            .servers
+            .iter()
+            .find(|s| s.name == name)
+            .with_context(|| format!("server {name} disappeared from the farm"))?;
+        if routing.applied && acknowledged.is_none() {
+            acknowledged = Some(started.elapsed());
+        }
+        let done = routing.applied && (state == LbState::Ready || server.drained);
+        if done {
+            let live = routing.balancers.iter().filter(|b| b.alive).count();
+            return client.print(&routing, |_| {
+                let mut line = format!(
+                    "{name}: lb {}, acknowledged by {live} live balancer(s) in {:.2} s",
+                    state.as_str(),
+                    acknowledged.unwrap_or_default().as_secs_f64()
+                );
+                if state != LbState::Ready {
+                    line += &format!(
+                        "; drained (nothing in flight) after {:.2} s",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                println!("{line}");
+            });
+        }
+        if started.elapsed() > timeout {
+            if !routing.applied {
+                anyhow::bail!(
+                    "{name}: lb {} not acknowledged within {timeout:?} by balancer(s) {}; `paddock routing` shows what each routes by",
+                    state.as_str(),
+                    routing.pending.join(", ")
+                );
+            }
+            anyhow::bail!(
+                "{name}: not drained within {timeout:?}: {} request(s) in flight from balancers, {} on the server",
+                server.balancer_in_flight,
+                server
+                    .in_flight
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "?".into())
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn routing(client: &Client) -> anyhow::Result<()> {
+    let routing: RoutingStatus = client.get("/v1/routing").await?;
+    client.print(&routing, |r| {
+        println!(
+            "routing generation {}: {}",
+            r.table.generation,
+            if r.applied {
+                "applied by every live balancer".to_string()
+            } else {
+                format!("not yet applied by {}", r.pending.join(", "))
+            }
+        );
+        println!(
+            "{:<16} {:<22} {:<6} {:<10} UPSTREAMS UP",
+            "BALANCER", "LISTEN", "ALIVE", "GENERATION"
+        );
+        for b in &r.balancers {
+            let up = b.report.upstreams.iter().filter(|u| u.up).count();
+            println!(
+                "{:<16} {:<22} {:<6} {:<10} {up}/{}",
+                b.report.name,
+                b.report.listen,
+                if b.alive { "yes" } else { "no" },
+                b.report.generation,
+                b.report.upstreams.len()
+            );
+        }
+        let policies: std::collections::BTreeMap<&str, &str> = r
+            .table
+            .zones
+            .iter()
+            .map(|z| (z.zone.as_str(), z.policy.as_str()))
+            .collect();
+        println!(
+            "{:<12} {:<10} {:<18} {:<6} {:<6} {:<10} {:<12} {:<8} UP ON",
+            "SERVER", "ZONE", "POLICY", "LB", "WEIGHT", "IN FLIGHT", "VIA BALANCER", "DRAINED"
+        );
+        for s in &r.servers {
+            println!(
+                "{:<12} {:<10} {:<18} {:<6} {:<6} {:<10} {:<12} {:<8} {}",
+                s.name,
+                s.zone,
+                policies
+                    .get(s.zone.as_str())
+                    .copied()
+                    .unwrap_or("round-robin"),
+                s.state.as_str(),
+                s.weight,
+                s.in_flight
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "?".into()),
+                s.balancer_in_flight,
+                if s.state == LbState::Ready {
+                    "-"
+                } else if s.drained {
+                    "yes"
+                } else {
+                    "no"
+                },
+                s.up_on.join(",")
+            );
+        }
+        for route in &r.table.routes {
+            println!(
+                "route {:<20} → {} (zone {})",
+                route.prefix, route.app, route.zone
+            );
+        }
+    })
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -402,6 +618,12 @@ pub enum OnOff {
 
 pub async fn server(client: &Client, name: &str, command: ServerCommand) -> anyhow::Result<()> {
     let (flag, state) = match command {
+        ServerCommand::Lb {
+            state,
+            weight,
+            wait,
+            timeout,
+        } => return set_lb(client, name, state.into(), weight, wait, timeout).await,
         ServerCommand::Deployment { state } => (ServerFlag::Deployment, state),
         ServerCommand::Scheduler { state } => (ServerFlag::Scheduler, state),
         ServerCommand::Remove => {

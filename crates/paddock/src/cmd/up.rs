@@ -1,5 +1,5 @@
-//! `paddock up`: a whole farm on one machine — the controller (SQLite) and N front-ends, as child
-//! processes of this one, stopped together on Ctrl-C or SIGTERM.
+//! `paddock up`: a whole farm on one machine — the controller (SQLite), a balancer and N
+//! front-ends, as child processes of this one, stopped together on Ctrl-C or SIGTERM.
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
@@ -22,6 +22,12 @@ pub struct UpArgs {
     /// The first front-end's port.
     #[arg(long, default_value_t = 8081)]
     frontend_port: u16,
+    /// The balancer's port: where users send requests.
+    #[arg(long, default_value_t = 8000)]
+    balancer_port: u16,
+    /// The balancer's admin port (/metrics).
+    #[arg(long, default_value_t = 9180)]
+    balancer_admin_port: u16,
 }
 
 struct Farm {
@@ -160,11 +166,36 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         frontends.push(format!("{name}: http://127.0.0.1:{port}/"));
     }
 
+    let balancer_url = format!("http://127.0.0.1:{}", args.balancer_port);
+    let balancer = spawn(
+        "balancer",
+        &[
+            "balancer".into(),
+            "--name".into(),
+            "lb-1".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", args.balancer_port),
+            "--admin".into(),
+            format!("127.0.0.1:{}", args.balancer_admin_port),
+            "--data".into(),
+            data.join("lb-1").display().to_string(),
+            "--controller".into(),
+            controller_url.clone(),
+        ],
+        &[("PADDOCK_JOIN_TOKEN", join_token.as_str())],
+    )?;
+    farm.children.push(("balancer".into(), balancer));
+
     println!();
     println!(
         "Paddock farm is up ({} front-ends, data in {}):",
         args.frontends,
         data.display()
+    );
+    println!("  balancer:   {balancer_url}/   <- send your users here");
+    println!(
+        "              metrics: http://127.0.0.1:{}/metrics",
+        args.balancer_admin_port
     );
     println!("  controller: {controller_url}   (admin token: {admin_token})");
     for f in &frontends {
@@ -172,7 +203,8 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     }
     println!();
     println!("Publish an app:   paddock app publish fixtures/apps/packages/hello-v1");
-    println!("See the farm:     paddock status");
+    println!("Call it:          curl {balancer_url}/hello");
+    println!("See the farm:     paddock status   (and `paddock routing`)");
     println!("Stop: Ctrl-C");
     println!();
 

@@ -95,6 +95,7 @@ pub struct FrontendBuilder {
     extra_args: Vec<String>,
     dir: Option<tempfile::TempDir>,
     wait_registered: bool,
+    listen: Option<SocketAddr>,
 }
 
 impl FrontendBuilder {
@@ -126,6 +127,12 @@ impl FrontendBuilder {
         self
     }
 
+    /// Listens on this address instead of a free port (to come back where it was).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = Some(addr);
+        self
+    }
+
     /// Starts with the folders (apps, data) of a front-end that ran before.
     pub fn reuse(mut self, dir: tempfile::TempDir) -> Self {
         self.dir = Some(dir);
@@ -145,7 +152,13 @@ impl FrontendBuilder {
         let mut command = Command::new(PADDOCK);
         command
             .arg("frontend")
-            .args(["--listen", "127.0.0.1:0", "--name", &self.name]);
+            .arg("--listen")
+            .arg(
+                self.listen
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| "127.0.0.1:0".into()),
+            )
+            .args(["--name", &self.name]);
         if !self.extra_args.iter().any(|a| a == "--controller") {
             command.arg("--apps").arg(&apps_dir);
         }
@@ -187,6 +200,7 @@ impl Frontend {
             extra_args: Vec::new(),
             dir: None,
             wait_registered: false,
+            listen: None,
         }
     }
 
@@ -538,4 +552,282 @@ pub struct CliOutput {
     pub success: bool,
     pub stdout: String,
     pub stderr: String,
+}
+
+/// A running `paddock balancer` following a controller.
+pub struct Balancer {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    child: Option<Child>,
+    log: Arc<Mutex<String>>,
+    args: Vec<String>,
+    dir: tempfile::TempDir,
+}
+
+impl Balancer {
+    /// Starts a balancer of `controller` and waits until it routes by the controller's table.
+    pub async fn start(controller: &Controller, name: &str, extra_args: &[&str]) -> Balancer {
+        let mut args = vec![
+            "--controller".to_string(),
+            controller.url.clone(),
+            "--join-token".into(),
+            controller.join_token.clone(),
+        ];
+        args.extend(extra_args.iter().map(|s| s.to_string()));
+        let mut balancer = Balancer {
+            name: name.into(),
+            addr: "127.0.0.1:0".parse().unwrap(),
+            admin: "127.0.0.1:0".parse().unwrap(),
+            child: None,
+            log: Arc::new(Mutex::new(String::new())),
+            args,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        balancer.launch().await;
+        balancer
+            .wait_status("a routing table", |s| s["generation"].as_i64() > Some(0))
+            .await;
+        balancer
+    }
+
+    async fn launch(&mut self) {
+        let mut command = Command::new(PADDOCK);
+        command
+            .args(["balancer", "--name", &self.name])
+            .args(["--listen", &self.addr.to_string()])
+            .args(["--admin", &self.admin.to_string()])
+            .arg("--data")
+            .arg(self.dir.path())
+            .args(&self.args);
+        let start = self.log.lock().unwrap().len();
+        self.child = Some(spawn_logged(&mut command, &self.name, &self.log));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let found = {
+                let log = self.log.lock().unwrap();
+                let after = &log[start..];
+                let address = |needle: &str| {
+                    after.lines().find_map(|l| {
+                        l.split(needle)
+                            .nth(1)
+                            .map(|a| a.split(['/', ' ']).next().unwrap_or("").to_string())
+                    })
+                };
+                address("balancing on http://").zip(address("metrics on http://"))
+            };
+            if let Some((addr, admin)) = found {
+                self.addr = addr.parse().unwrap();
+                self.admin = admin.parse().unwrap();
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("{} exited ({status}); log:\n{}", self.name, self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not start; log:\n{}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn log_len(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    /// Waits until the log after byte `offset` has a line with `needle`.
+    pub async fn wait_for_log_after(&self, offset: usize, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log.lock().unwrap()[offset..].contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "{}: no log line with {needle:?} within {timeout:?}; log:\n{}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same addresses and data folder.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.launch().await;
+    }
+
+    pub async fn connect(&self) -> Conn {
+        Conn::open(self.addr)
+            .await
+            .expect("connect to the balancer")
+    }
+
+    async fn admin_get(&self, path: &str) -> String {
+        let mut conn = Conn::open(self.admin)
+            .await
+            .expect("connect to the admin port");
+        let reply = conn.get(path).await.unwrap();
+        assert_eq!(reply.status, 200, "{path}: {}", reply.body);
+        reply.body
+    }
+
+    /// What it reports to the controller (`/status` on its admin port).
+    pub async fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.admin_get("/status").await).unwrap()
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.admin_get("/metrics").await
+    }
+
+    /// Sum of `paddock_balancer_requests_total` over the lines whose labels contain all of `labels`.
+    pub async fn requests_counted(&self, labels: &[&str]) -> u64 {
+        self.metrics()
+            .await
+            .lines()
+            .filter(|l| l.starts_with("paddock_balancer_requests_total{"))
+            .filter(|l| labels.iter().all(|want| l.contains(want)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
+    /// Waits until its status satisfies `check`.
+    pub async fn wait_status(
+        &self,
+        what: &str,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = self.status().await;
+            if check(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: status never showed {what}; last: {status}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until the named upstreams are up, or down, by its health checks.
+    pub async fn wait_up(&self, servers: &[&str], up: bool) {
+        self.wait_status(&format!("{servers:?} up = {up}"), |s| {
+            servers.iter().all(|name| {
+                s["upstreams"]
+                    .as_array()
+                    .is_some_and(|u| u.iter().any(|u| u["name"] == *name && u["up"] == up))
+            })
+        })
+        .await;
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One request of a [`Load`].
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub started: Instant,
+    pub finished: Instant,
+    /// 0 when the request failed without a response.
+    pub status: u16,
+    pub server: Option<String>,
+    pub version: Option<String>,
+    pub error: Option<String>,
+}
+
+/// Keep-alive clients sending GETs in a loop until stopped; each reconnects after a failure.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    clients: Vec<tokio::task::JoinHandle<Vec<Sample>>>,
+}
+
+impl Load {
+    /// `clients` connections to `addr`, each sending `GET path` then pausing `pace`.
+    pub fn start(addr: SocketAddr, path: &str, clients: usize, pace: Duration) -> Load {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let clients = (0..clients)
+            .map(|_| {
+                let (stop, path) = (stop.clone(), path.to_string());
+                tokio::spawn(async move {
+                    let mut samples = Vec::new();
+                    let mut conn = None;
+                    while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                        let started = Instant::now();
+                        if conn.is_none() {
+                            conn = Conn::open(addr).await.ok();
+                        }
+                        let result = match conn.as_mut() {
+                            Some(c) => c.get(&path).await,
+                            None => Err(anyhow::anyhow!("cannot connect")),
+                        };
+                        let finished = Instant::now();
+                        samples.push(match result {
+                            Ok(reply) => Sample {
+                                started,
+                                finished,
+                                status: reply.status,
+                                server: reply.header("x-paddock-server").map(str::to_string),
+                                version: reply.version().map(str::to_string),
+                                error: (reply.status >= 400).then(|| reply.body.clone()),
+                            },
+                            Err(e) => {
+                                conn = None;
+                                Sample {
+                                    started,
+                                    finished,
+                                    status: 0,
+                                    server: None,
+                                    version: None,
+                                    error: Some(e.to_string()),
+                                }
+                            }
+                        });
+                        tokio::time::sleep(pace).await;
+                    }
+                    samples
+                })
+            })
+            .collect();
+        Load { stop, clients }
+    }
+
+    pub async fn stop(self) -> Vec<Sample> {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        let mut all = Vec::new();
+        for client in self.clients {
+            all.extend(client.await.unwrap());
+        }
+        all
+    }
+}
+
+/// The failed samples, for an assertion message.
+pub fn failures(samples: &[Sample]) -> Vec<String> {
+    samples
+        .iter()
+        .filter(|s| s.status != 200)
+        .map(|s| format!("{} {:?}", s.status, s.error))
+        .collect()
 }

@@ -1,0 +1,435 @@
+//! The balancer end to end: a real controller, real front-ends and real `paddock balancer`
+//! processes on loopback, driven through the CLI; load from keep-alive clients.
+
+mod harness;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use harness::{Balancer, Controller, Db, Frontend, Load, failures, fixture};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+async fn farm(test: &str, db: Db, frontends: &[&str]) -> (Controller, Vec<Frontend>) {
+    let controller = Controller::start(db, test, &[]).await;
+    let mut started = Vec::new();
+    for name in frontends {
+        started.push(
+            Frontend::builder(name)
+                .controller(&controller, "default")
+                .start()
+                .await,
+        );
+    }
+    for package in ["hello-v1", "slow"] {
+        controller.ok(&["app", "publish", &fixture(package).display().to_string()]);
+    }
+    (controller, started)
+}
+
+fn by_server(samples: &[harness::Sample]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for s in samples {
+        *counts
+            .entry(s.server.clone().unwrap_or_default())
+            .or_insert(0) += 1;
+    }
+    counts
+}
+
+/// The controller's current generation, from `paddock routing --json`.
+fn generation(controller: &Controller) -> i64 {
+    let routing: serde_json::Value =
+        serde_json::from_str(&controller.ok(&["routing", "--json"])).unwrap();
+    routing["table"]["generation"].as_i64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_spreads_evenly_and_least_connections_prefers_the_idle_server() {
+    let (controller, _fes) = farm("lb_policies", Db::Sqlite, &["fe1", "fe2", "fe3"]).await;
+    let lb = Balancer::start(&controller, "lb1", &[]).await;
+    lb.wait_up(&["fe1", "fe2", "fe3"], true).await;
+
+    let mut conn = lb.connect().await;
+    let mut seen = BTreeMap::new();
+    for _ in 0..30 {
+        let reply = conn.get("/hello").await.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        *seen
+            .entry(reply.header("x-paddock-server").unwrap().to_string())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(
+        seen.values().copied().collect::<Vec<_>>(),
+        [10, 10, 10],
+        "{seen:?}"
+    );
+    let metrics = lb.metrics().await;
+    assert!(
+        metrics.contains(r#"paddock_balancer_requests_total{app="hello",version="v1",status="200",server="fe1"} 10"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("paddock_balancer_request_duration_seconds_bucket"));
+    assert!(metrics.contains(r#"paddock_balancer_upstream_up{server="fe2",zone="default"} 1"#));
+    assert!(metrics.contains("paddock_balancer_routing_generation "));
+
+    controller.ok(&["zone", "default", "policy", "least-connections"]);
+    let g = generation(&controller);
+    lb.wait_status("the new policy", |s| s["generation"].as_i64() >= Some(g))
+        .await;
+    // One slow request keeps one server busy...
+    let slow = tokio::spawn({
+        let addr = lb.addr;
+        async move {
+            let mut conn = harness::Conn::open(addr).await.unwrap();
+            conn.get("/slow?ms=3000").await.unwrap()
+        }
+    });
+    let status = lb
+        .wait_status("a request in flight", |s| {
+            s["upstreams"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|u| u["in_flight"] == 1)
+        })
+        .await;
+    let busy = status["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["in_flight"] == 1)
+        .unwrap()["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // ...and no other request goes there while it lasts; round-robin would send a third.
+    let started = Instant::now();
+    for _ in 0..12 {
+        let reply = conn.get("/hello").await.unwrap();
+        assert_eq!(reply.status, 200);
+        assert_ne!(reply.header("x-paddock-server"), Some(busy.as_str()));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the slow request was still running"
+    );
+    let slow = slow.await.unwrap();
+    assert_eq!(
+        (slow.status, slow.header("x-paddock-server")),
+        (200, Some(busy.as_str()))
+    );
+}
+
+async fn drain_under_load_with_two_balancers(db: Db, test: &str) {
+    let (controller, _fes) = farm(test, db, &["fe1", "fe2", "fe3"]).await;
+    let lb1 = Balancer::start(&controller, "lb1", &[]).await;
+    let lb2 = Balancer::start(&controller, "lb2", &[]).await;
+    for lb in [&lb1, &lb2] {
+        lb.wait_up(&["fe1", "fe2", "fe3"], true).await;
+    }
+    let routing = controller.ok(&["routing"]);
+    assert!(
+        routing.contains("applied by every live balancer")
+            && routing.contains("lb1")
+            && routing.contains("lb2"),
+        "{routing}"
+    );
+
+    // Slow requests first, one per server (round-robin), so that the drained one has one in
+    // flight; then the load.
+    let slow_sent = Instant::now();
+    let slow: Vec<_> = (0..3)
+        .map(|_| {
+            let addr = lb1.addr;
+            tokio::spawn(async move {
+                let mut conn = harness::Conn::open(addr).await.unwrap();
+                let reply = conn.get("/slow?ms=1500").await.unwrap();
+                (Instant::now(), reply)
+            })
+        })
+        .collect();
+    lb1.wait_status("3 slow requests in flight", |s| {
+        s["upstreams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|u| u["in_flight"] == 1)
+    })
+    .await;
+    let load1 = Load::start(lb1.addr, "/hello", 3, Duration::from_millis(2));
+    let load2 = Load::start(lb2.addr, "/hello", 3, Duration::from_millis(2));
+
+    let out = controller.ok(&["server", "fe2", "lb", "drain", "--wait"]);
+    let drained_at = Instant::now();
+    assert!(
+        out.contains("acknowledged by 2 live balancer(s)") && out.contains("drained"),
+        "{out}"
+    );
+    // Drained means its slow request finished first (it cannot end before 1.5 s), and well.
+    assert!(
+        drained_at >= slow_sent + Duration::from_millis(1500),
+        "drain confirmed while fe2's slow request was still running"
+    );
+    let mut slow_servers = Vec::new();
+    for handle in slow {
+        let (_, reply) = handle.await.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        slow_servers.push(reply.header("x-paddock-server").unwrap().to_string());
+    }
+    slow_servers.sort();
+    assert_eq!(slow_servers, ["fe1", "fe2", "fe3"]);
+    tokio::time::sleep(Duration::from_millis(300)).await; // more load after the drain
+    let mut samples = load1.stop().await;
+    samples.extend(load2.stop().await);
+    assert_eq!(failures(&samples), Vec::<String>::new());
+    let late_to_fe2: Vec<_> = samples
+        .iter()
+        .filter(|s| s.started >= drained_at && s.server.as_deref() == Some("fe2"))
+        .collect();
+    assert!(
+        late_to_fe2.is_empty(),
+        "{} requests went to fe2 after the drain",
+        late_to_fe2.len()
+    );
+    assert!(
+        samples.iter().filter(|s| s.started >= drained_at).count() > 10,
+        "the load went on after the drain"
+    );
+
+    // maint takes no traffic either; ready brings it back.
+    controller.ok(&["server", "fe2", "lb", "maint", "--wait"]);
+    controller.ok(&["server", "fe2", "lb", "ready", "--wait"]);
+    lb1.wait_up(&["fe2"], true).await;
+    let mut conn = lb1.connect().await;
+    let mut servers = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        servers.insert(
+            conn.get("/hello")
+                .await
+                .unwrap()
+                .header("x-paddock-server")
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert!(servers.contains("fe2"), "{servers:?}");
+
+    // A balancer that stopped reporting is not waited for.
+    let mut lb2 = lb2;
+    lb2.kill();
+    let out = controller.ok(&["server", "fe3", "lb", "drain", "--wait", "--timeout", "20s"]);
+    assert!(out.contains("acknowledged by 1 live balancer(s)"), "{out}");
+
+    // Bad input changes nothing.
+    let err = controller.fails(&["server", "nope", "lb", "drain"]);
+    assert!(err.contains("unknown server \"nope\""), "{err}");
+    let err = controller.fails(&["server", "fe1", "lb", "ready", "--weight", "0"]);
+    assert!(err.contains("weight 0 is out of range"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_under_load_with_two_balancers_sqlite() {
+    drain_under_load_with_two_balancers(Db::Sqlite, "lb_drain").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_under_load_with_two_balancers_postgres() {
+    drain_under_load_with_two_balancers(Db::Postgres, "lb_drain").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_frontend_costs_no_request_and_comes_back_after_the_rise_count() {
+    let (controller, mut fes) = farm("lb_kill", Db::Sqlite, &["fe1", "fe2", "fe3"]).await;
+    let lb = Balancer::start(&controller, "lb1", &[]).await;
+    lb.wait_up(&["fe1", "fe2", "fe3"], true).await;
+
+    let load = Load::start(lb.addr, "/hello", 4, Duration::from_millis(2));
+    tokio::time::sleep(Duration::from_millis(500)).await; // load before the kill
+    let fe2 = fes.remove(1);
+    let fe2_addr = fe2.addr;
+    fe2.signal("KILL");
+    let killed_at = Instant::now();
+    lb.wait_up(&["fe2"], false).await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // load after the kill
+    let samples = load.stop().await;
+    assert_eq!(failures(&samples), Vec::<String>::new(), "GETs failed");
+    let counts = by_server(&samples);
+    assert!(counts.get("fe2").copied().unwrap_or(0) > 0, "{counts:?}");
+    let after: Vec<_> = samples
+        .iter()
+        .filter(|s| s.started > killed_at + Duration::from_millis(100))
+        .collect();
+    assert!(after.len() > 10 && after.iter().all(|s| s.server.as_deref() != Some("fe2")));
+    let metrics = lb.metrics().await;
+    assert!(metrics.contains(r#"paddock_balancer_upstream_up{server="fe2",zone="default"} 0"#));
+
+    // Back on the same address: in rotation again only after `rise` passing checks.
+    let offset = lb.log_len();
+    let fe2 = Frontend::builder("fe2")
+        .controller(&controller, "default")
+        .listen(fe2_addr)
+        .start()
+        .await;
+    fe2.wait_serving("hello", "v1", "/hello").await;
+    lb.wait_for_log_after(offset, "up: health checks pass", Duration::from_secs(10))
+        .await;
+    let mut conn = lb.connect().await;
+    let mut servers = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        servers.insert(
+            conn.get("/hello")
+                .await
+                .unwrap()
+                .header("x-paddock-server")
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert!(servers.contains("fe2"), "{servers:?}");
+
+    // Every front-end gone: 503 with a body that says so.
+    drop(fe2);
+    for fe in &fes {
+        fe.signal("KILL");
+    }
+    lb.wait_up(&["fe1", "fe2", "fe3"], false).await;
+    let reply = conn.get("/hello").await.unwrap();
+    assert_eq!(reply.status, 503);
+    assert!(
+        reply.body.contains("no front-end can take hello now")
+            && reply.body.contains("0 of them healthy"),
+        "{}",
+        reply.body
+    );
+    assert_eq!(reply.header("retry-after"), Some("1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balancer_keeps_its_table_without_the_controller() {
+    let (mut controller, _fes) = farm("lb_keep", Db::Sqlite, &["fe1"]).await;
+    let mut lb = Balancer::start(&controller, "lb1", &[]).await;
+    lb.wait_up(&["fe1"], true).await;
+    controller.kill();
+    let reply = lb.connect().await.get("/hello").await.unwrap();
+    assert_eq!(reply.status, 200);
+    // Restarted while the controller is still down: it routes by the table it saved.
+    lb.restart().await;
+    lb.wait_up(&["fe1"], true).await;
+    let reply = lb.connect().await.get("/hello").await.unwrap();
+    assert_eq!((reply.status, reply.version()), (200, Some("v1")));
+    assert!(lb.log().contains("routing by the saved table"));
+    controller.restart().await;
+    controller.ok(&["server", "fe1", "lb", "drain", "--wait"]);
+}
+
+/// Sends raw bytes on a new connection and returns what came back until the server closed it
+/// (or 5 s passed).
+async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_never_reach_a_frontend() {
+    let (controller, _fes) = farm("lb_bad", Db::Sqlite, &["fe1"]).await;
+    let lb = Balancer::start(&controller, "lb1", &["--header-timeout", "1s"]).await;
+    lb.wait_up(&["fe1"], true).await;
+    let forwarded = || lb.requests_counted(&[r#"server="fe1""#]);
+    let before = forwarded().await;
+
+    let big = format!(
+        "GET /hello HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "x".repeat(20_000)
+    );
+    let many: String = (0..120).map(|i| format!("X-H{i}: 1\r\n")).collect();
+    let many = format!("GET /hello HTTP/1.1\r\nHost: a\r\n{many}\r\n");
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("oversized head", big.into_bytes(), "431"),
+        ("too many headers", many.into_bytes(), "431"),
+        (
+            "Content-Length with Transfer-Encoding",
+            b"POST /hello HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(),
+            "ambiguous request framing",
+        ),
+        (
+            "Content-Length twice",
+            b"POST /hello HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx".to_vec(),
+            "ambiguous request framing",
+        ),
+        (
+            "Content-Length twice, different",
+            b"POST /hello HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxx".to_vec(),
+            "400 Bad Request",
+        ),
+        (
+            "smuggled behind a clean request",
+            b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\nPOST /hello HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n".to_vec(),
+            "ambiguous request framing",
+        ),
+        (
+            "invalid Host",
+            b"GET /hello HTTP/1.1\r\nHost: bad host!\r\n\r\n".to_vec(),
+            "Host header is not a valid",
+        ),
+        (
+            "Host with user info",
+            b"GET /hello HTTP/1.1\r\nHost: user@a\r\n\r\n".to_vec(),
+            "Host header is not a valid",
+        ),
+        (
+            "two Hosts",
+            b"GET /hello HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n".to_vec(),
+            "more than one Host",
+        ),
+        (
+            "no Host",
+            b"GET /hello HTTP/1.1\r\n\r\n".to_vec(),
+            "no Host header",
+        ),
+    ];
+    for (what, bytes, expected) in cases {
+        let answer = raw(lb.addr, &bytes).await;
+        assert!(answer.contains(expected), "{what}: {answer}");
+        assert!(
+            !answer.contains("x-paddock-server"),
+            "{what} reached a front-end: {answer}"
+        );
+    }
+    assert_eq!(
+        forwarded().await,
+        before,
+        "a bad request reached a front-end"
+    );
+
+    // A client that does not finish its headers is cut off after the header timeout.
+    let mut stream = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    stream
+        .write_all(b"GET /hello HTTP/1.1\r\nHost: a\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the slow client was not cut off");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert_eq!(forwarded().await, before);
+
+    // The platform's own paths and unknown routes are answered by the balancer itself.
+    let mut conn = lb.connect().await;
+    let reply = conn.get("/_paddock/health").await.unwrap();
+    assert_eq!(reply.status, 404);
+    let reply = conn.get("/nowhere").await.unwrap();
+    assert_eq!(reply.status, 404);
+    assert!(
+        reply.body.contains("no app is routed at /nowhere"),
+        "{}",
+        reply.body
+    );
+    // A good request on a clean connection still works, with the forwarding headers.
+    let reply = conn.get("/hello").await.unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(forwarded().await, before + 1);
+}
