@@ -132,12 +132,16 @@ impl Zone {
         if n == 0 {
             return None;
         }
+        let takes_traffic = |m: &Member| m.state == LbState::Ready && m.upstream.is_up();
+        // Front-ends whose health report lists the app are preferred; while none does yet (an
+        // app just deployed, between two checks), every healthy one is tried.
+        let known = self
+            .members
+            .iter()
+            .any(|m| takes_traffic(m) && m.upstream.serves(app));
         let routable = |i: usize| {
             let m = &self.members[i];
-            m.state == LbState::Ready
-                && !tried.contains(&i)
-                && m.upstream.is_up()
-                && m.upstream.serves(app)
+            takes_traffic(m) && !tried.contains(&i) && (!known || m.upstream.serves(app))
         };
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
         match self.policy {
@@ -279,7 +283,23 @@ mod tests {
         );
         assert_eq!(t.zones[0].pick("hello", &[]), None, "no health check yet");
         healthy(&t);
-        assert_eq!(t.zones[0].pick("other", &[]), None, "nobody serves it");
+        assert!(
+            t.zones[0].pick("other", &[]).is_some(),
+            "an app no front-end reports yet goes to any healthy one"
+        );
+        t.zones[0].members[0]
+            .upstream
+            .check_passed(vec!["other".into()], 2);
+        for _ in 0..3 {
+            assert_eq!(
+                t.zones[0].pick("other", &[]),
+                Some(0),
+                "the one reporting it"
+            );
+        }
+        t.zones[0].members[0]
+            .upstream
+            .check_passed(vec!["hello".into()], 2);
         t.zones[0].members[1].upstream.failed_passively("test");
         for _ in 0..6 {
             let i = t.zones[0].pick("hello", &[0]).unwrap();

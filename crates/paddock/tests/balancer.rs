@@ -262,6 +262,10 @@ async fn a_killed_frontend_costs_no_request_and_comes_back_after_the_rise_count(
     assert!(after.len() > 10 && after.iter().all(|s| s.server.as_deref() != Some("fe2")));
     let metrics = lb.metrics().await;
     assert!(metrics.contains(r#"paddock_balancer_upstream_up{server="fe2",zone="default"} 0"#));
+    assert!(
+        metrics.contains("paddock_balancer_retries_total{"),
+        "the kill was noticed by a request, which was retried: {metrics}"
+    );
 
     // Back on the same address: in rotation again only after `rise` passing checks.
     let offset = lb.log_len();

@@ -25,12 +25,15 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let controller_port = free_port_pair();
     let frontend_port = free_port_pair();
+    let balancer_port = free_port_pair();
     let mut up = Command::new(PADDOCK)
         .args(["up", "--frontends", "2"])
         .arg("--data")
         .arg(dir.path())
         .args(["--controller-port", &controller_port.to_string()])
         .args(["--frontend-port", &frontend_port.to_string()])
+        .args(["--balancer-port", &balancer_port.to_string()])
+        .args(["--balancer-admin-port", &(balancer_port + 1).to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -57,7 +60,7 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
             .matches("registered with the controller")
             .count()
     };
-    while registered() < 2 {
+    while registered() < 2 || !output.lock().unwrap().contains("balancing on") {
         assert!(
             Instant::now() < deadline,
             "the farm did not come up:\n{}",
@@ -71,6 +74,10 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
         "{printed}"
     );
     assert!(printed.contains("admin token: "), "{printed}");
+    assert!(
+        printed.contains(&format!("balancer:   http://127.0.0.1:{balancer_port}/")),
+        "{printed}"
+    );
 
     // The admin token is found in the data folder, as after `paddock up` in a project folder.
     let publish = Command::new(PADDOCK)
@@ -101,6 +108,18 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
             .unwrap();
         assert_eq!((reply.status, reply.version()), (200, Some("v1")));
     }
+    // Once publish returns, the app answers through the balancer.
+    let addr = format!("127.0.0.1:{balancer_port}").parse().unwrap();
+    let mut conn = Conn::open(addr).await.unwrap();
+    for _ in 0..4 {
+        let reply = conn.get("/hello").await.unwrap();
+        assert_eq!(
+            (reply.status, reply.version()),
+            (200, Some("v1")),
+            "{}",
+            reply.body
+        );
+    }
 
     Command::new("kill")
         .args(["-TERM", &up.id().to_string()])
@@ -115,7 +134,12 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "{status}");
-    for port in [controller_port, frontend_port, frontend_port + 1] {
+    for port in [
+        controller_port,
+        frontend_port,
+        frontend_port + 1,
+        balancer_port,
+    ] {
         assert!(
             std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
             "port {port} still served after the farm stopped"

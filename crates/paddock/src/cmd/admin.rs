@@ -265,6 +265,25 @@ pub async fn app(client: &Client, command: AppCommand) -> anyhow::Result<()> {
     }
 }
 
+/// Waits until every live balancer routes by the current routing table (which has the app's
+/// route), so that the app answers through them when a publish returns.
+async fn wait_routed(client: &Client, started: Instant, timeout: Duration) -> anyhow::Result<()> {
+    loop {
+        let routing: RoutingStatus = client.get("/v1/routing").await?;
+        if routing.applied {
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            anyhow::bail!(
+                "balancer(s) {} did not apply routing generation {} within {timeout:?}; `paddock routing` shows what each routes by",
+                routing.pending.join(", "),
+                routing.table.generation
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until every live front-end of the version's zone whose deployment service is on reports
 /// the version loaded; prints each as it does. Fails naming the servers that did not.
 async fn wait_rollout(client: &Client, v: &VersionInfo, timeout: Duration) -> anyhow::Result<()> {
@@ -299,6 +318,7 @@ async fn wait_rollout(client: &Client, v: &VersionInfo, timeout: Duration) -> an
             }
         }
         if waiting.is_empty() {
+            wait_routed(client, started, timeout).await?;
             if !client.json {
                 if targets.is_empty() {
                     println!(
