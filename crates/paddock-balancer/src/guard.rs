@@ -217,9 +217,19 @@ impl Scanner {
 
     /// A complete head is in `self.line`: check its framing and say what follows it.
     fn head_done(&mut self) -> State {
-        let mut headers = [httparse::EMPTY_HEADER; 256];
-        let mut request = httparse::Request::new(&mut headers);
-        if !matches!(request.parse(&self.line), Ok(httparse::Status::Complete(_))) {
+        let mut few = [httparse::EMPTY_HEADER; 128];
+        let mut many;
+        let mut request = httparse::Request::new(&mut few);
+        let parsed = match request.parse(&self.line) {
+            Err(httparse::Error::TooManyHeaders) => {
+                // Rare (hyper refuses more than --max-headers anyway): a larger array.
+                many = vec![httparse::EMPTY_HEADER; 4096];
+                request = httparse::Request::new(&mut many);
+                request.parse(&self.line)
+            }
+            parsed => parsed,
+        };
+        if !matches!(parsed, Ok(httparse::Status::Complete(_))) {
             return State::Off;
         }
         let mut lengths = 0;

@@ -407,10 +407,16 @@ fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
         max_header_bytes: args.max_header_bytes,
         max_headers: args.max_headers,
     };
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = args.threads {
-        runtime.worker_threads(threads.max(1));
-    }
+    // One thread: a single-threaded runtime, without the work-stealing machinery.
+    let mut runtime = match args.threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(threads) => {
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            runtime.worker_threads(threads.max(1));
+            runtime
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     runtime
         .enable_all()
         .thread_name("paddock-balancer")
