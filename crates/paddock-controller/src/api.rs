@@ -560,9 +560,18 @@ async fn set_policy(
     }))
 }
 
-async fn routing_status(State(c): State<Arc<Controller>>) -> Answer<RoutingStatus> {
+#[derive(Deserialize)]
+struct RoutingStatusQuery {
+    /// Ask whether every live balancer applied this generation (default: the current one).
+    generation: Option<i64>,
+}
+
+async fn routing_status(
+    State(c): State<Arc<Controller>>,
+    Query(q): Query<RoutingStatusQuery>,
+) -> Answer<RoutingStatus> {
     Ok(Json(
-        crate::routing::status(c.store.as_ref(), now_ms(), ALIVE_WITHIN_MS).await?,
+        crate::routing::status(c.store.as_ref(), q.generation, now_ms(), ALIVE_WITHIN_MS).await?,
     ))
 }
 

@@ -56,7 +56,9 @@ pub async fn table(store: &dyn Store) -> paddock_store::Result<RoutingTable> {
 pub struct RoutingStatus {
     pub table: RoutingTable,
     pub balancers: Vec<BalancerInfo>,
-    /// Whether every live balancer routes by `table.generation` or newer.
+    /// The generation `applied` and `pending` are about: the one asked for, or the table's.
+    pub generation: i64,
+    /// Whether every live balancer routes by `generation` or newer.
     pub applied: bool,
     /// Live balancers still routing by an older table.
     pub pending: Vec<String>,
@@ -82,22 +84,27 @@ pub struct UpstreamStatus {
     pub drained: bool,
 }
 
-/// Computes the routing status from the store; `alive_ms` is how recent a front-end heartbeat
-/// must be to count as alive.
+/// Computes the routing status from the store: whether every live balancer applied `generation`
+/// (default: the current one), and which front-ends are drained. A front-end is alive when its
+/// last heartbeat is at most `frontend_alive_within_ms` old.
 pub async fn status(
     store: &dyn Store,
+    generation: Option<i64>,
     now_ms: i64,
     frontend_alive_within_ms: i64,
 ) -> paddock_store::Result<RoutingStatus> {
     let table = table(store).await?;
+    let generation = generation.unwrap_or(table.generation);
     let balancers = store.balancers(now_ms - BALANCER_ALIVE_WITHIN_MS).await?;
     let live: Vec<&BalancerInfo> = balancers.iter().filter(|b| b.alive).collect();
     let pending: Vec<String> = live
         .iter()
-        .filter(|b| b.report.generation < table.generation)
+        .filter(|b| b.report.generation < generation)
         .map(|b| b.report.name.clone())
         .collect();
     let applied = pending.is_empty();
+    // Drained is judged against the current table: the one that says drain.
+    let current_applied = live.iter().all(|b| b.report.generation >= table.generation);
     let last_ack_ms = live.iter().map(|b| b.applied_ms).max().unwrap_or(0);
     let servers = store
         .servers()
@@ -107,7 +114,7 @@ pub async fn status(
             upstream_status(
                 server,
                 &live,
-                applied,
+                current_applied,
                 last_ack_ms,
                 now_ms,
                 frontend_alive_within_ms,
@@ -117,6 +124,7 @@ pub async fn status(
     Ok(RoutingStatus {
         table,
         balancers,
+        generation,
         applied,
         pending,
         servers,

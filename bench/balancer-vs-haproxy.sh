@@ -1,0 +1,218 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: the same two backends behind `paddock balancer` and behind HAProxy
+# (Debian's package), loaded by the same `wrk`, in the same run, alternating rounds. Prints
+# throughput, p50 and p99 of each and their ratios.
+#
+#   bench/balancer-vs-haproxy.sh                 # 3 rounds of 10 s per side, backend and setup
+#   ROUNDS=1 DURATION=5s bench/balancer-vs-haproxy.sh
+#   BACKENDS=static bench/balancer-vs-haproxy.sh # only the nginx backends
+#
+# Backends: "static" is nginx (one worker) answering a fixed body on two ports, so that the
+# balancer itself is what is measured; "frontends" is two `paddock frontend` serving the hello
+# component. Both answer /_paddock/health with a health report, and both balancers check it
+# every 500 ms (fall 2, rise 2), round-robin, keep-alive to the backends, X-Forwarded-For added.
+#
+# Threads: "1 thread": HAProxy `nbthread 1`, `paddock balancer --threads 1`, the balancer pinned
+# to CPU 1 and wrk and the backends to CPU 0. "2 threads": `nbthread 2` and `--threads 2`, nothing
+# pinned. Loopback only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10s}
+CONNECTIONS=${CONNECTIONS:-32}
+BACKENDS=${BACKENDS:-static frontends}
+
+need() { # command package
+  command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ] || {
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+  }
+}
+need wrk wrk
+need haproxy haproxy
+need nginx nginx-light
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+cargo build --quiet --release -p paddock
+PADDOCK=$PWD/target/release/paddock
+
+work=$(mktemp -d)
+cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+port() { echo $((20000 + RANDOM % 20000)); }
+B1=$(port); B2=$((B1 + 1))
+LB=$(port); LB_ADMIN=$((LB + 1))
+PATH_UNDER_TEST=/hello/
+
+wait_http() { # url
+  for _ in $(seq 1 600); do curl -sf -o /dev/null "$1" && return 0; sleep 0.1; done
+  echo "nothing answers at $1" >&2; return 1
+}
+
+to_ms() { # wrk latency like 1.23ms / 850.00us / 1.02s
+  awk -v v="$1" 'BEGIN {
+    if (v ~ /us$/) { sub(/us$/, "", v); printf "%.3f", v / 1000 }
+    else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.3f", v }
+    else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.3f", v * 1000 }
+    else { printf "%s", v } }'
+}
+
+# run_wrk THREADS URL -> "requests_per_sec p50_ms p99_ms errors"
+run_wrk() {
+  local threads=$1 url=$2 out
+  if [ "$threads" = 1 ]; then
+    out=$(taskset -c 0 wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency "$url")
+  else
+    out=$(wrk -t2 -c"$CONNECTIONS" -d"$DURATION" --latency "$url")
+  fi
+  local rps p50 p99 errors
+  rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+  p50=$(awk '$1=="50%" {print $2}' <<<"$out")
+  p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+  errors=$(awk '/Non-2xx or 3xx responses/ {n += $NF} /Socket errors/ {gsub(/,/, ""); n += $4 + $6 + $8 + $10} END {print n + 0}' <<<"$out")
+  echo "$rps $(to_ms "$p50") $(to_ms "$p99") $errors"
+}
+
+health_json() { # name
+  printf '{"server":"%s","state":"serving","apps":[{"name":"hello","version":"v1","route":"/hello","component_sha256":""}],"in_flight":0}' "$1"
+}
+
+start_backends() { # kind threads
+  local kind=$1 threads=$2 prefix=()
+  [ "$threads" = 1 ] && prefix=(taskset -c 0)
+  case $kind in
+    static)
+      mkdir -p "$work/nginx"
+      cat >"$work/nginx/nginx.conf" <<EOF
+worker_processes 1;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  keepalive_timeout 60s;
+  client_body_temp_path $work/nginx;
+  server { listen 127.0.0.1:$B1;
+    location = /_paddock/health { default_type application/json; return 200 '$(health_json s1)'; }
+    location / { default_type text/plain; return 200 "hello from v1\n"; } }
+  server { listen 127.0.0.1:$B2;
+    location = /_paddock/health { default_type application/json; return 200 '$(health_json s2)'; }
+    location / { default_type text/plain; return 200 "hello from v1\n"; } }
+}
+EOF
+      "${prefix[@]}" "$NGINX" -c "$work/nginx/nginx.conf" -g 'daemon off;' 2>>"$work/nginx/error.log" &
+      ;;
+    frontends)
+      for i in 1 2; do
+        local p=$B1; [ $i = 2 ] && p=$B2
+        mkdir -p "$work/fe$i/apps/hello"
+        cp fixtures/apps/packages/hello-v1/* "$work/fe$i/apps/hello/"
+        RUST_LOG=warn "${prefix[@]}" "$PADDOCK" frontend --name "s$i" --listen "127.0.0.1:$p" \
+          --apps "$work/fe$i/apps" --data "$work/fe$i/data" >"$work/fe$i.log" 2>&1 &
+      done
+      ;;
+  esac
+  wait_http "http://127.0.0.1:$B1$PATH_UNDER_TEST"
+  wait_http "http://127.0.0.1:$B2$PATH_UNDER_TEST"
+}
+
+stop_backends() {
+  [ -f "$work/nginx/nginx.pid" ] && kill "$(cat "$work/nginx/nginx.pid")" 2>/dev/null || true
+  pkill -f -- "--data $work/fe" 2>/dev/null || true
+  sleep 0.5
+}
+
+start_balancer() { # kind threads -> pid
+  local kind=$1 threads=$2 prefix=()
+  [ "$threads" = 1 ] && prefix=(taskset -c 1)
+  case $kind in
+    paddock)
+      cat >"$work/table.json" <<EOF
+{"generation": 1,
+ "zones": [{"zone": "default", "policy": "round-robin", "upstreams": [
+   {"name": "s1", "address": "127.0.0.1:$B1", "state": "ready", "weight": 1},
+   {"name": "s2", "address": "127.0.0.1:$B2", "state": "ready", "weight": 1}]}],
+ "routes": [{"prefix": "/hello", "app": "hello", "zone": "default"}]}
+EOF
+      RUST_LOG=warn "${prefix[@]}" "$PADDOCK" balancer --name bench --table "$work/table.json" \
+        --listen "127.0.0.1:$LB" --admin "127.0.0.1:$LB_ADMIN" --data "$work/lb" \
+        --threads "$threads" >"$work/paddock-balancer.log" 2>&1 &
+      ;;
+    haproxy)
+      cat >"$work/haproxy.cfg" <<EOF
+global
+  nbthread $threads
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 60s
+  timeout http-keep-alive 10s
+  option forwardfor
+  http-reuse safe
+frontend web
+  bind 127.0.0.1:$LB
+  acl hello path /hello || path_beg /hello/
+  use_backend apps if hello
+backend apps
+  balance roundrobin
+  option httpchk GET /_paddock/health
+  server s1 127.0.0.1:$B1 check inter 500 fall 2 rise 2
+  server s2 127.0.0.1:$B2 check inter 500 fall 2 rise 2
+EOF
+      "${prefix[@]}" "$HAPROXY" -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 &
+      ;;
+  esac
+  echo $!
+}
+
+declare -A RPS P50 P99 ERR N
+for backend in $BACKENDS; do
+  for threads in 1 2; do
+    start_backends "$backend" "$threads"
+    for round in $(seq 1 "$ROUNDS"); do
+      for kind in haproxy paddock; do
+        pid=$(start_balancer "$kind" "$threads")
+        wait_http "http://127.0.0.1:$LB$PATH_UNDER_TEST"
+        wrk -t1 -c4 -d1s "http://127.0.0.1:$LB$PATH_UNDER_TEST" >/dev/null # warm-up
+        read -r rps p50 p99 errors < <(run_wrk "$threads" "http://127.0.0.1:$LB$PATH_UNDER_TEST")
+        kill "$pid"; wait "$pid" 2>/dev/null || true
+        printf '%-9s %-8s %s thread(s) round %s: %9.0f req/s  p50 %7.3f ms  p99 %7.3f ms  errors %s\n' \
+          "$backend" "$kind" "$threads" "$round" "$rps" "$p50" "$p99" "$errors"
+        key="$backend-$kind-$threads"
+        RPS[$key]=$(awk -v a="${RPS[$key]:-0}" -v b="$rps" 'BEGIN {print a + b}')
+        P50[$key]=$(awk -v a="${P50[$key]:-0}" -v b="$p50" 'BEGIN {print a + b}')
+        P99[$key]=$(awk -v a="${P99[$key]:-0}" -v b="$p99" 'BEGIN {print a + b}')
+        ERR[$key]=$(( ${ERR[$key]:-0} + errors ))
+        N[$key]=$(( ${N[$key]:-0} + 1 ))
+      done
+    done
+    stop_backends
+  done
+done
+
+echo
+echo "machine: $(nproc) cores, $(awk '/model name/ {$1=$2=$3=""; print; exit}' /proc/cpuinfo | sed 's/^ *//'); $(date -u +%Y-%m-%d)"
+echo "haproxy: $("$HAPROXY" -v | head -1)"
+echo "load: wrk, $CONNECTIONS keep-alive connections, $DURATION per run, $ROUNDS rounds per side, alternating"
+printf '%-9s %-9s %-8s %10s %9s %9s %7s\n' backend threads balancer "req/s" "p50 ms" "p99 ms" errors
+for backend in $BACKENDS; do
+  for threads in 1 2; do
+    for kind in haproxy paddock; do
+      key="$backend-$kind-$threads"
+      printf '%-9s %-9s %-8s %10.0f %9.3f %9.3f %7s\n' "$backend" "$threads" "$kind" \
+        "$(awk -v a="${RPS[$key]}" -v n="${N[$key]}" 'BEGIN {print a / n}')" \
+        "$(awk -v a="${P50[$key]}" -v n="${N[$key]}" 'BEGIN {print a / n}')" \
+        "$(awk -v a="${P99[$key]}" -v n="${N[$key]}" 'BEGIN {print a / n}')" \
+        "${ERR[$key]}"
+    done
+    awk -v pr="${RPS[$backend-paddock-$threads]}" -v hr="${RPS[$backend-haproxy-$threads]}" \
+      -v p5="${P50[$backend-paddock-$threads]}" -v h5="${P50[$backend-haproxy-$threads]}" \
+      -v pp="${P99[$backend-paddock-$threads]}" -v hp="${P99[$backend-haproxy-$threads]}" \
+      -v b="$backend" -v t="$threads" \
+      'BEGIN { printf "%s, %s thread(s): throughput paddock/haproxy = %.2fx (goal >= 1.00), p50 = %.2fx, p99 = %.2fx (goal <= 1.00)\n", b, t, pr / hr, p5 / h5, pp / hp }'
+  done
+done
