@@ -239,7 +239,8 @@ pub async fn run(
     http.timer(TokioTimer::new())
         .header_read_timeout(config.header_timeout)
         .max_header_size(config.max_header_bytes)
-        .keep_alive(true);
+        .keep_alive(true)
+        .writev(false);
     if config.max_headers != 100 {
         http.max_headers(config.max_headers);
     }
@@ -264,8 +265,12 @@ pub async fn run(
             suspect.clone(),
         ));
         let shared = balancer.shared.clone();
+        let peer_ip = match http::HeaderValue::from_str(&peer.ip().to_string()) {
+            Ok(ip) => ip,
+            Err(_) => http::HeaderValue::from_static("unknown"),
+        };
         let service = service_fn(move |request| {
-            proxy::handle(request, shared.clone(), peer, suspect.clone())
+            proxy::handle(request, shared.clone(), peer_ip.clone(), suspect.clone())
         });
         let connection = graceful.watch(http.serve_connection(io, service));
         tokio::spawn(async move {

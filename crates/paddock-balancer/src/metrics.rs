@@ -1,7 +1,7 @@
 //! `/metrics` in Prometheus text format: requests by app, version, status and server; latency by
 //! app; each upstream's health, routing state and requests in flight; the routing generation.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -12,18 +12,20 @@ use prometheus_client::registry::Registry;
 
 use crate::table::Table;
 
+/// Label values shared by many requests are reference-counted, so that counting a request
+/// allocates nothing for them.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub app: String,
+    pub app: Arc<String>,
     pub version: String,
     pub status: u16,
     /// The front-end that answered, or empty when the balancer answered itself.
-    pub server: String,
+    pub server: Arc<String>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AppLabels {
-    app: String,
+    app: Arc<String>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

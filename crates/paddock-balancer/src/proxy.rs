@@ -8,7 +8,6 @@
 //! down at once (passive health); active checks bring it back.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,7 +41,7 @@ pub struct ProxyConfig {
 pub async fn handle(
     request: Request<Incoming>,
     shared: Arc<Shared>,
-    peer: SocketAddr,
+    peer_ip: HeaderValue,
     suspect: Arc<AtomicBool>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
@@ -107,7 +106,7 @@ pub async fn handle(
         parts.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     );
-    prepare_headers(&mut parts.headers, peer, host);
+    prepare_headers(&mut parts.headers, &peer_ip, host);
     parts.uri = origin_form(&parts.uri);
     parts.version = Version::HTTP_11;
     let replay = bodyless.then(|| {
@@ -130,7 +129,7 @@ pub async fn handle(
     let mut last_failure: Option<String> = None;
     let mut fresh_connection = false;
     for attempt in 0..zone.members.len() + 2 {
-        let Some(i) = zone.pick(&app, &tried) else {
+        let Some(i) = zone.pick(app.as_str(), &tried) else {
             break;
         };
         let upstream = &zone.members[i].upstream;
@@ -315,22 +314,21 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-fn prepare_headers(headers: &mut HeaderMap, peer: SocketAddr, host: Option<HeaderValue>) {
+/// `peer_ip` is the client's address as a header value (made once per connection).
+fn prepare_headers(headers: &mut HeaderMap, peer_ip: &HeaderValue, host: Option<HeaderValue>) {
     strip_hop_by_hop(headers);
-    let ip = peer.ip().to_string();
-    let forwarded_for = {
-        let earlier: Vec<&str> = headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        if earlier.is_empty() {
-            ip
-        } else {
-            format!("{}, {ip}", earlier.join(", "))
-        }
+    let earlier: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let forwarded_for = if earlier.is_empty() {
+        Some(peer_ip.clone())
+    } else {
+        let ip = peer_ip.to_str().unwrap_or_default();
+        HeaderValue::from_str(&format!("{}, {ip}", earlier.join(", "))).ok()
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+    if let Some(value) = forwarded_for {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
@@ -355,7 +353,7 @@ fn relay(
     sender: SendRequest<UpBody>,
     in_flight: InFlight,
     shared: &Arc<Shared>,
-    app: Arc<str>,
+    app: Arc<String>,
     started: Instant,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
@@ -367,10 +365,10 @@ fn relay(
         .unwrap_or("")
         .to_string();
     let labels = RequestLabels {
-        app: app.to_string(),
+        app,
         version,
         status: parts.status.as_u16(),
-        server: in_flight.upstream().name.clone(),
+        server: in_flight.upstream().label.clone(),
     };
     let mut relay = Relay {
         body,
@@ -417,10 +415,10 @@ fn answer(
     }
     shared.metrics.request(
         RequestLabels {
-            app: app.to_string(),
+            app: Arc::new(app.to_string()),
             version: String::new(),
             status: status.as_u16(),
-            server: String::new(),
+            server: Arc::default(),
         },
         started.elapsed().as_secs_f64(),
     );
@@ -537,7 +535,8 @@ mod tests {
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
         h.insert("x-kept", HeaderValue::from_static("yes"));
         let host = HeaderValue::from_static("shop.example:8080");
-        prepare_headers(&mut h, "127.0.0.9:5000".parse().unwrap(), Some(host));
+        let peer = HeaderValue::from_static("127.0.0.9");
+        prepare_headers(&mut h, &peer, Some(host));
         assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.9");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
         assert_eq!(h.get("x-forwarded-host").unwrap(), "shop.example:8080");

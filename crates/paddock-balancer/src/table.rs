@@ -19,7 +19,7 @@ pub struct Table {
 
 pub struct Route {
     pub prefix: String,
-    pub app: Arc<str>,
+    pub app: Arc<String>,
     pub zone: usize,
 }
 
@@ -99,7 +99,7 @@ impl Table {
                 let zone = zones.iter().position(|z| z.name == r.zone)?;
                 Some(Route {
                     prefix: r.prefix.clone(),
-                    app: Arc::from(r.app.as_str()),
+                    app: Arc::new(r.app.clone()),
                     zone,
                 })
             })

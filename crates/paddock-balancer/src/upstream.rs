@@ -50,6 +50,8 @@ impl Default for HealthConfig {
 
 pub struct Upstream {
     pub name: String,
+    /// The name, shared by the metrics of its requests.
+    pub label: Arc<String>,
     pub address: String,
     up: AtomicBool,
     health: Mutex<Health>,
@@ -103,6 +105,7 @@ impl std::fmt::Display for ConnectError {
 impl Upstream {
     pub fn new(name: String, address: String, pool: PoolConfig) -> Upstream {
         Upstream {
+            label: Arc::new(name.clone()),
             name,
             address,
             up: AtomicBool::new(false),
@@ -238,6 +241,7 @@ impl Upstream {
         };
         let _ = stream.set_nodelay(true);
         let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .writev(false)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(ConnectError::Handshake)?;
