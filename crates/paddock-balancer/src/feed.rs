@@ -48,20 +48,11 @@ fn save_table(path: &Path, table: &RoutingTable) -> anyhow::Result<()> {
 /// Follows the controller for ever: long-polls the table, applies each new one, saves it.
 pub async fn follow(
     balancer: Arc<Balancer>,
+    http: reqwest::Client,
     link: ControllerLink,
     saved: PathBuf,
     applied: Arc<Notify>,
 ) {
-    let http = match reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(3))
-        .build()
-    {
-        Ok(http) => http,
-        Err(e) => {
-            tracing::error!("cannot build an HTTP client: {e}");
-            return;
-        }
-    };
     let base = link.url.trim_end_matches('/').to_string();
     let mut backoff = Duration::from_millis(200);
     let mut failing = false;
@@ -121,18 +112,12 @@ async fn fetch(http: &reqwest::Client, url: &str, token: &str) -> anyhow::Result
 }
 
 /// Reports to the controller every second and whenever `applied` is notified.
-pub async fn report(balancer: Arc<Balancer>, link: ControllerLink, applied: Arc<Notify>) {
-    let http = match reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(5))
-        .build()
-    {
-        Ok(http) => http,
-        Err(e) => {
-            tracing::error!("cannot build an HTTP client: {e}");
-            return;
-        }
-    };
+pub async fn report(
+    balancer: Arc<Balancer>,
+    http: reqwest::Client,
+    link: ControllerLink,
+    applied: Arc<Notify>,
+) {
     let url = format!(
         "{}/control/v1/balancers/{}",
         link.url.trim_end_matches('/'),
@@ -145,6 +130,7 @@ pub async fn report(balancer: Arc<Balancer>, link: ControllerLink, applied: Arc<
             .post(&url)
             .bearer_auth(&link.join_token)
             .json(&report)
+            .timeout(Duration::from_secs(5))
             .send()
             .await;
         match sent {

@@ -80,6 +80,8 @@ pub struct BalancerConfig {
     pub max_header_bytes: usize,
     /// Most headers in a request.
     pub max_headers: usize,
+    /// Event loops (threads) serving clients.
+    pub threads: usize,
 }
 
 /// What every connection shares.
@@ -158,14 +160,13 @@ impl Balancer {
 }
 
 /// Runs a balancer until `shutdown` resolves; then stops accepting and lets the requests in
-/// flight finish (at most 30 s).
+/// flight finish (at most 30 s). Call it on a single-threaded runtime: it starts the other
+/// `threads - 1` event loops itself.
 pub async fn run(
     config: BalancerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let listener = TcpListener::from_std(reuseport_listener(config.listen)?)?;
     let admin_listener = match config.admin {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -214,13 +215,18 @@ pub async fn run(
                 }
             }
             let applied = Arc::new(Notify::new());
+            let http = reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(3))
+                .build()
+                .context("building the controller's HTTP client")?;
             tokio::spawn(feed::follow(
                 balancer.clone(),
+                http.clone(),
                 link.clone(),
                 saved,
                 applied.clone(),
             ));
-            tokio::spawn(feed::report(balancer.clone(), link.clone(), applied));
+            tokio::spawn(feed::report(balancer.clone(), http, link.clone(), applied));
             // Give the controller a moment to hand over a first table before taking traffic.
             let deadline = tokio::time::Instant::now() + FIRST_TABLE_WAIT;
             while balancer.generation() == 0 && tokio::time::Instant::now() < deadline {
@@ -234,8 +240,80 @@ pub async fn run(
     }
     tracing::info!(name = %config.name, "balancing on http://{listen}");
 
+    // One event loop per thread, each with its own listening socket (SO_REUSEPORT: the kernel
+    // spreads connections over them) and its own idle connections to the front-ends, so that a
+    // request never crosses threads.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut workers = Vec::new();
+    for index in 1..config.threads.max(1) {
+        let socket = reuseport_listener(listen)?;
+        let (shared, config, stopped) = (balancer.shared.clone(), config.clone(), stopped.clone());
+        workers.push(
+            std::thread::Builder::new()
+                .name(format!("paddock-balancer-{index}"))
+                .spawn(move || {
+                    upstream::set_worker(index);
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build();
+                    match runtime {
+                        Ok(runtime) => runtime.block_on(async move {
+                            match TcpListener::from_std(socket) {
+                                Ok(listener) => {
+                                    accept_loop(listener, shared, config, stopped).await
+                                }
+                                Err(e) => tracing::error!("worker {index}: {e}"),
+                            }
+                        }),
+                        Err(e) => tracing::error!("worker {index}: cannot start its runtime: {e}"),
+                    }
+                })
+                .context("starting a worker thread")?,
+        );
+    }
+    upstream::set_worker(0);
+    let main_loop = accept_loop(listener, balancer.shared.clone(), config.clone(), stopped);
+    tokio::pin!(main_loop);
+    tokio::select! {
+        _ = shutdown => {}
+        _ = &mut main_loop => {}
+    }
+    tracing::info!("stopping: no new connections; letting requests in flight finish");
+    let _ = stop.send(true);
+    main_loop.await;
+    for worker in workers {
+        let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+    }
+    Ok(())
+}
+
+/// A listening socket on `addr` that other threads can listen on too.
+fn reuseport_listener(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket
+        .bind(addr)
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let listener = socket.listen(1024)?;
+    Ok(listener.into_std()?)
+}
+
+/// Accepts and serves client connections until `stopped` turns true; then lets the requests in
+/// flight finish (at most 30 s).
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    config: BalancerConfig,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
+    // Flattened writes: one `write` per response instead of a `writev` of head and body.
     http.timer(TokioTimer::new())
         .header_read_timeout(config.header_timeout)
         .max_header_size(config.max_header_bytes)
@@ -244,7 +322,6 @@ pub async fn run(
     if config.max_headers != 100 {
         http.max_headers(config.max_headers);
     }
-    tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -255,7 +332,7 @@ pub async fn run(
                     continue;
                 }
             },
-            _ = &mut shutdown => break,
+            _ = stopped.wait_for(|stop| *stop) => break,
         };
         let _ = stream.set_nodelay(true);
         let suspect = Arc::new(AtomicBool::new(false));
@@ -264,7 +341,7 @@ pub async fn run(
             config.max_header_bytes,
             suspect.clone(),
         ));
-        let shared = balancer.shared.clone();
+        let shared = shared.clone();
         let peer_ip = match http::HeaderValue::from_str(&peer.ip().to_string()) {
             Ok(ip) => ip,
             Err(_) => http::HeaderValue::from_static("unknown"),
@@ -279,7 +356,6 @@ pub async fn run(
             }
         });
     }
-    tracing::info!("stopping: no new connections; letting requests in flight finish");
     drop(listener);
     if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
         .await
@@ -287,7 +363,6 @@ pub async fn run(
     {
         tracing::warn!("requests still in flight after 30 s; stopping anyway");
     }
-    Ok(())
 }
 
 /// The admin port: `/metrics` (Prometheus text), `/status` (the report sent to the controller).

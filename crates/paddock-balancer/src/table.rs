@@ -104,7 +104,7 @@ impl Table {
                 })
             })
             .collect();
-        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         Table {
             generation: wire.generation,
             routes,
@@ -215,6 +215,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(10),
             max_idle: 8,
+            workers: 1,
         }
     }
 

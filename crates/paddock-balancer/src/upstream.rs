@@ -23,7 +23,21 @@ pub struct PoolConfig {
     /// Idle keep-alive connections are dropped after this long. Shorter than the front-end's own
     /// idle limit (30 s), so that the balancer never sends on a connection the server is closing.
     pub idle_timeout: Duration,
+    /// Idle connections kept per upstream and per worker thread.
     pub max_idle: usize,
+    /// Worker threads: each has its own idle connections, so that a connection is only ever
+    /// used by the thread whose event loop drives it.
+    pub workers: usize,
+}
+
+thread_local! {
+    /// The index of the worker thread this is (0 for the main one).
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the current thread as worker `index`.
+pub fn set_worker(index: usize) {
+    WORKER.with(|w| w.set(index));
 }
 
 /// Health-check settings.
@@ -61,7 +75,8 @@ pub struct Upstream {
     in_flight: AtomicU64,
     /// Set while the routing table says `maint`: no traffic and no health checks.
     pub(crate) maint: AtomicBool,
-    idle: Mutex<Vec<Idle>>,
+    /// One pool per worker thread.
+    idle: Vec<Mutex<Vec<Idle>>>,
     pool: PoolConfig,
 }
 
@@ -113,7 +128,9 @@ impl Upstream {
             apps: ArcSwap::from_pointee(Vec::new()),
             in_flight: AtomicU64::new(0),
             maint: AtomicBool::new(false),
-            idle: Mutex::new(Vec::new()),
+            idle: (0..pool.workers.max(1))
+                .map(|_| Mutex::new(Vec::new()))
+                .collect(),
             pool,
         }
     }
@@ -195,9 +212,16 @@ impl Upstream {
     }
 
     fn drop_idle(&self) {
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.clear();
+        for pool in &self.idle {
+            if let Ok(mut idle) = pool.lock() {
+                idle.clear();
+            }
         }
+    }
+
+    fn own_pool(&self) -> Option<&Mutex<Vec<Idle>>> {
+        let worker = WORKER.with(|w| w.get());
+        self.idle.get(worker).or(self.idle.first())
     }
 
     /// A pooled connection ready to send on, or a new one.
@@ -215,7 +239,7 @@ impl Upstream {
     }
 
     fn checkout(&self) -> Option<SendRequest<UpBody>> {
-        let mut idle = self.idle.lock().ok()?;
+        let mut idle = self.own_pool()?.lock().ok()?;
         while let Some(entry) = idle.pop() {
             if entry.since.elapsed() < self.pool.idle_timeout
                 && entry.sender.is_ready()
@@ -273,7 +297,8 @@ impl Upstream {
     }
 
     fn put_idle(&self, sender: SendRequest<UpBody>) {
-        if let Ok(mut idle) = self.idle.lock()
+        if let Some(pool) = self.own_pool()
+            && let Ok(mut idle) = pool.lock()
             && idle.len() < self.pool.max_idle
         {
             idle.push(Idle {

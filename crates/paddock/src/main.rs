@@ -173,7 +173,7 @@ struct BalancerArgs {
     /// Where the last routing table is kept (default: .paddock/<name>).
     #[arg(long, value_name = "DIR", env = "PADDOCK_DATA")]
     data: Option<PathBuf>,
-    /// Worker threads (default: one per core).
+    /// Event loops serving clients, one thread each (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
     /// Health check interval.
@@ -372,6 +372,10 @@ fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
             "nothing to route by: give --controller URL (a farm) or --table FILE (a fixed routing table)"
         ),
     };
+    let threads = match args.threads {
+        Some(n) => n.max(1),
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
     if args.rise == 0 || args.fall == 0 {
         anyhow::bail!("--rise and --fall count checks: give 1 or more");
     }
@@ -399,6 +403,7 @@ fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
             connect_timeout: args.connect_timeout,
             idle_timeout: args.idle_timeout,
             max_idle: 256,
+            workers: threads,
         },
         proxy: paddock_balancer::proxy::ProxyConfig {
             response_timeout: args.response_timeout,
@@ -406,18 +411,10 @@ fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
         header_timeout: args.header_timeout,
         max_header_bytes: args.max_header_bytes,
         max_headers: args.max_headers,
+        threads,
     };
-    // One thread: a single-threaded runtime, without the work-stealing machinery.
-    let mut runtime = match args.threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(threads) => {
-            let mut runtime = tokio::runtime::Builder::new_multi_thread();
-            runtime.worker_threads(threads.max(1));
-            runtime
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
-    runtime
+    // A single-threaded runtime: the balancer runs one event loop per thread itself.
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("paddock-balancer")
         .build()

@@ -36,6 +36,20 @@ fn by_server(samples: &[harness::Sample]) -> BTreeMap<String, usize> {
     counts
 }
 
+/// The front-ends that answer `requests` GETs of /hello, each of which must succeed.
+async fn servers_seen(
+    conn: &mut harness::Conn,
+    requests: usize,
+) -> std::collections::BTreeSet<String> {
+    let mut servers = std::collections::BTreeSet::new();
+    for _ in 0..requests {
+        let reply = conn.get("/hello").await.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        servers.insert(reply.header("x-paddock-server").unwrap().to_string());
+    }
+    servers
+}
+
 /// The controller's current generation, from `paddock routing --json`.
 fn generation(controller: &Controller) -> i64 {
     let routing: serde_json::Value =
@@ -201,17 +215,7 @@ async fn drain_under_load_with_two_balancers(db: Db, test: &str) {
     controller.ok(&["server", "fe2", "lb", "ready", "--wait"]);
     lb1.wait_up(&["fe2"], true).await;
     let mut conn = lb1.connect().await;
-    let mut servers = std::collections::BTreeSet::new();
-    for _ in 0..6 {
-        servers.insert(
-            conn.get("/hello")
-                .await
-                .unwrap()
-                .header("x-paddock-server")
-                .unwrap()
-                .to_string(),
-        );
-    }
+    let servers = servers_seen(&mut conn, 6).await;
     assert!(servers.contains("fe2"), "{servers:?}");
 
     // A balancer that stopped reporting is not waited for.
@@ -278,17 +282,7 @@ async fn a_killed_frontend_costs_no_request_and_comes_back_after_the_rise_count(
     lb.wait_for_log_after(offset, "up: health checks pass", Duration::from_secs(10))
         .await;
     let mut conn = lb.connect().await;
-    let mut servers = std::collections::BTreeSet::new();
-    for _ in 0..6 {
-        servers.insert(
-            conn.get("/hello")
-                .await
-                .unwrap()
-                .header("x-paddock-server")
-                .unwrap()
-                .to_string(),
-        );
-    }
+    let servers = servers_seen(&mut conn, 6).await;
     assert!(servers.contains("fe2"), "{servers:?}");
 
     // Every front-end gone: 503 with a body that says so.
