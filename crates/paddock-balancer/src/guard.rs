@@ -16,8 +16,8 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Longest chunk-size or trailer line the scanner follows.
-const MAX_LINE: usize = 4096;
+/// Longest chunk-size or trailer line the scanner follows (hyper's own limit for trailers).
+const MAX_LINE: usize = 16 * 1024;
 
 /// A client connection whose reads pass through a [`Scanner`].
 pub struct Guarded<T> {
@@ -130,20 +130,26 @@ impl Scanner {
                             return;
                         }
                     }
-                    let searched_from = self.line.len().saturating_sub(3);
                     let old_len = self.line.len();
                     self.line.extend_from_slice(data);
-                    match find(&self.line[searched_from..], b"\r\n\r\n") {
-                        Some(at) => {
-                            let end = searched_from + at + 4;
+                    // Parse only once an empty line may have arrived (CRLF or bare LF, as
+                    // hyper accepts both); the parser says where the head really ends.
+                    let from = old_len.saturating_sub(2);
+                    let maybe_complete = find(&self.line[from..], b"\n\n").is_some()
+                        || find(&self.line[from..], b"\n\r\n").is_some();
+                    match maybe_complete.then(|| self.head_done()) {
+                        Some(Some((end, next))) if next != State::Off && end > old_len => {
                             data = &data[end - old_len..];
-                            self.line.truncate(end);
-                            self.state = self.head_done();
+                            self.state = next;
                             self.line.clear();
                         }
-                        None => {
+                        Some(Some(_)) => {
+                            self.off();
+                            return;
+                        }
+                        _ => {
                             if self.line.len() > self.max_head {
-                                self.state = State::Off;
+                                self.off();
                             }
                             return;
                         }
@@ -168,7 +174,10 @@ impl Scanner {
                         match chunk_size(&self.line) {
                             Some(0) => State::Trailers,
                             Some(size) => State::ChunkData(size),
-                            None => State::Off,
+                            None => {
+                                self.off();
+                                return;
+                            }
                         }
                     };
                     self.line.clear();
@@ -208,15 +217,23 @@ impl Scanner {
                 self.line.extend_from_slice(data);
                 *data = &[];
                 if self.line.len() > MAX_LINE {
-                    self.state = State::Off;
+                    self.off();
                 }
                 None
             }
         }
     }
 
-    /// A complete head is in `self.line`: check its framing and say what follows it.
-    fn head_done(&mut self) -> State {
+    /// Stops following the stream, and flags it: what the scanner cannot follow is either
+    /// refused by hyper anyway or framed in a way nobody should rely on.
+    fn off(&mut self) {
+        self.state = State::Off;
+        self.suspect.store(true, Ordering::Release);
+    }
+
+    /// Parses the head at the start of `self.line`. `None` while it is incomplete; else where
+    /// it ends and what follows it (`Off` for a malformed or ambiguous head).
+    fn head_done(&mut self) -> Option<(usize, State)> {
         let mut few = [httparse::EMPTY_HEADER; 128];
         let mut many;
         let mut request = httparse::Request::new(&mut few);
@@ -229,9 +246,11 @@ impl Scanner {
             }
             parsed => parsed,
         };
-        if !matches!(parsed, Ok(httparse::Status::Complete(_))) {
-            return State::Off;
-        }
+        let end = match parsed {
+            Ok(httparse::Status::Complete(end)) => end,
+            Ok(httparse::Status::Partial) => return None,
+            Err(_) => return Some((0, State::Off)),
+        };
         let mut lengths = 0;
         let mut length = 0u64;
         let mut chunked = false;
@@ -243,23 +262,25 @@ impl Scanner {
                     .and_then(|v| v.trim().parse().ok())
                 {
                     Some(n) => n,
-                    None => return State::Off,
+                    None => return Some((0, State::Off)),
                 };
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
                 chunked = true;
             }
         }
         if lengths > 1 || (lengths == 1 && chunked) {
-            self.suspect.store(true, Ordering::Release);
-            return State::Off;
+            return Some((0, State::Off));
         }
-        if chunked {
-            State::ChunkSize
-        } else if length > 0 {
-            State::Body(length)
-        } else {
-            State::Head
-        }
+        Some((
+            end,
+            if chunked {
+                State::ChunkSize
+            } else if length > 0 {
+                State::Body(length)
+            } else {
+                State::Head
+            },
+        ))
     }
 }
 
@@ -268,15 +289,19 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 fn chunk_size(line: &[u8]) -> Option<u64> {
-    let digits: Vec<u8> = line
-        .iter()
-        .copied()
-        .take_while(|b| b.is_ascii_hexdigit())
-        .collect();
-    if digits.is_empty() || digits.len() > 15 {
+    let hex = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if hex == 0 {
         return None;
     }
-    u64::from_str_radix(std::str::from_utf8(&digits).ok()?, 16).ok()
+    // Leading zeros are allowed (and used to overflow parsers in smuggling attempts).
+    let significant = line[..hex].iter().skip_while(|&&b| b == b'0').count();
+    if significant == 0 {
+        return Some(0);
+    }
+    if significant > 15 {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(&line[hex - significant..hex]).ok()?, 16).ok()
 }
 
 #[cfg(test)]
@@ -322,6 +347,26 @@ mod tests {
             b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
               GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
         ));
+    }
+
+    #[test]
+    fn bare_lf_heads_and_leading_zeros_are_followed() {
+        // Bare-LF head then an ambiguous one: the second is found.
+        assert!(bytewise(
+            b"GET / HTTP/1.1\nHost: x\n\nPOST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        ));
+        // A bare-LF POST whose body holds CRLFCRLF is clean.
+        assert!(!bytewise(
+            b"POST / HTTP/1.1\nHost: x\nContent-Length: 6\n\nab\r\n\r\nGET / HTTP/1.1\nHost: x\n\n"
+        ));
+        // Chunk sizes with leading zeros, then a clean request.
+        assert!(!bytewise(
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n00000000000000001\r\na\r\n0\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        ));
+        // What the scanner cannot follow is flagged.
+        assert!(scan(&[
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+        ]));
     }
 
     #[test]

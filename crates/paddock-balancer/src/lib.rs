@@ -87,8 +87,17 @@ pub struct BalancerConfig {
 /// What every connection shares.
 pub struct Shared {
     pub table: ArcSwap<Table>,
+    /// The generation of `table`, stored after it (sequentially consistent).
+    generation: std::sync::atomic::AtomicI64,
     pub metrics: Metrics,
     pub proxy: ProxyConfig,
+}
+
+impl Shared {
+    /// The generation of the table requests are routed by.
+    pub fn generation(&self) -> i64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// A running balancer: its table and what it reports.
@@ -105,7 +114,7 @@ pub struct Balancer {
 
 impl Balancer {
     pub fn generation(&self) -> i64 {
-        self.shared.table.load().generation
+        self.shared.generation()
     }
 
     /// Applies a table: new front-ends get their first health check, then the whole table
@@ -136,17 +145,25 @@ impl Balancer {
         first_checks.join_all().await;
         let generation = table.generation;
         self.shared.table.store(Arc::new(table));
+        self.shared
+            .generation
+            .store(generation, std::sync::atomic::Ordering::SeqCst);
         tracing::info!(generation, "routing table applied");
     }
 
     /// The acknowledgement and the upstreams' state, as the controller wants it.
+    ///
+    /// The generation is read before the in-flight counts, and a request re-reads the
+    /// generation after counting itself (all sequentially consistent): so a request either is
+    /// in the counts reported with generation G, or it saw G and was routed by it.
     pub fn report(&self) -> BalancerReport {
+        let generation = self.shared.generation();
         let table = self.shared.table.load();
         BalancerReport {
             name: self.name.clone(),
             listen: self.listen.clone(),
             admin: self.admin.clone(),
-            generation: table.generation,
+            generation,
             upstreams: table
                 .upstreams()
                 .map(|(_, m)| UpstreamReport {
@@ -187,6 +204,7 @@ pub async fn run(
         },
         shared: Arc::new(Shared {
             table: ArcSwap::from_pointee(Table::empty()),
+            generation: std::sync::atomic::AtomicI64::new(0),
             metrics: Metrics::new(),
             proxy: config.proxy.clone(),
         }),
@@ -369,6 +387,7 @@ async fn accept_loop(
 async fn serve_admin(listener: TcpListener, balancer: Arc<Balancer>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let balancer = balancer.clone();

@@ -98,7 +98,17 @@ pub async fn handle(
         ));
     };
     let app = route.app.clone();
-    let zone = &table.zones[route.zone];
+    let mut zone_index = route.zone;
+    let mut table = table;
+    if let Some(refusal) = check_transfer_encoding(request.headers()) {
+        return Ok(refuse(
+            &shared,
+            started,
+            &app,
+            StatusCode::NOT_IMPLEMENTED,
+            refusal,
+        ));
+    }
 
     let (mut parts, body) = request.into_parts();
     let bodyless = is_bodyless(&parts.headers);
@@ -125,18 +135,36 @@ pub async fn handle(
         },
     ));
 
+    // Front-ends already tried, by identity (they are the same across tables).
     let mut tried: Vec<usize> = Vec::with_capacity(2);
     let mut last_failure: Option<String> = None;
     let mut fresh_connection = false;
-    for attempt in 0..zone.members.len() + 2 {
+    let attempts = table.zones[zone_index].members.len() + 2;
+    for attempt in 0..attempts {
+        // Every attempt routes by the table in force now: a retry never goes to a front-end
+        // that was drained while an earlier attempt was waiting.
+        if shared.generation() > table.generation {
+            let now = shared.table.load_full();
+            let zone_name = &table.zones[zone_index].name;
+            let Some(index) = now.zones.iter().position(|z| &z.name == zone_name) else {
+                break;
+            };
+            (table, zone_index) = (now, index);
+        }
+        let zone = &table.zones[zone_index];
         let Some(i) = zone.pick(app.as_str(), &tried) else {
             break;
         };
         let upstream = &zone.members[i].upstream;
+        let in_flight = upstream.start_request();
+        // A table applied between the pick and the count above may have been acknowledged
+        // with this front-end at zero in flight: pick again by the new table.
+        if shared.generation() > table.generation {
+            continue;
+        }
         if attempt > 0 {
             shared.metrics.retry(&upstream.name, &zone.name);
         }
-        let in_flight = upstream.start_request();
         let connection = if fresh_connection {
             upstream.connect().await.map(|sender| Conn {
                 sender,
@@ -151,18 +179,24 @@ pub async fn handle(
             Err(e) => {
                 upstream.failed_passively(&e.to_string());
                 last_failure = Some(format!("{}: {e}", upstream.name));
-                tried.push(i);
+                tried.push(upstream.id());
                 continue;
             }
         };
         let Some(outgoing) = pending.take() else {
             break;
         };
-        let sent = tokio::time::timeout(
-            shared.proxy.response_timeout,
-            conn.sender.try_send_request(outgoing),
-        )
-        .await;
+        // The response timeout starts once the request is sent: for a request with a body it
+        // would include the upload, so there the front-end's own time limit applies.
+        let sent = if bodyless {
+            tokio::time::timeout(
+                shared.proxy.response_timeout,
+                conn.sender.try_send_request(outgoing),
+            )
+            .await
+        } else {
+            Ok(conn.sender.try_send_request(outgoing).await)
+        };
         match sent {
             Ok(Ok(response)) => {
                 return Ok(relay(
@@ -195,13 +229,13 @@ pub async fn handle(
                         continue;
                     }
                     upstream.failed_passively(&format!("connection unusable: {}", e.error()));
-                    tried.push(i);
+                    tried.push(upstream.id());
                     continue;
                 }
                 let why = format!("{} before any response byte", e.error());
                 upstream.failed_passively(&why);
                 last_failure = Some(format!("{}: {why}", upstream.name));
-                tried.push(i);
+                tried.push(upstream.id());
                 match (&replay, idempotent) {
                     (Some((method, uri, headers)), true) => {
                         let mut again = Request::new(Either::Right(Empty::new()));
@@ -231,7 +265,10 @@ pub async fn handle(
             started,
             &app,
             StatusCode::BAD_GATEWAY,
-            format!("no front-end of zone {} answered: {failure}", zone.name),
+            format!(
+                "no front-end of zone {} answered: {failure}",
+                table.zones[zone_index].name
+            ),
         ),
         None => {
             let mut response = answer(
@@ -241,7 +278,7 @@ pub async fn handle(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
                     "no front-end can take {app} now: {}; `paddock routing` shows why",
-                    zone.describe_unroutable(&app)
+                    table.zones[zone_index].describe_unroutable(&app)
                 ),
             );
             response
@@ -277,6 +314,19 @@ fn check_host(request: &Request<Incoming>) -> Result<Option<HeaderValue>, &'stat
         Ok(Some(host.clone()))
     } else {
         Err("the Host header is not a valid host[:port]")
+    }
+}
+
+/// `Transfer-Encoding` other than a single `chunked`: hyper would take it (chunked is last),
+/// but the other codings would be lost on the way, so such a request is refused.
+fn check_transfer_encoding(headers: &HeaderMap) -> Option<&'static str> {
+    let mut all = headers.get_all(header::TRANSFER_ENCODING).iter();
+    match (all.next(), all.next()) {
+        (None, _) => None,
+        (Some(te), None) if te.as_bytes().eq_ignore_ascii_case(b"chunked") => None,
+        _ => Some(
+            "only `Transfer-Encoding: chunked` is supported; send the body without other transfer codings",
+        ),
     }
 }
 

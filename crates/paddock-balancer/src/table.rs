@@ -125,8 +125,8 @@ impl Table {
 }
 
 impl Zone {
-    /// Picks a member for a request to `app`, skipping those in `tried`: ready, healthy and
-    /// serving the app, chosen by the zone's policy.
+    /// Picks a member for a request to `app`, skipping the upstreams in `tried` (by
+    /// [`Upstream::id`]): ready, healthy and serving the app, chosen by the zone's policy.
     pub fn pick(&self, app: &str, tried: &[usize]) -> Option<usize> {
         let n = self.members.len();
         if n == 0 {
@@ -141,7 +141,9 @@ impl Zone {
             .any(|m| takes_traffic(m) && m.upstream.serves(app));
         let routable = |i: usize| {
             let m = &self.members[i];
-            takes_traffic(m) && !tried.contains(&i) && (!known || m.upstream.serves(app))
+            takes_traffic(m)
+                && !tried.contains(&m.upstream.id())
+                && (!known || m.upstream.serves(app))
         };
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
         match self.policy {
@@ -302,8 +304,9 @@ mod tests {
             .upstream
             .check_passed(vec!["hello".into()], 2);
         t.zones[0].members[1].upstream.failed_passively("test");
+        let first = t.zones[0].members[0].upstream.id();
         for _ in 0..6 {
-            let i = t.zones[0].pick("hello", &[0]).unwrap();
+            let i = t.zones[0].pick("hello", &[first]).unwrap();
             assert_eq!(i, 2, "0 was tried, 1 is down");
         }
         // A new table keeps health for the same name and address.

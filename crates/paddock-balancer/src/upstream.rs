@@ -148,13 +148,20 @@ impl Upstream {
         self.apps.load().iter().any(|a| a == app)
     }
 
+    /// Its identity: the same for as long as tables keep it (same name and address).
+    pub fn id(&self) -> usize {
+        self as *const Upstream as usize
+    }
+
+    /// Sequentially consistent with [`Shared::generation`](crate::Shared::generation): see
+    /// [`crate::Balancer::report`].
     pub fn in_flight(&self) -> u64 {
-        self.in_flight.load(Ordering::Acquire)
+        self.in_flight.load(Ordering::SeqCst)
     }
 
     /// Counts a request in flight until the guard is dropped.
     pub fn start_request(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
         InFlight(self.clone())
     }
 

@@ -675,6 +675,8 @@ async fn register(
         }
     }
     let server = c.store.register_server(&registration, now_ms()).await?;
+    // The routing table lists it: wake the balancers.
+    c.announce(c.store.generation().await?);
     tracing::info!(server = %server.name, zone = %server.zone, address = %server.address, "front-end registered");
     Ok(Json(server))
 }

@@ -143,7 +143,7 @@ fn upstream_status(
     let mut up_on = Vec::new();
     for b in live {
         if let Some(u) = b.report.upstreams.iter().find(|u| u.name == server.name) {
-            balancer_in_flight += u.in_flight;
+            balancer_in_flight = u64::saturating_add(balancer_in_flight, u.in_flight);
             if u.up {
                 up_on.push(b.report.name.clone());
             }

@@ -307,6 +307,18 @@ async fn a_balancer_keeps_its_table_without_the_controller() {
     let (mut controller, _fes) = farm("lb_keep", Db::Sqlite, &["fe1"]).await;
     let mut lb = Balancer::start(&controller, "lb1", &[]).await;
     lb.wait_up(&["fe1"], true).await;
+    // A front-end that registers later is in the table at once (not after a long-poll's 25 s).
+    let joined = Instant::now();
+    let _fe2 = Frontend::builder("fe2")
+        .controller(&controller, "default")
+        .start()
+        .await;
+    lb.wait_up(&["fe2"], true).await;
+    assert!(
+        joined.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        joined.elapsed()
+    );
     controller.kill();
     let reply = lb.connect().await.get("/hello").await.unwrap();
     assert_eq!(reply.status, 200);
@@ -366,6 +378,11 @@ async fn bad_requests_never_reach_a_frontend() {
             "smuggled behind a clean request",
             b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\nPOST /hello HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n".to_vec(),
             "ambiguous request framing",
+        ),
+        (
+            "Transfer-Encoding other than chunked",
+            b"POST /hello HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n".to_vec(),
+            "only `Transfer-Encoding: chunked` is supported",
         ),
         (
             "invalid Host",
