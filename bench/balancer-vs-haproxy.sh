@@ -17,6 +17,7 @@
 # pinned. Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
@@ -44,19 +45,6 @@ port() { echo $((20000 + RANDOM % 20000)); }
 B1=$(port); B2=$((B1 + 1))
 LB=$(port); LB_ADMIN=$((LB + 1))
 PATH_UNDER_TEST=/hello/
-
-wait_http() { # url
-  for _ in $(seq 1 600); do curl -sf -o /dev/null "$1" && return 0; sleep 0.1; done
-  echo "nothing answers at $1" >&2; return 1
-}
-
-to_ms() { # wrk latency like 1.23ms / 850.00us / 1.02s
-  awk -v v="$1" 'BEGIN {
-    if (v ~ /us$/) { sub(/us$/, "", v); printf "%.3f", v / 1000 }
-    else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.3f", v }
-    else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.3f", v * 1000 }
-    else { printf "%s", v } }'
-}
 
 # run_wrk THREADS URL -> "requests_per_sec p50_ms p99_ms errors"
 run_wrk() {

@@ -10,6 +10,7 @@
 # server and wrk share both CPUs. Loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 
 WASMTIME_VERSION=48.0.8
 ROUNDS=${ROUNDS:-3}
@@ -34,11 +35,6 @@ cp fixtures/apps/packages/hello-v1/* "$work/apps/hello/"
 # Same route for both: wasmtime serve sends every path to the component.
 PATH_UNDER_TEST=/hello/
 
-wait_http() { # url
-  for _ in $(seq 1 600); do curl -sf -o /dev/null "$1" && return 0; sleep 0.1; done
-  echo "server at $1 did not come up" >&2; return 1
-}
-
 # run_wrk PINNING URL -> "requests_per_sec p99_ms"
 run_wrk() {
   local pin=$1 url=$2 out
@@ -51,14 +47,6 @@ run_wrk() {
   rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
   echo "$rps $(to_ms "$p99")"
-}
-
-to_ms() { # wrk latency like 1.23ms / 850.00us / 1.02s
-  awk -v v="$1" 'BEGIN {
-    if (v ~ /us$/) { sub(/us$/, "", v); printf "%.3f", v / 1000 }
-    else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.3f", v }
-    else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.3f", v * 1000 }
-    else { printf "%s", v } }'
 }
 
 start_server() { # kind pinning port
