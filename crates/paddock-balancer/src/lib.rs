@@ -123,16 +123,13 @@ impl Balancer {
         let _one_at_a_time = self.applying.lock().await;
         let previous = self.shared.table.load_full();
         let table = Table::build(wire, &previous, &self.pool);
-        // Identities (addresses) of the upstreams that already have a health watcher.
-        let known: Vec<usize> = previous
-            .upstreams()
-            .map(|(_, m)| Arc::as_ptr(&m.upstream) as usize)
-            .collect();
+        // The upstreams that already have a health watcher.
+        let known: Vec<usize> = previous.upstreams().map(|(_, m)| m.upstream.id()).collect();
         let mut first_checks = tokio::task::JoinSet::new();
         for (_, member) in table.upstreams() {
             let upstream = &member.upstream;
             let health = self.health.clone();
-            if !known.contains(&(Arc::as_ptr(upstream) as usize)) {
+            if !known.contains(&upstream.id()) {
                 tokio::spawn(health::watch(Arc::downgrade(upstream), health.clone()));
             }
             if !upstream.is_known() && member.state != paddock_api::LbState::Maint {

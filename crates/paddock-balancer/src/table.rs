@@ -161,7 +161,7 @@ impl Zone {
         }
     }
 
-    /// Whether any member could take a request for `app` if it were healthy.
+    /// Why no member can take a request for `app`: how many are ready, healthy, serving it.
     pub fn describe_unroutable(&self, app: &str) -> String {
         let ready = self
             .members

@@ -14,6 +14,11 @@ pub const BALANCER_ALIVE_WITHIN_MS: i64 = 3_000;
 
 /// The table at the store's current generation. Passive servers take no traffic and are left out.
 pub async fn table(store: &dyn Store) -> paddock_store::Result<RoutingTable> {
+    Ok(read(store).await?.0)
+}
+
+/// The table, and the servers it was built from.
+async fn read(store: &dyn Store) -> paddock_store::Result<(RoutingTable, Vec<ServerInfo>)> {
     // The generation is read first: a change committed after this read bumps it again, so a
     // balancer never records a generation whose changes it has not seen.
     let generation = store.generation().await?;
@@ -21,34 +26,40 @@ pub async fn table(store: &dyn Store) -> paddock_store::Result<RoutingTable> {
     let routes = store.routes().await?;
     let policies: BTreeMap<String, Policy> = store.zone_policies().await?.into_iter().collect();
     let mut zones: BTreeMap<String, ZoneRouting> = BTreeMap::new();
-    let zone_entry = |zones: &mut BTreeMap<String, ZoneRouting>, zone: &str| {
-        zones
-            .entry(zone.to_string())
-            .or_insert_with(|| ZoneRouting {
-                zone: zone.to_string(),
-                policy: policies.get(zone).copied().unwrap_or_default(),
-                upstreams: Vec::new(),
-            });
-    };
     for route in &routes {
-        zone_entry(&mut zones, &route.zone);
+        zone(&mut zones, &policies, &route.zone);
     }
     for server in servers.iter().filter(|s| s.role == Role::Active) {
-        zone_entry(&mut zones, &server.zone);
-        if let Some(zone) = zones.get_mut(&server.zone) {
-            zone.upstreams.push(Upstream {
+        zone(&mut zones, &policies, &server.zone)
+            .upstreams
+            .push(Upstream {
                 name: server.name.clone(),
                 address: server.address.clone(),
                 state: server.lb,
                 weight: server.weight,
             });
-        }
     }
-    Ok(RoutingTable {
+    let table = RoutingTable {
         generation,
         zones: zones.into_values().collect(),
         routes,
-    })
+    };
+    Ok((table, servers))
+}
+
+/// The zone `name` of the table being built, added with its policy the first time.
+fn zone<'a>(
+    zones: &'a mut BTreeMap<String, ZoneRouting>,
+    policies: &BTreeMap<String, Policy>,
+    name: &str,
+) -> &'a mut ZoneRouting {
+    zones
+        .entry(name.to_string())
+        .or_insert_with(|| ZoneRouting {
+            zone: name.to_string(),
+            policy: policies.get(name).copied().unwrap_or_default(),
+            upstreams: Vec::new(),
+        })
 }
 
 /// `GET /v1/routing`: the table, who routes by what, and which front-ends are drained.
@@ -93,7 +104,7 @@ pub async fn status(
     now_ms: i64,
     frontend_alive_within_ms: i64,
 ) -> paddock_store::Result<RoutingStatus> {
-    let table = table(store).await?;
+    let (table, servers) = read(store).await?;
     let generation = generation.unwrap_or(table.generation);
     let balancers = store.balancers(now_ms - BALANCER_ALIVE_WITHIN_MS).await?;
     let live: Vec<&BalancerInfo> = balancers.iter().filter(|b| b.alive).collect();
@@ -106,9 +117,7 @@ pub async fn status(
     // Drained is judged against the current table: the one that says drain.
     let current_applied = live.iter().all(|b| b.report.generation >= table.generation);
     let last_ack_ms = live.iter().map(|b| b.applied_ms).max().unwrap_or(0);
-    let servers = store
-        .servers()
-        .await?
+    let servers = servers
         .into_iter()
         .map(|server| {
             upstream_status(

@@ -254,8 +254,14 @@ async fn a_killed_frontend_costs_no_request_and_comes_back_after_the_rise_count(
     fe2.signal("KILL");
     let killed_at = Instant::now();
     lb.wait_up(&["fe2"], false).await;
+    let retries_when_down = lb.metric_sum("paddock_balancer_retries_total", &[]).await;
     tokio::time::sleep(Duration::from_millis(500)).await; // load after the kill
     let samples = load.stop().await;
+    // Once down, fe2 is not tried any more: no request needed another attempt.
+    assert_eq!(
+        lb.metric_sum("paddock_balancer_retries_total", &[]).await,
+        retries_when_down
+    );
     assert_eq!(failures(&samples), Vec::<String>::new(), "GETs failed");
     let counts = by_server(&samples);
     assert!(counts.get("fe2").copied().unwrap_or(0) > 0, "{counts:?}");

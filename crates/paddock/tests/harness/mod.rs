@@ -79,6 +79,54 @@ fn spawn_logged(command: &mut Command, name: &str, log: &Arc<Mutex<String>>) -> 
     child
 }
 
+/// Waits until the log after byte `start` announces an address after each of `needles` (e.g.
+/// `"listening on http://"`), and returns them in order. Fails if the process exits first.
+async fn logged_addresses(
+    name: &str,
+    log: &Arc<Mutex<String>>,
+    start: usize,
+    child: &mut Child,
+    needles: &[&str],
+) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let found: Option<Vec<String>> = {
+            let log = log.lock().unwrap();
+            let after = &log[start..];
+            needles
+                .iter()
+                .map(|needle| {
+                    after.lines().find_map(|l| {
+                        l.split(needle)
+                            .nth(1)
+                            .map(|a| a.split(['/', ' ']).next().unwrap_or("").to_string())
+                    })
+                })
+                .collect()
+        };
+        if let Some(addresses) = found {
+            return addresses;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("{name} exited ({status}); log:\n{}", log.lock().unwrap());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} did not start; log:\n{}",
+            log.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// SIGKILL, and reap.
+fn kill_child(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 /// A running `paddock frontend` (with an apps folder, or following a controller).
 pub struct Frontend {
     pub name: String,
@@ -469,36 +517,23 @@ impl Controller {
             .arg(&self.data)
             .args(&self.extra_args);
         let start = self.log.lock().unwrap().len();
-        self.child = Some(spawn_logged(&mut command, "controller", &self.log));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let found = {
-                let log = self.log.lock().unwrap();
-                log[start..].lines().find_map(|l| {
-                    l.split("listening on http://")
-                        .nth(1)
-                        .map(|a| a.split_whitespace().next().unwrap_or("").to_string())
-                })
-            };
-            if let Some(addr) = found {
-                self.url = format!("http://{addr}");
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "controller did not start; log:\n{}",
-                self.log.lock().unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let child = self
+            .child
+            .insert(spawn_logged(&mut command, "controller", &self.log));
+        let found = logged_addresses(
+            "controller",
+            &self.log,
+            start,
+            child,
+            &["listening on http://"],
+        )
+        .await;
+        self.url = format!("http://{}", found[0]);
     }
 
     /// SIGKILL: the controller dies at once, as on a crash.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_child(&mut self.child);
     }
 
     /// Starts it again on the same address and database.
@@ -602,36 +637,17 @@ impl Balancer {
             .args(&self.args);
         let start = self.log.lock().unwrap().len();
         self.child = Some(spawn_logged(&mut command, &self.name, &self.log));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let found = {
-                let log = self.log.lock().unwrap();
-                let after = &log[start..];
-                let address = |needle: &str| {
-                    after.lines().find_map(|l| {
-                        l.split(needle)
-                            .nth(1)
-                            .map(|a| a.split(['/', ' ']).next().unwrap_or("").to_string())
-                    })
-                };
-                address("balancing on http://").zip(address("metrics on http://"))
-            };
-            if let Some((addr, admin)) = found {
-                self.addr = addr.parse().unwrap();
-                self.admin = admin.parse().unwrap();
-                return;
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("{} exited ({status}); log:\n{}", self.name, self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not start; log:\n{}",
-                self.name,
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let child = self.child.as_mut().unwrap();
+        let found = logged_addresses(
+            &self.name,
+            &self.log,
+            start,
+            child,
+            &["balancing on http://", "metrics on http://"],
+        )
+        .await;
+        self.addr = found[0].parse().unwrap();
+        self.admin = found[1].parse().unwrap();
     }
 
     pub fn log(&self) -> String {
@@ -658,10 +674,7 @@ impl Balancer {
 
     /// SIGKILL.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_child(&mut self.child);
     }
 
     /// Starts it again on the same addresses and data folder.
@@ -696,10 +709,17 @@ impl Balancer {
 
     /// Sum of `paddock_balancer_requests_total` over the lines whose labels contain all of `labels`.
     pub async fn requests_counted(&self, labels: &[&str]) -> u64 {
+        self.metric_sum("paddock_balancer_requests_total", labels)
+            .await
+    }
+
+    /// Sum of the metric `name` over the lines whose labels contain all of `labels`.
+    pub async fn metric_sum(&self, name: &str, labels: &[&str]) -> u64 {
+        let prefix = format!("{name}{{");
         self.metrics()
             .await
             .lines()
-            .filter(|l| l.starts_with("paddock_balancer_requests_total{"))
+            .filter(|l| l.starts_with(&prefix))
             .filter(|l| labels.iter().all(|want| l.contains(want)))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>() as u64
