@@ -272,6 +272,10 @@ pub struct DesiredState {
     /// When false the server keeps what it has and takes nothing new.
     pub deployment: bool,
     pub apps: Vec<DesiredApp>,
+    /// How the balancers treat this server. While it is not `ready` it heartbeats faster, so
+    /// that "drained" is confirmed close to when its last request ends.
+    #[serde(default)]
+    pub lb: LbState,
 }
 
 /// One app version a server should serve.
@@ -301,4 +305,302 @@ pub struct ApiError {
     pub error: String,
     /// What went wrong and what to do, for a person.
     pub message: String,
+}
+
+// ---- operations ------------------------------------------------------------------------------
+
+/// An app version named on the command line: `APP@VERSION`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppVersionRef {
+    pub app: String,
+    pub version: String,
+}
+
+/// `POST /v1/operations/balanced-deploy`: deploy app versions without downtime.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalancedDeployRequest {
+    pub apps: Vec<AppVersionRef>,
+    /// Refuse apps outside this zone.
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// The servers to update first (default: the first half of each zone's ready servers).
+    #[serde(default)]
+    pub updating: Vec<String>,
+    /// Run the zones side by side instead of one after another.
+    #[serde(default)]
+    pub parallel_zones: bool,
+    /// Only answer the plan; change nothing.
+    #[serde(default)]
+    pub plan_only: bool,
+    /// How long each wait of the operation may take before it fails (default 2 minutes).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// What a balanced deployment will do, with the real server names, decided when it starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployPlan {
+    pub parallel_zones: bool,
+    /// The deadline of each wait, in milliseconds.
+    pub timeout_ms: u64,
+    pub zones: Vec<ZonePlan>,
+}
+
+/// One zone of a [`DeployPlan`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZonePlan {
+    pub zone: String,
+    pub apps: Vec<PlannedApp>,
+    /// Taken out of the balancer, updated and smoke-tested first.
+    pub updating: Vec<String>,
+    /// Keep serving the old version until the cutover, updated after it.
+    pub loaded: Vec<String>,
+    /// Servers of the zone the operation leaves alone, with the reason.
+    pub untouched: Vec<String>,
+    /// A zone with one serving front-end is deployed in place (no balancing possible).
+    pub in_place: bool,
+    /// The flags of `updating` and `loaded` before the operation: what a failure restores.
+    pub before: Vec<ServerBefore>,
+    /// The steps, in order.
+    pub steps: Vec<PlannedStep>,
+}
+
+/// One app of a zone plan: from the version its zone runs to the new one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedApp {
+    pub app: String,
+    pub from: String,
+    pub to: String,
+    /// The path the smoke test requests on each updating server.
+    pub smoke: String,
+}
+
+/// A server's flags as they were before an operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerBefore {
+    pub name: String,
+    pub lb: LbState,
+    pub deployment: bool,
+    pub scheduler: bool,
+}
+
+/// One step of a zone plan, with the servers it acts on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedStep {
+    pub step: Step,
+    pub servers: Vec<String>,
+}
+
+/// The steps of a balanced deployment (DESIGN "Balanced application deployment"), and the ones
+/// that put everything back after a failure or an abort.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Step {
+    /// 1. Scheduler off on every server of the zone; wait for timer executions to end.
+    SchedulerOff,
+    /// 2. Route the zone to the loaded group only; wait for the acks and the updating group to drain.
+    DrainUpdating,
+    /// 3. Deployment service off on the loaded group.
+    DeploymentOff,
+    /// 4. The new versions on the updating group; wait until each serves them.
+    LoadNew,
+    /// 5. Each updating server answers the smoke path directly, with the new version.
+    Smoke,
+    /// 6. Route the zone to the updating group only; wait for the acks and the loaded group to drain.
+    Cutover,
+    /// 7. Scheduler back on for the updating group.
+    SchedulerOnUpdating,
+    /// 8. Deployment service back on for the loaded group; wait until each serves the new versions.
+    DeploymentOn,
+    /// 9. Route the zone to all its servers again.
+    RouteAll,
+    /// 10. Scheduler back on for the loaded group.
+    SchedulerOnLoaded,
+    /// A zone with one server: the new versions in place.
+    InPlace,
+    /// After a failure: users back on the loaded group, which still runs the old versions.
+    RestoreRouting,
+    /// After a failure: the old versions desired again; wait until the updating group serves them.
+    RestoreVersion,
+    /// After a failure: every flag as it was before the operation.
+    RestoreFlags,
+}
+
+impl Step {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::SchedulerOff => "scheduler-off",
+            Step::DrainUpdating => "drain-updating",
+            Step::DeploymentOff => "deployment-off",
+            Step::LoadNew => "load-new",
+            Step::Smoke => "smoke",
+            Step::Cutover => "cutover",
+            Step::SchedulerOnUpdating => "scheduler-on-updating",
+            Step::DeploymentOn => "deployment-on",
+            Step::RouteAll => "route-all",
+            Step::SchedulerOnLoaded => "scheduler-on-loaded",
+            Step::InPlace => "in-place",
+            Step::RestoreRouting => "restore-routing",
+            Step::RestoreVersion => "restore-version",
+            Step::RestoreFlags => "restore-flags",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Step> {
+        Step::ALL.into_iter().find(|step| step.as_str() == s)
+    }
+
+    pub const ALL: [Step; 14] = [
+        Step::SchedulerOff,
+        Step::DrainUpdating,
+        Step::DeploymentOff,
+        Step::LoadNew,
+        Step::Smoke,
+        Step::Cutover,
+        Step::SchedulerOnUpdating,
+        Step::DeploymentOn,
+        Step::RouteAll,
+        Step::SchedulerOnLoaded,
+        Step::InPlace,
+        Step::RestoreRouting,
+        Step::RestoreVersion,
+        Step::RestoreFlags,
+    ];
+
+    /// What the step does, for a person.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Step::SchedulerOff => "scheduler off; wait for running timer executions",
+            Step::DrainUpdating => "route to the loaded group only; wait for acks and drain",
+            Step::DeploymentOff => "deployment service off on the loaded group",
+            Step::LoadNew => "new version on the updating group; wait until loaded and healthy",
+            Step::Smoke => "smoke test each updating server directly",
+            Step::Cutover => "route to the updating group only; wait for acks and drain",
+            Step::SchedulerOnUpdating => "scheduler on for the updating group",
+            Step::DeploymentOn => {
+                "deployment service on for the loaded group; wait for the new version"
+            }
+            Step::RouteAll => "route to every server of the zone",
+            Step::SchedulerOnLoaded => "scheduler on for the loaded group",
+            Step::InPlace => "one server: hot deploy in place; wait until loaded",
+            Step::RestoreRouting => "route users back to the loaded group (old version)",
+            Step::RestoreVersion => "old version desired again; wait for the updating group",
+            Step::RestoreFlags => "every flag as before the operation",
+        }
+    }
+
+    /// Whether the step puts things back after a failure.
+    pub fn is_restore(self) -> bool {
+        matches!(
+            self,
+            Step::RestoreRouting | Step::RestoreVersion | Step::RestoreFlags
+        )
+    }
+}
+
+/// Where an operation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OpState {
+    Running,
+    /// A wait after the point of no return missed its deadline; `paddock op resume` retries it.
+    Paused,
+    Succeeded,
+    /// Failed before the point of no return: everything is as it was before.
+    Failed,
+    /// Aborted by an operator: everything is as it was before.
+    Aborted,
+}
+
+impl OpState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpState::Running => "running",
+            OpState::Paused => "paused",
+            OpState::Succeeded => "succeeded",
+            OpState::Failed => "failed",
+            OpState::Aborted => "aborted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<OpState> {
+        [
+            OpState::Running,
+            OpState::Paused,
+            OpState::Succeeded,
+            OpState::Failed,
+            OpState::Aborted,
+        ]
+        .into_iter()
+        .find(|state| state.as_str() == s)
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            OpState::Succeeded | OpState::Failed | OpState::Aborted
+        )
+    }
+}
+
+/// A journaled operation (`GET /v1/operations/{id}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Operation {
+    pub id: i64,
+    /// `balanced-deploy`.
+    pub kind: String,
+    pub state: OpState,
+    pub zones: Vec<String>,
+    pub plan: DeployPlan,
+    pub abort_requested: bool,
+    /// Why it failed, was aborted or paused; or a warning.
+    pub message: Option<String>,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    pub ended_ms: Option<i64>,
+    /// The journal, in the order the steps started.
+    pub steps: Vec<OpStep>,
+}
+
+/// One step as journaled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpStep {
+    pub zone: String,
+    pub step: Step,
+    pub servers: Vec<String>,
+    pub state: StepState,
+    pub started_ms: i64,
+    pub ended_ms: Option<i64>,
+    /// How many times it was started (more than 1 after a controller restart or a resume).
+    pub attempts: i64,
+    /// The facts it waited for, as observed.
+    pub facts: Vec<String>,
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepState {
+    Running,
+    Done,
+    Failed,
+}
+
+impl StepState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepState::Running => "running",
+            StepState::Done => "done",
+            StepState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<StepState> {
+        match s {
+            "running" => Some(StepState::Running),
+            "done" => Some(StepState::Done),
+            "failed" => Some(StepState::Failed),
+            _ => None,
+        }
+    }
 }

@@ -15,8 +15,9 @@ use std::borrow::Cow;
 
 use async_trait::async_trait;
 use paddock_api::{
-    AppSummary, AuditEntry, BalancerInfo, BalancerReport, HealthReport, LbState, Policy,
-    Registration, Role, RouteEntry, ServerFlag, ServerInfo, VersionInfo,
+    AppSummary, AuditEntry, BalancerInfo, BalancerReport, DeployPlan, HealthReport, LbState,
+    OpState, OpStep, Operation, Policy, Registration, Role, RouteEntry, ServerFlag, ServerInfo,
+    Step, StepState, VersionInfo,
 };
 use paddock_core::Manifest;
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -39,6 +40,12 @@ pub enum StoreError {
         existing: String,
         requested: String,
     },
+    #[error(
+        "operation {operation} is running in zone {zone}; one operation at a time acts on a zone: `paddock op watch {operation}` follows it, `paddock op abort {operation}` stops it"
+    )]
+    ZoneBusy { zone: String, operation: i64 },
+    #[error("unknown operation {0}; `paddock op list` lists the operations")]
+    UnknownOperation(i64),
     #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://USER@HOST:PORT/DB")]
     BadUrl(String),
     #[error("database error: {0}")]
@@ -57,6 +64,23 @@ pub enum PutOutcome {
     Created,
     /// The same name@version with the same content was already there: nothing changed.
     Unchanged,
+}
+
+/// A change of one server's flags; `None` leaves that flag as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerChange {
+    pub name: String,
+    pub lb: Option<LbState>,
+    pub deployment: Option<bool>,
+    pub scheduler: Option<bool>,
+}
+
+/// How a step of an operation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepEnd<'a> {
+    pub state: StepState,
+    pub facts: &'a [String],
+    pub message: Option<&'a str>,
 }
 
 /// What the controller needs from the platform database.
@@ -123,7 +147,15 @@ pub trait Store: Send + Sync + 'static {
     -> Result<Option<String>>;
 
     /// Makes `version` the desired version of `app` in `zone`; returns the new generation.
-    async fn set_desired(&self, app: &str, zone: &str, version: &str, now_ms: i64) -> Result<i64>;
+    async fn set_desired(&self, app: &str, zone: &str, version: &str, now_ms: i64) -> Result<i64> {
+        self.set_desired_many(&[(app, zone, version)], now_ms).await
+    }
+    /// Sets several desired versions `(app, zone, version)` in one transaction: the front-ends
+    /// and balancers see all of them or none. Returns the new generation.
+    async fn set_desired_many(&self, versions: &[(&str, &str, &str)], now_ms: i64) -> Result<i64>;
+    /// Changes the flags of several servers in one transaction (one generation): the balancers
+    /// never route by a table with only some of them. Returns the new generation.
+    async fn set_servers(&self, changes: &[ServerChange]) -> Result<i64>;
     /// The desired versions of a zone's apps.
     async fn desired(&self, zone: &str) -> Result<Vec<VersionInfo>>;
     async fn generation(&self) -> Result<i64>;
@@ -131,6 +163,52 @@ pub trait Store: Send + Sync + 'static {
     async fn audit(&self, actor: &str, action: &str, detail: &str, now_ms: i64) -> Result<()>;
     /// The newest `limit` entries, newest first.
     async fn audit_log(&self, limit: i64) -> Result<Vec<AuditEntry>>;
+
+    /// Records a new running operation and locks the zones of its plan, in one transaction.
+    /// Refuses with [`StoreError::ZoneBusy`] when another operation holds one of them.
+    async fn create_operation(
+        &self,
+        kind: &str,
+        plan: &DeployPlan,
+        message: Option<&str>,
+        now_ms: i64,
+    ) -> Result<i64>;
+    /// An operation with its journal.
+    async fn operation(&self, id: i64) -> Result<Operation>;
+    /// The newest `limit` operations, newest first, with their journals.
+    async fn operations(&self, limit: i64) -> Result<Vec<Operation>>;
+    /// The operations in state `running`: what a starting controller resumes.
+    async fn running_operations(&self) -> Result<Vec<i64>>;
+    /// The operation holding `zone`, if any.
+    async fn zone_lock(&self, zone: &str) -> Result<Option<i64>>;
+    /// Moves an operation to `state`. A final state records the end and releases its zones.
+    async fn set_operation_state(
+        &self,
+        id: i64,
+        state: OpState,
+        message: Option<&str>,
+        now_ms: i64,
+    ) -> Result<()>;
+    /// Asks the running operation to stop and put everything back.
+    async fn request_abort(&self, id: i64, now_ms: i64) -> Result<()>;
+    /// Journals the start of a step (again, after a restart: `attempts` grows).
+    async fn step_started(
+        &self,
+        id: i64,
+        zone: &str,
+        step: Step,
+        servers: &[String],
+        now_ms: i64,
+    ) -> Result<()>;
+    /// Journals the end of a step and the facts it observed.
+    async fn step_ended(
+        &self,
+        id: i64,
+        zone: &str,
+        step: Step,
+        end: StepEnd<'_>,
+        now_ms: i64,
+    ) -> Result<()>;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -673,32 +751,56 @@ impl Store for SqlStore {
         })
     }
 
-    async fn set_desired(&self, app: &str, zone: &str, version: &str, now_ms: i64) -> Result<i64> {
+    async fn set_desired_many(&self, versions: &[(&str, &str, &str)], now_ms: i64) -> Result<i64> {
         let mut tx = self.begin_write().await?;
-        let exists = sqlx::query(
-            &self.sql("SELECT 1 FROM versions WHERE app = $1 AND version = $2 AND zone = $3"),
-        )
-        .bind(app)
-        .bind(version)
-        .bind(zone)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if exists.is_none() {
-            return Err(StoreError::UnknownVersion {
-                app: app.into(),
-                version: version.into(),
-            });
+        for &(app, zone, version) in versions {
+            let exists = sqlx::query(
+                &self.sql("SELECT 1 FROM versions WHERE app = $1 AND version = $2 AND zone = $3"),
+            )
+            .bind(app)
+            .bind(version)
+            .bind(zone)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if exists.is_none() {
+                return Err(StoreError::UnknownVersion {
+                    app: app.into(),
+                    version: version.into(),
+                });
+            }
+            sqlx::query(&self.sql(
+                "INSERT INTO desired (app, zone, version, updated_ms) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (app, zone) DO UPDATE SET version = excluded.version, updated_ms = excluded.updated_ms",
+            ))
+            .bind(app)
+            .bind(zone)
+            .bind(version)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
         }
-        sqlx::query(&self.sql(
-            "INSERT INTO desired (app, zone, version, updated_ms) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (app, zone) DO UPDATE SET version = excluded.version, updated_ms = excluded.updated_ms",
-        ))
-        .bind(app)
-        .bind(zone)
-        .bind(version)
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await?;
+        let generation = self.bump_generation(&mut tx).await?;
+        tx.commit().await?;
+        Ok(generation)
+    }
+
+    async fn set_servers(&self, changes: &[ServerChange]) -> Result<i64> {
+        let mut tx = self.pool.begin().await?;
+        for change in changes {
+            let done = sqlx::query(&self.sql(
+                "UPDATE servers SET lb = COALESCE($1, lb), deployment_on = COALESCE($2, deployment_on), \
+                 scheduler_on = COALESCE($3, scheduler_on) WHERE name = $4",
+            ))
+            .bind(change.lb.map(LbState::as_str))
+            .bind(change.deployment.map(i64::from))
+            .bind(change.scheduler.map(i64::from))
+            .bind(&change.name)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() == 0 {
+                return Err(StoreError::UnknownServer(change.name.clone()));
+            }
+        }
         let generation = self.bump_generation(&mut tx).await?;
         tx.commit().await?;
         Ok(generation)
@@ -757,4 +859,270 @@ impl Store for SqlStore {
             })
             .collect()
     }
+
+    async fn create_operation(
+        &self,
+        kind: &str,
+        plan: &DeployPlan,
+        message: Option<&str>,
+        now_ms: i64,
+    ) -> Result<i64> {
+        let zones: Vec<&str> = plan.zones.iter().map(|z| z.zone.as_str()).collect();
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query(&self.sql(
+            "INSERT INTO operations (kind, state, zones, plan, message, created_ms, updated_ms) \
+             VALUES ($1, 'running', $2, $3, $4, $5, $5) RETURNING id",
+        ))
+        .bind(kind)
+        .bind(to_json(&zones)?)
+        .bind(to_json(plan)?)
+        .bind(message)
+        .bind(now_ms)
+        .fetch_one(&mut *tx)
+        .await?;
+        let id: i64 = row.try_get(0)?;
+        for zone in zones {
+            let done = sqlx::query(&self.sql(
+                "INSERT INTO zone_locks (zone, op_id) VALUES ($1, $2) ON CONFLICT (zone) DO NOTHING",
+            ))
+            .bind(zone)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() == 0 {
+                let holder = sqlx::query(&self.sql("SELECT op_id FROM zone_locks WHERE zone = $1"))
+                    .bind(zone)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                return Err(StoreError::ZoneBusy {
+                    zone: zone.to_string(),
+                    operation: holder.try_get(0)?,
+                });
+            }
+        }
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    async fn operation(&self, id: i64) -> Result<Operation> {
+        let row = sqlx::query(&self.sql(&format!(
+            "SELECT {OPERATION_COLUMNS} FROM operations WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StoreError::UnknownOperation(id))?;
+        let mut operation = operation_from_row(&row)?;
+        operation.steps = self.steps(id).await?;
+        Ok(operation)
+    }
+
+    async fn operations(&self, limit: i64) -> Result<Vec<Operation>> {
+        let rows = sqlx::query(&self.sql(&format!(
+            "SELECT {OPERATION_COLUMNS} FROM operations ORDER BY id DESC LIMIT $1"
+        )))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut operations = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let mut operation = operation_from_row(row)?;
+            operation.steps = self.steps(operation.id).await?;
+            operations.push(operation);
+        }
+        Ok(operations)
+    }
+
+    async fn running_operations(&self) -> Result<Vec<i64>> {
+        let rows = sqlx::query("SELECT id FROM operations WHERE state = 'running' ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok(row.try_get::<i64, _>(0)?))
+            .collect()
+    }
+
+    async fn zone_lock(&self, zone: &str) -> Result<Option<i64>> {
+        let row = sqlx::query(&self.sql("SELECT op_id FROM zone_locks WHERE zone = $1"))
+            .bind(zone)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(row) => Some(row.try_get(0)?),
+            None => None,
+        })
+    }
+
+    async fn set_operation_state(
+        &self,
+        id: i64,
+        state: OpState,
+        message: Option<&str>,
+        now_ms: i64,
+    ) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        let ended = state.is_final().then_some(now_ms);
+        let done = sqlx::query(&self.sql(
+            "UPDATE operations SET state = $1, message = COALESCE($2, message), updated_ms = $3, \
+             ended_ms = $4 WHERE id = $5",
+        ))
+        .bind(state.as_str())
+        .bind(message)
+        .bind(now_ms)
+        .bind(ended)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::UnknownOperation(id));
+        }
+        if state.is_final() {
+            sqlx::query(&self.sql("DELETE FROM zone_locks WHERE op_id = $1"))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn request_abort(&self, id: i64, now_ms: i64) -> Result<()> {
+        let done = sqlx::query(
+            &self.sql("UPDATE operations SET abort_requested = 1, updated_ms = $1 WHERE id = $2"),
+        )
+        .bind(now_ms)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::UnknownOperation(id));
+        }
+        Ok(())
+    }
+
+    async fn step_started(
+        &self,
+        id: i64,
+        zone: &str,
+        step: Step,
+        servers: &[String],
+        now_ms: i64,
+    ) -> Result<()> {
+        let ordinal = Step::ALL.iter().position(|s| *s == step).unwrap_or(0) as i64;
+        let mut tx = self.begin_write().await?;
+        sqlx::query(&self.sql(
+            "INSERT INTO operation_steps (op_id, zone, step, ordinal, servers, state, started_ms) \
+             VALUES ($1, $2, $3, $4, $5, 'running', $6) \
+             ON CONFLICT (op_id, zone, step) DO UPDATE SET state = 'running', ended_ms = NULL, \
+             attempts = operation_steps.attempts + 1",
+        ))
+        .bind(id)
+        .bind(zone)
+        .bind(step.as_str())
+        .bind(ordinal)
+        .bind(to_json(servers)?)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(&self.sql("UPDATE operations SET updated_ms = $1 WHERE id = $2"))
+            .bind(now_ms)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn step_ended(
+        &self,
+        id: i64,
+        zone: &str,
+        step: Step,
+        end: StepEnd<'_>,
+        now_ms: i64,
+    ) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query(&self.sql(
+            "UPDATE operation_steps SET state = $1, ended_ms = $2, facts = $3, message = $4 \
+             WHERE op_id = $5 AND zone = $6 AND step = $7",
+        ))
+        .bind(end.state.as_str())
+        .bind(now_ms)
+        .bind(to_json(end.facts)?)
+        .bind(end.message)
+        .bind(id)
+        .bind(zone)
+        .bind(step.as_str())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(&self.sql("UPDATE operations SET updated_ms = $1 WHERE id = $2"))
+            .bind(now_ms)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+impl SqlStore {
+    /// An operation's journal, in the order the steps started.
+    async fn steps(&self, id: i64) -> Result<Vec<OpStep>> {
+        let rows = sqlx::query(&self.sql(
+            "SELECT zone, step, servers, state, started_ms, ended_ms, attempts, facts, message \
+             FROM operation_steps WHERE op_id = $1 ORDER BY started_ms, ordinal",
+        ))
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let step: String = row.try_get("step")?;
+                let state: String = row.try_get("state")?;
+                Ok(OpStep {
+                    zone: row.try_get("zone")?,
+                    step: Step::parse(&step)
+                        .ok_or_else(|| StoreError::Corrupt(format!("step {step:?}")))?,
+                    servers: from_json(&row.try_get::<String, _>("servers")?, "step servers")?,
+                    state: StepState::parse(&state)
+                        .ok_or_else(|| StoreError::Corrupt(format!("step state {state:?}")))?,
+                    started_ms: row.try_get("started_ms")?,
+                    ended_ms: row.try_get("ended_ms")?,
+                    attempts: row.try_get("attempts")?,
+                    facts: from_json(&row.try_get::<String, _>("facts")?, "step facts")?,
+                    message: row.try_get("message")?,
+                })
+            })
+            .collect()
+    }
+}
+
+const OPERATION_COLUMNS: &str =
+    "id, kind, state, zones, plan, abort_requested, message, created_ms, updated_ms, ended_ms";
+
+/// An operation without its journal.
+fn operation_from_row(row: &AnyRow) -> Result<Operation> {
+    let state: String = row.try_get("state")?;
+    Ok(Operation {
+        id: row.try_get("id")?,
+        kind: row.try_get("kind")?,
+        state: OpState::parse(&state)
+            .ok_or_else(|| StoreError::Corrupt(format!("operation state {state:?}")))?,
+        zones: from_json(&row.try_get::<String, _>("zones")?, "operation zones")?,
+        plan: from_json(&row.try_get::<String, _>("plan")?, "operation plan")?,
+        abort_requested: row.try_get::<i64, _>("abort_requested")? != 0,
+        message: row.try_get("message")?,
+        created_ms: row.try_get("created_ms")?,
+        updated_ms: row.try_get("updated_ms")?,
+        ended_ms: row.try_get("ended_ms")?,
+        steps: Vec::new(),
+    })
+}
+
+fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(format!("encoding JSON: {e}")))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }

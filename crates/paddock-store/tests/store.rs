@@ -6,8 +6,9 @@ use paddock_api::{
     BalancerReport, HealthReport, LbState, Policy, Registration, Role, RouteEntry, ServerFlag,
     ServerState,
 };
+use paddock_api::{DeployPlan, OpState, Step, StepState, ZonePlan};
 use paddock_core::Manifest;
-use paddock_store::{PutOutcome, SqlStore, Store, StoreError};
+use paddock_store::{PutOutcome, ServerChange, SqlStore, StepEnd, Store, StoreError};
 
 enum Backend {
     Sqlite,
@@ -401,7 +402,187 @@ async fn routing_state(store: &dyn Store) {
     );
 }
 
+/// Operations: zone locks, the journal, final states; and the multi-server and multi-app writes
+/// they make in one transaction each.
+async fn operations_journal(store: &dyn Store) {
+    for (name, zone) in [("fe1", "a"), ("fe2", "a"), ("fe3", "b")] {
+        store
+            .register_server(&registration(name, zone), 1)
+            .await
+            .unwrap();
+    }
+    let plan = |zones: &[&str]| DeployPlan {
+        parallel_zones: false,
+        timeout_ms: 1000,
+        zones: zones
+            .iter()
+            .map(|z| ZonePlan {
+                zone: z.to_string(),
+                apps: vec![],
+                updating: vec![],
+                loaded: vec![],
+                untouched: vec![],
+                in_place: false,
+                before: vec![],
+                steps: vec![],
+            })
+            .collect(),
+    };
+    let id = store
+        .create_operation("balanced-deploy", &plan(&["a"]), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(store.zone_lock("a").await.unwrap(), Some(id));
+    assert_eq!(store.zone_lock("b").await.unwrap(), None);
+    // A second operation on zone a is refused and leaves nothing behind, not even b's lock.
+    match store
+        .create_operation("balanced-deploy", &plan(&["b", "a"]), None, 11)
+        .await
+    {
+        Err(StoreError::ZoneBusy { zone, operation }) => {
+            assert_eq!((zone.as_str(), operation), ("a", id))
+        }
+        other => panic!("expected ZoneBusy, got {other:?}"),
+    }
+    assert_eq!(store.zone_lock("b").await.unwrap(), None);
+    assert_eq!(store.operations(10).await.unwrap().len(), 1);
+    assert_eq!(store.running_operations().await.unwrap(), vec![id]);
+
+    let servers = vec!["fe1".to_string()];
+    store
+        .step_started(id, "a", Step::SchedulerOff, &servers, 20)
+        .await
+        .unwrap();
+    let facts = vec!["scheduler off on fe1".to_string()];
+    store
+        .step_ended(
+            id,
+            "a",
+            Step::SchedulerOff,
+            StepEnd {
+                state: StepState::Done,
+                facts: &facts,
+                message: None,
+            },
+            25,
+        )
+        .await
+        .unwrap();
+    store
+        .step_started(id, "a", Step::DrainUpdating, &servers, 30)
+        .await
+        .unwrap();
+    // Started again after a restart: same record, one more attempt, first start kept.
+    store
+        .step_started(id, "a", Step::DrainUpdating, &servers, 40)
+        .await
+        .unwrap();
+    store.request_abort(id, 41).await.unwrap();
+    let op = store.operation(id).await.unwrap();
+    assert!(op.abort_requested);
+    assert_eq!(op.state, OpState::Running);
+    assert_eq!(op.zones, ["a"]);
+    assert_eq!(op.plan, plan(&["a"]));
+    let steps: Vec<_> = op
+        .steps
+        .iter()
+        .map(|s| (s.step, s.state, s.started_ms, s.attempts))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            (Step::SchedulerOff, StepState::Done, 20, 1),
+            (Step::DrainUpdating, StepState::Running, 30, 2)
+        ]
+    );
+    assert_eq!(op.steps[0].facts, facts);
+    assert_eq!(op.steps[0].ended_ms, Some(25));
+
+    store
+        .set_operation_state(id, OpState::Aborted, Some("aborted by the operator"), 50)
+        .await
+        .unwrap();
+    let op = store.operation(id).await.unwrap();
+    assert_eq!((op.state, op.ended_ms), (OpState::Aborted, Some(50)));
+    assert_eq!(op.message.as_deref(), Some("aborted by the operator"));
+    assert_eq!(
+        store.zone_lock("a").await.unwrap(),
+        None,
+        "a final state releases the zone"
+    );
+    assert!(store.running_operations().await.unwrap().is_empty());
+    assert!(matches!(
+        store.operation(999).await,
+        Err(StoreError::UnknownOperation(999))
+    ));
+
+    // Several servers in one generation; an unknown one refuses all of it.
+    let g = store.generation().await.unwrap();
+    let change = |name: &str, lb| ServerChange {
+        name: name.into(),
+        lb: Some(lb),
+        deployment: Some(false),
+        scheduler: None,
+    };
+    let g1 = store
+        .set_servers(&[change("fe1", LbState::Drain), change("fe2", LbState::Maint)])
+        .await
+        .unwrap();
+    assert_eq!(g1, g + 1);
+    let fe2 = store.server("fe2").await.unwrap();
+    assert_eq!(
+        (fe2.lb, fe2.deployment, fe2.scheduler),
+        (LbState::Maint, false, true)
+    );
+    assert!(matches!(
+        store
+            .set_servers(&[
+                change("fe3", LbState::Drain),
+                change("nope", LbState::Drain)
+            ])
+            .await,
+        Err(StoreError::UnknownServer(_))
+    ));
+    assert_eq!(store.server("fe3").await.unwrap().lb, LbState::Ready);
+    assert_eq!(store.generation().await.unwrap(), g1);
+
+    // Several desired versions in one generation; an unknown version refuses all of them.
+    store
+        .put_version(&manifest("x", "a"), "v1", b"x1", "sha-x1", 1)
+        .await
+        .unwrap();
+    store
+        .put_version(&manifest("y", "a"), "v1", b"y1", "sha-y1", 1)
+        .await
+        .unwrap();
+    let g2 = store
+        .set_desired_many(&[("x", "a", "v1"), ("y", "a", "v1")], 60)
+        .await
+        .unwrap();
+    assert_eq!(g2, g1 + 1);
+    assert_eq!(store.desired("a").await.unwrap().len(), 2);
+    store
+        .put_version(&manifest("x", "a"), "v2", b"x2", "sha-x2", 1)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .set_desired_many(&[("x", "a", "v2"), ("y", "a", "v9")], 70)
+            .await,
+        Err(StoreError::UnknownVersion { .. })
+    ));
+    let x = store
+        .desired("a")
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|v| v.app == "x")
+        .unwrap();
+    assert_eq!(x.version, "v1");
+}
+
 on_both_backends!(
+    operations_journal,
     routing_state,
     servers_and_flags,
     versions_are_immutable,
