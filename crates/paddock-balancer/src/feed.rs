@@ -15,6 +15,8 @@ use crate::Balancer;
 
 /// How often a balancer reports when nothing changes.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// How often it reports while a front-end it no longer routes to has requests in flight.
+pub const DRAINING_INTERVAL: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone)]
 pub struct ControllerLink {
@@ -111,7 +113,8 @@ async fn fetch(http: &reqwest::Client, url: &str, token: &str) -> anyhow::Result
     Ok(response.json().await?)
 }
 
-/// Reports to the controller every second and whenever `applied` is notified.
+/// Reports to the controller every second (more often while a front-end drains) and whenever
+/// `applied` is notified.
 pub async fn report(
     balancer: Arc<Balancer>,
     http: reqwest::Client,
@@ -125,6 +128,9 @@ pub async fn report(
     );
     let mut failing = false;
     loop {
+        // Read before the report: if it shows a draining front-end with requests in flight,
+        // the next report must not wait a whole interval to say they ended.
+        let draining = balancer.draining();
         let report = balancer.report();
         let sent = http
             .post(&url)
@@ -155,8 +161,15 @@ pub async fn report(
                 failing = true;
             }
         }
+        // While a drained front-end still has requests in flight, report often: the
+        // operation waiting for it learns that it drained within DRAINING_INTERVAL.
+        let period = if draining || balancer.draining() {
+            DRAINING_INTERVAL
+        } else {
+            REPORT_INTERVAL
+        };
         tokio::select! {
-            _ = tokio::time::sleep(REPORT_INTERVAL) => {}
+            _ = tokio::time::sleep(period) => {}
             _ = applied.notified() => {}
         }
     }

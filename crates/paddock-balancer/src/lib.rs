@@ -171,6 +171,16 @@ impl Balancer {
                 .collect(),
         }
     }
+
+    /// Whether a front-end this balancer no longer sends new requests to still has some in
+    /// flight: the controller is waiting for it to drain, so the next report should not wait.
+    pub fn draining(&self) -> bool {
+        self.shared
+            .table
+            .load()
+            .upstreams()
+            .any(|(_, m)| m.state != paddock_api::LbState::Ready && m.upstream.in_flight() > 0)
+    }
 }
 
 /// Runs a balancer until `shutdown` resolves; then stops accepting and lets the requests in

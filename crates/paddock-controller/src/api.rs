@@ -12,8 +12,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use paddock_api::{
-    ApiError, BalancerReport, DesiredApp, DesiredState, HealthReport, LbState, Policy,
-    Registration, RoutingTable, ServerFlag, ServerInfo, VersionInfo,
+    ApiError, BalancedDeployRequest, BalancerReport, DeployPlan, DesiredApp, DesiredState,
+    HealthReport, LbState, OpState, Operation, Policy, Registration, RoutingTable, ServerFlag,
+    ServerInfo, VersionInfo,
 };
 use paddock_core::Manifest;
 use paddock_core::manifest::is_valid_name;
@@ -21,6 +22,7 @@ use paddock_runtime::sha256_hex;
 use paddock_store::{PutOutcome, StoreError};
 use serde::{Deserialize, Serialize};
 
+use crate::ops::PlanError;
 use crate::routing::RoutingStatus;
 use crate::{Controller, now_ms};
 
@@ -39,6 +41,11 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/servers/{name}/lb", post(set_lb))
         .route("/v1/zones/{zone}/policy", post(set_policy))
         .route("/v1/routing", get(routing_status))
+        .route("/v1/operations", get(list_operations))
+        .route("/v1/operations/balanced-deploy", post(balanced_deploy))
+        .route("/v1/operations/{id}", get(show_operation))
+        .route("/v1/operations/{id}/abort", post(abort_operation))
+        .route("/v1/operations/{id}/resume", post(resume_operation))
         .route("/v1/status", get(status))
         .route("/v1/audit", get(audit))
         .layer(DefaultBodyLimit::max(controller.max_upload_bytes))
@@ -108,6 +115,8 @@ impl From<StoreError> for Failure {
             StoreError::UnknownVersion { .. } => (StatusCode::NOT_FOUND, "unknown_version"),
             StoreError::VersionConflict { .. } => (StatusCode::CONFLICT, "version_conflict"),
             StoreError::ZoneConflict { .. } => (StatusCode::CONFLICT, "zone_conflict"),
+            StoreError::ZoneBusy { .. } => (StatusCode::CONFLICT, "zone_busy"),
+            StoreError::UnknownOperation(_) => (StatusCode::NOT_FOUND, "unknown_operation"),
             _ => {
                 tracing::error!("store: {e}");
                 (StatusCode::INTERNAL_SERVER_ERROR, "store_error")
@@ -291,7 +300,21 @@ async fn compile(
         })
 }
 
+/// Refuses a manual change to a zone while an operation acts on it: the operation restores
+/// exactly what was there before it, and a change in the middle would be lost or undone.
+async fn ensure_zone_free(c: &Controller, zone: &str) -> Result<(), Failure> {
+    match c.store.zone_lock(zone).await? {
+        Some(operation) => Err(StoreError::ZoneBusy {
+            zone: zone.to_string(),
+            operation,
+        }
+        .into()),
+        None => Ok(()),
+    }
+}
+
 async fn set_desired(c: &Controller, version: &VersionInfo) -> Result<i64, Failure> {
+    ensure_zone_free(c, &version.zone).await?;
     let now = now_ms();
     let generation = c
         .store
@@ -447,6 +470,7 @@ async fn set_flag(
     Path(name): Path<String>,
     Json(request): Json<FlagRequest>,
 ) -> Answer<ServerInfo> {
+    ensure_zone_free(&c, &c.store.server(&name).await?.zone).await?;
     let generation = c.store.set_flag(&name, request.flag, request.on).await?;
     c.store
         .audit(
@@ -503,6 +527,7 @@ async fn set_lb(
             ),
         ));
     }
+    ensure_zone_free(&c, &c.store.server(&name).await?.zone).await?;
     let generation = c.store.set_lb(&name, request.state, request.weight).await?;
     let weight = request
         .weight
@@ -660,6 +685,129 @@ async fn audit(
     ))
 }
 
+// ---- admin: operations ---------------------------------------------------------------------
+
+/// What `POST /v1/operations/balanced-deploy` answers: the plan, and the operation unless only
+/// the plan was asked for.
+#[derive(Serialize, Deserialize)]
+pub struct BalancedDeployAnswer {
+    pub plan: DeployPlan,
+    pub operation: Option<Operation>,
+}
+
+async fn balanced_deploy(
+    State(c): State<Arc<Controller>>,
+    Json(request): Json<BalancedDeployRequest>,
+) -> Result<(StatusCode, Json<BalancedDeployAnswer>), Failure> {
+    let plan = crate::ops::plan(&c, &request).await.map_err(|e| match e {
+        PlanError::Invalid(message) => Failure::bad_request("bad_plan", message),
+        PlanError::Store(e) => e.into(),
+    })?;
+    if request.plan_only {
+        return Ok((
+            StatusCode::OK,
+            Json(BalancedDeployAnswer {
+                plan,
+                operation: None,
+            }),
+        ));
+    }
+    let operation = crate::ops::start(&c, &plan).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(BalancedDeployAnswer {
+            plan,
+            operation: Some(operation),
+        }),
+    ))
+}
+
+async fn list_operations(State(c): State<Arc<Controller>>) -> Answer<Vec<Operation>> {
+    Ok(Json(c.store.operations(50).await?))
+}
+
+async fn show_operation(
+    State(c): State<Arc<Controller>>,
+    Path(id): Path<i64>,
+) -> Answer<Operation> {
+    Ok(Json(c.store.operation(id).await?))
+}
+
+async fn abort_operation(
+    State(c): State<Arc<Controller>>,
+    Path(id): Path<i64>,
+) -> Answer<Operation> {
+    let op = c.store.operation(id).await?;
+    if op.state != OpState::Running {
+        return Err(Failure::new(
+            StatusCode::CONFLICT,
+            "not_running",
+            format!(
+                "operation {id} is {}; only a running operation can be aborted",
+                op.state.as_str()
+            ),
+        ));
+    }
+    for zone in &op.plan.zones {
+        if let crate::ops::Next::Run(step) = crate::ops::next(&op, zone)
+            && crate::ops::past_point_of_no_return(step)
+        {
+            return Err(Failure::new(
+                StatusCode::CONFLICT,
+                "past_point_of_no_return",
+                format!(
+                    "operation {id} is at step {} in zone {}: the loaded group is taking the new version, so no server runs the old one any more; let it finish, then deploy the old version with `paddock deploy --balanced`",
+                    step.as_str(),
+                    zone.zone
+                ),
+            ));
+        }
+    }
+    c.store.request_abort(id, now_ms()).await?;
+    c.store
+        .audit(
+            "admin",
+            "operation-abort",
+            &format!("operation {id}"),
+            now_ms(),
+        )
+        .await?;
+    c.facts_changed();
+    Ok(Json(c.store.operation(id).await?))
+}
+
+async fn resume_operation(
+    State(c): State<Arc<Controller>>,
+    Path(id): Path<i64>,
+) -> Answer<Operation> {
+    let op = c.store.operation(id).await?;
+    match op.state {
+        OpState::Paused => {
+            c.store
+                .set_operation_state(id, OpState::Running, None, now_ms())
+                .await?;
+            c.store
+                .audit(
+                    "admin",
+                    "operation-resume",
+                    &format!("operation {id}"),
+                    now_ms(),
+                )
+                .await?;
+        }
+        OpState::Running => {}
+        state => {
+            return Err(Failure::new(
+                StatusCode::CONFLICT,
+                "operation_ended",
+                format!("operation {id} ended {}; start a new one", state.as_str()),
+            ));
+        }
+    }
+    crate::ops::spawn(c.clone(), id);
+    Ok(Json(c.store.operation(id).await?))
+}
+
 // ---- control channel ------------------------------------------------------------------------
 
 async fn register(
@@ -696,6 +844,7 @@ async fn heartbeat(
         ));
     }
     c.store.heartbeat(&name, &report, now_ms()).await?;
+    c.facts_changed();
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -718,11 +867,13 @@ async fn desired(
     // The generation is read first: a change committed after this read is announced again, so
     // the caller fetches once more rather than recording a generation it has not seen.
     let generation = c.store.generation().await?;
+    let zone = c.store.server(&name).await?.zone;
+    let desired = c.store.desired(&zone).await?;
+    // The flags are read after the versions: an operation switches a server's deployment
+    // service off before it changes the versions, so a server never sees the new versions
+    // together with the flag from before.
     let server = c.store.server(&name).await?;
-    let apps = c
-        .store
-        .desired(&server.zone)
-        .await?
+    let apps = desired
         .into_iter()
         .map(|v| DesiredApp {
             name: v.app,
@@ -736,6 +887,7 @@ async fn desired(
         generation,
         deployment: server.deployment,
         apps,
+        lb: server.lb,
     }))
 }
 
@@ -773,6 +925,7 @@ async fn balancer_report(
         ));
     }
     c.store.balancer_report(&report, now_ms()).await?;
+    c.facts_changed();
     Ok(StatusCode::NO_CONTENT)
 }
 

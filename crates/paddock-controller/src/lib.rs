@@ -15,9 +15,11 @@
 //! crate), and any IO towards front-ends: they come to the controller, never the other way round.
 
 pub mod api;
+pub mod ops;
 pub mod routing;
 pub mod tokens;
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -47,6 +49,13 @@ pub struct Controller {
     pub max_upload_bytes: usize,
     /// The newest generation this controller wrote; long-polls wait on it.
     generation: watch::Sender<i64>,
+    /// Counts reports from front-ends and balancers (and operation changes): operations waiting
+    /// for a fact look again when it moves.
+    facts: watch::Sender<u64>,
+    /// The operations a task of this controller drives now.
+    driving: std::sync::Mutex<HashSet<i64>>,
+    /// For smoke tests.
+    http: reqwest::Client,
 }
 
 impl Controller {
@@ -64,6 +73,15 @@ impl Controller {
 
     pub fn watch_generation(&self) -> watch::Receiver<i64> {
         self.generation.subscribe()
+    }
+
+    /// Something an operation may be waiting for was reported.
+    pub fn facts_changed(&self) {
+        self.facts.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    pub fn watch_facts(&self) -> watch::Receiver<u64> {
+        self.facts.subscribe()
     }
 }
 
@@ -96,6 +114,12 @@ pub async fn run(
         tokens,
         max_upload_bytes: config.max_upload_bytes,
         generation: watch::channel(generation).0,
+        facts: watch::channel(0).0,
+        driving: std::sync::Mutex::new(HashSet::new()),
+        http: reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(3))
+            .build()
+            .context("building the HTTP client")?,
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -107,6 +131,9 @@ pub async fn run(
         "listening on http://{}",
         listener.local_addr()?
     );
+    ops::resume_all(&controller)
+        .await
+        .context("reading the operations to resume")?;
     axum::serve(listener, api::router(controller))
         .with_graceful_shutdown(shutdown)
         .await

@@ -27,6 +27,12 @@ use crate::server::Vitals;
 
 /// Longest wait between two attempts to load what failed to load.
 const MAX_RETRY: Duration = Duration::from_secs(30);
+/// Heartbeat period while the balancers route this server.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Heartbeat period while it drains (lb `drain` or `maint`), for the first [`DRAINING_FOR`]:
+/// an operation waiting for "drained" learns it about this long after the last request ended.
+const HEARTBEAT_DRAINING: Duration = Duration::from_millis(100);
+const DRAINING_FOR: Duration = Duration::from_secs(60);
 
 /// How to reach the controller.
 #[derive(Debug, Clone)]
@@ -49,6 +55,8 @@ pub struct Deployer {
     http: reqwest::Client,
     /// Wakes the heartbeat loop right after a change.
     pub changed: Arc<Notify>,
+    /// Since when the balancers no longer send this server new requests, if they do not.
+    draining_since: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Deployer {
@@ -73,6 +81,7 @@ impl Deployer {
             state_file: data_dir.join("desired.json"),
             http,
             changed: Arc::new(Notify::new()),
+            draining_since: std::sync::Mutex::new(None),
         })
     }
 
@@ -120,6 +129,7 @@ impl Deployer {
                     failures = 0;
                     let changed = first || state.generation != generation;
                     first = false;
+                    self.note_lb(state.lb);
                     if state.deployment && changed {
                         let (_, failed) = self.apply(&state, false).await;
                         self.changed.notify_one();
@@ -227,7 +237,31 @@ impl Deployer {
             if let Err(e) = sent {
                 tracing::debug!("heartbeat not sent: {e:#}");
             }
-            let _ = tokio::time::timeout(Duration::from_secs(1), self.changed.notified()).await;
+            let period = match *self
+                .draining_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+            {
+                Some(since) if since.elapsed() < DRAINING_FOR => HEARTBEAT_DRAINING,
+                _ => HEARTBEAT,
+            };
+            let _ = tokio::time::timeout(period, self.changed.notified()).await;
+        }
+    }
+
+    /// Remembers whether the balancers route this server; heartbeats go faster while it drains.
+    fn note_lb(&self, lb: paddock_api::LbState) {
+        let mut since = self
+            .draining_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match (lb, *since) {
+            (paddock_api::LbState::Ready, _) => *since = None,
+            (_, None) => {
+                *since = Some(std::time::Instant::now());
+                self.changed.notify_one();
+            }
+            (_, Some(_)) => {}
         }
     }
 

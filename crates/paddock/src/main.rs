@@ -13,6 +13,7 @@ use paddock_frontend::deployer::ControllerLink;
 
 mod cmd {
     pub mod admin;
+    pub mod ops;
     pub mod up;
 }
 use paddock_runtime::{RuntimeConfig, sha256_hex};
@@ -42,6 +43,21 @@ enum Command {
     App {
         #[command(subcommand)]
         command: cmd::admin::AppCommand,
+        #[command(flatten)]
+        target: cmd::admin::Target,
+    },
+    /// Deploy app versions: in place (hot swap on every front-end), or `--balanced` (without
+    /// downtime: half the servers out of traffic, updated, smoke-tested, then one cutover).
+    Deploy {
+        #[command(flatten)]
+        args: cmd::ops::DeployArgs,
+        #[command(flatten)]
+        target: cmd::admin::Target,
+    },
+    /// The journaled operations (balanced deployments): list, show, watch, abort, resume.
+    Op {
+        #[command(subcommand)]
+        command: cmd::ops::OpCommand,
         #[command(flatten)]
         target: cmd::admin::Target,
     },
@@ -227,6 +243,12 @@ fn main() -> std::process::ExitCode {
         Command::Check { path } => check(&path),
         Command::App { command, target } => admin(&target, |client| {
             Box::pin(async move { cmd::admin::app(&client, command).await })
+        }),
+        Command::Deploy { args, target } => admin(&target, |client| {
+            Box::pin(async move { cmd::ops::deploy(&client, args).await })
+        }),
+        Command::Op { command, target } => admin(&target, |client| {
+            Box::pin(async move { cmd::ops::op(&client, command).await })
         }),
         Command::Servers { target } => admin(&target, |client| {
             Box::pin(async move { cmd::admin::servers(&client).await })

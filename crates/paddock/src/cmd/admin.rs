@@ -134,7 +134,7 @@ impl Client {
         self.send(self.http.post(url).multipart(form)).await
     }
 
-    fn print<T: Serialize>(&self, value: &T, human: impl FnOnce(&T)) -> anyhow::Result<()> {
+    pub fn print<T: Serialize>(&self, value: &T, human: impl FnOnce(&T)) -> anyhow::Result<()> {
         if self.json {
             println!("{}", serde_json::to_string_pretty(value)?);
         } else {
@@ -286,7 +286,11 @@ async fn wait_routed(client: &Client, started: Instant, timeout: Duration) -> an
 
 /// Waits until every live front-end of the version's zone whose deployment service is on reports
 /// the version loaded; prints each as it does. Fails naming the servers that did not.
-async fn wait_rollout(client: &Client, v: &VersionInfo, timeout: Duration) -> anyhow::Result<()> {
+pub async fn wait_rollout(
+    client: &Client,
+    v: &VersionInfo,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut reported = std::collections::BTreeSet::new();
     loop {

@@ -545,17 +545,19 @@ impl Controller {
 
     /// Runs a `paddock` admin command against this controller.
     pub fn cli(&self, args: &[&str]) -> CliOutput {
-        let out = Command::new(PADDOCK)
-            .args(args)
-            .env("PADDOCK_CONTROLLER", &self.url)
-            .env("PADDOCK_TOKEN", &self.admin_token)
-            .output()
-            .unwrap();
-        CliOutput {
-            success: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        run_cli(&self.url, &self.admin_token, args)
+    }
+
+    /// Like `cli`, on a blocking thread: for a command that runs while the test drives load.
+    pub async fn cli_async(&self, args: &[&str]) -> CliOutput {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let (url, token) = (self.url.clone(), self.admin_token.clone());
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_cli(&url, &token, &args)
+        })
+        .await
+        .unwrap()
     }
 
     /// Like `cli`, and the command must succeed.
@@ -580,6 +582,20 @@ impl Controller {
 impl Drop for Controller {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+fn run_cli(url: &str, token: &str, args: &[&str]) -> CliOutput {
+    let out = Command::new(PADDOCK)
+        .args(args)
+        .env("PADDOCK_CONTROLLER", url)
+        .env("PADDOCK_TOKEN", token)
+        .output()
+        .unwrap();
+    CliOutput {
+        success: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
 
@@ -834,10 +850,15 @@ impl Load {
     }
 
     pub async fn stop(self) -> Vec<Sample> {
+        self.stop_by_client().await.into_iter().flatten().collect()
+    }
+
+    /// Each client's samples, in the order it sent them.
+    pub async fn stop_by_client(self) -> Vec<Vec<Sample>> {
         self.stop.store(true, std::sync::atomic::Ordering::Release);
         let mut all = Vec::new();
         for client in self.clients {
-            all.extend(client.await.unwrap());
+            all.push(client.await.unwrap());
         }
         all
     }

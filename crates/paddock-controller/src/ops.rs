@@ -1,0 +1,1136 @@
+//! Operations: the farm procedures of the operations guides as journaled state machines.
+//!
+//! A balanced deployment ([`plan`], then [`start`]) is a [`DeployPlan`] fixed when it starts
+//! (which servers update first, which keep serving, every flag as it was) and a journal of
+//! steps in the store. The journal *is* the state: [`next`] reads it and says which step runs
+//! now, so a controller that dies at any point and starts again ([`resume_all`]) picks up where
+//! the journal says and ends the same way. Every step is idempotent: it sets state (flags,
+//! routing, desired versions) to values derived from the plan, then waits for facts that other
+//! processes report: the balancers' acknowledgement of a routing generation, the front-ends'
+//! in-flight counts and loaded versions, a smoke request's answer. A wait has a deadline and
+//! fails naming what did not confirm. No wait is a sleep.
+//!
+//! Failure or abort before the point of no return (step 8, when the loaded group takes the
+//! new version) runs the restore steps: users back on the loaded group, old versions desired
+//! again, every flag as before. A wait after the point of no return that misses its deadline
+//! pauses the operation; `paddock op resume` retries it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use paddock_api::{
+    BalancedDeployRequest, DeployPlan, LbState, OpState, OpStep, Operation, PlannedApp,
+    PlannedStep, Role, ServerBefore, ServerInfo, Step, StepState, ZonePlan,
+};
+use paddock_store::{ServerChange, StepEnd, StoreError};
+
+use crate::api::ALIVE_WITHIN_MS;
+use crate::{Controller, now_ms};
+
+/// How long each wait may take unless the request says otherwise.
+pub const DEFAULT_TIMEOUT_MS: u64 = 120_000;
+/// How often a wait looks again when no fact arrived (abort requests and deadlines).
+const RECHECK: Duration = Duration::from_millis(250);
+/// How long one smoke request may take.
+const SMOKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a balanced deployment cannot be planned. Nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn invalid(message: impl Into<String>) -> PlanError {
+    PlanError::Invalid(message.into())
+}
+
+/// Decides the groups and steps of a balanced deployment from the farm as it is now.
+pub async fn plan(
+    c: &Controller,
+    request: &BalancedDeployRequest,
+) -> Result<DeployPlan, PlanError> {
+    if request.apps.is_empty() {
+        return Err(invalid(
+            "name at least one app version to deploy, as APP@VERSION or a package folder",
+        ));
+    }
+    let timeout_ms = request.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+    if !(1_000..=3_600_000).contains(&timeout_ms) {
+        return Err(invalid(format!(
+            "timeout {timeout_ms} ms is out of range: use 1s to 1h"
+        )));
+    }
+    let mut zones: BTreeMap<String, Vec<PlannedApp>> = BTreeMap::new();
+    for wanted in &request.apps {
+        let version = c.store.version(&wanted.app, &wanted.version).await?;
+        if let Some(zone) = &request.zone
+            && *zone != version.zone
+        {
+            return Err(invalid(format!(
+                "{}@{} belongs to zone {}, not {zone}; leave out --zone or name apps of zone {zone}",
+                version.app, version.version, version.zone
+            )));
+        }
+        let apps = zones.entry(version.zone.clone()).or_default();
+        if apps.iter().any(|a| a.app == version.app) {
+            return Err(invalid(format!(
+                "{} is named twice; deploy one version of each app",
+                version.app
+            )));
+        }
+        let current = c
+            .store
+            .desired(&version.zone)
+            .await?
+            .into_iter()
+            .find(|v| v.app == version.app)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "{} was never deployed in zone {}: a balanced deployment moves users from one version to another; deploy its first version with `paddock deploy {} {}`",
+                    version.app, version.zone, version.app, version.version
+                ))
+            })?;
+        if current.version == version.version {
+            return Err(invalid(format!(
+                "zone {} already runs {}@{}; nothing to deploy",
+                version.zone, version.app, version.version
+            )));
+        }
+        apps.push(PlannedApp {
+            app: version.app.clone(),
+            from: current.version,
+            to: version.version.clone(),
+            smoke: version
+                .manifest
+                .smoke
+                .clone()
+                .unwrap_or_else(|| version.manifest.route.clone()),
+        });
+    }
+
+    let servers = c.store.servers().await?;
+    let now = now_ms();
+    for name in &request.updating {
+        let Some(server) = servers.iter().find(|s| s.name == *name) else {
+            return Err(StoreError::UnknownServer(name.clone()).into());
+        };
+        if !zones.contains_key(&server.zone) {
+            return Err(invalid(format!(
+                "--updating names {name}, of zone {}, where none of these apps runs",
+                server.zone
+            )));
+        }
+        if let Some(reason) = not_serving(server, now) {
+            return Err(invalid(format!(
+                "--updating names {name}, which is {reason}; name servers that serve users now"
+            )));
+        }
+    }
+
+    let mut plans = Vec::new();
+    for (zone, apps) in zones {
+        let mut serving = Vec::new();
+        let mut untouched = Vec::new();
+        for server in servers.iter().filter(|s| s.zone == zone) {
+            match not_serving(server, now) {
+                None => serving.push(server),
+                Some(reason) => untouched.push(format!("{} ({reason})", server.name)),
+            }
+        }
+        if serving.is_empty() {
+            return Err(invalid(format!(
+                "zone {zone} has no front-end serving users (alive, active, lb ready, deployment on); `paddock servers` shows why"
+            )));
+        }
+        let names: Vec<String> = serving.iter().map(|s| s.name.clone()).collect();
+        let (updating, loaded, in_place) = if names.len() == 1 {
+            (names.clone(), Vec::new(), true)
+        } else {
+            let chosen: Vec<String> = names
+                .iter()
+                .filter(|n| request.updating.contains(n))
+                .cloned()
+                .collect();
+            let updating = if chosen.is_empty() {
+                names[..names.len() / 2].to_vec()
+            } else {
+                chosen
+            };
+            if updating.len() == names.len() {
+                return Err(invalid(format!(
+                    "--updating names every serving front-end of zone {zone}; leave at least one to keep serving the old version"
+                )));
+            }
+            let loaded = names
+                .iter()
+                .filter(|n| !updating.contains(n))
+                .cloned()
+                .collect();
+            (updating, loaded, false)
+        };
+        let before = serving
+            .iter()
+            .map(|s| ServerBefore {
+                name: s.name.clone(),
+                lb: s.lb,
+                deployment: s.deployment,
+                scheduler: s.scheduler,
+            })
+            .collect();
+        let both: Vec<String> = updating.iter().chain(&loaded).cloned().collect();
+        let steps = forward_steps(in_place)
+            .iter()
+            .map(|&step| PlannedStep {
+                step,
+                servers: match step {
+                    Step::SchedulerOff | Step::Cutover => both.clone(),
+                    Step::DrainUpdating
+                    | Step::LoadNew
+                    | Step::Smoke
+                    | Step::SchedulerOnUpdating
+                    | Step::InPlace => updating.clone(),
+                    _ => loaded.clone(),
+                },
+            })
+            .collect();
+        plans.push(ZonePlan {
+            zone,
+            apps,
+            updating,
+            loaded,
+            untouched,
+            in_place,
+            before,
+            steps,
+        });
+    }
+    Ok(DeployPlan {
+        parallel_zones: request.parallel_zones,
+        timeout_ms,
+        zones: plans,
+    })
+}
+
+/// Why a server takes no part in a balanced deployment, or `None` if it serves users now.
+fn not_serving(server: &ServerInfo, now: i64) -> Option<String> {
+    let last_seen = server.heartbeat_ms.unwrap_or(server.registered_ms);
+    if server.role != Role::Active {
+        Some("passive".into())
+    } else if now - last_seen > ALIVE_WITHIN_MS {
+        Some("not alive".into())
+    } else if server.lb != LbState::Ready {
+        Some(format!("lb {}", server.lb.as_str()))
+    } else if !server.deployment {
+        Some("deployment service off".into())
+    } else {
+        None
+    }
+}
+
+fn forward_steps(in_place: bool) -> &'static [Step] {
+    if in_place {
+        &[Step::InPlace]
+    } else {
+        &[
+            Step::SchedulerOff,
+            Step::DrainUpdating,
+            Step::DeploymentOff,
+            Step::LoadNew,
+            Step::Smoke,
+            Step::Cutover,
+            Step::SchedulerOnUpdating,
+            Step::DeploymentOn,
+            Step::RouteAll,
+            Step::SchedulerOnLoaded,
+        ]
+    }
+}
+
+fn restore_steps(in_place: bool) -> &'static [Step] {
+    if in_place {
+        &[Step::RestoreVersion]
+    } else {
+        &[
+            Step::RestoreRouting,
+            Step::RestoreVersion,
+            Step::RestoreFlags,
+        ]
+    }
+}
+
+/// From step 8 on, the loaded group takes the new version: there is no old version left to go
+/// back to, so the operation only goes forward.
+pub fn past_point_of_no_return(step: Step) -> bool {
+    matches!(
+        step,
+        Step::DeploymentOn | Step::RouteAll | Step::SchedulerOnLoaded
+    )
+}
+
+/// What a zone of an operation does next, as its journal says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    Run(Step),
+    /// Every step done.
+    Done,
+    /// The restore steps ran: everything is as before.
+    Restored,
+}
+
+/// Reads the journal of one zone and says what runs now. A step journaled `running` runs again
+/// (its controller died during it). A failed step before the point of no return, or an abort
+/// request, leads to the restore steps; a failed step after it runs again (on resume).
+pub fn next(op: &Operation, zone: &ZonePlan) -> Next {
+    let journal: HashMap<Step, &OpStep> = op
+        .steps
+        .iter()
+        .filter(|s| s.zone == zone.zone)
+        .map(|s| (s.step, s))
+        .collect();
+    let restore = restore_steps(zone.in_place);
+    if journal.keys().any(|s| s.is_restore()) {
+        for &step in restore {
+            match journal.get(&step).map(|s| s.state) {
+                None | Some(StepState::Running) => return Next::Run(step),
+                Some(_) => continue,
+            }
+        }
+        return Next::Restored;
+    }
+    for &step in forward_steps(zone.in_place) {
+        match journal.get(&step).map(|s| s.state) {
+            Some(StepState::Done) => continue,
+            Some(StepState::Failed) if !past_point_of_no_return(step) => {
+                return Next::Run(restore[0]);
+            }
+            _ if op.abort_requested && !past_point_of_no_return(step) => {
+                return Next::Run(restore[0]);
+            }
+            _ => return Next::Run(step),
+        }
+    }
+    Next::Done
+}
+
+/// Records a new operation (refused if one of its zones is busy) and starts driving it.
+pub async fn start(c: &Arc<Controller>, plan: &DeployPlan) -> Result<Operation, StoreError> {
+    let warnings: Vec<String> = plan
+        .zones
+        .iter()
+        .filter(|z| z.in_place)
+        .map(|z| {
+            format!(
+                "zone {} has one serving front-end ({}): deployed in place, without a cutover",
+                z.zone, z.updating[0]
+            )
+        })
+        .collect();
+    let message = (!warnings.is_empty()).then(|| warnings.join("; "));
+    let now = now_ms();
+    let id = c
+        .store
+        .create_operation("balanced-deploy", plan, message.as_deref(), now)
+        .await?;
+    let apps: Vec<String> = plan
+        .zones
+        .iter()
+        .flat_map(|z| z.apps.iter().map(|a| format!("{}@{}", a.app, a.to)))
+        .collect();
+    c.store
+        .audit(
+            "admin",
+            "balanced-deploy",
+            &format!("operation {id}: {}", apps.join(" ")),
+            now,
+        )
+        .await?;
+    tracing::info!(operation = id, apps = %apps.join(" "), "balanced deployment started");
+    spawn(c.clone(), id);
+    c.store.operation(id).await
+}
+
+/// Drives every operation the journal says is running: what a starting controller does.
+///
+/// It first lets every balancer report once more: while this controller was down their last
+/// reports grew old, and a balancer not counted as live is not waited for.
+pub async fn resume_all(c: &Arc<Controller>) -> Result<(), StoreError> {
+    for id in c.store.running_operations().await? {
+        tracing::info!(
+            operation = id,
+            "resuming the operation where its journal stands"
+        );
+        spawn_after(c.clone(), id, RESUME_GRACE);
+    }
+    Ok(())
+}
+
+/// How long a starting controller waits before it resumes operations: the window in which a
+/// balancer counts as live, so that every live one has reported to this controller.
+const RESUME_GRACE: Duration =
+    Duration::from_millis(crate::routing::BALANCER_ALIVE_WITHIN_MS as u64);
+
+/// Drives the operation in a task of its own, unless one already does.
+pub fn spawn(c: Arc<Controller>, id: i64) {
+    spawn_after(c, id, Duration::ZERO)
+}
+
+fn spawn_after(c: Arc<Controller>, id: i64, grace: Duration) {
+    if !c
+        .driving
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id)
+    {
+        return;
+    }
+    tokio::spawn(async move {
+        tokio::time::sleep(grace).await;
+        let mut failures = 0u32;
+        loop {
+            match drive(&c, id).await {
+                Ok(()) => break,
+                Err(e) => {
+                    // The database is unreachable or refused a write: the journal is where it
+                    // was, so driving again later continues correctly.
+                    failures += 1;
+                    if failures == 1 || failures.is_multiple_of(30) {
+                        tracing::warn!(operation = id, "operation interrupted, retrying: {e:#}");
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        c.driving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    });
+}
+
+/// How one zone of an operation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ZoneEnd {
+    Done,
+    Restored,
+    Paused,
+}
+
+async fn drive(c: &Arc<Controller>, id: i64) -> anyhow::Result<()> {
+    let op = c.store.operation(id).await?;
+    if op.state != OpState::Running {
+        return Ok(());
+    }
+    let plan = op.plan.clone();
+    let mut ends = Vec::new();
+    if plan.parallel_zones {
+        let mut zones = tokio::task::JoinSet::new();
+        for index in 0..plan.zones.len() {
+            let c = c.clone();
+            zones.spawn(async move { drive_zone(&c, id, index).await });
+        }
+        while let Some(end) = zones.join_next().await {
+            ends.push(end.context("a zone's task panicked")??);
+        }
+    } else {
+        for index in 0..plan.zones.len() {
+            let end = drive_zone(c, id, index).await?;
+            ends.push(end);
+            if end != ZoneEnd::Done {
+                break;
+            }
+        }
+    }
+    let op = c.store.operation(id).await?;
+    let failures: Vec<String> = op
+        .steps
+        .iter()
+        .filter(|s| s.state == StepState::Failed)
+        .map(|s| {
+            format!(
+                "zone {}, {}: {}",
+                s.zone,
+                s.step.as_str(),
+                s.message.as_deref().unwrap_or("failed")
+            )
+        })
+        .collect();
+    let (state, message) = if ends.contains(&ZoneEnd::Paused) {
+        (
+            OpState::Paused,
+            format!(
+                "{}; users are on the new version; `paddock op resume {id}` retries",
+                failures.last().cloned().unwrap_or_default()
+            ),
+        )
+    } else if ends.iter().all(|e| *e == ZoneEnd::Done) && ends.len() == plan.zones.len() {
+        (OpState::Succeeded, String::new())
+    } else {
+        let cause = if op.abort_requested {
+            "aborted by the operator".to_string()
+        } else {
+            failures.first().cloned().unwrap_or_else(|| "failed".into())
+        };
+        let unconfirmed: Vec<&String> =
+            failures.iter().filter(|f| f.contains("restore-")).collect();
+        let after = if unconfirmed.is_empty() {
+            "every user stayed on or went back to the old version; flags and routing are as before"
+                .to_string()
+        } else {
+            format!(
+                "restored, except what did not confirm: {}",
+                unconfirmed
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )
+        };
+        let state = if op.abort_requested {
+            OpState::Aborted
+        } else {
+            OpState::Failed
+        };
+        (state, format!("{cause}; {after}"))
+    };
+    let now = now_ms();
+    let message = (!message.is_empty()).then_some(message);
+    c.store
+        .set_operation_state(id, state, message.as_deref(), now)
+        .await?;
+    c.store
+        .audit(
+            "controller",
+            "operation-end",
+            &format!(
+                "operation {id} {}{}",
+                state.as_str(),
+                message
+                    .as_deref()
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default()
+            ),
+            now,
+        )
+        .await?;
+    tracing::info!(
+        operation = id,
+        state = state.as_str(),
+        message = message.as_deref().unwrap_or(""),
+        "operation ended"
+    );
+    c.facts_changed();
+    Ok(())
+}
+
+async fn drive_zone(c: &Arc<Controller>, id: i64, index: usize) -> anyhow::Result<ZoneEnd> {
+    loop {
+        let op = c.store.operation(id).await?;
+        let zone = op
+            .plan
+            .zones
+            .get(index)
+            .context("the plan lost a zone")?
+            .clone();
+        let step = match next(&op, &zone) {
+            Next::Done => return Ok(ZoneEnd::Done),
+            Next::Restored => return Ok(ZoneEnd::Restored),
+            Next::Run(step) => step,
+        };
+        let servers = zone
+            .steps
+            .iter()
+            .find(|s| s.step == step)
+            .map(|s| s.servers.clone())
+            .unwrap_or_else(|| zone.updating.iter().chain(&zone.loaded).cloned().collect());
+        let started = now_ms();
+        c.store
+            .step_started(id, &zone.zone, step, &servers, started)
+            .await?;
+        c.facts_changed();
+        tracing::info!(operation = id, zone = %zone.zone, step = step.as_str(), servers = %servers.join(","), "step started");
+        let run = Run {
+            c,
+            id,
+            zone: &zone,
+            timeout: Duration::from_millis(op.plan.timeout_ms),
+            started_ms: started,
+        };
+        let outcome = run.step(step).await;
+        let (state, facts, message) = match outcome {
+            Ok(facts) => (StepState::Done, facts, None),
+            Err(StepError::Failed(message)) => (StepState::Failed, Vec::new(), Some(message)),
+            Err(StepError::Store(e)) => return Err(e),
+        };
+        c.store
+            .step_ended(
+                id,
+                &zone.zone,
+                step,
+                StepEnd {
+                    state,
+                    facts: &facts,
+                    message: message.as_deref(),
+                },
+                now_ms(),
+            )
+            .await?;
+        c.facts_changed();
+        tracing::info!(
+            operation = id,
+            zone = %zone.zone,
+            step = step.as_str(),
+            outcome = state.as_str(),
+            ms = now_ms() - started,
+            message = message.as_deref().unwrap_or(""),
+            "step ended"
+        );
+        if state == StepState::Failed && past_point_of_no_return(step) {
+            return Ok(ZoneEnd::Paused);
+        }
+    }
+}
+
+/// Why a step did not complete.
+enum StepError {
+    /// It failed: the message names what did not confirm.
+    Failed(String),
+    /// The store could not be reached: drive again later.
+    Store(anyhow::Error),
+}
+
+impl From<StoreError> for StepError {
+    fn from(e: StoreError) -> StepError {
+        StepError::Store(e.into())
+    }
+}
+
+/// What a wait saw: confirmed, with the facts, or not yet, with what is missing.
+enum Check {
+    Done(Vec<String>),
+    Pending(String),
+}
+
+/// One step of one zone being run.
+struct Run<'a> {
+    c: &'a Arc<Controller>,
+    id: i64,
+    zone: &'a ZonePlan,
+    timeout: Duration,
+    started_ms: i64,
+}
+
+impl Run<'_> {
+    async fn step(&self, step: Step) -> Result<Vec<String>, StepError> {
+        let z = self.zone;
+        match step {
+            Step::SchedulerOff => {
+                let servers: Vec<&String> = z.updating.iter().chain(&z.loaded).collect();
+                let g = self
+                    .set(servers.iter().map(|n| ServerChange {
+                        name: n.to_string(),
+                        scheduler: Some(false),
+                        ..ServerChange::default()
+                    }))
+                    .await?;
+                Ok(vec![
+                    format!("scheduler off on {} (generation {g})", join(&servers)),
+                    "no timer execution to wait for: this Paddock version runs no timers yet"
+                        .into(),
+                ])
+            }
+            Step::DrainUpdating => {
+                let g = self
+                    .set(z.updating.iter().map(|n| lb(n, LbState::Drain)))
+                    .await?;
+                self.wait_drained(g, &z.updating).await
+            }
+            Step::DeploymentOff => {
+                let g = self
+                    .set(z.loaded.iter().map(|n| ServerChange {
+                        name: n.clone(),
+                        deployment: Some(false),
+                        ..ServerChange::default()
+                    }))
+                    .await?;
+                Ok(vec![format!(
+                    "deployment service off on {} (generation {g})",
+                    join(&z.loaded)
+                )])
+            }
+            Step::LoadNew | Step::InPlace => {
+                self.desire(|a| &a.to).await?;
+                self.wait_serving(&z.updating, |a| &a.to, true).await
+            }
+            Step::Smoke => self.smoke().await,
+            Step::Cutover => {
+                let changes = z
+                    .updating
+                    .iter()
+                    .map(|n| lb(n, LbState::Ready))
+                    .chain(z.loaded.iter().map(|n| lb(n, LbState::Drain)));
+                let g = self.set(changes).await?;
+                self.wait_drained(g, &z.loaded).await
+            }
+            Step::SchedulerOnUpdating => self.restore_flag(&z.updating, Flag::Scheduler).await,
+            Step::DeploymentOn => {
+                self.restore_flag(&z.loaded, Flag::Deployment).await?;
+                self.wait_serving(&z.loaded, |a| &a.to, true).await
+            }
+            Step::RouteAll => {
+                let g = self
+                    .set(z.loaded.iter().map(|n| lb(n, self.before(n).lb)))
+                    .await?;
+                self.wait_applied(g, &format!("{} back in rotation", join(&z.loaded)))
+                    .await
+            }
+            Step::SchedulerOnLoaded => self.restore_flag(&z.loaded, Flag::Scheduler).await,
+            Step::RestoreRouting => {
+                // Users go back to the loaded group, which never left the old version.
+                let changes = z
+                    .loaded
+                    .iter()
+                    .map(|n| lb(n, self.before(n).lb))
+                    .chain(z.updating.iter().map(|n| lb(n, LbState::Drain)));
+                let g = self.set(changes).await?;
+                self.wait_applied(
+                    g,
+                    &format!("users routed to {} (old version) only", join(&z.loaded)),
+                )
+                .await
+            }
+            Step::RestoreVersion => {
+                self.desire(|a| &a.from).await?;
+                self.wait_serving(&z.updating, |a| &a.from, false).await
+            }
+            Step::RestoreFlags => self.restore_all_flags().await,
+        }
+    }
+
+    fn before(&self, name: &str) -> ServerBefore {
+        self.zone
+            .before
+            .iter()
+            .find(|b| b.name == name)
+            .cloned()
+            .unwrap_or(ServerBefore {
+                name: name.to_string(),
+                lb: LbState::Ready,
+                deployment: true,
+                scheduler: true,
+            })
+    }
+
+    /// Writes server changes in one generation and wakes the long-polls.
+    async fn set(&self, changes: impl Iterator<Item = ServerChange>) -> Result<i64, StepError> {
+        let changes: Vec<ServerChange> = changes.collect();
+        if changes.is_empty() {
+            return Ok(self.c.store.generation().await?);
+        }
+        let g = self.c.store.set_servers(&changes).await?;
+        self.c.announce(g);
+        Ok(g)
+    }
+
+    /// Makes the plan's `from` or `to` versions desired, in one generation.
+    async fn desire(&self, pick: fn(&PlannedApp) -> &String) -> Result<i64, StepError> {
+        let versions: Vec<(&str, &str, &str)> = self
+            .zone
+            .apps
+            .iter()
+            .map(|a| (a.app.as_str(), self.zone.zone.as_str(), pick(a).as_str()))
+            .collect();
+        let g = self.c.store.set_desired_many(&versions, now_ms()).await?;
+        self.c.announce(g);
+        Ok(g)
+    }
+
+    async fn restore_flag(&self, servers: &[String], flag: Flag) -> Result<Vec<String>, StepError> {
+        let g = self
+            .set(servers.iter().map(|n| {
+                let before = self.before(n);
+                ServerChange {
+                    name: n.clone(),
+                    deployment: (flag == Flag::Deployment).then_some(before.deployment),
+                    scheduler: (flag == Flag::Scheduler).then_some(before.scheduler),
+                    ..ServerChange::default()
+                }
+            }))
+            .await?;
+        Ok(vec![format!(
+            "{} service back as before on {} (generation {g})",
+            match flag {
+                Flag::Deployment => "deployment",
+                Flag::Scheduler => "scheduler",
+            },
+            join(servers)
+        )])
+    }
+
+    /// Every flag as before; an updating server that does not serve the old version yet stays
+    /// drained, so that no user reaches a version the operation was meant to take back.
+    async fn restore_all_flags(&self) -> Result<Vec<String>, StepError> {
+        let servers = self.c.store.servers().await?;
+        let now = now_ms();
+        let mut kept_out = Vec::new();
+        let mut changes = Vec::new();
+        for before in &self.zone.before {
+            let mut lb = before.lb;
+            if self.zone.updating.contains(&before.name)
+                && let Some(server) = servers.iter().find(|s| s.name == before.name)
+                && alive(server, now)
+                && self
+                    .zone
+                    .apps
+                    .iter()
+                    .any(|a| serving_version(server, &a.app) != Some(a.from.as_str()))
+            {
+                lb = LbState::Drain;
+                kept_out.push(before.name.clone());
+            }
+            changes.push(ServerChange {
+                name: before.name.clone(),
+                lb: Some(lb),
+                deployment: Some(before.deployment),
+                scheduler: Some(before.scheduler),
+            });
+        }
+        let g = self.set(changes.into_iter()).await?;
+        let facts = self
+            .wait_applied(g, "every flag as before the operation")
+            .await?;
+        if !kept_out.is_empty() {
+            return Err(StepError::Failed(format!(
+                "{} kept in drain: not serving the old version yet",
+                kept_out.join(", ")
+            )));
+        }
+        Ok(facts)
+    }
+
+    /// Waits until every live balancer routes by generation `g`.
+    async fn wait_applied(&self, g: i64, what: &str) -> Result<Vec<String>, StepError> {
+        self.wait(false, || async {
+            let status =
+                crate::routing::status(self.c.store.as_ref(), Some(g), now_ms(), ALIVE_WITHIN_MS)
+                    .await?;
+            if !status.applied {
+                return Ok(Check::Pending(format!(
+                    "balancers {} have not applied generation {g}",
+                    status.pending.join(", ")
+                )));
+            }
+            Ok(Check::Done(vec![
+                format!("{what} (generation {g})"),
+                acks(&status, g),
+            ]))
+        })
+        .await
+    }
+
+    /// Waits until every live balancer routes by generation `g` and `servers` are drained.
+    async fn wait_drained(&self, g: i64, servers: &[String]) -> Result<Vec<String>, StepError> {
+        self.wait(true, || async {
+            let status =
+                crate::routing::status(self.c.store.as_ref(), Some(g), now_ms(), ALIVE_WITHIN_MS)
+                    .await?;
+            if !status.applied {
+                return Ok(Check::Pending(format!(
+                    "balancers {} have not applied generation {g}",
+                    status.pending.join(", ")
+                )));
+            }
+            let busy: Vec<String> = status
+                .servers
+                .iter()
+                .filter(|s| servers.contains(&s.name) && !s.drained)
+                .map(|s| {
+                    format!(
+                        "{} ({} in flight on the front-end, {} from balancers)",
+                        s.name,
+                        s.in_flight.map(|n| n.to_string()).unwrap_or("?".into()),
+                        s.balancer_in_flight
+                    )
+                })
+                .collect();
+            if !busy.is_empty() {
+                return Ok(Check::Pending(format!("not drained: {}", busy.join(", "))));
+            }
+            Ok(Check::Done(vec![
+                acks(&status, g),
+                format!(
+                    "{} drained: no request in flight ({} ms)",
+                    join(servers),
+                    now_ms() - self.started_ms
+                ),
+            ]))
+        })
+        .await
+    }
+
+    /// Waits until each of `servers` reports the picked version of every app of the zone,
+    /// healthy, in a heartbeat sent after this step started.
+    ///
+    /// Going `forward`, a server that stops reporting fails the step at once, and an abort
+    /// request ends the wait. Restoring, a dead server counts as confirmed: it takes the desired
+    /// version when it comes back.
+    async fn wait_serving(
+        &self,
+        servers: &[String],
+        pick: fn(&PlannedApp) -> &String,
+        forward: bool,
+    ) -> Result<Vec<String>, StepError> {
+        self.wait(forward, || async {
+            let all = self.c.store.servers().await?;
+            let mut missing = Vec::new();
+            let mut dead = Vec::new();
+            for name in servers {
+                let Some(server) = all.iter().find(|s| s.name == *name) else {
+                    missing.push(format!("{name} is no longer registered"));
+                    continue;
+                };
+                if !alive(server, now_ms()) {
+                    if forward {
+                        return Err(StepError::Failed(format!(
+                            "{name} stopped reporting (no heartbeat for {} s)",
+                            ALIVE_WITHIN_MS / 1000
+                        )));
+                    }
+                    dead.push(name.clone());
+                    continue;
+                }
+                if server.heartbeat_ms.unwrap_or(0) < self.started_ms {
+                    missing.push(format!("{name} has not reported since the step started"));
+                    continue;
+                }
+                let state = server.observed.as_ref().map(|o| o.state);
+                if state != Some(paddock_api::ServerState::Serving) {
+                    missing.push(format!("{name} is not healthy ({state:?})"));
+                    continue;
+                }
+                for app in &self.zone.apps {
+                    let want = pick(app);
+                    match serving_version(server, &app.app) {
+                        Some(v) if v == want => {}
+                        Some(v) => {
+                            missing.push(format!("{name} serves {}@{v}, not {want}", app.app))
+                        }
+                        None => missing.push(format!("{name} does not serve {}", app.app)),
+                    }
+                }
+            }
+            if !missing.is_empty() {
+                return Ok(Check::Pending(missing.join("; ")));
+            }
+            let versions: Vec<String> = self
+                .zone
+                .apps
+                .iter()
+                .map(|a| format!("{}@{}", a.app, pick(a)))
+                .collect();
+            let mut facts = vec![format!(
+                "{} serve {}, healthy ({} ms)",
+                join(servers),
+                versions.join(" "),
+                now_ms() - self.started_ms
+            )];
+            if !dead.is_empty() {
+                facts.push(format!(
+                    "{} not alive: takes the desired version when it comes back",
+                    dead.join(", ")
+                ));
+            }
+            Ok(Check::Done(facts))
+        })
+        .await
+    }
+
+    /// Requests each app's smoke path on each updating server directly (not through a
+    /// balancer): it must answer 2xx with the new version.
+    async fn smoke(&self) -> Result<Vec<String>, StepError> {
+        let servers = self.c.store.servers().await?;
+        let mut requests = Vec::new();
+        for name in &self.zone.updating {
+            let address = servers
+                .iter()
+                .find(|s| s.name == *name)
+                .map(|s| s.address.clone())
+                .ok_or_else(|| StepError::Failed(format!("{name} is no longer registered")))?;
+            for app in &self.zone.apps {
+                requests.push(smoke_one(
+                    self.c.http.clone(),
+                    name.clone(),
+                    address.clone(),
+                    app.clone(),
+                ));
+            }
+        }
+        let results = join_all(requests).await;
+        let (passed, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(Result::is_ok);
+        if !failed.is_empty() {
+            return Err(StepError::Failed(format!(
+                "smoke test failed: {}",
+                failed
+                    .into_iter()
+                    .filter_map(Result::err)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )));
+        }
+        Ok(passed.into_iter().filter_map(Result::ok).collect())
+    }
+
+    /// Runs `check` until it confirms, on every fact reported and at least every 250 ms, until
+    /// the deadline (or an abort request, when `abortable`).
+    async fn wait<F, Fut>(&self, abortable: bool, mut check: F) -> Result<Vec<String>, StepError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Check, StepError>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut facts = self.c.watch_facts();
+        loop {
+            facts.mark_unchanged();
+            let missing = match check().await? {
+                Check::Done(found) => return Ok(found),
+                Check::Pending(missing) => missing,
+            };
+            if abortable && self.c.store.operation(self.id).await?.abort_requested {
+                return Err(StepError::Failed(format!(
+                    "aborted by the operator while waiting ({missing})"
+                )));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StepError::Failed(format!(
+                    "not confirmed within {} s: {missing}",
+                    self.timeout.as_secs()
+                )));
+            }
+            tokio::select! {
+                _ = facts.changed() => {}
+                _ = tokio::time::sleep(RECHECK) => {}
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flag {
+    Deployment,
+    Scheduler,
+}
+
+fn lb(name: &str, state: LbState) -> ServerChange {
+    ServerChange {
+        name: name.to_string(),
+        lb: Some(state),
+        ..ServerChange::default()
+    }
+}
+
+fn join<S: AsRef<str>>(names: &[S]) -> String {
+    if names.is_empty() {
+        return "no server".into();
+    }
+    names
+        .iter()
+        .map(|n| n.as_ref())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn alive(server: &ServerInfo, now: i64) -> bool {
+    now - server.heartbeat_ms.unwrap_or(server.registered_ms) <= ALIVE_WITHIN_MS
+}
+
+/// The version of `app` a server reported serving.
+fn serving_version<'a>(server: &'a ServerInfo, app: &str) -> Option<&'a str> {
+    server
+        .observed
+        .as_ref()?
+        .apps
+        .iter()
+        .find(|a| a.name == app)
+        .map(|a| a.version.as_str())
+}
+
+fn acks(status: &crate::routing::RoutingStatus, g: i64) -> String {
+    let live: Vec<&str> = status
+        .balancers
+        .iter()
+        .filter(|b| b.alive)
+        .map(|b| b.report.name.as_str())
+        .collect();
+    if live.is_empty() {
+        "no live balancer to acknowledge".into()
+    } else {
+        format!("generation {g} acknowledged by {}", live.join(", "))
+    }
+}
+
+/// Runs futures side by side; their results in order.
+async fn join_all<T: Send + 'static>(
+    futures: Vec<impl std::future::Future<Output = T> + Send + 'static>,
+) -> Vec<T> {
+    let mut set = tokio::task::JoinSet::new();
+    for (i, f) in futures.into_iter().enumerate() {
+        set.spawn(async move { (i, f.await) });
+    }
+    let mut results: Vec<(usize, T)> = Vec::new();
+    while let Some(joined) = set.join_next().await {
+        if let Ok(r) = joined {
+            results.push(r);
+        }
+    }
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
+}
+
+/// One smoke request; `Ok` with the fact, or `Err` naming the server and what it answered.
+async fn smoke_one(
+    http: reqwest::Client,
+    server: String,
+    address: String,
+    app: PlannedApp,
+) -> Result<String, String> {
+    let url = format!("http://{address}{}", app.smoke);
+    let started = std::time::Instant::now();
+    let response = http
+        .get(&url)
+        .timeout(SMOKE_TIMEOUT)
+        .send()
+        .await
+        .map_err(|e| format!("{server}: GET {} did not answer: {e}", app.smoke))?;
+    let status = response.status();
+    let version = response
+        .headers()
+        .get("x-paddock-version")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = response.text().await.unwrap_or_default();
+    let body: String = body.trim().chars().take(200).collect();
+    if !status.is_success() {
+        return Err(format!(
+            "{server}: GET {} answered {status} ({}@{version}): {body}",
+            app.smoke, app.app
+        ));
+    }
+    if version != app.to {
+        return Err(format!(
+            "{server}: GET {} answered with version {version:?}, expected {}",
+            app.smoke, app.to
+        ));
+    }
+    Ok(format!(
+        "{server}: GET {} → {} with {}@{version} ({} ms)",
+        app.smoke,
+        status.as_u16(),
+        app.app,
+        started.elapsed().as_millis()
+    ))
+}

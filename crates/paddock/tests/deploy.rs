@@ -1,0 +1,593 @@
+//! Balanced deployment end to end: a real controller, four front-ends and a balancer on
+//! loopback, keep-alive clients through the balancer for the whole operation, driven through the
+//! CLI (`paddock deploy --balanced`, `paddock op ...`).
+
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::{Balancer, Controller, Db, Frontend, Load, Sample, failures, fixture};
+
+const CLIENTS: usize = 6;
+const PACE: Duration = Duration::from_millis(5);
+
+struct Farm {
+    controller: Controller,
+    frontends: Vec<Frontend>,
+    lb: Balancer,
+}
+
+/// A controller, front-ends `fe1..feN` in zone default, a balancer; hello@v1 and slow published,
+/// hello@v2 and the broken hello uploaded.
+async fn farm(test: &str, db: Db, n: usize) -> Farm {
+    let controller = Controller::start(db, test, &[]).await;
+    let mut frontends = Vec::new();
+    for i in 1..=n {
+        frontends.push(
+            Frontend::builder(&format!("fe{i}"))
+                .controller(&controller, "default")
+                .start()
+                .await,
+        );
+    }
+    let names: Vec<String> = (1..=n).map(|i| format!("fe{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let lb = Balancer::start(&controller, "lb1", &[]).await;
+    lb.wait_up(&names, true).await;
+    for package in ["hello-v1", "slow"] {
+        controller.ok(&["app", "publish", &fixture(package).display().to_string()]);
+    }
+    for package in ["hello-v2", "hello-broken"] {
+        controller.ok(&["app", "upload", &fixture(package).display().to_string()]);
+    }
+    Farm {
+        controller,
+        frontends,
+        lb,
+    }
+}
+
+fn op_json(controller: &Controller, id: i64) -> serde_json::Value {
+    serde_json::from_str(&controller.ok(&["op", "show", &id.to_string(), "--json"])).unwrap()
+}
+
+fn servers_json(controller: &Controller) -> Vec<serde_json::Value> {
+    serde_json::from_str::<serde_json::Value>(&controller.ok(&["servers", "--json"]))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// Every server's (name, lb, deployment, scheduler).
+fn flags(controller: &Controller) -> Vec<(String, String, bool, bool)> {
+    servers_json(controller)
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                s["lb"].as_str().unwrap().to_string(),
+                s["deployment"].as_bool().unwrap(),
+                s["scheduler"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn desired(controller: &Controller, app: &str) -> String {
+    let apps: serde_json::Value =
+        serde_json::from_str(&controller.ok(&["app", "list", "--json"])).unwrap();
+    apps.as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == app)
+        .unwrap()["desired"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The versions one client saw, with runs collapsed: `["v1", "v2"]`.
+fn runs(samples: &[Sample]) -> Vec<String> {
+    let mut runs: Vec<String> = Vec::new();
+    for s in samples {
+        let v = s.version.clone().unwrap_or_default();
+        if runs.last() != Some(&v) {
+            runs.push(v);
+        }
+    }
+    runs
+}
+
+/// Polls `op show` until the operation is at `step` in state `running`.
+async fn wait_for_step(controller: &Controller, id: i64, step: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let op = op_json(controller, id);
+        if op["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["step"] == step && s["state"] == "running")
+        {
+            return op;
+        }
+        assert!(
+            op["state"] == "running" && Instant::now() < deadline,
+            "operation {id} never ran step {step}: {op:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The id of the operation a `deploy --balanced --detach --json` started.
+fn started_id(out: &harness::CliOutput) -> i64 {
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    serde_json::from_str::<serde_json::Value>(&out.stdout).unwrap()["id"]
+        .as_i64()
+        .unwrap()
+}
+
+const FORWARD: [&str; 10] = [
+    "scheduler-off",
+    "drain-updating",
+    "deployment-off",
+    "load-new",
+    "smoke",
+    "cutover",
+    "scheduler-on-updating",
+    "deployment-on",
+    "route-all",
+    "scheduler-on-loaded",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balanced_deployment_moves_every_client_once_with_zero_failures() {
+    let f = farm("deploy_balanced", Db::Sqlite, 4).await;
+    let before = flags(&f.controller);
+
+    // The plan names the real servers and changes nothing.
+    let generation = |c: &Controller| -> i64 {
+        serde_json::from_str::<serde_json::Value>(&c.ok(&["routing", "--json"])).unwrap()["table"]
+            ["generation"]
+            .as_i64()
+            .unwrap()
+    };
+    let g = generation(&f.controller);
+    let plan = f
+        .controller
+        .ok(&["deploy", "--balanced", "hello@v2", "--plan"]);
+    assert!(plan.contains("hello v1 → v2"), "{plan}");
+    assert!(plan.contains("updating: fe1, fe2"), "{plan}");
+    assert!(plan.contains("loaded:   fe3, fe4"), "{plan}");
+    for step in FORWARD {
+        assert!(plan.contains(step), "{plan}");
+    }
+    assert_eq!(generation(&f.controller), g, "--plan changed something");
+    // Bad input changes nothing either.
+    let e = f.controller.fails(&["deploy", "--balanced", "hello@v9"]);
+    assert!(e.contains("unknown app version hello@v9"), "{e}");
+    let e = f.controller.fails(&[
+        "deploy",
+        "--balanced",
+        "hello@v2",
+        "--updating",
+        "fe1,fe2,fe3,fe4",
+    ]);
+    assert!(e.contains("leave at least one"), "{e}");
+    let e = f.controller.fails(&["deploy", "--balanced", "hello@v1"]);
+    assert!(e.contains("already runs hello@v1"), "{e}");
+    assert_eq!(generation(&f.controller), g);
+
+    let load = Load::start(f.lb.addr, "/hello", CLIENTS, PACE);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = f
+        .controller
+        .cli_async(&["deploy", "--balanced", "hello@v2"])
+        .await;
+    let returned = Instant::now();
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("succeeded"), "{}", out.stdout);
+    // Requests that start after the command returned all get v2.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let clients = load.stop_by_client().await;
+
+    let all: Vec<Sample> = clients.iter().flatten().cloned().collect();
+    assert!(all.len() > 100, "too little load: {}", all.len());
+    assert!(failures(&all).is_empty(), "{:?}", failures(&all));
+    for (i, client) in clients.iter().enumerate() {
+        assert_eq!(
+            runs(client),
+            ["v1", "v2"],
+            "client {i} saw {:?}",
+            runs(client)
+        );
+    }
+    assert!(
+        all.iter()
+            .filter(|s| s.started > returned)
+            .all(|s| s.version.as_deref() == Some("v2"))
+    );
+    // The updating group served v2 from the cutover; the loaded group v1 until then, and v2
+    // once back in rotation.
+    let v2_servers: std::collections::BTreeSet<_> = all
+        .iter()
+        .filter(|s| s.version.as_deref() == Some("v2"))
+        .filter_map(|s| s.server.clone())
+        .collect();
+    assert!(v2_servers.contains("fe1") && v2_servers.contains("fe2"));
+
+    // The journal: every step, in order, with timings and the facts it waited for.
+    let ops: serde_json::Value =
+        serde_json::from_str(&f.controller.ok(&["op", "list", "--json"])).unwrap();
+    let id = ops[0]["id"].as_i64().unwrap();
+    let op = op_json(&f.controller, id);
+    assert_eq!(op["state"], "succeeded", "{op:#}");
+    let steps = op["steps"].as_array().unwrap();
+    let names: Vec<&str> = steps.iter().map(|s| s["step"].as_str().unwrap()).collect();
+    assert_eq!(names, FORWARD);
+    for s in steps {
+        assert_eq!(s["state"], "done", "{s:#}");
+        assert!(s["ended_ms"].as_i64().unwrap() >= s["started_ms"].as_i64().unwrap());
+        assert!(!s["facts"].as_array().unwrap().is_empty(), "{s:#}");
+    }
+    let drain = &steps[1]["facts"];
+    assert!(
+        drain.to_string().contains("acknowledged by lb1")
+            && drain.to_string().contains("fe1, fe2 drained"),
+        "{drain}"
+    );
+    let smoke = steps[4]["facts"].to_string();
+    assert!(
+        smoke.contains("fe1: GET /hello/health → 200 with hello@v2"),
+        "{smoke}"
+    );
+    let human = f.controller.ok(&["op", "show", &id.to_string()]);
+    eprintln!("{human}");
+    assert!(
+        human.contains("succeeded") && human.contains("cutover"),
+        "{human}"
+    );
+
+    // Afterwards: every server serves v2, flags and routing exactly as before.
+    for fe in &f.frontends {
+        fe.wait_serving("hello", "v2", "/hello").await;
+    }
+    assert_eq!(flags(&f.controller), before);
+    assert_eq!(desired(&f.controller, "hello"), "v2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_failing_its_smoke_test_never_reaches_a_user() {
+    let f = farm("deploy_smoke_fails", Db::Sqlite, 4).await;
+    let before = flags(&f.controller);
+    let load = Load::start(f.lb.addr, "/hello", CLIENTS, PACE);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let out = f
+        .controller
+        .cli_async(&[
+            "deploy",
+            "--balanced",
+            "hello@v3-broken",
+            "--detach",
+            "--json",
+        ])
+        .await;
+    let id = started_id(&out);
+    // One operation per zone: a second one, and manual changes to the zone, are refused.
+    let e = f.controller.fails(&["deploy", "--balanced", "hello@v2"]);
+    assert!(
+        e.contains(&format!("operation {id} is running in zone default")),
+        "{e}"
+    );
+    let e = f.controller.fails(&["deploy", "hello@v2"]);
+    assert!(e.contains(&format!("operation {id} is running")), "{e}");
+    let e = f.controller.fails(&["server", "fe3", "lb", "drain"]);
+    assert!(e.contains(&format!("operation {id} is running")), "{e}");
+
+    let out = f
+        .controller
+        .cli_async(&["op", "watch", &id.to_string()])
+        .await;
+    assert!(!out.success, "the operation should fail: {}", out.stdout);
+    assert!(
+        out.stderr.contains(&format!("operation {id} failed")),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("smoke test failed"), "{}", out.stderr);
+    assert!(out.stderr.contains("500"), "{}", out.stderr);
+    assert!(out.stdout.contains("restore-routing"), "{}", out.stdout);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let clients = load.stop_by_client().await;
+
+    let all: Vec<Sample> = clients.iter().flatten().cloned().collect();
+    assert!(failures(&all).is_empty(), "{:?}", failures(&all));
+    assert!(
+        all.iter().all(|s| s.version.as_deref() == Some("v1")),
+        "a user saw something else than v1: {:?}",
+        all.iter()
+            .filter_map(|s| s.version.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+    );
+
+    let op = op_json(&f.controller, id);
+    assert_eq!(op["state"], "failed");
+    let names: Vec<&str> = op["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "scheduler-off",
+            "drain-updating",
+            "deployment-off",
+            "load-new",
+            "smoke",
+            "restore-routing",
+            "restore-version",
+            "restore-flags"
+        ]
+    );
+    // Exactly as before: versions, flags, routing; and the updating group serves v1 again.
+    assert_eq!(desired(&f.controller, "hello"), "v1");
+    assert_eq!(flags(&f.controller), before);
+    for fe in &f.frontends {
+        fe.wait_serving("hello", "v1", "/hello").await;
+    }
+    // The zone is free again.
+    f.controller
+        .ok(&["deploy", "--balanced", "hello@v2", "--plan"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_killed_during_the_drain_resumes_and_an_abort_after_the_cutover_flips_back() {
+    let mut f = farm("deploy_resume", Db::Postgres, 4).await;
+    let before = flags(&f.controller);
+    let load = Load::start(f.lb.addr, "/hello", CLIENTS, PACE);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A slow request on fe1 (updating) keeps the drain step waiting while the controller dies.
+    let mut fe1 = f.frontends[0].connect().await;
+    let slow = tokio::spawn(async move { fe1.get("/slow?ms=4000").await.unwrap() });
+    let out = f
+        .controller
+        .cli_async(&["deploy", "--balanced", "hello@v2", "--detach", "--json"])
+        .await;
+    let id = started_id(&out);
+    wait_for_step(&f.controller, id, "drain-updating").await;
+    f.controller.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    f.controller.restart().await;
+    let out = f
+        .controller
+        .cli_async(&["op", "watch", &id.to_string()])
+        .await;
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    assert_eq!(slow.await.unwrap().status, 200);
+    let op = op_json(&f.controller, id);
+    assert_eq!(op["state"], "succeeded", "{op:#}");
+    let drain = op["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "drain-updating")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        drain["attempts"], 2,
+        "the restarted controller ran the drain again: {drain:#}"
+    );
+    let names: Vec<&str> = op["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, FORWARD);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let clients = load.stop_by_client().await;
+    let all: Vec<Sample> = clients.iter().flatten().cloned().collect();
+    assert!(failures(&all).is_empty(), "{:?}", failures(&all));
+    for (i, client) in clients.iter().enumerate() {
+        assert_eq!(
+            runs(client),
+            ["v1", "v2"],
+            "client {i} saw {:?}",
+            runs(client)
+        );
+    }
+    assert_eq!(flags(&f.controller), before);
+
+    // Back to v1, aborted while the cutover waits for fe3 (loaded) to drain: users return to
+    // the loaded group at once, which never left v2.
+    let load = Load::start(f.lb.addr, "/hello", CLIENTS, PACE);
+    let mut fe3 = f.frontends[2].connect().await;
+    let slow = tokio::spawn(async move { fe3.get("/slow?ms=8000").await.unwrap() });
+    let out = f
+        .controller
+        .cli_async(&["deploy", "--balanced", "hello@v1", "--detach", "--json"])
+        .await;
+    let id = started_id(&out);
+    wait_for_step(&f.controller, id, "cutover").await;
+    // Users are on the updating group (v1) now.
+    let mut conn = f.lb.connect().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while conn.get("/hello").await.unwrap().version() != Some("v1") {
+        assert!(Instant::now() < deadline, "the cutover did not move users");
+    }
+    let out = f
+        .controller
+        .cli_async(&["op", "abort", &id.to_string()])
+        .await;
+    assert!(!out.success, "an aborted operation exits non-zero");
+    assert!(
+        out.stderr.contains(&format!("operation {id} aborted")),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        conn.get("/hello").await.unwrap().version(),
+        Some("v2"),
+        "after the abort users are back on the old version"
+    );
+    let op = op_json(&f.controller, id);
+    assert_eq!(op["state"], "aborted", "{op:#}");
+    let e = f.controller.fails(&["op", "abort", &id.to_string()]);
+    assert!(e.contains("only a running operation can be aborted"), "{e}");
+    let e = f.controller.fails(&["op", "resume", &id.to_string()]);
+    assert!(e.contains("ended aborted"), "{e}");
+    let e = f.controller.fails(&["op", "show", "999"]);
+    assert!(e.contains("unknown operation 999"), "{e}");
+    slow.abort();
+    let clients = load.stop_by_client().await;
+    let all: Vec<Sample> = clients.iter().flatten().cloned().collect();
+    assert!(failures(&all).is_empty(), "{:?}", failures(&all));
+    assert_eq!(desired(&f.controller, "hello"), "v2");
+    assert_eq!(flags(&f.controller), before);
+    for fe in &f.frontends {
+        fe.wait_serving("hello", "v2", "/hello").await;
+    }
+}
+
+/// A copy of a fixture package under another name and zone, in `dir`.
+fn package_as(dir: &std::path::Path, source: &str, name: &str, zone: &str) -> String {
+    let to = dir.join(format!("{name}-{source}"));
+    std::fs::create_dir_all(&to).unwrap();
+    let from = fixture(source);
+    let manifest = std::fs::read_to_string(from.join("paddock.toml")).unwrap();
+    let manifest: String = manifest
+        .lines()
+        .filter(|l| !l.starts_with("name") && !l.starts_with("route") && !l.starts_with("smoke"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(
+        to.join("paddock.toml"),
+        format!("name = \"{name}\"\nzone = \"{zone}\"\nsmoke = \"/{name}/health\"\n{manifest}"),
+    )
+    .unwrap();
+    std::fs::copy(from.join("hello.wasm"), to.join("hello.wasm")).unwrap();
+    to.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_zone_has_its_own_groups_and_a_single_server_zone_deploys_in_place() {
+    let controller = Controller::start(Db::Sqlite, "deploy_zones", &[]).await;
+    let mut frontends = Vec::new();
+    for (name, zone) in [
+        ("a1", "a"),
+        ("a2", "a"),
+        ("b1", "b"),
+        ("b2", "b"),
+        ("c1", "c"),
+    ] {
+        frontends.push(
+            Frontend::builder(name)
+                .controller(&controller, zone)
+                .start()
+                .await,
+        );
+    }
+    let lb = Balancer::start(&controller, "lb1", &[]).await;
+    lb.wait_up(&["a1", "a2", "b1", "b2", "c1"], true).await;
+    let dir = tempfile::tempdir().unwrap();
+    for (app, zone) in [("alpha", "a"), ("beta", "b"), ("gamma", "c")] {
+        controller.ok(&[
+            "app",
+            "publish",
+            &package_as(dir.path(), "hello-v1", app, zone),
+        ]);
+        controller.ok(&[
+            "app",
+            "upload",
+            &package_as(dir.path(), "hello-v2", app, zone),
+        ]);
+    }
+    let plan = controller.ok(&[
+        "deploy",
+        "--balanced",
+        "alpha@v2",
+        "beta@v2",
+        "gamma@v2",
+        "--updating",
+        "b2",
+        "--plan",
+    ]);
+    assert!(plan.contains("zone a: alpha v1 → v2"), "{plan}");
+    assert!(plan.contains("updating: b2"), "{plan}");
+    assert!(plan.contains("hot deploy in place"), "{plan}");
+
+    let load_a = Load::start(lb.addr, "/alpha", 3, PACE);
+    let load_b = Load::start(lb.addr, "/beta", 3, PACE);
+    let out = controller
+        .cli_async(&[
+            "deploy",
+            "--balanced",
+            "alpha@v2",
+            "beta@v2",
+            "gamma@v2",
+            "--updating",
+            "b2",
+        ])
+        .await;
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("deployed in place"), "{}", out.stdout);
+    for load in [load_a, load_b] {
+        let clients = load.stop_by_client().await;
+        let all: Vec<Sample> = clients.iter().flatten().cloned().collect();
+        assert!(failures(&all).is_empty(), "{:?}", failures(&all));
+        for client in &clients {
+            assert_eq!(runs(client), ["v1", "v2"]);
+        }
+    }
+    let ops: serde_json::Value =
+        serde_json::from_str(&controller.ok(&["op", "list", "--json"])).unwrap();
+    let op = &ops[0];
+    assert_eq!(op["state"], "succeeded");
+    let zones = op["plan"]["zones"].as_array().unwrap();
+    let groups: Vec<(&str, Vec<&str>, Vec<&str>)> = zones
+        .iter()
+        .map(|z| {
+            let names = |k: &str| {
+                z[k].as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|n| n.as_str().unwrap())
+                    .collect()
+            };
+            (
+                z["zone"].as_str().unwrap(),
+                names("updating"),
+                names("loaded"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        groups,
+        [
+            ("a", vec!["a1"], vec!["a2"]),
+            ("b", vec!["b2"], vec!["b1"]),
+            ("c", vec!["c1"], vec![])
+        ]
+    );
+    // Zones one after another: every step of zone a before the first of zone b.
+    let zone_order: Vec<&str> = op["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["zone"].as_str().unwrap())
+        .collect();
+    let mut collapsed = zone_order.clone();
+    collapsed.dedup();
+    assert_eq!(collapsed, ["a", "b", "c"], "{zone_order:?}");
+    for (fe, app) in frontends
+        .iter()
+        .zip(["alpha", "alpha", "beta", "beta", "gamma"])
+    {
+        fe.wait_serving(app, "v2", &format!("/{app}")).await;
+    }
+}
