@@ -121,6 +121,31 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
         );
     }
 
+    // The README's balanced deployment: a package folder, uploaded and moved to without downtime.
+    let deploy = Command::new(PADDOCK)
+        .args(["deploy", "--balanced"])
+        .arg(fixture("hello-v2"))
+        .env(
+            "PADDOCK_CONTROLLER",
+            format!("http://127.0.0.1:{controller_port}"),
+        )
+        .env("PADDOCK_DATA", dir.path())
+        .env_remove("PADDOCK_TOKEN")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&deploy.stdout);
+    assert!(
+        deploy.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&deploy.stderr)
+    );
+    assert!(stdout.contains("updating: fe-1"), "{stdout}");
+    assert!(stdout.contains("succeeded"), "{stdout}");
+    for _ in 0..4 {
+        let reply = conn.get("/hello").await.unwrap();
+        assert_eq!((reply.status, reply.version()), (200, Some("v2")));
+    }
+
     Command::new("kill")
         .args(["-TERM", &up.id().to_string()])
         .status()
