@@ -18,6 +18,18 @@ pub struct HealthReport {
     pub apps: Vec<LoadedApp>,
     /// Requests received and not yet answered completely (body included), over all apps.
     pub in_flight: u64,
+    /// Desired app versions that this server could not load, with the reason (it keeps serving
+    /// what it had and retries).
+    #[serde(default)]
+    pub failed: Vec<LoadFailure>,
+}
+
+/// A desired app version a front-end could not load.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadFailure {
+    pub name: String,
+    pub version: String,
+    pub error: String,
 }
 
 /// One app version loaded on a front-end.

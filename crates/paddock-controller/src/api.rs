@@ -494,6 +494,7 @@ async fn remove_server(
     State(c): State<Arc<Controller>>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, Failure> {
+    ensure_zone_free(&c, &c.store.server(&name).await?.zone).await?;
     let generation = c.store.remove_server(&name).await?;
     c.store
         .audit("admin", "server-remove", &name, now_ms())
@@ -784,7 +785,12 @@ async fn resume_operation(
     match op.state {
         OpState::Paused => {
             c.store
-                .set_operation_state(id, OpState::Running, None, now_ms())
+                .set_operation_state(
+                    id,
+                    OpState::Running,
+                    Some("resumed by the operator"),
+                    now_ms(),
+                )
                 .await?;
             c.store
                 .audit(

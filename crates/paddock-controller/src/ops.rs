@@ -95,6 +95,17 @@ pub async fn plan(
                     version.app, version.zone, version.app, version.version
                 ))
             })?;
+        if current.manifest.route != version.manifest.route {
+            return Err(invalid(format!(
+                "{}@{} moves the app from route {} to {}: until the cutover the balancers would send the new route to servers that do not serve it; deploy it in place (`paddock deploy {}@{}`)",
+                version.app,
+                version.version,
+                current.manifest.route,
+                version.manifest.route,
+                version.app,
+                version.version
+            )));
+        }
         if current.version == version.version {
             return Err(invalid(format!(
                 "zone {} already runs {}@{}; nothing to deploy",
@@ -135,10 +146,21 @@ pub async fn plan(
     let mut plans = Vec::new();
     for (zone, apps) in zones {
         let mut serving = Vec::new();
+        // In rotation but not reporting: they join the loaded group, so that one coming back
+        // mid-operation is drained at the cutover and takes the new version at step 8.
+        let mut dormant = Vec::new();
         let mut untouched = Vec::new();
         for server in servers.iter().filter(|s| s.zone == zone) {
+            let in_rotation = server.role == Role::Active && server.lb == LbState::Ready;
+            if in_rotation && !server.deployment {
+                return Err(invalid(format!(
+                    "{} is in rotation with its deployment service off: it would keep serving the old version after the cutover; switch it on (`paddock server {} deployment on`) or take it out (`paddock server {} lb maint`)",
+                    server.name, server.name, server.name
+                )));
+            }
             match not_serving(server, now) {
                 None => serving.push(server),
+                Some(_) if in_rotation => dormant.push(server),
                 Some(reason) => untouched.push(format!("{} ({reason})", server.name)),
             }
         }
@@ -149,6 +171,11 @@ pub async fn plan(
         }
         let names: Vec<String> = serving.iter().map(|s| s.name.clone()).collect();
         let (updating, loaded, in_place) = if names.len() == 1 {
+            untouched.extend(
+                dormant
+                    .drain(..)
+                    .map(|s| format!("{} (not alive; takes the new version when back)", s.name)),
+            );
             (names.clone(), Vec::new(), true)
         } else {
             let chosen: Vec<String> = names
@@ -170,11 +197,13 @@ pub async fn plan(
                 .iter()
                 .filter(|n| !updating.contains(n))
                 .cloned()
+                .chain(dormant.iter().map(|s| s.name.clone()))
                 .collect();
             (updating, loaded, false)
         };
         let before = serving
             .iter()
+            .chain(&dormant)
             .map(|s| ServerBefore {
                 name: s.name.clone(),
                 lb: s.lb,
@@ -393,7 +422,26 @@ fn spawn_after(c: Arc<Controller>, id: i64, grace: Duration) {
         let mut failures = 0u32;
         loop {
             match drive(&c, id).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    // A resume that came while this task was ending found it still driving and
+                    // left the operation to it: look once more before leaving.
+                    c.driving
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&id);
+                    match c.store.operation(id).await {
+                        Ok(op)
+                            if op.state == OpState::Running
+                                && c.driving
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .insert(id) =>
+                        {
+                            continue;
+                        }
+                        _ => return,
+                    }
+                }
                 Err(e) => {
                     // The database is unreachable or refused a write: the journal is where it
                     // was, so driving again later continues correctly.
@@ -405,10 +453,6 @@ fn spawn_after(c: Arc<Controller>, id: i64, grace: Duration) {
                 }
             }
         }
-        c.driving
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
     });
 }
 
@@ -459,11 +503,35 @@ async fn drive(c: &Arc<Controller>, id: i64) -> anyhow::Result<()> {
             )
         })
         .collect();
+    let zone_ends: Vec<String> = plan
+        .zones
+        .iter()
+        .enumerate()
+        .map(|(i, z)| {
+            let end = match ends.get(i) {
+                _ if plan.parallel_zones => match next(&op, z) {
+                    Next::Done => "done",
+                    Next::Restored => "restored",
+                    Next::Run(_) => "paused",
+                },
+                Some(ZoneEnd::Done) => "done",
+                Some(ZoneEnd::Restored) => "restored",
+                Some(ZoneEnd::Paused) => "paused",
+                None => "not started",
+            };
+            format!("zone {} {end}", z.zone)
+        })
+        .collect();
+    let per_zone = if plan.zones.len() > 1 {
+        format!(" ({})", zone_ends.join(", "))
+    } else {
+        String::new()
+    };
     let (state, message) = if ends.contains(&ZoneEnd::Paused) {
         (
             OpState::Paused,
             format!(
-                "{}; users are on the new version; `paddock op resume {id}` retries",
+                "{}; users are on the new version; `paddock op resume {id}` retries{per_zone}",
                 failures.last().cloned().unwrap_or_default()
             ),
         )
@@ -478,8 +546,9 @@ async fn drive(c: &Arc<Controller>, id: i64) -> anyhow::Result<()> {
         let unconfirmed: Vec<&String> =
             failures.iter().filter(|f| f.contains("restore-")).collect();
         let after = if unconfirmed.is_empty() {
-            "every user stayed on or went back to the old version; flags and routing are as before"
-                .to_string()
+            format!(
+                "every user of the restored zones stayed on or went back to the old version; flags and routing there are as before{per_zone}"
+            )
         } else {
             format!(
                 "restored, except what did not confirm: {}",
@@ -605,7 +674,13 @@ enum StepError {
 
 impl From<StoreError> for StepError {
     fn from(e: StoreError) -> StepError {
-        StepError::Store(e.into())
+        match e {
+            // Someone removed a server or a version the plan names: retrying cannot help.
+            StoreError::UnknownServer(_) | StoreError::UnknownVersion { .. } => {
+                StepError::Failed(e.to_string())
+            }
+            e => StepError::Store(e.into()),
+        }
     }
 }
 
@@ -664,7 +739,8 @@ impl Run<'_> {
             }
             Step::LoadNew | Step::InPlace => {
                 self.desire(|a| &a.to).await?;
-                self.wait_serving(&z.updating, |a| &a.to, true).await
+                self.wait_serving(&z.updating, |a| &a.to, Mode::Forward)
+                    .await
             }
             Step::Smoke => self.smoke().await,
             Step::Cutover => {
@@ -679,7 +755,8 @@ impl Run<'_> {
             Step::SchedulerOnUpdating => self.restore_flag(&z.updating, Flag::Scheduler).await,
             Step::DeploymentOn => {
                 self.restore_flag(&z.loaded, Flag::Deployment).await?;
-                self.wait_serving(&z.loaded, |a| &a.to, true).await
+                self.wait_serving(&z.loaded, |a| &a.to, Mode::NoReturn)
+                    .await
             }
             Step::RouteAll => {
                 let g = self
@@ -705,7 +782,8 @@ impl Run<'_> {
             }
             Step::RestoreVersion => {
                 self.desire(|a| &a.from).await?;
-                self.wait_serving(&z.updating, |a| &a.from, false).await
+                self.wait_serving(&z.updating, |a| &a.from, Mode::NoReturn)
+                    .await
             }
             Step::RestoreFlags => self.restore_all_flags().await,
         }
@@ -780,14 +858,18 @@ impl Run<'_> {
         let mut changes = Vec::new();
         for before in &self.zone.before {
             let mut lb = before.lb;
+            // A dead updating server would serve its saved state (the new version) when it
+            // comes back, before it reaches this controller: it stays drained.
+            let server = servers.iter().find(|s| s.name == before.name);
             if self.zone.updating.contains(&before.name)
-                && let Some(server) = servers.iter().find(|s| s.name == before.name)
-                && alive(server, now)
-                && self
-                    .zone
-                    .apps
-                    .iter()
-                    .any(|a| serving_version(server, &a.app) != Some(a.from.as_str()))
+                && server.is_none_or(|server| {
+                    !alive(server, now)
+                        || self
+                            .zone
+                            .apps
+                            .iter()
+                            .any(|a| serving_version(server, &a.app) != Some(a.from.as_str()))
+                })
             {
                 lb = LbState::Drain;
                 kept_out.push(before.name.clone());
@@ -805,7 +887,7 @@ impl Run<'_> {
             .await?;
         if !kept_out.is_empty() {
             return Err(StepError::Failed(format!(
-                "{} kept in drain: not serving the old version yet",
+                "{} kept in drain: not serving the old version (or not alive); `paddock server NAME lb ready` once it does",
                 kept_out.join(", ")
             )));
         }
@@ -875,15 +957,16 @@ impl Run<'_> {
     /// Waits until each of `servers` reports the picked version of every app of the zone,
     /// healthy, in a heartbeat sent after this step started.
     ///
-    /// Going `forward`, a server that stops reporting fails the step at once, and an abort
-    /// request ends the wait. Restoring, a dead server counts as confirmed: it takes the desired
-    /// version when it comes back.
+    /// In [`Mode::Forward`] a server that stops reporting fails the step at once, and an abort
+    /// request ends the wait. Otherwise a dead server counts as confirmed (it takes the desired
+    /// version when it comes back) and the wait cannot be aborted.
     async fn wait_serving(
         &self,
         servers: &[String],
         pick: fn(&PlannedApp) -> &String,
-        forward: bool,
+        mode: Mode,
     ) -> Result<Vec<String>, StepError> {
+        let forward = mode == Mode::Forward;
         self.wait(forward, || async {
             let all = self.c.store.servers().await?;
             let mut missing = Vec::new();
@@ -914,6 +997,17 @@ impl Run<'_> {
                 }
                 for app in &self.zone.apps {
                     let want = pick(app);
+                    let failure = server.observed.as_ref().and_then(|o| {
+                        o.failed
+                            .iter()
+                            .find(|f| f.name == app.app && f.version == *want)
+                    });
+                    if let (Some(f), true) = (failure, forward) {
+                        return Err(StepError::Failed(format!(
+                            "{name} cannot load {}@{want}: {}",
+                            app.app, f.error
+                        )));
+                    }
                     match serving_version(server, &app.app) {
                         Some(v) if v == want => {}
                         Some(v) => {
@@ -1016,6 +1110,14 @@ impl Run<'_> {
             }
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Before the point of no return, on servers that were alive at the plan.
+    Forward,
+    /// From the point of no return, or restoring: only forward, whoever is missing.
+    NoReturn,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -134,10 +134,16 @@ impl Deployer {
                         let (_, failed) = self.apply(&state, false).await;
                         self.changed.notify_one();
                         if failed > 0 {
-                            // Try again, backing off; the next fetch does not wait.
+                            // Try again, backing off, or at once when the desired state changes
+                            // (an operation putting the old version back); the next fetch does
+                            // not wait.
                             retry_delay =
                                 (retry_delay * 2).clamp(Duration::from_secs(1), MAX_RETRY);
-                            tokio::time::sleep(retry_delay).await;
+                            let _ = tokio::time::timeout(
+                                retry_delay,
+                                self.fetch_desired(Some(state.generation)),
+                            )
+                            .await;
                             first = true;
                             continue;
                         }
@@ -269,6 +275,7 @@ impl Deployer {
     /// apps no longer desired. Returns how many apps were loaded and how many failed.
     async fn apply(&self, state: &DesiredState, cache_only: bool) -> (usize, usize) {
         let (mut loaded, mut failed) = (0, 0);
+        let mut failures = Vec::new();
         for app in &state.apps {
             if let Some(current) = self.apps.current(&app.name) {
                 let s = current.spec();
@@ -285,6 +292,11 @@ impl Deployer {
                 Err(e) => {
                     failed += 1;
                     tracing::error!(app = %app.name, version = %app.version, "cannot deploy, keeping what is served: {e:#}");
+                    failures.push(paddock_api::LoadFailure {
+                        name: app.name.clone(),
+                        version: app.version.clone(),
+                        error: format!("{e:#}"),
+                    });
                 }
             }
         }
@@ -295,6 +307,7 @@ impl Deployer {
                 tracing::info!(app = %current.name, version = %current.version, "app undeployed: no longer desired");
             }
         }
+        self.vitals.set_failed(failures);
         (loaded, failed)
     }
 

@@ -50,6 +50,8 @@ pub struct Vitals {
     name: String,
     state: AtomicU8,
     in_flight: AtomicU64,
+    /// What the deployment service could not load in its last attempt.
+    failed: std::sync::Mutex<Vec<paddock_api::LoadFailure>>,
 }
 
 impl Vitals {
@@ -58,6 +60,7 @@ impl Vitals {
             name: name.to_string(),
             state: AtomicU8::new(0),
             in_flight: AtomicU64::new(0),
+            failed: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -67,7 +70,17 @@ impl Vitals {
             state: self.state(),
             apps: apps.loaded(),
             in_flight: self.in_flight.load(Ordering::Acquire),
+            failed: self
+                .failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         }
+    }
+
+    /// Records what the last attempt to apply the desired state could not load.
+    pub fn set_failed(&self, failed: Vec<paddock_api::LoadFailure>) {
+        *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = failed;
     }
 
     pub fn state(&self) -> ServerState {

@@ -892,11 +892,15 @@ impl Store for SqlStore {
             if done.rows_affected() == 0 {
                 let holder = sqlx::query(&self.sql("SELECT op_id FROM zone_locks WHERE zone = $1"))
                     .bind(zone)
-                    .fetch_one(&mut *tx)
+                    .fetch_optional(&mut *tx)
                     .await?;
                 return Err(StoreError::ZoneBusy {
                     zone: zone.to_string(),
-                    operation: holder.try_get(0)?,
+                    // Released in the meantime: the caller may simply try again.
+                    operation: match holder {
+                        Some(row) => row.try_get(0)?,
+                        None => 0,
+                    },
                 });
             }
         }
@@ -1014,7 +1018,7 @@ impl Store for SqlStore {
             "INSERT INTO operation_steps (op_id, zone, step, ordinal, servers, state, started_ms) \
              VALUES ($1, $2, $3, $4, $5, 'running', $6) \
              ON CONFLICT (op_id, zone, step) DO UPDATE SET state = 'running', ended_ms = NULL, \
-             attempts = operation_steps.attempts + 1",
+             message = NULL, attempts = operation_steps.attempts + 1",
         ))
         .bind(id)
         .bind(zone)

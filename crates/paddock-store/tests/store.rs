@@ -99,6 +99,7 @@ async fn servers_and_flags(store: &dyn Store) {
         state: ServerState::Serving,
         apps: vec![],
         in_flight: 3,
+        failed: vec![],
     };
     store.heartbeat("fe1", &report, 3000).await.unwrap();
     let s = store.server("fe1").await.unwrap();

@@ -521,6 +521,34 @@ async fn each_zone_has_its_own_groups_and_a_single_server_zone_deploys_in_place(
     assert!(plan.contains("updating: b2"), "{plan}");
     assert!(plan.contains("hot deploy in place"), "{plan}");
 
+    // Refused plans change nothing: a server in rotation that would keep the old version, and a
+    // version that moves its app to another route.
+    controller.ok(&["server", "a2", "deployment", "off"]);
+    let e = controller.fails(&["deploy", "--balanced", "alpha@v2", "--plan"]);
+    assert!(
+        e.contains("a2 is in rotation with its deployment service off"),
+        "{e}"
+    );
+    controller.ok(&["server", "a2", "deployment", "on"]);
+    let moved = dir.path().join("alpha-moved");
+    std::fs::create_dir_all(&moved).unwrap();
+    std::fs::copy(
+        fixture("hello-v2").join("hello.wasm"),
+        moved.join("hello.wasm"),
+    )
+    .unwrap();
+    std::fs::write(
+        moved.join("paddock.toml"),
+        "name = \"alpha\"\nversion = \"v3\"\nzone = \"a\"\ncomponent = \"hello.wasm\"\nroute = \"/alpha-new\"\n",
+    )
+    .unwrap();
+    controller.ok(&["app", "upload", &moved.display().to_string()]);
+    let e = controller.fails(&["deploy", "--balanced", "alpha@v3"]);
+    assert!(
+        e.contains("moves the app from route /alpha to /alpha-new"),
+        "{e}"
+    );
+
     let load_a = Load::start(lb.addr, "/alpha", 3, PACE);
     let load_b = Load::start(lb.addr, "/beta", 3, PACE);
     let out = controller
