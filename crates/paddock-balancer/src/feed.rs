@@ -16,7 +16,7 @@ use crate::Balancer;
 /// How often a balancer reports when nothing changes.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often it reports while a front-end it no longer routes to has requests in flight.
-pub const DRAINING_INTERVAL: Duration = Duration::from_millis(50);
+pub const DRAINING_INTERVAL: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Clone)]
 pub struct ControllerLink {

@@ -77,6 +77,29 @@ pub enum TimerSchedule {
     Every(Duration),
 }
 
+impl TimerSchedule {
+    /// The first tick strictly after `after_ms` (milliseconds since the Unix epoch, UTC).
+    /// `Every` ticks are counted from `anchor_ms` (the timer's first tick). `None` when a cron
+    /// expression matches no time to come.
+    pub fn next_after(&self, after_ms: i64, anchor_ms: i64) -> Option<i64> {
+        match self {
+            TimerSchedule::Every(every) => {
+                let every = i64::try_from(every.as_millis()).ok()?.max(1);
+                if after_ms < anchor_ms {
+                    return Some(anchor_ms);
+                }
+                Some(anchor_ms + ((after_ms - anchor_ms) / every + 1) * every)
+            }
+            TimerSchedule::Cron(expr) => {
+                let cron = <croner::Cron as std::str::FromStr>::from_str(expr).ok()?;
+                let after = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(after_ms)?;
+                let next = cron.find_next_occurrence(&after, false).ok()?;
+                Some(next.timestamp_millis())
+            }
+        }
+    }
+}
+
 /// Why a manifest was refused. The message names the field and what to write instead.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ManifestError {
@@ -217,7 +240,18 @@ impl Manifest {
                 ));
             }
             let schedule = match (t.schedule, t.every) {
-                (Some(cron), None) => TimerSchedule::Cron(cron),
+                (Some(cron), None) => {
+                    if let Err(e) = <croner::Cron as std::str::FromStr>::from_str(&cron) {
+                        return Err(field(
+                            "timer.schedule",
+                            format!(
+                                "of timer {:?} is {cron:?}, not a cron expression ({e}); write e.g. \"0 2 * * *\" (02:00 UTC daily) or use `every = \"30s\"`",
+                                t.name
+                            ),
+                        ));
+                    }
+                    TimerSchedule::Cron(cron)
+                }
                 (None, Some(every)) if !every.is_zero() => TimerSchedule::Every(every),
                 _ => {
                     return Err(field(
@@ -309,6 +343,28 @@ fn is_valid_version(version: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn timer_ticks() {
+        use super::TimerSchedule;
+        let every = TimerSchedule::Every(std::time::Duration::from_secs(30));
+        assert_eq!(every.next_after(999, 1000), Some(1000));
+        assert_eq!(every.next_after(1000, 1000), Some(31_000));
+        // Missed ticks collapse: the next one after "now", not after the last run.
+        assert_eq!(every.next_after(100_500, 1000), Some(121_000));
+        let cron = TimerSchedule::Cron("0 2 * * *".into());
+        // 2026-11-22T13:00:00Z -> 2026-11-23T02:00:00Z
+        assert_eq!(
+            cron.next_after(1_795_352_400_000, 0),
+            Some(1_795_399_200_000)
+        );
+        let bad = "name = \"a\"\ncomponent = \"a.wasm\"\n[[timer]]\nname = \"t\"\nschedule = \"every day\"\npath = \"/a/t\"";
+        let e = super::Manifest::from_toml(bad).unwrap_err().to_string();
+        assert!(
+            e.contains("timer.schedule") && e.contains("not a cron expression"),
+            "{e}"
+        );
+    }
+
     use super::*;
 
     fn parse(text: &str) -> Result<Manifest, ManifestError> {

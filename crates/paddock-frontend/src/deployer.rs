@@ -29,10 +29,13 @@ use crate::server::Vitals;
 const MAX_RETRY: Duration = Duration::from_secs(30);
 /// Heartbeat period while the balancers route this server.
 const HEARTBEAT: Duration = Duration::from_secs(1);
-/// Heartbeat period while it drains (lb `drain` or `maint`), for the first [`DRAINING_FOR`]:
-/// an operation waiting for "drained" learns it about this long after the last request ended.
-const HEARTBEAT_DRAINING: Duration = Duration::from_millis(100);
-const DRAINING_FOR: Duration = Duration::from_secs(60);
+/// Heartbeat periods once the balancers stop routing to it (lb `drain` or `maint`): an
+/// operation waiting for "drained" learns it about this long after the last request ended.
+/// Fastest while a drain usually completes, slower for a long drain, then back to normal.
+const HEARTBEAT_DRAINING: [(Duration, Duration); 2] = [
+    (Duration::from_secs(5), Duration::from_millis(25)),
+    (Duration::from_secs(60), Duration::from_millis(100)),
+];
 
 /// How to reach the controller.
 #[derive(Debug, Clone)]
@@ -243,14 +246,15 @@ impl Deployer {
             if let Err(e) = sent {
                 tracing::debug!("heartbeat not sent: {e:#}");
             }
-            let period = match *self
+            let draining_for = self
                 .draining_since
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-            {
-                Some(since) if since.elapsed() < DRAINING_FOR => HEARTBEAT_DRAINING,
-                _ => HEARTBEAT,
-            };
+                .map(|since| since.elapsed());
+            let period = HEARTBEAT_DRAINING
+                .iter()
+                .find(|(within, _)| draining_for.is_some_and(|d| d < *within))
+                .map_or(HEARTBEAT, |(_, period)| *period);
             let _ = tokio::time::timeout(period, self.changed.notified()).await;
         }
     }
