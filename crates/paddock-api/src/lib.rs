@@ -288,6 +288,9 @@ pub struct DesiredState {
     /// that "drained" is confirmed close to when its last request ends.
     #[serde(default)]
     pub lb: LbState,
+    /// Whether its scheduler service claims timer ticks.
+    #[serde(default)]
+    pub scheduler: bool,
 }
 
 /// One app version a server should serve.
@@ -615,4 +618,73 @@ impl StepState {
             _ => None,
         }
     }
+}
+
+// ---- timers ----------------------------------------------------------------------------------
+
+/// A tick a front-end's scheduler service claimed (`POST /control/v1/timers/{server}/claim`):
+/// it invokes `path` on its own copy of the app, renews the lease while the run lasts, and
+/// reports the end with the fencing token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimerClaim {
+    pub app: String,
+    pub timer: String,
+    /// The app version whose manifest declares the timer.
+    pub version: String,
+    pub path: String,
+    /// The scheduled time of the tick, in milliseconds since the Unix epoch.
+    pub tick_ms: i64,
+    /// Grows with every claim of this timer; only the holder of the newest one may end the run.
+    pub fencing: i64,
+    /// A run of a tick whose previous run lost its lease (its server stopped renewing).
+    pub retry: bool,
+    pub lease_until_ms: i64,
+}
+
+/// A run a scheduler service holds: what it renews and ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimerLease {
+    pub app: String,
+    pub timer: String,
+    pub fencing: i64,
+}
+
+/// The end of a run (`POST /control/v1/timers/{server}/finish`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimerFinish {
+    pub lease: TimerLease,
+    pub ok: bool,
+    /// The status the app answered, or why it did not.
+    pub detail: String,
+}
+
+/// A timer of the farm (`GET /v1/timers`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimerInfo {
+    pub app: String,
+    pub timer: String,
+    pub zone: String,
+    pub version: String,
+    pub schedule: paddock_core::manifest::TimerSchedule,
+    pub path: String,
+    pub next_ms: i64,
+    /// The server running it now, if any, and until when its lease holds.
+    pub running_on: Option<String>,
+    pub lease_until_ms: Option<i64>,
+}
+
+/// One run of a timer (`GET /v1/timers/{app}/{timer}/runs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimerRun {
+    pub id: i64,
+    pub app: String,
+    pub timer: String,
+    pub server: String,
+    pub tick_ms: i64,
+    pub started_ms: i64,
+    pub ended_ms: Option<i64>,
+    /// `running`, `ok`, `failed`, or `lost` (its server stopped renewing the lease).
+    pub outcome: String,
+    pub retry: bool,
+    pub detail: Option<String>,
 }

@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use paddock_api::{
     ApiError, BalancedDeployRequest, BalancerReport, DeployPlan, DesiredApp, DesiredState,
     HealthReport, LbState, OpState, Operation, Policy, Registration, RoutingTable, ServerFlag,
-    ServerInfo, VersionInfo,
+    ServerInfo, TimerClaim, TimerFinish, TimerInfo, TimerLease, TimerRun, VersionInfo,
 };
 use paddock_core::Manifest;
 use paddock_core::manifest::is_valid_name;
@@ -41,6 +41,9 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/servers/{name}/lb", post(set_lb))
         .route("/v1/zones/{zone}/policy", post(set_policy))
         .route("/v1/routing", get(routing_status))
+        .route("/v1/timers", get(list_timers))
+        .route("/v1/timers/{app}/{timer}/runs", get(timer_runs))
+        .route("/v1/timers/{app}/{timer}/run", post(run_timer))
         .route("/v1/operations", get(list_operations))
         .route("/v1/operations/balanced-deploy", post(balanced_deploy))
         .route("/v1/operations/{id}", get(show_operation))
@@ -60,6 +63,9 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/control/v1/artifacts/{sha256}", get(artifact))
         .route("/control/v1/routing", get(routing_table))
         .route("/control/v1/balancers/{name}", post(balancer_report))
+        .route("/control/v1/timers/{name}/claim", post(claim_timers))
+        .route("/control/v1/timers/{name}/renew", post(renew_timers))
+        .route("/control/v1/timers/{name}/finish", post(finish_timer))
         .route_layer(middleware::from_fn_with_state(
             controller.clone(),
             require_join,
@@ -117,6 +123,7 @@ impl From<StoreError> for Failure {
             StoreError::ZoneConflict { .. } => (StatusCode::CONFLICT, "zone_conflict"),
             StoreError::ZoneBusy { .. } => (StatusCode::CONFLICT, "zone_busy"),
             StoreError::UnknownOperation(_) => (StatusCode::NOT_FOUND, "unknown_operation"),
+            StoreError::UnknownTimer { .. } => (StatusCode::NOT_FOUND, "unknown_timer"),
             _ => {
                 tracing::error!("store: {e}");
                 (StatusCode::INTERNAL_SERVER_ERROR, "store_error")
@@ -331,6 +338,7 @@ async fn set_desired(c: &Controller, version: &VersionInfo) -> Result<i64, Failu
             now,
         )
         .await?;
+    crate::timers::sync(c).await?;
     c.announce(generation);
     tracing::info!(app = %version.app, version = %version.version, zone = %version.zone, generation, "desired version set");
     Ok(generation)
@@ -814,6 +822,49 @@ async fn resume_operation(
     Ok(Json(c.store.operation(id).await?))
 }
 
+// ---- admin: timers -------------------------------------------------------------------------
+
+async fn list_timers(State(c): State<Arc<Controller>>) -> Answer<Vec<TimerInfo>> {
+    Ok(Json(c.store.timers().await?))
+}
+
+#[derive(Deserialize)]
+struct RunsQuery {
+    limit: Option<i64>,
+}
+
+async fn timer_runs(
+    State(c): State<Arc<Controller>>,
+    Path((app, timer)): Path<(String, String)>,
+    Query(q): Query<RunsQuery>,
+) -> Answer<Vec<TimerRun>> {
+    if !c
+        .store
+        .timers()
+        .await?
+        .iter()
+        .any(|t| t.app == app && t.timer == timer)
+    {
+        return Err(StoreError::UnknownTimer { app, timer }.into());
+    }
+    Ok(Json(
+        c.store
+            .timer_runs(&app, &timer, q.limit.unwrap_or(50).clamp(1, 10_000))
+            .await?,
+    ))
+}
+
+async fn run_timer(
+    State(c): State<Arc<Controller>>,
+    Path((app, timer)): Path<(String, String)>,
+) -> Result<StatusCode, Failure> {
+    c.store.run_timer_now(&app, &timer, now_ms()).await?;
+    c.store
+        .audit("admin", "timer-run", &format!("{app}/{timer}"), now_ms())
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 // ---- control channel ------------------------------------------------------------------------
 
 async fn register(
@@ -894,6 +945,7 @@ async fn desired(
         deployment: server.deployment,
         apps,
         lb: server.lb,
+        scheduler: server.scheduler,
     }))
 }
 
@@ -932,6 +984,57 @@ async fn balancer_report(
     }
     c.store.balancer_report(&report, now_ms()).await?;
     c.facts_changed();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A scheduler service asks for due ticks; none while its server's scheduler is off.
+async fn claim_timers(
+    State(c): State<Arc<Controller>>,
+    Path(name): Path<String>,
+) -> Answer<Vec<TimerClaim>> {
+    let claims = c
+        .store
+        .claim_timers(
+            &name,
+            now_ms(),
+            crate::timers::LEASE_MS,
+            crate::timers::CLAIM_LIMIT,
+        )
+        .await?;
+    if !claims.is_empty() {
+        c.facts_changed();
+    }
+    Ok(Json(claims))
+}
+
+async fn renew_timers(
+    State(c): State<Arc<Controller>>,
+    Path(name): Path<String>,
+    Json(leases): Json<Vec<TimerLease>>,
+) -> Result<StatusCode, Failure> {
+    c.store
+        .renew_timers(&name, &leases, now_ms() + crate::timers::LEASE_MS)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn finish_timer(
+    State(c): State<Arc<Controller>>,
+    Path(name): Path<String>,
+    Json(finish): Json<TimerFinish>,
+) -> Result<StatusCode, Failure> {
+    let kept = c.store.finish_timer(&name, &finish, now_ms()).await?;
+    c.facts_changed();
+    if !kept {
+        return Err(Failure::new(
+            StatusCode::CONFLICT,
+            "lease_lost",
+            format!(
+                "the run of {}/{} with fencing token {} lost its lease: the tick was claimed again",
+                finish.lease.app, finish.lease.timer, finish.lease.fencing
+            ),
+        ));
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

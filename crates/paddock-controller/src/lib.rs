@@ -17,6 +17,7 @@
 pub mod api;
 pub mod ops;
 pub mod routing;
+pub mod timers;
 pub mod tokens;
 
 use std::collections::HashSet;
@@ -131,6 +132,9 @@ pub async fn run(
         "listening on http://{}",
         listener.local_addr()?
     );
+    timers::sync(&controller)
+        .await
+        .context("reading the timers of the deployed versions")?;
     ops::resume_all(&controller)
         .await
         .context("reading the operations to resume")?;

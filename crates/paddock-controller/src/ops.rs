@@ -201,9 +201,10 @@ pub async fn plan(
                 .collect();
             (updating, loaded, false)
         };
-        let before = serving
+        // Every server of the zone: the scheduler goes off on all of them (step 1).
+        let before = servers
             .iter()
-            .chain(&dormant)
+            .filter(|s| s.zone == zone)
             .map(|s| ServerBefore {
                 name: s.name.clone(),
                 lb: s.lb,
@@ -212,12 +213,24 @@ pub async fn plan(
             })
             .collect();
         let both: Vec<String> = updating.iter().chain(&loaded).cloned().collect();
+        let everyone: Vec<String> = servers
+            .iter()
+            .filter(|s| s.zone == zone)
+            .map(|s| s.name.clone())
+            .collect();
+        let not_updating: Vec<String> = everyone
+            .iter()
+            .filter(|n| !updating.contains(n))
+            .cloned()
+            .collect();
         let steps = forward_steps(in_place)
             .iter()
             .map(|&step| PlannedStep {
                 step,
                 servers: match step {
-                    Step::SchedulerOff | Step::Cutover => both.clone(),
+                    Step::SchedulerOff => everyone.clone(),
+                    Step::SchedulerOnLoaded => not_updating.clone(),
+                    Step::Cutover => both.clone(),
                     Step::DrainUpdating
                     | Step::LoadNew
                     | Step::Smoke
@@ -704,19 +717,20 @@ impl Run<'_> {
         let z = self.zone;
         match step {
             Step::SchedulerOff => {
-                let servers: Vec<&String> = z.updating.iter().chain(&z.loaded).collect();
+                let servers: Vec<String> = z.before.iter().map(|b| b.name.clone()).collect();
                 let g = self
                     .set(servers.iter().map(|n| ServerChange {
-                        name: n.to_string(),
+                        name: n.clone(),
                         scheduler: Some(false),
                         ..ServerChange::default()
                     }))
                     .await?;
-                Ok(vec![
-                    format!("scheduler off on {} (generation {g})", join(&servers)),
-                    "no timer execution to wait for: this Paddock version runs no timers yet"
-                        .into(),
-                ])
+                let mut facts = vec![format!(
+                    "scheduler off on {} (generation {g}): no new tick is claimed there",
+                    join(&servers)
+                )];
+                facts.extend(self.wait_timers_ended(&servers).await?);
+                Ok(facts)
             }
             Step::DrainUpdating => {
                 let g = self
@@ -765,7 +779,15 @@ impl Run<'_> {
                 self.wait_applied(g, &format!("{} back in rotation", join(&z.loaded)))
                     .await
             }
-            Step::SchedulerOnLoaded => self.restore_flag(&z.loaded, Flag::Scheduler).await,
+            Step::SchedulerOnLoaded => {
+                let rest: Vec<String> = z
+                    .before
+                    .iter()
+                    .filter(|b| !z.updating.contains(&b.name))
+                    .map(|b| b.name.clone())
+                    .collect();
+                self.restore_flag(&rest, Flag::Scheduler).await
+            }
             Step::RestoreRouting => {
                 // Users go back to the loaded group, which never left the old version.
                 let changes = z
@@ -823,6 +845,7 @@ impl Run<'_> {
             .map(|a| (a.app.as_str(), self.zone.zone.as_str(), pick(a).as_str()))
             .collect();
         let g = self.c.store.set_desired_many(&versions, now_ms()).await?;
+        crate::timers::sync(self.c).await?;
         self.c.announce(g);
         Ok(g)
     }
@@ -892,6 +915,57 @@ impl Run<'_> {
             )));
         }
         Ok(facts)
+    }
+
+    /// Waits until no timer runs on `servers` (a run holds an unexpired lease until it ends).
+    async fn wait_timers_ended(&self, servers: &[String]) -> Result<Vec<String>, StepError> {
+        let waited_for = std::sync::Mutex::new(std::collections::BTreeSet::new());
+        self.wait(true, || {
+            let waited_for = &waited_for;
+            async move {
+                let now = now_ms();
+                let running: Vec<String> = self
+                    .c
+                    .store
+                    .timers()
+                    .await?
+                    .into_iter()
+                    .filter(|t| {
+                        t.running_on.as_ref().is_some_and(|s| servers.contains(s))
+                            && t.lease_until_ms.is_some_and(|until| until >= now)
+                    })
+                    .map(|t| {
+                        format!(
+                            "{}/{} on {}",
+                            t.app,
+                            t.timer,
+                            t.running_on.unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                if running.is_empty() {
+                    let waited_for = waited_for.lock().unwrap_or_else(|e| e.into_inner());
+                    return Ok(Check::Done(vec![if waited_for.is_empty() {
+                        "no timer was running".to_string()
+                    } else {
+                        format!(
+                            "timer runs ended: {} ({} ms)",
+                            waited_for.iter().cloned().collect::<Vec<_>>().join(", "),
+                            now - self.started_ms
+                        )
+                    }]));
+                }
+                waited_for
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(running.iter().cloned());
+                Ok(Check::Pending(format!(
+                    "timers still running: {}",
+                    running.join(", ")
+                )))
+            }
+        })
+        .await
     }
 
     /// Waits until every live balancer routes by generation `g`.

@@ -60,6 +60,9 @@ pub struct Deployer {
     pub changed: Arc<Notify>,
     /// Since when the balancers no longer send this server new requests, if they do not.
     draining_since: std::sync::Mutex<Option<std::time::Instant>>,
+    /// The server's scheduler flag, as the desired state last said; the scheduler service
+    /// claims ticks while it is on.
+    pub scheduler_on: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Deployer {
@@ -85,6 +88,7 @@ impl Deployer {
             http,
             changed: Arc::new(Notify::new()),
             draining_since: std::sync::Mutex::new(None),
+            scheduler_on: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 
@@ -133,6 +137,8 @@ impl Deployer {
                     let changed = first || state.generation != generation;
                     first = false;
                     self.note_lb(state.lb);
+                    self.scheduler_on
+                        .store(state.scheduler, std::sync::atomic::Ordering::Release);
                     if state.deployment && changed {
                         let (_, failed) = self.apply(&state, false).await;
                         self.changed.notify_one();

@@ -16,6 +16,7 @@ pub mod apps;
 pub mod cache;
 pub mod deployer;
 pub mod folder;
+pub mod scheduler;
 pub mod server;
 
 use std::net::SocketAddr;
@@ -84,7 +85,7 @@ pub async fn run(
                 link.advertise = Some(server.local_addr().to_string());
             }
             let deployer = Arc::new(deployer::Deployer::new(
-                link,
+                link.clone(),
                 config.name.clone(),
                 apps.clone(),
                 vitals.clone(),
@@ -92,7 +93,16 @@ pub async fn run(
                 &config.data_dir,
             )?);
             let generation = deployer.restore().await;
-            Some(tokio::spawn(deployer.run(generation)))
+            let scheduler = Arc::new(scheduler::Scheduler::new(
+                link,
+                config.name.clone(),
+                apps.clone(),
+                deployer.scheduler_on.clone(),
+            )?);
+            Some((
+                tokio::spawn(deployer.run(generation)),
+                tokio::spawn(scheduler.run()),
+            ))
         }
         None => None,
     };
@@ -106,7 +116,8 @@ pub async fn run(
     let result = server
         .serve(shutdown, config.drain_delay, config.shutdown_timeout)
         .await;
-    for task in [watcher, deployer].into_iter().flatten() {
+    let (deployer, scheduler) = deployer.unzip();
+    for task in [watcher, deployer, scheduler].into_iter().flatten() {
         task.abort();
     }
     result

@@ -17,9 +17,9 @@ use async_trait::async_trait;
 use paddock_api::{
     AppSummary, AuditEntry, BalancerInfo, BalancerReport, DeployPlan, HealthReport, LbState,
     OpState, OpStep, Operation, Policy, Registration, Role, RouteEntry, ServerFlag, ServerInfo,
-    Step, StepState, VersionInfo,
+    Step, StepState, TimerClaim, TimerFinish, TimerInfo, TimerLease, TimerRun, VersionInfo,
 };
-use paddock_core::Manifest;
+use paddock_core::{Manifest, TimerSchedule};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row as _};
 
@@ -46,6 +46,10 @@ pub enum StoreError {
     ZoneBusy { zone: String, operation: i64 },
     #[error("unknown operation {0}; `paddock op list` lists the operations")]
     UnknownOperation(i64),
+    #[error(
+        "unknown timer {app}/{timer}; `paddock timer list` lists the timers of the deployed versions"
+    )]
+    UnknownTimer { app: String, timer: String },
     #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://USER@HOST:PORT/DB")]
     BadUrl(String),
     #[error("database error: {0}")]
@@ -74,6 +78,20 @@ pub struct ServerChange {
     pub deployment: Option<bool>,
     pub scheduler: Option<bool>,
 }
+
+/// A timer declared by a desired app version, as [`Store::sync_timers`] takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimerDef {
+    pub app: String,
+    pub timer: String,
+    pub zone: String,
+    pub version: String,
+    pub schedule: TimerSchedule,
+    pub path: String,
+}
+
+/// `next_ms` of a cron expression that matches no time to come.
+const NEVER_MS: i64 = i64::MAX / 2;
 
 /// How a step of an operation ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,6 +227,32 @@ pub trait Store: Send + Sync + 'static {
         end: StepEnd<'_>,
         now_ms: i64,
     ) -> Result<()>;
+
+    /// Makes the timers table match the timers of the desired versions: new timers start
+    /// counting now, a changed schedule starts over, timers no longer declared are forgotten.
+    async fn sync_timers(&self, timers: &[TimerDef], now_ms: i64) -> Result<()>;
+    /// Claims up to `limit` due ticks of the server's zone for it, if its scheduler is on: each
+    /// gets a lease until `now_ms + lease_ms` and a new fencing token, and a run is recorded. A
+    /// tick whose lease expired (its server stopped renewing) is claimed again as a retry. The
+    /// next tick is the first one after `now_ms`: ticks missed while no scheduler ran collapse
+    /// into one run.
+    async fn claim_timers(
+        &self,
+        server: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<TimerClaim>>;
+    /// Extends the leases the server still holds (same fencing token) to `until_ms`.
+    async fn renew_timers(&self, server: &str, leases: &[TimerLease], until_ms: i64) -> Result<()>;
+    /// Records the end of a run and releases its lease; false (and nothing changed) when the
+    /// fencing token is no longer the newest (the lease expired and the tick was claimed again).
+    async fn finish_timer(&self, server: &str, finish: &TimerFinish, now_ms: i64) -> Result<bool>;
+    async fn timers(&self) -> Result<Vec<TimerInfo>>;
+    /// The newest `limit` runs of a timer, newest first.
+    async fn timer_runs(&self, app: &str, timer: &str, limit: i64) -> Result<Vec<TimerRun>>;
+    /// Makes a timer due now (unless a run holds it).
+    async fn run_timer_now(&self, app: &str, timer: &str, now_ms: i64) -> Result<()>;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1065,6 +1109,308 @@ impl Store for SqlStore {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    async fn sync_timers(&self, timers: &[TimerDef], now_ms: i64) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        let rows = sqlx::query("SELECT app, timer, schedule FROM timers")
+            .fetch_all(&mut *tx)
+            .await?;
+        for row in &rows {
+            let (app, timer): (String, String) = (row.try_get("app")?, row.try_get("timer")?);
+            if !timers.iter().any(|t| t.app == app && t.timer == timer) {
+                sqlx::query(&self.sql("DELETE FROM timers WHERE app = $1 AND timer = $2"))
+                    .bind(&app)
+                    .bind(&timer)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        for t in timers {
+            let schedule = to_json(&t.schedule)?;
+            let next = t.schedule.next_after(now_ms, now_ms).unwrap_or(NEVER_MS);
+            let existing = rows.iter().find(|r| {
+                r.try_get::<String, _>("app").is_ok_and(|a| a == t.app)
+                    && r.try_get::<String, _>("timer").is_ok_and(|n| n == t.timer)
+            });
+            match existing {
+                Some(row) if row.try_get::<String, _>("schedule")? == schedule => {
+                    sqlx::query(&self.sql(
+                        "UPDATE timers SET zone = $1, version = $2, path = $3 WHERE app = $4 AND timer = $5",
+                    ))
+                    .bind(&t.zone)
+                    .bind(&t.version)
+                    .bind(&t.path)
+                    .bind(&t.app)
+                    .bind(&t.timer)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Some(_) => {
+                    sqlx::query(&self.sql(
+                        "UPDATE timers SET zone = $1, version = $2, path = $3, schedule = $4, \
+                         anchor_ms = $5, next_ms = $6 WHERE app = $7 AND timer = $8",
+                    ))
+                    .bind(&t.zone)
+                    .bind(&t.version)
+                    .bind(&t.path)
+                    .bind(&schedule)
+                    .bind(now_ms)
+                    .bind(next)
+                    .bind(&t.app)
+                    .bind(&t.timer)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                None => {
+                    sqlx::query(&self.sql(
+                        "INSERT INTO timers (app, timer, zone, version, schedule, path, anchor_ms, next_ms) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    ))
+                    .bind(&t.app)
+                    .bind(&t.timer)
+                    .bind(&t.zone)
+                    .bind(&t.version)
+                    .bind(&schedule)
+                    .bind(&t.path)
+                    .bind(now_ms)
+                    .bind(next)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn claim_timers(
+        &self,
+        server: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<TimerClaim>> {
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query(&self.sql("SELECT zone, scheduler_on FROM servers WHERE name = $1"))
+            .bind(server)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::UnknownServer(server.into()))?;
+        if row.try_get::<i64, _>("scheduler_on")? == 0 {
+            return Ok(Vec::new());
+        }
+        let zone: String = row.try_get("zone")?;
+        // PostgreSQL: rows another claimer holds are skipped, not waited for. SQLite: the write
+        // lock taken by begin_write serializes claims.
+        let lock = match self.dialect {
+            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+            Dialect::Sqlite => "",
+        };
+        let due = sqlx::query(&self.sql(&format!(
+            "SELECT app, timer, version, schedule, path, anchor_ms, next_ms, fencing, lease_owner, \
+             lease_until, tick_ms FROM timers WHERE zone = $1 AND \
+             ((lease_until IS NULL AND next_ms <= $2) OR (lease_until IS NOT NULL AND lease_until < $2)) \
+             ORDER BY next_ms LIMIT $3{lock}"
+        )))
+        .bind(&zone)
+        .bind(now_ms)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut claims = Vec::with_capacity(due.len());
+        for row in &due {
+            let app: String = row.try_get("app")?;
+            let timer: String = row.try_get("timer")?;
+            let old_fencing: i64 = row.try_get("fencing")?;
+            let lease_until: Option<i64> = row.try_get("lease_until")?;
+            let retry = lease_until.is_some();
+            let (tick, next) = if retry {
+                let owner: Option<String> = row.try_get("lease_owner")?;
+                sqlx::query(&self.sql(
+                    "UPDATE timer_runs SET outcome = 'lost', ended_ms = $1, detail = $2 \
+                     WHERE app = $3 AND timer = $4 AND fencing = $5 AND outcome = 'running'",
+                ))
+                .bind(now_ms)
+                .bind(format!(
+                    "lease expired: {} stopped renewing it",
+                    owner.unwrap_or_default()
+                ))
+                .bind(&app)
+                .bind(&timer)
+                .bind(old_fencing)
+                .execute(&mut *tx)
+                .await?;
+                let tick: Option<i64> = row.try_get("tick_ms")?;
+                (tick.unwrap_or(now_ms), row.try_get::<i64, _>("next_ms")?)
+            } else {
+                let schedule: TimerSchedule =
+                    from_json(&row.try_get::<String, _>("schedule")?, "timer schedule")?;
+                let anchor: i64 = row.try_get("anchor_ms")?;
+                (
+                    row.try_get::<i64, _>("next_ms")?,
+                    schedule.next_after(now_ms, anchor).unwrap_or(NEVER_MS),
+                )
+            };
+            let fencing = old_fencing + 1;
+            let until = now_ms + lease_ms;
+            sqlx::query(&self.sql(
+                "UPDATE timers SET fencing = $1, lease_owner = $2, lease_until = $3, tick_ms = $4, \
+                 next_ms = $5 WHERE app = $6 AND timer = $7",
+            ))
+            .bind(fencing)
+            .bind(server)
+            .bind(until)
+            .bind(tick)
+            .bind(next)
+            .bind(&app)
+            .bind(&timer)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(&self.sql(
+                "INSERT INTO timer_runs (app, timer, server, tick_ms, fencing, retry, started_ms, outcome) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, 'running')",
+            ))
+            .bind(&app)
+            .bind(&timer)
+            .bind(server)
+            .bind(tick)
+            .bind(fencing)
+            .bind(i64::from(retry))
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+            claims.push(TimerClaim {
+                version: row.try_get("version")?,
+                path: row.try_get("path")?,
+                app,
+                timer,
+                tick_ms: tick,
+                fencing,
+                retry,
+                lease_until_ms: until,
+            });
+        }
+        tx.commit().await?;
+        Ok(claims)
+    }
+
+    async fn renew_timers(&self, server: &str, leases: &[TimerLease], until_ms: i64) -> Result<()> {
+        for lease in leases {
+            sqlx::query(&self.sql(
+                "UPDATE timers SET lease_until = $1 WHERE app = $2 AND timer = $3 AND fencing = $4 \
+                 AND lease_owner = $5",
+            ))
+            .bind(until_ms)
+            .bind(&lease.app)
+            .bind(&lease.timer)
+            .bind(lease.fencing)
+            .bind(server)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn finish_timer(&self, server: &str, finish: &TimerFinish, now_ms: i64) -> Result<bool> {
+        let lease = &finish.lease;
+        let mut tx = self.begin_write().await?;
+        let released = sqlx::query(&self.sql(
+            "UPDATE timers SET lease_owner = NULL, lease_until = NULL, tick_ms = NULL \
+             WHERE app = $1 AND timer = $2 AND fencing = $3 AND lease_owner = $4",
+        ))
+        .bind(&lease.app)
+        .bind(&lease.timer)
+        .bind(lease.fencing)
+        .bind(server)
+        .execute(&mut *tx)
+        .await?;
+        if released.rows_affected() == 0 {
+            return Ok(false);
+        }
+        sqlx::query(&self.sql(
+            "UPDATE timer_runs SET outcome = $1, ended_ms = $2, detail = $3 \
+             WHERE app = $4 AND timer = $5 AND fencing = $6",
+        ))
+        .bind(if finish.ok { "ok" } else { "failed" })
+        .bind(now_ms)
+        .bind(&finish.detail)
+        .bind(&lease.app)
+        .bind(&lease.timer)
+        .bind(lease.fencing)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn timers(&self) -> Result<Vec<TimerInfo>> {
+        let rows = sqlx::query(
+            "SELECT app, timer, zone, version, schedule, path, next_ms, lease_owner, lease_until \
+             FROM timers ORDER BY app, timer",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(TimerInfo {
+                    app: row.try_get("app")?,
+                    timer: row.try_get("timer")?,
+                    zone: row.try_get("zone")?,
+                    version: row.try_get("version")?,
+                    schedule: from_json(&row.try_get::<String, _>("schedule")?, "timer schedule")?,
+                    path: row.try_get("path")?,
+                    next_ms: row.try_get("next_ms")?,
+                    running_on: row.try_get("lease_owner")?,
+                    lease_until_ms: row.try_get("lease_until")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn timer_runs(&self, app: &str, timer: &str, limit: i64) -> Result<Vec<TimerRun>> {
+        let rows = sqlx::query(&self.sql(
+            "SELECT id, app, timer, server, tick_ms, started_ms, ended_ms, outcome, retry, detail \
+             FROM timer_runs WHERE app = $1 AND timer = $2 ORDER BY id DESC LIMIT $3",
+        ))
+        .bind(app)
+        .bind(timer)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(TimerRun {
+                    id: row.try_get("id")?,
+                    app: row.try_get("app")?,
+                    timer: row.try_get("timer")?,
+                    server: row.try_get("server")?,
+                    tick_ms: row.try_get("tick_ms")?,
+                    started_ms: row.try_get("started_ms")?,
+                    ended_ms: row.try_get("ended_ms")?,
+                    outcome: row.try_get("outcome")?,
+                    retry: row.try_get::<i64, _>("retry")? != 0,
+                    detail: row.try_get("detail")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn run_timer_now(&self, app: &str, timer: &str, now_ms: i64) -> Result<()> {
+        let done =
+            sqlx::query(&self.sql("UPDATE timers SET next_ms = $1 WHERE app = $2 AND timer = $3"))
+                .bind(now_ms)
+                .bind(app)
+                .bind(timer)
+                .execute(&self.pool)
+                .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::UnknownTimer {
+                app: app.into(),
+                timer: timer.into(),
+            });
+        }
         Ok(())
     }
 }

@@ -14,6 +14,7 @@ use paddock_frontend::deployer::ControllerLink;
 mod cmd {
     pub mod admin;
     pub mod ops;
+    pub mod timer;
     pub mod up;
 }
 use paddock_runtime::{RuntimeConfig, sha256_hex};
@@ -58,6 +59,13 @@ enum Command {
     Op {
         #[command(subcommand)]
         command: cmd::ops::OpCommand,
+        #[command(flatten)]
+        target: cmd::admin::Target,
+    },
+    /// App timers: list them, their runs, run one now.
+    Timer {
+        #[command(subcommand)]
+        command: cmd::timer::TimerCommand,
         #[command(flatten)]
         target: cmd::admin::Target,
     },
@@ -249,6 +257,9 @@ fn main() -> std::process::ExitCode {
         }),
         Command::Op { command, target } => admin(&target, |client| {
             Box::pin(async move { cmd::ops::op(&client, command).await })
+        }),
+        Command::Timer { command, target } => admin(&target, |client| {
+            Box::pin(async move { cmd::timer::timer(&client, command).await })
         }),
         Command::Servers { target } => admin(&target, |client| {
             Box::pin(async move { cmd::admin::servers(&client).await })

@@ -1,0 +1,218 @@
+//! The scheduler service: runs the app timers this front-end claims.
+//!
+//! While its server's scheduler flag is on (from the desired state), it asks the controller
+//! for due ticks every [`POLL`] (`POST /control/v1/timers/{name}/claim`). The controller claims
+//! them in the store with a lease and a fencing token, so a tick runs on one server only. Each
+//! claimed tick invokes the timer's path on this front-end's own copy of the app (not through a
+//! balancer), with `x-paddock-timer` and `x-paddock-tick` headers; the lease is renewed while
+//! it runs, and the end (2xx or not) is reported with the fencing token. Switched off, it
+//! claims nothing new; the runs in flight finish and report, and the controller sees their
+//! leases end.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use paddock_api::{TimerClaim, TimerFinish, TimerLease};
+
+use crate::apps::Apps;
+use crate::deployer::ControllerLink;
+
+/// How often a scheduler that is on asks for due ticks: the upper bound of a tick's start delay.
+pub const POLL: Duration = Duration::from_millis(100);
+/// How often the leases of running ticks are renewed (the controller's lease is 10 s).
+const RENEW: Duration = Duration::from_secs(2);
+
+pub struct Scheduler {
+    link: ControllerLink,
+    name: String,
+    apps: Arc<Apps>,
+    http: reqwest::Client,
+    /// The server's scheduler flag, as the desired state last said.
+    on: Arc<AtomicBool>,
+    running: Mutex<HashMap<(String, String), i64>>,
+}
+
+impl Scheduler {
+    pub fn new(
+        link: ControllerLink,
+        name: String,
+        apps: Arc<Apps>,
+        on: Arc<AtomicBool>,
+    ) -> anyhow::Result<Self> {
+        Ok(Scheduler {
+            link,
+            name,
+            apps,
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(3))
+                .build()?,
+            on,
+            running: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn url(&self, what: &str) -> String {
+        format!(
+            "{}/control/v1/timers/{}/{what}",
+            self.link.url.trim_end_matches('/'),
+            self.name
+        )
+    }
+
+    /// Claims and runs ticks while the flag is on; never returns.
+    pub async fn run(self: Arc<Self>) {
+        tokio::spawn(self.clone().renewals());
+        let mut failing = false;
+        loop {
+            tokio::time::sleep(POLL).await;
+            if !self.on.load(Ordering::Acquire) {
+                continue;
+            }
+            let claimed = async {
+                let response = self
+                    .http
+                    .post(self.url("claim"))
+                    .bearer_auth(&self.link.join_token)
+                    .timeout(Duration::from_secs(5))
+                    .send()
+                    .await?
+                    .error_for_status()?;
+                anyhow::Ok(response.json::<Vec<TimerClaim>>().await?)
+            }
+            .await;
+            match claimed {
+                Ok(claims) => {
+                    failing = false;
+                    for claim in claims {
+                        tokio::spawn(self.clone().tick(claim));
+                    }
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!("cannot claim timer ticks: {e:#}");
+                    }
+                    failing = true;
+                }
+            }
+        }
+    }
+
+    async fn tick(self: Arc<Self>, claim: TimerClaim) {
+        let key = (claim.app.clone(), claim.timer.clone());
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone(), claim.fencing);
+        let started = std::time::Instant::now();
+        let (ok, detail) = self.invoke(&claim).await;
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+        let level_ok = ok;
+        if level_ok {
+            tracing::info!(app = %claim.app, timer = %claim.timer, tick_ms = claim.tick_ms, retry = claim.retry, ms = started.elapsed().as_millis() as u64, "timer ran: {detail}");
+        } else {
+            tracing::warn!(app = %claim.app, timer = %claim.timer, tick_ms = claim.tick_ms, retry = claim.retry, "timer failed: {detail}");
+        }
+        let finish = TimerFinish {
+            lease: TimerLease {
+                app: claim.app.clone(),
+                timer: claim.timer.clone(),
+                fencing: claim.fencing,
+            },
+            ok,
+            detail,
+        };
+        // The end must reach the controller: until it does, the lease holds the timer.
+        for attempt in 0..30 {
+            let sent = self
+                .http
+                .post(self.url("finish"))
+                .bearer_auth(&self.link.join_token)
+                .timeout(Duration::from_secs(5))
+                .json(&finish)
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status().is_success() => return,
+                Ok(r) if r.status() == reqwest::StatusCode::CONFLICT => {
+                    tracing::warn!(app = %claim.app, timer = %claim.timer, "this run lost its lease; the tick was claimed again elsewhere");
+                    return;
+                }
+                _ if attempt == 29 => {
+                    tracing::warn!(app = %claim.app, timer = %claim.timer, "cannot report the end of a timer run; its lease will expire");
+                }
+                _ => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+    }
+
+    /// Invokes the timer's path on the app as loaded here: (2xx, what happened).
+    async fn invoke(&self, claim: &TimerClaim) -> (bool, String) {
+        let Some(version) = self.apps.current(&claim.app) else {
+            return (
+                false,
+                format!("{} is not loaded on {}", claim.app, self.name),
+            );
+        };
+        let served = version.spec().version.clone();
+        let request = hyper::Request::builder()
+            .method(hyper::Method::POST)
+            .uri(&claim.path)
+            .header(hyper::header::HOST, "localhost")
+            .header("x-paddock-timer", &claim.timer)
+            .header("x-paddock-tick", claim.tick_ms.to_string())
+            .body(http_body_util::Empty::<Bytes>::new());
+        let request = match request {
+            Ok(request) => request,
+            Err(e) => return (false, format!("bad timer path {:?}: {e}", claim.path)),
+        };
+        match self.apps.runtime().serve(&version, request, 0).await {
+            Ok(response) => {
+                let status = response.status();
+                // Drain the body: the run ends when the app has answered completely.
+                let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+                (
+                    status.is_success(),
+                    format!("{} answered {status} ({}@{served})", claim.path, claim.app),
+                )
+            }
+            Err(e) => (false, format!("{}@{served}: {e}", claim.app)),
+        }
+    }
+
+    async fn renewals(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(RENEW).await;
+            let leases: Vec<TimerLease> = self
+                .running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|((app, timer), fencing)| TimerLease {
+                    app: app.clone(),
+                    timer: timer.clone(),
+                    fencing: *fencing,
+                })
+                .collect();
+            if leases.is_empty() {
+                continue;
+            }
+            let sent = self
+                .http
+                .post(self.url("renew"))
+                .bearer_auth(&self.link.join_token)
+                .timeout(Duration::from_secs(5))
+                .json(&leases)
+                .send()
+                .await;
+            if let Err(e) = sent {
+                tracing::warn!("cannot renew timer leases: {e}");
+            }
+        }
+    }
+}
