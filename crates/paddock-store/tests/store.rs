@@ -6,9 +6,10 @@ use paddock_api::{
     BalancerReport, HealthReport, LbState, Policy, Registration, Role, RouteEntry, ServerFlag,
     ServerState,
 };
-use paddock_api::{DeployPlan, OpState, Step, StepState, ZonePlan};
+use paddock_api::{DeployPlan, OpState, Step, StepState, TimerFinish, TimerLease, ZonePlan};
 use paddock_core::Manifest;
-use paddock_store::{PutOutcome, ServerChange, SqlStore, StepEnd, Store, StoreError};
+use paddock_core::TimerSchedule;
+use paddock_store::{PutOutcome, ServerChange, SqlStore, StepEnd, Store, StoreError, TimerDef};
 
 enum Backend {
     Sqlite,
@@ -582,7 +583,117 @@ async fn operations_journal(store: &dyn Store) {
     assert_eq!(x.version, "v1");
 }
 
+/// Timers: claims with a lease and a fencing token, retries after an expired lease, one
+/// catch-up run after a pause, nothing for a server whose scheduler is off.
+async fn timer_claims(store: &dyn Store) {
+    for name in ["fe1", "fe2"] {
+        store
+            .register_server(&registration(name, "default"), 1)
+            .await
+            .unwrap();
+    }
+    let def = TimerDef {
+        app: "a".into(),
+        timer: "t".into(),
+        zone: "default".into(),
+        version: "v1".into(),
+        schedule: TimerSchedule::Every(std::time::Duration::from_secs(1)),
+        path: "/a/t".into(),
+    };
+    store
+        .sync_timers(std::slice::from_ref(&def), 10_000)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .claim_timers("fe1", 10_500, 5000, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "not due yet"
+    );
+    let claims = store.claim_timers("fe1", 11_000, 5000, 10).await.unwrap();
+    assert_eq!(claims.len(), 1);
+    let first = &claims[0];
+    assert_eq!(
+        (first.tick_ms, first.retry, first.lease_until_ms),
+        (11_000, false, 16_000)
+    );
+    // Held by fe1: nobody else gets it, even when the next tick is due.
+    assert!(
+        store
+            .claim_timers("fe2", 12_500, 5000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // fe1 goes silent: after its lease, fe2 runs the same tick again, as a retry.
+    let retry = store.claim_timers("fe2", 16_001, 5000, 10).await.unwrap();
+    assert_eq!(retry.len(), 1);
+    assert_eq!((retry[0].tick_ms, retry[0].retry), (11_000, true));
+    assert!(retry[0].fencing > first.fencing);
+    // fe1's late end changes nothing: its fencing token is stale.
+    let stale = TimerFinish {
+        lease: TimerLease {
+            app: "a".into(),
+            timer: "t".into(),
+            fencing: first.fencing,
+        },
+        ok: true,
+        detail: "late".into(),
+    };
+    assert!(!store.finish_timer("fe1", &stale, 16_100).await.unwrap());
+    let done = TimerFinish {
+        lease: TimerLease {
+            fencing: retry[0].fencing,
+            ..stale.lease.clone()
+        },
+        ok: true,
+        detail: "200".into(),
+    };
+    store
+        .renew_timers("fe2", std::slice::from_ref(&done.lease), 30_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.timers().await.unwrap()[0].lease_until_ms,
+        Some(30_000)
+    );
+    assert!(store.finish_timer("fe2", &done, 16_200).await.unwrap());
+    let runs = store.timer_runs("a", "t", 10).await.unwrap();
+    let outcomes: Vec<(&str, &str, bool)> = runs
+        .iter()
+        .map(|r| (r.server.as_str(), r.outcome.as_str(), r.retry))
+        .collect();
+    assert_eq!(outcomes, [("fe2", "ok", true), ("fe1", "lost", false)]);
+    // Ticks missed until 20_500 collapse into one run, then the schedule goes on.
+    let catch_up = store.claim_timers("fe2", 20_500, 5000, 10).await.unwrap();
+    assert_eq!(catch_up[0].tick_ms, 12_000);
+    assert_eq!(store.timers().await.unwrap()[0].next_ms, 21_000);
+    // Scheduler off: no claim, even of a due tick.
+    store
+        .set_flag("fe1", ServerFlag::Scheduler, false)
+        .await
+        .unwrap();
+    store.run_timer_now("a", "t", 20_600).await.unwrap();
+    assert!(
+        store
+            .claim_timers("fe1", 40_000, 5000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(matches!(
+        store.run_timer_now("a", "nope", 1).await,
+        Err(StoreError::UnknownTimer { .. })
+    ));
+    // A timer no longer declared is forgotten.
+    store.sync_timers(&[], 50_000).await.unwrap();
+    assert!(store.timers().await.unwrap().is_empty());
+}
+
 on_both_backends!(
+    timer_claims,
     operations_journal,
     routing_state,
     servers_and_flags,
