@@ -194,6 +194,20 @@ async fn timers_across_the_farm(db: Db, test: &str) {
     controller.ok(&["timer", "run", "clock", "long"]);
     let first = wait_runs(&controller, "long", "the long run start", |r| !r.is_empty()).await;
     let owner = first[0]["server"].as_str().unwrap().to_string();
+    // Switching its scheduler off is confirmed only once its runs end: here, not in time.
+    let e = controller.fails(&[
+        "server",
+        &owner,
+        "scheduler",
+        "off",
+        "--wait",
+        "--timeout",
+        "1s",
+    ]);
+    assert!(
+        e.contains(&format!("timers still running on {owner}")) && e.contains("clock/long"),
+        "{e}"
+    );
     let index = ["fe1", "fe2", "fe3"]
         .iter()
         .position(|n| *n == owner)

@@ -418,8 +418,15 @@ fn on_off(on: bool) -> &'static str {
 pub enum ServerCommand {
     /// Switch the server's deployment service.
     Deployment { state: OnOff },
-    /// Switch the server's scheduler service.
-    Scheduler { state: OnOff },
+    /// Switch the server's scheduler service. Off, it claims no new timer tick at once.
+    Scheduler {
+        state: OnOff,
+        /// After `off`: wait until the timer runs it started have ended.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// How the balancers treat the server: `ready` takes requests, `drain` takes no new ones
     /// (those in flight finish), `maint` takes no traffic and no health checks.
     Lb {
@@ -641,15 +648,23 @@ pub enum OnOff {
 }
 
 pub async fn server(client: &Client, name: &str, command: ServerCommand) -> anyhow::Result<()> {
-    let (flag, state) = match command {
+    let (flag, state, wait) = match command {
         ServerCommand::Lb {
             state,
             weight,
             wait,
             timeout,
         } => return set_lb(client, name, state.into(), weight, wait, timeout).await,
-        ServerCommand::Deployment { state } => (ServerFlag::Deployment, state),
-        ServerCommand::Scheduler { state } => (ServerFlag::Scheduler, state),
+        ServerCommand::Deployment { state } => (ServerFlag::Deployment, state, None),
+        ServerCommand::Scheduler {
+            state,
+            wait,
+            timeout,
+        } => (
+            ServerFlag::Scheduler,
+            state,
+            (wait && matches!(state, OnOff::Off)).then_some(timeout),
+        ),
         ServerCommand::Remove => {
             client.delete(&format!("/v1/servers/{name}")).await?;
             return client.print(&serde_json::json!({"removed": name}), |_| {
@@ -671,7 +686,46 @@ pub async fn server(client: &Client, name: &str, command: ServerCommand) -> anyh
             on_off(i.deployment),
             on_off(i.scheduler)
         )
-    })
+    })?;
+    match wait {
+        Some(timeout) => wait_timers_ended(client, name, timeout).await,
+        None => Ok(()),
+    }
+}
+
+/// Waits until no timer run holds a lease on `server`; names the runs it waited for.
+async fn wait_timers_ended(client: &Client, server: &str, timeout: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut announced = false;
+    loop {
+        let timers: Vec<paddock_api::TimerInfo> = client.get("/v1/timers").await?;
+        let now = paddock_controller::now_ms();
+        let running: Vec<String> = timers
+            .iter()
+            .filter(|t| {
+                t.running_on.as_deref() == Some(server)
+                    && t.lease_until_ms.is_some_and(|u| u >= now)
+            })
+            .map(|t| format!("{}/{}", t.app, t.timer))
+            .collect();
+        if running.is_empty() {
+            if !client.json {
+                println!("no timer runs on {server}");
+            }
+            return Ok(());
+        }
+        if !announced && !client.json {
+            println!("waiting for {} to end on {server}", running.join(", "));
+            announced = true;
+        }
+        if started.elapsed() > timeout {
+            anyhow::bail!(
+                "timers still running on {server} after {timeout:?}: {}; `paddock timer runs APP TIMER` shows them",
+                running.join(", ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 pub async fn status(client: &Client) -> anyhow::Result<()> {
