@@ -12,9 +12,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use paddock_api::{
-    ApiError, BalancedDeployRequest, BalancerReport, DeployPlan, DesiredApp, DesiredState,
-    HealthReport, LbState, OpState, Operation, Policy, Registration, RoutingTable, ServerFlag,
-    ServerInfo, TimerClaim, TimerFinish, TimerInfo, TimerLease, TimerRun, VersionInfo,
+    ApiError, AppVersionRef, BalancedDeployRequest, BalancerReport, DeployPlan, DesiredApp,
+    DesiredState, HealthReport, LbState, OpState, Operation, Policy, Registration, RoutingTable,
+    ServerFlag, ServerInfo, TimerClaim, TimerFinish, TimerInfo, TimerLease, TimerRun, VersionInfo,
 };
 use paddock_core::Manifest;
 use paddock_core::manifest::is_valid_name;
@@ -991,11 +991,14 @@ async fn balancer_report(
 async fn claim_timers(
     State(c): State<Arc<Controller>>,
     Path(name): Path<String>,
+    Json(serving): Json<Vec<AppVersionRef>>,
 ) -> Answer<Vec<TimerClaim>> {
+    let serving: Vec<(String, String)> = serving.into_iter().map(|v| (v.app, v.version)).collect();
     let claims = c
         .store
         .claim_timers(
             &name,
+            &serving,
             now_ms(),
             crate::timers::LEASE_MS,
             crate::timers::CLAIM_LIMIT,
@@ -1030,7 +1033,7 @@ async fn finish_timer(
             StatusCode::CONFLICT,
             "lease_lost",
             format!(
-                "the run of {}/{} with fencing token {} lost its lease: the tick was claimed again",
+                "the run of {}/{} with fencing token {} was already ended as lost: its lease expired and the tick was claimed again",
                 finish.lease.app, finish.lease.timer, finish.lease.fencing
             ),
         ));

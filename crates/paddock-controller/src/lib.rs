@@ -57,6 +57,8 @@ pub struct Controller {
     driving: std::sync::Mutex<HashSet<i64>>,
     /// For smoke tests.
     http: reqwest::Client,
+    /// Serializes `timers::sync`.
+    timer_sync: tokio::sync::Mutex<()>,
 }
 
 impl Controller {
@@ -121,6 +123,7 @@ pub async fn run(
             .connect_timeout(std::time::Duration::from_secs(3))
             .build()
             .context("building the HTTP client")?,
+        timer_sync: tokio::sync::Mutex::new(()),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -15,6 +15,8 @@ pub const CLAIM_LIMIT: i64 = 32;
 /// Makes the timers table match the timers declared by every desired version. Called after
 /// each change of desired versions and at start.
 pub async fn sync(c: &Controller) -> Result<(), StoreError> {
+    // One at a time: a sync that read older desired versions must not commit after a newer one.
+    let _one = c.timer_sync.lock().await;
     let mut defs = Vec::new();
     let mut zones: Vec<String> = c.store.apps().await?.into_iter().map(|a| a.zone).collect();
     zones.sort();

@@ -263,6 +263,15 @@ impl Manifest {
                     ));
                 }
             };
+            if !t.path.starts_with('/') || !t.path.chars().all(|c| c.is_ascii_graphic()) {
+                return Err(field(
+                    "timer.path",
+                    format!(
+                        "of timer {:?} is {:?}: write a URL path starting with '/', without spaces (percent-encode them)",
+                        t.name, t.path
+                    ),
+                ));
+            }
             if !crate::route_matches(&route, path_of(&t.path)) {
                 return Err(field(
                     "timer.path",

@@ -9,13 +9,13 @@
 //! claims nothing new; the runs in flight finish and report, and the controller sees their
 //! leases end.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use paddock_api::{TimerClaim, TimerFinish, TimerLease};
+use paddock_api::{AppVersionRef, TimerClaim, TimerFinish, TimerLease};
 
 use crate::apps::Apps;
 use crate::deployer::ControllerLink;
@@ -32,7 +32,8 @@ pub struct Scheduler {
     http: reqwest::Client,
     /// The server's scheduler flag, as the desired state last said.
     on: Arc<AtomicBool>,
-    running: Mutex<HashMap<(String, String), i64>>,
+    /// The runs in progress (app, timer, fencing token), renewed until their end is reported.
+    running: Mutex<HashSet<(String, String, i64)>>,
 }
 
 impl Scheduler {
@@ -50,7 +51,7 @@ impl Scheduler {
                 .connect_timeout(Duration::from_secs(3))
                 .build()?,
             on,
-            running: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashSet::new()),
         })
     }
 
@@ -71,10 +72,22 @@ impl Scheduler {
             if !self.on.load(Ordering::Acquire) {
                 continue;
             }
+            // Ticks of the versions served here only: the controller leaves the others to a
+            // server that serves them.
+            let serving: Vec<AppVersionRef> = self
+                .apps
+                .loaded()
+                .into_iter()
+                .map(|a| AppVersionRef {
+                    app: a.name,
+                    version: a.version,
+                })
+                .collect();
             let claimed = async {
                 let response = self
                     .http
                     .post(self.url("claim"))
+                    .json(&serving)
                     .bearer_auth(&self.link.join_token)
                     .timeout(Duration::from_secs(5))
                     .send()
@@ -101,19 +114,29 @@ impl Scheduler {
     }
 
     async fn tick(self: Arc<Self>, claim: TimerClaim) {
-        let key = (claim.app.clone(), claim.timer.clone());
+        let key = (claim.app.clone(), claim.timer.clone(), claim.fencing);
         self.running
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(key.clone(), claim.fencing);
+            .insert(key.clone());
         let started = std::time::Instant::now();
         let (ok, detail) = self.invoke(&claim).await;
+        self.report_end(&claim, ok, detail, started).await;
+        // Renewed until here: a run whose end is not reported yet keeps its lease.
         self.running
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&key);
-        let level_ok = ok;
-        if level_ok {
+    }
+
+    async fn report_end(
+        &self,
+        claim: &TimerClaim,
+        ok: bool,
+        detail: String,
+        started: std::time::Instant,
+    ) {
+        if ok {
             tracing::info!(app = %claim.app, timer = %claim.timer, tick_ms = claim.tick_ms, retry = claim.retry, ms = started.elapsed().as_millis() as u64, "timer ran: {detail}");
         } else {
             tracing::warn!(app = %claim.app, timer = %claim.timer, tick_ms = claim.tick_ms, retry = claim.retry, "timer failed: {detail}");
@@ -193,7 +216,7 @@ impl Scheduler {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .iter()
-                .map(|((app, timer), fencing)| TimerLease {
+                .map(|(app, timer, fencing)| TimerLease {
                     app: app.clone(),
                     timer: timer.clone(),
                     fencing: *fencing,

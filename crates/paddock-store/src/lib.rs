@@ -231,7 +231,8 @@ pub trait Store: Send + Sync + 'static {
     /// Makes the timers table match the timers of the desired versions: new timers start
     /// counting now, a changed schedule starts over, timers no longer declared are forgotten.
     async fn sync_timers(&self, timers: &[TimerDef], now_ms: i64) -> Result<()>;
-    /// Claims up to `limit` due ticks of the server's zone for it, if its scheduler is on: each
+    /// Claims up to `limit` due ticks of the server's zone for it, of the `(app, version)`s it
+    /// serves, if its scheduler is on: each
     /// gets a lease until `now_ms + lease_ms` and a new fencing token, and a run is recorded. A
     /// tick whose lease expired (its server stopped renewing) is claimed again as a retry. The
     /// next tick is the first one after `now_ms`: ticks missed while no scheduler ran collapse
@@ -239,19 +240,21 @@ pub trait Store: Send + Sync + 'static {
     async fn claim_timers(
         &self,
         server: &str,
+        serving: &[(String, String)],
         now_ms: i64,
         lease_ms: i64,
         limit: i64,
     ) -> Result<Vec<TimerClaim>>;
     /// Extends the leases the server still holds (same fencing token) to `until_ms`.
     async fn renew_timers(&self, server: &str, leases: &[TimerLease], until_ms: i64) -> Result<()>;
-    /// Records the end of a run and releases its lease; false (and nothing changed) when the
-    /// fencing token is no longer the newest (the lease expired and the tick was claimed again).
+    /// Records the end of a run and releases its lease if the run still holds it; false (and
+    /// nothing changed) when the run was already ended as `lost` (its lease expired and the
+    /// tick was claimed again).
     async fn finish_timer(&self, server: &str, finish: &TimerFinish, now_ms: i64) -> Result<bool>;
     async fn timers(&self) -> Result<Vec<TimerInfo>>;
     /// The newest `limit` runs of a timer, newest first.
     async fn timer_runs(&self, app: &str, timer: &str, limit: i64) -> Result<Vec<TimerRun>>;
-    /// Makes a timer due now (unless a run holds it).
+    /// Makes a timer due now; if a run holds it, right after that run.
     async fn run_timer_now(&self, app: &str, timer: &str, now_ms: i64) -> Result<()>;
 }
 
@@ -1165,8 +1168,9 @@ impl Store for SqlStore {
                 }
                 None => {
                     sqlx::query(&self.sql(
-                        "INSERT INTO timers (app, timer, zone, version, schedule, path, anchor_ms, next_ms) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                        "INSERT INTO timers (app, timer, zone, version, schedule, path, anchor_ms, next_ms, fencing) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
+                         (SELECT COALESCE(MAX(fencing), 0) FROM timer_runs WHERE app = $1 AND timer = $2))",
                     ))
                     .bind(&t.app)
                     .bind(&t.timer)
@@ -1188,16 +1192,26 @@ impl Store for SqlStore {
     async fn claim_timers(
         &self,
         server: &str,
+        serving: &[(String, String)],
         now_ms: i64,
         lease_ms: i64,
         limit: i64,
     ) -> Result<Vec<TimerClaim>> {
         let mut tx = self.begin_write().await?;
-        let row = sqlx::query(&self.sql("SELECT zone, scheduler_on FROM servers WHERE name = $1"))
-            .bind(server)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| StoreError::UnknownServer(server.into()))?;
+        // PostgreSQL: the server's row is share-locked, so that switching its scheduler off
+        // waits for a claim in progress, and a wait for "no timer running" that starts after
+        // the switch sees this claim's leases.
+        let share = match self.dialect {
+            Dialect::Postgres => " FOR SHARE",
+            Dialect::Sqlite => "",
+        };
+        let row = sqlx::query(&self.sql(&format!(
+            "SELECT zone, scheduler_on FROM servers WHERE name = $1{share}"
+        )))
+        .bind(server)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| StoreError::UnknownServer(server.into()))?;
         if row.try_get::<i64, _>("scheduler_on")? == 0 {
             return Ok(Vec::new());
         }
@@ -1212,17 +1226,25 @@ impl Store for SqlStore {
             "SELECT app, timer, version, schedule, path, anchor_ms, next_ms, fencing, lease_owner, \
              lease_until, tick_ms FROM timers WHERE zone = $1 AND \
              ((lease_until IS NULL AND next_ms <= $2) OR (lease_until IS NOT NULL AND lease_until < $2)) \
-             ORDER BY next_ms LIMIT $3{lock}"
+             ORDER BY next_ms{lock}"
         )))
         .bind(&zone)
         .bind(now_ms)
-        .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
-        let mut claims = Vec::with_capacity(due.len());
+        let mut claims = Vec::new();
         for row in &due {
+            if claims.len() as i64 >= limit {
+                break;
+            }
             let app: String = row.try_get("app")?;
             let timer: String = row.try_get("timer")?;
+            // Only timers of the versions this server serves: one still loading (or left on an
+            // older version) leaves the tick to another server.
+            let version: String = row.try_get("version")?;
+            if !serving.iter().any(|(a, v)| *a == app && *v == version) {
+                continue;
+            }
             let old_fencing: i64 = row.try_get("fencing")?;
             let lease_until: Option<i64> = row.try_get("lease_until")?;
             let retry = lease_until.is_some();
@@ -1316,7 +1338,22 @@ impl Store for SqlStore {
     async fn finish_timer(&self, server: &str, finish: &TimerFinish, now_ms: i64) -> Result<bool> {
         let lease = &finish.lease;
         let mut tx = self.begin_write().await?;
-        let released = sqlx::query(&self.sql(
+        // The run record is this server's own: it is closed even when the timer is no longer
+        // declared. The lease is released only if it is still this run's.
+        let closed = sqlx::query(&self.sql(
+            "UPDATE timer_runs SET outcome = $1, ended_ms = $2, detail = $3 \
+             WHERE app = $4 AND timer = $5 AND fencing = $6 AND server = $7 AND outcome = 'running'",
+        ))
+        .bind(if finish.ok { "ok" } else { "failed" })
+        .bind(now_ms)
+        .bind(&finish.detail)
+        .bind(&lease.app)
+        .bind(&lease.timer)
+        .bind(lease.fencing)
+        .bind(server)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(&self.sql(
             "UPDATE timers SET lease_owner = NULL, lease_until = NULL, tick_ms = NULL \
              WHERE app = $1 AND timer = $2 AND fencing = $3 AND lease_owner = $4",
         ))
@@ -1326,23 +1363,8 @@ impl Store for SqlStore {
         .bind(server)
         .execute(&mut *tx)
         .await?;
-        if released.rows_affected() == 0 {
-            return Ok(false);
-        }
-        sqlx::query(&self.sql(
-            "UPDATE timer_runs SET outcome = $1, ended_ms = $2, detail = $3 \
-             WHERE app = $4 AND timer = $5 AND fencing = $6",
-        ))
-        .bind(if finish.ok { "ok" } else { "failed" })
-        .bind(now_ms)
-        .bind(&finish.detail)
-        .bind(&lease.app)
-        .bind(&lease.timer)
-        .bind(lease.fencing)
-        .execute(&mut *tx)
-        .await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(closed.rows_affected() > 0)
     }
 
     async fn timers(&self) -> Result<Vec<TimerInfo>> {

@@ -604,15 +604,28 @@ async fn timer_claims(store: &dyn Store) {
         .sync_timers(std::slice::from_ref(&def), 10_000)
         .await
         .unwrap();
+    let serving = vec![("a".to_string(), "v1".to_string())];
+    // A server that does not serve the timer's version claims nothing.
+    let other = vec![("a".to_string(), "v0".to_string())];
     assert!(
         store
-            .claim_timers("fe1", 10_500, 5000, 10)
+            .claim_timers("fe1", &other, 11_000, 5000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .claim_timers("fe1", &serving, 10_500, 5000, 10)
             .await
             .unwrap()
             .is_empty(),
         "not due yet"
     );
-    let claims = store.claim_timers("fe1", 11_000, 5000, 10).await.unwrap();
+    let claims = store
+        .claim_timers("fe1", &serving, 11_000, 5000, 10)
+        .await
+        .unwrap();
     assert_eq!(claims.len(), 1);
     let first = &claims[0];
     assert_eq!(
@@ -622,13 +635,16 @@ async fn timer_claims(store: &dyn Store) {
     // Held by fe1: nobody else gets it, even when the next tick is due.
     assert!(
         store
-            .claim_timers("fe2", 12_500, 5000, 10)
+            .claim_timers("fe2", &serving, 12_500, 5000, 10)
             .await
             .unwrap()
             .is_empty()
     );
     // fe1 goes silent: after its lease, fe2 runs the same tick again, as a retry.
-    let retry = store.claim_timers("fe2", 16_001, 5000, 10).await.unwrap();
+    let retry = store
+        .claim_timers("fe2", &serving, 16_001, 5000, 10)
+        .await
+        .unwrap();
     assert_eq!(retry.len(), 1);
     assert_eq!((retry[0].tick_ms, retry[0].retry), (11_000, true));
     assert!(retry[0].fencing > first.fencing);
@@ -667,7 +683,10 @@ async fn timer_claims(store: &dyn Store) {
         .collect();
     assert_eq!(outcomes, [("fe2", "ok", true), ("fe1", "lost", false)]);
     // Ticks missed until 20_500 collapse into one run, then the schedule goes on.
-    let catch_up = store.claim_timers("fe2", 20_500, 5000, 10).await.unwrap();
+    let catch_up = store
+        .claim_timers("fe2", &serving, 20_500, 5000, 10)
+        .await
+        .unwrap();
     assert_eq!(catch_up[0].tick_ms, 12_000);
     assert_eq!(store.timers().await.unwrap()[0].next_ms, 21_000);
     // Scheduler off: no claim, even of a due tick.
@@ -678,7 +697,7 @@ async fn timer_claims(store: &dyn Store) {
     store.run_timer_now("a", "t", 20_600).await.unwrap();
     assert!(
         store
-            .claim_timers("fe1", 40_000, 5000, 10)
+            .claim_timers("fe1", &serving, 40_000, 5000, 10)
             .await
             .unwrap()
             .is_empty()

@@ -618,4 +618,37 @@ async fn each_zone_has_its_own_groups_and_a_single_server_zone_deploys_in_place(
     {
         fe.wait_serving(app, "v2", &format!("/{app}")).await;
     }
+
+    // Back to v1, the zones side by side: each still gets all its steps.
+    let out = controller
+        .cli_async(&[
+            "deploy",
+            "--balanced",
+            "alpha@v1",
+            "beta@v1",
+            "gamma@v1",
+            "--parallel-zones",
+        ])
+        .await;
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    let ops: serde_json::Value =
+        serde_json::from_str(&controller.ok(&["op", "list", "--json"])).unwrap();
+    assert_eq!(ops[0]["plan"]["parallel_zones"], true);
+    let steps = ops[0]["steps"].as_array().unwrap();
+    for (zone, count) in [("a", 10), ("b", 10), ("c", 1)] {
+        assert_eq!(
+            steps
+                .iter()
+                .filter(|s| s["zone"] == zone && s["state"] == "done")
+                .count(),
+            count,
+            "zone {zone}: {steps:#?}"
+        );
+    }
+    for (fe, app) in frontends
+        .iter()
+        .zip(["alpha", "alpha", "beta", "beta", "gamma"])
+    {
+        fe.wait_serving(app, "v1", &format!("/{app}")).await;
+    }
 }
