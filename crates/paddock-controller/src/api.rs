@@ -880,6 +880,11 @@ async fn register(
         }
     }
     let server = c.store.register_server(&registration, now_ms()).await?;
+    if let Some(operation) = c.store.zone_lock(&server.zone).await?
+        && server.lb == LbState::Drain
+    {
+        tracing::warn!(server = %server.name, zone = %server.zone, operation, "front-end registered while an operation holds its zone: it is in drain; `paddock server {} lb ready` once the operation has ended", server.name);
+    }
     // The routing table lists it: wake the balancers.
     c.announce(c.store.generation().await?);
     tracing::info!(server = %server.name, zone = %server.zone, address = %server.address, "front-end registered");

@@ -108,7 +108,9 @@ pub trait Store: Send + Sync + 'static {
     fn backend(&self) -> &'static str;
 
     /// Records a front-end (new, or the same name coming back); its flags are kept. Bumps the
-    /// generation: the balancers' routing table lists it.
+    /// generation: the balancers' routing table lists it. A new front-end joining a zone that
+    /// an operation holds starts in `drain`: it takes no user traffic in the middle of a
+    /// balanced deployment, whose plan does not know it.
     async fn register_server(&self, registration: &Registration, now_ms: i64)
     -> Result<ServerInfo>;
     async fn heartbeat(&self, name: &str, observed: &HealthReport, now_ms: i64) -> Result<()>;
@@ -410,8 +412,9 @@ impl Store for SqlStore {
     async fn register_server(&self, r: &Registration, now_ms: i64) -> Result<ServerInfo> {
         let mut tx = self.begin_write().await?;
         sqlx::query(&self.sql(
-            "INSERT INTO servers (name, zone, address, platform_version, engine, registered_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
+            "INSERT INTO servers (name, zone, address, platform_version, engine, registered_ms, lb) \
+             VALUES ($1, $2, $3, $4, $5, $6, \
+             CASE WHEN EXISTS (SELECT 1 FROM zone_locks WHERE zone = $2) THEN 'drain' ELSE 'ready' END) \
              ON CONFLICT (name) DO UPDATE SET zone = excluded.zone, address = excluded.address, \
              platform_version = excluded.platform_version, engine = excluded.engine, \
              registered_ms = excluded.registered_ms",
