@@ -101,6 +101,7 @@ pub async fn run(
             )?);
             Some((
                 tokio::spawn(deployer.run(generation)),
+                scheduler.clone(),
                 tokio::spawn(scheduler.run()),
             ))
         }
@@ -116,8 +117,14 @@ pub async fn run(
     let result = server
         .serve(shutdown, config.drain_delay, config.shutdown_timeout)
         .await;
-    let (deployer, scheduler) = deployer.unzip();
-    for task in [watcher, deployer, scheduler].into_iter().flatten() {
+    let (deployer, scheduler, scheduling) = match deployer {
+        Some((d, s, t)) => (Some(d), Some(s), Some(t)),
+        None => (None, None, None),
+    };
+    if let Some(scheduler) = scheduler {
+        scheduler.stop(config.shutdown_timeout).await;
+    }
+    for task in [watcher, deployer, scheduling].into_iter().flatten() {
         task.abort();
     }
     result

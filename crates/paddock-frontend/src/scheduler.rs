@@ -4,10 +4,12 @@
 //! for due ticks every [`POLL`] (`POST /control/v1/timers/{name}/claim`). The controller claims
 //! them in the store with a lease and a fencing token, so a tick runs on one server only. Each
 //! claimed tick invokes the timer's path on this front-end's own copy of the app (not through a
-//! balancer), with `x-paddock-timer` and `x-paddock-tick` headers; the lease is renewed while
+//! balancer), with `x-paddock-timer`, `x-paddock-tick` and `x-paddock-fencing` headers; the
+//! lease is renewed while
 //! it runs, and the end (2xx or not) is reported with the fencing token. Switched off, it
 //! claims nothing new; the runs in flight finish and report, and the controller sees their
-//! leases end.
+//! leases end. On shutdown it claims nothing more and waits for its runs, like the server does
+//! for its requests.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,6 +36,8 @@ pub struct Scheduler {
     on: Arc<AtomicBool>,
     /// The runs in progress (app, timer, fencing token), renewed until their end is reported.
     running: Mutex<HashSet<(String, String, i64)>>,
+    /// Set on shutdown: no new claim.
+    stopping: AtomicBool,
 }
 
 impl Scheduler {
@@ -52,6 +56,7 @@ impl Scheduler {
                 .build()?,
             on,
             running: Mutex::new(HashSet::new()),
+            stopping: AtomicBool::new(false),
         })
     }
 
@@ -69,7 +74,7 @@ impl Scheduler {
         let mut failing = false;
         loop {
             tokio::time::sleep(POLL).await;
-            if !self.on.load(Ordering::Acquire) {
+            if !self.on.load(Ordering::Acquire) || self.stopping.load(Ordering::Acquire) {
                 continue;
             }
             // Ticks of the versions served here only: the controller leaves the others to a
@@ -189,6 +194,9 @@ impl Scheduler {
             .header(hyper::header::HOST, "localhost")
             .header("x-paddock-timer", &claim.timer)
             .header("x-paddock-tick", claim.tick_ms.to_string())
+            // Grows with every claim of this timer: an app can refuse the work of a run older
+            // than one it has seen (a run that lost its lease during a partition).
+            .header("x-paddock-fencing", claim.fencing.to_string())
             .body(http_body_util::Empty::<Bytes>::new());
         let request = match request {
             Ok(request) => request,
@@ -205,6 +213,27 @@ impl Scheduler {
                 )
             }
             Err(e) => (false, format!("{}@{served}: {e}", claim.app)),
+        }
+    }
+
+    /// Claims nothing more and waits (at most `timeout`) for the runs in progress to end and
+    /// be reported, so that a planned stop loses no run.
+    pub async fn stop(&self, timeout: Duration) {
+        self.stopping.store(true, Ordering::Release);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let running = self.running.lock().unwrap_or_else(|e| e.into_inner()).len();
+            if running == 0 {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    running,
+                    "stopping with timer runs still in progress; their ticks run again elsewhere after the lease"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use harness::{Controller, Db, Frontend, fixture};
 
 /// The hello component as app `clock` with two timers: `tick` every second (a 200 ms run) and
-/// `long` every hour (a 30 s run, started with `paddock timer run`).
+/// `long` every hour (a 4 s run, started with `paddock timer run`).
 fn clock_package(dir: &std::path::Path, source: &str, version: &str) -> String {
     let to = dir.join(format!("clock-{version}"));
     std::fs::create_dir_all(&to).unwrap();
@@ -26,7 +26,7 @@ path = "/clock/tick?sleep_ms=200"
 [[timer]]
 name = "long"
 every = "1h"
-path = "/clock/long?sleep_ms=30000"
+path = "/clock/long?sleep_ms=4000"
 "#
         ),
     )
@@ -190,9 +190,28 @@ async fn timers_across_the_farm(db: Db, test: &str) {
         "{list:#}"
     );
 
+    // A front-end asked to stop (SIGTERM) during a run lets it end and reports it.
+    for name in ["fe1", "fe2"] {
+        controller.ok(&["server", name, "scheduler", "off"]);
+    }
+    controller.ok(&["timer", "run", "clock", "long"]);
+    wait_runs(&controller, "long", "the long run on fe3", |r| {
+        r.first().is_some_and(|r| r["server"] == "fe3")
+    })
+    .await;
+    frontends[2].signal("TERM");
+    frontends[2].wait_exit(Duration::from_secs(30)).await;
+    let stopped = runs(&controller, "long");
+    assert_eq!(stopped[0]["outcome"], "ok", "{stopped:#?}");
+    assert!(ms(&stopped[0], "ended_ms") - ms(&stopped[0], "started_ms") >= 3900);
+    for name in ["fe1", "fe2"] {
+        controller.ok(&["server", name, "scheduler", "on"]);
+    }
+
     // A server dies during a long run: the tick runs again elsewhere after the lease, as a retry.
     controller.ok(&["timer", "run", "clock", "long"]);
-    let first = wait_runs(&controller, "long", "the long run start", |r| !r.is_empty()).await;
+    let first = wait_runs(&controller, "long", "the long run start", |r| r.len() >= 2).await;
+    let first = &first[1..];
     let owner = first[0]["server"].as_str().unwrap().to_string();
     // Switching its scheduler off is confirmed only once its runs end: here, not in time.
     let e = controller.fails(&[
@@ -214,7 +233,8 @@ async fn timers_across_the_farm(db: Db, test: &str) {
         .unwrap();
     let killed_at = now_ms();
     frontends[index].signal("KILL");
-    let runs = wait_runs(&controller, "long", "the retry", |r| r.len() >= 2).await;
+    let runs = wait_runs(&controller, "long", "the retry", |r| r.len() >= 3).await;
+    let runs = &runs[1..];
     assert_eq!(runs[0]["outcome"], "lost", "{runs:#?}");
     assert!(
         runs[0]["detail"]
