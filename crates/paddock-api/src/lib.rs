@@ -462,10 +462,11 @@ impl Step {
     }
 
     pub fn parse(s: &str) -> Option<Step> {
-        Step::ALL.into_iter().find(|step| step.as_str() == s)
+        Step::all().find(|step| step.as_str() == s)
     }
 
-    pub const ALL: [Step; 14] = [
+    /// The steps of a balanced deployment of a zone, in order.
+    pub const BALANCED: [Step; 10] = [
         Step::SchedulerOff,
         Step::DrainUpdating,
         Step::DeploymentOff,
@@ -476,11 +477,22 @@ impl Step {
         Step::DeploymentOn,
         Step::RouteAll,
         Step::SchedulerOnLoaded,
-        Step::InPlace,
+    ];
+
+    /// The steps that put a zone back after a failure or an abort, in order.
+    pub const RESTORE: [Step; 3] = [
         Step::RestoreRouting,
         Step::RestoreVersion,
         Step::RestoreFlags,
     ];
+
+    /// Every step, in the order a journal lists steps that started together.
+    pub fn all() -> impl Iterator<Item = Step> {
+        Step::BALANCED
+            .into_iter()
+            .chain([Step::InPlace])
+            .chain(Step::RESTORE)
+    }
 
     /// What the step does, for a person.
     pub fn describe(self) -> &'static str {

@@ -278,18 +278,7 @@ fn forward_steps(in_place: bool) -> &'static [Step] {
     if in_place {
         &[Step::InPlace]
     } else {
-        &[
-            Step::SchedulerOff,
-            Step::DrainUpdating,
-            Step::DeploymentOff,
-            Step::LoadNew,
-            Step::Smoke,
-            Step::Cutover,
-            Step::SchedulerOnUpdating,
-            Step::DeploymentOn,
-            Step::RouteAll,
-            Step::SchedulerOnLoaded,
-        ]
+        &Step::BALANCED
     }
 }
 
@@ -297,11 +286,7 @@ fn restore_steps(in_place: bool) -> &'static [Step] {
     if in_place {
         &[Step::RestoreVersion]
     } else {
-        &[
-            Step::RestoreRouting,
-            Step::RestoreVersion,
-            Step::RestoreFlags,
-        ]
+        &Step::RESTORE
     }
 }
 

@@ -1062,7 +1062,7 @@ impl Store for SqlStore {
         servers: &[String],
         now_ms: i64,
     ) -> Result<()> {
-        let ordinal = Step::ALL.iter().position(|s| *s == step).unwrap_or(0) as i64;
+        let ordinal = Step::all().position(|s| s == step).unwrap_or(0) as i64;
         let mut tx = self.begin_write().await?;
         sqlx::query(&self.sql(
             "INSERT INTO operation_steps (op_id, zone, step, ordinal, servers, state, started_ms) \
