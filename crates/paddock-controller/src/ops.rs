@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use paddock_api::{
     BalancedDeployRequest, DeployPlan, LbState, OpState, OpStep, Operation, PlannedApp,
-    PlannedStep, Role, ServerBefore, ServerInfo, Step, StepState, ZonePlan,
+    PlannedStep, Role, ServerBefore, ServerFlag, ServerInfo, Step, StepState, ZonePlan,
 };
 use paddock_store::{ServerChange, StepEnd, StoreError};
 
@@ -462,13 +462,25 @@ enum ZoneEnd {
     Paused,
 }
 
+/// How a zone's journal says it ended, once its driver stopped; `None` if it never started.
+fn zone_end(op: &Operation, zone: &ZonePlan) -> Option<ZoneEnd> {
+    if !op.steps.iter().any(|s| s.zone == zone.zone) {
+        return None;
+    }
+    Some(match next(op, zone) {
+        Next::Done => ZoneEnd::Done,
+        Next::Restored => ZoneEnd::Restored,
+        // Its driver stopped at a step from the point of no return on.
+        Next::Run(_) => ZoneEnd::Paused,
+    })
+}
+
 async fn drive(c: &Arc<Controller>, id: i64) -> anyhow::Result<()> {
     let op = c.store.operation(id).await?;
     if op.state != OpState::Running {
         return Ok(());
     }
     let plan = op.plan.clone();
-    let mut ends = Vec::new();
     if plan.parallel_zones {
         let mut zones = tokio::task::JoinSet::new();
         for index in 0..plan.zones.len() {
@@ -476,73 +488,71 @@ async fn drive(c: &Arc<Controller>, id: i64) -> anyhow::Result<()> {
             zones.spawn(async move { drive_zone(&c, id, index).await });
         }
         while let Some(end) = zones.join_next().await {
-            ends.push(end.context("a zone's task panicked")??);
+            end.context("a zone's task panicked")??;
         }
     } else {
         for index in 0..plan.zones.len() {
-            let end = drive_zone(c, id, index).await?;
-            ends.push(end);
-            if end != ZoneEnd::Done {
+            if drive_zone(c, id, index).await? != ZoneEnd::Done {
                 break;
             }
         }
     }
+    // How each zone ended, as its journal says (`None`: never started).
     let op = c.store.operation(id).await?;
-    let failures: Vec<String> = op
-        .steps
-        .iter()
-        .filter(|s| s.state == StepState::Failed)
-        .map(|s| {
-            format!(
-                "zone {}, {}: {}",
-                s.zone,
-                s.step.as_str(),
-                s.message.as_deref().unwrap_or("failed")
-            )
-        })
-        .collect();
-    let zone_ends: Vec<String> = plan
-        .zones
-        .iter()
-        .enumerate()
-        .map(|(i, z)| {
-            let end = match ends.get(i) {
-                _ if plan.parallel_zones => match next(&op, z) {
-                    Next::Done => "done",
-                    Next::Restored => "restored",
-                    Next::Run(_) => "paused",
-                },
-                Some(ZoneEnd::Done) => "done",
-                Some(ZoneEnd::Restored) => "restored",
-                Some(ZoneEnd::Paused) => "paused",
-                None => "not started",
-            };
-            format!("zone {} {end}", z.zone)
-        })
-        .collect();
+    let ends: Vec<Option<ZoneEnd>> = plan.zones.iter().map(|z| zone_end(&op, z)).collect();
+    let failures = |restore: bool| -> Vec<String> {
+        op.steps
+            .iter()
+            .filter(|s| s.state == StepState::Failed && s.step.is_restore() == restore)
+            .map(|s| {
+                format!(
+                    "zone {}, {}: {}",
+                    s.zone,
+                    s.step.as_str(),
+                    s.message.as_deref().unwrap_or("failed")
+                )
+            })
+            .collect()
+    };
     let per_zone = if plan.zones.len() > 1 {
-        format!(" ({})", zone_ends.join(", "))
+        let zones: Vec<String> = plan
+            .zones
+            .iter()
+            .zip(&ends)
+            .map(|(z, end)| {
+                let end = match end {
+                    Some(ZoneEnd::Done) => "done",
+                    Some(ZoneEnd::Restored) => "restored",
+                    Some(ZoneEnd::Paused) => "paused",
+                    None => "not started",
+                };
+                format!("zone {} {end}", z.zone)
+            })
+            .collect();
+        format!(" ({})", zones.join(", "))
     } else {
         String::new()
     };
-    let (state, message) = if ends.contains(&ZoneEnd::Paused) {
+    let (state, message) = if ends.contains(&Some(ZoneEnd::Paused)) {
         (
             OpState::Paused,
             format!(
                 "{}; users are on the new version; `paddock op resume {id}` retries{per_zone}",
-                failures.last().cloned().unwrap_or_default()
+                failures(false).last().cloned().unwrap_or_default()
             ),
         )
-    } else if ends.iter().all(|e| *e == ZoneEnd::Done) && ends.len() == plan.zones.len() {
+    } else if ends.iter().all(|e| *e == Some(ZoneEnd::Done)) {
         (OpState::Succeeded, String::new())
     } else {
         let cause = if op.abort_requested {
             "aborted by the operator".to_string()
         } else {
-            failures.first().cloned().unwrap_or_else(|| "failed".into())
+            failures(false)
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "failed".into())
         };
-        let unconfirmed: Vec<&String> =
-            failures.iter().filter(|f| f.contains("restore-")).collect();
+        let unconfirmed = failures(true);
         let after = if unconfirmed.is_empty() {
             format!(
                 "every user of the restored zones stayed on or went back to the old version; flags and routing there are as before{per_zone}"
@@ -550,11 +560,7 @@ async fn drive(c: &Arc<Controller>, id: i64) -> anyhow::Result<()> {
         } else {
             format!(
                 "restored, except what did not confirm: {}",
-                unconfirmed
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join("; ")
+                unconfirmed.join("; ")
             )
         };
         let state = if op.abort_requested {
@@ -751,9 +757,11 @@ impl Run<'_> {
                 let g = self.set(changes).await?;
                 self.wait_drained(g, &z.loaded).await
             }
-            Step::SchedulerOnUpdating => self.restore_flag(&z.updating, Flag::Scheduler).await,
+            Step::SchedulerOnUpdating => {
+                self.restore_flag(&z.updating, ServerFlag::Scheduler).await
+            }
             Step::DeploymentOn => {
-                self.restore_flag(&z.loaded, Flag::Deployment).await?;
+                self.restore_flag(&z.loaded, ServerFlag::Deployment).await?;
                 self.wait_serving(&z.loaded, |a| &a.to, Mode::NoReturn)
                     .await
             }
@@ -771,7 +779,7 @@ impl Run<'_> {
                     .filter(|b| !z.updating.contains(&b.name))
                     .map(|b| b.name.clone())
                     .collect();
-                self.restore_flag(&rest, Flag::Scheduler).await
+                self.restore_flag(&rest, ServerFlag::Scheduler).await
             }
             Step::RestoreRouting => {
                 // Users go back to the loaded group, which never left the old version.
@@ -835,14 +843,18 @@ impl Run<'_> {
         Ok(g)
     }
 
-    async fn restore_flag(&self, servers: &[String], flag: Flag) -> Result<Vec<String>, StepError> {
+    async fn restore_flag(
+        &self,
+        servers: &[String],
+        flag: ServerFlag,
+    ) -> Result<Vec<String>, StepError> {
         let g = self
             .set(servers.iter().map(|n| {
                 let before = self.before(n);
                 ServerChange {
                     name: n.clone(),
-                    deployment: (flag == Flag::Deployment).then_some(before.deployment),
-                    scheduler: (flag == Flag::Scheduler).then_some(before.scheduler),
+                    deployment: (flag == ServerFlag::Deployment).then_some(before.deployment),
+                    scheduler: (flag == ServerFlag::Scheduler).then_some(before.scheduler),
                     ..ServerChange::default()
                 }
             }))
@@ -850,8 +862,8 @@ impl Run<'_> {
         Ok(vec![format!(
             "{} service back as before on {} (generation {g})",
             match flag {
-                Flag::Deployment => "deployment",
-                Flag::Scheduler => "scheduler",
+                ServerFlag::Deployment => "deployment",
+                ServerFlag::Scheduler => "scheduler",
             },
             join(servers)
         )])
@@ -953,18 +965,31 @@ impl Run<'_> {
         .await
     }
 
+    /// The routing status once every live balancer routes by generation `g`, or what is
+    /// still pending.
+    async fn routing_at(
+        &self,
+        g: i64,
+    ) -> Result<Result<crate::routing::RoutingStatus, Check>, StepError> {
+        let status =
+            crate::routing::status(self.c.store.as_ref(), Some(g), now_ms(), ALIVE_WITHIN_MS)
+                .await?;
+        if !status.applied {
+            return Ok(Err(Check::Pending(format!(
+                "balancers {} have not applied generation {g}",
+                status.pending.join(", ")
+            ))));
+        }
+        Ok(Ok(status))
+    }
+
     /// Waits until every live balancer routes by generation `g`.
     async fn wait_applied(&self, g: i64, what: &str) -> Result<Vec<String>, StepError> {
         self.wait(false, || async {
-            let status =
-                crate::routing::status(self.c.store.as_ref(), Some(g), now_ms(), ALIVE_WITHIN_MS)
-                    .await?;
-            if !status.applied {
-                return Ok(Check::Pending(format!(
-                    "balancers {} have not applied generation {g}",
-                    status.pending.join(", ")
-                )));
-            }
+            let status = match self.routing_at(g).await? {
+                Ok(status) => status,
+                Err(pending) => return Ok(pending),
+            };
             Ok(Check::Done(vec![
                 format!("{what} (generation {g})"),
                 acks(&status, g),
@@ -976,15 +1001,10 @@ impl Run<'_> {
     /// Waits until every live balancer routes by generation `g` and `servers` are drained.
     async fn wait_drained(&self, g: i64, servers: &[String]) -> Result<Vec<String>, StepError> {
         self.wait(true, || async {
-            let status =
-                crate::routing::status(self.c.store.as_ref(), Some(g), now_ms(), ALIVE_WITHIN_MS)
-                    .await?;
-            if !status.applied {
-                return Ok(Check::Pending(format!(
-                    "balancers {} have not applied generation {g}",
-                    status.pending.join(", ")
-                )));
-            }
+            let status = match self.routing_at(g).await? {
+                Ok(status) => status,
+                Err(pending) => return Ok(pending),
+            };
             let busy: Vec<String> = status
                 .servers
                 .iter()
@@ -1177,12 +1197,6 @@ enum Mode {
     Forward,
     /// From the point of no return, or restoring: only forward, whoever is missing.
     NoReturn,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Flag {
-    Deployment,
-    Scheduler,
 }
 
 fn lb(name: &str, state: LbState) -> ServerChange {

@@ -80,23 +80,27 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
     );
 
     // The admin token is found in the data folder, as after `paddock up` in a project folder.
-    let publish = Command::new(PADDOCK)
-        .args(["app", "publish"])
-        .arg(fixture("hello-v1"))
-        .env(
-            "PADDOCK_CONTROLLER",
-            format!("http://127.0.0.1:{controller_port}"),
-        )
-        .env("PADDOCK_DATA", dir.path())
-        .env_remove("PADDOCK_TOKEN")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&publish.stdout);
-    assert!(
-        publish.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&publish.stderr)
-    );
+    let admin = |args: &[&str], package: &str| {
+        let out = Command::new(PADDOCK)
+            .args(args)
+            .arg(fixture(package))
+            .env(
+                "PADDOCK_CONTROLLER",
+                format!("http://127.0.0.1:{controller_port}"),
+            )
+            .env("PADDOCK_DATA", dir.path())
+            .env_remove("PADDOCK_TOKEN")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let stdout = admin(&["app", "publish"], "hello-v1");
     assert!(stdout.contains("served by all 2 front-end(s)"), "{stdout}");
     for port in [frontend_port, frontend_port + 1] {
         let addr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -122,23 +126,7 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
     }
 
     // The README's balanced deployment: a package folder, uploaded and moved to without downtime.
-    let deploy = Command::new(PADDOCK)
-        .args(["deploy", "--balanced"])
-        .arg(fixture("hello-v2"))
-        .env(
-            "PADDOCK_CONTROLLER",
-            format!("http://127.0.0.1:{controller_port}"),
-        )
-        .env("PADDOCK_DATA", dir.path())
-        .env_remove("PADDOCK_TOKEN")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&deploy.stdout);
-    assert!(
-        deploy.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&deploy.stderr)
-    );
+    let stdout = admin(&["deploy", "--balanced"], "hello-v2");
     assert!(stdout.contains("updating: fe-1"), "{stdout}");
     assert!(stdout.contains("succeeded"), "{stdout}");
     for _ in 0..4 {

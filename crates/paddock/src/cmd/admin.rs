@@ -756,3 +756,10 @@ pub async fn status(client: &Client) -> anyhow::Result<()> {
         }
     })
 }
+
+/// `2026-11-22 13:00:00.250` (UTC) of a millisecond timestamp.
+pub fn timestamp(ms: i64) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
+        .unwrap_or_else(|| "never".into())
+}

@@ -320,8 +320,8 @@ fn print_operation(op: &Operation) {
         what(&op.plan)
     );
     println!(
-        "  started {}, {}",
-        time_of_day(op.created_ms),
+        "  started {} UTC, {}",
+        super::admin::timestamp(op.created_ms),
         match op.ended_ms {
             Some(end) => format!("ended after {}", duration(op.created_ms, end)),
             None => format!("running for {}", duration(op.created_ms, now_ms())),
@@ -428,10 +428,4 @@ fn duration(from_ms: i64, to_ms: i64) -> String {
     } else {
         format!("{:.0} s", ms as f64 / 1000.0)
     }
-}
-
-/// HH:MM:SS UTC of a timestamp.
-fn time_of_day(ms: i64) -> String {
-    let s = ms / 1000 % 86_400;
-    format!("{:02}:{:02}:{:02} UTC", s / 3600, s / 60 % 60, s % 60)
 }

@@ -43,7 +43,7 @@ pub async fn timer(client: &Client, command: TimerCommand) -> anyhow::Result<()>
                         t.zone,
                         t.version,
                         schedule,
-                        timestamp(t.next_ms),
+                        super::admin::timestamp(t.next_ms),
                         t.running_on.as_deref().unwrap_or("-")
                     );
                 }
@@ -63,7 +63,7 @@ pub async fn timer(client: &Client, command: TimerCommand) -> anyhow::Result<()>
                         "{:>6} {:<12} {:<24} {:>6} ms {:>9} {:<8} {:<5} {}",
                         r.id,
                         r.server,
-                        timestamp(r.tick_ms),
+                        super::admin::timestamp(r.tick_ms),
                         r.started_ms - r.tick_ms,
                         r.ended_ms
                             .map(|e| format!("{} ms", e - r.started_ms))
@@ -85,11 +85,4 @@ pub async fn timer(client: &Client, command: TimerCommand) -> anyhow::Result<()>
             Ok(())
         }
     }
-}
-
-/// `2026-11-22 13:00:00.250` (UTC) of a millisecond timestamp.
-fn timestamp(ms: i64) -> String {
-    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
-        .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
-        .unwrap_or_else(|| "never".into())
 }
