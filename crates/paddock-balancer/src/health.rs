@@ -4,13 +4,10 @@
 
 use std::sync::{Arc, Weak};
 
-use bytes::Bytes;
-use http::{Request, StatusCode, header};
-use http_body_util::{BodyExt as _, Either, Empty};
-use hyper::client::conn::http1::SendRequest;
+use http::StatusCode;
 use paddock_api::HealthReport;
 
-use crate::proxy::UpBody;
+use crate::h1::Connection;
 use crate::upstream::{HealthConfig, Upstream};
 
 const HEALTH_PATH: &str = "/_paddock/health";
@@ -34,11 +31,7 @@ pub async fn watch(upstream: Weak<Upstream>, config: HealthConfig) {
 }
 
 /// One check; `conn` keeps the checker's connection between checks.
-pub async fn check(
-    upstream: &Arc<Upstream>,
-    config: &HealthConfig,
-    conn: &mut Option<SendRequest<UpBody>>,
-) {
+pub async fn check(upstream: &Arc<Upstream>, config: &HealthConfig, conn: &mut Option<Connection>) {
     match tokio::time::timeout(config.timeout, probe(upstream, conn)).await {
         Ok(Ok(apps)) => upstream.check_passed(apps, config.rise),
         Ok(Err(why)) => {
@@ -55,34 +48,32 @@ pub async fn check(
     }
 }
 
-async fn probe(
-    upstream: &Upstream,
-    conn: &mut Option<SendRequest<UpBody>>,
-) -> Result<Vec<String>, String> {
-    let reusable = conn
-        .as_ref()
-        .is_some_and(|c| c.is_ready() && !c.is_closed());
-    if !reusable {
-        *conn = Some(upstream.connect().await.map_err(|e| e.to_string())?);
-    }
-    let Some(sender) = conn.as_mut() else {
-        return Err("no connection".into());
+async fn probe(upstream: &Upstream, conn: &mut Option<Connection>) -> Result<Vec<String>, String> {
+    let mut connection = match conn.take() {
+        Some(c) if c.is_open() => c,
+        _ => upstream
+            .connect()
+            .await
+            .map_err(|e| format!("connect failed: {e}"))?,
     };
-    let request = Request::get(HEALTH_PATH)
-        .header(header::HOST, &upstream.address)
-        .header(header::USER_AGENT, "paddock-balancer")
-        .body(Either::Right(Empty::<Bytes>::new()))
-        .map_err(|e| e.to_string())?;
-    let response = sender
-        .send_request(request)
+    let request = format!(
+        "GET {HEALTH_PATH} HTTP/1.1\r\nhost: {}\r\nuser-agent: paddock-balancer\r\n\r\n",
+        upstream.address
+    );
+    connection
+        .write_head(request.as_bytes())
         .await
         .map_err(|e| format!("health check failed: {e}"))?;
-    let status = response.status();
-    let body = http_body_util::Limited::new(response.into_body(), MAX_REPORT)
-        .collect()
+    let (parts, body) = connection
+        .read_response(false)
         .await
-        .map_err(|e| format!("reading the health report: {e}"))?
-        .to_bytes();
+        .map_err(|e| format!("health check failed: {e}"))?;
+    let (body, reusable) = body
+        .collect(MAX_REPORT)
+        .await
+        .map_err(|e| format!("reading the health report: {e}"))?;
+    *conn = reusable;
+    let status = parts.status;
     if status != StatusCode::OK {
         let state = serde_json::from_slice::<HealthReport>(&body)
             .map(|r| format!(" ({:?})", r.state).to_lowercase())

@@ -19,6 +19,7 @@
 
 pub mod feed;
 pub mod guard;
+pub mod h1;
 pub mod health;
 pub mod metrics;
 pub mod proxy;

@@ -16,20 +16,17 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{Authority, PathAndQuery};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::uri::Authority;
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Empty, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
 use paddock_core::route::RESERVED_PREFIX;
 
 use crate::Shared;
+use crate::h1::{self, Connection, ExchangeError, ResponseBody};
 use crate::metrics::RequestLabels;
-use crate::upstream::{Conn, InFlight};
-
-/// What the balancer sends to a front-end: the client's body, or nothing (replayable).
-pub type UpBody = Either<Incoming, Empty<Bytes>>;
+use crate::upstream::InFlight;
 
 /// Settings of the request path.
 #[derive(Debug, Clone)]
@@ -110,30 +107,17 @@ pub async fn handle(
         ));
     }
 
-    let (mut parts, body) = request.into_parts();
+    let (parts, body) = request.into_parts();
     let bodyless = is_bodyless(&parts.headers);
+    let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
     let idempotent = matches!(
         parts.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     );
-    prepare_headers(&mut parts.headers, &peer_ip, host);
-    parts.uri = origin_form(&parts.uri);
-    parts.version = Version::HTTP_11;
-    let replay = bodyless.then(|| {
-        (
-            parts.method.clone(),
-            parts.uri.clone(),
-            parts.headers.clone(),
-        )
-    });
-    let mut pending = Some(Request::from_parts(
-        parts,
-        if bodyless {
-            Either::Right(Empty::new())
-        } else {
-            Either::Left(body)
-        },
-    ));
+    let head_request = parts.method == Method::HEAD;
+    // Encoded once: a retry sends the same bytes.
+    let head = encode_head(&parts, &peer_ip, host.as_ref(), chunked);
+    let mut body = (!bodyless).then_some(body);
 
     // Front-ends already tried, by identity (they are the same across tables).
     let mut tried: Vec<usize> = Vec::with_capacity(2);
@@ -166,96 +150,107 @@ pub async fn handle(
             shared.metrics.retry(&upstream.name, &zone.name);
         }
         let connection = if fresh_connection {
-            upstream.connect().await.map(|sender| Conn {
-                sender,
-                fresh: true,
-            })
+            upstream.connect().await
         } else {
             upstream.connection().await
         };
         fresh_connection = false;
-        let mut conn = match connection {
+        let conn = match connection {
             Ok(conn) => conn,
             Err(e) => {
-                upstream.failed_passively(&e.to_string());
-                last_failure = Some(format!("{}: {e}", upstream.name));
+                let why = format!("connect failed: {e}");
+                upstream.failed_passively(&why);
+                last_failure = Some(format!("{}: {why}", upstream.name));
                 tried.push(upstream.id());
                 continue;
             }
         };
-        let Some(outgoing) = pending.take() else {
-            break;
-        };
+        let reused = conn.reused;
         // The response timeout starts once the request is sent: for a request with a body it
         // would include the upload, so there the front-end's own time limit applies.
-        let sent = if bodyless {
-            tokio::time::timeout(
+        let outcome = if bodyless {
+            match tokio::time::timeout(
                 shared.proxy.response_timeout,
-                conn.sender.try_send_request(outgoing),
+                exchange(conn, &head, head_request),
             )
             .await
-        } else {
-            Ok(conn.sender.try_send_request(outgoing).await)
-        };
-        match sent {
-            Ok(Ok(response)) => {
-                return Ok(relay(
-                    response,
-                    conn.sender,
-                    in_flight,
-                    &shared,
-                    app,
-                    started,
-                ));
+            {
+                Ok(outcome) => outcome.map_err(|e| (e, None)),
+                Err(_) => {
+                    return Ok(answer(
+                        &shared,
+                        started,
+                        &app,
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!(
+                            "front-end {} did not start answering within {:?}",
+                            upstream.name, shared.proxy.response_timeout
+                        ),
+                    ));
+                }
             }
-            Err(_) => {
+        } else {
+            let Some(body) = body.take() else {
+                break;
+            };
+            exchange_with_body(conn, &head, body, chunked, head_request).await
+        };
+        match outcome {
+            Ok((parts, response)) => {
+                return Ok(relay(parts, response, in_flight, &shared, app, started));
+            }
+            Err((ExchangeError::Unsent(e), unsent)) => {
+                body = unsent;
+                if reused {
+                    // The pooled connection was closing: try again on a new one.
+                    fresh_connection = true;
+                    continue;
+                }
+                let why = format!("connection unusable: {e}");
+                upstream.failed_passively(&why);
+                last_failure = Some(format!("{}: {why}", upstream.name));
+                tried.push(upstream.id());
+            }
+            Err((ExchangeError::NoResponse(why), _)) => {
+                let replayable = bodyless && idempotent;
+                if reused && replayable {
+                    // A keep-alive connection the front-end closed as the request went out.
+                    fresh_connection = true;
+                    continue;
+                }
+                upstream.failed_passively(&why);
+                last_failure = Some(format!("{}: {why}", upstream.name));
+                tried.push(upstream.id());
+                if !replayable {
+                    return Ok(answer(
+                        &shared,
+                        started,
+                        &app,
+                        StatusCode::BAD_GATEWAY,
+                        format!(
+                            "front-end {}: {why}; the request was not sent again because it is not idempotent or had a body",
+                            upstream.name
+                        ),
+                    ));
+                }
+            }
+            Err((ExchangeError::Invalid(why), _)) => {
                 return Ok(answer(
                     &shared,
                     started,
                     &app,
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!(
-                        "front-end {} did not start answering within {:?}",
-                        upstream.name, shared.proxy.response_timeout
-                    ),
+                    StatusCode::BAD_GATEWAY,
+                    format!("front-end {} sent an {why}", upstream.name),
                 ));
             }
-            Ok(Err(mut e)) => {
-                if let Some(unsent) = e.take_message() {
-                    // Never written: the pooled connection was closing. Try again on a new one.
-                    pending = Some(unsent);
-                    if !conn.fresh {
-                        fresh_connection = true;
-                        continue;
-                    }
-                    upstream.failed_passively(&format!("connection unusable: {}", e.error()));
-                    tried.push(upstream.id());
-                    continue;
-                }
-                let why = format!("{} before any response byte", e.error());
-                upstream.failed_passively(&why);
-                last_failure = Some(format!("{}: {why}", upstream.name));
-                tried.push(upstream.id());
-                match (&replay, idempotent) {
-                    (Some((method, uri, headers)), true) => {
-                        let mut again = Request::new(Either::Right(Empty::new()));
-                        *again.method_mut() = method.clone();
-                        *again.uri_mut() = uri.clone();
-                        *again.headers_mut() = headers.clone();
-                        pending = Some(again);
-                    }
-                    _ => {
-                        return Ok(answer(
-                            &shared,
-                            started,
-                            &app,
-                            StatusCode::BAD_GATEWAY,
-                            format!(
-                                "front-end {why}; the request was not sent again because it is not idempotent or had a body"
-                            ),
-                        ));
-                    }
-                }
+            Err((error @ ExchangeError::ClientBody(_), _)) => {
+                return Ok(refuse(
+                    &shared,
+                    started,
+                    &app,
+                    StatusCode::BAD_REQUEST,
+                    &error.to_string(),
+                ));
             }
         }
     }
@@ -287,6 +282,53 @@ pub async fn handle(
             response
         }
     })
+}
+
+type Exchanged = Result<(http::response::Parts, ResponseBody), (ExchangeError, Option<Incoming>)>;
+
+/// A request without a body: its head, then the response's.
+async fn exchange(
+    mut conn: Connection,
+    head: &[u8],
+    head_request: bool,
+) -> Result<(http::response::Parts, ResponseBody), ExchangeError> {
+    conn.write_head(head).await?;
+    conn.read_response(head_request).await
+}
+
+/// A request with a body; the body comes back when nothing was sent.
+async fn exchange_with_body(
+    mut conn: Connection,
+    head: &[u8],
+    body: Incoming,
+    chunked: bool,
+    head_request: bool,
+) -> Exchanged {
+    if let Err(e) = conn.write_head(head).await {
+        return Err((e, Some(body)));
+    }
+    match conn.write_body(body, chunked).await {
+        Ok(()) => conn
+            .read_response(head_request)
+            .await
+            .map_err(|e| (e, None)),
+        Err(Err(client)) => Err((ExchangeError::ClientBody(client), None)),
+        Err(Ok(sending)) => {
+            // The front-end stopped reading the body: it may have answered already.
+            match conn.read_response(head_request).await {
+                Ok((parts, mut response)) => {
+                    response.forbid_reuse();
+                    Ok((parts, response))
+                }
+                Err(_) => Err((
+                    ExchangeError::NoResponse(format!(
+                        "sending the request body failed ({sending})"
+                    )),
+                    None,
+                )),
+            }
+        }
+    }
 }
 
 /// Exactly one valid `Host` (none is allowed for HTTP/1.0 only).
@@ -337,77 +379,79 @@ fn is_bodyless(headers: &HeaderMap) -> bool {
             .is_none_or(|v| v.as_bytes() == b"0")
 }
 
-/// Headers that describe one connection, not the message: never forwarded.
-const HOP_BY_HOP: [HeaderName; 6] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
-    }
-}
-
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// `peer_ip` is the client's address as a header value (made once per connection).
-fn prepare_headers(headers: &mut HeaderMap, peer_ip: &HeaderValue, host: Option<HeaderValue>) {
-    strip_hop_by_hop(headers);
-    let earlier: Vec<&str> = headers
-        .get_all(&X_FORWARDED_FOR)
+/// The request head as the front-end gets it: origin-form target, HTTP/1.1, the client's headers
+/// without the hop-by-hop ones (and those its `Connection` names) and `Expect` (answered here),
+/// then `X-Forwarded-For` (appended to), `-Proto` and `-Host`. `peer_ip` is the client's address
+/// (made once per connection). A chunked body is sent chunked again.
+fn encode_head(
+    parts: &http::request::Parts,
+    peer_ip: &HeaderValue,
+    host: Option<&HeaderValue>,
+    chunked: bool,
+) -> Vec<u8> {
+    let headers = &parts.headers;
+    let mut head = Vec::with_capacity(256 + headers.len() * 32);
+    head.extend_from_slice(parts.method.as_str().as_bytes());
+    head.push(b' ');
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    head.extend_from_slice(target.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
         .collect();
-    let forwarded_for = if earlier.is_empty() {
-        Some(peer_ip.clone())
-    } else {
-        let ip = peer_ip.to_str().unwrap_or_default();
-        HeaderValue::from_str(&format!("{}, {ip}", earlier.join(", "))).ok()
-    };
-    if let Some(value) = forwarded_for {
-        headers.insert(X_FORWARDED_FOR.clone(), value);
+    let mut forwarded_for = Vec::new();
+    for (name, value) in headers {
+        if *name == X_FORWARDED_FOR {
+            forwarded_for.extend_from_slice(value.as_bytes());
+            forwarded_for.extend_from_slice(b", ");
+            continue;
+        }
+        if h1::is_hop_by_hop(name)
+            || *name == header::EXPECT
+            || *name == X_FORWARDED_PROTO
+            || *name == X_FORWARDED_HOST
+            || (chunked && *name == header::CONTENT_LENGTH)
+            || named.contains(name)
+        {
+            continue;
+        }
+        push_field(&mut head, name.as_str().as_bytes(), value.as_bytes());
     }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    if chunked {
+        head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    forwarded_for.extend_from_slice(peer_ip.as_bytes());
+    push_field(&mut head, b"x-forwarded-for", &forwarded_for);
+    head.extend_from_slice(b"x-forwarded-proto: http\r\n");
     if let Some(host) = host {
-        headers.insert(X_FORWARDED_HOST.clone(), host);
+        push_field(&mut head, b"x-forwarded-host", host.as_bytes());
     }
+    head.extend_from_slice(b"\r\n");
+    head
 }
 
-fn origin_form(uri: &Uri) -> Uri {
-    if uri.scheme().is_none() && uri.authority().is_none() {
-        return uri.clone();
-    }
-    let path = uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    Uri::from(path)
+fn push_field(head: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    head.extend_from_slice(name);
+    head.extend_from_slice(b": ");
+    head.extend_from_slice(value);
+    head.extend_from_slice(b"\r\n");
 }
 
 fn relay(
-    response: Response<Incoming>,
-    sender: SendRequest<UpBody>,
+    parts: http::response::Parts,
+    body: ResponseBody,
     in_flight: InFlight,
     shared: &Arc<Shared>,
     app: Arc<String>,
     started: Instant,
 ) -> Response<ProxyBody> {
-    let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
     let version = parts
         .headers
         .get("x-paddock-version")
@@ -421,16 +465,15 @@ fn relay(
         server: in_flight.upstream().label.clone(),
     };
     let mut relay = Relay {
-        body,
+        body: Some(body),
         end: Some(RelayEnd {
-            sender,
             in_flight,
             shared: shared.clone(),
             labels,
             started,
         }),
     };
-    if relay.body.is_end_stream() {
+    if relay.is_end_stream() {
         relay.finish(true);
     }
     Response::from_parts(parts, ProxyBody::Relay(relay))
@@ -489,18 +532,21 @@ pub enum ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = std::io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         match self.get_mut() {
             ProxyBody::Relay(relay) => {
-                let polled = Pin::new(&mut relay.body).poll_frame(cx);
+                let Some(body) = relay.body.as_mut() else {
+                    return Poll::Ready(None);
+                };
+                let polled = Pin::new(body).poll_frame(cx);
                 match &polled {
                     Poll::Ready(None) => relay.finish(true),
-                    Poll::Ready(Some(Ok(_))) if relay.body.is_end_stream() => relay.finish(true),
+                    Poll::Ready(Some(Ok(_))) if relay.is_end_stream() => relay.finish(true),
                     Poll::Ready(Some(Err(_))) => relay.finish(false),
                     _ => {}
                 }
@@ -514,14 +560,17 @@ impl Body for ProxyBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ProxyBody::Relay(relay) => relay.body.is_end_stream(),
+            ProxyBody::Relay(relay) => relay.is_end_stream(),
             ProxyBody::Full(full) => full.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ProxyBody::Relay(relay) => relay.body.size_hint(),
+            ProxyBody::Relay(relay) => relay
+                .body
+                .as_ref()
+                .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint()),
             ProxyBody::Full(full) => full.size_hint(),
         }
     }
@@ -531,12 +580,12 @@ impl Body for ProxyBody {
 /// connection goes back to the pool; the request leaves the in-flight count and the metrics
 /// when the body ends or the client goes away.
 pub struct Relay {
-    body: Incoming,
+    /// Gone once finished.
+    body: Option<ResponseBody>,
     end: Option<RelayEnd>,
 }
 
 struct RelayEnd {
-    sender: SendRequest<UpBody>,
     in_flight: InFlight,
     shared: Arc<Shared>,
     labels: RequestLabels,
@@ -544,12 +593,19 @@ struct RelayEnd {
 }
 
 impl Relay {
+    fn is_end_stream(&self) -> bool {
+        self.body.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
     fn finish(&mut self, complete: bool) {
         let Some(end) = self.end.take() else {
             return;
         };
-        if complete {
-            end.in_flight.upstream().checkin(end.sender);
+        if let Some(body) = self.body.take()
+            && complete
+            && let Some(conn) = body.into_connection()
+        {
+            end.in_flight.upstream().checkin(conn);
         }
         end.shared
             .metrics
@@ -560,7 +616,7 @@ impl Relay {
 
 impl Drop for Relay {
     fn drop(&mut self) {
-        let complete = self.body.is_end_stream();
+        let complete = self.is_end_stream();
         self.finish(complete);
     }
 }
@@ -569,38 +625,45 @@ impl Drop for Relay {
 mod tests {
     use super::*;
 
-    #[test]
-    fn hop_by_hop_headers_are_not_forwarded() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("close, x-secret"),
-        );
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        h.insert("x-kept", HeaderValue::from_static("yes"));
-        let host = HeaderValue::from_static("shop.example:8080");
+    fn head_of(request: Request<()>, host: Option<&str>) -> String {
+        let (parts, ()) = request.into_parts();
+        let host = host.map(|h| HeaderValue::from_str(h).unwrap());
         let peer = HeaderValue::from_static("127.0.0.9");
-        prepare_headers(&mut h, &peer, Some(host));
-        assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.9");
-        assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
-        assert_eq!(h.get("x-forwarded-host").unwrap(), "shop.example:8080");
-        assert_eq!(h.get("x-kept").unwrap(), "yes");
-        for gone in ["connection", "x-secret", "keep-alive", "transfer-encoding"] {
-            assert!(!h.contains_key(gone), "{gone}");
-        }
+        let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
+        String::from_utf8(encode_head(&parts, &peer, host.as_ref(), chunked)).unwrap()
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_not_forwarded_and_forwarding_headers_are_added() {
+        let request = Request::post("/shop/cart?x=1")
+            .header("connection", "close, x-secret")
+            .header("x-secret", "1")
+            .header("keep-alive", "timeout=5")
+            .header("transfer-encoding", "chunked")
+            .header("content-length", "12")
+            .header("expect", "100-continue")
+            .header("x-forwarded-for", "10.0.0.1")
+            .header("x-forwarded-proto", "https")
+            .header("host", "shop.example:8080")
+            .header("x-kept", "yes")
+            .body(())
+            .unwrap();
+        let head = head_of(request, Some("shop.example:8080"));
+        assert_eq!(
+            head,
+            "POST /shop/cart?x=1 HTTP/1.1\r\nhost: shop.example:8080\r\nx-kept: yes\r\n\
+             transfer-encoding: chunked\r\nx-forwarded-for: 10.0.0.1, 127.0.0.9\r\n\
+             x-forwarded-proto: http\r\nx-forwarded-host: shop.example:8080\r\n\r\n"
+        );
     }
 
     #[test]
     fn absolute_form_becomes_origin_form() {
-        let uri: Uri = "http://example.com/a/b?c=1".parse().unwrap();
-        assert_eq!(origin_form(&uri), "/a/b?c=1");
-        let uri: Uri = "/x".parse().unwrap();
-        assert_eq!(origin_form(&uri), "/x");
+        let request = Request::get("http://example.com/a/b?c=1").body(()).unwrap();
+        assert!(head_of(request, None).starts_with("GET /a/b?c=1 HTTP/1.1\r\n"));
+        let request = Request::get("/x").body(()).unwrap();
+        let head = head_of(request, None);
+        assert!(head.starts_with("GET /x HTTP/1.1\r\n"), "{head}");
+        assert!(head.ends_with("x-forwarded-proto: http\r\n\r\n"), "{head}");
     }
 }

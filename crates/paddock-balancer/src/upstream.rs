@@ -9,12 +9,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::h1::Connection;
 use arc_swap::ArcSwap;
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
-
-use crate::proxy::UpBody;
 
 /// Connection and pool settings shared by every upstream.
 #[derive(Debug, Clone)]
@@ -89,32 +85,8 @@ struct Health {
 }
 
 struct Idle {
-    sender: SendRequest<UpBody>,
+    conn: Connection,
     since: Instant,
-}
-
-/// A connection to an upstream, checked out of its pool.
-pub struct Conn {
-    pub sender: SendRequest<UpBody>,
-    /// Whether it was opened for this request (a reused one may have been closed by the server).
-    pub fresh: bool,
-}
-
-#[derive(Debug)]
-pub enum ConnectError {
-    Timeout,
-    Io(std::io::Error),
-    Handshake(hyper::Error),
-}
-
-impl std::fmt::Display for ConnectError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ConnectError::Timeout => write!(f, "connect timed out"),
-            ConnectError::Io(e) => write!(f, "connect failed: {e}"),
-            ConnectError::Handshake(e) => write!(f, "HTTP handshake failed: {e}"),
-        }
-    }
 }
 
 impl Upstream {
@@ -231,85 +203,40 @@ impl Upstream {
         self.idle.get(worker).or(self.idle.first())
     }
 
-    /// A pooled connection ready to send on, or a new one.
-    pub async fn connection(&self) -> Result<Conn, ConnectError> {
-        if let Some(sender) = self.checkout() {
-            return Ok(Conn {
-                sender,
-                fresh: false,
-            });
+    /// A pooled connection (`reused` set), or a new one.
+    pub async fn connection(&self) -> std::io::Result<Connection> {
+        if let Some(conn) = self.checkout() {
+            return Ok(conn);
         }
-        self.connect().await.map(|sender| Conn {
-            sender,
-            fresh: true,
-        })
+        self.connect().await
     }
 
-    fn checkout(&self) -> Option<SendRequest<UpBody>> {
+    fn checkout(&self) -> Option<Connection> {
         let mut idle = self.own_pool()?.lock().ok()?;
         while let Some(entry) = idle.pop() {
-            if entry.since.elapsed() < self.pool.idle_timeout
-                && entry.sender.is_ready()
-                && !entry.sender.is_closed()
-            {
-                return Some(entry.sender);
+            if entry.since.elapsed() < self.pool.idle_timeout && entry.conn.is_open() {
+                return Some(entry.conn);
             }
         }
         None
     }
 
     /// Opens a new connection, always (the pool is not looked at).
-    pub async fn connect(&self) -> Result<SendRequest<UpBody>, ConnectError> {
-        let stream = match tokio::time::timeout(
-            self.pool.connect_timeout,
-            TcpStream::connect(&self.address),
-        )
-        .await
-        {
-            Err(_) => return Err(ConnectError::Timeout),
-            Ok(Err(e)) => return Err(ConnectError::Io(e)),
-            Ok(Ok(stream)) => stream,
-        };
-        let _ = stream.set_nodelay(true);
-        let (sender, connection) = hyper::client::conn::http1::Builder::new()
-            .writev(false)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(ConnectError::Handshake)?;
-        let name = self.name.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(upstream = %name, "connection ended: {e}");
-            }
-        });
-        Ok(sender)
+    pub async fn connect(&self) -> std::io::Result<Connection> {
+        Connection::connect(&self.address, self.pool.connect_timeout).await
     }
 
     /// Gives a connection back once its exchange is complete.
-    pub fn checkin(self: &Arc<Self>, mut sender: SendRequest<UpBody>) {
-        if sender.is_closed() || !self.is_up() {
+    pub fn checkin(&self, conn: Connection) {
+        if !self.is_up() {
             return;
         }
-        if sender.is_ready() {
-            self.put_idle(sender);
-            return;
-        }
-        // The connection task has not seen the end of the exchange yet; it will in a moment.
-        let upstream = self.clone();
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                upstream.put_idle(sender);
-            }
-        });
-    }
-
-    fn put_idle(&self, sender: SendRequest<UpBody>) {
         if let Some(pool) = self.own_pool()
             && let Ok(mut idle) = pool.lock()
             && idle.len() < self.pool.max_idle
         {
             idle.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }

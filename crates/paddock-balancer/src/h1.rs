@@ -1,0 +1,757 @@
+//! HTTP/1.1 towards the front-ends: one exchange at a time on a keep-alive connection, driven
+//! by the task of the client's request.
+//!
+//! The client side of the balancer is hyper's server; this side is not hyper's client on
+//! purpose. hyper's client runs every connection as a task of its own and hands requests,
+//! responses and body chunks over channels between that task and the request's; for a proxy
+//! whose work per request is small, that hand-over was a third of the user-space time
+//! (`bench/RESULTS.md`). Here the request's task writes the head (already encoded by
+//! [`crate::proxy`]) and reads the response on the connection itself; the response body is read
+//! from the socket while hyper's server polls it, and the bytes go to the client without a copy.
+//!
+//! What a response may be is RFC 9112's: interim `1xx` answers are skipped (`101` is refused:
+//! the balancer forwards no upgrade), a response to `HEAD` and a `204` or `304` have no body,
+//! `Transfer-Encoding: chunked` is decoded (trailers forwarded), otherwise `Content-Length`
+//! (several values only when equal), otherwise the body ends with the connection. A connection
+//! goes back to the pool only after an exchange that ended exactly where its framing said, with
+//! nothing unread, and when the front-end did not ask to close it.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt as _;
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Room read into at once.
+const READ_ROOM: usize = 16 * 1024;
+/// Largest response head (status line and headers).
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most headers in a response.
+const MAX_HEADERS: usize = 128;
+
+/// What went wrong in an exchange, as the retry rules need it.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// Nothing of the request reached the connection.
+    #[error("the request could not be sent: {0}")]
+    Unsent(io::Error),
+    /// The request (or part of it) was written; no byte of a response came back.
+    #[error("{0} before any response byte")]
+    NoResponse(String),
+    /// The front-end answered something that is not an HTTP/1.1 response the balancer forwards.
+    #[error("invalid response: {0}")]
+    Invalid(String),
+    /// The client's request body could not be read.
+    #[error("the request body could not be read from the client: {0}")]
+    ClientBody(hyper::Error),
+}
+
+/// A connection to a front-end.
+pub struct Connection {
+    stream: TcpStream,
+    /// `buf[..filled]` is read and not consumed; the rest is room (initialized, so that reads
+    /// need no `unsafe`).
+    buf: BytesMut,
+    filled: usize,
+    /// Whether an exchange completed on it before (a reused connection may have been closed by
+    /// the front-end in the meantime).
+    pub reused: bool,
+}
+
+impl Connection {
+    pub async fn connect(address: &str, timeout: Duration) -> io::Result<Connection> {
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        stream.set_nodelay(true)?;
+        Ok(Connection {
+            stream,
+            buf: BytesMut::new(),
+            filled: 0,
+            reused: false,
+        })
+    }
+
+    /// Whether it still looks usable: the front-end did not close it and sent nothing unasked.
+    /// Costs a system call only when the socket was signalled readable.
+    pub fn is_open(&self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    /// Writes a request head (and a body short enough to be part of it). An error means
+    /// nothing was written.
+    pub async fn write_head(&mut self, head: &[u8]) -> Result<(), ExchangeError> {
+        let written = self
+            .stream
+            .write(head)
+            .await
+            .map_err(ExchangeError::Unsent)?;
+        if written == 0 {
+            return Err(ExchangeError::Unsent(io::ErrorKind::WriteZero.into()));
+        }
+        self.stream
+            .write_all(&head[written..])
+            .await
+            .map_err(|e| ExchangeError::NoResponse(format!("sending the request failed: {e}")))
+    }
+
+    /// Streams the client's body: as it comes when it has a `Content-Length`, re-chunked when it
+    /// was chunked. `Err(Ok(e))` is the front-end's side failing, `Err(Err(e))` the client's.
+    pub async fn write_body(
+        &mut self,
+        mut body: hyper::body::Incoming,
+        chunked: bool,
+    ) -> Result<(), Result<io::Error, hyper::Error>> {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(Err)?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if data.is_empty() {
+                continue;
+            }
+            if chunked {
+                let mut chunk = Vec::with_capacity(data.len() + 20);
+                chunk.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                chunk.extend_from_slice(&data);
+                chunk.extend_from_slice(b"\r\n");
+                self.stream.write_all(&chunk).await.map_err(Ok)?;
+            } else {
+                self.stream.write_all(&data).await.map_err(Ok)?;
+            }
+        }
+        if chunked {
+            self.stream.write_all(b"0\r\n\r\n").await.map_err(Ok)?;
+        }
+        Ok(())
+    }
+
+    /// Reads the response head (after any interim `1xx`). `head_request`: the request was a
+    /// `HEAD`, so the response has no body whatever its headers say.
+    pub async fn read_response(
+        mut self,
+        head_request: bool,
+    ) -> Result<(http::response::Parts, ResponseBody), ExchangeError> {
+        let mut got_any = false;
+        loop {
+            if self.filled > 0 {
+                got_any = true;
+                if let Some(head) = self.parse_head(head_request)? {
+                    let (parts, framing, keep_alive) = head;
+                    let mut body = ResponseBody {
+                        conn: self,
+                        framing,
+                        keep_alive,
+                    };
+                    body.settle();
+                    return Ok((parts, body));
+                }
+                if self.filled >= MAX_HEAD {
+                    return Err(ExchangeError::Invalid(format!(
+                        "its head is larger than {} KiB",
+                        MAX_HEAD / 1024
+                    )));
+                }
+            }
+            let read = std::future::poll_fn(|cx| self.poll_fill(cx)).await;
+            match read {
+                Ok(0) if got_any => {
+                    return Err(ExchangeError::Invalid(
+                        "the connection closed in the middle of its head".into(),
+                    ));
+                }
+                Ok(0) => {
+                    return Err(ExchangeError::NoResponse(
+                        "the connection was closed".into(),
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) if got_any => {
+                    return Err(ExchangeError::Invalid(format!(
+                        "reading its head failed: {e}"
+                    )));
+                }
+                Err(e) => return Err(ExchangeError::NoResponse(format!("{e}"))),
+            }
+        }
+    }
+
+    /// One response head from the buffer, consumed: `None` when it is not complete yet. Interim
+    /// `1xx` answers are consumed and skipped.
+    #[allow(clippy::type_complexity)]
+    fn parse_head(
+        &mut self,
+        head_request: bool,
+    ) -> Result<Option<(http::response::Parts, Framing, bool)>, ExchangeError> {
+        loop {
+            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut response = httparse::Response::new(&mut slots);
+            let data = &self.buf[..self.filled];
+            let length = match response.parse(data) {
+                Ok(httparse::Status::Complete(length)) => length,
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(e) => return Err(ExchangeError::Invalid(e.to_string())),
+            };
+            let code = response.code.unwrap_or_default();
+            let status = StatusCode::from_u16(code)
+                .map_err(|_| ExchangeError::Invalid(format!("status {code}")))?;
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                return Err(ExchangeError::Invalid(
+                    "101 Switching Protocols: the balancer forwards no protocol upgrade".into(),
+                ));
+            }
+            if status.is_informational() {
+                let _ = self.buf.split_to(length);
+                self.filled -= length;
+                continue;
+            }
+            let http11 = response.version == Some(1);
+            let base = data.as_ptr() as usize;
+            let mut fields = Vec::with_capacity(response.headers.len());
+            let mut keep_alive = http11;
+            let mut named: Vec<HeaderName> = Vec::new();
+            let mut content_length: Option<u64> = None;
+            let mut chunked = None;
+            for h in response.headers.iter() {
+                let name = HeaderName::from_bytes(h.name.as_bytes())
+                    .map_err(|_| ExchangeError::Invalid(format!("header name {:?}", h.name)))?;
+                if name == header::CONNECTION {
+                    for token in h.value.split(|b| *b == b',') {
+                        let token = token.trim_ascii();
+                        if token.eq_ignore_ascii_case(b"close") {
+                            keep_alive = false;
+                        } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                            keep_alive |= !http11;
+                        } else if let Ok(name) = HeaderName::from_bytes(token) {
+                            named.push(name);
+                        }
+                    }
+                    continue;
+                }
+                if name == header::TRANSFER_ENCODING {
+                    // The last coding decides; anything but chunked ends with the connection.
+                    let last = h.value.rsplit(|b| *b == b',').next().unwrap_or_default();
+                    chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                    continue;
+                }
+                if name == header::CONTENT_LENGTH {
+                    for value in h.value.split(|b| *b == b',') {
+                        let parsed = std::str::from_utf8(value.trim_ascii())
+                            .ok()
+                            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                            .and_then(|v| v.parse::<u64>().ok());
+                        match (parsed, content_length) {
+                            (Some(n), None) => content_length = Some(n),
+                            (Some(n), Some(m)) if n == m => {}
+                            _ => {
+                                return Err(ExchangeError::Invalid(
+                                    "its Content-Length is not one number".into(),
+                                ));
+                            }
+                        }
+                    }
+                }
+                if is_hop_by_hop(&name) {
+                    continue;
+                }
+                let start = h.value.as_ptr() as usize - base;
+                fields.push((name, start, start + h.value.len()));
+            }
+            let head = self.buf.split_to(length).freeze();
+            self.filled -= length;
+            let mut headers = HeaderMap::with_capacity(fields.len());
+            for (name, start, end) in fields {
+                if named.contains(&name) {
+                    continue;
+                }
+                let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+                    .map_err(|_| ExchangeError::Invalid(format!("the value of {name}")))?;
+                headers.append(name, value);
+            }
+            let framing = if head_request
+                || status == StatusCode::NO_CONTENT
+                || status == StatusCode::NOT_MODIFIED
+            {
+                Framing::Length(0)
+            } else if let Some(chunked) = chunked {
+                // Transfer-Encoding wins over Content-Length; such a connection is not reused.
+                keep_alive &= content_length.is_none() && chunked;
+                if chunked {
+                    headers.remove(header::CONTENT_LENGTH);
+                    Framing::Chunked(Chunk::Size)
+                } else {
+                    Framing::Close
+                }
+            } else if let Some(length) = content_length {
+                Framing::Length(length)
+            } else {
+                keep_alive = false;
+                Framing::Close
+            };
+            let mut parts = http::Response::new(()).into_parts().0;
+            parts.status = status;
+            parts.version = if http11 {
+                Version::HTTP_11
+            } else {
+                Version::HTTP_10
+            };
+            parts.headers = headers;
+            return Ok(Some((parts, framing, keep_alive)));
+        }
+    }
+
+    /// Reads more into the buffer; `Ok(0)` is the end of the connection.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.len() - self.filled < 1024 {
+            // Keeps what is unread and gets new room: in place when the bytes handed out
+            // earlier are gone, in a new allocation otherwise.
+            self.buf.truncate(self.filled);
+            self.buf.reserve(READ_ROOM);
+            let room = self.buf.capacity().min(self.filled + 4 * READ_ROOM);
+            self.buf.resize(room, 0);
+        }
+        let mut read = ReadBuf::new(&mut self.buf[self.filled..]);
+        ready!(Pin::new(&mut self.stream).poll_read(cx, &mut read))?;
+        let n = read.filled().len();
+        self.filled += n;
+        Poll::Ready(Ok(n))
+    }
+
+    /// Up to `max` unread bytes, consumed.
+    fn take(&mut self, max: u64) -> Bytes {
+        let n = self.filled.min(usize::try_from(max).unwrap_or(usize::MAX));
+        self.filled -= n;
+        self.buf.split_to(n).freeze()
+    }
+}
+
+/// Headers that describe one connection, not the message: never forwarded.
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::CONNECTION
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::TE
+        || *name == header::UPGRADE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
+/// How the response body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// This many bytes are still to come.
+    Length(u64),
+    Chunked(Chunk),
+    /// Everything until the front-end closes the connection.
+    Close,
+    /// Complete.
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// A chunk-size line is next.
+    Size,
+    /// This many bytes of chunk data are still to come.
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    /// The trailer section after the last chunk.
+    Trailers,
+}
+
+/// A front-end's response body, read from its connection as it is polled.
+pub struct ResponseBody {
+    conn: Connection,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+impl ResponseBody {
+    /// Marks an empty remainder as complete, so that `is_end_stream` says so at once.
+    fn settle(&mut self) {
+        if self.framing == Framing::Length(0) {
+            self.framing = Framing::Done;
+        }
+    }
+
+    /// Never gives the connection back (the exchange went wrong on the way).
+    pub fn forbid_reuse(&mut self) {
+        self.keep_alive = false;
+    }
+
+    /// The connection, when the exchange ended cleanly and it can carry another one.
+    pub fn into_connection(self) -> Option<Connection> {
+        let mut conn = self.conn;
+        (self.framing == Framing::Done && self.keep_alive && conn.filled == 0).then(|| {
+            conn.reused = true;
+            conn
+        })
+    }
+
+    /// The whole body, at most `limit` bytes, and the connection if it can be reused.
+    pub async fn collect(mut self, limit: usize) -> Result<(Bytes, Option<Connection>), String> {
+        let mut all = BytesMut::new();
+        while let Some(frame) = self.frame().await {
+            let frame = frame.map_err(|e| e.to_string())?;
+            if let Ok(data) = frame.into_data() {
+                if all.len() + data.len() > limit {
+                    return Err(format!("the body is larger than {limit} bytes"));
+                }
+                all.extend_from_slice(&data);
+            }
+        }
+        Ok((all.freeze(), self.into_connection()))
+    }
+
+    fn poll_chunked(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut state: Chunk,
+    ) -> Poll<Option<io::Result<Frame<Bytes>>>> {
+        loop {
+            let conn = &mut self.conn;
+            match state {
+                Chunk::Size => match httparse::parse_chunk_size(&conn.buf[..conn.filled]) {
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        let _ = conn.take(used as u64);
+                        state = if size == 0 {
+                            Chunk::Trailers
+                        } else {
+                            Chunk::Data(size)
+                        };
+                        continue;
+                    }
+                    Ok(httparse::Status::Partial) if conn.filled < 4096 => {}
+                    _ => return Poll::Ready(Some(Err(invalid("a chunk size line")))),
+                },
+                Chunk::Data(left) if conn.filled > 0 => {
+                    let data = conn.take(left);
+                    let left = left - data.len() as u64;
+                    self.framing = Framing::Chunked(if left == 0 {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(left)
+                    });
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Chunk::Data(_) => {}
+                Chunk::DataEnd => match &conn.buf[..conn.filled.min(2)] {
+                    b"\r\n" => {
+                        let _ = conn.take(2);
+                        state = Chunk::Size;
+                        continue;
+                    }
+                    b"\r" | b"" => {}
+                    _ => return Poll::Ready(Some(Err(invalid("the end of a chunk")))),
+                },
+                Chunk::Trailers => {
+                    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                    match httparse::parse_headers(&conn.buf[..conn.filled], &mut slots) {
+                        Ok(httparse::Status::Complete((used, fields))) => {
+                            let mut trailers = HeaderMap::new();
+                            for f in fields {
+                                if let (Ok(name), Ok(value)) = (
+                                    HeaderName::from_bytes(f.name.as_bytes()),
+                                    HeaderValue::from_bytes(f.value),
+                                ) {
+                                    trailers.append(name, value);
+                                }
+                            }
+                            let _ = conn.take(used as u64);
+                            self.framing = Framing::Done;
+                            if trailers.is_empty() {
+                                return Poll::Ready(None);
+                            }
+                            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                        }
+                        Ok(httparse::Status::Partial) if conn.filled < MAX_HEAD => {}
+                        _ => return Poll::Ready(Some(Err(invalid("the trailers")))),
+                    }
+                }
+            }
+            // More bytes are needed.
+            self.framing = Framing::Chunked(state);
+            if ready!(self.conn.poll_fill(cx))? == 0 {
+                return Poll::Ready(Some(Err(ended_early())));
+            }
+        }
+    }
+}
+
+fn invalid(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("the front-end sent an invalid chunked body: {what}"),
+    )
+}
+
+fn ended_early() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the front-end closed the connection before the end of the body",
+    )
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<io::Result<Frame<Bytes>>>> {
+        let this = self.get_mut();
+        loop {
+            match this.framing {
+                Framing::Done => return Poll::Ready(None),
+                Framing::Length(0) => {
+                    this.framing = Framing::Done;
+                    return Poll::Ready(None);
+                }
+                Framing::Length(left) if this.conn.filled > 0 => {
+                    let data = this.conn.take(left);
+                    this.framing = Framing::Length(left - data.len() as u64);
+                    this.settle();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::Close if this.conn.filled > 0 => {
+                    let data = this.conn.take(u64::MAX);
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::Chunked(state) => return this.poll_chunked(cx, state),
+                Framing::Length(_) | Framing::Close => {
+                    if ready!(this.conn.poll_fill(cx))? == 0 {
+                        if this.framing == Framing::Close {
+                            this.framing = Framing::Done;
+                            return Poll::Ready(None);
+                        }
+                        return Poll::Ready(Some(Err(ended_early())));
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.framing == Framing::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Done => SizeHint::with_exact(0),
+            Framing::Length(left) => SizeHint::with_exact(left),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt as _;
+    use tokio::net::TcpListener;
+
+    /// A front-end that answers the first request on a connection with `answer`, written in
+    /// pieces of `piece` bytes, and then keeps the connection open (`keep`) or closes it.
+    async fn serve(answer: &'static [u8], piece: usize, keep: bool) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = vec![0u8; 4096];
+            let _ = socket.read(&mut request).await.unwrap();
+            for part in answer.chunks(piece) {
+                socket.write_all(part).await.unwrap();
+                socket.flush().await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            if keep {
+                let _ = socket.read(&mut request).await;
+            }
+        });
+        address
+    }
+
+    async fn exchange(
+        answer: &'static [u8],
+        piece: usize,
+        keep: bool,
+        head_request: bool,
+    ) -> Result<(http::response::Parts, Vec<Frame<Bytes>>, bool), String> {
+        let address = serve(answer, piece, keep).await;
+        let mut conn = Connection::connect(&address, Duration::from_secs(1))
+            .await
+            .unwrap();
+        conn.write_head(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (parts, mut body) = conn
+            .read_response(head_request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut frames = Vec::new();
+        while let Some(frame) = body.frame().await {
+            frames.push(frame.map_err(|e| e.to_string())?);
+        }
+        Ok((parts, frames, body.into_connection().is_some()))
+    }
+
+    fn data(frames: &[Frame<Bytes>]) -> Vec<u8> {
+        frames
+            .iter()
+            .filter_map(|f| f.data_ref())
+            .flat_map(|d| d.iter().copied())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn length_delimited_bodies_in_any_split_keep_the_connection() {
+        for piece in [1, 7, 1000] {
+            let (parts, frames, reusable) = exchange(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive\r\nx-a: 1\r\n\r\nhello",
+                piece,
+                true,
+                false,
+            )
+            .await
+            .unwrap();
+            assert_eq!(parts.status, 200);
+            assert_eq!(parts.headers["x-a"], "1");
+            assert_eq!(parts.headers["content-length"], "5");
+            assert!(!parts.headers.contains_key("connection"));
+            assert_eq!(data(&frames), b"hello");
+            assert!(reusable, "piece {piece}");
+        }
+    }
+
+    #[tokio::test]
+    async fn chunked_bodies_are_decoded_with_their_trailers() {
+        for piece in [1, 3, 1000] {
+            let (parts, frames, reusable) = exchange(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n1\r\n!\r\n0\r\nx-sum: 6\r\n\r\n",
+                piece,
+                true,
+                false,
+            )
+            .await
+            .unwrap();
+            assert!(!parts.headers.contains_key("transfer-encoding"));
+            assert_eq!(data(&frames), b"hello!");
+            let trailers = frames.iter().find_map(|f| f.trailers_ref()).unwrap();
+            assert_eq!(trailers["x-sum"], "6");
+            assert!(reusable, "piece {piece}");
+        }
+    }
+
+    #[tokio::test]
+    async fn interim_answers_are_skipped_and_empty_bodies_are_empty() {
+        let (parts, frames, reusable) = exchange(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\nx-b: 2\r\n\r\n",
+            4,
+            true,
+            false,
+        )
+        .await
+        .unwrap();
+        assert_eq!(parts.status, 204);
+        assert_eq!(parts.headers["x-b"], "2");
+        assert!(frames.is_empty());
+        assert!(reusable);
+        // A response to HEAD has no body whatever its Content-Length says.
+        let (parts, frames, reusable) = exchange(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n",
+            100,
+            true,
+            true,
+        )
+        .await
+        .unwrap();
+        assert_eq!(parts.headers["content-length"], "50");
+        assert!(frames.is_empty());
+        assert!(reusable);
+    }
+
+    #[tokio::test]
+    async fn a_body_without_framing_ends_with_the_connection_which_is_not_reused() {
+        let (_, frames, reusable) = exchange(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it",
+            4,
+            false,
+            false,
+        )
+        .await
+        .unwrap();
+        assert_eq!(data(&frames), b"all of it");
+        assert!(!reusable);
+    }
+
+    #[tokio::test]
+    async fn broken_responses_are_named() {
+        let cases: [(&'static [u8], bool, &str); 6] = [
+            (b"", false, "closed before any response byte"),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Le",
+                false,
+                "middle of its head",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel",
+                false,
+                "before the end of the body",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello",
+                true,
+                "not one number",
+            ),
+            (
+                b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+                true,
+                "no protocol upgrade",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                true,
+                "chunk size",
+            ),
+        ];
+        for (answer, keep, expected) in cases {
+            let error = exchange(answer, 1000, keep, false).await.unwrap_err();
+            assert!(error.contains(expected), "{error} (expected {expected})");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_closed_pooled_connection_is_seen_before_use() {
+        let address = serve(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 100, false).await;
+        let mut conn = Connection::connect(&address, Duration::from_secs(1))
+            .await
+            .unwrap();
+        conn.write_head(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (_, body) = conn.read_response(false).await.unwrap();
+        let conn = body.into_connection().unwrap();
+        // The front-end closes it; once the event arrives, the pool sees it.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while conn.is_open() {
+            assert!(tokio::time::Instant::now() < deadline, "close never seen");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
