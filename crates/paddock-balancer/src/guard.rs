@@ -234,7 +234,8 @@ impl Scanner {
     /// Parses the head at the start of `self.line`. `None` while it is incomplete; else where
     /// it ends and what follows it (`Off` for a malformed or ambiguous head).
     fn head_done(&mut self) -> Option<(usize, State)> {
-        let mut few = [httparse::EMPTY_HEADER; 128];
+        // Few on the stack (most requests), many only when needed.
+        let mut few = [httparse::EMPTY_HEADER; 32];
         let mut many;
         let mut request = httparse::Request::new(&mut few);
         let parsed = match request.parse(&self.line) {

@@ -35,6 +35,8 @@ const READ_ROOM: usize = 16 * 1024;
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Most headers in a response.
 const MAX_HEADERS: usize = 128;
+/// Headers a response usually stays within.
+const FEW_HEADERS: usize = 24;
 
 /// What went wrong in an exchange, as the retry rules need it.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +62,9 @@ pub struct Connection {
     /// need no `unsafe`).
     buf: BytesMut,
     filled: usize,
+    /// The forwarded headers of the response being parsed: name and value's place in the head
+    /// (kept between exchanges, so that parsing allocates nothing for it).
+    fields: Vec<(HeaderName, usize, usize)>,
     /// Whether an exchange completed on it before (a reused connection may have been closed by
     /// the front-end in the meantime).
     pub reused: bool,
@@ -75,6 +80,7 @@ impl Connection {
             stream,
             buf: BytesMut::new(),
             filled: 0,
+            fields: Vec::new(),
             reused: false,
         })
     }
@@ -199,10 +205,18 @@ impl Connection {
         head_request: bool,
     ) -> Result<Option<(http::response::Parts, Framing, bool)>, ExchangeError> {
         loop {
-            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut response = httparse::Response::new(&mut slots);
+            // Few headers on the stack; many only when a response has them.
+            let mut slots = [httparse::EMPTY_HEADER; FEW_HEADERS];
+            let mut more;
             let data = &self.buf[..self.filled];
-            let length = match response.parse(data) {
+            let mut response = httparse::Response::new(&mut slots);
+            let mut parsed = response.parse(data);
+            if let Err(httparse::Error::TooManyHeaders) = parsed {
+                more = vec![httparse::EMPTY_HEADER; MAX_HEADERS];
+                response = httparse::Response::new(&mut more);
+                parsed = response.parse(data);
+            }
+            let length = match parsed {
                 Ok(httparse::Status::Complete(length)) => length,
                 Ok(httparse::Status::Partial) => return Ok(None),
                 Err(e) => return Err(ExchangeError::Invalid(e.to_string())),
@@ -222,7 +236,8 @@ impl Connection {
             }
             let http11 = response.version == Some(1);
             let base = data.as_ptr() as usize;
-            let mut fields = Vec::with_capacity(response.headers.len());
+            let fields = &mut self.fields;
+            fields.clear();
             let mut keep_alive = http11;
             let mut named: Vec<HeaderName> = Vec::new();
             let mut content_length: Option<u64> = None;
@@ -274,8 +289,8 @@ impl Connection {
             }
             let head = self.buf.split_to(length).freeze();
             self.filled -= length;
-            let mut headers = HeaderMap::with_capacity(fields.len());
-            for (name, start, end) in fields {
+            let mut headers = HeaderMap::with_capacity(self.fields.len());
+            for (name, start, end) in self.fields.drain(..) {
                 if named.contains(&name) {
                     continue;
                 }

@@ -30,7 +30,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -191,7 +191,7 @@ pub async fn run(
     config: BalancerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let listener = TcpListener::from_std(reuseport_listener(config.listen)?)?;
+    let listener = TcpListener::from_std(listener(config.listen)?)?;
     let admin_listener = match config.admin {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -266,14 +266,20 @@ pub async fn run(
     }
     tracing::info!(name = %config.name, "balancing on http://{listen}");
 
-    // One event loop per thread, each with its own listening socket (SO_REUSEPORT: the kernel
-    // spreads connections over them) and its own idle connections to the front-ends, so that a
-    // request never crosses threads.
+    // One event loop per thread, each serving the connections handed to it with its own idle
+    // connections to the front-ends, so that a request never crosses threads. This loop accepts
+    // and hands each new connection to the loop with the fewest open ones.
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut loops = vec![EventLoop::default()];
     let mut workers = Vec::new();
     for index in 1..config.threads.max(1) {
-        let socket = reuseport_listener(listen)?;
-        let (shared, config, stopped) = (balancer.shared.clone(), config.clone(), stopped.clone());
+        let (handoff, incoming) = tokio::sync::mpsc::unbounded_channel();
+        let open = Arc::new(AtomicUsize::new(0));
+        loops.push(EventLoop {
+            handoff: Some(handoff),
+            open: open.clone(),
+        });
+        let (shared, config) = (balancer.shared.clone(), config.clone());
         workers.push(
             std::thread::Builder::new()
                 .name(format!("paddock-balancer-{index}"))
@@ -283,14 +289,9 @@ pub async fn run(
                         .enable_all()
                         .build();
                     match runtime {
-                        Ok(runtime) => runtime.block_on(async move {
-                            match TcpListener::from_std(socket) {
-                                Ok(listener) => {
-                                    accept_loop(listener, shared, config, stopped).await
-                                }
-                                Err(e) => tracing::error!("worker {index}: {e}"),
-                            }
-                        }),
+                        Ok(runtime) => {
+                            runtime.block_on(serve_handed(incoming, open, shared, config))
+                        }
                         Err(e) => tracing::error!("worker {index}: cannot start its runtime: {e}"),
                     }
                 })
@@ -298,7 +299,13 @@ pub async fn run(
         );
     }
     upstream::set_worker(0);
-    let main_loop = accept_loop(listener, balancer.shared.clone(), config.clone(), stopped);
+    let main_loop = accept_loop(
+        listener,
+        loops,
+        balancer.shared.clone(),
+        config.clone(),
+        stopped,
+    );
     tokio::pin!(main_loop);
     tokio::select! {
         _ = shutdown => {}
@@ -313,15 +320,14 @@ pub async fn run(
     Ok(())
 }
 
-/// A listening socket on `addr` that other threads can listen on too.
-fn reuseport_listener(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+/// A listening socket on `addr`.
+fn listener(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
     socket
         .bind(addr)
         .with_context(|| format!("cannot listen on {addr}"))?;
@@ -329,15 +335,16 @@ fn reuseport_listener(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener>
     Ok(listener.into_std()?)
 }
 
-/// Accepts and serves client connections until `stopped` turns true; then lets the requests in
-/// flight finish (at most 30 s).
-async fn accept_loop(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    config: BalancerConfig,
-    mut stopped: tokio::sync::watch::Receiver<bool>,
-) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+/// An event loop as the accepting one sees it: where to hand a connection (none for itself) and
+/// how many it has open.
+#[derive(Default)]
+struct EventLoop {
+    handoff: Option<tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>>,
+    open: Arc<AtomicUsize>,
+}
+
+/// The hyper settings of client connections.
+fn http_builder(config: &BalancerConfig) -> hyper::server::conn::http1::Builder {
     let mut http = hyper::server::conn::http1::Builder::new();
     // Flattened writes: one `write` per response instead of a `writev` of head and body.
     http.timer(TokioTimer::new())
@@ -348,6 +355,56 @@ async fn accept_loop(
     if config.max_headers != 100 {
         http.max_headers(config.max_headers);
     }
+    http
+}
+
+/// Serves one client connection on the current event loop; `open` counts it while it lasts.
+fn serve(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    config: &BalancerConfig,
+    http: &hyper::server::conn::http1::Builder,
+    graceful: &hyper_util::server::graceful::GracefulShutdown,
+    open: &Arc<AtomicUsize>,
+) {
+    let _ = stream.set_nodelay(true);
+    let suspect = Arc::new(AtomicBool::new(false));
+    let io = TokioIo::new(guard::Guarded::new(
+        stream,
+        config.max_header_bytes,
+        suspect.clone(),
+    ));
+    let shared = shared.clone();
+    let peer_ip = match http::HeaderValue::from_str(&peer.ip().to_string()) {
+        Ok(ip) => ip,
+        Err(_) => http::HeaderValue::from_static("unknown"),
+    };
+    let service = service_fn(move |request| {
+        proxy::handle(request, shared.clone(), peer_ip.clone(), suspect.clone())
+    });
+    let connection = graceful.watch(http.serve_connection(io, service));
+    let open = open.clone();
+    open.fetch_add(1, Ordering::Relaxed);
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(%peer, "client connection ended: {e}");
+        }
+        open.fetch_sub(1, Ordering::Relaxed);
+    });
+}
+
+/// Accepts client connections until `stopped` turns true, serving each on the event loop with
+/// the fewest open ones; then lets the requests in flight on this loop finish (at most 30 s).
+async fn accept_loop(
+    listener: TcpListener,
+    loops: Vec<EventLoop>,
+    shared: Arc<Shared>,
+    config: BalancerConfig,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let http = http_builder(&config);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -360,29 +417,61 @@ async fn accept_loop(
             },
             _ = stopped.wait_for(|stop| *stop) => break,
         };
-        let _ = stream.set_nodelay(true);
-        let suspect = Arc::new(AtomicBool::new(false));
-        let io = TokioIo::new(guard::Guarded::new(
-            stream,
-            config.max_header_bytes,
-            suspect.clone(),
-        ));
-        let shared = shared.clone();
-        let peer_ip = match http::HeaderValue::from_str(&peer.ip().to_string()) {
-            Ok(ip) => ip,
-            Err(_) => http::HeaderValue::from_static("unknown"),
+        let Some(target) = loops.iter().min_by_key(|l| l.open.load(Ordering::Relaxed)) else {
+            continue;
         };
-        let service = service_fn(move |request| {
-            proxy::handle(request, shared.clone(), peer_ip.clone(), suspect.clone())
-        });
-        let connection = graceful.watch(http.serve_connection(io, service));
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%peer, "client connection ended: {e}");
-            }
-        });
+        match &target.handoff {
+            None => serve(
+                stream,
+                peer,
+                &shared,
+                &config,
+                &http,
+                &graceful,
+                &target.open,
+            ),
+            Some(handoff) => match stream.into_std() {
+                Ok(stream) => {
+                    // Counted now, so that the next choice sees it.
+                    target.open.fetch_add(1, Ordering::Relaxed);
+                    if handoff.send((stream, peer)).is_err() {
+                        target.open.fetch_sub(1, Ordering::Relaxed);
+                        tracing::warn!("an event loop is gone; connection from {peer} dropped");
+                    }
+                }
+                Err(e) => tracing::warn!("handing a connection over failed: {e}"),
+            },
+        }
     }
     drop(listener);
+    // The other loops finish their connections once their hand-off channel closes.
+    drop(loops);
+    if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still in flight after 30 s; stopping anyway");
+    }
+}
+
+/// The loop of a worker thread: serves the connections handed to it until the accepting loop
+/// stops, then lets the requests in flight finish (at most 30 s).
+async fn serve_handed(
+    mut incoming: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
+    open: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
+    config: BalancerConfig,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let http = http_builder(&config);
+    while let Some((stream, peer)) = incoming.recv().await {
+        // `serve` counts it again.
+        open.fetch_sub(1, Ordering::Relaxed);
+        match tokio::net::TcpStream::from_std(stream) {
+            Ok(stream) => serve(stream, peer, &shared, &config, &http, &graceful, &open),
+            Err(e) => tracing::warn!("taking over a connection from {peer} failed: {e}"),
+        }
+    }
     if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
         .await
         .is_err()

@@ -17,7 +17,7 @@ use crate::table::Table;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub app: Arc<String>,
-    pub version: String,
+    pub version: Arc<String>,
     pub status: u16,
     /// The front-end that answered, or empty when the balancer answered itself.
     pub server: Arc<String>,

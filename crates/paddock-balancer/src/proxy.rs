@@ -152,7 +152,7 @@ pub async fn handle(
         let connection = if fresh_connection {
             upstream.connect().await
         } else {
-            upstream.connection().await
+            upstream.connection(started).await
         };
         fresh_connection = false;
         let conn = match connection {
@@ -382,6 +382,7 @@ fn is_bodyless(headers: &HeaderMap) -> bool {
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_PADDOCK_VERSION: HeaderName = HeaderName::from_static("x-paddock-version");
 
 /// The request head as the front-end gets it: origin-form target, HTTP/1.1, the client's headers
 /// without the hop-by-hop ones (and those its `Connection` names) and `Expect` (answered here),
@@ -406,15 +407,10 @@ fn encode_head(
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
         .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
         .collect();
-    let mut forwarded_for = Vec::new();
     for (name, value) in headers {
-        if *name == X_FORWARDED_FOR {
-            forwarded_for.extend_from_slice(value.as_bytes());
-            forwarded_for.extend_from_slice(b", ");
-            continue;
-        }
         if h1::is_hop_by_hop(name)
             || *name == header::EXPECT
+            || *name == X_FORWARDED_FOR
             || *name == X_FORWARDED_PROTO
             || *name == X_FORWARDED_HOST
             || (chunked && *name == header::CONTENT_LENGTH)
@@ -427,8 +423,13 @@ fn encode_head(
     if chunked {
         head.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
-    forwarded_for.extend_from_slice(peer_ip.as_bytes());
-    push_field(&mut head, b"x-forwarded-for", &forwarded_for);
+    head.extend_from_slice(b"x-forwarded-for: ");
+    for earlier in headers.get_all(&X_FORWARDED_FOR) {
+        head.extend_from_slice(earlier.as_bytes());
+        head.extend_from_slice(b", ");
+    }
+    head.extend_from_slice(peer_ip.as_bytes());
+    head.extend_from_slice(b"\r\n");
     head.extend_from_slice(b"x-forwarded-proto: http\r\n");
     if let Some(host) = host {
         push_field(&mut head, b"x-forwarded-host", host.as_bytes());
@@ -452,12 +453,12 @@ fn relay(
     app: Arc<String>,
     started: Instant,
 ) -> Response<ProxyBody> {
-    let version = parts
-        .headers
-        .get("x-paddock-version")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+    let version = in_flight.upstream().version_label(
+        parts
+            .headers
+            .get(&X_PADDOCK_VERSION)
+            .map_or(&b""[..], |v| v.as_bytes()),
+    );
     let labels = RequestLabels {
         app,
         version,
@@ -509,7 +510,7 @@ fn answer(
     shared.metrics.request(
         RequestLabels {
             app: Arc::new(app.to_string()),
-            version: String::new(),
+            version: Arc::default(),
             status: status.as_u16(),
             server: Arc::default(),
         },
@@ -601,15 +602,16 @@ impl Relay {
         let Some(end) = self.end.take() else {
             return;
         };
+        let now = Instant::now();
         if let Some(body) = self.body.take()
             && complete
             && let Some(conn) = body.into_connection()
         {
-            end.in_flight.upstream().checkin(conn);
+            end.in_flight.upstream().checkin(conn, now);
         }
         end.shared
             .metrics
-            .request(end.labels, end.started.elapsed().as_secs_f64());
+            .request(end.labels, (now - end.started).as_secs_f64());
         drop(end.in_flight);
     }
 }

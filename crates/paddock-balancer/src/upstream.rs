@@ -67,6 +67,8 @@ pub struct Upstream {
     health: Mutex<Health>,
     /// The apps its last health report listed.
     apps: ArcSwap<Vec<String>>,
+    /// The version its last response named (`x-paddock-version`), as a metrics label.
+    version: ArcSwap<String>,
     /// Requests this balancer sent it that are not finished yet.
     in_flight: AtomicU64,
     /// Set while the routing table says `maint`: no traffic and no health checks.
@@ -98,6 +100,7 @@ impl Upstream {
             up: AtomicBool::new(false),
             health: Mutex::new(Health::default()),
             apps: ArcSwap::from_pointee(Vec::new()),
+            version: ArcSwap::from_pointee(String::new()),
             in_flight: AtomicU64::new(0),
             maint: AtomicBool::new(false),
             idle: (0..pool.workers.max(1))
@@ -203,18 +206,32 @@ impl Upstream {
         self.idle.get(worker).or(self.idle.first())
     }
 
-    /// A pooled connection (`reused` set), or a new one.
-    pub async fn connection(&self) -> std::io::Result<Connection> {
-        if let Some(conn) = self.checkout() {
+    /// The metrics label of a version its responses name: the same one as long as it serves
+    /// the same version.
+    pub fn version_label(&self, version: &[u8]) -> Arc<String> {
+        let last = self.version.load();
+        if last.as_bytes() == version {
+            return Arc::clone(&last);
+        }
+        let label = Arc::new(String::from_utf8_lossy(version).into_owned());
+        self.version.store(label.clone());
+        label
+    }
+
+    /// A pooled connection (`reused` set), or a new one. `now`: about now.
+    pub async fn connection(&self, now: Instant) -> std::io::Result<Connection> {
+        if let Some(conn) = self.checkout(now) {
             return Ok(conn);
         }
         self.connect().await
     }
 
-    fn checkout(&self) -> Option<Connection> {
+    fn checkout(&self, now: Instant) -> Option<Connection> {
         let mut idle = self.own_pool()?.lock().ok()?;
         while let Some(entry) = idle.pop() {
-            if entry.since.elapsed() < self.pool.idle_timeout && entry.conn.is_open() {
+            if now.saturating_duration_since(entry.since) < self.pool.idle_timeout
+                && entry.conn.is_open()
+            {
                 return Some(entry.conn);
             }
         }
@@ -226,8 +243,8 @@ impl Upstream {
         Connection::connect(&self.address, self.pool.connect_timeout).await
     }
 
-    /// Gives a connection back once its exchange is complete.
-    pub fn checkin(&self, conn: Connection) {
+    /// Gives a connection back once its exchange is complete (`now`).
+    pub fn checkin(&self, conn: Connection, now: Instant) {
         if !self.is_up() {
             return;
         }
@@ -235,10 +252,7 @@ impl Upstream {
             && let Ok(mut idle) = pool.lock()
             && idle.len() < self.pool.max_idle
         {
-            idle.push(Idle {
-                conn,
-                since: Instant::now(),
-            });
+            idle.push(Idle { conn, since: now });
         }
     }
 }
