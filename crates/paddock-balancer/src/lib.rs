@@ -92,6 +92,8 @@ pub struct Shared {
     generation: std::sync::atomic::AtomicI64,
     pub metrics: Metrics,
     pub proxy: ProxyConfig,
+    /// Client connections open on each event loop.
+    open: Vec<Arc<AtomicUsize>>,
 }
 
 impl Shared {
@@ -215,6 +217,9 @@ pub async fn run(
             generation: std::sync::atomic::AtomicI64::new(0),
             metrics: Metrics::new(),
             proxy: config.proxy.clone(),
+            open: (0..config.threads.max(1))
+                .map(|_| Arc::new(AtomicUsize::new(0)))
+                .collect(),
         }),
         health: config.health.clone(),
         pool: config.pool.clone(),
@@ -270,11 +275,14 @@ pub async fn run(
     // connections to the front-ends, so that a request never crosses threads. This loop accepts
     // and hands each new connection to the loop with the fewest open ones.
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut loops = vec![EventLoop::default()];
+    let mut loops = vec![EventLoop {
+        handoff: None,
+        open: balancer.shared.open[0].clone(),
+    }];
     let mut workers = Vec::new();
-    for index in 1..config.threads.max(1) {
+    for (index, open) in balancer.shared.open.iter().enumerate().skip(1) {
         let (handoff, incoming) = tokio::sync::mpsc::unbounded_channel();
-        let open = Arc::new(AtomicUsize::new(0));
+        let open = open.clone();
         loops.push(EventLoop {
             handoff: Some(handoff),
             open: open.clone(),
@@ -337,7 +345,6 @@ fn listener(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
 
 /// An event loop as the accepting one sees it: where to hand a connection (none for itself) and
 /// how many it has open.
-#[derive(Default)]
 struct EventLoop {
     handoff: Option<tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>>,
     open: Arc<AtomicUsize>,
@@ -495,10 +502,15 @@ async fn serve_admin(listener: TcpListener, balancer: Arc<Balancer>) {
                     "/metrics" => (
                         StatusCode::OK,
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        balancer
-                            .shared
-                            .metrics
-                            .render(&balancer.shared.table.load()),
+                        balancer.shared.metrics.render(
+                            &balancer.shared.table.load(),
+                            &balancer
+                                .shared
+                                .open
+                                .iter()
+                                .map(|open| open.load(Ordering::Relaxed))
+                                .collect::<Vec<_>>(),
+                        ),
                     ),
                     "/status" => (
                         StatusCode::OK,

@@ -35,6 +35,11 @@ struct UpstreamLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LoopLabels {
+    event_loop: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     server: String,
     zone: String,
@@ -49,6 +54,7 @@ pub struct Metrics {
     upstream_up: Family<UpstreamLabels, Gauge>,
     upstream_state: Family<StateLabels, Gauge>,
     upstream_in_flight: Family<UpstreamLabels, Gauge>,
+    client_connections: Family<LoopLabels, Gauge>,
     generation: Gauge,
 }
 
@@ -67,6 +73,7 @@ impl Metrics {
         let upstream_up = Family::<UpstreamLabels, Gauge>::default();
         let upstream_state = Family::<StateLabels, Gauge>::default();
         let upstream_in_flight = Family::<UpstreamLabels, Gauge>::default();
+        let client_connections = Family::<LoopLabels, Gauge>::default();
         let generation = Gauge::default();
         registry.register(
             "requests",
@@ -94,6 +101,11 @@ impl Metrics {
             upstream_state.clone(),
         );
         registry.register(
+            "client_connections",
+            "Client connections open, by event loop (thread)",
+            client_connections.clone(),
+        );
+        registry.register(
             "upstream_in_flight",
             "Requests sent to the front-end and not yet finished",
             upstream_in_flight.clone(),
@@ -111,6 +123,7 @@ impl Metrics {
             upstream_up,
             upstream_state,
             upstream_in_flight,
+            client_connections,
             generation,
         }
     }
@@ -133,8 +146,16 @@ impl Metrics {
             .inc();
     }
 
-    /// The text exposition, with the upstream gauges read from `table` now.
-    pub fn render(&self, table: &Table) -> String {
+    /// The text exposition, with the upstream gauges read from `table` now and the client
+    /// connections open on each event loop.
+    pub fn render(&self, table: &Table, connections: &[usize]) -> String {
+        for (index, open) in connections.iter().enumerate() {
+            self.client_connections
+                .get_or_create(&LoopLabels {
+                    event_loop: index.to_string(),
+                })
+                .set(*open as i64);
+        }
         self.upstream_up.clear();
         self.upstream_state.clear();
         self.upstream_in_flight.clear();

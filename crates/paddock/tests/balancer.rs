@@ -134,6 +134,49 @@ async fn round_robin_spreads_evenly_and_least_connections_prefers_the_idle_serve
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_connections_are_spread_evenly_over_the_event_loops() {
+    let (controller, _fes) = farm("lb_loops", Db::Sqlite, &["fe1"]).await;
+    let lb = Balancer::start(&controller, "lb1", &["--threads", "3"]).await;
+    lb.wait_up(&["fe1"], true).await;
+    let on_loop = |index: usize| {
+        let lb = &lb;
+        async move {
+            lb.metric_sum(
+                "paddock_balancer_client_connections",
+                &[&format!(r#"event_loop="{index}""#)],
+            )
+            .await
+        }
+    };
+    let mut conns = Vec::new();
+    for _ in 0..6 {
+        let mut conn = lb.connect().await;
+        let reply = conn.get("/hello").await.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        conns.push(conn);
+    }
+    for index in 0..3 {
+        assert_eq!(on_loop(index).await, 2, "{}", lb.metrics().await);
+    }
+    // Every loop serves its own: each connection still answers.
+    for conn in &mut conns {
+        assert_eq!(conn.get("/hello").await.unwrap().status, 200);
+    }
+    drop(conns);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for index in 0..3 {
+        while on_loop(index).await != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "closed connections still counted: {}",
+                lb.metrics().await
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 async fn drain_under_load_with_two_balancers(db: Db, test: &str) {
     let (controller, _fes) = farm(test, db, &["fe1", "fe2", "fe3"]).await;
     let lb1 = Balancer::start(&controller, "lb1", &[]).await;
