@@ -320,11 +320,9 @@ impl Connection {
             };
             let mut parts = http::Response::new(()).into_parts().0;
             parts.status = status;
-            parts.version = if http11 {
-                Version::HTTP_11
-            } else {
-                Version::HTTP_10
-            };
+            // The version towards the client is the balancer's own (keep-alive included),
+            // whatever the front-end spoke.
+            parts.version = Version::HTTP_11;
             parts.headers = headers;
             return Ok(Some((parts, framing, keep_alive)));
         }
@@ -713,6 +711,34 @@ mod tests {
         .unwrap();
         assert_eq!(data(&frames), b"all of it");
         assert!(!reusable);
+    }
+
+    #[tokio::test]
+    async fn an_http10_front_end_keeps_its_connection_only_when_it_says_so() {
+        let (parts, frames, reusable) = exchange(
+            b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            100,
+            true,
+            false,
+        )
+        .await
+        .unwrap();
+        assert_eq!(data(&frames), b"ok");
+        assert!(!reusable);
+        assert_eq!(
+            parts.version,
+            Version::HTTP_11,
+            "the client side stays HTTP/1.1"
+        );
+        let (_, _, reusable) = exchange(
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok",
+            100,
+            true,
+            false,
+        )
+        .await
+        .unwrap();
+        assert!(reusable);
     }
 
     #[tokio::test]
