@@ -12,9 +12,12 @@
 # component. Both answer /_paddock/health with a health report, and both balancers check it
 # every 500 ms (fall 2, rise 2), round-robin, keep-alive to the backends, X-Forwarded-For added.
 #
-# Threads: "1 thread": HAProxy `nbthread 1`, `paddock balancer --threads 1`, the balancer pinned
-# to CPU 1 and wrk and the backends to CPU 0. "2 threads": `nbthread 2` and `--threads 2`, nothing
-# pinned. Loopback only.
+# Setups: "1": HAProxy `nbthread 1`, `paddock balancer --threads 1`, the balancer pinned to CPU 1
+# and wrk and the backends to CPU 0. "2": `nbthread 2` and `--threads 2`, nothing pinned.
+# "2-pinned": the same with each balancer thread bound to its own CPU (HAProxy `cpu-map
+# auto:1/1-2 0-1`, Paddock `--pin-threads`); wrk and the backends unpinned. Loopback only.
+#
+#   SETUPS="2 2-pinned" bench/balancer-vs-haproxy.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -23,6 +26,7 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-32}
 BACKENDS=${BACKENDS:-static frontends}
+SETUPS=${SETUPS:-1 2 2-pinned}
 
 need() { # command package
   command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ] || {
@@ -112,9 +116,10 @@ stop_backends() {
   sleep 0.5
 }
 
-start_balancer() { # kind threads -> pid
-  local kind=$1 threads=$2 prefix=()
-  [ "$threads" = 1 ] && prefix=(taskset -c 1)
+start_balancer() { # kind setup -> pid
+  local kind=$1 setup=$2 threads=${2%%-*} prefix=() pin=() cpumap=""
+  [ "$setup" = 1 ] && prefix=(taskset -c 1)
+  if [ "$setup" = 2-pinned ]; then pin=(--pin-threads); cpumap="cpu-map auto:1/1-2 0-1"; fi
   case $kind in
     paddock)
       cat >"$work/table.json" <<EOF
@@ -126,12 +131,13 @@ start_balancer() { # kind threads -> pid
 EOF
       RUST_LOG=warn "${prefix[@]}" "$PADDOCK" balancer --name bench --table "$work/table.json" \
         --listen "127.0.0.1:$LB" --admin "127.0.0.1:$LB_ADMIN" --data "$work/lb" \
-        --threads "$threads" >"$work/paddock-balancer.log" 2>&1 &
+        --threads "$threads" "${pin[@]}" >"$work/paddock-balancer.log" 2>&1 &
       ;;
     haproxy)
       cat >"$work/haproxy.cfg" <<EOF
 global
   nbthread $threads
+  $cpumap
   maxconn 4096
 defaults
   mode http
@@ -159,18 +165,19 @@ EOF
 
 declare -A RPS P50 P99 ERR N
 for backend in $BACKENDS; do
-  for threads in 1 2; do
+  for setup in $SETUPS; do
+    threads=${setup%%-*}
     start_backends "$backend" "$threads"
     for round in $(seq 1 "$ROUNDS"); do
       for kind in haproxy paddock; do
-        pid=$(start_balancer "$kind" "$threads")
+        pid=$(start_balancer "$kind" "$setup")
         wait_http "http://127.0.0.1:$LB$PATH_UNDER_TEST"
         wrk -t1 -c4 -d1s "http://127.0.0.1:$LB$PATH_UNDER_TEST" >/dev/null # warm-up
         read -r rps p50 p99 errors < <(run_wrk "$threads" "http://127.0.0.1:$LB$PATH_UNDER_TEST")
         kill "$pid"; wait "$pid" 2>/dev/null || true
-        printf '%-9s %-8s %s thread(s) round %s: %9.0f req/s  p50 %7.3f ms  p99 %7.3f ms  errors %s\n' \
-          "$backend" "$kind" "$threads" "$round" "$rps" "$p50" "$p99" "$errors"
-        key="$backend-$kind-$threads"
+        printf '%-9s %-8s %-8s round %s: %9.0f req/s  p50 %7.3f ms  p99 %7.3f ms  errors %s\n' \
+          "$backend" "$kind" "$setup" "$round" "$rps" "$p50" "$p99" "$errors"
+        key="$backend-$kind-$setup"
         RPS[$key]=$(awk -v a="${RPS[$key]:-0}" -v b="$rps" 'BEGIN {print a + b}')
         P50[$key]=$(awk -v a="${P50[$key]:-0}" -v b="$p50" 'BEGIN {print a + b}')
         P99[$key]=$(awk -v a="${P99[$key]:-0}" -v b="$p99" 'BEGIN {print a + b}')
@@ -186,21 +193,21 @@ echo
 echo "machine: $(nproc) cores, $(awk '/model name/ {$1=$2=$3=""; print; exit}' /proc/cpuinfo | sed 's/^ *//'); $(date -u +%Y-%m-%d)"
 echo "haproxy: $("$HAPROXY" -v | head -1)"
 echo "load: wrk, $CONNECTIONS keep-alive connections, $DURATION per run, $ROUNDS rounds per side, alternating"
-printf '%-9s %-9s %-8s %10s %9s %9s %7s\n' backend threads balancer "req/s" "p50 ms" "p99 ms" errors
+printf '%-9s %-9s %-8s %10s %9s %9s %7s\n' backend setup balancer "req/s" "p50 ms" "p99 ms" errors
 for backend in $BACKENDS; do
-  for threads in 1 2; do
+  for setup in $SETUPS; do
     for kind in haproxy paddock; do
-      key="$backend-$kind-$threads"
-      printf '%-9s %-9s %-8s %10.0f %9.3f %9.3f %7s\n' "$backend" "$threads" "$kind" \
+      key="$backend-$kind-$setup"
+      printf '%-9s %-9s %-8s %10.0f %9.3f %9.3f %7s\n' "$backend" "$setup" "$kind" \
         "$(awk -v a="${RPS[$key]}" -v n="${N[$key]}" 'BEGIN {print a / n}')" \
         "$(awk -v a="${P50[$key]}" -v n="${N[$key]}" 'BEGIN {print a / n}')" \
         "$(awk -v a="${P99[$key]}" -v n="${N[$key]}" 'BEGIN {print a / n}')" \
         "${ERR[$key]}"
     done
-    awk -v pr="${RPS[$backend-paddock-$threads]}" -v hr="${RPS[$backend-haproxy-$threads]}" \
-      -v p5="${P50[$backend-paddock-$threads]}" -v h5="${P50[$backend-haproxy-$threads]}" \
-      -v pp="${P99[$backend-paddock-$threads]}" -v hp="${P99[$backend-haproxy-$threads]}" \
-      -v b="$backend" -v t="$threads" \
-      'BEGIN { printf "%s, %s thread(s): throughput paddock/haproxy = %.2fx (goal >= 1.00), p50 = %.2fx, p99 = %.2fx (goal <= 1.00)\n", b, t, pr / hr, p5 / h5, pp / hp }'
+    awk -v pr="${RPS[$backend-paddock-$setup]}" -v hr="${RPS[$backend-haproxy-$setup]}" \
+      -v p5="${P50[$backend-paddock-$setup]}" -v h5="${P50[$backend-haproxy-$setup]}" \
+      -v pp="${P99[$backend-paddock-$setup]}" -v hp="${P99[$backend-haproxy-$setup]}" \
+      -v b="$backend" -v t="$setup" \
+      'BEGIN { printf "%s, %s: throughput paddock/haproxy = %.2fx (goal >= 1.00), p50 = %.2fx, p99 = %.2fx (goal <= 1.00)\n", b, t, pr / hr, p5 / h5, pp / hp }'
   done
 done

@@ -83,6 +83,8 @@ pub struct BalancerConfig {
     pub max_headers: usize,
     /// Event loops (threads) serving clients.
     pub threads: usize,
+    /// Binds event loop i to the i-th CPU the process may run on.
+    pub pin_threads: bool,
 }
 
 /// What every connection shares.
@@ -275,6 +277,12 @@ pub async fn run(
     // connections to the front-ends, so that a request never crosses threads. This loop accepts
     // and hands each new connection to the loop with the fewest open ones.
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    // Read before any thread is bound: threads inherit the binding of the one that starts them.
+    let cpus = if config.pin_threads {
+        allowed_cpus()
+    } else {
+        Vec::new()
+    };
     let mut loops = vec![EventLoop {
         handoff: None,
         open: balancer.shared.open[0].clone(),
@@ -288,10 +296,14 @@ pub async fn run(
             open: open.clone(),
         });
         let (shared, config) = (balancer.shared.clone(), config.clone());
+        let cpu = (!cpus.is_empty()).then(|| cpus[index % cpus.len()]);
         workers.push(
             std::thread::Builder::new()
                 .name(format!("paddock-balancer-{index}"))
                 .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        pin_to(index, cpu);
+                    }
                     upstream::set_worker(index);
                     let runtime = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
@@ -305,6 +317,9 @@ pub async fn run(
                 })
                 .context("starting a worker thread")?,
         );
+    }
+    if let Some(&cpu) = cpus.first() {
+        pin_to(0, cpu);
     }
     upstream::set_worker(0);
     let main_loop = accept_loop(
@@ -326,6 +341,35 @@ pub async fn run(
         let _ = tokio::task::spawn_blocking(move || worker.join()).await;
     }
     Ok(())
+}
+
+/// The CPUs this process may run on, in order.
+fn allowed_cpus() -> Vec<usize> {
+    match rustix::thread::sched_getaffinity(None) {
+        Ok(allowed) => (0..rustix::thread::CpuSet::MAX_CPU)
+            .filter(|cpu| allowed.is_set(*cpu))
+            .collect(),
+        Err(e) => {
+            tracing::warn!(
+                "--pin-threads: cannot read the CPUs this process may use ({e}); not pinning"
+            );
+            Vec::new()
+        }
+    }
+}
+
+/// Binds the current thread (event loop `index`) to `cpu`.
+fn pin_to(index: usize, cpu: usize) {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    match rustix::thread::sched_setaffinity(None, &set) {
+        Ok(()) => tracing::info!(event_loop = index, cpu, "event loop bound to its CPU"),
+        Err(e) => tracing::warn!(
+            event_loop = index,
+            cpu,
+            "--pin-threads: binding failed: {e}"
+        ),
+    }
 }
 
 /// A listening socket on `addr`.

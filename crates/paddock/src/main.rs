@@ -200,6 +200,11 @@ struct BalancerArgs {
     /// Event loops serving clients, one thread each (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Binds each event loop to its own CPU (loop i to the i-th CPU the process may use), so
+    /// that the scheduler never puts two of them on one core while another is free. For a
+    /// machine (or a CPU set) given to the balancer.
+    #[arg(long)]
+    pin_threads: bool,
     /// Health check interval.
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
     check_interval: Duration,
@@ -445,6 +450,7 @@ fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
         max_header_bytes: args.max_header_bytes,
         max_headers: args.max_headers,
         threads,
+        pin_threads: args.pin_threads,
     };
     // A single-threaded runtime: the balancer runs one event loop per thread itself.
     tokio::runtime::Builder::new_current_thread()

@@ -137,8 +137,37 @@ async fn round_robin_spreads_evenly_and_least_connections_prefers_the_idle_serve
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_connections_are_spread_evenly_over_the_event_loops() {
     let (controller, _fes) = farm("lb_loops", Db::Sqlite, &["fe1"]).await;
-    let lb = Balancer::start(&controller, "lb1", &["--threads", "3"]).await;
+    let lb = Balancer::start(&controller, "lb1", &["--threads", "3", "--pin-threads"]).await;
     lb.wait_up(&["fe1"], true).await;
+
+    // --pin-threads: each event loop is bound to one CPU, spread over the CPUs it may use.
+    let pid = lb.pid().unwrap();
+    let allowed = std::thread::available_parallelism().unwrap().get();
+    let mut bound = std::collections::BTreeSet::new();
+    let mut loops = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap();
+        let tid: u32 = task.file_name().unwrap().to_str().unwrap().parse().unwrap();
+        if tid != pid && comm.trim() != "paddock-balance" {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim()
+            .to_string();
+        assert!(
+            cpus.parse::<usize>().is_ok(),
+            "thread {tid} ({comm}) may run on {cpus}"
+        );
+        bound.insert(cpus);
+        loops += 1;
+    }
+    assert!(loops >= 3, "the event loops' threads: {loops}");
+    assert_eq!(bound.len(), allowed.min(3), "CPUs used: {bound:?}");
     let on_loop = |index: usize| {
         let lb = &lb;
         async move {

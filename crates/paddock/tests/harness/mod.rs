@@ -617,6 +617,11 @@ pub struct Balancer {
 }
 
 impl Balancer {
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Starts a balancer of `controller` and waits until it routes by the controller's table.
     pub async fn start(controller: &Controller, name: &str, extra_args: &[&str]) -> Balancer {
         let mut args = vec![
