@@ -163,8 +163,10 @@ impl Connection {
                         conn: self,
                         framing,
                         keep_alive,
+                        whole: None,
                     };
                     body.settle();
+                    body.gather();
                     return Ok((parts, body));
                 }
                 if self.filled >= MAX_HEAD {
@@ -392,6 +394,8 @@ pub struct ResponseBody {
     conn: Connection,
     framing: Framing,
     keep_alive: bool,
+    /// A chunked body that arrived whole with its head, decoded (see [`ResponseBody::gather`]).
+    whole: Option<Bytes>,
 }
 
 impl ResponseBody {
@@ -400,6 +404,55 @@ impl ResponseBody {
         if self.framing == Framing::Length(0) {
             self.framing = Framing::Done;
         }
+    }
+
+    /// A chunked body that is already whole in the buffer (and has no trailers) is decoded at
+    /// once: the client gets it with a `Content-Length` in one write, and the connection is free
+    /// before the body is relayed. Anything else, malformed included, is left to `poll_frame`.
+    fn gather(&mut self) {
+        if self.framing != Framing::Chunked(Chunk::Size) {
+            return;
+        }
+        let data = &self.conn.buf[..self.conn.filled];
+        let mut at = 0;
+        let mut pieces: Vec<(usize, usize)> = Vec::new();
+        loop {
+            let Ok(httparse::Status::Complete((used, size))) =
+                httparse::parse_chunk_size(&data[at..])
+            else {
+                return;
+            };
+            at += used;
+            if size == 0 {
+                if data[at..].starts_with(b"\r\n") {
+                    at += 2;
+                    break;
+                }
+                return;
+            }
+            let Some(end) = usize::try_from(size).ok().and_then(|s| at.checked_add(s)) else {
+                return;
+            };
+            if data.get(end..end + 2) != Some(&b"\r\n"[..]) {
+                return;
+            }
+            pieces.push((at, end));
+            at = end + 2;
+        }
+        let raw = self.conn.buf.split_to(at).freeze();
+        self.conn.filled -= at;
+        self.framing = Framing::Done;
+        self.whole = match pieces.as_slice() {
+            [] => None,
+            [(start, end)] => Some(raw.slice(*start..*end)),
+            _ => {
+                let mut joined = BytesMut::with_capacity(pieces.iter().map(|(s, e)| e - s).sum());
+                for (start, end) in pieces {
+                    joined.extend_from_slice(&raw[start..end]);
+                }
+                Some(joined.freeze())
+            }
+        };
     }
 
     /// Never gives the connection back (the exchange went wrong on the way).
@@ -529,6 +582,9 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<io::Result<Frame<Bytes>>>> {
         let this = self.get_mut();
+        if let Some(whole) = this.whole.take() {
+            return Poll::Ready(Some(Ok(Frame::data(whole))));
+        }
         loop {
             match this.framing {
                 Framing::Done => return Poll::Ready(None),
@@ -561,12 +617,14 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.framing == Framing::Done
+        self.framing == Framing::Done && self.whole.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
         match self.framing {
-            Framing::Done => SizeHint::with_exact(0),
+            Framing::Done => {
+                SizeHint::with_exact(self.whole.as_ref().map_or(0, |w| w.len() as u64))
+            }
             Framing::Length(left) => SizeHint::with_exact(left),
             _ => SizeHint::default(),
         }
@@ -669,6 +727,30 @@ mod tests {
             assert_eq!(trailers["x-sum"], "6");
             assert!(reusable, "piece {piece}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_that_arrived_whole_is_relayed_with_its_length() {
+        let address = serve(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n1\r\n!\r\n0\r\n\r\n",
+            1000,
+            true,
+        )
+        .await;
+        let mut conn = Connection::connect(&address, Duration::from_secs(1))
+            .await
+            .unwrap();
+        conn.write_head(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // The whole answer is one write, so it arrives with its head.
+        let (_, mut body) = conn.read_response(false).await.unwrap();
+        assert_eq!(body.size_hint().exact(), Some(6));
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "hello!");
+        assert!(body.is_end_stream());
+        assert!(body.frame().await.is_none());
+        assert!(body.into_connection().is_some());
     }
 
     #[tokio::test]
