@@ -4,6 +4,7 @@
 mod harness;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use harness::{Balancer, Controller, Db, Frontend, Load, failures, fixture};
@@ -525,4 +526,246 @@ async fn bad_requests_never_reach_a_frontend() {
     let reply = conn.get("/hello").await.unwrap();
     assert_eq!(reply.status, 200);
     assert_eq!(forwarded().await, before + 1);
+}
+
+/// A front-end stand-in for the balancer's request and response paths: `POST /echo/...` answers
+/// the body it got, with how it got it (`x-got-length`, `x-got-te`, `x-got-expect`,
+/// `x-got-forwarded-for`); `GET /echo/stream` answers "part-one", then "part-two" only once
+/// `go_on` is notified, then ends.
+async fn echo_upstream(go_on: Arc<tokio::sync::Notify>) -> std::net::SocketAddr {
+    use http_body_util::BodyExt as _;
+
+    /// A response body fed by a channel: each message is a chunk.
+    struct Chunks(tokio::sync::mpsc::Receiver<bytes::Bytes>);
+    impl http_body::Body for Chunks {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
+        }
+    }
+    type Reply = http_body_util::Either<http_body_util::Full<bytes::Bytes>, Chunks>;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let go_on = go_on.clone();
+            let service = hyper::service::service_fn(
+                move |request: http::Request<hyper::body::Incoming>| {
+                    let go_on = go_on.clone();
+                    async move {
+                        let path = request.uri().path().to_string();
+                        let full = |body: bytes::Bytes| {
+                            http_body_util::Either::Left(http_body_util::Full::new(body))
+                        };
+                        if path == "/_paddock/health" {
+                            let report = r#"{"server":"echo","state":"serving","apps":[{"name":"echo","version":"v1","route":"/echo","component_sha256":""}],"in_flight":0}"#;
+                            return Ok::<_, std::convert::Infallible>(http::Response::new(full(
+                                report.into(),
+                            )));
+                        }
+                        if path == "/echo/stream" {
+                            let (tx, rx) = tokio::sync::mpsc::channel(2);
+                            tokio::spawn(async move {
+                                tx.send("part-one\n".into()).await.unwrap();
+                                go_on.notified().await;
+                                tx.send("part-two\n".into()).await.unwrap();
+                            });
+                            return Ok(http::Response::new(Reply::Right(Chunks(rx))));
+                        }
+                        let got = |name: &str| {
+                            request
+                                .headers()
+                                .get(name)
+                                .map(|v| v.to_str().unwrap().to_string())
+                                .unwrap_or_default()
+                        };
+                        let (te, expect, forwarded) = (
+                            got("transfer-encoding"),
+                            got("expect"),
+                            got("x-forwarded-for"),
+                        );
+                        let body = request.into_body().collect().await.unwrap().to_bytes();
+                        let response = http::Response::builder()
+                            .header("x-got-length", body.len())
+                            .header("x-got-te", te)
+                            .header("x-got-expect", expect)
+                            .header("x-got-forwarded-for", forwarded)
+                            .body(full(body))
+                            .unwrap();
+                        Ok(response)
+                    }
+                },
+            );
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    addr
+}
+
+/// One response read from a raw connection: head and (`Content-Length`) body.
+async fn read_answer(stream: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+    let mut data = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&data[..end]).to_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if data.len() >= end + 4 + length {
+                let body = data[end + 4..end + 4 + length].to_vec();
+                return (head, body);
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .expect("an answer within 10 s")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before a whole answer: {:?}",
+            String::from_utf8_lossy(&data)
+        );
+        data.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_go_through_both_ways_and_responses_are_streamed() {
+    let go_on = Arc::new(tokio::sync::Notify::new());
+    let upstream = echo_upstream(go_on.clone()).await;
+    let table = serde_json::json!({
+        "generation": 1,
+        "zones": [{"zone": "default", "policy": "round-robin", "upstreams": [
+            {"name": "echo", "address": upstream.to_string(), "state": "ready", "weight": 1}]}],
+        "routes": [{"prefix": "/echo", "app": "echo", "zone": "default"}]
+    });
+    let lb = Balancer::with_table("lb-bodies", &table, &[]).await;
+    let mut client = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+
+    // A body with a length.
+    client
+        .write_all(b"POST /echo/a HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\nhello world")
+        .await
+        .unwrap();
+    let (head, body) = read_answer(&mut client).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(body, b"hello world");
+    assert!(head.contains("x-got-length: 11"), "{head}");
+    assert!(head.contains("x-got-forwarded-for: 127.0.0.1"), "{head}");
+
+    // A chunked body, on the same connection: it reaches the front-end chunked.
+    client
+        .write_all(b"POST /echo/b HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_answer(&mut client).await;
+    assert_eq!(body, b"hello world", "{head}");
+    assert!(head.contains("x-got-te: chunked"), "{head}");
+
+    // A large body, both ways.
+    let large: Vec<u8> = (0..4 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    client
+        .write_all(
+            format!(
+                "POST /echo/c HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+                large.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let (mut reader, mut writer) = client.into_split();
+    let upload = {
+        let large = large.clone();
+        tokio::spawn(async move {
+            writer.write_all(&large).await.unwrap();
+            writer
+        })
+    };
+    let mut received = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut body_start = None;
+    while body_start.is_none_or(|start| received.len() < start + large.len()) {
+        let n = tokio::time::timeout(Duration::from_secs(10), reader.read(&mut buf))
+            .await
+            .expect("the large answer within 10 s")
+            .unwrap();
+        assert!(n > 0, "closed in the middle of the large answer");
+        received.extend_from_slice(&buf[..n]);
+        if body_start.is_none() {
+            body_start = received
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map(|p| p + 4);
+        }
+    }
+    let start = body_start.unwrap();
+    assert!(
+        received[start..] == large[..],
+        "the large body came back changed"
+    );
+    let writer = upload.await.unwrap();
+    let mut client = reader.reunite(writer).unwrap();
+
+    // Expect: 100-continue is answered by the balancer; the front-end gets the body only.
+    client
+        .write_all(b"POST /echo/d HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
+    let mut interim = vec![0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut interim))
+        .await
+        .expect("100 Continue within 10 s")
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&interim[..n]).starts_with("HTTP/1.1 100 Continue"),
+        "{:?}",
+        String::from_utf8_lossy(&interim[..n])
+    );
+    client.write_all(b"ping").await.unwrap();
+    let (head, body) = read_answer(&mut client).await;
+    assert_eq!(body, b"ping", "{head}");
+    assert!(!head.contains("x-got-expect: 100-continue"), "{head}");
+
+    // A response body is relayed as it comes: the first part reaches the client while the
+    // front-end has not produced the second yet.
+    client
+        .write_all(b"GET /echo/stream HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut streamed = Vec::new();
+    while !String::from_utf8_lossy(&streamed).contains("part-one") {
+        let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf))
+            .await
+            .expect("the first part before the front-end sends the second")
+            .unwrap();
+        assert!(n > 0);
+        streamed.extend_from_slice(&buf[..n]);
+    }
+    assert!(!String::from_utf8_lossy(&streamed).contains("part-two"));
+    go_on.notify_one();
+    while !streamed.ends_with(b"0\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf))
+            .await
+            .expect("the end of the streamed answer")
+            .unwrap();
+        assert!(n > 0);
+        streamed.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&streamed).contains("part-two"));
 }

@@ -605,7 +605,7 @@ pub struct CliOutput {
     pub stderr: String,
 }
 
-/// A running `paddock balancer` following a controller.
+/// A running `paddock balancer` following a controller (or a fixed table).
 pub struct Balancer {
     pub name: String,
     pub addr: SocketAddr,
@@ -643,6 +643,33 @@ impl Balancer {
         balancer.launch().await;
         balancer
             .wait_status("a routing table", |s| s["generation"].as_i64() > Some(0))
+            .await;
+        balancer
+    }
+
+    /// A balancer fed a fixed routing table (`--table`), with no controller.
+    pub async fn with_table(
+        name: &str,
+        table: &serde_json::Value,
+        extra_args: &[&str],
+    ) -> Balancer {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fixed-table.json");
+        std::fs::write(&path, table.to_string()).unwrap();
+        let mut args = vec!["--table".to_string(), path.display().to_string()];
+        args.extend(extra_args.iter().map(|s| s.to_string()));
+        let mut balancer = Balancer {
+            name: name.into(),
+            addr: "127.0.0.1:0".parse().unwrap(),
+            admin: "127.0.0.1:0".parse().unwrap(),
+            child: None,
+            log: Arc::new(Mutex::new(String::new())),
+            args,
+            dir,
+        };
+        balancer.launch().await;
+        balancer
+            .wait_status("its routing table", |s| s["generation"].as_i64() > Some(0))
             .await;
         balancer
     }
