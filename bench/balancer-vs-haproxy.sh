@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark: the same two backends behind `paddock balancer` and behind HAProxy
 # (Debian's package), loaded by the same `wrk`, in the same run, alternating rounds. Prints
-# throughput, p50 and p99 of each and their ratios.
+# throughput, p50 and p99 of each and their ratios, and each balancer's CPU time per request.
 #
 #   bench/balancer-vs-haproxy.sh                 # 3 rounds of 10 s per side, backend and setup
 #   ROUNDS=1 DURATION=5s bench/balancer-vs-haproxy.sh
@@ -163,7 +163,10 @@ EOF
   echo $!
 }
 
-declare -A RPS P50 P99 ERR N
+HZ=$(getconf CLK_TCK)
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # pid -> user + system ticks
+
+declare -A RPS P50 P99 CPU ERR N
 for backend in $BACKENDS; do
   for setup in $SETUPS; do
     threads=${setup%%-*}
@@ -173,11 +176,17 @@ for backend in $BACKENDS; do
         pid=$(start_balancer "$kind" "$setup")
         wait_http "http://127.0.0.1:$LB$PATH_UNDER_TEST"
         wrk -t1 -c4 -d1s "http://127.0.0.1:$LB$PATH_UNDER_TEST" >/dev/null # warm-up
+        read -r ticks0 < <(cpu_ticks "$pid")
         read -r rps p50 p99 errors < <(run_wrk "$threads" "http://127.0.0.1:$LB$PATH_UNDER_TEST")
+        read -r ticks1 < <(cpu_ticks "$pid")
         kill "$pid"; wait "$pid" 2>/dev/null || true
-        printf '%-9s %-8s %-8s round %s: %9.0f req/s  p50 %7.3f ms  p99 %7.3f ms  errors %s\n' \
-          "$backend" "$kind" "$setup" "$round" "$rps" "$p50" "$p99" "$errors"
+        # The balancer's CPU time (user + system, all threads) per request answered.
+        cpu=$(awk -v t=$((ticks1 - ticks0)) -v hz="$HZ" -v r="$rps" -v d="${DURATION%s}" \
+          'BEGIN {printf "%.1f", t / hz * 1e6 / (r * d)}')
+        printf '%-9s %-8s %-8s round %s: %9.0f req/s  p50 %7.3f ms  p99 %7.3f ms  cpu %5.1f us/req  errors %s\n' \
+          "$backend" "$kind" "$setup" "$round" "$rps" "$p50" "$p99" "$cpu" "$errors"
         key="$backend-$kind-$setup"
+        CPU[$key]=$(awk -v a="${CPU[$key]:-0}" -v b="$cpu" 'BEGIN {print a + b}')
         RPS[$key]=$(awk -v a="${RPS[$key]:-0}" -v b="$rps" 'BEGIN {print a + b}')
         P50[$key]=$(awk -v a="${P50[$key]:-0}" -v b="$p50" 'BEGIN {print a + b}')
         P99[$key]=$(awk -v a="${P99[$key]:-0}" -v b="$p99" 'BEGIN {print a + b}')
@@ -193,15 +202,16 @@ echo
 echo "machine: $(nproc) cores, $(awk '/model name/ {$1=$2=$3=""; print; exit}' /proc/cpuinfo | sed 's/^ *//'); $(date -u +%Y-%m-%d)"
 echo "haproxy: $("$HAPROXY" -v | head -1)"
 echo "load: wrk, $CONNECTIONS keep-alive connections, $DURATION per run, $ROUNDS rounds per side, alternating"
-printf '%-9s %-9s %-8s %10s %9s %9s %7s\n' backend setup balancer "req/s" "p50 ms" "p99 ms" errors
+printf '%-9s %-9s %-8s %10s %9s %9s %12s %7s\n' backend setup balancer "req/s" "p50 ms" "p99 ms" "cpu us/req" errors
 for backend in $BACKENDS; do
   for setup in $SETUPS; do
     for kind in haproxy paddock; do
       key="$backend-$kind-$setup"
-      printf '%-9s %-9s %-8s %10.0f %9.3f %9.3f %7s\n' "$backend" "$setup" "$kind" \
+      printf '%-9s %-9s %-8s %10.0f %9.3f %9.3f %12.1f %7s\n' "$backend" "$setup" "$kind" \
         "$(awk -v a="${RPS[$key]}" -v n="${N[$key]}" 'BEGIN {print a / n}')" \
         "$(awk -v a="${P50[$key]}" -v n="${N[$key]}" 'BEGIN {print a / n}')" \
         "$(awk -v a="${P99[$key]}" -v n="${N[$key]}" 'BEGIN {print a / n}')" \
+        "$(awk -v a="${CPU[$key]}" -v n="${N[$key]}" 'BEGIN {print a / n}')" \
         "${ERR[$key]}"
     done
     awk -v pr="${RPS[$backend-paddock-$setup]}" -v hr="${RPS[$backend-haproxy-$setup]}" \
