@@ -166,6 +166,14 @@ EOF
 HZ=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # pid -> user + system ticks
 
+# stop_balancer PID: SIGTERM, then waits until it is gone (it was started in a subshell, so
+# `wait` cannot), so that the next one starts on a free port.
+stop_balancer() {
+  kill "$1" 2>/dev/null || true
+  for _ in $(seq 1 300); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
+  kill -9 "$1" 2>/dev/null || true
+}
+
 declare -A RPS P50 P99 CPU ERR N
 for backend in $BACKENDS; do
   for setup in $SETUPS; do
@@ -174,12 +182,13 @@ for backend in $BACKENDS; do
     for round in $(seq 1 "$ROUNDS"); do
       for kind in haproxy paddock; do
         pid=$(start_balancer "$kind" "$setup")
-        wait_http "http://127.0.0.1:$LB$PATH_UNDER_TEST"
+        wait_http "http://127.0.0.1:$LB$PATH_UNDER_TEST" ||
+          { tail -n 20 "$work/paddock-balancer.log" "$work/haproxy.log" >&2 2>/dev/null; exit 1; }
         wrk -t1 -c4 -d1s "http://127.0.0.1:$LB$PATH_UNDER_TEST" >/dev/null # warm-up
         read -r ticks0 < <(cpu_ticks "$pid")
         read -r rps p50 p99 errors < <(run_wrk "$threads" "http://127.0.0.1:$LB$PATH_UNDER_TEST")
         read -r ticks1 < <(cpu_ticks "$pid")
-        kill "$pid"; wait "$pid" 2>/dev/null || true
+        stop_balancer "$pid"
         # The balancer's CPU time (user + system, all threads) per request answered.
         cpu=$(awk -v t=$((ticks1 - ticks0)) -v hz="$HZ" -v r="$rps" -v d="${DURATION%s}" \
           'BEGIN {printf "%.1f", t / hz * 1e6 / (r * d)}')

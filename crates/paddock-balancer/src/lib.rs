@@ -372,7 +372,8 @@ fn pin_to(index: usize, cpu: usize) {
     }
 }
 
-/// A listening socket on `addr`.
+/// A listening socket on `addr`. `SO_REUSEPORT`: a new balancer can start on the port while the
+/// one it replaces still finishes its requests.
 fn listener(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
@@ -380,6 +381,7 @@ fn listener(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
     socket
         .bind(addr)
         .with_context(|| format!("cannot listen on {addr}"))?;
