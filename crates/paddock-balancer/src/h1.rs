@@ -658,12 +658,13 @@ mod tests {
         address
     }
 
-    async fn exchange(
+    /// A request to a front-end answering `answer` (see [`serve`]): the response head and body.
+    async fn get(
         answer: &'static [u8],
         piece: usize,
         keep: bool,
         head_request: bool,
-    ) -> Result<(http::response::Parts, Vec<Frame<Bytes>>, bool), String> {
+    ) -> Result<(http::response::Parts, ResponseBody), ExchangeError> {
         let address = serve(answer, piece, keep).await;
         let mut conn = Connection::connect(&address, Duration::from_secs(1))
             .await
@@ -671,8 +672,17 @@ mod tests {
         conn.write_head(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
             .await
             .unwrap();
-        let (parts, mut body) = conn
-            .read_response(head_request)
+        conn.read_response(head_request).await
+    }
+
+    /// [`get`], with the body read whole: its frames and whether the connection is reusable.
+    async fn exchange(
+        answer: &'static [u8],
+        piece: usize,
+        keep: bool,
+        head_request: bool,
+    ) -> Result<(http::response::Parts, Vec<Frame<Bytes>>, bool), String> {
+        let (parts, mut body) = get(answer, piece, keep, head_request)
             .await
             .map_err(|e| e.to_string())?;
         let mut frames = Vec::new();
@@ -731,20 +741,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_chunked_body_that_arrived_whole_is_relayed_with_its_length() {
-        let address = serve(
+        // The whole answer is one write, so it arrives with its head.
+        let (_, mut body) = get(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n1\r\n!\r\n0\r\n\r\n",
             1000,
             true,
+            false,
         )
-        .await;
-        let mut conn = Connection::connect(&address, Duration::from_secs(1))
-            .await
-            .unwrap();
-        conn.write_head(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        // The whole answer is one write, so it arrives with its head.
-        let (_, mut body) = conn.read_response(false).await.unwrap();
+        .await
+        .unwrap();
         assert_eq!(body.size_hint().exact(), Some(6));
         let frame = body.frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), "hello!");
@@ -861,14 +866,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_closed_pooled_connection_is_seen_before_use() {
-        let address = serve(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 100, false).await;
-        let mut conn = Connection::connect(&address, Duration::from_secs(1))
-            .await
-            .unwrap();
-        conn.write_head(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let (_, body) = conn.read_response(false).await.unwrap();
+        let (_, body) = get(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+            100,
+            false,
+            false,
+        )
+        .await
+        .unwrap();
         let conn = body.into_connection().unwrap();
         // The front-end closes it; once the event arrives, the pool sees it.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);

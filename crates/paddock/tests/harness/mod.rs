@@ -631,20 +631,7 @@ impl Balancer {
             controller.join_token.clone(),
         ];
         args.extend(extra_args.iter().map(|s| s.to_string()));
-        let mut balancer = Balancer {
-            name: name.into(),
-            addr: "127.0.0.1:0".parse().unwrap(),
-            admin: "127.0.0.1:0".parse().unwrap(),
-            child: None,
-            log: Arc::new(Mutex::new(String::new())),
-            args,
-            dir: tempfile::tempdir().unwrap(),
-        };
-        balancer.launch().await;
-        balancer
-            .wait_status("a routing table", |s| s["generation"].as_i64() > Some(0))
-            .await;
-        balancer
+        Balancer::launched(name, args, tempfile::tempdir().unwrap()).await
     }
 
     /// A balancer fed a fixed routing table (`--table`), with no controller.
@@ -658,6 +645,11 @@ impl Balancer {
         std::fs::write(&path, table.to_string()).unwrap();
         let mut args = vec!["--table".to_string(), path.display().to_string()];
         args.extend(extra_args.iter().map(|s| s.to_string()));
+        Balancer::launched(name, args, dir).await
+    }
+
+    /// Starts `paddock balancer` with `args` (and its data in `dir`), once it routes by a table.
+    async fn launched(name: &str, args: Vec<String>, dir: tempfile::TempDir) -> Balancer {
         let mut balancer = Balancer {
             name: name.into(),
             addr: "127.0.0.1:0".parse().unwrap(),
@@ -669,7 +661,7 @@ impl Balancer {
         };
         balancer.launch().await;
         balancer
-            .wait_status("its routing table", |s| s["generation"].as_i64() > Some(0))
+            .wait_status("a routing table", |s| s["generation"].as_i64() > Some(0))
             .await;
         balancer
     }
