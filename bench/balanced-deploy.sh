@@ -18,16 +18,8 @@ FRONTENDS=${FRONTENDS:-2 4 8}
 ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-8}
 
-command -v wrk >/dev/null || {
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
-}
-cargo build --quiet --release -p paddock
-PADDOCK=$PWD/target/release/paddock
-
-work=$(mktemp -d)
-cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-port() { echo $((20000 + RANDOM % 20000)); }
+need wrk wrk
+bench_start
 
 echo "machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo); $(date -u +%F)"
 echo "load: wrk -t1 -c$CONNECTIONS on the balancer (GET /hello) during every round"

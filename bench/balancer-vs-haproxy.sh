@@ -28,24 +28,13 @@ CONNECTIONS=${CONNECTIONS:-32}
 BACKENDS=${BACKENDS:-static frontends}
 SETUPS=${SETUPS:-1 2 2-pinned}
 
-need() { # command package
-  command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ] || {
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
-  }
-}
 need wrk wrk
 need haproxy haproxy
 need nginx nginx-light
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-cargo build --quiet --release -p paddock
-PADDOCK=$PWD/target/release/paddock
+bench_start
 
-work=$(mktemp -d)
-cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-
-port() { echo $((20000 + RANDOM % 20000)); }
 B1=$(port); B2=$((B1 + 1))
 LB=$(port); LB_ADMIN=$((LB + 1))
 PATH_UNDER_TEST=/hello/

@@ -19,17 +19,12 @@ CONNECTIONS=${CONNECTIONS:-32}
 TOOLS=${TOOLS:-$PWD/bench/.tools}
 COMPONENT=fixtures/apps/packages/hello-v1/hello.wasm
 
-command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+need wrk wrk
 if ! "$TOOLS/bin/wasmtime" --version 2>/dev/null | grep -q "$WASMTIME_VERSION"; then
   echo "installing wasmtime-cli $WASMTIME_VERSION into $TOOLS (about 20 minutes on 2 cores)..." >&2
   cargo install --quiet --locked --root "$TOOLS" "wasmtime-cli@$WASMTIME_VERSION"
 fi
-cargo build --quiet --release -p paddock
-PADDOCK=$PWD/target/release/paddock
-
-work=$(mktemp -d)
-cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
+bench_start
 mkdir -p "$work/apps/hello"
 cp fixtures/apps/packages/hello-v1/* "$work/apps/hello/"
 # Same route for both: wasmtime serve sends every path to the component.

@@ -14,3 +14,22 @@ to_ms() {
     else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.3f", v * 1000 }
     else { printf "%s", v } }'
 }
+
+# need COMMAND PACKAGE: installs the Debian package when the command is missing.
+need() {
+  command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ] || {
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+  }
+}
+
+# port: a random loopback port for a server of the benchmark.
+port() { echo $((20000 + RANDOM % 20000)); }
+
+# bench_start: builds the release binary (PADDOCK) and makes a work folder (work) that is removed,
+# with every process the script started, on exit.
+bench_start() {
+  cargo build --quiet --release -p paddock
+  PADDOCK=$PWD/target/release/paddock
+  work=$(mktemp -d)
+  trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
+}

@@ -15,12 +15,7 @@ cd "$(dirname "$0")/.."
 TIMERS=${TIMERS:-100}
 DURATION=${DURATION:-30}
 
-cargo build --quiet --release -p paddock
-PADDOCK=$PWD/target/release/paddock
-work=$(mktemp -d)
-cleanup() { kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-port() { echo $((20000 + RANDOM % 20000)); }
+bench_start
 
 CP=$(port)
 export PADDOCK_CONTROLLER="http://127.0.0.1:$CP"

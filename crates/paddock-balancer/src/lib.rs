@@ -283,19 +283,13 @@ pub async fn run(
     } else {
         Vec::new()
     };
-    let mut loops = vec![EventLoop {
-        handoff: None,
-        open: balancer.shared.open[0].clone(),
-    }];
+    // Where to hand a connection, by loop: none for this one, which serves it itself.
+    let mut handoffs = vec![None];
     let mut workers = Vec::new();
     for (index, open) in balancer.shared.open.iter().enumerate().skip(1) {
         let (handoff, incoming) = tokio::sync::mpsc::unbounded_channel();
-        let open = open.clone();
-        loops.push(EventLoop {
-            handoff: Some(handoff),
-            open: open.clone(),
-        });
-        let (shared, config) = (balancer.shared.clone(), config.clone());
+        handoffs.push(Some(handoff));
+        let (shared, config, open) = (balancer.shared.clone(), config.clone(), open.clone());
         let cpu = (!cpus.is_empty()).then(|| cpus[index % cpus.len()]);
         workers.push(
             std::thread::Builder::new()
@@ -324,7 +318,7 @@ pub async fn run(
     upstream::set_worker(0);
     let main_loop = accept_loop(
         listener,
-        loops,
+        handoffs,
         balancer.shared.clone(),
         config.clone(),
         stopped,
@@ -389,12 +383,8 @@ fn listener(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     Ok(listener.into_std()?)
 }
 
-/// An event loop as the accepting one sees it: where to hand a connection (none for itself) and
-/// how many it has open.
-struct EventLoop {
-    handoff: Option<tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>>,
-    open: Arc<AtomicUsize>,
-}
+/// A client connection on its way to the event loop that serves it.
+type Handoff = tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>;
 
 /// The hyper settings of client connections.
 fn http_builder(config: &BalancerConfig) -> hyper::server::conn::http1::Builder {
@@ -411,7 +401,8 @@ fn http_builder(config: &BalancerConfig) -> hyper::server::conn::http1::Builder 
     http
 }
 
-/// Serves one client connection on the current event loop; `open` counts it while it lasts.
+/// Serves one client connection on the current event loop; `open` (counted by the accepting
+/// loop already) goes down when it ends.
 fn serve(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
@@ -438,7 +429,6 @@ fn serve(
     });
     let connection = graceful.watch(http.serve_connection(io, service));
     let open = open.clone();
-    open.fetch_add(1, Ordering::Relaxed);
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(%peer, "client connection ended: {e}");
@@ -451,7 +441,7 @@ fn serve(
 /// the fewest open ones; then lets the requests in flight on this loop finish (at most 30 s).
 async fn accept_loop(
     listener: TcpListener,
-    loops: Vec<EventLoop>,
+    handoffs: Vec<Option<Handoff>>,
     shared: Arc<Shared>,
     config: BalancerConfig,
     mut stopped: tokio::sync::watch::Receiver<bool>,
@@ -470,35 +460,39 @@ async fn accept_loop(
             },
             _ = stopped.wait_for(|stop| *stop) => break,
         };
-        let Some(target) = loops.iter().min_by_key(|l| l.open.load(Ordering::Relaxed)) else {
+        let Some((open, handoff)) = shared
+            .open
+            .iter()
+            .zip(&handoffs)
+            .min_by_key(|(open, _)| open.load(Ordering::Relaxed))
+        else {
             continue;
         };
-        match &target.handoff {
-            None => serve(
-                stream,
-                peer,
-                &shared,
-                &config,
-                &http,
-                &graceful,
-                &target.open,
-            ),
-            Some(handoff) => match stream.into_std() {
-                Ok(stream) => {
-                    // Counted now, so that the next choice sees it.
-                    target.open.fetch_add(1, Ordering::Relaxed);
-                    if handoff.send((stream, peer)).is_err() {
-                        target.open.fetch_sub(1, Ordering::Relaxed);
-                        tracing::warn!("an event loop is gone; connection from {peer} dropped");
-                    }
-                }
-                Err(e) => tracing::warn!("handing a connection over failed: {e}"),
-            },
+        // Counted now, so that the next choice sees it.
+        open.fetch_add(1, Ordering::Relaxed);
+        let Some(handoff) = handoff else {
+            serve(stream, peer, &shared, &config, &http, &graceful, open);
+            continue;
+        };
+        let handed = match stream.into_std() {
+            Ok(stream) => handoff
+                .send((stream, peer))
+                .map_err(|_| "its event loop is gone".to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(why) = handed {
+            open.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!("connection from {peer} dropped: handing it over failed: {why}");
         }
     }
     drop(listener);
     // The other loops finish their connections once their hand-off channel closes.
-    drop(loops);
+    drop(handoffs);
+    finish_connections(graceful).await;
+}
+
+/// Lets the requests in flight on this loop finish (at most 30 s).
+async fn finish_connections(graceful: hyper_util::server::graceful::GracefulShutdown) {
     if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
         .await
         .is_err()
@@ -518,19 +512,15 @@ async fn serve_handed(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let http = http_builder(&config);
     while let Some((stream, peer)) = incoming.recv().await {
-        // `serve` counts it again.
-        open.fetch_sub(1, Ordering::Relaxed);
         match tokio::net::TcpStream::from_std(stream) {
             Ok(stream) => serve(stream, peer, &shared, &config, &http, &graceful, &open),
-            Err(e) => tracing::warn!("taking over a connection from {peer} failed: {e}"),
+            Err(e) => {
+                open.fetch_sub(1, Ordering::Relaxed);
+                tracing::warn!("taking over a connection from {peer} failed: {e}");
+            }
         }
     }
-    if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("requests still in flight after 30 s; stopping anyway");
-    }
+    finish_connections(graceful).await;
 }
 
 /// The admin port: `/metrics` (Prometheus text), `/status` (the report sent to the controller).

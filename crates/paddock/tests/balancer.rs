@@ -615,33 +615,48 @@ async fn echo_upstream(go_on: Arc<tokio::sync::Notify>) -> std::net::SocketAddr 
     addr
 }
 
-/// One response read from a raw connection: head and (`Content-Length`) body.
-async fn read_answer(stream: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
-    let mut data = Vec::new();
+/// Reads from `stream` into `data` until `done(data)`; each read must come within 10 s.
+async fn read_until(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    data: &mut Vec<u8>,
+    what: &str,
+    done: impl Fn(&[u8]) -> bool,
+) {
     let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&data[..end]).to_lowercase();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length: "))
-                .map_or(0, |v| v.trim().parse().unwrap());
-            if data.len() >= end + 4 + length {
-                let body = data[end + 4..end + 4 + length].to_vec();
-                return (head, body);
-            }
-        }
+    while !done(data) {
         let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
             .await
-            .expect("an answer within 10 s")
+            .unwrap_or_else(|_| panic!("{what} within 10 s"))
             .unwrap();
         assert!(
             n > 0,
-            "closed before a whole answer: {:?}",
-            String::from_utf8_lossy(&data)
+            "closed before {what}: {:?}",
+            String::from_utf8_lossy(data)
         );
         data.extend_from_slice(&buf[..n]);
     }
+}
+
+/// A whole response at the start of `data`: head (lowercased) and `Content-Length` body.
+fn whole_answer(data: &[u8]) -> Option<(String, Vec<u8>)> {
+    let end = data.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&data[..end]).to_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let body = data.get(end + 4..end + 4 + length)?;
+    Some((head, body.to_vec()))
+}
+
+/// One response read from a raw connection.
+async fn read_answer(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> (String, Vec<u8>) {
+    let mut data = Vec::new();
+    read_until(stream, &mut data, "a whole answer", |d| {
+        whole_answer(d).is_some()
+    })
+    .await;
+    whole_answer(&data).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -697,28 +712,9 @@ async fn bodies_go_through_both_ways_and_responses_are_streamed() {
             writer
         })
     };
-    let mut received = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut body_start = None;
-    while body_start.is_none_or(|start| received.len() < start + large.len()) {
-        let n = tokio::time::timeout(Duration::from_secs(10), reader.read(&mut buf))
-            .await
-            .expect("the large answer within 10 s")
-            .unwrap();
-        assert!(n > 0, "closed in the middle of the large answer");
-        received.extend_from_slice(&buf[..n]);
-        if body_start.is_none() {
-            body_start = received
-                .windows(4)
-                .position(|w| w == b"\r\n\r\n")
-                .map(|p| p + 4);
-        }
-    }
-    let start = body_start.unwrap();
-    assert!(
-        received[start..] == large[..],
-        "the large body came back changed"
-    );
+    let (head, body) = read_answer(&mut reader).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(body == large, "the large body came back changed");
     let writer = upload.await.unwrap();
     let mut client = reader.reunite(writer).unwrap();
 
@@ -727,16 +723,13 @@ async fn bodies_go_through_both_ways_and_responses_are_streamed() {
         .write_all(b"POST /echo/d HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
         .await
         .unwrap();
-    let mut interim = vec![0u8; 256];
-    let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut interim))
-        .await
-        .expect("100 Continue within 10 s")
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&interim[..n]).starts_with("HTTP/1.1 100 Continue"),
-        "{:?}",
-        String::from_utf8_lossy(&interim[..n])
-    );
+    let mut interim = Vec::new();
+    read_until(&mut client, &mut interim, "an interim answer", |d| {
+        d.ends_with(b"\r\n\r\n")
+    })
+    .await;
+    let interim = String::from_utf8_lossy(&interim);
+    assert!(interim.starts_with("HTTP/1.1 100 Continue"), "{interim:?}");
     client.write_all(b"ping").await.unwrap();
     let (head, body) = read_answer(&mut client).await;
     assert_eq!(body, b"ping", "{head}");
@@ -749,23 +742,21 @@ async fn bodies_go_through_both_ways_and_responses_are_streamed() {
         .await
         .unwrap();
     let mut streamed = Vec::new();
-    while !String::from_utf8_lossy(&streamed).contains("part-one") {
-        let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf))
-            .await
-            .expect("the first part before the front-end sends the second")
-            .unwrap();
-        assert!(n > 0);
-        streamed.extend_from_slice(&buf[..n]);
-    }
+    read_until(
+        &mut client,
+        &mut streamed,
+        "the first part, before the front-end sends the second",
+        |d| String::from_utf8_lossy(d).contains("part-one"),
+    )
+    .await;
     assert!(!String::from_utf8_lossy(&streamed).contains("part-two"));
     go_on.notify_one();
-    while !streamed.ends_with(b"0\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf))
-            .await
-            .expect("the end of the streamed answer")
-            .unwrap();
-        assert!(n > 0);
-        streamed.extend_from_slice(&buf[..n]);
-    }
+    read_until(
+        &mut client,
+        &mut streamed,
+        "the end of the streamed answer",
+        |d| d.ends_with(b"0\r\n\r\n"),
+    )
+    .await;
     assert!(String::from_utf8_lossy(&streamed).contains("part-two"));
 }
