@@ -13,11 +13,13 @@
 # every 500 ms (fall 2, rise 2), round-robin, keep-alive to the backends, X-Forwarded-For added.
 #
 # Setups: "1": HAProxy `nbthread 1`, `paddock balancer --threads 1`, the balancer pinned to CPU 1
-# and wrk and the backends to CPU 0. "2": `nbthread 2` and `--threads 2`, nothing pinned.
-# "2-pinned": the same with each balancer thread bound to its own CPU (HAProxy `cpu-map
-# auto:1/1-2 0-1`, Paddock `--pin-threads`); wrk and the backends unpinned. Loopback only.
+# and wrk and the backends to CPU 0. "2": `nbthread 2` and `--threads 2`, each balancer as it
+# comes: HAProxy's threads unbound, Paddock's two loops bound to the two CPUs (its default with
+# one loop per CPU). "2-pinned": each balancer thread bound to its own CPU (HAProxy `cpu-map
+# auto:1/1-2 0-1`, Paddock `--pin-threads on`). "2-free": no balancer thread bound (Paddock
+# `--pin-threads off`). wrk and the backends are never pinned with 2 threads. Loopback only.
 #
-#   SETUPS="2 2-pinned" bench/balancer-vs-haproxy.sh
+#   SETUPS="2 2-pinned 2-free" bench/balancer-vs-haproxy.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -26,7 +28,7 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-32}
 BACKENDS=${BACKENDS:-static frontends}
-SETUPS=${SETUPS:-1 2 2-pinned}
+SETUPS=${SETUPS:-1 2 2-pinned 2-free}
 
 need wrk wrk
 need haproxy haproxy
@@ -108,7 +110,10 @@ stop_backends() {
 start_balancer() { # kind setup -> pid
   local kind=$1 setup=$2 threads=${2%%-*} prefix=() pin=() cpumap=""
   [ "$setup" = 1 ] && prefix=(taskset -c 1)
-  if [ "$setup" = 2-pinned ]; then pin=(--pin-threads); cpumap="cpu-map auto:1/1-2 0-1"; fi
+  case $setup in
+    2-pinned) pin=(--pin-threads on) cpumap="cpu-map auto:1/1-2 0-1" ;;
+    2-free) pin=(--pin-threads off) ;;
+  esac
   case $kind in
     paddock)
       cat >"$work/table.json" <<EOF

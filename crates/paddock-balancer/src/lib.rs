@@ -83,8 +83,24 @@ pub struct BalancerConfig {
     pub max_headers: usize,
     /// Event loops (threads) serving clients.
     pub threads: usize,
-    /// Binds event loop i to the i-th CPU the process may run on.
-    pub pin_threads: bool,
+    /// Whether each event loop is bound to a CPU of its own.
+    pub pin_threads: Pinning,
+}
+
+/// Whether the event loops are bound to CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pinning {
+    /// Bound when there is one loop per CPU the process may run on (the default layout), free
+    /// otherwise. Each loop serves its own connections, so two loops that the scheduler stacks
+    /// on one core take turns by whole scheduler ticks (4 ms at 250 Hz) while their
+    /// connections wait; bound, that cannot happen.
+    #[default]
+    Auto,
+    /// Loop i bound to the i-th CPU the process may run on (round the CPUs again when there
+    /// are more loops).
+    On,
+    /// The scheduler places the loops.
+    Off,
 }
 
 /// What every connection shares.
@@ -278,10 +294,22 @@ pub async fn run(
     // and hands each new connection to the loop with the fewest open ones.
     let (stop, stopped) = tokio::sync::watch::channel(false);
     // Read before any thread is bound: threads inherit the binding of the one that starts them.
-    let cpus = if config.pin_threads {
-        allowed_cpus()
-    } else {
-        Vec::new()
+    let cpus = match config.pin_threads {
+        Pinning::Off => Vec::new(),
+        Pinning::On => allowed_cpus(),
+        Pinning::Auto => {
+            let cpus = allowed_cpus();
+            if cpus.len() == balancer.shared.open.len() {
+                cpus
+            } else {
+                tracing::debug!(
+                    event_loops = balancer.shared.open.len(),
+                    cpus = cpus.len(),
+                    "event loops not bound: not one per CPU"
+                );
+                Vec::new()
+            }
+        }
     };
     // Where to hand a connection, by loop: none for this one, which serves it itself.
     let mut handoffs = vec![None];
@@ -345,7 +373,7 @@ fn allowed_cpus() -> Vec<usize> {
             .collect(),
         Err(e) => {
             tracing::warn!(
-                "--pin-threads: cannot read the CPUs this process may use ({e}); not pinning"
+                "cannot read the CPUs this process may use ({e}); event loops not bound"
             );
             Vec::new()
         }
@@ -361,7 +389,7 @@ fn pin_to(index: usize, cpu: usize) {
         Err(e) => tracing::warn!(
             event_loop = index,
             cpu,
-            "--pin-threads: binding failed: {e}"
+            "binding the event loop to its CPU failed: {e}"
         ),
     }
 }

@@ -200,11 +200,11 @@ struct BalancerArgs {
     /// Event loops serving clients, one thread each (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
-    /// Binds each event loop to its own CPU (loop i to the i-th CPU the process may use), so
-    /// that the scheduler never puts two of them on one core while another is free. For a
-    /// machine (or a CPU set) given to the balancer.
-    #[arg(long)]
-    pin_threads: bool,
+    /// Binding of event loops to CPUs: `auto` binds loop i to the i-th CPU the process may use
+    /// when there is one loop per such CPU (the default layout), so that the scheduler never
+    /// stacks two loops on one core; `on` always binds; `off` lets the scheduler place them.
+    #[arg(long, value_enum, default_value_t = PinThreads::Auto)]
+    pin_threads: PinThreads,
     /// Health check interval.
     #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
     check_interval: Duration,
@@ -236,6 +236,14 @@ struct BalancerArgs {
     /// Most headers in one request; more gets 431.
     #[arg(long, default_value_t = 100)]
     max_headers: usize,
+}
+
+/// `--pin-threads`: see `paddock_balancer::Pinning`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PinThreads {
+    Auto,
+    On,
+    Off,
 }
 
 fn main() -> std::process::ExitCode {
@@ -450,7 +458,11 @@ fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
         max_header_bytes: args.max_header_bytes,
         max_headers: args.max_headers,
         threads,
-        pin_threads: args.pin_threads,
+        pin_threads: match args.pin_threads {
+            PinThreads::Auto => paddock_balancer::Pinning::Auto,
+            PinThreads::On => paddock_balancer::Pinning::On,
+            PinThreads::Off => paddock_balancer::Pinning::Off,
+        },
     };
     // A single-threaded runtime: the balancer runs one event loop per thread itself.
     tokio::runtime::Builder::new_current_thread()

@@ -138,36 +138,22 @@ async fn round_robin_spreads_evenly_and_least_connections_prefers_the_idle_serve
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_connections_are_spread_evenly_over_the_event_loops() {
     let (controller, _fes) = farm("lb_loops", Db::Sqlite, &["fe1"]).await;
-    let lb = Balancer::start(&controller, "lb1", &["--threads", "3", "--pin-threads"]).await;
+    let lb = Balancer::start(
+        &controller,
+        "lb1",
+        &["--threads", "3", "--pin-threads", "on"],
+    )
+    .await;
     lb.wait_up(&["fe1"], true).await;
 
-    // --pin-threads: each event loop is bound to one CPU, spread over the CPUs it may use.
-    let pid = lb.pid().unwrap();
-    let allowed = std::thread::available_parallelism().unwrap().get();
-    let mut bound = std::collections::BTreeSet::new();
-    let mut loops = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let task = task.unwrap().path();
-        let comm = std::fs::read_to_string(task.join("comm")).unwrap();
-        let tid: u32 = task.file_name().unwrap().to_str().unwrap().parse().unwrap();
-        if tid != pid && comm.trim() != "paddock-balance" {
-            continue;
-        }
-        let status = std::fs::read_to_string(task.join("status")).unwrap();
-        let cpus = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            .unwrap()
-            .trim()
-            .to_string();
-        assert!(
-            cpus.parse::<usize>().is_ok(),
-            "thread {tid} ({comm}) may run on {cpus}"
-        );
-        bound.insert(cpus);
-        loops += 1;
+    // --pin-threads on: each event loop is bound to one CPU, spread over the CPUs it may use.
+    let loops = lb.loop_cpus();
+    assert_eq!(loops.len(), 3, "the event loops' CPUs: {loops:?}");
+    for cpus in &loops {
+        assert!(cpus.parse::<usize>().is_ok(), "a loop may run on {cpus}");
     }
-    assert!(loops >= 3, "the event loops' threads: {loops}");
+    let allowed = std::thread::available_parallelism().unwrap().get();
+    let bound: std::collections::BTreeSet<_> = loops.iter().collect();
     assert_eq!(bound.len(), allowed.min(3), "CPUs used: {bound:?}");
     let on_loop = |index: usize| {
         let lb = &lb;
@@ -204,6 +190,50 @@ async fn client_connections_are_spread_evenly_over_the_event_loops() {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// With one event loop per CPU the process may use (the default layout), each loop is bound to
+/// its own CPU unless `--pin-threads off`; with more loops than CPUs, none is bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_loops_are_bound_by_default_when_there_is_one_per_cpu() {
+    let table = serde_json::json!({
+        "generation": 1,
+        "zones": [{"zone": "default", "policy": "round-robin", "upstreams": [
+            {"name": "fe1", "address": "127.0.0.1:9", "state": "ready", "weight": 1}]}],
+        "routes": [{"prefix": "/hello", "app": "hello", "zone": "default"}]
+    });
+    let own = harness::cpus_allowed(&std::fs::read_to_string("/proc/self/status").unwrap());
+    let cpus: usize = own
+        .split(',')
+        .map(|part| match part.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
+            None => 1,
+        })
+        .sum();
+
+    let n = cpus.to_string();
+    let lb = Balancer::with_table("lb-auto", &table, &["--threads", &n]).await;
+    let loops = lb.loop_cpus();
+    assert_eq!(loops.len(), cpus, "the event loops' CPUs: {loops:?}");
+    for cpu in &loops {
+        assert!(cpu.parse::<usize>().is_ok(), "a loop may run on {cpu}");
+    }
+    let bound: std::collections::BTreeSet<_> = loops.iter().collect();
+    assert_eq!(bound.len(), cpus, "one CPU per loop: {loops:?}");
+    drop(lb);
+
+    let more = (cpus + 1).to_string();
+    for args in [
+        vec!["--threads", &more],
+        vec!["--threads", &n, "--pin-threads", "off"],
+    ] {
+        let lb = Balancer::with_table("lb-free", &table, &args).await;
+        let loops = lb.loop_cpus();
+        assert!(
+            loops.len() >= cpus && loops.iter().all(|l| *l == own),
+            "{args:?}: the loops should run on {own}, not {loops:?}"
+        );
     }
 }
 

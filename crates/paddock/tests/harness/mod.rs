@@ -622,6 +622,25 @@ impl Balancer {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// The CPUs each event loop's thread may run on (`Cpus_allowed_list` in `/proc`): the main
+    /// thread runs loop 0, the `paddock-balancer-N` threads the others.
+    pub fn loop_cpus(&self) -> Vec<String> {
+        let pid = self.pid().expect("the balancer runs");
+        let mut loops = Vec::new();
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            let task = task.unwrap().path();
+            let tid: u32 = task.file_name().unwrap().to_str().unwrap().parse().unwrap();
+            // The kernel keeps 15 bytes of a thread's name.
+            let comm = std::fs::read_to_string(task.join("comm")).unwrap();
+            if tid != pid && comm.trim() != "paddock-balance" {
+                continue;
+            }
+            let status = std::fs::read_to_string(task.join("status")).unwrap();
+            loops.push(cpus_allowed(&status));
+        }
+        loops
+    }
+
     /// Starts a balancer of `controller` and waits until it routes by the controller's table.
     pub async fn start(controller: &Controller, name: &str, extra_args: &[&str]) -> Balancer {
         let mut args = vec![
@@ -895,4 +914,14 @@ pub fn failures(samples: &[Sample]) -> Vec<String> {
         .filter(|s| s.status != 200)
         .map(|s| format!("{} {:?}", s.status, s.error))
         .collect()
+}
+
+/// The `Cpus_allowed_list` of a `/proc/.../status`.
+pub fn cpus_allowed(status: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list in /proc/.../status")
+        .trim()
+        .to_string()
 }
