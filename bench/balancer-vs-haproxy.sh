@@ -14,8 +14,8 @@
 #
 # Setups: "1": HAProxy `nbthread 1`, `paddock balancer --threads 1`, the balancer pinned to CPU 1
 # and wrk and the backends to CPU 0. "2": `nbthread 2` and `--threads 2`, each balancer as it
-# comes: HAProxy's threads unbound, Paddock's two loops bound to the two CPUs (its default with
-# one loop per CPU). "2-pinned": each balancer thread bound to its own CPU (HAProxy `cpu-map
+# comes: HAProxy's threads unbound; Paddock's two loops bound to the two CPUs on a 2-CPU machine
+# (its default with one loop per CPU), unbound on a larger one. "2-pinned": each balancer thread bound to its own CPU (HAProxy `cpu-map
 # auto:1/1-2 0-1`, Paddock `--pin-threads on`). "2-free": no balancer thread bound (Paddock
 # `--pin-threads off`). wrk and the backends are never pinned with 2 threads. Loopback only.
 #

@@ -294,23 +294,7 @@ pub async fn run(
     // and hands each new connection to the loop with the fewest open ones.
     let (stop, stopped) = tokio::sync::watch::channel(false);
     // Read before any thread is bound: threads inherit the binding of the one that starts them.
-    let cpus = match config.pin_threads {
-        Pinning::Off => Vec::new(),
-        Pinning::On => allowed_cpus(),
-        Pinning::Auto => {
-            let cpus = allowed_cpus();
-            if cpus.len() == balancer.shared.open.len() {
-                cpus
-            } else {
-                tracing::debug!(
-                    event_loops = balancer.shared.open.len(),
-                    cpus = cpus.len(),
-                    "event loops not bound: not one per CPU"
-                );
-                Vec::new()
-            }
-        }
-    };
+    let cpus = cpus_to_bind(config.pin_threads, balancer.shared.open.len());
     // Where to hand a connection, by loop: none for this one, which serves it itself.
     let mut handoffs = vec![None];
     let mut workers = Vec::new();
@@ -363,6 +347,27 @@ pub async fn run(
         let _ = tokio::task::spawn_blocking(move || worker.join()).await;
     }
     Ok(())
+}
+
+/// The CPUs to bind the event loops to (loop i to the i-th, round again), or none.
+fn cpus_to_bind(pinning: Pinning, loops: usize) -> Vec<usize> {
+    match pinning {
+        Pinning::Off => Vec::new(),
+        Pinning::On => allowed_cpus(),
+        Pinning::Auto => {
+            let cpus = allowed_cpus();
+            if cpus.len() == loops {
+                cpus
+            } else {
+                tracing::debug!(
+                    event_loops = loops,
+                    cpus = cpus.len(),
+                    "event loops not bound: not one per CPU"
+                );
+                Vec::new()
+            }
+        }
+    }
 }
 
 /// The CPUs this process may run on, in order.

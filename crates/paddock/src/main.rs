@@ -464,10 +464,11 @@ fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
             PinThreads::Off => paddock_balancer::Pinning::Off,
         },
     };
-    // A single-threaded runtime: the balancer runs one event loop per thread itself.
+    // A single-threaded runtime: the balancer runs one event loop per thread itself. The name
+    // is for its blocking-pool threads, apart from the loops' `paddock-balancer-N`.
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .thread_name("paddock-balancer")
+        .thread_name("balancer-block")
         .build()
         .context("starting the async runtime")?
         .block_on(paddock_balancer::run(config, shutdown_signal()))
