@@ -3,7 +3,11 @@
 # (Debian's package), loaded by the same `wrk`, in the same run, alternating rounds. Prints
 # throughput, p50 and p99 of each and their ratios, and each balancer's CPU time per request.
 #
-#   bench/balancer-vs-haproxy.sh                 # 3 rounds of 10 s per side, backend and setup
+# Summary: the median of the rounds (with their range), because on a shared machine one round
+# in a few is slowed by other work and a mean would follow that round; and in how many rounds
+# Paddock did at least as well as the HAProxy round just before it.
+#
+#   bench/balancer-vs-haproxy.sh                 # 7 rounds of 5 s per side, backend and setup
 #   ROUNDS=1 DURATION=5s bench/balancer-vs-haproxy.sh
 #   BACKENDS=static bench/balancer-vs-haproxy.sh # only the nginx backends
 #
@@ -17,15 +21,21 @@
 # comes: HAProxy's threads unbound; Paddock's two loops bound to the two CPUs on a 2-CPU machine
 # (its default with one loop per CPU), unbound on a larger one. "2-pinned": each balancer thread bound to its own CPU (HAProxy `cpu-map
 # auto:1/1-2 0-1`, Paddock `--pin-threads on`). "2-free": no balancer thread bound (Paddock
-# `--pin-threads off`). wrk and the backends are never pinned with 2 threads. Loopback only.
+# `--pin-threads off`; not Paddock's default, kept to show why it binds). wrk and the backends
+# are never pinned with 2 threads. Loopback only.
 #
 #   SETUPS="2 2-pinned 2-free" bench/balancer-vs-haproxy.sh
+#
+# Two figures do not depend on how busy the machine is, and are measured in every run: the TCP
+# segments each request costs on loopback (both sides of every connection, from `nstat`), and
+# the balancer's user-space instructions per request, counted by valgrind's callgrind (one
+# thread, 8 connections, counters zeroed after the warm-up; INSTRUCTIONS=0 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
 
-ROUNDS=${ROUNDS:-3}
-DURATION=${DURATION:-10s}
+ROUNDS=${ROUNDS:-7}
+DURATION=${DURATION:-5s}
 CONNECTIONS=${CONNECTIONS:-32}
 BACKENDS=${BACKENDS:-static frontends}
 SETUPS=${SETUPS:-1 2 2-pinned 2-free}
@@ -33,6 +43,9 @@ SETUPS=${SETUPS:-1 2 2-pinned 2-free}
 need wrk wrk
 need haproxy haproxy
 need nginx nginx-light
+need nstat iproute2
+INSTRUCTIONS=${INSTRUCTIONS:-1}
+[ "$INSTRUCTIONS" = 1 ] && need valgrind valgrind
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 bench_start
@@ -111,6 +124,8 @@ start_balancer() { # kind setup -> pid
   local kind=$1 setup=$2 threads=${2%%-*} prefix=() pin=() cpumap=""
   [ "$setup" = 1 ] && prefix=(taskset -c 1)
   case $setup in
+    instructions) threads=1
+      prefix=(valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out") ;;
     2-pinned) pin=(--pin-threads on) cpumap="cpu-map auto:1/1-2 0-1" ;;
     2-free) pin=(--pin-threads off) ;;
   esac
@@ -168,7 +183,7 @@ stop_balancer() {
   kill -9 "$1" 2>/dev/null || true
 }
 
-declare -A RPS P50 P99 CPU ERR N
+declare -A RPS P50 P99 CPU ERR SEG IR
 for backend in $BACKENDS; do
   for setup in $SETUPS; do
     threads=${setup%%-*}
@@ -180,47 +195,97 @@ for backend in $BACKENDS; do
           { tail -n 20 "$work/paddock-balancer.log" "$work/haproxy.log" >&2 2>/dev/null; exit 1; }
         wrk -t1 -c4 -d1s "http://127.0.0.1:$LB$PATH_UNDER_TEST" >/dev/null # warm-up
         read -r ticks0 < <(cpu_ticks "$pid")
+        nstat -n
         read -r rps p50 p99 errors < <(run_wrk "$threads" "http://127.0.0.1:$LB$PATH_UNDER_TEST")
         read -r ticks1 < <(cpu_ticks "$pid")
+        # TCP segments sent on loopback (every side of every connection) per request.
+        segments=$(nstat -z TcpOutSegs | awk -v r="$rps" -v d="${DURATION%s}" \
+          '$1 == "TcpOutSegs" {printf "%.2f", $2 / (r * d)}')
         stop_balancer "$pid"
         # The balancer's CPU time (user + system, all threads) per request answered.
         cpu=$(awk -v t=$((ticks1 - ticks0)) -v hz="$HZ" -v r="$rps" -v d="${DURATION%s}" \
           'BEGIN {printf "%.1f", t / hz * 1e6 / (r * d)}')
-        printf '%-9s %-8s %-8s round %s: %9.0f req/s  p50 %7.3f ms  p99 %7.3f ms  cpu %5.1f us/req  errors %s\n' \
-          "$backend" "$kind" "$setup" "$round" "$rps" "$p50" "$p99" "$cpu" "$errors"
+        printf '%-9s %-8s %-8s round %s: %9.0f req/s  p50 %7.3f ms  p99 %7.3f ms  cpu %5.1f us/req  segments %s/req  errors %s\n' \
+          "$backend" "$kind" "$setup" "$round" "$rps" "$p50" "$p99" "$cpu" "$segments" "$errors"
         key="$backend-$kind-$setup"
-        CPU[$key]=$(awk -v a="${CPU[$key]:-0}" -v b="$cpu" 'BEGIN {print a + b}')
-        RPS[$key]=$(awk -v a="${RPS[$key]:-0}" -v b="$rps" 'BEGIN {print a + b}')
-        P50[$key]=$(awk -v a="${P50[$key]:-0}" -v b="$p50" 'BEGIN {print a + b}')
-        P99[$key]=$(awk -v a="${P99[$key]:-0}" -v b="$p99" 'BEGIN {print a + b}')
+        CPU[$key]+="$cpu "
+        RPS[$key]+="$rps "
+        P50[$key]+="$p50 "
+        P99[$key]+="$p99 "
+        SEG[$key]+="$segments "
         ERR[$key]=$(( ${ERR[$key]:-0} + errors ))
-        N[$key]=$(( ${N[$key]:-0} + 1 ))
       done
     done
     stop_backends
   done
 done
 
+# instructions_per_request KIND: the balancer under callgrind, one thread, serving 8 connections
+# for DURATION after a warm-up; its user-space instructions per request.
+instructions_per_request() {
+  local kind=$1 pid requests
+  rm -f "$work"/callgrind.out*
+  pid=$(start_balancer "$kind" instructions)
+  wait_http "http://127.0.0.1:$LB$PATH_UNDER_TEST" || { echo "no answer under valgrind" >&2; exit 1; }
+  wrk -t1 -c4 -d1s "http://127.0.0.1:$LB$PATH_UNDER_TEST" >/dev/null
+  callgrind_control -z "$pid" >/dev/null 2>&1
+  requests=$(wrk -t1 -c8 -d"$DURATION" "http://127.0.0.1:$LB$PATH_UNDER_TEST" | awk '/requests in/ {print $1}')
+  callgrind_control -d "$pid" >/dev/null 2>&1
+  stop_balancer "$pid"
+  awk -v r="$requests" '/^totals:/ {printf "%.0f", $2 / r}' "$work/callgrind.out.1"
+}
+
+if [ "$INSTRUCTIONS" = 1 ]; then
+  start_backends static 2
+  for kind in haproxy paddock; do
+    IR[$kind]=$(instructions_per_request "$kind")
+    echo "static    $kind  user-space instructions per request (callgrind): ${IR[$kind]}"
+  done
+  stop_backends
+fi
+
+# median VALUES...: the median of the values.
+median() { tr ' ' '\n' <<<"$*" | grep . | sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+# range FORMAT VALUES...: "min-max", each printed with FORMAT.
+range() {
+  local format=$1; shift
+  tr ' ' '\n' <<<"$*" | grep . | sort -g |
+    awk -v f="$format" 'NR == 1 {lo = $1} {hi = $1} END {printf f "-" f, lo, hi}'
+}
+# wins BETTER PADDOCK HAPROXY: in how many rounds Paddock's value was at least as good as the
+# HAProxy round just before it ("higher" or "lower" is better), as "k/n".
+wins() {
+  awk -v better="$1" -v p="$2" -v h="$3" 'BEGIN {
+    n = split(p, pv, " "); split(h, hv, " "); k = 0
+    for (i = 1; i <= n; i++) k += (better == "higher") ? (pv[i] >= hv[i]) : (pv[i] <= hv[i])
+    printf "%d/%d", k, n }'
+}
+
 echo
 echo "machine: $(nproc) cores, $(awk '/model name/ {$1=$2=$3=""; print; exit}' /proc/cpuinfo | sed 's/^ *//'); $(date -u +%Y-%m-%d)"
 echo "haproxy: $("$HAPROXY" -v | head -1)"
 echo "load: wrk, $CONNECTIONS keep-alive connections, $DURATION per run, $ROUNDS rounds per side, alternating"
-printf '%-9s %-9s %-8s %10s %9s %9s %12s %7s\n' backend setup balancer "req/s" "p50 ms" "p99 ms" "cpu us/req" errors
+echo "figures: the median of the rounds, [their range]"
+printf '%-9s %-9s %-8s %10s %15s %9s %15s %11s %9s %7s\n' backend setup balancer "req/s" "[range]" "p50 ms" "p99 ms" "cpu us/req" "segs/req" errors
 for backend in $BACKENDS; do
   for setup in $SETUPS; do
     for kind in haproxy paddock; do
       key="$backend-$kind-$setup"
-      printf '%-9s %-9s %-8s %10.0f %9.3f %9.3f %12.1f %7s\n' "$backend" "$setup" "$kind" \
-        "$(awk -v a="${RPS[$key]}" -v n="${N[$key]}" 'BEGIN {print a / n}')" \
-        "$(awk -v a="${P50[$key]}" -v n="${N[$key]}" 'BEGIN {print a / n}')" \
-        "$(awk -v a="${P99[$key]}" -v n="${N[$key]}" 'BEGIN {print a / n}')" \
-        "$(awk -v a="${CPU[$key]}" -v n="${N[$key]}" 'BEGIN {print a / n}')" \
-        "${ERR[$key]}"
+      printf '%-9s %-9s %-8s %10.0f %15s %9.3f %7.3f %-7s %11.1f %9.2f %7s\n' "$backend" "$setup" "$kind" \
+        "$(median ${RPS[$key]})" "[$(range %.0f ${RPS[$key]})]" "$(median ${P50[$key]})" \
+        "$(median ${P99[$key]})" "[$(range %.2f ${P99[$key]})]" "$(median ${CPU[$key]})" \
+        "$(median ${SEG[$key]})" "${ERR[$key]}"
     done
-    awk -v pr="${RPS[$backend-paddock-$setup]}" -v hr="${RPS[$backend-haproxy-$setup]}" \
-      -v p5="${P50[$backend-paddock-$setup]}" -v h5="${P50[$backend-haproxy-$setup]}" \
-      -v pp="${P99[$backend-paddock-$setup]}" -v hp="${P99[$backend-haproxy-$setup]}" \
-      -v b="$backend" -v t="$setup" \
-      'BEGIN { printf "%s, %s: throughput paddock/haproxy = %.2fx (goal >= 1.00), p50 = %.2fx, p99 = %.2fx (goal <= 1.00)\n", b, t, pr / hr, p5 / h5, pp / hp }'
+    p="$backend-paddock-$setup" h="$backend-haproxy-$setup"
+    awk -v pr="$(median ${RPS[$p]})" -v hr="$(median ${RPS[$h]})" \
+      -v p5="$(median ${P50[$p]})" -v h5="$(median ${P50[$h]})" \
+      -v pp="$(median ${P99[$p]})" -v hp="$(median ${P99[$h]})" \
+      -v b="$backend" -v t="$setup" -v wr="$(wins higher "${RPS[$p]}" "${RPS[$h]}")" \
+      -v wp="$(wins lower "${P99[$p]}" "${P99[$h]}")" \
+      'BEGIN { printf "%s, %s: throughput paddock/haproxy = %.2fx (goal >= 1.00; as good in %s rounds), p50 = %.2fx, p99 = %.2fx (goal <= 1.00; as good in %s rounds)\n", b, t, pr / hr, wr, p5 / h5, pp / hp, wp }'
   done
 done
+if [ "$INSTRUCTIONS" = 1 ]; then
+  awk -v p="${IR[paddock]}" -v h="${IR[haproxy]}" 'BEGIN {
+    printf "user-space instructions per request (callgrind, static backend, 1 thread): haproxy %d, paddock %d, paddock/haproxy = %.2fx\n", h, p, p / h }'
+fi
