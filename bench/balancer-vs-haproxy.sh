@@ -244,14 +244,6 @@ if [ "$INSTRUCTIONS" = 1 ]; then
   stop_backends
 fi
 
-# median VALUES...: the median of the values.
-median() { tr ' ' '\n' <<<"$*" | grep . | sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
-# range FORMAT VALUES...: "min-max", each printed with FORMAT.
-range() {
-  local format=$1; shift
-  tr ' ' '\n' <<<"$*" | grep . | sort -g |
-    awk -v f="$format" 'NR == 1 {lo = $1} {hi = $1} END {printf f "-" f, lo, hi}'
-}
 # wins BETTER PADDOCK HAPROXY: in how many rounds Paddock's value was at least as good as the
 # HAProxy round just before it ("higher" or "lower" is better), as "k/n".
 wins() {

@@ -15,6 +15,20 @@ to_ms() {
     else { printf "%s", v } }'
 }
 
+# median VALUES...: the median of the values (a round slowed by other work on the machine moves
+# it less than a mean).
+median() {
+  tr ' ' '\n' <<<"$*" | grep . | sort -g |
+    awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'
+}
+
+# range FORMAT VALUES...: "min-max", each printed with FORMAT.
+range() {
+  local format=$1; shift
+  tr ' ' '\n' <<<"$*" | grep . | sort -g |
+    awk -v f="$format" 'NR == 1 {lo = $1} {hi = $1} END {printf f "-" f, lo, hi}'
+}
+
 # need COMMAND PACKAGE: installs the Debian package when the command is missing.
 need() {
   command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ] || {
