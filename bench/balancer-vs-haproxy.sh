@@ -27,7 +27,9 @@
 #   SETUPS="2 2-pinned 2-free" bench/balancer-vs-haproxy.sh
 #
 # Two figures do not depend on how busy the machine is, and are measured in every run: the TCP
-# segments each request costs on loopback (both sides of every connection, from `nstat`), and
+# segments each request costs on loopback (both sides of every connection, from the machine-wide
+# `nstat` counter, so health checks and connection setup count too: compare the two balancers
+# in the same setup, not the figure with other machines), and
 # the balancer's user-space instructions per request, counted by valgrind's callgrind (one
 # thread, 8 connections, counters zeroed after the warm-up; INSTRUCTIONS=0 skips it).
 set -euo pipefail
@@ -198,13 +200,14 @@ for backend in $BACKENDS; do
         nstat -n
         read -r rps p50 p99 errors < <(run_wrk "$threads" "http://127.0.0.1:$LB$PATH_UNDER_TEST")
         read -r ticks1 < <(cpu_ticks "$pid")
+        requests=$(awk -v r="$rps" -v d="${DURATION%s}" 'BEGIN {print r * d}') # answered
         # TCP segments sent on loopback (every side of every connection) per request.
-        segments=$(nstat -z TcpOutSegs | awk -v r="$rps" -v d="${DURATION%s}" \
-          '$1 == "TcpOutSegs" {printf "%.2f", $2 / (r * d)}')
+        segments=$(nstat -z TcpOutSegs | awk -v n="$requests" \
+          '$1 == "TcpOutSegs" {printf "%.2f", $2 / n}')
         stop_balancer "$pid"
-        # The balancer's CPU time (user + system, all threads) per request answered.
-        cpu=$(awk -v t=$((ticks1 - ticks0)) -v hz="$HZ" -v r="$rps" -v d="${DURATION%s}" \
-          'BEGIN {printf "%.1f", t / hz * 1e6 / (r * d)}')
+        # The balancer's CPU time (user + system, all threads) per request.
+        cpu=$(awk -v t=$((ticks1 - ticks0)) -v hz="$HZ" -v n="$requests" \
+          'BEGIN {printf "%.1f", t / hz * 1e6 / n}')
         printf '%-9s %-8s %-8s round %s: %9.0f req/s  p50 %7.3f ms  p99 %7.3f ms  cpu %5.1f us/req  segments %s/req  errors %s\n' \
           "$backend" "$kind" "$setup" "$round" "$rps" "$p50" "$p99" "$cpu" "$segments" "$errors"
         key="$backend-$kind-$setup"
@@ -232,6 +235,10 @@ instructions_per_request() {
   requests=$(wrk -t1 -c8 -d"$DURATION" "http://127.0.0.1:$LB$PATH_UNDER_TEST" | awk '/requests in/ {print $1}')
   callgrind_control -d "$pid" >/dev/null 2>&1
   stop_balancer "$pid"
+  [ -s "$work/callgrind.out.1" ] && [ "${requests:-0}" -gt 0 ] || {
+    echo "no instruction count for $kind: callgrind wrote no dump or wrk got no answer; see $work/*.log (INSTRUCTIONS=0 skips this)" >&2
+    exit 1
+  }
   awk -v r="$requests" '/^totals:/ {printf "%.0f", $2 / r}' "$work/callgrind.out.1"
 }
 
