@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark: the same two backends behind `paddock balancer` and behind HAProxy
 # (Debian's package), loaded by the same `wrk`, in the same run, alternating rounds. Prints
-# throughput, p50 and p99 of each and their ratios, and each balancer's CPU time per request.
+# throughput, p50 and p99 of each and their ratios, each balancer's CPU time per request, and how
+# busy each CPU of the machine was: where every CPU is busy, the load generator and the backends
+# limit the round as much as the balancer does.
 #
 # Summary: the median of the rounds (with their range), because on a shared machine one round
 # in a few is slowed by other work and a mean would follow that round; and in how many rounds
@@ -185,7 +187,7 @@ stop_balancer() {
   kill -9 "$1" 2>/dev/null || true
 }
 
-declare -A RPS P50 P99 CPU ERR SEG IR
+declare -A RPS P50 P99 CPU ERR SEG IR BUSY
 for backend in $BACKENDS; do
   for setup in $SETUPS; do
     threads=${setup%%-*}
@@ -198,8 +200,10 @@ for backend in $BACKENDS; do
         wrk -t1 -c4 -d1s "http://127.0.0.1:$LB$PATH_UNDER_TEST" >/dev/null # warm-up
         read -r ticks0 < <(cpu_ticks "$pid")
         nstat -n
+        times0=$(cpu_times)
         read -r rps p50 p99 errors < <(run_wrk "$threads" "http://127.0.0.1:$LB$PATH_UNDER_TEST")
         read -r ticks1 < <(cpu_ticks "$pid")
+        busy=$(busy_shares "$times0" "$(cpu_times)")
         requests=$(awk -v r="$rps" -v d="${DURATION%s}" 'BEGIN {print r * d}') # answered
         # TCP segments sent on loopback (every side of every connection) per request.
         segments=$(nstat -z TcpOutSegs | awk -v n="$requests" \
@@ -208,14 +212,15 @@ for backend in $BACKENDS; do
         # The balancer's CPU time (user + system, all threads) per request.
         cpu=$(awk -v t=$((ticks1 - ticks0)) -v hz="$HZ" -v n="$requests" \
           'BEGIN {printf "%.1f", t / hz * 1e6 / n}')
-        printf '%-9s %-8s %-8s round %s: %9.0f req/s  p50 %7.3f ms  p99 %7.3f ms  cpu %5.1f us/req  segments %s/req  errors %s\n' \
-          "$backend" "$kind" "$setup" "$round" "$rps" "$p50" "$p99" "$cpu" "$segments" "$errors"
+        printf '%-9s %-8s %-8s round %s: %9.0f req/s  p50 %7.3f ms  p99 %7.3f ms  cpu %5.1f us/req  segments %s/req  CPUs busy %s %%  errors %s\n' \
+          "$backend" "$kind" "$setup" "$round" "$rps" "$p50" "$p99" "$cpu" "$segments" "$busy" "$errors"
         key="$backend-$kind-$setup"
         CPU[$key]+="$cpu "
         RPS[$key]+="$rps "
         P50[$key]+="$p50 "
         P99[$key]+="$p99 "
         SEG[$key]+="$segments "
+        BUSY[$key]+="$busy "
         ERR[$key]=$(( ${ERR[$key]:-0} + errors ))
       done
     done
@@ -265,15 +270,15 @@ echo "machine: $(nproc) cores, $(awk '/model name/ {$1=$2=$3=""; print; exit}' /
 echo "haproxy: $("$HAPROXY" -v | head -1)"
 echo "load: wrk, $CONNECTIONS keep-alive connections, $DURATION per run, $ROUNDS rounds per side, alternating"
 echo "figures: the median of the rounds, [their range]"
-printf '%-9s %-9s %-8s %10s %15s %9s %15s %11s %9s %7s\n' backend setup balancer "req/s" "[range]" "p50 ms" "p99 ms" "cpu us/req" "segs/req" errors
+printf '%-9s %-9s %-8s %10s %15s %9s %15s %11s %9s %10s %7s\n' backend setup balancer "req/s" "[range]" "p50 ms" "p99 ms" "cpu us/req" "segs/req" "CPUs busy%" errors
 for backend in $BACKENDS; do
   for setup in $SETUPS; do
     for kind in haproxy paddock; do
       key="$backend-$kind-$setup"
-      printf '%-9s %-9s %-8s %10.0f %15s %9.3f %7.3f %-7s %11.1f %9.2f %7s\n' "$backend" "$setup" "$kind" \
+      printf '%-9s %-9s %-8s %10.0f %15s %9.3f %7.3f %-7s %11.1f %9.2f %10s %7s\n' "$backend" "$setup" "$kind" \
         "$(median ${RPS[$key]})" "[$(range %.0f ${RPS[$key]})]" "$(median ${P50[$key]})" \
         "$(median ${P99[$key]})" "[$(range %.2f ${P99[$key]})]" "$(median ${CPU[$key]})" \
-        "$(median ${SEG[$key]})" "${ERR[$key]}"
+        "$(median ${SEG[$key]})" "$(median_each ${BUSY[$key]})" "${ERR[$key]}"
     done
     p="$backend-paddock-$setup" h="$backend-haproxy-$setup"
     awk -v pr="$(median ${RPS[$p]})" -v hr="$(median ${RPS[$h]})" \

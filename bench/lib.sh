@@ -29,6 +29,25 @@ range() {
     awk -v f="$format" 'NR == 1 {lo = $1} {hi = $1} END {printf f "-" f, lo, hi}'
 }
 
+# median_each VALUES...: for values of one figure per CPU ("99/97"), the median of each CPU's.
+median_each() {
+  local cpus out="" i
+  cpus=$(awk -F/ '{print NF; exit}' <<<"$1")
+  for i in $(seq 1 "$cpus"); do
+    out+="${out:+/}$(median "$(tr ' ' '\n' <<<"$*" | grep . | cut -d/ -f"$i" | tr '\n' ' ')")"
+  done
+  echo "$out"
+}
+
+# cpu_times: each CPU's busy and idle time so far (clock ticks), a line per CPU, from /proc/stat.
+cpu_times() { awk '$1 ~ /^cpu[0-9]+$/ {print $2 + $3 + $4 + $7 + $8, $5 + $6}' /proc/stat; }
+
+# busy_shares BEFORE AFTER: each CPU's busy share between two `cpu_times`, in %, as "99/98".
+busy_shares() {
+  paste -d' ' <(echo "$1") <(echo "$2") |
+    awk '{b = $3 - $1; t = b + $4 - $2; printf "%s%.0f", (NR > 1 ? "/" : ""), (t > 0 ? 100 * b / t : 0)}'
+}
+
 # need COMMAND PACKAGE: installs the Debian package when the command is missing.
 need() {
   command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ] || {
