@@ -430,7 +430,12 @@ impl ResponseBody {
                 }
                 return;
             }
-            let Some(end) = usize::try_from(size).ok().and_then(|s| at.checked_add(s)) else {
+            // Within the buffer, so that `end + 2` cannot overflow whatever size was announced.
+            let Some(end) = usize::try_from(size)
+                .ok()
+                .and_then(|s| at.checked_add(s))
+                .filter(|&end| end < data.len())
+            else {
                 return;
             };
             if data.get(end..end + 2) != Some(&b"\r\n"[..]) {

@@ -21,12 +21,18 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use paddock_core::route::RESERVED_PREFIX;
+use paddock_core::route::{RESERVED_PREFIX, route_matches};
 
 use crate::Shared;
 use crate::h1::{self, Connection, ExchangeError, ResponseBody};
 use crate::metrics::RequestLabels;
 use crate::upstream::InFlight;
+
+/// Whether `path` is the platform's own (`/_paddock` and below), by the rule that refuses such a
+/// route in a manifest.
+fn is_reserved(path: &str) -> bool {
+    route_matches(RESERVED_PREFIX, path)
+}
 
 /// Settings of the request path.
 #[derive(Debug, Clone)]
@@ -64,7 +70,7 @@ pub async fn handle(
         }
     };
     let path = request.uri().path();
-    if path.starts_with(RESERVED_PREFIX) || path == RESERVED_PREFIX.trim_end_matches('/') {
+    if is_reserved(path) {
         return Ok(answer(
             &shared,
             started,
@@ -633,6 +639,24 @@ mod tests {
         let peer = HeaderValue::from_static("127.0.0.9");
         let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
         String::from_utf8(encode_head(&parts, &peer, host.as_ref(), chunked)).unwrap()
+    }
+
+    #[test]
+    fn the_balancer_reserves_exactly_the_paths_no_manifest_may_route() {
+        for path in [
+            "/_paddock",
+            "/_paddock/",
+            "/_paddock/health",
+            "/_paddockx",
+            "/_paddockx/a",
+            "/hello",
+        ] {
+            let refused_as_route =
+                paddock_core::route::validate_route(path.trim_end_matches('/')).is_err();
+            assert_eq!(is_reserved(path), refused_as_route, "{path}");
+        }
+        assert!(is_reserved("/_paddock/health"));
+        assert!(!is_reserved("/_paddockx"));
     }
 
     #[test]
