@@ -196,7 +196,7 @@ async fn upload(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "upload_too_large",
                 format!(
-                    "the upload is larger than {} bytes; make the component smaller or start the controller with a larger --max-upload",
+                    "the upload is larger than {} bytes; make the component smaller or start the controller with a larger --max-upload-mib",
                     c.max_upload_bytes
                 ),
             )
@@ -577,6 +577,7 @@ async fn set_policy(
             format!("zone {zone:?} is not valid: use 1 to 63 of a-z, 0-9 and '-'"),
         ));
     }
+    ensure_zone_free(&c, &zone).await?;
     let generation = c.store.set_zone_policy(&zone, request.policy).await?;
     c.store
         .audit(

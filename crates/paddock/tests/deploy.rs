@@ -285,6 +285,10 @@ async fn a_version_failing_its_smoke_test_never_reaches_a_user() {
     assert!(e.contains(&format!("operation {id} is running")), "{e}");
     let e = f.controller.fails(&["server", "fe3", "lb", "drain"]);
     assert!(e.contains(&format!("operation {id} is running")), "{e}");
+    let e = f
+        .controller
+        .fails(&["zone", "default", "policy", "least-connections"]);
+    assert!(e.contains(&format!("operation {id} is running")), "{e}");
 
     let out = f
         .controller
