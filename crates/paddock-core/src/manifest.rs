@@ -77,6 +77,9 @@ pub enum TimerSchedule {
     Every(Duration),
 }
 
+/// The longest `every` a timer may have (a year); rarer runs take a cron schedule.
+pub const LONGEST_EVERY: Duration = Duration::from_secs(366 * 24 * 3600);
+
 impl TimerSchedule {
     /// The first tick strictly after `after_ms` (milliseconds since the Unix epoch, UTC).
     /// `Every` ticks are counted from `anchor_ms` (the timer's first tick). `None` when a cron
@@ -88,7 +91,8 @@ impl TimerSchedule {
                 if after_ms < anchor_ms {
                     return Some(anchor_ms);
                 }
-                Some(anchor_ms + ((after_ms - anchor_ms) / every + 1) * every)
+                let periods = after_ms.checked_sub(anchor_ms)? / every + 1;
+                anchor_ms.checked_add(periods.checked_mul(every)?)
             }
             TimerSchedule::Cron(expr) => {
                 let cron = <croner::Cron as std::str::FromStr>::from_str(expr).ok()?;
@@ -252,6 +256,15 @@ impl Manifest {
                     }
                     TimerSchedule::Cron(cron)
                 }
+                (None, Some(every)) if every > LONGEST_EVERY => {
+                    return Err(field(
+                        "timer.every",
+                        format!(
+                            "of timer {:?} is longer than a year; for rarer runs use a cron `schedule` (e.g. \"0 2 1 1 *\")",
+                            t.name
+                        ),
+                    ));
+                }
                 (None, Some(every)) if !every.is_zero() => TimerSchedule::Every(every),
                 _ => {
                     return Err(field(
@@ -360,6 +373,10 @@ mod tests {
         assert_eq!(every.next_after(1000, 1000), Some(31_000));
         // Missed ticks collapse: the next one after "now", not after the last run.
         assert_eq!(every.next_after(100_500, 1000), Some(121_000));
+        // An interval past the end of time has no next tick (and does not overflow).
+        let never = TimerSchedule::Every(std::time::Duration::from_secs(u64::MAX / 1000));
+        assert_eq!(never.next_after(2_000, 1_000), None);
+        assert_eq!(every.next_after(i64::MAX - 10, i64::MIN), None);
         let cron = TimerSchedule::Cron("0 2 * * *".into());
         // 2026-11-22T13:00:00Z -> 2026-11-23T02:00:00Z
         assert_eq!(
@@ -466,6 +483,10 @@ currency = "EUR"
             (
                 "name = \"a\"\ncomponent = \"a.wasm\"\n[[timer]]\nname = \"t\"\nevery = \"1s\"\npath = \"/b\"",
                 "timer.path",
+            ),
+            (
+                "name = \"a\"\ncomponent = \"a.wasm\"\n[[timer]]\nname = \"t\"\nevery = \"1000years\"\npath = \"/a/t\"",
+                "longer than a year",
             ),
             ("name = = ", "not valid"),
         ];

@@ -205,8 +205,10 @@ impl Scheduler {
         match self.apps.runtime().serve(&version, request, 0).await {
             Ok(response) => {
                 let status = response.status();
-                // Drain the body: the run ends when the app has answered completely.
-                let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+                // Drain the body, frame by frame without keeping it: the run ends when the app
+                // has answered completely.
+                let mut body = response.into_body();
+                while let Some(Ok(_)) = http_body_util::BodyExt::frame(&mut body).await {}
                 (
                     status.is_success(),
                     format!("{} answered {status} ({}@{served})", claim.path, claim.app),
