@@ -69,6 +69,7 @@ impl Runtime {
         let path = request.uri().path().to_string();
         let log_failure = {
             let app = app.clone();
+            let (method, path) = (method.clone(), path.clone());
             move |what: &str, error: &dyn std::fmt::Display| {
                 let spec = &app.spec;
                 tracing::warn!(
@@ -120,6 +121,7 @@ impl Runtime {
 
         let pre = app.pre.clone();
         let app_alive = app.clone();
+        let log_in_task = log_failure.clone();
         let task = tokio::spawn(async move {
             let _app = app_alive;
             let run = async {
@@ -143,7 +145,7 @@ impl Runtime {
                 _ => "app trapped",
             };
             // The cause in one line for the operator; the wasm backtrace at debug level.
-            log_failure(what, &outcome.1.root_cause());
+            log_in_task(what, &outcome.1.root_cause());
             tracing::debug!(request = request_id, "{what}: {:?}", outcome.1);
             Err(outcome.0)
         });
@@ -151,24 +153,13 @@ impl Runtime {
         match receiver.await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(code)) => {
-                let message = error_code_message(&code);
-                tracing::warn!(
-                    app = %spec.name,
-                    version = %spec.version,
-                    request = request_id,
-                    "app answered with an error: {message}"
-                );
+                log_failure("app answered with an error", &error_code_message(&code));
                 Err(ServeError::NoResponse)
             }
             // The outparam was dropped unset: the task has ended, and says why.
             Err(_) => match task.await {
                 Ok(Ok(())) => {
-                    tracing::warn!(
-                        app = %spec.name,
-                        version = %spec.version,
-                        request = request_id,
-                        "app returned without setting a response"
-                    );
+                    log_failure("no response", &"the app returned without setting one");
                     Err(ServeError::NoResponse)
                 }
                 Ok(Err(e)) => Err(e),
@@ -177,6 +168,8 @@ impl Runtime {
                         app = %spec.name,
                         version = %spec.version,
                         request = request_id,
+                        %method,
+                        %path,
                         "request task failed: {join}"
                     );
                     Err(ServeError::Trap)
