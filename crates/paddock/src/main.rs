@@ -32,7 +32,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a whole farm on this machine: a controller and front-ends, stopped together.
+    /// Run a whole farm on this machine: a controller, front-ends and a balancer, stopped
+    /// together.
     Up(cmd::up::UpArgs),
     /// Run the controller: desired state, publishing, admin API.
     Controller(ControllerArgs),
@@ -160,14 +161,14 @@ struct FrontendArgs {
     #[arg(long, value_name = "DIR", env = "PADDOCK_DATA")]
     data: Option<PathBuf>,
     /// How often the apps folder is looked at.
-    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "500ms", value_parser = positive_duration)]
     scan_interval: Duration,
     /// After SIGTERM or Ctrl-C, keep serving this long while health answers 503, so that an
     /// external load balancer takes the server out before it stops accepting connections.
-    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "0s", value_parser = duration)]
     drain_delay: Duration,
     /// How long requests in flight may take to finish after SIGTERM or Ctrl-C.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = duration)]
     shutdown_timeout: Duration,
     /// App instances alive at once (= concurrent requests); more get 503 until one ends.
     #[arg(long, default_value_t = RuntimeConfig::default().max_instances)]
@@ -206,10 +207,10 @@ struct BalancerArgs {
     #[arg(long, value_enum, default_value_t = PinThreads::Auto)]
     pin_threads: PinThreads,
     /// Health check interval.
-    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "500ms", value_parser = positive_duration)]
     check_interval: Duration,
     /// A health check not answered within this long fails.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = positive_duration)]
     check_timeout: Duration,
     /// Consecutive passing checks that bring a down front-end back.
     #[arg(long, default_value_t = 2)]
@@ -218,17 +219,17 @@ struct BalancerArgs {
     #[arg(long, default_value_t = 2)]
     fall: u32,
     /// Time allowed to connect to a front-end.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = positive_duration)]
     connect_timeout: Duration,
     /// Idle keep-alive connections to front-ends are closed after this long (keep it under the
     /// front-ends' 30 s).
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = positive_duration)]
     idle_timeout: Duration,
     /// Time a front-end has to start its response.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = positive_duration)]
     response_timeout: Duration,
     /// Time a client has to send a request's headers; slower clients are cut off.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = positive_duration)]
     header_timeout: Duration,
     /// Largest request head (request line and headers) in bytes; larger gets 431.
     #[arg(long, default_value_t = 16 * 1024)]
@@ -236,6 +237,30 @@ struct BalancerArgs {
     /// Most headers in one request; more gets 431.
     #[arg(long, default_value_t = 100)]
     max_headers: usize,
+}
+
+/// The longest a duration flag may be: more is surely a typo (and would overflow the clock).
+const LONGEST_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// A duration flag (`500ms`, `10s`, `2m`), at most a week.
+pub(crate) fn duration(text: &str) -> Result<Duration, String> {
+    let duration =
+        humantime::parse_duration(text).map_err(|e| format!("{e} (write e.g. 500ms, 10s, 2m)"))?;
+    if duration > LONGEST_DURATION {
+        return Err(format!(
+            "{text} is longer than the 7 days a duration may be"
+        ));
+    }
+    Ok(duration)
+}
+
+/// A duration flag that must be more than zero: an interval or a time limit.
+pub(crate) fn positive_duration(text: &str) -> Result<Duration, String> {
+    let duration = duration(text)?;
+    if duration.is_zero() {
+        return Err("must be more than zero (write e.g. 500ms, 10s, 2m)".into());
+    }
+    Ok(duration)
 }
 
 /// `--pin-threads`: see `paddock_balancer::Pinning`.
@@ -325,7 +350,11 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         listen: args.listen,
         db_url: args.db,
         data_dir: args.data,
-        max_upload_bytes: args.max_upload_mib * 1024 * 1024,
+        max_upload_bytes: args
+            .max_upload_mib
+            .checked_mul(1024 * 1024)
+            .filter(|&bytes| bytes > 0)
+            .context("--max-upload-mib: give a size in MiB from 1 to a few thousand")?,
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

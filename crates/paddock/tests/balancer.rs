@@ -441,6 +441,85 @@ async fn a_balancer_keeps_its_table_without_the_controller() {
     controller.ok(&["server", "fe1", "lb", "drain", "--wait"]);
 }
 
+/// Runs `paddock ARGS` that must refuse to start: it exits within 10 s (killed and failed
+/// otherwise) with a failure status; returns its stderr.
+fn refused(args: &[&str]) -> String {
+    let mut child = std::process::Command::new(harness::PADDOCK)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("`paddock {}` started instead of refusing", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "`paddock {}` succeeded",
+        args.join(" ")
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn durations_that_cannot_work_are_refused_naming_the_flag() {
+    let table = "never-read.json"; // the flags are refused before anything is read
+    for (flag, value, expected) in [
+        ("--check-interval", "0s", "more than zero"),
+        ("--check-timeout", "0ms", "more than zero"),
+        ("--response-timeout", "0s", "more than zero"),
+        ("--header-timeout", "0s", "more than zero"),
+        ("--idle-timeout", "0s", "more than zero"),
+        ("--connect-timeout", "0s", "more than zero"),
+        ("--response-timeout", "400d", "longer than the 7 days"),
+        ("--check-interval", "soon", "500ms"),
+    ] {
+        let err = refused(&[
+            "balancer",
+            "--table",
+            table,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            flag,
+            value,
+        ]);
+        assert!(
+            err.contains(flag) && err.contains(expected),
+            "{flag} {value}: {err}"
+        );
+    }
+    let err = refused(&[
+        "frontend",
+        "--listen",
+        "127.0.0.1:0",
+        "--scan-interval",
+        "0s",
+    ]);
+    assert!(
+        err.contains("--scan-interval") && err.contains("more than zero"),
+        "{err}"
+    );
+    let err = refused(&[
+        "frontend",
+        "--listen",
+        "127.0.0.1:0",
+        "--shutdown-timeout",
+        "9999w",
+    ]);
+    assert!(
+        err.contains("--shutdown-timeout") && err.contains("7 days"),
+        "{err}"
+    );
+}
+
 /// Sends raw bytes on a new connection and returns what came back until the server closed it
 /// (or 5 s passed).
 async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {

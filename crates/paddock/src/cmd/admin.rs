@@ -168,7 +168,7 @@ pub enum AppCommand {
     Publish {
         path: PathBuf,
         /// How long to wait for every front-end to report the version.
-        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "60s", value_parser = crate::positive_duration)]
         timeout: Duration,
     },
     /// The apps of the farm.
@@ -180,7 +180,7 @@ pub enum AppCommand {
         name: String,
         #[arg(long)]
         to: Option<String>,
-        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "60s", value_parser = crate::positive_duration)]
         timeout: Duration,
     },
 }
@@ -424,7 +424,7 @@ pub enum ServerCommand {
         /// After `off`: wait until the timer runs it started have ended.
         #[arg(long)]
         wait: bool,
-        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "60s", value_parser = crate::positive_duration)]
         timeout: Duration,
     },
     /// How the balancers treat the server: `ready` takes requests, `drain` takes no new ones
@@ -439,7 +439,7 @@ pub enum ServerCommand {
         #[arg(long)]
         wait: bool,
         /// Give up waiting after this long.
-        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "60s", value_parser = crate::positive_duration)]
         timeout: Duration,
     },
     /// Forget the server (it registers again if it is still running).

@@ -39,7 +39,7 @@ pub struct DeployArgs {
     #[arg(long, requires = "balanced")]
     detach: bool,
     /// How long each wait may take (balanced) or the whole rollout (in place).
-    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "2m", value_parser = crate::positive_duration)]
     timeout: Duration,
 }
 

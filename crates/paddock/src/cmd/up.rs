@@ -16,10 +16,10 @@ pub struct UpArgs {
     /// Where the farm keeps its database, tokens and caches.
     #[arg(long, default_value = ".paddock", env = "PADDOCK_DATA")]
     data: PathBuf,
-    /// The controller's port; front-ends take the ports after 8080.
+    /// The controller's port.
     #[arg(long, default_value_t = 7070)]
     controller_port: u16,
-    /// The first front-end's port.
+    /// The first front-end's port; the others take the ports after it.
     #[arg(long, default_value_t = 8081)]
     frontend_port: u16,
     /// The balancer's port: where users send requests.
@@ -116,6 +116,16 @@ fn wait_for_file(path: &Path, child: &mut Child) -> anyhow::Result<String> {
 }
 
 pub fn up(args: UpArgs) -> anyhow::Result<()> {
+    if args.frontends == 0 {
+        anyhow::bail!("--frontends 0: a farm needs at least one front-end");
+    }
+    if args.frontend_port.checked_add(args.frontends - 1).is_none() {
+        anyhow::bail!(
+            "--frontend-port {} leaves no room for {} front-ends below port 65535: give a lower one",
+            args.frontend_port,
+            args.frontends
+        );
+    }
     std::fs::create_dir_all(&args.data)
         .with_context(|| format!("creating {}", args.data.display()))?;
     let data = args.data.canonicalize()?;
