@@ -764,6 +764,20 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_chunk_size_at_the_end_of_the_address_space_is_refused_without_overflow() {
+        // Sizes that put the chunk's end at the last addresses, wherever the body starts in the
+        // buffer: the bounds check must refuse them, not wrap around.
+        for below_max in 0..96usize {
+            let size = usize::MAX - below_max;
+            let answer =
+                format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{size:x}\r\nabc\r\n");
+            let answer: &'static [u8] = Box::leak(answer.into_bytes().into_boxed_slice());
+            let outcome = exchange(answer, 1000, false, false).await;
+            assert!(outcome.is_err(), "size {size:x}: {outcome:?}");
+        }
+    }
+
+    #[tokio::test]
     async fn interim_answers_are_skipped_and_empty_bodies_are_empty() {
         let (parts, frames, reusable) = exchange(
             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\nx-b: 2\r\n\r\n",

@@ -77,7 +77,7 @@ pub enum TimerSchedule {
     Every(Duration),
 }
 
-/// The longest `every` a timer may have (a year); rarer runs take a cron schedule.
+/// The longest `every` a timer may have (366 days); a yearly run takes a cron schedule.
 pub const LONGEST_EVERY: Duration = Duration::from_secs(366 * 24 * 3600);
 
 impl TimerSchedule {
@@ -260,7 +260,7 @@ impl Manifest {
                     return Err(field(
                         "timer.every",
                         format!(
-                            "of timer {:?} is longer than a year; for rarer runs use a cron `schedule` (e.g. \"0 2 1 1 *\")",
+                            "of timer {:?} is longer than a year (366 days); for a yearly run use a cron `schedule` such as \"0 2 1 1 *\"",
                             t.name
                         ),
                     ));
@@ -374,8 +374,8 @@ mod tests {
         // Missed ticks collapse: the next one after "now", not after the last run.
         assert_eq!(every.next_after(100_500, 1000), Some(121_000));
         // An interval past the end of time has no next tick (and does not overflow).
-        let never = TimerSchedule::Every(std::time::Duration::from_secs(u64::MAX / 1000));
-        assert_eq!(never.next_after(2_000, 1_000), None);
+        let never = TimerSchedule::Every(std::time::Duration::from_millis(1 << 62));
+        assert_eq!(never.next_after((1 << 62) + 1, 0), None);
         assert_eq!(every.next_after(i64::MAX - 10, i64::MIN), None);
         let cron = TimerSchedule::Cron("0 2 * * *".into());
         // 2026-11-22T13:00:00Z -> 2026-11-23T02:00:00Z

@@ -354,7 +354,7 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
             .max_upload_mib
             .checked_mul(1024 * 1024)
             .filter(|&bytes| bytes > 0)
-            .context("--max-upload-mib: give a size in MiB from 1 to a few thousand")?,
+            .context("--max-upload-mib: give a size in MiB, at least 1")?,
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

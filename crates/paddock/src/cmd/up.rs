@@ -121,7 +121,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     }
     if args.frontend_port.checked_add(args.frontends - 1).is_none() {
         anyhow::bail!(
-            "--frontend-port {} leaves no room for {} front-ends below port 65535: give a lower one",
+            "--frontend-port {} leaves no room for {} front-ends at ports up to 65535: give a lower one",
             args.frontend_port,
             args.frontends
         );
