@@ -66,10 +66,11 @@ impl Runtime {
         let spec = &app.spec;
         let deadline = Instant::now() + spec.limits.request_timeout;
         let method = request.method().clone();
-        let path = request.uri().path().to_string();
+        // Kept for the failure logs; cloning a `Uri` shares its bytes, no allocation.
+        let uri = request.uri().clone();
         let log_failure = {
             let app = app.clone();
-            let (method, path) = (method.clone(), path.clone());
+            let (method, uri) = (method.clone(), uri.clone());
             move |what: &str, error: &dyn std::fmt::Display| {
                 let spec = &app.spec;
                 tracing::warn!(
@@ -77,7 +78,7 @@ impl Runtime {
                     version = %spec.version,
                     request = request_id,
                     %method,
-                    %path,
+                    path = %uri.path(),
                     "{what}: {error}"
                 );
             }
@@ -169,7 +170,7 @@ impl Runtime {
                         version = %spec.version,
                         request = request_id,
                         %method,
-                        %path,
+                        path = %uri.path(),
                         "request task failed: {join}"
                     );
                     Err(ServeError::Trap)
