@@ -206,13 +206,21 @@ impl Scheduler {
             Ok(response) => {
                 let status = response.status();
                 // Drain the body, frame by frame without keeping it: the run ends when the app
-                // has answered completely.
+                // has answered completely, and fails if the body breaks off (a trap or the time
+                // limit after the head was sent), whatever the status said.
                 let mut body = response.into_body();
-                while let Some(Ok(_)) = http_body_util::BodyExt::frame(&mut body).await {}
-                (
-                    status.is_success(),
-                    format!("{} answered {status} ({}@{served})", claim.path, claim.app),
-                )
+                let broken = loop {
+                    match http_body_util::BodyExt::frame(&mut body).await {
+                        None => break None,
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => break Some(e),
+                    }
+                };
+                let answered = format!("{} answered {status} ({}@{served})", claim.path, claim.app);
+                match broken {
+                    None => (status.is_success(), answered),
+                    Some(e) => (false, format!("{answered}, then its body broke off: {e:?}")),
+                }
             }
             Err(e) => (false, format!("{}@{served}: {e}", claim.app)),
         }

@@ -1,9 +1,13 @@
 //! One request on a fresh instance: instantiate from the `ProxyPre`, call the incoming handler,
 //! hand back the response as soon as the app sets it, enforce the app's limits throughout.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
+use http_body::{Frame, SizeHint};
 use tokio::time::Instant;
 use wasmtime::{PoolConcurrencyLimitError, Store, Trap, UpdateDeadline};
 use wasmtime_wasi_http::WasiHttpView;
@@ -13,8 +17,39 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use crate::host::Host;
 use crate::{AppVersion, Runtime};
 
-/// The body of an app's response, streamed while the instance still runs.
-pub type ResponseBody = HyperOutgoingBody;
+/// The body of an app's response, streamed while the instance still runs. When the instance
+/// fails (a trap, the time limit) before finishing the body, the body ends with an error rather
+/// than quietly, so that a client never takes a cut-off body for a whole one: HTTP/1.1 clients
+/// see the connection close before the last chunk.
+pub struct ResponseBody {
+    inner: HyperOutgoingBody,
+    /// Set by the instance's task when it fails, before the instance (and with it the sending
+    /// end of `inner`) is dropped; so it is set whenever `inner` ends because of that failure.
+    failed: Arc<AtomicBool>,
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+            None if self.failed.load(Ordering::Acquire) => {
+                Poll::Ready(Some(Err(wasmtime_wasi_http::Error::InternalError(Some(
+                    "the app failed before finishing its response body".into(),
+                )))))
+            }
+            frame => Poll::Ready(frame),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// Why a request got no response from the app. Each is logged once, by the runtime, with app,
 /// version and request; the caller only turns it into a status code.
@@ -123,6 +158,8 @@ impl Runtime {
         let pre = app.pre.clone();
         let app_alive = app.clone();
         let log_in_task = log_failure.clone();
+        let failed = Arc::new(AtomicBool::new(false));
+        let failed_in_task = failed.clone();
         let task = tokio::spawn(async move {
             let _app = app_alive;
             let run = async {
@@ -148,11 +185,13 @@ impl Runtime {
             // The cause in one line for the operator; the wasm backtrace at debug level.
             log_in_task(what, &outcome.1.root_cause());
             tracing::debug!(request = request_id, "{what}: {:?}", outcome.1);
+            // Before the store (and the body's sending end) goes: see `ResponseBody::failed`.
+            failed_in_task.store(true, Ordering::Release);
             Err(outcome.0)
         });
 
         match receiver.await {
-            Ok(Ok(response)) => Ok(response),
+            Ok(Ok(response)) => Ok(response.map(|inner| ResponseBody { inner, failed })),
             Ok(Err(code)) => {
                 log_failure("app answered with an error", &error_code_message(&code));
                 Err(ServeError::NoResponse)

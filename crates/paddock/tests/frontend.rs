@@ -178,6 +178,18 @@ async fn trap_timeout_and_memory_hog_leave_other_apps_answering() {
         assert_eq!(reply.header("x-paddock-app"), Some("trap"));
         assert!(reply.body.contains("the app failed"), "{}", reply.body);
     }
+    // A trap after the response head: the client sees the answer break off, never a whole 200
+    // with a cut-off body.
+    let cut = Conn::open(addr)
+        .await
+        .unwrap()
+        .get("/trap/half?after_head=1")
+        .await;
+    assert!(
+        cut.is_err(),
+        "a cut-off body was delivered as whole: {:?}",
+        cut.map(|r| (r.status, r.body))
+    );
     for hog in hogs {
         let reply = hog.await.unwrap();
         assert_eq!(reply.status, 500, "{}", reply.body);

@@ -270,3 +270,44 @@ async fn timers_run_once_across_the_farm_on_sqlite() {
 async fn timers_run_once_across_the_farm_on_postgres() {
     timers_across_the_farm(Db::Postgres, "timers_pg").await;
 }
+
+/// A run fails when the app breaks off its answer, even after a 200 head; a 200 answered whole
+/// is a success. (The `trap` component answers 200 and part of a body, then traps, with
+/// `?after_head=1`; the hello component answers whole.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_answer_breaks_off_after_its_head_fails() {
+    let controller = Controller::start(Db::Sqlite, "timers_broken", &[]).await;
+    let _fe = Frontend::builder("fe1")
+        .controller(&controller, "default")
+        .start()
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let package = dir.path().join("trap");
+    std::fs::create_dir_all(&package).unwrap();
+    std::fs::copy(fixture("trap").join("trap.wasm"), package.join("trap.wasm")).unwrap();
+    std::fs::write(
+        package.join("paddock.toml"),
+        "name = \"trap\"\nversion = \"v1\"\ncomponent = \"trap.wasm\"\n\
+         [[timer]]\nname = \"half\"\nevery = \"1h\"\npath = \"/trap/half?after_head=1\"\n",
+    )
+    .unwrap();
+    controller.ok(&["app", "publish", &package.display().to_string()]);
+    controller.ok(&["timer", "run", "trap", "half"]);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let run = loop {
+        let runs: Vec<serde_json::Value> =
+            serde_json::from_str(&controller.ok(&["timer", "runs", "trap", "half", "--json"]))
+                .unwrap();
+        if let Some(run) = runs.iter().find(|r| r["outcome"] != "running") {
+            break run.clone();
+        }
+        assert!(Instant::now() < deadline, "no run ended: {runs:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(run["outcome"], "failed", "{run:#?}");
+    let detail = run["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("answered 200") && detail.contains("body broke off"),
+        "{run:#?}"
+    );
+}
