@@ -849,7 +849,7 @@ mod tests {
 
     #[tokio::test]
     async fn broken_responses_are_named() {
-        let cases: [(&'static [u8], bool, &str); 6] = [
+        let cases: [(&'static [u8], bool, &str); 7] = [
             (b"", false, "closed before any response byte"),
             (
                 b"HTTP/1.1 200 OK\r\nContent-Le",
@@ -858,6 +858,12 @@ mod tests {
             ),
             (
                 b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel",
+                false,
+                "before the end of the body",
+            ),
+            (
+                // A front-end whose app failed after its head closes before the last chunk.
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
                 false,
                 "before the end of the body",
             ),
