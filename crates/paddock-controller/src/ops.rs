@@ -1274,7 +1274,7 @@ async fn smoke_one(
 ) -> Result<String, String> {
     let url = format!("http://{address}{}", app.smoke);
     let started = std::time::Instant::now();
-    let response = http
+    let mut response = http
         .get(&url)
         .timeout(SMOKE_TIMEOUT)
         .send()
@@ -1288,7 +1288,6 @@ async fn smoke_one(
         .unwrap_or("")
         .to_string();
     // The start of the body is enough to say what went wrong; the rest is not read.
-    let mut response = response;
     let mut start = Vec::new();
     while start.len() < 1024 {
         match response.chunk().await {

@@ -248,7 +248,8 @@ pub(crate) fn duration(text: &str) -> Result<Duration, String> {
         humantime::parse_duration(text).map_err(|e| format!("{e} (write e.g. 500ms, 10s, 2m)"))?;
     if duration > LONGEST_DURATION {
         return Err(format!(
-            "{text} is longer than the 7 days a duration may be"
+            "{text} is longer than the {} days a duration may be",
+            LONGEST_DURATION.as_secs() / (24 * 3600)
         ));
     }
     Ok(duration)

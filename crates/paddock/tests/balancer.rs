@@ -469,55 +469,40 @@ fn refused(args: &[&str]) -> String {
 
 #[test]
 fn durations_that_cannot_work_are_refused_naming_the_flag() {
-    let table = "never-read.json"; // the flags are refused before anything is read
-    for (flag, value, expected) in [
-        ("--check-interval", "0s", "more than zero"),
-        ("--check-timeout", "0ms", "more than zero"),
-        ("--response-timeout", "0s", "more than zero"),
-        ("--header-timeout", "0s", "more than zero"),
-        ("--idle-timeout", "0s", "more than zero"),
-        ("--connect-timeout", "0s", "more than zero"),
-        ("--response-timeout", "400d", "longer than the 7 days"),
-        ("--check-interval", "soon", "500ms"),
+    // The table is never read: the flags are refused before anything starts.
+    let balancer = [
+        "balancer",
+        "--table",
+        "never-read.json",
+        "--admin",
+        "127.0.0.1:0",
+    ];
+    let frontend = ["frontend"];
+    for (command, flag, value, expected) in [
+        (&balancer[..], "--check-interval", "0s", "more than zero"),
+        (&balancer, "--check-timeout", "0ms", "more than zero"),
+        (&balancer, "--response-timeout", "0s", "more than zero"),
+        (&balancer, "--header-timeout", "0s", "more than zero"),
+        (&balancer, "--idle-timeout", "0s", "more than zero"),
+        (&balancer, "--connect-timeout", "0s", "more than zero"),
+        (
+            &balancer,
+            "--response-timeout",
+            "400d",
+            "longer than the 7 days",
+        ),
+        (&balancer, "--check-interval", "soon", "500ms"),
+        (&frontend, "--scan-interval", "0s", "more than zero"),
+        (&frontend, "--shutdown-timeout", "9999w", "7 days"),
     ] {
-        let err = refused(&[
-            "balancer",
-            "--table",
-            table,
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            flag,
-            value,
-        ]);
+        let mut args = command.to_vec();
+        args.extend(["--listen", "127.0.0.1:0", flag, value]);
+        let err = refused(&args);
         assert!(
             err.contains(flag) && err.contains(expected),
             "{flag} {value}: {err}"
         );
     }
-    let err = refused(&[
-        "frontend",
-        "--listen",
-        "127.0.0.1:0",
-        "--scan-interval",
-        "0s",
-    ]);
-    assert!(
-        err.contains("--scan-interval") && err.contains("more than zero"),
-        "{err}"
-    );
-    let err = refused(&[
-        "frontend",
-        "--listen",
-        "127.0.0.1:0",
-        "--shutdown-timeout",
-        "9999w",
-    ]);
-    assert!(
-        err.contains("--shutdown-timeout") && err.contains("7 days"),
-        "{err}"
-    );
 }
 
 /// Sends raw bytes on a new connection and returns what came back until the server closed it
