@@ -564,6 +564,10 @@ pub struct PolicySet {
     pub zone: String,
     pub policy: Policy,
     pub generation: i64,
+    /// Front-ends registered in the zone now: none means the policy waits for the first one
+    /// (most often a misspelt zone).
+    #[serde(default)]
+    pub servers: usize,
 }
 
 async fn set_policy(
@@ -588,10 +592,18 @@ async fn set_policy(
         )
         .await?;
     c.announce(generation);
+    let servers = c
+        .store
+        .servers()
+        .await?
+        .iter()
+        .filter(|s| s.zone == zone)
+        .count();
     Ok(Json(PolicySet {
         zone,
         policy: request.policy,
         generation,
+        servers,
     }))
 }
 

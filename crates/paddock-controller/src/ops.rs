@@ -1106,8 +1106,13 @@ impl Run<'_> {
                 .map(|a| format!("{}@{}", a.app, pick(a)))
                 .collect();
             let mut facts = vec![format!(
-                "{} serve {}, healthy ({} ms)",
+                "{} {} {}, healthy ({} ms)",
                 join(servers),
+                if servers.len() == 1 {
+                    "serves"
+                } else {
+                    "serve"
+                },
                 versions.join(" "),
                 now_ms() - self.started_ms
             )];

@@ -87,7 +87,13 @@ async fn round_robin_spreads_evenly_and_least_connections_prefers_the_idle_serve
     assert!(metrics.contains(r#"paddock_balancer_upstream_up{server="fe2",zone="default"} 1"#));
     assert!(metrics.contains("paddock_balancer_routing_generation "));
 
-    controller.ok(&["zone", "default", "policy", "least-connections"]);
+    let out = controller.ok(&["zone", "defualt", "policy", "ratio"]);
+    assert!(
+        out.contains("no front-end is in zone defualt yet"),
+        "a misspelt zone is named: {out}"
+    );
+    let out = controller.ok(&["zone", "default", "policy", "least-connections"]);
+    assert!(!out.contains("no front-end"), "{out}");
     let g = generation(&controller);
     lb.wait_status("the new policy", |s| s["generation"].as_i64() >= Some(g))
         .await;

@@ -495,7 +495,13 @@ pub async fn zone(client: &Client, name: &str, command: ZoneCommand) -> anyhow::
             s.zone,
             s.policy.as_str(),
             s.generation
-        )
+        );
+        if s.servers == 0 {
+            println!(
+                "note: no front-end is in zone {} yet; the policy applies to those that register there (`paddock servers` lists the zones in use)",
+                s.zone
+            );
+        }
     })
 }
 
