@@ -161,7 +161,8 @@ impl Server {
                 () = &mut shutdown, if stop_accepting_at.is_none() => {
                     self.shared.vitals.set_state(ServerState::Stopping);
                     tracing::info!(
-                        "stopping: health answers 503, still serving for {drain_delay:?}"
+                        "stopping: health answers 503, still serving for {:.1} s (--drain-delay)",
+                        drain_delay.as_secs_f64()
                     );
                     stop_accepting_at = Some(tokio::time::Instant::now() + drain_delay);
                     continue;

@@ -171,7 +171,8 @@ struct FrontendArgs {
     #[arg(long, default_value = "30s", value_parser = duration)]
     shutdown_timeout: Duration,
     /// App instances alive at once (= concurrent requests); more get 503 until one ends.
-    #[arg(long, default_value_t = RuntimeConfig::default().max_instances)]
+    #[arg(long, default_value_t = RuntimeConfig::default().max_instances,
+          value_parser = clap::value_parser!(u32).range(1..))]
     max_instances: u32,
 }
 
@@ -199,7 +200,7 @@ struct BalancerArgs {
     #[arg(long, value_name = "DIR", env = "PADDOCK_DATA")]
     data: Option<PathBuf>,
     /// Event loops serving clients, one thread each (default: one per core).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     threads: Option<usize>,
     /// Binding of event loops to CPUs: `auto` binds loop i to the i-th CPU the process may use
     /// when there is one loop per such CPU (the default layout), so that the scheduler never
@@ -235,7 +236,7 @@ struct BalancerArgs {
     #[arg(long, default_value_t = 16 * 1024)]
     max_header_bytes: usize,
     /// Most headers in one request; more gets 431.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = at_least_one)]
     max_headers: usize,
 }
 
@@ -262,6 +263,15 @@ pub(crate) fn positive_duration(text: &str) -> Result<Duration, String> {
         return Err("must be more than zero (write e.g. 500ms, 10s, 2m)".into());
     }
     Ok(duration)
+}
+
+/// A count that must be 1 or more (threads, headers).
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be 1 or more".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{e} (give a whole number, 1 or more)")),
+    }
 }
 
 /// `--pin-threads`: see `paddock_balancer::Pinning`.
@@ -449,7 +459,7 @@ fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
         ),
     };
     let threads = match args.threads {
-        Some(n) => n.max(1),
+        Some(n) => n,
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
     if args.rise == 0 || args.fall == 0 {

@@ -474,7 +474,7 @@ fn refused(args: &[&str]) -> String {
 }
 
 #[test]
-fn durations_that_cannot_work_are_refused_naming_the_flag() {
+fn flags_that_cannot_work_are_refused_naming_the_flag() {
     // The table is never read: the flags are refused before anything starts.
     let balancer = [
         "balancer",
@@ -498,6 +498,9 @@ fn durations_that_cannot_work_are_refused_naming_the_flag() {
             "longer than the 7 days",
         ),
         (&balancer, "--check-interval", "soon", "500ms"),
+        (&balancer, "--threads", "0", "1 or more"),
+        (&balancer, "--max-headers", "0", "1 or more"),
+        (&frontend, "--max-instances", "0", "not in 1.."),
         (&frontend, "--scan-interval", "0s", "more than zero"),
         (&frontend, "--shutdown-timeout", "9999w", "7 days"),
     ] {
