@@ -61,6 +61,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/control/v1/heartbeat/{name}", post(heartbeat))
         .route("/control/v1/desired/{name}", get(desired))
         .route("/control/v1/artifacts/{sha256}", get(artifact))
+        .route("/control/v1/components/{sha256}", get(component))
         .route("/control/v1/routing", get(routing_table))
         .route("/control/v1/balancers/{name}", post(balancer_report))
         .route("/control/v1/timers/{name}/claim", post(claim_timers))
@@ -894,9 +895,11 @@ async fn register(
     }
     let server = c.store.register_server(&registration, now_ms()).await?;
     if let Some(operation) = c.store.zone_lock(&server.zone).await?
-        && server.lb == LbState::Drain
+        && server.heartbeat_ms.is_none()
     {
-        tracing::warn!(server = %server.name, zone = %server.zone, operation, "front-end registered while an operation holds its zone: it is in drain; `paddock server {} lb ready` once the operation has ended", server.name);
+        // New to the farm (it has never sent a heartbeat): the store put it in drain with its
+        // scheduler off, since the operation's plan does not know it.
+        tracing::warn!(server = %server.name, zone = %server.zone, operation, "front-end registered while an operation holds its zone: it is in drain with its scheduler off; `paddock server {0} lb ready` and `paddock server {0} scheduler on` once the operation has ended", server.name);
     }
     // The routing table lists it: wake the balancers.
     c.announce(c.store.generation().await?);
@@ -1059,6 +1062,42 @@ async fn finish_timer(
     Ok(StatusCode::NO_CONTENT)
 }
 
+fn check_sha256(sha256: &str) -> Result<(), Failure> {
+    if paddock_core::is_sha256(sha256) {
+        return Ok(());
+    }
+    Err(Failure::bad_request(
+        "bad_sha256",
+        format!("{sha256:?} is not a sha256 (64 lowercase hex digits)"),
+    ))
+}
+
+async fn stored_component(c: &Controller, sha256: &str) -> Result<Vec<u8>, Failure> {
+    c.store.component(sha256).await?.ok_or_else(|| {
+        Failure::new(
+            StatusCode::NOT_FOUND,
+            "unknown_component",
+            format!("no component with sha256 {sha256}"),
+        )
+    })
+}
+
+/// A component as uploaded, for a server whose engine this controller does not compile for: it
+/// compiles the component itself (and checks it against its sha256, the name it asked by).
+async fn component(
+    State(c): State<Arc<Controller>>,
+    Path(sha256): Path<String>,
+) -> Result<Response, Failure> {
+    check_sha256(&sha256)?;
+    let bytes = stored_component(&c, &sha256).await?;
+    let mut response = bytes.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/wasm"),
+    );
+    Ok(response)
+}
+
 #[derive(Deserialize)]
 struct ArtifactQuery {
     engine: String,
@@ -1071,23 +1110,12 @@ async fn artifact(
     Path(sha256): Path<String>,
     Query(q): Query<ArtifactQuery>,
 ) -> Result<Response, Failure> {
-    if !paddock_core::is_sha256(&sha256) {
-        return Err(Failure::bad_request(
-            "bad_sha256",
-            format!("{sha256:?} is not a sha256 (64 lowercase hex digits)"),
-        ));
-    }
+    check_sha256(&sha256)?;
     let found = c.store.artifact(&sha256, &q.engine).await?;
     let (artifact_sha, bytes) = match found {
         Some(found) => found,
         None if q.engine == c.runtime.engine_hash() => {
-            let component = c.store.component(&sha256).await?.ok_or_else(|| {
-                Failure::new(
-                    StatusCode::NOT_FOUND,
-                    "unknown_component",
-                    format!("no component with sha256 {sha256}"),
-                )
-            })?;
+            let component = stored_component(&c, &sha256).await?;
             let artifact = compile(&c, component).await?.map_err(|e| {
                 Failure::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -1106,7 +1134,7 @@ async fn artifact(
                 StatusCode::CONFLICT,
                 "engine_mismatch",
                 format!(
-                    "no artifact for engine {}; this controller compiles for engine {}: run the same Paddock release on the controller and the front-end",
+                    "no artifact for engine {}; this controller compiles for engine {} (another Paddock release or another CPU): compile the component from GET /control/v1/components/{sha256}",
                     q.engine,
                     c.runtime.engine_hash()
                 ),

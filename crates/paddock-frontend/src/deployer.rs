@@ -327,13 +327,7 @@ impl Deployer {
             "desired state names component {:?}, which is not a sha256",
             app.component_sha256
         );
-        let spec = AppSpec {
-            name: app.name.clone(),
-            version: app.version.clone(),
-            route: app.route.clone(),
-            component_sha256: app.component_sha256.clone(),
-            limits: app.limits,
-        };
+        let spec = spec_of(app);
         let started = std::time::Instant::now();
         let cached = {
             let cache = self.cache.clone();
@@ -344,9 +338,22 @@ impl Deployer {
             Some(version) => version,
             None if cache_only => anyhow::bail!("not in the local artifact cache"),
             None => {
-                let bytes = self.download(&app.component_sha256).await?;
                 let cache = self.cache.clone();
-                tokio::task::spawn_blocking(move || cache.load_artifact(spec, &bytes)).await??
+                match self.download(&app.component_sha256).await? {
+                    Download::Artifact(bytes) => {
+                        tokio::task::spawn_blocking(move || cache.load_artifact(spec, &bytes))
+                            .await??
+                    }
+                    Download::Component(bytes) => {
+                        tracing::info!(
+                            app = %app.name,
+                            version = %app.version,
+                            "the controller compiles for another engine (another Paddock release or CPU): compiling the component here"
+                        );
+                        tokio::task::spawn_blocking(move || cache.load_component(spec, &bytes))
+                            .await??
+                    }
+                }
             }
         };
         let previous = self.apps.deploy(version)?;
@@ -361,7 +368,9 @@ impl Deployer {
         Ok(())
     }
 
-    async fn download(&self, component_sha256: &str) -> anyhow::Result<Vec<u8>> {
+    /// The artifact for this server's engine, or the component itself when the controller
+    /// compiles for another engine (a platform upgrade in progress, or another CPU).
+    async fn download(&self, component_sha256: &str) -> anyhow::Result<Download> {
         let engine = self.apps.runtime().engine_hash().to_string();
         let response = self
             .http
@@ -371,6 +380,22 @@ impl Deployer {
             .timeout(Duration::from_secs(120))
             .send()
             .await?;
+        if response.status() == reqwest::StatusCode::CONFLICT {
+            let body = response.bytes().await?;
+            match serde_json::from_slice::<paddock_api::ApiError>(&body) {
+                Ok(e) if e.error == "engine_mismatch" => {
+                    return self
+                        .download_component(component_sha256)
+                        .await
+                        .map(Download::Component);
+                }
+                Ok(e) => anyhow::bail!("{} (409 Conflict, {})", e.message, e.error),
+                Err(_) => anyhow::bail!(
+                    "controller answered 409 Conflict: {}",
+                    String::from_utf8_lossy(&body)
+                ),
+            }
+        }
         let response = check(response).await?;
         let expected = response
             .headers()
@@ -383,6 +408,23 @@ impl Deployer {
         anyhow::ensure!(
             actual == expected,
             "artifact download damaged: sha256 {actual}, expected {expected}"
+        );
+        Ok(Download::Artifact(bytes))
+    }
+
+    async fn download_component(&self, component_sha256: &str) -> anyhow::Result<Vec<u8>> {
+        let response = self
+            .http
+            .get(self.url(&format!("/control/v1/components/{component_sha256}")))
+            .bearer_auth(&self.link.join_token)
+            .timeout(Duration::from_secs(120))
+            .send()
+            .await?;
+        let bytes = check(response).await?.bytes().await?.to_vec();
+        let actual = sha256_hex(&bytes);
+        anyhow::ensure!(
+            actual == component_sha256,
+            "component download damaged: sha256 {actual}, expected {component_sha256}"
         );
         Ok(bytes)
     }
@@ -402,6 +444,22 @@ impl Deployer {
     }
 }
 
+fn spec_of(app: &DesiredApp) -> AppSpec {
+    AppSpec {
+        name: app.name.clone(),
+        version: app.version.clone(),
+        route: app.route.clone(),
+        component_sha256: app.component_sha256.clone(),
+        limits: app.limits,
+    }
+}
+
+/// What the controller sent for a component: ready to load, or to compile here.
+enum Download {
+    Artifact(Vec<u8>),
+    Component(Vec<u8>),
+}
+
 /// Turns an error answer of the controller into an error carrying its message.
 async fn check(response: reqwest::Response) -> anyhow::Result<reqwest::Response> {
     if response.status().is_success() {
@@ -412,5 +470,126 @@ async fn check(response: reqwest::Response) -> anyhow::Result<reqwest::Response>
     match serde_json::from_str::<paddock_api::ApiError>(&body) {
         Ok(e) => anyhow::bail!("{} ({status}, {})", e.message, e.error),
         Err(_) => anyhow::bail!("controller answered {status}: {body}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use paddock_runtime::RuntimeConfig;
+
+    const HELLO: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/apps/packages/hello-v1/hello.wasm"
+    );
+
+    /// A controller that compiles for another engine: every artifact request is answered
+    /// `engine_mismatch`, and the component is served as `component`.
+    async fn controller_of_another_engine(component: Vec<u8>) -> String {
+        use hyper::service::service_fn;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let component = component.clone();
+                let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                    let path = request.uri().path().to_string();
+                    let component = component.clone();
+                    async move {
+                        let (status, body) = if path.starts_with("/control/v1/artifacts/") {
+                            (
+                                409,
+                                br#"{"error":"engine_mismatch","message":"no artifact for engine x"}"#
+                                    .to_vec(),
+                            )
+                        } else if path.starts_with("/control/v1/components/") {
+                            (200, component)
+                        } else {
+                            (404, b"{}".to_vec())
+                        };
+                        http::Response::builder()
+                            .status(status)
+                            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    fn deployer(url: String, data: &std::path::Path) -> Deployer {
+        let runtime = Arc::new(
+            paddock_runtime::Runtime::new(&RuntimeConfig {
+                max_instances: 4,
+                ..RuntimeConfig::default()
+            })
+            .unwrap(),
+        );
+        let cache = ArtifactCache::open(&data.join("artifacts"), runtime.clone()).unwrap();
+        let link = ControllerLink {
+            url,
+            join_token: "t".into(),
+            zone: "default".into(),
+            advertise: None,
+        };
+        Deployer::new(
+            link,
+            "fe1".into(),
+            Arc::new(Apps::new(runtime)),
+            Arc::new(Vitals::new("fe1")),
+            cache,
+            data,
+        )
+        .unwrap()
+    }
+
+    fn hello(sha256: &str) -> DesiredApp {
+        DesiredApp {
+            name: "hello".into(),
+            version: "v1".into(),
+            route: "/hello".into(),
+            component_sha256: sha256.into(),
+            limits: paddock_core::Limits::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_server_the_controller_cannot_compile_for_compiles_the_component_itself() {
+        let component = std::fs::read(HELLO).unwrap();
+        let sha = sha256_hex(&component);
+        let data = tempfile::tempdir().unwrap();
+        let deployer = deployer(controller_of_another_engine(component).await, data.path());
+        deployer.load(&hello(&sha), false).await.unwrap();
+        let loaded = deployer.apps.loaded();
+        assert_eq!(
+            loaded
+                .iter()
+                .map(|a| a.version.as_str())
+                .collect::<Vec<_>>(),
+            ["v1"]
+        );
+        // Compiled once: a restart finds it in the cache.
+        assert!(deployer.cache.load_cached(spec_of(&hello(&sha))).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_component_that_does_not_match_its_sha256_is_not_compiled() {
+        let component = std::fs::read(HELLO).unwrap();
+        let sha = sha256_hex(&component);
+        let data = tempfile::tempdir().unwrap();
+        let mut other = component.clone();
+        other.push(0);
+        let deployer = deployer(controller_of_another_engine(other).await, data.path());
+        let err = deployer.load(&hello(&sha), false).await.unwrap_err();
+        assert!(
+            err.to_string().contains("component download damaged"),
+            "{err:#}"
+        );
+        assert!(deployer.apps.loaded().is_empty());
     }
 }

@@ -412,9 +412,11 @@ impl Store for SqlStore {
     async fn register_server(&self, r: &Registration, now_ms: i64) -> Result<ServerInfo> {
         let mut tx = self.begin_write().await?;
         sqlx::query(&self.sql(
-            "INSERT INTO servers (name, zone, address, platform_version, engine, registered_ms, lb) \
+            "INSERT INTO servers (name, zone, address, platform_version, engine, registered_ms, lb, \
+             scheduler_on) \
              VALUES ($1, $2, $3, $4, $5, $6, \
-             CASE WHEN EXISTS (SELECT 1 FROM zone_locks WHERE zone = $2) THEN 'drain' ELSE 'ready' END) \
+             CASE WHEN EXISTS (SELECT 1 FROM zone_locks WHERE zone = $2) THEN 'drain' ELSE 'ready' END, \
+             CASE WHEN EXISTS (SELECT 1 FROM zone_locks WHERE zone = $2) THEN 0 ELSE 1 END) \
              ON CONFLICT (name) DO UPDATE SET zone = excluded.zone, address = excluded.address, \
              platform_version = excluded.platform_version, engine = excluded.engine, \
              registered_ms = excluded.registered_ms",

@@ -435,17 +435,18 @@ async fn operations_journal(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(store.zone_lock("a").await.unwrap(), Some(id));
-    // A front-end new to a zone an operation holds joins in drain; a known one keeps its state.
+    // A front-end new to a zone an operation holds joins in drain with its scheduler off (no
+    // tick runs there while versions are mixed); a known one keeps its state.
     let joined = store
         .register_server(&registration("fe9", "a"), 12)
         .await
         .unwrap();
-    assert_eq!(joined.lb, LbState::Drain);
+    assert_eq!((joined.lb, joined.scheduler), (LbState::Drain, false));
     let back = store
         .register_server(&registration("fe1", "a"), 12)
         .await
         .unwrap();
-    assert_eq!(back.lb, LbState::Ready);
+    assert_eq!((back.lb, back.scheduler), (LbState::Ready, true));
     assert_eq!(store.zone_lock("b").await.unwrap(), None);
     // A second operation on zone a is refused and leaves nothing behind, not even b's lock.
     match store

@@ -45,6 +45,30 @@ async fn publish_reaches_every_frontend_and_late_joiners(db: Db) {
         );
     }
 
+    // The component as uploaded, for a server whose engine the controller does not compile
+    // for; only with the join token.
+    let component = std::fs::read(fixture("hello-v1").join("hello.wasm")).unwrap();
+    let sha = paddock_runtime::sha256_hex(&component);
+    let http = reqwest::Client::new();
+    let url = |sha: &str| format!("{}/control/v1/components/{sha}", controller.url);
+    let got = http
+        .get(url(&sha))
+        .bearer_auth(&controller.join_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    assert!(got.bytes().await.unwrap() == component);
+    let anonymous = http.get(url(&sha)).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let unknown = http
+        .get(url(&"0".repeat(64)))
+        .bearer_auth(&controller.join_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+
     // A front-end started later gets every app of its zone, without anyone publishing again.
     let fe3 = frontend(&controller, "fe3", "default").await;
     fe3.wait_serving("hello", "v1", "/hello/").await;
