@@ -122,6 +122,7 @@ impl From<StoreError> for Failure {
             StoreError::UnknownVersion { .. } => (StatusCode::NOT_FOUND, "unknown_version"),
             StoreError::VersionConflict { .. } => (StatusCode::CONFLICT, "version_conflict"),
             StoreError::ZoneConflict { .. } => (StatusCode::CONFLICT, "zone_conflict"),
+            StoreError::RouteTaken { .. } => (StatusCode::CONFLICT, "route_taken"),
             StoreError::ZoneBusy { .. } => (StatusCode::CONFLICT, "zone_busy"),
             StoreError::UnknownOperation(_) => (StatusCode::NOT_FOUND, "unknown_operation"),
             StoreError::UnknownTimer { .. } => (StatusCode::NOT_FOUND, "unknown_timer"),

@@ -12,6 +12,7 @@
 //! Deliberately absent: HTTP, wasmtime, policy. The store records; the controller decides.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 
 use async_trait::async_trait;
 use paddock_api::{
@@ -44,6 +45,15 @@ pub enum StoreError {
         "operation {operation} is running in zone {zone}; one operation at a time acts on a zone: `paddock op watch {operation}` follows it, `paddock op abort {operation}` stops it"
     )]
     ZoneBusy { zone: String, operation: i64 },
+    #[error(
+        "route {route} of {app} is the route of {owner} (zone {zone}); a route belongs to one app in the farm: give {app} another `route` in its paddock.toml"
+    )]
+    RouteTaken {
+        route: String,
+        app: String,
+        owner: String,
+        zone: String,
+    },
     #[error("unknown operation {0}; `paddock op list` lists the operations")]
     UnknownOperation(i64),
     #[error(
@@ -385,6 +395,12 @@ fn server_from_row(row: &AnyRow) -> Result<ServerInfo> {
     })
 }
 
+/// Every desired version, with its manifest (and so its route).
+const DESIRED_VERSIONS: &str = "SELECT v.app AS app, v.version AS version, v.zone AS zone, \
+     v.manifest AS manifest, v.component_sha256 AS component_sha256, v.created_ms AS created_ms \
+     FROM desired d JOIN versions v ON v.app = d.app AND v.version = d.version \
+     ORDER BY v.zone, v.app";
+
 const VERSION_COLUMNS: &str = "app, version, zone, manifest, component_sha256, created_ms";
 
 fn version_from_row(row: &AnyRow) -> Result<VersionInfo> {
@@ -557,14 +573,7 @@ impl Store for SqlStore {
     }
 
     async fn routes(&self) -> Result<Vec<RouteEntry>> {
-        let rows = sqlx::query(
-            "SELECT v.app AS app, v.version AS version, v.zone AS zone, v.manifest AS manifest, \
-             v.component_sha256 AS component_sha256, v.created_ms AS created_ms \
-             FROM desired d JOIN versions v ON v.app = d.app AND v.version = d.version \
-             ORDER BY v.zone, v.app",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(DESIRED_VERSIONS).fetch_all(&self.pool).await?;
         rows.iter()
             .map(|row| {
                 let v = version_from_row(row)?;
@@ -830,6 +839,27 @@ impl Store for SqlStore {
             .bind(now_ms)
             .execute(&mut *tx)
             .await?;
+        }
+        // A route is one app's in the whole farm: the balancers route by path before they pick
+        // a zone, and a front-end cannot serve two apps at one route.
+        let mut owners: HashMap<String, VersionInfo> = HashMap::new();
+        for row in sqlx::query(DESIRED_VERSIONS).fetch_all(&mut *tx).await? {
+            let v = version_from_row(&row)?;
+            let Some(other) = owners.insert(v.manifest.route.clone(), v.clone()) else {
+                continue;
+            };
+            // Name the app being deployed first.
+            let (new, old) = if versions.iter().any(|&(app, ..)| app == v.app) {
+                (v, other)
+            } else {
+                (other, v)
+            };
+            return Err(StoreError::RouteTaken {
+                route: new.manifest.route,
+                app: format!("{}@{}", new.app, new.version),
+                owner: format!("{}@{}", old.app, old.version),
+                zone: old.zone,
+            });
         }
         let generation = self.bump_generation(&mut tx).await?;
         tx.commit().await?;

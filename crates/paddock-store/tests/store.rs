@@ -260,6 +260,30 @@ async fn desired_state_per_zone(store: &dyn Store) {
         ("hello", 2, "v2")
     );
     assert_eq!(apps[0].desired.as_deref(), Some("v2"));
+
+    // A route is one app's in the whole farm, across zones too: the balancers route by path
+    // first. Refused, naming both apps, and nothing changes.
+    let greeter = Manifest::from_toml(
+        "name = \"greeter\"\ncomponent = \"g.wasm\"\nzone = \"eu\"\nroute = \"/hello\"\n",
+    )
+    .unwrap();
+    store
+        .put_version(&greeter, "v1", b"4", "s4", 9)
+        .await
+        .unwrap();
+    match store.set_desired("greeter", "eu", "v1", 10).await {
+        Err(e @ StoreError::RouteTaken { .. }) => {
+            let message = e.to_string();
+            assert!(
+                message
+                    .contains("route /hello of greeter@v1 is the route of hello@v2 (zone default)"),
+                "{message}"
+            );
+        }
+        other => panic!("expected RouteTaken, got {other:?}"),
+    }
+    assert_eq!(store.generation().await.unwrap(), g);
+    assert_eq!(store.desired("eu").await.unwrap().len(), 1);
 }
 
 async fn artifacts_and_audit(store: &dyn Store) {

@@ -276,6 +276,21 @@ async fn bad_inputs_get_clear_errors_and_change_nothing(db: Db) {
     let servers = controller.ok(&["servers"]);
     assert!(!servers.contains("intruder"), "{servers}");
     assert_eq!(fe1.serving("hello").await.as_deref(), Some("v1"));
+
+    // Another app at a route already taken: stored, but not deployed.
+    let greeter = package(
+        "name = \"greeter\"\nversion = \"v1\"\ncomponent = \"app.wasm\"\nroute = \"/hello\"\n",
+        &wasm,
+    );
+    let err = controller.fails(&["app", "publish", &greeter]);
+    assert!(
+        err.contains("route /hello of greeter@v1 is the route of hello@v1 (zone default)"),
+        "{err}"
+    );
+    let status = controller.ok(&["status"]);
+    assert!(status.contains("up to date"), "{status}");
+    assert_eq!(fe1.serving("greeter").await, None);
+    assert_eq!(fe1.serving("hello").await.as_deref(), Some("v1"));
 }
 
 macro_rules! on_both_backends {

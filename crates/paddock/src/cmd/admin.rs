@@ -301,6 +301,7 @@ pub async fn wait_rollout(
             .filter(|s| s.server.zone == v.zone && s.server.deployment && s.alive)
             .collect();
         let mut waiting = Vec::new();
+        let mut failed = Vec::new();
         for s in &targets {
             let serving = s.server.observed.as_ref().is_some_and(|o| {
                 o.apps
@@ -319,7 +320,25 @@ pub async fn wait_rollout(
                 }
             } else {
                 waiting.push(s.server.name.clone());
+                let failure = s.server.observed.as_ref().and_then(|o| {
+                    o.failed
+                        .iter()
+                        .find(|f| f.name == v.app && f.version == v.version)
+                });
+                if let Some(f) = failure {
+                    failed.push(format!("{}: {}", s.server.name, f.error));
+                }
             }
+        }
+        if !failed.is_empty() {
+            anyhow::bail!(
+                "{}@{} did not load on {}; those servers keep serving what they had and retry \
+                 (`paddock status` shows them, `paddock app rollback {}` puts the previous version back)",
+                v.app,
+                v.version,
+                failed.join("; "),
+                v.app
+            );
         }
         if waiting.is_empty() {
             wait_routed(client, started, timeout).await?;
