@@ -504,7 +504,26 @@ async fn remove_server(
     State(c): State<Arc<Controller>>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, Failure> {
-    ensure_zone_free(&c, &c.store.server(&name).await?.zone).await?;
+    let server = c.store.server(&name).await?;
+    ensure_zone_free(&c, &server.zone).await?;
+    let stopping = server
+        .observed
+        .as_ref()
+        .is_some_and(|o| o.state == paddock_core::ServerState::Stopping);
+    if let Some(heartbeat) = server.heartbeat_ms
+        && now_ms() - heartbeat <= ALIVE_WITHIN_MS
+        && !stopping
+    {
+        // It would register again within a second, with its flags reset (`lb ready`).
+        return Err(Failure::new(
+            StatusCode::CONFLICT,
+            "server_alive",
+            format!(
+                "{name} is alive (last heartbeat {:.1} s ago): stop its `paddock frontend` process first, or it registers again at once, back in traffic; `paddock server {name} lb maint` takes it out of traffic meanwhile",
+                (now_ms() - heartbeat) as f64 / 1000.0
+            ),
+        ));
+    }
     let generation = c.store.remove_server(&name).await?;
     c.store
         .audit("admin", "server-remove", &name, now_ms())

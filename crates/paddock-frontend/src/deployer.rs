@@ -174,7 +174,10 @@ impl Deployer {
                         );
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;
-                    if e.to_string().contains("unknown_server") {
+                    // Removed from the farm while stopping: it stays out.
+                    if e.to_string().contains("unknown_server")
+                        && self.vitals.state() != paddock_core::ServerState::Stopping
+                    {
                         self.register_until_done().await;
                     }
                 }
@@ -234,22 +237,30 @@ impl Deployer {
         Ok(check(response).await?.json().await?)
     }
 
+    async fn heartbeat(&self, timeout: Duration) -> anyhow::Result<()> {
+        let report = self.vitals.report(&self.apps);
+        let response = self
+            .http
+            .post(self.url(&format!("/control/v1/heartbeat/{}", self.name)))
+            .bearer_auth(&self.link.join_token)
+            .timeout(timeout)
+            .json(&report)
+            .send()
+            .await?;
+        check(response).await.map(drop)
+    }
+
+    /// The last heartbeat of a stopping server, so that the controller knows at once (and
+    /// `paddock server NAME remove` can follow) instead of after its silence.
+    pub async fn farewell(&self) {
+        if let Err(e) = self.heartbeat(Duration::from_secs(1)).await {
+            tracing::debug!("last heartbeat not sent: {e:#}");
+        }
+    }
+
     async fn heartbeats(self: Arc<Self>) {
         loop {
-            let report = self.vitals.report(&self.apps);
-            let sent = async {
-                let response = self
-                    .http
-                    .post(self.url(&format!("/control/v1/heartbeat/{}", self.name)))
-                    .bearer_auth(&self.link.join_token)
-                    .timeout(Duration::from_secs(5))
-                    .json(&report)
-                    .send()
-                    .await?;
-                check(response).await
-            }
-            .await;
-            if let Err(e) = sent {
+            if let Err(e) = self.heartbeat(Duration::from_secs(5)).await {
                 tracing::debug!("heartbeat not sent: {e:#}");
             }
             let draining_for = self

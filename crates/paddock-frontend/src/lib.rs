@@ -100,7 +100,8 @@ pub async fn run(
                 deployer.scheduler_on.clone(),
             )?);
             Some((
-                tokio::spawn(deployer.run(generation)),
+                tokio::spawn(deployer.clone().run(generation)),
+                deployer,
                 scheduler.clone(),
                 tokio::spawn(scheduler.run()),
             ))
@@ -117,14 +118,17 @@ pub async fn run(
     let result = server
         .serve(shutdown, config.drain_delay, config.shutdown_timeout)
         .await;
-    let (deployer, scheduler, scheduling) = match deployer {
-        Some((d, s, t)) => (Some(d), Some(s), Some(t)),
-        None => (None, None, None),
+    let (deploying, deployer, scheduler, scheduling) = match deployer {
+        Some((t, d, s, u)) => (Some(t), Some(d), Some(s), Some(u)),
+        None => (None, None, None, None),
     };
     if let Some(scheduler) = scheduler {
         scheduler.stop(config.shutdown_timeout).await;
     }
-    for task in [watcher, deployer, scheduling].into_iter().flatten() {
+    if let Some(deployer) = deployer {
+        deployer.farewell().await;
+    }
+    for task in [watcher, deploying, scheduling].into_iter().flatten() {
         task.abort();
     }
     result

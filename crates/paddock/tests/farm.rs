@@ -105,7 +105,13 @@ async fn publish_reaches_every_frontend_and_late_joiners(db: Db) {
         serde_json::from_str(&controller.ok(&["servers", "--json"])).unwrap();
     assert_eq!(servers.as_array().unwrap().len(), 3);
 
-    // A server taken out of the farm for good: stopped, then removed.
+    // A server taken out of the farm for good: stopped, then removed. Removing it while it
+    // runs is refused (it would register again at once, back in traffic).
+    let err = controller.fails(&["server", "fe3", "remove"]);
+    assert!(
+        err.contains("fe3 is alive") && err.contains("stop its `paddock frontend` process first"),
+        "{err}"
+    );
     fe3.stop().await;
     let out = controller.ok(&["server", "fe3", "remove"]);
     assert!(out.contains("fe3 removed"), "{out}");
