@@ -115,6 +115,16 @@ pub async fn run(
         "listening on http://{}",
         server.local_addr()
     );
+    // No timer tick is claimed once the signal has come, drain delay included.
+    let claimer = deployer
+        .as_ref()
+        .map(|(_, _, scheduler, _)| scheduler.clone());
+    let shutdown = async move {
+        shutdown.await;
+        if let Some(scheduler) = claimer {
+            scheduler.stop_claiming();
+        }
+    };
     let result = server
         .serve(shutdown, config.drain_delay, config.shutdown_timeout)
         .await;

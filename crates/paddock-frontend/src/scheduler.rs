@@ -38,6 +38,9 @@ pub struct Scheduler {
     running: Mutex<HashSet<(String, String, i64)>>,
     /// Set on shutdown: no new claim.
     stopping: AtomicBool,
+    /// Held from a claim's request until its runs are in `running`: `stop` waits for a claim
+    /// in flight, so that it never misses the runs that claim brings.
+    claiming: tokio::sync::Mutex<()>,
 }
 
 impl Scheduler {
@@ -57,6 +60,7 @@ impl Scheduler {
             on,
             running: Mutex::new(HashSet::new()),
             stopping: AtomicBool::new(false),
+            claiming: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -74,6 +78,7 @@ impl Scheduler {
         let mut failing = false;
         loop {
             tokio::time::sleep(POLL).await;
+            let _claiming = self.claiming.lock().await;
             if !self.on.load(Ordering::Acquire) || self.stopping.load(Ordering::Acquire) {
                 continue;
             }
@@ -104,7 +109,9 @@ impl Scheduler {
             match claimed {
                 Ok(claims) => {
                     failing = false;
+                    let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
                     for claim in claims {
+                        running.insert((claim.app.clone(), claim.timer.clone(), claim.fencing));
                         tokio::spawn(self.clone().tick(claim));
                     }
                 }
@@ -119,11 +126,8 @@ impl Scheduler {
     }
 
     async fn tick(self: Arc<Self>, claim: TimerClaim) {
+        // In `running` since it was claimed.
         let key = (claim.app.clone(), claim.timer.clone(), claim.fencing);
-        self.running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.clone());
         let started = std::time::Instant::now();
         let (ok, detail) = self.invoke(&claim).await;
         self.report_end(&claim, ok, detail, started).await;
@@ -226,10 +230,18 @@ impl Scheduler {
         }
     }
 
+    /// Claims nothing more from now on (a claim in flight still runs what it brings). Called
+    /// when the shutdown signal arrives, before the server's drain delay.
+    pub fn stop_claiming(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
     /// Claims nothing more and waits (at most `timeout`) for the runs in progress to end and
     /// be reported, so that a planned stop loses no run.
     pub async fn stop(&self, timeout: Duration) {
-        self.stopping.store(true, Ordering::Release);
+        self.stop_claiming();
+        // A claim in flight has put its runs in `running` once this lock is free.
+        drop(self.claiming.lock().await);
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let running = self.running.lock().unwrap_or_else(|e| e.into_inner()).len();

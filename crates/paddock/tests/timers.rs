@@ -76,12 +76,12 @@ async fn timers_across_the_farm(db: Db, test: &str) {
     let controller = Controller::start(db, test, &[]).await;
     let mut frontends = Vec::new();
     for name in ["fe1", "fe2", "fe3"] {
-        frontends.push(
-            Frontend::builder(name)
-                .controller(&controller, "default")
-                .start()
-                .await,
-        );
+        let mut builder = Frontend::builder(name).controller(&controller, "default");
+        if name == "fe3" {
+            // Stopped below: it keeps serving 2 s after the signal, and claims nothing then.
+            builder = builder.arg("--drain-delay").arg("2s");
+        }
+        frontends.push(builder.start().await);
     }
     let dir = tempfile::tempdir().unwrap();
     controller.ok(&[
@@ -190,7 +190,8 @@ async fn timers_across_the_farm(db: Db, test: &str) {
         "{list:#}"
     );
 
-    // A front-end asked to stop (SIGTERM) during a run lets it end and reports it.
+    // A front-end asked to stop (SIGTERM) during a run lets it end and reports it, and claims
+    // no tick from the signal on, its drain delay included (it is the only scheduler on).
     for name in ["fe1", "fe2"] {
         controller.ok(&["server", name, "scheduler", "off"]);
     }
@@ -199,11 +200,21 @@ async fn timers_across_the_farm(db: Db, test: &str) {
         r.first().is_some_and(|r| r["server"] == "fe3")
     })
     .await;
+    let signalled = now_ms();
     frontends[2].signal("TERM");
     frontends[2].wait_exit(Duration::from_secs(30)).await;
     let stopped = runs(&controller, "long");
     assert_eq!(stopped[0]["outcome"], "ok", "{stopped:#?}");
     assert!(ms(&stopped[0], "ended_ms") - ms(&stopped[0], "started_ms") >= 3900);
+    // A claim already in flight at the signal still runs what it brought: 300 ms of slack.
+    let late: Vec<_> = runs(&controller, "tick")
+        .into_iter()
+        .filter(|r| r["server"] == "fe3" && ms(r, "started_ms") > signalled + 300)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "fe3 claimed ticks after SIGTERM: {late:#?}"
+    );
     for name in ["fe1", "fe2"] {
         controller.ok(&["server", name, "scheduler", "on"]);
     }
