@@ -142,6 +142,9 @@ impl Deployer {
                     if state.deployment && changed {
                         let (_, failed) = self.apply(&state, false).await;
                         self.changed.notify_one();
+                        // What is served now, failures and all: a restart without the
+                        // controller never brings back versions older than those.
+                        self.save(&self.served(&state)).await;
                         if failed > 0 {
                             // Try again, backing off, or at once when the desired state changes
                             // (an operation putting the old version back); the next fetch does
@@ -157,7 +160,6 @@ impl Deployer {
                             continue;
                         }
                         retry_delay = Duration::ZERO;
-                        self.save(&state).await;
                     } else if !state.deployment && changed {
                         tracing::info!(
                             generation = state.generation,
@@ -330,6 +332,30 @@ impl Deployer {
         }
         self.vitals.set_failed(failures);
         (loaded, failed)
+    }
+
+    /// `state` as served now: each desired app at the version loaded here (which differs from
+    /// the desired one when that failed to load), without the apps not loaded at all.
+    fn served(&self, state: &DesiredState) -> DesiredState {
+        let apps = state
+            .apps
+            .iter()
+            .filter_map(|app| {
+                let current = self.apps.current(&app.name)?;
+                let s = current.spec();
+                Some(DesiredApp {
+                    name: s.name.clone(),
+                    version: s.version.clone(),
+                    route: s.route.clone(),
+                    component_sha256: s.component_sha256.clone(),
+                    limits: s.limits,
+                })
+            })
+            .collect();
+        DesiredState {
+            apps,
+            ..state.clone()
+        }
     }
 
     async fn load(&self, app: &DesiredApp, cache_only: bool) -> anyhow::Result<()> {
@@ -586,6 +612,36 @@ mod tests {
         );
         // Compiled once: a restart finds it in the cache.
         assert!(deployer.cache.load_cached(spec_of(&hello(&sha))).is_some());
+    }
+
+    #[tokio::test]
+    async fn what_is_saved_for_a_restart_is_what_is_served() {
+        let component = std::fs::read(HELLO).unwrap();
+        let v1 = hello(&sha256_hex(&component));
+        let data = tempfile::tempdir().unwrap();
+        let deployer = deployer(controller_of_another_engine(component).await, data.path());
+        let mut state = DesiredState {
+            generation: 7,
+            deployment: true,
+            apps: vec![v1.clone()],
+            lb: paddock_api::LbState::Ready,
+            scheduler: true,
+        };
+        assert_eq!(deployer.apply(&state, false).await, (1, 0));
+        assert_eq!(deployer.served(&state), state);
+        // v2 cannot be had (its component is not the one served) and `other` not at all.
+        let mut v2 = v1.clone();
+        v2.version = "v2".into();
+        v2.component_sha256 = "1".repeat(64);
+        let mut other = v1.clone();
+        other.name = "other".into();
+        other.route = "/other".into();
+        other.component_sha256 = "2".repeat(64);
+        state.apps = vec![v2, other];
+        assert_eq!(deployer.apply(&state, false).await, (0, 2));
+        let served = deployer.served(&state);
+        assert_eq!(served.apps, [v1]);
+        assert_eq!(served.generation, 7);
     }
 
     #[tokio::test]
