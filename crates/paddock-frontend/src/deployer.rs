@@ -121,10 +121,12 @@ impl Deployer {
         }
     }
 
-    /// The deployment service's loop; never returns. `generation` is the one restored from the
-    /// local state: the first fetch does not wait, later ones long-poll past what is applied.
-    pub async fn run(self: Arc<Self>, mut generation: i64) {
-        self.register_until_done().await;
+    /// The deployment service's loop. `generation` is the one restored from the local state:
+    /// the first fetch does not wait, later ones long-poll past what is applied. Returns only
+    /// when the controller refuses this server for good (a wrong join token, a name or zone it
+    /// does not take): retrying would not help, and the process stops saying why.
+    pub async fn run(self: Arc<Self>, mut generation: i64) -> anyhow::Result<()> {
+        self.register_until_done().await?;
         tokio::spawn(self.clone().heartbeats());
         let mut first = true;
         let mut failures = 0u32;
@@ -180,14 +182,14 @@ impl Deployer {
                     if e.to_string().contains("unknown_server")
                         && self.vitals.state() != paddock_core::ServerState::Stopping
                     {
-                        self.register_until_done().await;
+                        self.register_until_done().await?;
                     }
                 }
             }
         }
     }
 
-    async fn register_until_done(&self) {
+    async fn register_until_done(&self) -> anyhow::Result<()> {
         let registration = Registration {
             name: self.name.clone(),
             zone: self.link.zone.clone(),
@@ -205,13 +207,28 @@ impl Deployer {
                     .json(&registration)
                     .send()
                     .await?;
-                check(response).await
+                let refused = matches!(
+                    response.status(),
+                    reqwest::StatusCode::BAD_REQUEST
+                        | reqwest::StatusCode::UNAUTHORIZED
+                        | reqwest::StatusCode::FORBIDDEN
+                );
+                match check(response).await {
+                    Err(e) if refused => Ok(Err(e)),
+                    other => other.map(Ok),
+                }
             }
             .await;
             match result {
-                Ok(_) => {
+                Ok(Ok(_)) => {
                     tracing::info!(controller = %self.link.url, zone = %self.link.zone, "registered with the controller");
-                    return;
+                    return Ok(());
+                }
+                Ok(Err(refusal)) => {
+                    return Err(refusal.context(format!(
+                        "the controller at {} refused to register this front-end",
+                        self.link.url
+                    )));
                 }
                 Err(e) => {
                     attempt += 1;

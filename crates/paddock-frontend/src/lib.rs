@@ -78,6 +78,8 @@ pub async fn run(
     let vitals = Arc::new(server::Vitals::new(&config.name));
     // Bound before the deployment service starts, so that it can advertise the real port.
     let server = Server::bind(&config, apps.clone(), vitals.clone()).await?;
+    // The controller refusing this server for good stops it, saying why.
+    let (refused_tx, refused_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
     let deployer = match &config.controller {
         Some(link) => {
             let mut link = link.clone();
@@ -100,7 +102,14 @@ pub async fn run(
                 deployer.scheduler_on.clone(),
             )?);
             Some((
-                tokio::spawn(deployer.clone().run(generation)),
+                tokio::spawn({
+                    let deployer = deployer.clone();
+                    async move {
+                        if let Err(e) = deployer.run(generation).await {
+                            let _ = refused_tx.send(e);
+                        }
+                    }
+                }),
                 deployer,
                 scheduler.clone(),
                 tokio::spawn(scheduler.run()),
@@ -119,10 +128,20 @@ pub async fn run(
     let claimer = deployer
         .as_ref()
         .map(|(_, _, scheduler, _)| scheduler.clone());
-    let shutdown = async move {
-        shutdown.await;
-        if let Some(scheduler) = claimer {
-            scheduler.stop_claiming();
+    let refusal = Arc::new(std::sync::Mutex::new(None));
+    let shutdown = {
+        let refusal = refusal.clone();
+        async move {
+            tokio::select! {
+                () = shutdown => {}
+                Ok(e) = refused_rx => {
+                    tracing::error!("stopping: {e:#}");
+                    *refusal.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                }
+            }
+            if let Some(scheduler) = claimer {
+                scheduler.stop_claiming();
+            }
         }
     };
     let result = server
@@ -140,6 +159,9 @@ pub async fn run(
     }
     for task in [watcher, deploying, scheduling].into_iter().flatten() {
         task.abort();
+    }
+    if let Some(refusal) = refusal.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        return Err(refusal);
     }
     result
 }

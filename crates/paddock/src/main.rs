@@ -391,6 +391,13 @@ fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
             dir.display()
         );
     }
+    if args.controller.is_some() {
+        for (flag, value) in [("--name", &name), ("--zone", &args.zone)] {
+            if !paddock_core::manifest::is_valid_name(value) {
+                anyhow::bail!("{flag} {value:?} is not valid: use 1 to 63 of a-z, 0-9 and '-'");
+            }
+        }
+    }
     let controller = match args.controller {
         Some(url) => Some(ControllerLink {
             url,
@@ -555,10 +562,48 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// This machine's host name as a server name: its first label, lowercase, other characters than
+/// a-z, 0-9 and '-' made '-' (`Web01.example.com` is `web01`).
 fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "frontend".to_string())
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    server_name_of(&host)
+}
+
+fn server_name_of(host: &str) -> String {
+    let name: String = host
+        .trim()
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .map(|c| c.to_ascii_lowercase())
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(63)
+        .collect();
+    let name = name.trim_matches('-').to_string();
+    if paddock_core::manifest::is_valid_name(&name) {
+        name
+    } else {
+        "frontend".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_name_of;
+
+    #[test]
+    fn a_host_name_becomes_a_valid_server_name() {
+        for (host, name) in [
+            ("web01\n", "web01"),
+            ("Web01.example.com", "web01"),
+            ("build_box-2", "build-box-2"),
+            ("-x-", "x"),
+            ("", "frontend"),
+            ("...", "frontend"),
+        ] {
+            assert_eq!(server_name_of(host), name, "{host:?}");
+        }
+        assert_eq!(server_name_of(&"a".repeat(80)).len(), 63);
+    }
 }

@@ -265,8 +265,9 @@ async fn bad_inputs_get_clear_errors_and_change_nothing(db: Db) {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("wrong admin token"));
-    // A front-end with a wrong join token is refused, says so, and serves nothing.
-    let intruder = Frontend::builder("intruder")
+    // A front-end with a wrong join token is refused, says so and stops: retrying would not
+    // help.
+    let mut intruder = Frontend::builder("intruder")
         .arg("--controller")
         .arg(&controller.url)
         .arg("--join-token")
@@ -276,6 +277,24 @@ async fn bad_inputs_get_clear_errors_and_change_nothing(db: Db) {
     intruder
         .wait_for_log("wrong join token", Duration::from_secs(10))
         .await;
+    let exit = intruder.wait_exit(Duration::from_secs(10)).await;
+    assert!(!exit.success(), "{exit:?}");
+    assert!(
+        intruder
+            .log()
+            .contains("refused to register this front-end"),
+        "{}",
+        intruder.log()
+    );
+    // So does one whose name the farm cannot take, before it starts anything.
+    let out = std::process::Command::new(harness::PADDOCK)
+        .args(["frontend", "--controller", &controller.url])
+        .args(["--join-token", &controller.join_token, "--name", "FE_1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--name \"FE_1\" is not valid"), "{err}");
 
     // Nothing changed.
     assert_eq!(controller.ok(&["app", "list", "--json"]), before);
