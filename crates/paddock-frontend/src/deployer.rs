@@ -123,10 +123,10 @@ impl Deployer {
 
     /// The deployment service's loop. `generation` is the one restored from the local state:
     /// the first fetch does not wait, later ones long-poll past what is applied. Returns only
-    /// when the controller refuses this server for good (a wrong join token, a name or zone it
-    /// does not take): retrying would not help, and the process stops saying why.
+    /// when the controller refuses this server's first registration (a wrong join token, a name
+    /// or zone it does not take): retrying would not help, and the process stops saying why.
     pub async fn run(self: Arc<Self>, mut generation: i64) -> anyhow::Result<()> {
-        self.register_until_done().await?;
+        self.register_until_done(true).await?;
         tokio::spawn(self.clone().heartbeats());
         let mut first = true;
         let mut failures = 0u32;
@@ -182,14 +182,16 @@ impl Deployer {
                     if e.to_string().contains("unknown_server")
                         && self.vitals.state() != paddock_core::ServerState::Stopping
                     {
-                        self.register_until_done().await?;
+                        self.register_until_done(false).await?;
                     }
                 }
             }
         }
     }
 
-    async fn register_until_done(&self) -> anyhow::Result<()> {
+    /// Registers, retrying while the controller cannot be reached. A refusal ends the first
+    /// registration (the process stops); a server already serving keeps serving and retries.
+    async fn register_until_done(&self, first: bool) -> anyhow::Result<()> {
         let registration = Registration {
             name: self.name.clone(),
             zone: self.link.zone.clone(),
@@ -212,7 +214,7 @@ impl Deployer {
                     reqwest::StatusCode::BAD_REQUEST
                         | reqwest::StatusCode::UNAUTHORIZED
                         | reqwest::StatusCode::FORBIDDEN
-                );
+                ) && first;
                 match check(response).await {
                     Err(e) if refused => Ok(Err(e)),
                     other => other.map(Ok),
