@@ -301,6 +301,9 @@ pub struct DesiredApp {
     pub route: String,
     pub component_sha256: String,
     pub limits: paddock_core::Limits,
+    /// The manifest's `[config]`, the app's environment variables.
+    #[serde(default)]
+    pub config: std::collections::BTreeMap<String, String>,
 }
 
 /// One admin action, as recorded.

@@ -979,6 +979,7 @@ async fn desired(
             route: v.manifest.route.clone(),
             component_sha256: v.component_sha256,
             limits: v.manifest.limits,
+            config: v.manifest.config,
         })
         .collect();
     Ok(Json(DesiredState {

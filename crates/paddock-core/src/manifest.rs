@@ -37,7 +37,7 @@ pub struct Manifest {
     pub smoke: Option<String>,
     pub limits: Limits,
     pub timers: Vec<Timer>,
-    /// Values the app reads at run time.
+    /// Values the app reads at run time, as environment variables.
     pub config: BTreeMap<String, String>,
 }
 
@@ -78,6 +78,10 @@ pub enum TimerSchedule {
 }
 
 /// The longest `every` a timer may have (366 days); a yearly run takes a cron schedule.
+/// Most `[config]` entries an app may have, and their largest total size (keys and values).
+pub const MAX_CONFIG_ENTRIES: usize = 100;
+pub const MAX_CONFIG_BYTES: usize = 64 * 1024;
+
 pub const LONGEST_EVERY: Duration = Duration::from_secs(366 * 24 * 3600);
 
 impl TimerSchedule {
@@ -301,6 +305,8 @@ impl Manifest {
             });
         }
 
+        check_config(&raw.config)?;
+
         Ok(Manifest {
             name: raw.name,
             version: raw.version,
@@ -325,6 +331,57 @@ impl Manifest {
             ),
         }
     }
+}
+
+/// `[config]` becomes the app's environment: keys are variable names (a letter or `_`, then
+/// letters, digits and `_`; `PADDOCK_` is Paddock's own), values are text without NUL.
+fn check_config(config: &BTreeMap<String, String>) -> Result<(), ManifestError> {
+    if config.len() > MAX_CONFIG_ENTRIES {
+        return Err(field(
+            "config",
+            format!(
+                "has {} entries: at most {MAX_CONFIG_ENTRIES}; keep larger settings in the app's own store",
+                config.len()
+            ),
+        ));
+    }
+    let mut bytes = 0;
+    for (key, value) in config {
+        let valid = key.len() <= 128
+            && key.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(field(
+                "config",
+                format!(
+                    "key {key:?} is not an environment variable name: use a letter or '_', then letters, digits and '_' (at most 128)"
+                ),
+            ));
+        }
+        if key.to_ascii_uppercase().starts_with("PADDOCK_") {
+            return Err(field(
+                "config",
+                format!("key {key:?}: names starting with PADDOCK_ are Paddock's own"),
+            ));
+        }
+        if value.contains('\0') {
+            return Err(field(
+                "config",
+                format!("value of {key:?} contains a NUL character"),
+            ));
+        }
+        bytes += key.len() + value.len();
+    }
+    if bytes > MAX_CONFIG_BYTES {
+        return Err(field(
+            "config",
+            format!(
+                "is {bytes} bytes: at most {} KiB of keys and values",
+                MAX_CONFIG_BYTES / 1024
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// One line: the parser's message and where it points, e.g. "unknown field `rout`, expected one
@@ -470,6 +527,14 @@ currency = "EUR"
             (
                 "name = \"a\"\ncomponent = \"a.wasm\"\n[limits]\nrequest_timeout = \"2h\"",
                 "limits.request_timeout",
+            ),
+            (
+                "name = \"a\"\ncomponent = \"a.wasm\"\n[config]\n\"my-key\" = \"x\"",
+                "key \"my-key\" is not an environment variable name",
+            ),
+            (
+                "name = \"a\"\ncomponent = \"a.wasm\"\n[config]\nPADDOCK_APP = \"x\"",
+                "Paddock's own",
             ),
             (
                 "name = \"a\"\ncomponent = \"a.wasm\"\nrout = \"/x\"",

@@ -325,6 +325,7 @@ impl Deployer {
                     && s.component_sha256 == app.component_sha256
                     && s.route == app.route
                     && s.limits == app.limits
+                    && s.config == app.config
                 {
                     continue;
                 }
@@ -368,6 +369,7 @@ impl Deployer {
                     route: s.route.clone(),
                     component_sha256: s.component_sha256.clone(),
                     limits: s.limits,
+                    config: s.config.clone(),
                 })
             })
             .collect();
@@ -507,6 +509,7 @@ fn spec_of(app: &DesiredApp) -> AppSpec {
         route: app.route.clone(),
         component_sha256: app.component_sha256.clone(),
         limits: app.limits,
+        config: app.config.clone(),
     }
 }
 
@@ -611,6 +614,7 @@ mod tests {
             route: "/hello".into(),
             component_sha256: sha256.into(),
             limits: paddock_core::Limits::default(),
+            config: Default::default(),
         }
     }
 

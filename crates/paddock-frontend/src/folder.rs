@@ -139,6 +139,7 @@ impl AppFolder {
             && current.spec().version == version
             && current.spec().route == manifest.route
             && current.spec().limits == manifest.limits
+            && current.spec().config == manifest.config
         {
             return Ok(manifest.name);
         }
@@ -148,6 +149,7 @@ impl AppFolder {
             route: manifest.route.clone(),
             component_sha256,
             limits: manifest.limits,
+            config: manifest.config.clone(),
         };
         let cache = self.cache.clone();
         let started = std::time::Instant::now();

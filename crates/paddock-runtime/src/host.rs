@@ -38,6 +38,9 @@ impl Host {
         .env("PADDOCK_APP", &spec.name)
         .env("PADDOCK_VERSION", &spec.version)
         .env("PADDOCK_REQUEST_ID", request_id.to_string());
+        for (key, value) in &spec.config {
+            wasi.env(key, value);
+        }
         Host {
             table: ResourceTable::new(),
             wasi: wasi.build(),

@@ -17,6 +17,7 @@ pub mod artifact;
 mod host;
 mod serve;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -89,6 +90,8 @@ pub struct AppSpec {
     pub route: String,
     pub component_sha256: String,
     pub limits: Limits,
+    /// The manifest's `[config]`: environment variables of every instance.
+    pub config: BTreeMap<String, String>,
 }
 
 /// A loaded app version: compiled, linked and pre-instantiated, ready to serve requests on fresh

@@ -25,6 +25,7 @@ fn spec(component: &[u8]) -> AppSpec {
         route: "/hello".into(),
         component_sha256: sha256_hex(component),
         limits: Limits::default(),
+        config: Default::default(),
     }
 }
 

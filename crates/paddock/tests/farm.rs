@@ -120,6 +120,30 @@ async fn publish_reaches_every_frontend_and_late_joiners(db: Db) {
     assert_eq!(servers.as_array().unwrap().len(), 2, "{servers}");
     let err = controller.fails(&["server", "fe3", "remove"]);
     assert!(err.contains("unknown server \"fe3\""), "{err}");
+
+    // An app's `[config]` is its environment, beside Paddock's own variables.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("hello-v1").join("hello.wasm"),
+        dir.path().join("hello.wasm"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("paddock.toml"),
+        "name = \"greeter\"\nversion = \"v1\"\ncomponent = \"hello.wasm\"\n\
+         [config]\ngreeting = \"hi there\"\n",
+    )
+    .unwrap();
+    controller.ok(&["app", "publish", &dir.path().display().to_string()]);
+    let mut conn = fe1.connect().await;
+    for (query, answer) in [
+        ("greeting", "greeting=hi there\n"),
+        ("PADDOCK_APP", "PADDOCK_APP=greeter\n"),
+        ("nothing", "nothing unset\n"),
+    ] {
+        let reply = conn.get(&format!("/greeter/?env={query}")).await.unwrap();
+        assert_eq!((reply.status, reply.body.as_str()), (200, answer));
+    }
 }
 
 async fn deployment_off_keeps_the_old_version_then_catches_up(db: Db) {
