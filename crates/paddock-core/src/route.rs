@@ -26,6 +26,16 @@ pub fn validate_route(route: &str) -> Result<(), String> {
     if route.contains("//") || route.contains(['?', '#', ' ', '%']) {
         return Err("must be a plain path: no '//', '?', '#', '%' or spaces".into());
     }
+    // What a client sends unencoded in a path (RFC 3986 `pchar` without percent-encoding):
+    // a route with anything else could never match a request.
+    if let Some(c) = route
+        .chars()
+        .find(|&c| !(c.is_ascii_alphanumeric() || "/-._~!$&'()*+,;=:@".contains(c)))
+    {
+        return Err(format!(
+            "contains {c:?}, which clients send percent-encoded: use letters, digits and -._~!$&'()*+,;=:@"
+        ));
+    }
     if route_matches(RESERVED_PREFIX, route) {
         return Err(format!("{RESERVED_PREFIX} is reserved for Paddock itself"));
     }
@@ -59,5 +69,12 @@ mod tests {
         assert!(validate_route("/_paddock/x").is_err());
         assert!(validate_route("/_paddockx").is_ok());
         assert!(validate_route("/a?b").is_err());
+        assert!(
+            validate_route("/h\u{e9}llo")
+                .unwrap_err()
+                .contains("'\u{e9}'")
+        );
+        assert!(validate_route("/a\tb").is_err());
+        assert!(validate_route("/a-b_c.d~e/f:g@h").is_ok());
     }
 }
