@@ -111,8 +111,20 @@ impl AppFolder {
                 .collect();
             match self.deploy(&path, &others).await {
                 Ok(name) => {
-                    if let Some(package) = self.packages.get_mut(&path) {
-                        package.deployed = Some(name);
+                    let Some(package) = self.packages.get_mut(&path) else {
+                        continue;
+                    };
+                    // The package now names another app: the one it served before goes.
+                    if let Some(old) = package.deployed.replace(name.clone())
+                        && old != name
+                        && let Some(version) = self.apps.undeploy(&old)
+                    {
+                        tracing::info!(
+                            package = %path.display(),
+                            app = %old,
+                            version = %version.spec().version,
+                            "package renamed to {name}: app undeployed"
+                        );
                     }
                 }
                 Err(e) => tracing::error!(

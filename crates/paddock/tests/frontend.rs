@@ -323,6 +323,27 @@ async fn malformed_component_and_bad_manifest_are_refused_and_change_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("hello v2 ok"));
+
+    // A package renamed to another app: the new app is served, the old one is gone.
+    let mark = frontend.log_len();
+    write_atomically(
+        &hello.join("paddock.toml"),
+        b"name = \"howdy\"\nversion = \"v1\"\ncomponent = \"hello.wasm\"\n",
+    );
+    frontend
+        .wait_for_log_after(mark, "package renamed to howdy", Duration::from_secs(30))
+        .await;
+    let (_, health) = frontend.health().await;
+    let names: Vec<_> = health["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["howdy"], "{health}");
+    let mut conn = frontend.connect().await;
+    assert_eq!(conn.get("/hello/").await.unwrap().status, 404);
+    assert_eq!(conn.get("/howdy/").await.unwrap().status, 200);
 }
 
 async fn assert_still_v1(frontend: &Frontend) {
