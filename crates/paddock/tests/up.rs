@@ -159,3 +159,34 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
         );
     }
 }
+
+#[test]
+fn up_fails_naming_the_process_that_could_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller_port = free_port_pair();
+    let balancer_port = free_port_pair();
+    // The front-end's port is taken by someone else.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let frontend_port = taken.local_addr().unwrap().port();
+    let out = Command::new(PADDOCK)
+        .args(["up", "--frontends", "1"])
+        .arg("--data")
+        .arg(dir.path())
+        .args(["--controller-port", &controller_port.to_string()])
+        .args(["--frontend-port", &frontend_port.to_string()])
+        .args(["--balancer-port", &balancer_port.to_string()])
+        .args(["--balancer-admin-port", &(balancer_port + 1).to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    assert!(!stdout.contains("farm is up"), "{stdout}");
+    assert!(
+        stderr.contains("fe-1 exited") && stderr.contains("before it was ready"),
+        "{stderr}"
+    );
+    // The controller it had started is stopped.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", controller_port)).is_err());
+}

@@ -61,8 +61,16 @@ impl Drop for Farm {
     }
 }
 
-fn spawn(name: &str, args: &[String], env: &[(&str, &str)]) -> anyhow::Result<Child> {
+/// Starts a child whose output is relayed line by line, tagged with `name`. The receiver gets a
+/// message when a line contains `ready_when` (what the process logs once it is listening).
+fn spawn(
+    name: &str,
+    args: &[String],
+    env: &[(&str, &str)],
+    ready_when: &'static str,
+) -> anyhow::Result<(Child, std::sync::mpsc::Receiver<()>)> {
     let exe = std::env::current_exe().context("finding the paddock binary")?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut child = Command::new(exe)
         .args(args)
         .envs(env.iter().copied())
@@ -85,14 +93,39 @@ fn spawn(name: &str, args: &[String], env: &[(&str, &str)]) -> anyhow::Result<Ch
     .flatten()
     {
         let name = name.to_string();
+        let ready_tx = ready_tx.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stream).lines() {
                 let Ok(line) = line else { break };
+                if line.contains(ready_when) {
+                    let _ = ready_tx.send(());
+                }
                 eprintln!("[{name}] {line}");
             }
         });
     }
-    Ok(child)
+    Ok((child, ready_rx))
+}
+
+/// Waits until a child says it is listening; fails if it exits first (a port in use, ...).
+fn wait_ready(
+    name: &str,
+    child: &mut Child,
+    ready: &std::sync::mpsc::Receiver<()>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if ready.recv_timeout(Duration::from_millis(50)).is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("{name} exited ({status}) before it was ready; its log is above");
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{name} did not start listening within 60s; its log is above"
+        );
+    }
 }
 
 fn wait_for_file(path: &Path, child: &mut Child) -> anyhow::Result<String> {
@@ -135,7 +168,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         children: Vec::new(),
     };
 
-    let controller = spawn(
+    let (controller, controller_ready) = spawn(
         "controller",
         &[
             "controller".into(),
@@ -147,16 +180,19 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             controller_dir.display().to_string(),
         ],
         &[],
+        "listening on http://",
     )?;
     farm.children.push(("controller".into(), controller));
+    wait_ready("the controller", &mut farm.children[0].1, &controller_ready)?;
     let join_token = wait_for_file(&controller_dir.join("join.token"), &mut farm.children[0].1)?;
     let admin_token = wait_for_file(&controller_dir.join("admin.token"), &mut farm.children[0].1)?;
 
     let mut frontends = Vec::new();
+    let mut waiting = Vec::new();
     for i in 1..=args.frontends {
         let name = format!("fe-{i}");
         let port = args.frontend_port + i - 1;
-        let child = spawn(
+        let (child, ready) = spawn(
             &name,
             &[
                 "frontend".into(),
@@ -171,13 +207,15 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             ],
             // Through the environment: a command line is readable by every local user.
             &[("PADDOCK_JOIN_TOKEN", join_token.as_str())],
+            "listening on http://",
         )?;
+        waiting.push((farm.children.len(), ready));
         farm.children.push((name.clone(), child));
         frontends.push(format!("{name}: http://127.0.0.1:{port}/"));
     }
 
     let balancer_url = format!("http://127.0.0.1:{}", args.balancer_port);
-    let balancer = spawn(
+    let (balancer, ready) = spawn(
         "balancer",
         &[
             "balancer".into(),
@@ -193,8 +231,14 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             controller_url.clone(),
         ],
         &[("PADDOCK_JOIN_TOKEN", join_token.as_str())],
+        "balancing on http://",
     )?;
+    waiting.push((farm.children.len(), ready));
     farm.children.push(("balancer".into(), balancer));
+    for (index, ready) in waiting {
+        let (name, child) = &mut farm.children[index];
+        wait_ready(name, child, &ready)?;
+    }
 
     println!();
     println!(
@@ -221,16 +265,28 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async {
+    let exited = runtime.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+        let mut watch = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                _ = term.recv() => return anyhow::Ok(None),
+                _ = tokio::signal::ctrl_c() => return Ok(None),
+                _ = watch.tick() => {
+                    for (name, child) in &mut farm.children {
+                        if let Some(status) = child.try_wait()? {
+                            return Ok(Some(format!("{name} exited ({status}); its log is above")));
+                        }
+                    }
+                }
+            }
         }
-        anyhow::Ok(())
     })?;
     eprintln!("stopping the farm...");
     drop(farm);
-    Ok(())
+    match exited {
+        Some(why) => anyhow::bail!(why),
+        None => Ok(()),
+    }
 }
