@@ -312,14 +312,32 @@ async fn compile(
 /// Refuses a manual change to a zone while an operation acts on it: the operation restores
 /// exactly what was there before it, and a change in the middle would be lost or undone.
 async fn ensure_zone_free(c: &Controller, zone: &str) -> Result<(), Failure> {
-    match c.store.zone_lock(zone).await? {
-        Some(operation) => Err(StoreError::ZoneBusy {
-            zone: zone.to_string(),
-            operation,
-        }
-        .into()),
-        None => Ok(()),
+    let Some(operation) = c.store.zone_lock(zone).await? else {
+        return Ok(());
+    };
+    if c.store.operation(operation).await?.state == OpState::Paused {
+        return Err(Failure::new(
+            StatusCode::CONFLICT,
+            "zone_busy",
+            format!(
+                "operation {operation} holds zone {zone} and is paused past its cutover: {}",
+                paused_advice(operation)
+            ),
+        ));
     }
+    Err(StoreError::ZoneBusy {
+        zone: zone.to_string(),
+        operation,
+    }
+    .into())
+}
+
+/// What an operator can do with an operation paused from step 8 on, where it can only go
+/// forward.
+fn paused_advice(id: i64) -> String {
+    format!(
+        "it can only go forward; `paddock op show {id}` names the servers its step waits for: make them take the new version (or stop them), then `paddock op resume {id}`"
+    )
 }
 
 async fn set_desired(c: &Controller, version: &VersionInfo) -> Result<i64, Failure> {
@@ -781,6 +799,16 @@ async fn abort_operation(
     Path(id): Path<i64>,
 ) -> Answer<Operation> {
     let op = c.store.operation(id).await?;
+    if op.state == OpState::Paused {
+        return Err(Failure::new(
+            StatusCode::CONFLICT,
+            "not_running",
+            format!(
+                "operation {id} is paused past its cutover and cannot be aborted: {}",
+                paused_advice(id)
+            ),
+        ));
+    }
     if op.state != OpState::Running {
         return Err(Failure::new(
             StatusCode::CONFLICT,
