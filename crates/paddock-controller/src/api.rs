@@ -311,9 +311,14 @@ async fn compile(
 
 /// Refuses a manual change to a zone while an operation acts on it: the operation restores
 /// exactly what was there before it, and a change in the middle would be lost or undone.
-async fn ensure_zone_free(c: &Controller, zone: &str) -> Result<(), Failure> {
+/// Returns the zone gate (see `Controller::zone_gate`): hold it until the change is written.
+async fn ensure_zone_free<'c>(
+    c: &'c Controller,
+    zone: &str,
+) -> Result<tokio::sync::MutexGuard<'c, ()>, Failure> {
+    let gate = c.zone_gate.lock().await;
     let Some(operation) = c.store.zone_lock(zone).await? else {
-        return Ok(());
+        return Ok(gate);
     };
     if c.store.operation(operation).await?.state == OpState::Paused {
         return Err(Failure::new(
@@ -341,25 +346,28 @@ fn paused_advice(id: i64) -> String {
 }
 
 async fn set_desired(c: &Controller, version: &VersionInfo) -> Result<i64, Failure> {
-    ensure_zone_free(c, &version.zone).await?;
+    let _gate = ensure_zone_free(c, &version.zone).await?;
     let now = now_ms();
     let generation = c
         .store
         .set_desired(&version.app, &version.zone, &version.version, now)
         .await?;
-    c.store
-        .audit(
-            "admin",
-            "deploy",
-            &format!(
-                "{}@{} to zone {}",
-                version.app, version.version, version.zone
-            ),
-            now,
-        )
-        .await?;
-    crate::timers::sync(c).await?;
+    // Deployed: the front-ends hear of it whatever happens next.
     c.announce(generation);
+    let deployed = format!(
+        "{}@{} to zone {}",
+        version.app, version.version, version.zone
+    );
+    c.store.audit("admin", "deploy", &deployed, now).await?;
+    crate::timers::sync(c).await.map_err(|e| {
+        Failure::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "timers_not_synced",
+            format!(
+                "deployed {deployed}, but the timers were not updated to it ({e}); deploy it again to retry"
+            ),
+        )
+    })?;
     tracing::info!(app = %version.app, version = %version.version, zone = %version.zone, generation, "desired version set");
     Ok(generation)
 }
@@ -498,7 +506,7 @@ async fn set_flag(
     Path(name): Path<String>,
     Json(request): Json<FlagRequest>,
 ) -> Answer<ServerInfo> {
-    ensure_zone_free(&c, &c.store.server(&name).await?.zone).await?;
+    let _gate = ensure_zone_free(&c, &c.store.server(&name).await?.zone).await?;
     let generation = c.store.set_flag(&name, request.flag, request.on).await?;
     c.store
         .audit(
@@ -523,7 +531,7 @@ async fn remove_server(
     Path(name): Path<String>,
 ) -> Result<StatusCode, Failure> {
     let server = c.store.server(&name).await?;
-    ensure_zone_free(&c, &server.zone).await?;
+    let _gate = ensure_zone_free(&c, &server.zone).await?;
     let stopping = server
         .observed
         .as_ref()
@@ -575,7 +583,7 @@ async fn set_lb(
             ),
         ));
     }
-    ensure_zone_free(&c, &c.store.server(&name).await?.zone).await?;
+    let _gate = ensure_zone_free(&c, &c.store.server(&name).await?.zone).await?;
     let generation = c.store.set_lb(&name, request.state, request.weight).await?;
     let weight = request
         .weight
@@ -620,7 +628,7 @@ async fn set_policy(
             format!("zone {zone:?} is not valid: use 1 to 63 of a-z, 0-9 and '-'"),
         ));
     }
-    ensure_zone_free(&c, &zone).await?;
+    let _gate = ensure_zone_free(&c, &zone).await?;
     let generation = c.store.set_zone_policy(&zone, request.policy).await?;
     c.store
         .audit(
@@ -760,6 +768,8 @@ async fn balanced_deploy(
     State(c): State<Arc<Controller>>,
     Json(request): Json<BalancedDeployRequest>,
 ) -> Result<(StatusCode, Json<BalancedDeployAnswer>), Failure> {
+    // The plan is made from the state its zone locks then protect.
+    let _gate = c.zone_gate.lock().await;
     let plan = crate::ops::plan(&c, &request).await.map_err(|e| match e {
         PlanError::Invalid(message) => Failure::bad_request("bad_plan", message),
         PlanError::Store(e) => e.into(),
@@ -798,6 +808,9 @@ async fn abort_operation(
     State(c): State<Arc<Controller>>,
     Path(id): Path<i64>,
 ) -> Answer<Operation> {
+    // The driver does not start a step meanwhile: an abort accepted here is seen before the
+    // next step, so it never arrives past the point of no return.
+    let gate = c.zone_gate.lock().await;
     let op = c.store.operation(id).await?;
     if op.state == OpState::Paused {
         return Err(Failure::new(
@@ -835,6 +848,7 @@ async fn abort_operation(
         }
     }
     c.store.request_abort(id, now_ms()).await?;
+    drop(gate);
     c.store
         .audit(
             "admin",

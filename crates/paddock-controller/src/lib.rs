@@ -59,6 +59,11 @@ pub struct Controller {
     http: reqwest::Client,
     /// Serializes `timers::sync`.
     timer_sync: tokio::sync::Mutex<()>,
+    /// Held by a manual change from its check that no operation holds the zone to its write,
+    /// by a balanced deployment from its plan to its zone locks, by an abort from its check to
+    /// its request, and by an operation from reading its journal to journaling the next step:
+    /// none of them acts on a state another one is changing. (One controller per farm.)
+    pub(crate) zone_gate: tokio::sync::Mutex<()>,
 }
 
 impl Controller {
@@ -124,6 +129,7 @@ pub async fn run(
             .build()
             .context("building the HTTP client")?,
         timer_sync: tokio::sync::Mutex::new(()),
+        zone_gate: tokio::sync::Mutex::new(()),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

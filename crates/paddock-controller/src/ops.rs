@@ -602,6 +602,8 @@ async fn drive(c: &Arc<Controller>, id: i64) -> anyhow::Result<()> {
 
 async fn drive_zone(c: &Arc<Controller>, id: i64, index: usize) -> anyhow::Result<ZoneEnd> {
     loop {
+        // An abort is either seen here or refused because this step has started.
+        let gate = c.zone_gate.lock().await;
         let op = c.store.operation(id).await?;
         let zone = op
             .plan
@@ -624,6 +626,7 @@ async fn drive_zone(c: &Arc<Controller>, id: i64, index: usize) -> anyhow::Resul
         c.store
             .step_started(id, &zone.zone, step, &servers, started)
             .await?;
+        drop(gate);
         c.facts_changed();
         tracing::info!(operation = id, zone = %zone.zone, step = step.as_str(), servers = %servers.join(","), "step started");
         let run = Run {
