@@ -5,12 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, Request, State};
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Multipart, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
 use paddock_api::{
     ApiError, AppVersionRef, BalancedDeployRequest, BalancerReport, DeployPlan, DesiredApp,
     DesiredState, HealthReport, LbState, OpState, Operation, Policy, Registration, RoutingTable,
@@ -22,6 +22,7 @@ use paddock_runtime::sha256_hex;
 use paddock_store::{PutOutcome, StoreError};
 use serde::{Deserialize, Serialize};
 
+use crate::extract::{Json, Path, Query};
 use crate::ops::PlanError;
 use crate::routing::RoutingStatus;
 use crate::{Controller, now_ms};
@@ -92,7 +93,11 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Failure {
+    pub(crate) fn new(
+        status: StatusCode,
+        kind: &'static str,
+        message: impl Into<String>,
+    ) -> Failure {
         Failure {
             status,
             kind,
@@ -111,7 +116,7 @@ impl IntoResponse for Failure {
             error: self.kind.to_string(),
             message: self.message,
         };
-        (self.status, Json(body)).into_response()
+        (self.status, axum::Json(body)).into_response()
     }
 }
 

@@ -15,6 +15,7 @@
 //! crate), and any IO towards front-ends: they come to the controller, never the other way round.
 
 pub mod api;
+mod extract;
 pub mod ops;
 pub mod routing;
 pub mod timers;

@@ -326,6 +326,49 @@ async fn bad_inputs_get_clear_errors_and_change_nothing(db: Db) {
     assert!(!servers.contains("intruder"), "{servers}");
     assert_eq!(fe1.serving("hello").await.as_deref(), Some("v1"));
 
+    // Requests the API cannot read get its JSON error shape, naming what is wrong.
+    let http = reqwest::Client::new();
+    let api = |path: &str| format!("{}{path}", controller.url);
+    for (request, status, kind, says) in [
+        (
+            http.post(api("/v1/servers/fe1/lb"))
+                .bearer_auth(&controller.admin_token)
+                .json(&serde_json::json!({"state": "drained"})),
+            422,
+            "bad_body",
+            "unknown variant `drained`",
+        ),
+        (
+            http.post(api("/v1/servers/fe1/lb"))
+                .bearer_auth(&controller.admin_token)
+                .body("{}"),
+            415,
+            "bad_body",
+            "Content-Type",
+        ),
+        (
+            http.get(api("/v1/operations/first"))
+                .bearer_auth(&controller.admin_token),
+            400,
+            "bad_path",
+            "first",
+        ),
+        (
+            http.get(api(&format!("/control/v1/artifacts/{}", "a".repeat(64))))
+                .bearer_auth(&controller.join_token),
+            400,
+            "bad_query",
+            "engine",
+        ),
+    ] {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), status);
+        let error: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(error["error"], kind, "{error}");
+        assert!(error["message"].as_str().unwrap().contains(says), "{error}");
+    }
+    assert!(controller.ok(&["servers"]).contains("ready"));
+
     // Another app at a route already taken: stored, but not deployed.
     let greeter = package(
         "name = \"greeter\"\nversion = \"v1\"\ncomponent = \"app.wasm\"\nroute = \"/hello\"\n",
