@@ -354,6 +354,17 @@ impl SqlStore {
         Ok(tx)
     }
 
+    /// Begins a transaction that reads, decides and writes with no other such transaction in
+    /// between, on PostgreSQL too (a row lock on the generation): two uploads of one version, or
+    /// two deploys whose routes collide, are decided one after the other.
+    async fn begin_exclusive(&self) -> Result<sqlx::Transaction<'_, sqlx::Any>> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE generation SET value = value WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
+    }
+
     async fn bump_generation(&self, tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> Result<i64> {
         let row = sqlx::query(
             &self.sql("UPDATE generation SET value = value + 1 WHERE id = 1 RETURNING value"),
@@ -637,7 +648,7 @@ impl Store for SqlStore {
     ) -> Result<PutOutcome> {
         let manifest_json = serde_json::to_string(manifest)
             .map_err(|e| StoreError::Corrupt(format!("manifest: {e}")))?;
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.begin_exclusive().await?;
         let existing = sqlx::query(&self.sql(&format!(
             "SELECT {VERSION_COLUMNS} FROM versions WHERE app = $1 AND version = $2"
         )))
@@ -813,7 +824,7 @@ impl Store for SqlStore {
     }
 
     async fn set_desired_many(&self, versions: &[(&str, &str, &str)], now_ms: i64) -> Result<i64> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.begin_exclusive().await?;
         for &(app, zone, version) in versions {
             let exists = sqlx::query(
                 &self.sql("SELECT 1 FROM versions WHERE app = $1 AND version = $2 AND zone = $3"),

@@ -201,6 +201,22 @@ async fn versions_are_immutable(store: &dyn Store) {
         store.version("hello", "v9").await.unwrap_err(),
         StoreError::UnknownVersion { .. }
     ));
+
+    // Uploads of one new version at once (a retried CI job): one creates it, the others find
+    // it there, none fails.
+    let m = manifest("race", "default");
+    let put = |at| store.put_version(&m, "v1", b"race", "sha-race", at);
+    let (a, b, c, d) = tokio::join!(put(40), put(41), put(42), put(43));
+    let outcomes = [a, b, c, d];
+    let created = outcomes
+        .iter()
+        .filter(|o| matches!(o, Ok(PutOutcome::Created)))
+        .count();
+    let unchanged = outcomes
+        .iter()
+        .filter(|o| matches!(o, Ok(PutOutcome::Unchanged)))
+        .count();
+    assert_eq!((created, unchanged), (1, 3), "{outcomes:?}");
 }
 
 async fn desired_state_per_zone(store: &dyn Store) {
