@@ -85,6 +85,10 @@ async fn publish_reaches_every_frontend_and_late_joiners(db: Db) {
         assert_eq!(fe.serving("hello").await.as_deref(), Some("v1"));
     }
     controller.ok(&["app", "rollback", "hello", "--to", "v2"]);
+    // In place, with --json: the versions deployed.
+    let deployed: serde_json::Value =
+        serde_json::from_str(&controller.ok(&["deploy", "hello@v2", "--json"])).unwrap();
+    assert_eq!(deployed[0]["version"], "v2", "{deployed}");
     fe1.wait_serving("hello", "v2", "/hello/").await;
     let err = controller.fails(&["app", "rollback", "hello", "--to", "v9"]);
     assert!(err.contains("unknown app version hello@v9"), "{err}");

@@ -195,7 +195,9 @@ async fn timers_across_the_farm(db: Db, test: &str) {
     for name in ["fe1", "fe2"] {
         controller.ok(&["server", name, "scheduler", "off"]);
     }
-    controller.ok(&["timer", "run", "clock", "long"]);
+    let due: serde_json::Value =
+        serde_json::from_str(&controller.ok(&["timer", "run", "clock", "long", "--json"])).unwrap();
+    assert_eq!(due["due_now"], true, "{due}");
     wait_runs(&controller, "long", "the long run on fe3", |r| {
         r.first().is_some_and(|r| r["server"] == "fe3")
     })

@@ -108,6 +108,7 @@ pub async fn deploy(client: &Client, args: DeployArgs) -> anyhow::Result<()> {
         .map(|a| parse_target(a))
         .collect::<anyhow::Result<Vec<_>>>()?;
     if !args.balanced {
+        let mut deployed = Vec::new();
         for target in targets {
             let version = match target {
                 Target::Package(path) => client.upload(&path, true).await?.version,
@@ -128,8 +129,10 @@ pub async fn deploy(client: &Client, args: DeployArgs) -> anyhow::Result<()> {
                 );
             }
             super::admin::wait_rollout(client, &version, args.timeout).await?;
+            deployed.push(version);
         }
-        return Ok(());
+        // With --json: the versions now served, as `paddock app versions` shows them.
+        return client.print(&deployed, |_| {});
     }
 
     let mut apps = Vec::new();

@@ -79,10 +79,10 @@ pub async fn timer(client: &Client, command: TimerCommand) -> anyhow::Result<()>
             client
                 .post::<_, ()>(&format!("/v1/timers/{app}/{timer}/run"), &())
                 .await?;
-            if !client.json {
-                println!("{app}/{timer} is due now; a front-end whose scheduler is on runs it");
-            }
-            Ok(())
+            client.print(
+                &serde_json::json!({"app": app, "timer": timer, "due_now": true}),
+                |_| println!("{app}/{timer} is due now; a front-end whose scheduler is on runs it"),
+            )
         }
     }
 }
