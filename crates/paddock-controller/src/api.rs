@@ -195,8 +195,18 @@ pub struct Uploaded {
 async fn upload(
     State(c): State<Arc<Controller>>,
     Query(query): Query<UploadQuery>,
-    mut multipart: Multipart,
+    multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Answer<Uploaded> {
+    let mut multipart = multipart.map_err(|e| {
+        Failure::new(
+            e.status(),
+            "bad_upload",
+            format!(
+                "{}; send a multipart form with `manifest` and `component` (`paddock app upload` does)",
+                e.body_text()
+            ),
+        )
+    })?;
     let too_big = |e: axum::extract::multipart::MultipartError| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             Failure::new(
@@ -619,7 +629,7 @@ pub struct PolicySet {
     /// Front-ends registered in the zone now: none means the policy waits for the first one
     /// (most often a misspelt zone).
     #[serde(default)]
-    pub servers: usize,
+    pub servers: Option<usize>,
 }
 
 async fn set_policy(
@@ -655,7 +665,7 @@ async fn set_policy(
         zone,
         policy: request.policy,
         generation,
-        servers,
+        servers: Some(servers),
     }))
 }
 

@@ -683,9 +683,9 @@ impl From<StoreError> for StepError {
     fn from(e: StoreError) -> StepError {
         match e {
             // Someone removed a server or a version the plan names: retrying cannot help.
-            StoreError::UnknownServer(_) | StoreError::UnknownVersion { .. } => {
-                StepError::Failed(e.to_string())
-            }
+            StoreError::UnknownServer(_)
+            | StoreError::UnknownVersion { .. }
+            | StoreError::RouteTaken { .. } => StepError::Failed(e.to_string()),
             e => StepError::Store(e.into()),
         }
     }

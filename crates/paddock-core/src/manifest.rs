@@ -77,11 +77,11 @@ pub enum TimerSchedule {
     Every(Duration),
 }
 
-/// The longest `every` a timer may have (366 days); a yearly run takes a cron schedule.
 /// Most `[config]` entries an app may have, and their largest total size (keys and values).
 pub const MAX_CONFIG_ENTRIES: usize = 100;
 pub const MAX_CONFIG_BYTES: usize = 64 * 1024;
 
+/// The longest `every` a timer may have (366 days); a yearly run takes a cron schedule.
 pub const LONGEST_EVERY: Duration = Duration::from_secs(366 * 24 * 3600);
 
 impl TimerSchedule {
@@ -333,6 +333,18 @@ impl Manifest {
     }
 }
 
+/// Whether a `[config]` key can be an environment variable of the app: a letter or `_`, then
+/// letters, digits and `_`, at most 128, not starting with `PADDOCK_` (Paddock's own).
+pub fn is_config_key(key: &str) -> bool {
+    is_variable_name(key) && !key.to_ascii_uppercase().starts_with("PADDOCK_")
+}
+
+fn is_variable_name(key: &str) -> bool {
+    key.len() <= 128
+        && key.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 /// `[config]` becomes the app's environment: keys are variable names (a letter or `_`, then
 /// letters, digits and `_`; `PADDOCK_` is Paddock's own), values are text without NUL.
 fn check_config(config: &BTreeMap<String, String>) -> Result<(), ManifestError> {
@@ -347,10 +359,7 @@ fn check_config(config: &BTreeMap<String, String>) -> Result<(), ManifestError> 
     }
     let mut bytes = 0;
     for (key, value) in config {
-        let valid = key.len() <= 128
-            && key.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !valid {
+        if !is_variable_name(key) {
             return Err(field(
                 "config",
                 format!(

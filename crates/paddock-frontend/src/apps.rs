@@ -86,12 +86,24 @@ impl Apps {
     /// Makes `version` the one serving its app, replacing the app's previous version in one step.
     /// Requests already running keep the version they started on.
     pub fn deploy(&self, version: Arc<AppVersion>) -> Result<Option<Arc<AppVersion>>, DeployError> {
+        self.deploy_instead_of(version, None)
+    }
+
+    /// Like [`Apps::deploy`], and in the same step stops serving app `replaced` (a package
+    /// renamed to another app), whose route the new version may take over.
+    pub fn deploy_instead_of(
+        &self,
+        version: Arc<AppVersion>,
+        replaced: Option<&str>,
+    ) -> Result<Option<Arc<AppVersion>>, DeployError> {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.table.load_full();
         let spec = version.spec();
+        let replaced = replaced.filter(|r| *r != spec.name);
+        let gone = |name: &str| replaced == Some(name);
         if let Some(other) = current.entries.iter().find(|r| {
             let s = r.version.spec();
-            s.route == spec.route && s.name != spec.name
+            s.route == spec.route && s.name != spec.name && !gone(&s.name)
         }) {
             return Err(DeployError::RouteTaken {
                 route: spec.route.clone(),
@@ -101,9 +113,10 @@ impl Apps {
         let mut entries = Vec::with_capacity(current.entries.len() + 1);
         let mut previous = None;
         for route in &current.entries {
-            if route.version.spec().name == spec.name {
+            let name = &route.version.spec().name;
+            if *name == spec.name {
                 previous = Some(route.version.clone());
-            } else {
+            } else if !gone(name) {
                 entries.push(route.clone());
             }
         }

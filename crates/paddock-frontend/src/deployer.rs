@@ -316,6 +316,10 @@ impl Deployer {
     /// Loads and swaps in every desired app that is not served as desired, and undeploys the
     /// apps no longer desired. Returns how many apps were loaded and how many failed.
     async fn apply(&self, state: &DesiredState, cache_only: bool) -> (usize, usize) {
+        // Earlier failures are being retried now (or are no longer desired): not reported
+        // meanwhile, so that nobody takes an old failure for the outcome of this attempt.
+        self.vitals.set_failed(Vec::new());
+        self.changed.notify_one();
         let (mut loaded, mut failed) = (0, 0);
         let mut failures = Vec::new();
         for app in &state.apps {

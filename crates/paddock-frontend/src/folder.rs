@@ -103,28 +103,17 @@ impl AppFolder {
                 continue;
             }
             package.acted_on = Some(fingerprint);
+            let served = package.deployed.clone();
             let others: Vec<(PathBuf, String)> = self
                 .packages
                 .iter()
                 .filter(|(p, _)| **p != path)
                 .filter_map(|(p, other)| Some((p.clone(), other.deployed.clone()?)))
                 .collect();
-            match self.deploy(&path, &others).await {
+            match self.deploy(&path, &others, served.as_deref()).await {
                 Ok(name) => {
-                    let Some(package) = self.packages.get_mut(&path) else {
-                        continue;
-                    };
-                    // The package now names another app: the one it served before goes.
-                    if let Some(old) = package.deployed.replace(name.clone())
-                        && old != name
-                        && let Some(version) = self.apps.undeploy(&old)
-                    {
-                        tracing::info!(
-                            package = %path.display(),
-                            app = %old,
-                            version = %version.spec().version,
-                            "package renamed to {name}: app undeployed"
-                        );
+                    if let Some(package) = self.packages.get_mut(&path) {
+                        package.deployed = Some(name);
                     }
                 }
                 Err(e) => tracing::error!(
@@ -135,7 +124,14 @@ impl AppFolder {
         }
     }
 
-    async fn deploy(&self, path: &Path, others: &[(PathBuf, String)]) -> anyhow::Result<String> {
+    /// Deploys the package at `path`; `served` is the app it served until now, replaced in the
+    /// same step when the package names another app now.
+    async fn deploy(
+        &self,
+        path: &Path,
+        others: &[(PathBuf, String)],
+        served: Option<&str>,
+    ) -> anyhow::Result<String> {
         let (manifest, component) = read_package(path)?;
         if let Some((other, _)) = others.iter().find(|(_, name)| *name == manifest.name) {
             anyhow::bail!(
@@ -169,7 +165,15 @@ impl AppFolder {
             .await
             .context("loading task failed")?
             .with_context(|| manifest.component.clone())?;
-        let previous = self.apps.deploy(loaded.clone())?;
+        let previous = self.apps.deploy_instead_of(loaded.clone(), served)?;
+        if let Some(old) = served.filter(|old| *old != manifest.name) {
+            tracing::info!(
+                package = %path.display(),
+                app = %old,
+                "package renamed to {}: app {old} undeployed",
+                manifest.name
+            );
+        }
         tracing::info!(
             package = %path.display(),
             app = %manifest.name,

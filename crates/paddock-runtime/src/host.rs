@@ -38,8 +38,12 @@ impl Host {
         .env("PADDOCK_APP", &spec.name)
         .env("PADDOCK_VERSION", &spec.version)
         .env("PADDOCK_REQUEST_ID", request_id.to_string());
+        // Checked by the manifest; a version stored before that check may hold other keys,
+        // which never shadow Paddock's own variables.
         for (key, value) in &spec.config {
-            wasi.env(key, value);
+            if paddock_core::manifest::is_config_key(key) {
+                wasi.env(key, value);
+            }
         }
         Host {
             table: ResourceTable::new(),

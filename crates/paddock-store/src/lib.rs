@@ -859,11 +859,13 @@ impl Store for SqlStore {
             let Some(other) = owners.insert(v.manifest.route.clone(), v.clone()) else {
                 continue;
             };
-            // Name the app being deployed first.
-            let (new, old) = if versions.iter().any(|&(app, ..)| app == v.app) {
-                (v, other)
-            } else {
-                (other, v)
+            // Only a clash this change makes is refused (one already stored is left for its
+            // apps' next deploys to resolve); the app being deployed is named first.
+            let written = |app: &str| versions.iter().any(|&(a, ..)| a == app);
+            let (new, old) = match (written(&v.app), written(&other.app)) {
+                (true, _) => (v, other),
+                (false, true) => (other, v),
+                (false, false) => continue,
             };
             return Err(StoreError::RouteTaken {
                 route: new.manifest.route,

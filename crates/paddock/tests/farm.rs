@@ -351,6 +351,14 @@ async fn bad_inputs_get_clear_errors_and_change_nothing(db: Db) {
             "Content-Type",
         ),
         (
+            http.post(api("/v1/apps"))
+                .bearer_auth(&controller.admin_token)
+                .body("not a form"),
+            400,
+            "bad_upload",
+            "send a multipart form",
+        ),
+        (
             http.get(api("/v1/operations/first"))
                 .bearer_auth(&controller.admin_token),
             400,

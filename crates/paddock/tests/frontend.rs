@@ -324,11 +324,12 @@ async fn malformed_component_and_bad_manifest_are_refused_and_change_nothing() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("hello v2 ok"));
 
-    // A package renamed to another app: the new app is served, the old one is gone.
+    // A package renamed to another app, keeping its route: the new app takes the route over in
+    // one step, the old one is gone.
     let mark = frontend.log_len();
     write_atomically(
         &hello.join("paddock.toml"),
-        b"name = \"howdy\"\nversion = \"v1\"\ncomponent = \"hello.wasm\"\n",
+        b"name = \"howdy\"\nversion = \"v1\"\ncomponent = \"hello.wasm\"\nroute = \"/hello\"\n",
     );
     frontend
         .wait_for_log_after(mark, "package renamed to howdy", Duration::from_secs(30))
@@ -341,9 +342,11 @@ async fn malformed_component_and_bad_manifest_are_refused_and_change_nothing() {
         .map(|a| a["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["howdy"], "{health}");
-    let mut conn = frontend.connect().await;
-    assert_eq!(conn.get("/hello/").await.unwrap().status, 404);
-    assert_eq!(conn.get("/howdy/").await.unwrap().status, 200);
+    let reply = frontend.connect().await.get("/hello/").await.unwrap();
+    assert_eq!(
+        (reply.status, reply.header("x-paddock-app")),
+        (200, Some("howdy"))
+    );
 }
 
 async fn assert_still_v1(frontend: &Frontend) {

@@ -60,7 +60,7 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
             .matches("registered with the controller")
             .count()
     };
-    while registered() < 2 || !output.lock().unwrap().contains("balancing on") {
+    while registered() < 2 || !output.lock().unwrap().contains("Stop: Ctrl-C") {
         assert!(
             Instant::now() < deadline,
             "the farm did not come up:\n{}",

@@ -284,6 +284,9 @@ async fn wait_routed(client: &Client, started: Instant, timeout: Duration) -> an
     }
 }
 
+/// How long a front-end must report a version failed before a rollout wait gives up on it.
+const FAILURE_IS_FINAL: Duration = Duration::from_secs(2);
+
 /// Waits until every live front-end of the version's zone whose deployment service is on reports
 /// the version loaded; prints each as it does. Fails naming the servers that did not.
 pub async fn wait_rollout(
@@ -293,6 +296,9 @@ pub async fn wait_rollout(
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut reported = std::collections::BTreeSet::new();
+    // Since when each server has reported the version failed: a report from before this deploy
+    // reached it (a retry of an earlier failure) is not final, one that lasts is.
+    let mut failing_since = std::collections::HashMap::new();
     loop {
         let status: Status = client.get("/v1/status").await?;
         let targets: Vec<_> = status
@@ -325,8 +331,18 @@ pub async fn wait_rollout(
                         .iter()
                         .find(|f| f.name == v.app && f.version == v.version)
                 });
-                if let Some(f) = failure {
-                    failed.push(format!("{}: {}", s.server.name, f.error));
+                match failure {
+                    Some(f) => {
+                        let since = *failing_since
+                            .entry(s.server.name.clone())
+                            .or_insert_with(Instant::now);
+                        if since.elapsed() >= FAILURE_IS_FINAL {
+                            failed.push(format!("{}: {}", s.server.name, f.error));
+                        }
+                    }
+                    None => {
+                        failing_since.remove(&s.server.name);
+                    }
                 }
             }
         }
@@ -515,7 +531,7 @@ pub async fn zone(client: &Client, name: &str, command: ZoneCommand) -> anyhow::
             s.policy.as_str(),
             s.generation
         );
-        if s.servers == 0 {
+        if s.servers == Some(0) {
             println!(
                 "note: no front-end is in zone {} yet; the policy applies to those that register there (`paddock servers` lists the zones in use)",
                 s.zone

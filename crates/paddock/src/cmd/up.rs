@@ -36,7 +36,11 @@ struct Farm {
 
 impl Drop for Farm {
     fn drop(&mut self) {
-        for (_, child) in &self.children {
+        for (_, child) in &mut self.children {
+            // One that has exited is not signalled: its process id may be another's by now.
+            if let Ok(Some(_)) = child.try_wait() {
+                continue;
+            }
             let _ = Command::new("kill")
                 .args(["-TERM", &child.id().to_string()])
                 .status();
@@ -61,16 +65,9 @@ impl Drop for Farm {
     }
 }
 
-/// Starts a child whose output is relayed line by line, tagged with `name`. The receiver gets a
-/// message when a line contains `ready_when` (what the process logs once it is listening).
-fn spawn(
-    name: &str,
-    args: &[String],
-    env: &[(&str, &str)],
-    ready_when: &'static str,
-) -> anyhow::Result<(Child, std::sync::mpsc::Receiver<()>)> {
+/// Starts a child whose output is relayed line by line, tagged with `name`.
+fn spawn(name: &str, args: &[String], env: &[(&str, &str)]) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("finding the paddock binary")?;
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut child = Command::new(exe)
         .args(args)
         .envs(env.iter().copied())
@@ -93,29 +90,55 @@ fn spawn(
     .flatten()
     {
         let name = name.to_string();
-        let ready_tx = ready_tx.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stream).lines() {
                 let Ok(line) = line else { break };
-                if line.contains(ready_when) {
-                    let _ = ready_tx.send(());
-                }
                 eprintln!("[{name}] {line}");
             }
         });
     }
-    Ok((child, ready_rx))
+    Ok(child)
 }
 
-/// Waits until a child says it is listening; fails if it exits first (a port in use, ...).
-fn wait_ready(
+/// How a started process proves it is up, and that it is this farm's (not another process that
+/// held the port): the controller takes the admin token; a front-end's health, and the
+/// balancer's status, name it.
+enum Ready<'a> {
+    Controller { url: &'a str, admin_token: &'a str },
+    Named { url: String, name: &'a str },
+}
+
+impl Ready<'_> {
+    async fn check(&self, http: &reqwest::Client) -> bool {
+        let request = match self {
+            Ready::Controller { url, admin_token } => http
+                .get(format!("{url}/v1/status"))
+                .bearer_auth(admin_token),
+            Ready::Named { url, .. } => http.get(url),
+        };
+        let Ok(response) = request.timeout(Duration::from_secs(2)).send().await else {
+            return false;
+        };
+        match self {
+            Ready::Controller { .. } => response.status().is_success(),
+            Ready::Named { name, .. } => response
+                .json::<serde_json::Value>()
+                .await
+                .is_ok_and(|v| v["server"] == *name || v["name"] == *name),
+        }
+    }
+}
+
+/// Waits until a child answers as this farm's; fails if it exits first (a port in use, ...).
+async fn wait_ready(
+    http: &reqwest::Client,
     name: &str,
     child: &mut Child,
-    ready: &std::sync::mpsc::Receiver<()>,
+    ready: Ready<'_>,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if ready.recv_timeout(Duration::from_millis(50)).is_ok() {
+        if ready.check(http).await {
             return Ok(());
         }
         if let Some(status) = child.try_wait()? {
@@ -123,8 +146,9 @@ fn wait_ready(
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "{name} did not start listening within 60s; its log is above"
+            "{name} did not answer within 60s; its log is above"
         );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -168,7 +192,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         children: Vec::new(),
     };
 
-    let (controller, controller_ready) = spawn(
+    let controller = spawn(
         "controller",
         &[
             "controller".into(),
@@ -180,19 +204,30 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             controller_dir.display().to_string(),
         ],
         &[],
-        "listening on http://",
     )?;
     farm.children.push(("controller".into(), controller));
-    wait_ready("the controller", &mut farm.children[0].1, &controller_ready)?;
     let join_token = wait_for_file(&controller_dir.join("join.token"), &mut farm.children[0].1)?;
     let admin_token = wait_for_file(&controller_dir.join("admin.token"), &mut farm.children[0].1)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let http = reqwest::Client::new();
+    runtime.block_on(wait_ready(
+        &http,
+        "the controller",
+        &mut farm.children[0].1,
+        Ready::Controller {
+            url: &controller_url,
+            admin_token: &admin_token,
+        },
+    ))?;
 
     let mut frontends = Vec::new();
     let mut waiting = Vec::new();
     for i in 1..=args.frontends {
         let name = format!("fe-{i}");
         let port = args.frontend_port + i - 1;
-        let (child, ready) = spawn(
+        let child = spawn(
             &name,
             &[
                 "frontend".into(),
@@ -207,15 +242,15 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             ],
             // Through the environment: a command line is readable by every local user.
             &[("PADDOCK_JOIN_TOKEN", join_token.as_str())],
-            "listening on http://",
         )?;
-        waiting.push((farm.children.len(), ready));
+        let health = format!("http://127.0.0.1:{port}/_paddock/health");
+        waiting.push((farm.children.len(), health));
         farm.children.push((name.clone(), child));
         frontends.push(format!("{name}: http://127.0.0.1:{port}/"));
     }
 
     let balancer_url = format!("http://127.0.0.1:{}", args.balancer_port);
-    let (balancer, ready) = spawn(
+    let balancer = spawn(
         "balancer",
         &[
             "balancer".into(),
@@ -231,13 +266,27 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             controller_url.clone(),
         ],
         &[("PADDOCK_JOIN_TOKEN", join_token.as_str())],
-        "balancing on http://",
     )?;
-    waiting.push((farm.children.len(), ready));
+    let status = format!("http://127.0.0.1:{}/status", args.balancer_admin_port);
+    waiting.push((farm.children.len(), status));
     farm.children.push(("balancer".into(), balancer));
-    for (index, ready) in waiting {
+    for (index, url) in waiting {
         let (name, child) = &mut farm.children[index];
-        wait_ready(name, child, &ready)?;
+        let expected = if name == "balancer" {
+            "lb-1"
+        } else {
+            name.as_str()
+        };
+        let expected = expected.to_string();
+        runtime.block_on(wait_ready(
+            &http,
+            &name.clone(),
+            child,
+            Ready::Named {
+                url,
+                name: &expected,
+            },
+        ))?;
     }
 
     println!();
@@ -262,9 +311,6 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     println!("Stop: Ctrl-C");
     println!();
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let exited = runtime.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;
