@@ -970,7 +970,27 @@ async fn register(
             ));
         }
     }
+    // A server moving to another zone leaves one plan and enters another: not while an
+    // operation holds either (it is retried, and registers once the operation has ended).
+    let gate = c.zone_gate.lock().await;
+    if let Ok(known) = c.store.server(&registration.name).await
+        && known.zone != registration.zone
+    {
+        for zone in [&known.zone, &registration.zone] {
+            if let Some(operation) = c.store.zone_lock(zone).await? {
+                return Err(Failure::new(
+                    StatusCode::CONFLICT,
+                    "zone_busy",
+                    format!(
+                        "{} moves from zone {} to {} while operation {operation} holds zone {zone}; it registers once the operation has ended",
+                        registration.name, known.zone, registration.zone
+                    ),
+                ));
+            }
+        }
+    }
     let server = c.store.register_server(&registration, now_ms()).await?;
+    drop(gate);
     if let Some(operation) = c.store.zone_lock(&server.zone).await?
         && server.heartbeat_ms.is_none()
     {
