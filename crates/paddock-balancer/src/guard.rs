@@ -205,13 +205,19 @@ impl Scanner {
     }
 
     /// Reads up to and including a `\n` into `self.line`. `Some(true)` when the line is empty
-    /// (the end of the trailers), `None` when it is not complete yet.
+    /// (the end of the trailers), `None` when it is not complete yet. A chunk-size or trailer
+    /// line must end in CRLF: hyper reads a bare LF there otherwise than a line's end (as part
+    /// of the trailers), so the scanner stops following such a stream.
     fn take_line(&mut self, data: &mut &[u8]) -> Option<bool> {
         match data.iter().position(|&b| b == b'\n') {
             Some(at) => {
                 self.line.extend_from_slice(&data[..=at]);
                 *data = &data[at + 1..];
-                Some(self.line == b"\r\n" || self.line == b"\n")
+                if !self.line.ends_with(b"\r\n") {
+                    self.off();
+                    return None;
+                }
+                Some(self.line == b"\r\n")
             }
             None => {
                 self.line.extend_from_slice(data);
@@ -367,6 +373,16 @@ mod tests {
         // What the scanner cannot follow is flagged.
         assert!(scan(&[
             b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+        ]));
+        // A bare LF ending the trailers: hyper reads on (as trailers), so the stream is not
+        // followed, and what it hides is never taken for a clean request.
+        assert!(bytewise(
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\n\
+              GET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+        ));
+        // So is a bare LF after a chunk size.
+        assert!(scan(&[
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\na\r\n0\r\n\r\n"
         ]));
     }
 

@@ -308,8 +308,10 @@ impl Connection {
             } else if let Some(chunked) = chunked {
                 // Transfer-Encoding wins over Content-Length; such a connection is not reused.
                 keep_alive &= content_length.is_none() && chunked;
+                // The body's length is not the front-end's Content-Length here: hyper frames it
+                // towards the client by what is relayed.
+                headers.remove(header::CONTENT_LENGTH);
                 if chunked {
-                    headers.remove(header::CONTENT_LENGTH);
                     Framing::Chunked(Chunk::Size)
                 } else {
                     Framing::Close
@@ -816,6 +818,19 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(data(&frames), b"all of it");
+        assert!(!reusable);
+        // A transfer coding other than chunked: read to the end too, and the front-end's
+        // Content-Length (not the body's length) is not relayed.
+        let (parts, frames, reusable) = exchange(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 3\r\n\r\nlonger than 3",
+            4,
+            false,
+            false,
+        )
+        .await
+        .unwrap();
+        assert_eq!(data(&frames), b"longer than 3");
+        assert!(!parts.headers.contains_key("content-length"));
         assert!(!reusable);
     }
 

@@ -224,6 +224,20 @@ pub async fn handle(
                     fresh_connection = true;
                     continue;
                 }
+                if reused {
+                    // Most likely the same race, which says nothing of the front-end's health
+                    // (active checks see a dead one); but this request may have been acted on.
+                    return Ok(answer(
+                        &shared,
+                        started,
+                        &app,
+                        StatusCode::BAD_GATEWAY,
+                        format!(
+                            "front-end {}: {why} on a kept-alive connection; the request was not sent again because it is not idempotent or had a body",
+                            upstream.name
+                        ),
+                    ));
+                }
                 upstream.failed_passively(&why);
                 last_failure = Some(format!("{}: {why}", upstream.name));
                 tried.push(upstream.id());
@@ -407,11 +421,17 @@ fn encode_head(
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     head.extend_from_slice(target.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
+    // The headers the client's `Connection` names are hop-by-hop, except those that frame the
+    // request or name its host: dropping `Content-Length` would send the body as a request of
+    // its own (smuggling).
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .flat_map(|v| v.as_bytes().split(|b| *b == b','))
         .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
+        .filter(|n| {
+            *n != header::CONTENT_LENGTH && *n != header::TRANSFER_ENCODING && *n != header::HOST
+        })
         .collect();
     for (name, value) in headers {
         if h1::is_hop_by_hop(name)
@@ -681,6 +701,21 @@ mod tests {
              transfer-encoding: chunked\r\nx-forwarded-for: 10.0.0.1, 127.0.0.9\r\n\
              x-forwarded-proto: http\r\nx-forwarded-host: shop.example:8080\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn connection_cannot_remove_the_framing_or_the_host() {
+        let request = Request::post("/a")
+            .header("connection", "keep-alive, Content-Length, host, x-drop")
+            .header("content-length", "5")
+            .header("host", "a.example")
+            .header("x-drop", "1")
+            .body(())
+            .unwrap();
+        let head = head_of(request, Some("a.example"));
+        assert!(head.contains("content-length: 5\r\n"), "{head}");
+        assert!(head.contains("host: a.example\r\n"), "{head}");
+        assert!(!head.contains("x-drop"), "{head}");
     }
 
     #[test]

@@ -786,6 +786,17 @@ async fn bodies_go_through_both_ways_and_responses_are_streamed() {
     assert!(head.contains("x-got-length: 11"), "{head}");
     assert!(head.contains("x-got-forwarded-for: 127.0.0.1"), "{head}");
 
+    // A `Connection` header naming Content-Length does not strip the framing: the body reaches
+    // the front-end as this request's body, not as a request of its own.
+    client
+        .write_all(b"POST /echo/a2 HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Content-Length\r\nContent-Length: 35\r\n\r\nGET /echo/smuggled HTTP/1.1\r\nX: y\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_answer(&mut client).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("x-got-length: 35"), "{head}");
+    assert_eq!(body, b"GET /echo/smuggled HTTP/1.1\r\nX: y\r\n");
+
     // A chunked body, on the same connection: it reaches the front-end chunked.
     client
         .write_all(b"POST /echo/b HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
