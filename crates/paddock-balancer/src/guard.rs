@@ -13,24 +13,60 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Longest chunk-size or trailer line the scanner follows (hyper's own limit for trailers).
 const MAX_LINE: usize = 16 * 1024;
 
-/// A client connection whose reads pass through a [`Scanner`].
+/// A client connection whose reads pass through a [`Scanner`], and whose writes fail once the
+/// client has taken nothing for `send_timeout`.
 pub struct Guarded<T> {
     inner: T,
     scanner: Scanner,
+    send_timeout: Duration,
+    /// Armed while a write waits for the client to make room.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<T> Guarded<T> {
     /// `suspect` is raised when the client sent an ambiguous request.
-    pub fn new(inner: T, max_head: usize, suspect: Arc<AtomicBool>) -> Guarded<T> {
+    pub fn new(
+        inner: T,
+        max_head: usize,
+        send_timeout: Duration,
+        suspect: Arc<AtomicBool>,
+    ) -> Guarded<T> {
         Guarded {
             inner,
             scanner: Scanner::new(max_head, suspect),
+            send_timeout,
+            stalled: None,
+        }
+    }
+
+    /// After a write: progress disarms the stall timer; waiting arms it, and fails the write
+    /// once it has run out.
+    fn watch<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<R>>,
+    ) -> Poll<std::io::Result<R>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let timeout = self.send_timeout;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client took none of its response for {timeout:?} (--send-timeout)"),
+            ))),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -57,11 +93,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, polled)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -73,7 +111,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {

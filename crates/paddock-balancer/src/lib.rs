@@ -77,6 +77,9 @@ pub struct BalancerConfig {
     pub proxy: ProxyConfig,
     /// Time a client has to send a request's headers.
     pub header_timeout: Duration,
+    /// Longest a client may take none of its response's bytes: one that stops reading is cut
+    /// off, so that it cannot hold a front-end's request in flight (and a drain) forever.
+    pub send_timeout: Duration,
     /// Largest request head (request line and headers), in bytes.
     pub max_header_bytes: usize,
     /// Most headers in a request.
@@ -450,6 +453,7 @@ fn serve(
     let io = TokioIo::new(guard::Guarded::new(
         stream,
         config.max_header_bytes,
+        config.send_timeout,
         suspect.clone(),
     ));
     let shared = shared.clone();

@@ -232,6 +232,9 @@ struct BalancerArgs {
     /// Time a client has to send a request's headers; slower clients are cut off.
     #[arg(long, default_value = "10s", value_parser = positive_duration)]
     header_timeout: Duration,
+    /// Longest a client may take none of its response's bytes before it is cut off.
+    #[arg(long, default_value = "60s", value_parser = positive_duration)]
+    send_timeout: Duration,
     /// Largest request head (request line and headers) in bytes; larger gets 431.
     #[arg(long, default_value_t = 16 * 1024)]
     max_header_bytes: usize,
@@ -502,6 +505,7 @@ fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
             response_timeout: args.response_timeout,
         },
         header_timeout: args.header_timeout,
+        send_timeout: args.send_timeout,
         max_header_bytes: args.max_header_bytes,
         max_headers: args.max_headers,
         threads,

@@ -634,7 +634,7 @@ async fn bad_requests_never_reach_a_frontend() {
 /// A front-end stand-in for the balancer's request and response paths: `POST /echo/...` answers
 /// the body it got, with how it got it (`x-got-length`, `x-got-te`, `x-got-expect`,
 /// `x-got-forwarded-for`); `GET /echo/stream` answers "part-one", then "part-two" only once
-/// `go_on` is notified, then ends.
+/// `go_on` is notified, then ends; `GET /echo/large` answers 64 MiB.
 async fn echo_upstream(go_on: Arc<tokio::sync::Notify>) -> std::net::SocketAddr {
     use http_body_util::BodyExt as _;
 
@@ -676,6 +676,10 @@ async fn echo_upstream(go_on: Arc<tokio::sync::Notify>) -> std::net::SocketAddr 
                                 report.into(),
                             )));
                         }
+                        if path == "/echo/large" {
+                            // Far more than the sockets on the way buffer.
+                            return Ok(http::Response::new(full(vec![b'x'; 64 << 20].into())));
+                        }
                         if path == "/echo/stream" {
                             let (tx, rx) = tokio::sync::mpsc::channel(2);
                             tokio::spawn(async move {
@@ -716,6 +720,48 @@ async fn echo_upstream(go_on: Arc<tokio::sync::Notify>) -> std::net::SocketAddr 
         }
     });
     addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() {
+    let upstream = echo_upstream(Arc::new(tokio::sync::Notify::new())).await;
+    let table = serde_json::json!({
+        "generation": 1,
+        "zones": [{"zone": "default", "policy": "round-robin", "upstreams": [
+            {"name": "echo", "address": upstream.to_string(), "state": "ready", "weight": 1}]}],
+        "routes": [{"prefix": "/echo", "app": "echo", "zone": "default"}]
+    });
+    let lb = Balancer::with_table("lb-stall", &table, &["--send-timeout", "1s"]).await;
+    let mut client = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    client
+        .write_all(b"GET /echo/large HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    // The client reads nothing: the request stays in flight until the balancer gives up on it.
+    lb.wait_status("the large answer in flight", |s| {
+        s["upstreams"][0]["in_flight"] == 1
+    })
+    .await;
+    let stalled = std::time::Instant::now();
+    lb.wait_status("the stalled client cut off", |s| {
+        s["upstreams"][0]["in_flight"] == 0
+    })
+    .await;
+    assert!(stalled.elapsed() < Duration::from_secs(10));
+    // What the client gets is cut off: far less than the 64 MiB, then the end of the stream.
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf))
+            .await
+            .expect("the connection ends")
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    assert!(got < 64 << 20, "{got} bytes");
 }
 
 /// Reads from `stream` into `data` until `done(data)`; each read must come within 10 s.
