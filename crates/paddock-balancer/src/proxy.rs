@@ -224,31 +224,26 @@ pub async fn handle(
                     fresh_connection = true;
                     continue;
                 }
-                if reused {
-                    // Most likely the same race, which says nothing of the front-end's health
-                    // (active checks see a dead one); but this request may have been acted on.
-                    return Ok(answer(
-                        &shared,
-                        started,
-                        &app,
-                        StatusCode::BAD_GATEWAY,
-                        format!(
-                            "front-end {}: {why} on a kept-alive connection; the request was not sent again because it is not idempotent or had a body",
-                            upstream.name
-                        ),
-                    ));
+                // On a kept-alive connection, most likely the same race, which says nothing of
+                // the front-end's health (active checks see a dead one).
+                if !reused {
+                    upstream.failed_passively(&why);
+                    last_failure = Some(format!("{}: {why}", upstream.name));
+                    tried.push(upstream.id());
                 }
-                upstream.failed_passively(&why);
-                last_failure = Some(format!("{}: {why}", upstream.name));
-                tried.push(upstream.id());
                 if !replayable {
+                    let on = if reused {
+                        " on a kept-alive connection"
+                    } else {
+                        ""
+                    };
                     return Ok(answer(
                         &shared,
                         started,
                         &app,
                         StatusCode::BAD_GATEWAY,
                         format!(
-                            "front-end {}: {why}; the request was not sent again because it is not idempotent or had a body",
+                            "front-end {}: {why}{on}; the request was not sent again because it is not idempotent or had a body",
                             upstream.name
                         ),
                     ));

@@ -20,25 +20,40 @@ fn free_port_pair() -> u16 {
     }
 }
 
+/// `paddock up` with its data in `data` and its ports: controller, first front-end, balancer
+/// (its admin port is the next one).
+fn up_command(
+    data: &std::path::Path,
+    frontends: u16,
+    [controller, frontend, balancer]: [u16; 3],
+) -> Command {
+    let mut up = Command::new(PADDOCK);
+    up.args(["up", "--frontends", &frontends.to_string()])
+        .arg("--data")
+        .arg(data)
+        .args(["--controller-port", &controller.to_string()])
+        .args(["--frontend-port", &frontend.to_string()])
+        .args(["--balancer-port", &balancer.to_string()])
+        .args(["--balancer-admin-port", &(balancer + 1).to_string()])
+        .stdin(Stdio::null());
+    up
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let controller_port = free_port_pair();
     let frontend_port = free_port_pair();
     let balancer_port = free_port_pair();
-    let mut up = Command::new(PADDOCK)
-        .args(["up", "--frontends", "2"])
-        .arg("--data")
-        .arg(dir.path())
-        .args(["--controller-port", &controller_port.to_string()])
-        .args(["--frontend-port", &frontend_port.to_string()])
-        .args(["--balancer-port", &balancer_port.to_string()])
-        .args(["--balancer-admin-port", &(balancer_port + 1).to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut up = up_command(
+        dir.path(),
+        2,
+        [controller_port, frontend_port, balancer_port],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     let output = Arc::new(Mutex::new(String::new()));
     for stream in [
         Box::new(up.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
@@ -168,17 +183,13 @@ fn up_fails_naming_the_process_that_could_not_start() {
     // The front-end's port is taken by someone else.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let frontend_port = taken.local_addr().unwrap().port();
-    let out = Command::new(PADDOCK)
-        .args(["up", "--frontends", "1"])
-        .arg("--data")
-        .arg(dir.path())
-        .args(["--controller-port", &controller_port.to_string()])
-        .args(["--frontend-port", &frontend_port.to_string()])
-        .args(["--balancer-port", &balancer_port.to_string()])
-        .args(["--balancer-admin-port", &(balancer_port + 1).to_string()])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = up_command(
+        dir.path(),
+        1,
+        [controller_port, frontend_port, balancer_port],
+    )
+    .output()
+    .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stdout}{stderr}");
