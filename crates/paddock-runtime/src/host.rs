@@ -20,7 +20,7 @@ pub struct Host {
 }
 
 impl Host {
-    pub(crate) fn new(spec: &AppSpec, request_id: u64) -> Host {
+    pub(crate) fn new(spec: &AppSpec, env: &[(String, String)], request_id: u64) -> Host {
         let tags = Arc::new(LogTags {
             app: spec.name.clone(),
             version: spec.version.clone(),
@@ -38,12 +38,8 @@ impl Host {
         .env("PADDOCK_APP", &spec.name)
         .env("PADDOCK_VERSION", &spec.version)
         .env("PADDOCK_REQUEST_ID", request_id.to_string());
-        // Checked by the manifest; a version stored before that check may hold other keys,
-        // which never shadow Paddock's own variables.
-        for (key, value) in &spec.config {
-            if paddock_core::manifest::is_config_key(key) {
-                wasi.env(key, value);
-            }
+        for (key, value) in env {
+            wasi.env(key, value);
         }
         Host {
             table: ResourceTable::new(),

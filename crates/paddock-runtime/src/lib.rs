@@ -99,6 +99,10 @@ pub struct AppSpec {
 pub struct AppVersion {
     spec: AppSpec,
     pre: ProxyPre<Host>,
+    /// The `[config]` entries every instance gets as environment variables: those whose keys
+    /// the manifest allows (a version stored before that check may hold others, which never
+    /// shadow Paddock's own variables). Chosen once here, not per request.
+    env: Vec<(String, String)>,
 }
 
 impl AppVersion {
@@ -213,7 +217,13 @@ impl Runtime {
             });
         }
         let pre = self.link(&artifact)?;
-        Ok(Arc::new(AppVersion { spec, pre }))
+        let env = spec
+            .config
+            .iter()
+            .filter(|(key, _)| paddock_core::manifest::is_config_key(key))
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        Ok(Arc::new(AppVersion { spec, pre, env }))
     }
 
     fn link(&self, artifact: &Artifact) -> Result<ProxyPre<Host>, LoadError> {

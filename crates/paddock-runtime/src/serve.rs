@@ -119,7 +119,7 @@ impl Runtime {
             }
         };
 
-        let mut store = Store::new(&self.engine, Host::new(spec, request_id));
+        let mut store = Store::new(&self.engine, Host::new(spec, &app.env, request_id));
         store.limiter(|host| &mut host.limits);
         // Every tick the instance yields its thread, so a busy loop never starves other requests;
         // once the deadline has passed, the next tick interrupts it. The yield goes through
