@@ -364,6 +364,26 @@ async fn a_controller_killed_during_the_drain_resumes_and_an_abort_after_the_cut
         .await;
     let id = started_id(&out);
     wait_for_step(&f.controller, id, "drain-updating").await;
+    // A server of the zone registering again into another zone is held off meanwhile: it would
+    // leave the plan unseen.
+    let moved = reqwest::Client::new()
+        .post(format!("{}/control/v1/register", f.controller.url))
+        .bearer_auth(&f.controller.join_token)
+        .json(
+            &serde_json::json!({"name": "fe3", "zone": "eu", "address": "127.0.0.1:1",
+            "platform_version": "0", "engine": "0"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(moved.status(), 409);
+    let error: serde_json::Value = moved.json().await.unwrap();
+    assert!(
+        error["message"].as_str().unwrap().contains(&format!(
+            "fe3 moves from zone default to eu while operation {id} holds zone default"
+        )),
+        "{error}"
+    );
     f.controller.kill();
     tokio::time::sleep(Duration::from_millis(500)).await;
     f.controller.restart().await;
