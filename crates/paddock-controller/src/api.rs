@@ -973,7 +973,12 @@ async fn register(
     // A server moving to another zone leaves one plan and enters another: not while an
     // operation holds either (it is retried, and registers once the operation has ended).
     let gate = c.zone_gate.lock().await;
-    if let Ok(known) = c.store.server(&registration.name).await
+    let known = match c.store.server(&registration.name).await {
+        Ok(known) => Some(known),
+        Err(StoreError::UnknownServer(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(known) = known
         && known.zone != registration.zone
     {
         for zone in [&known.zone, &registration.zone] {
