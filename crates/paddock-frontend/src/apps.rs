@@ -49,6 +49,17 @@ impl RouteTable {
     }
 }
 
+/// What one [`Apps::install`] did.
+#[derive(Debug, Default)]
+pub struct Installed {
+    /// Each new version now served, with the version of its app it replaced.
+    pub deployed: Vec<(Arc<AppVersion>, Option<Arc<AppVersion>>)>,
+    /// The new versions not served, and why.
+    pub refused: Vec<(Arc<AppVersion>, DeployError)>,
+    /// The versions of the apps no longer served.
+    pub undeployed: Vec<Arc<AppVersion>>,
+}
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum DeployError {
     #[error("route {route} is already served by app {other}; give one of them another `route`")]
@@ -96,37 +107,96 @@ impl Apps {
         version: Arc<AppVersion>,
         replaced: Option<&str>,
     ) -> Result<Option<Arc<AppVersion>>, DeployError> {
+        let name = version.spec().name.clone();
+        let replaced = replaced.filter(|r| *r != name);
+        let mut done = self.install(vec![version], |app| Some(app) != replaced);
+        if let Some((_, e)) = done.refused.pop() {
+            return Err(e);
+        }
+        Ok(done.deployed.pop().and_then(|(_, previous)| previous))
+    }
+
+    /// Makes each of `versions` the one serving its app and stops serving every other app
+    /// `keep` says no to, all in one table update: apps can swap routes, or take over the route
+    /// of an app removed in the same step, without a moment where a route is served by neither
+    /// or refused. A new version whose route another app still holds afterwards (its current
+    /// version, kept because its own new version was refused or not given) is refused and its
+    /// app keeps what it serves.
+    pub fn install(
+        &self,
+        versions: Vec<Arc<AppVersion>>,
+        keep: impl Fn(&str) -> bool,
+    ) -> Installed {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.table.load_full();
-        let spec = version.spec();
-        let replaced = replaced.filter(|r| *r != spec.name);
-        let gone = |name: &str| replaced == Some(name);
-        if let Some(other) = current.entries.iter().find(|r| {
-            let s = r.version.spec();
-            s.route == spec.route && s.name != spec.name && !gone(&s.name)
-        }) {
-            return Err(DeployError::RouteTaken {
-                route: spec.route.clone(),
-                other: other.version.spec().name.clone(),
+        let mut accepted = versions;
+        let mut refused = Vec::new();
+        // Refusing a version puts its app's current one back, which may hold the route of a
+        // version accepted so far: repeat until nothing clashes (each round refuses one).
+        loop {
+            let kept: Vec<&AppVersion> = current
+                .entries
+                .iter()
+                .map(|r| &*r.version)
+                .filter(|v| {
+                    keep(&v.spec().name) && !accepted.iter().any(|a| a.spec().name == v.spec().name)
+                })
+                .collect();
+            let clash = accepted.iter().enumerate().find_map(|(i, v)| {
+                let s = v.spec();
+                let other = kept
+                    .iter()
+                    .map(|k| k.spec())
+                    .chain(
+                        accepted
+                            .iter()
+                            .map(|a| a.spec())
+                            .filter(|o| o.name < s.name),
+                    )
+                    .find(|o| o.route == s.route && o.name != s.name)?;
+                Some((i, other.name.clone()))
             });
+            let Some((i, other)) = clash else { break };
+            let version = accepted.remove(i);
+            let route = version.spec().route.clone();
+            refused.push((version, DeployError::RouteTaken { route, other }));
         }
-        let mut entries = Vec::with_capacity(current.entries.len() + 1);
-        let mut previous = None;
+        let is_new = |name: &str| accepted.iter().any(|a| a.spec().name == name);
+        let mut entries = Vec::with_capacity(current.entries.len() + accepted.len());
+        let mut undeployed = Vec::new();
         for route in &current.entries {
             let name = &route.version.spec().name;
-            if *name == spec.name {
-                previous = Some(route.version.clone());
-            } else if !gone(name) {
+            if is_new(name) {
+                continue;
+            }
+            if keep(name) {
                 entries.push(route.clone());
+            } else {
+                undeployed.push(route.version.clone());
             }
         }
-        entries.push(Route::new(version));
+        let deployed: Vec<_> = accepted
+            .into_iter()
+            .map(|version| {
+                let previous = current
+                    .entries
+                    .iter()
+                    .find(|r| r.version.spec().name == version.spec().name)
+                    .map(|r| r.version.clone());
+                entries.push(Route::new(version.clone()));
+                (version, previous)
+            })
+            .collect();
         entries.sort_by(|a, b| {
             let (a, b) = (&a.version.spec().route, &b.version.spec().route);
             b.len().cmp(&a.len()).then_with(|| a.cmp(b))
         });
         self.table.store(Arc::new(RouteTable { entries }));
-        Ok(previous)
+        Installed {
+            deployed,
+            refused,
+            undeployed,
+        }
     }
 
     /// Stops serving `name`; returns the version that was served.
@@ -167,5 +237,168 @@ impl Apps {
             .collect();
         apps.sort_by(|a, b| a.name.cmp(&b.name));
         apps
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use paddock_runtime::{AppSpec, RuntimeConfig};
+
+    const HELLO: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/apps/packages/hello-v1/hello.wasm"
+    );
+
+    /// Makes versions of any name and route from one compiled component.
+    struct Maker {
+        runtime: Arc<Runtime>,
+        artifact: paddock_runtime::Artifact,
+        sha256: String,
+    }
+
+    impl Maker {
+        fn new() -> Maker {
+            let runtime = Arc::new(
+                Runtime::new(&RuntimeConfig {
+                    max_instances: 4,
+                    ..RuntimeConfig::default()
+                })
+                .unwrap(),
+            );
+            let component = std::fs::read(HELLO).unwrap();
+            let artifact = runtime.compile(&component).unwrap();
+            Maker {
+                runtime,
+                artifact,
+                sha256: paddock_runtime::sha256_hex(&component),
+            }
+        }
+
+        fn version(&self, name: &str, version: &str, route: &str) -> Arc<AppVersion> {
+            let spec = AppSpec {
+                name: name.into(),
+                version: version.into(),
+                route: route.into(),
+                component_sha256: self.sha256.clone(),
+                limits: Default::default(),
+                config: Default::default(),
+            };
+            self.runtime.load(spec, self.artifact.as_bytes()).unwrap()
+        }
+    }
+
+    /// Every served (route, app, version), longest route first.
+    fn served(apps: &Apps) -> Vec<(String, String, String)> {
+        apps.table()
+            .entries
+            .iter()
+            .map(|r| {
+                let s = r.version.spec();
+                (s.route.clone(), s.name.clone(), s.version.clone())
+            })
+            .collect()
+    }
+
+    fn row(route: &str, name: &str, version: &str) -> (String, String, String) {
+        (route.into(), name.into(), version.into())
+    }
+
+    fn names(versions: &[Arc<AppVersion>]) -> Vec<&str> {
+        versions.iter().map(|v| v.spec().name.as_str()).collect()
+    }
+
+    #[test]
+    fn two_apps_swap_routes_in_one_step() {
+        let m = Maker::new();
+        let apps = Apps::new(m.runtime.clone());
+        apps.deploy(m.version("a", "v1", "/x")).unwrap();
+        apps.deploy(m.version("b", "v1", "/y")).unwrap();
+        // One at a time cannot work: each new version meets the other app at its route.
+        assert_eq!(
+            apps.deploy(m.version("a", "v2", "/y")).unwrap_err(),
+            DeployError::RouteTaken {
+                route: "/y".into(),
+                other: "b".into()
+            }
+        );
+        let done = apps.install(
+            vec![m.version("a", "v2", "/y"), m.version("b", "v2", "/x")],
+            |_| true,
+        );
+        assert!(done.refused.is_empty(), "{:?}", done.refused);
+        assert_eq!(done.deployed.len(), 2);
+        assert!(done.deployed.iter().all(|(_, p)| p.is_some()));
+        assert_eq!(served(&apps), [row("/x", "b", "v2"), row("/y", "a", "v2")]);
+        assert_eq!(
+            apps.table().lookup("/x/1").unwrap().version.spec().name,
+            "b"
+        );
+    }
+
+    #[test]
+    fn an_app_takes_the_route_of_one_removed_in_the_same_step() {
+        let m = Maker::new();
+        let apps = Apps::new(m.runtime.clone());
+        apps.deploy(m.version("old", "v1", "/shop")).unwrap();
+        apps.deploy(m.version("other", "v1", "/other")).unwrap();
+        let done = apps.install(vec![m.version("new", "v1", "/shop")], |name| name != "old");
+        assert!(done.refused.is_empty(), "{:?}", done.refused);
+        assert_eq!(names(&done.undeployed), ["old"]);
+        assert_eq!(
+            served(&apps),
+            [row("/other", "other", "v1"), row("/shop", "new", "v1")]
+        );
+    }
+
+    #[test]
+    fn a_version_meeting_an_app_kept_at_its_route_is_refused_and_so_is_what_relied_on_it() {
+        let m = Maker::new();
+        let apps = Apps::new(m.runtime.clone());
+        apps.deploy(m.version("a", "v1", "/a")).unwrap();
+        apps.deploy(m.version("b", "v1", "/b")).unwrap();
+        apps.deploy(m.version("k", "v1", "/k")).unwrap();
+        // a moves onto k's route, which k keeps (no new version of k came): a is refused, keeps
+        // /a, and c, which would have taken /a, is refused in turn. b is unaffected.
+        let done = apps.install(
+            vec![
+                m.version("a", "v2", "/k"),
+                m.version("b", "v2", "/b"),
+                m.version("c", "v1", "/a"),
+            ],
+            |_| true,
+        );
+        let refused: Vec<(&str, &DeployError)> = done
+            .refused
+            .iter()
+            .map(|(v, e)| (v.spec().name.as_str(), e))
+            .collect();
+        assert_eq!(
+            refused,
+            [
+                (
+                    "a",
+                    &DeployError::RouteTaken {
+                        route: "/k".into(),
+                        other: "k".into()
+                    }
+                ),
+                (
+                    "c",
+                    &DeployError::RouteTaken {
+                        route: "/a".into(),
+                        other: "a".into()
+                    }
+                ),
+            ]
+        );
+        assert_eq!(
+            served(&apps),
+            [
+                row("/a", "a", "v1"),
+                row("/b", "b", "v2"),
+                row("/k", "k", "v1")
+            ]
+        );
     }
 }

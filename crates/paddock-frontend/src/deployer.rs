@@ -12,6 +12,7 @@
 //! `<data>/desired.json`: at start the front-end serves it from its artifact cache before it has
 //! reached the controller, so a restart while the controller is down still serves.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -313,15 +314,24 @@ impl Deployer {
         }
     }
 
-    /// Loads and swaps in every desired app that is not served as desired, and undeploys the
-    /// apps no longer desired. Returns how many apps were loaded and how many failed.
+    /// Loads every desired app version that is not served as desired, then swaps them all in
+    /// and undeploys the apps no longer desired in one step (so that apps can swap routes, or
+    /// take over a removed app's route). Returns how many apps were loaded and how many failed.
     async fn apply(&self, state: &DesiredState, cache_only: bool) -> (usize, usize) {
         // Earlier failures are being retried now (or are no longer desired): not reported
         // meanwhile, so that nobody takes an old failure for the outcome of this attempt.
         self.vitals.set_failed(Vec::new());
         self.changed.notify_one();
-        let (mut loaded, mut failed) = (0, 0);
         let mut failures = Vec::new();
+        let mut failed = |name: &str, version: &str, error: String| {
+            tracing::error!(app = %name, version = %version, "cannot deploy, keeping what is served: {error}");
+            failures.push(paddock_api::LoadFailure {
+                name: name.to_string(),
+                version: version.to_string(),
+                error,
+            });
+        };
+        let mut prepared = Vec::new();
         for app in &state.apps {
             if let Some(current) = self.apps.current(&app.name) {
                 let s = current.spec();
@@ -334,28 +344,43 @@ impl Deployer {
                     continue;
                 }
             }
-            match self.load(app, cache_only).await {
-                Ok(()) => loaded += 1,
-                Err(e) => {
-                    failed += 1;
-                    tracing::error!(app = %app.name, version = %app.version, "cannot deploy, keeping what is served: {e:#}");
-                    failures.push(paddock_api::LoadFailure {
-                        name: app.name.clone(),
-                        version: app.version.clone(),
-                        error: format!("{e:#}"),
-                    });
-                }
+            let started = std::time::Instant::now();
+            match self.prepare(app, cache_only).await {
+                Ok(version) => prepared.push((version, started.elapsed())),
+                Err(e) => failed(&app.name, &app.version, format!("{e:#}")),
             }
         }
-        for current in self.apps.loaded() {
-            if !state.apps.iter().any(|a| a.name == current.name)
-                && self.apps.undeploy(&current.name).is_some()
-            {
-                tracing::info!(app = %current.name, version = %current.version, "app undeployed: no longer desired");
-            }
+        let took: HashMap<String, Duration> = prepared
+            .iter()
+            .map(|(v, took)| (v.spec().name.clone(), *took))
+            .collect();
+        let done = self
+            .apps
+            .install(prepared.into_iter().map(|(v, _)| v).collect(), |name| {
+                state.apps.iter().any(|a| a.name == name)
+            });
+        for (version, e) in &done.refused {
+            let s = version.spec();
+            failed(&s.name, &s.version, e.to_string());
         }
+        for (version, previous) in &done.deployed {
+            let s = version.spec();
+            tracing::info!(
+                app = %s.name,
+                version = %s.version,
+                route = %s.route,
+                previous = previous.as_ref().map(|p| p.spec().version.as_str()).unwrap_or("none"),
+                load_ms = took.get(&s.name).map_or(0, Duration::as_millis) as u64,
+                "app deployed"
+            );
+        }
+        for version in &done.undeployed {
+            let s = version.spec();
+            tracing::info!(app = %s.name, version = %s.version, "app undeployed: no longer desired");
+        }
+        let failed = failures.len();
         self.vitals.set_failed(failures);
-        (loaded, failed)
+        (done.deployed.len(), failed)
     }
 
     /// `state` as served now: each desired app at the version loaded here (which differs from
@@ -383,14 +408,19 @@ impl Deployer {
         }
     }
 
-    async fn load(&self, app: &DesiredApp, cache_only: bool) -> anyhow::Result<()> {
+    /// `app` ready to serve: from the local artifact cache, else downloaded (and compiled here
+    /// when the controller compiles for another engine).
+    async fn prepare(
+        &self,
+        app: &DesiredApp,
+        cache_only: bool,
+    ) -> anyhow::Result<Arc<paddock_runtime::AppVersion>> {
         anyhow::ensure!(
             paddock_core::is_sha256(&app.component_sha256),
             "desired state names component {:?}, which is not a sha256",
             app.component_sha256
         );
         let spec = spec_of(app);
-        let started = std::time::Instant::now();
         let cached = {
             let cache = self.cache.clone();
             let spec = spec.clone();
@@ -418,16 +448,7 @@ impl Deployer {
                 }
             }
         };
-        let previous = self.apps.deploy(version)?;
-        tracing::info!(
-            app = %app.name,
-            version = %app.version,
-            route = %app.route,
-            previous = previous.as_ref().map(|p| p.spec().version.as_str()).unwrap_or("none"),
-            load_ms = started.elapsed().as_millis() as u64,
-            "app deployed"
-        );
-        Ok(())
+        Ok(version)
     }
 
     /// The artifact for this server's engine, or the component itself when the controller
@@ -628,7 +649,14 @@ mod tests {
         let sha = sha256_hex(&component);
         let data = tempfile::tempdir().unwrap();
         let deployer = deployer(controller_of_another_engine(component).await, data.path());
-        deployer.load(&hello(&sha), false).await.unwrap();
+        let state = DesiredState {
+            generation: 1,
+            deployment: true,
+            apps: vec![hello(&sha)],
+            lb: paddock_api::LbState::Ready,
+            scheduler: true,
+        };
+        assert_eq!(deployer.apply(&state, false).await, (1, 0));
         let loaded = deployer.apps.loaded();
         assert_eq!(
             loaded
@@ -672,6 +700,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn apps_swap_routes_and_take_over_a_removed_apps_route_in_one_apply() {
+        let component = std::fs::read(HELLO).unwrap();
+        let sha = sha256_hex(&component);
+        let data = tempfile::tempdir().unwrap();
+        let deployer = deployer(controller_of_another_engine(component).await, data.path());
+        let app = |name: &str, version: &str, route: &str| DesiredApp {
+            name: name.into(),
+            version: version.into(),
+            route: route.into(),
+            ..hello(&sha)
+        };
+        let mut state = DesiredState {
+            generation: 1,
+            deployment: true,
+            apps: vec![
+                app("a", "v1", "/x"),
+                app("b", "v1", "/y"),
+                app("c", "v1", "/z"),
+            ],
+            lb: paddock_api::LbState::Ready,
+            scheduler: true,
+        };
+        assert_eq!(deployer.apply(&state, false).await, (3, 0));
+        // a and b swap routes; c is removed and d takes its route.
+        state.generation = 2;
+        state.apps = vec![
+            app("a", "v2", "/y"),
+            app("b", "v2", "/x"),
+            app("d", "v1", "/z"),
+        ];
+        assert_eq!(deployer.apply(&state, false).await, (3, 0));
+        assert_eq!(deployer.served(&state), state);
+        assert!(deployer.vitals.report(&deployer.apps).failed.is_empty());
+    }
+
+    #[tokio::test]
     async fn a_component_that_does_not_match_its_sha256_is_not_compiled() {
         let component = std::fs::read(HELLO).unwrap();
         let sha = sha256_hex(&component);
@@ -679,7 +743,7 @@ mod tests {
         let mut other = component.clone();
         other.push(0);
         let deployer = deployer(controller_of_another_engine(other).await, data.path());
-        let err = deployer.load(&hello(&sha), false).await.unwrap_err();
+        let err = deployer.prepare(&hello(&sha), false).await.unwrap_err();
         assert!(
             err.to_string().contains("component download damaged"),
             "{err:#}"

@@ -177,6 +177,49 @@ async fn deployment_off_keeps_the_old_version_then_catches_up(db: Db) {
     fe2.wait_serving("hello", "v2", "/hello/").await;
 }
 
+/// Three deploys swap two apps' routes (one at a time, through a spare route); a server with its
+/// deployment service off meanwhile gets them all at once when it is turned on, and must swap
+/// both apps in one step: one at a time, each would meet the other at its route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_catching_up_takes_two_apps_whose_routes_were_swapped_meanwhile() {
+    let controller = Controller::start(Db::Sqlite, "swap", &[]).await;
+    let fe1 = frontend(&controller, "fe1", "default").await;
+    let fe2 = frontend(&controller, "fe2", "default").await;
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = fixture("hello-v1").join("hello.wasm");
+    let package = |app: &str, version: &str, route: &str| {
+        let p = dir.path().join(format!("{app}-{version}"));
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::write(
+            p.join("paddock.toml"),
+            format!("name = \"{app}\"\nversion = \"{version}\"\ncomponent = \"app.wasm\"\nroute = \"{route}\"\n"),
+        )
+        .unwrap();
+        std::fs::copy(&wasm, p.join("app.wasm")).unwrap();
+        p.display().to_string()
+    };
+    controller.ok(&["app", "publish", &package("a", "v1", "/a")]);
+    controller.ok(&["app", "publish", &package("b", "v1", "/b")]);
+    fe2.wait_serving("b", "v1", "/b/").await;
+
+    controller.ok(&["server", "fe2", "deployment", "off"]);
+    controller.ok(&["app", "publish", &package("a", "v2", "/spare")]);
+    controller.ok(&["app", "publish", &package("b", "v2", "/a")]);
+    controller.ok(&["app", "publish", &package("a", "v3", "/b")]);
+    fe1.wait_serving("a", "v3", "/b/").await;
+
+    controller.ok(&["server", "fe2", "deployment", "on"]);
+    fe2.wait_serving("a", "v3", "/b/").await;
+    fe2.wait_serving("b", "v2", "/a/").await;
+    let mut conn = fe2.connect().await;
+    for (path, app) in [("/a/", "b"), ("/b/", "a")] {
+        let reply = conn.get(path).await.unwrap();
+        assert_eq!(reply.header("x-paddock-app"), Some(app), "{path}");
+    }
+    let (_, health) = fe2.health().await;
+    assert_eq!(health["failed"], serde_json::json!([]), "{health}");
+}
+
 async fn zones_keep_their_apps(db: Db) {
     let controller = Controller::start(db, "zones", &[]).await;
     let fe_a = frontend(&controller, "fe-a", "a").await;
