@@ -40,11 +40,14 @@ pub fn read_table(path: &Path) -> anyhow::Result<RoutingTable> {
 }
 
 fn save_table(path: &Path, table: &RoutingTable) -> anyhow::Result<()> {
+    use std::io::Write as _;
     let json = serde_json::to_vec_pretty(table)?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, json).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
-    Ok(())
+    // Durably: a crash or a power loss leaves the previous table or this one, whole.
+    let mut file = atomic_write_file::AtomicWriteFile::open(path)
+        .with_context(|| format!("creating a file beside {}", path.display()))?;
+    file.write_all(&json)
+        .and_then(|()| file.commit())
+        .with_context(|| format!("replacing {}", path.display()))
 }
 
 /// Follows the controller for ever: long-polls the table, applies each new one, saves it.
@@ -76,8 +79,12 @@ pub async fn follow(
                 if table.generation != current {
                     balancer.apply(&table).await;
                     applied.notify_one();
-                    if let Err(e) = save_table(&saved, &table) {
-                        tracing::warn!("cannot save the routing table: {e:#}");
+                    // Off the event loop: the save waits for the disk.
+                    let (path, table) = (saved.clone(), table);
+                    match tokio::task::spawn_blocking(move || save_table(&path, &table)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::warn!("cannot save the routing table: {e:#}"),
+                        Err(e) => tracing::warn!("cannot save the routing table: {e}"),
                     }
                 }
             }

@@ -35,20 +35,18 @@ fn load_or_create_one(path: &Path) -> anyhow::Result<(String, bool)> {
     let mut bytes = [0u8; 24];
     getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness for a token: {e}"))?;
     let token = hex::encode(bytes);
-    let tmp = path.with_extension("tmp");
     {
         use std::io::Write as _;
         use std::os::unix::fs::OpenOptionsExt as _;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
+        // Durably, readable by this user only.
+        let mut file = atomic_write_file::AtomicWriteFile::options()
             .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
-        writeln!(file, "{token}")?;
+            .open(path)
+            .with_context(|| format!("creating a file beside {}", path.display()))?;
+        writeln!(file, "{token}")
+            .and_then(|()| file.commit())
+            .with_context(|| format!("writing {}", path.display()))?;
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok((token, true))
 }
 
@@ -59,4 +57,33 @@ pub fn same(a: &str, b: &str) -> bool {
             .zip(b.bytes())
             .fold(0u8, |acc, (x, y)| acc | (x ^ y))
             == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn tokens_are_made_once_readable_by_their_user_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Tokens::load_or_create(dir.path()).unwrap();
+        assert_ne!(first.admin, first.join);
+        for name in ["admin.token", "join.token"] {
+            let mode = std::fs::metadata(dir.path().join(name))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{name}");
+        }
+        let again = Tokens::load_or_create(dir.path()).unwrap();
+        assert_eq!((again.admin, again.join), (first.admin, first.join));
+        // Nothing but the two tokens is left in the folder.
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["admin.token", "join.token"]);
+    }
 }

@@ -79,9 +79,14 @@ impl ArtifactCache {
     }
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
-    Ok(())
+/// Replaces `path` with `bytes` durably: a crash or a power loss leaves the old file or the new
+/// one, whole (the new one written to a temporary file, flushed, renamed over it, the directory
+/// flushed).
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut file = atomic_write_file::AtomicWriteFile::open(path)
+        .with_context(|| format!("creating a file beside {}", path.display()))?;
+    file.write_all(bytes)
+        .and_then(|()| file.commit())
+        .with_context(|| format!("writing {}", path.display()))
 }

@@ -515,10 +515,9 @@ impl Deployer {
     async fn save(&self, state: &DesiredState) {
         let result = async {
             let json = serde_json::to_vec_pretty(state)?;
-            let tmp = self.state_file.with_extension("tmp");
-            tokio::fs::write(&tmp, json).await?;
-            tokio::fs::rename(&tmp, &self.state_file).await?;
-            anyhow::Ok(())
+            let path = self.state_file.clone();
+            tokio::task::spawn_blocking(move || crate::cache::write_atomically(&path, &json))
+                .await?
         }
         .await;
         if let Err(e) = result {
