@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
-use wasmtime::{StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
@@ -16,7 +16,7 @@ pub struct Host {
     table: ResourceTable,
     wasi: WasiCtx,
     http: WasiHttpCtx,
-    pub(crate) limits: StoreLimits,
+    pub(crate) limits: MemoryLimit,
 }
 
 impl Host {
@@ -45,11 +45,74 @@ impl Host {
             table: ResourceTable::new(),
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(spec.limits.memory_mib as usize * 1024 * 1024)
-                .trap_on_grow_failure(true)
-                .build(),
+            limits: MemoryLimit::new(spec.limits.memory_mib as usize * 1024 * 1024),
         }
+    }
+}
+
+/// The app's `memory_mib` over all the linear memories of an instance together: a component made
+/// of several core modules has one memory each (wasmtime's `StoreLimits` limits each alone, so
+/// such an app could use the limit once per memory). Growing past it, or failing to grow, traps.
+pub(crate) struct MemoryLimit {
+    limit: usize,
+    /// Bytes of all memories, counting the growth granted last.
+    used: usize,
+    /// The growth granted last, given back if it then fails.
+    granted: usize,
+}
+
+impl MemoryLimit {
+    pub(crate) fn new(limit: usize) -> MemoryLimit {
+        MemoryLimit {
+            limit,
+            used: 0,
+            granted: 0,
+        }
+    }
+}
+
+impl ResourceLimiter for MemoryLimit {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let more = desired.saturating_sub(current);
+        let total = self.used.saturating_add(more);
+        if total > self.limit {
+            wasmtime::bail!(
+                "memory limit: growing memory to {desired} bytes would make {total} bytes in all, over the app's memory_mib ({} MiB)",
+                self.limit / (1024 * 1024)
+            );
+        }
+        if maximum.is_some_and(|max| desired > max) {
+            wasmtime::bail!("growing memory to {desired} bytes passes its declared maximum");
+        }
+        self.used = total;
+        self.granted = more;
+        Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.used -= std::mem::take(&mut self.granted);
+        Err(error.context("growing memory failed"))
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if maximum.is_some_and(|max| desired > max) {
+            wasmtime::bail!("growing a table to {desired} elements passes its declared maximum");
+        }
+        Ok(true)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        Err(error.context("growing a table failed"))
     }
 }
 
@@ -204,5 +267,43 @@ impl tokio::io::AsyncWrite for LineLogger {
         _cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: usize = 1024 * 1024;
+
+    #[test]
+    fn the_memory_limit_counts_every_memory_of_an_instance() {
+        let mut limit = MemoryLimit::new(10 * MIB);
+        // Two memories at 4 MiB each: 8 MiB in all.
+        assert!(limit.memory_growing(0, 4 * MIB, None).unwrap());
+        assert!(limit.memory_growing(0, 4 * MIB, None).unwrap());
+        // The second grows to 6 MiB: 10 MiB in all, the limit itself.
+        assert!(limit.memory_growing(4 * MIB, 6 * MIB, None).unwrap());
+        // The first grows by one more page: over, though it alone is at 4 MiB of 10.
+        let e = limit
+            .memory_growing(4 * MIB, 4 * MIB + 65536, None)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("over the app's memory_mib (10 MiB)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_growth_that_fails_after_it_was_granted_is_given_back() {
+        let mut limit = MemoryLimit::new(10 * MIB);
+        assert!(limit.memory_growing(0, 8 * MIB, None).unwrap());
+        assert!(
+            limit
+                .memory_grow_failed(wasmtime::Error::msg("mmap"))
+                .is_err()
+        );
+        assert!(limit.memory_growing(0, 9 * MIB, None).unwrap());
+        assert!(limit.memory_growing(0, MIB / 2, Some(MIB / 4)).is_err());
     }
 }
