@@ -220,6 +220,40 @@ async fn a_server_catching_up_takes_two_apps_whose_routes_were_swapped_meanwhile
     assert_eq!(health["failed"], serde_json::json!([]), "{health}");
 }
 
+/// A version the controller took but a front-end cannot load (here its artifact was damaged in
+/// the store) fails the deploy with the front-end's reason once it has lasted, rather than after
+/// the whole timeout, and the front-end keeps serving what it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_a_frontend_cannot_load_fails_the_deploy_with_its_reason() {
+    let controller = Controller::start(Db::Sqlite, "unloadable", &[]).await;
+    let fe1 = frontend(&controller, "fe1", "default").await;
+    controller.ok(&["app", "publish", &hello("v1")]);
+    controller.ok(&["app", "upload", &hello("v2")]);
+    controller
+        .store()
+        .await
+        .execute_raw("UPDATE artifacts SET bytes = x'00'")
+        .await
+        .unwrap();
+
+    let started = std::time::Instant::now();
+    let out = controller
+        .cli_async(&["deploy", "hello@v2", "--timeout", "300s"])
+        .await;
+    assert!(!out.success, "{}", out.stdout);
+    assert!(
+        out.stderr.contains("hello@v2 did not load on fe1: ") && out.stderr.contains("artifact"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(150),
+        "the deploy waited {:?}, as if for its timeout",
+        started.elapsed()
+    );
+    assert_eq!(fe1.serving("hello").await.as_deref(), Some("v1"));
+}
+
 async fn zones_keep_their_apps(db: Db) {
     let controller = Controller::start(db, "zones", &[]).await;
     let fe_a = frontend(&controller, "fe-a", "a").await;

@@ -548,6 +548,11 @@ impl Controller {
         run_cli(&self.url, &self.admin_token, args)
     }
 
+    /// The controller's store, opened beside it (to damage what a test needs damaged).
+    pub async fn store(&self) -> paddock_store::SqlStore {
+        paddock_store::SqlStore::open(&self.db_url).await.unwrap()
+    }
+
     /// Like `cli`, on a blocking thread: for a command that runs while the test drives load.
     pub async fn cli_async(&self, args: &[&str]) -> CliOutput {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
