@@ -1084,11 +1084,15 @@ impl Run<'_> {
                             .iter()
                             .find(|f| f.name == app.app && f.version == *want)
                     });
-                    if let (Some(f), true) = (failure, forward) {
-                        return Err(StepError::Failed(format!(
-                            "{name} cannot load {}@{want}: {}",
-                            app.app, f.error
-                        )));
+                    if let Some(f) = failure {
+                        let failed = format!("{name} cannot load {}@{want}: {}", app.app, f.error);
+                        if forward {
+                            return Err(StepError::Failed(failed));
+                        }
+                        // Past the point of no return the server's retries may still succeed:
+                        // the wait goes on, and names the reason if it times out.
+                        missing.push(format!("{failed} (it retries)"));
+                        continue;
                     }
                     match serving_version(server, &app.app) {
                         Some(v) if v == want => {}

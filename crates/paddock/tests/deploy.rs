@@ -478,6 +478,91 @@ async fn a_controller_killed_during_the_drain_resumes_and_an_abort_after_the_cut
     }
 }
 
+/// A step past the cutover that fails pauses the operation (it can only go forward): the loaded
+/// group's fe2 cannot load the new version, whose artifact was damaged in the store while the
+/// cutover waited. Abort and manual changes are refused saying what to do; once the artifact is
+/// sound again and fe2 has loaded it, `op resume` finishes the operation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_paused_past_its_cutover_says_what_to_do_and_resumes() {
+    let f = farm("deploy_paused", Db::Sqlite, 2).await;
+    // A slow request on fe2 (loaded) holds the cutover, which waits for fe2 to drain.
+    let mut fe2 = f.frontends[1].connect().await;
+    let slow = tokio::spawn(async move { fe2.get("/slow?ms=60000").await });
+    let out = f
+        .controller
+        .cli_async(&[
+            "deploy",
+            "--balanced",
+            "hello@v2",
+            "--updating",
+            "fe1",
+            "--timeout",
+            "5s",
+            "--detach",
+            "--json",
+        ])
+        .await;
+    let id = started_id(&out);
+    wait_for_step(&f.controller, id, "cutover").await;
+    let store = f.controller.store().await;
+    store
+        .execute_raw("UPDATE artifacts SET bytes = x'00'")
+        .await
+        .unwrap();
+    // The slow request's client goes away: fe2 drains, and the operation goes on.
+    slow.abort();
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let op = loop {
+        let op = op_json(&f.controller, id);
+        if op["state"] != "running" {
+            break op;
+        }
+        assert!(Instant::now() < deadline, "never paused: {op:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(op["state"], "paused", "{op:#}");
+    let failed = op["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "deployment-on")
+        .unwrap();
+    assert_eq!(failed["state"], "failed", "{op:#}");
+    assert!(
+        failed["message"].as_str().unwrap().contains(
+            "not confirmed within 5 s: fe2 cannot load hello@v2: artifact download damaged"
+        ),
+        "{op:#}"
+    );
+    let advice = format!("then `paddock op resume {id}`");
+    let e = f.controller.fails(&["op", "abort", &id.to_string()]);
+    assert!(
+        e.contains("is paused past its cutover and cannot be aborted") && e.contains(&advice),
+        "{e}"
+    );
+    let e = f.controller.fails(&["server", "fe2", "lb", "ready"]);
+    assert!(
+        e.contains(&format!(
+            "operation {id} holds zone default and is paused past its cutover"
+        )) && e.contains(&advice),
+        "{e}"
+    );
+
+    // The repair: without a stored artifact the controller compiles the component again, and
+    // fe2, which retries, loads it.
+    store.execute_raw("DELETE FROM artifacts").await.unwrap();
+    f.frontends[1].wait_serving("hello", "v2", "/hello").await;
+    f.controller.ok(&["op", "resume", &id.to_string()]);
+    let out = f
+        .controller
+        .cli_async(&["op", "watch", &id.to_string()])
+        .await;
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    assert_eq!(op_json(&f.controller, id)["state"], "succeeded");
+    assert_eq!(desired(&f.controller, "hello"), "v2");
+}
+
 /// A copy of a fixture package under another name and zone, in `dir`.
 fn package_as(dir: &std::path::Path, source: &str, name: &str, zone: &str) -> String {
     let to = dir.join(format!("{name}-{source}"));
