@@ -108,10 +108,14 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data folder {}", config.data_dir.display()))?;
-    let tokens = tokens::Tokens::load_or_create(&config.data_dir)?;
-    let store = SqlStore::open(&config.db_url)
+    let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .with_context(|| format!("opening the platform database {}", redact(&config.db_url)))?;
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let (store, _role) =
+        SqlStore::open_as_controller(&config.db_url, &holder(listener.local_addr()?))
+            .await
+            .with_context(|| format!("opening the platform database {}", redact(&config.db_url)))?;
+    let tokens = tokens::Tokens::load_or_create(&config.data_dir)?;
     let runtime = Runtime::new(&RuntimeConfig {
         max_instances: 1,
         ..RuntimeConfig::default()
@@ -132,9 +136,6 @@ pub async fn run(
         timer_sync: tokio::sync::Mutex::new(()),
         zone_gate: tokio::sync::Mutex::new(()),
     });
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
     tracing::info!(
         database = controller.store.backend(),
         engine = controller.runtime.engine_hash(),
@@ -153,6 +154,19 @@ pub async fn run(
         .await
         .context("serving the admin API")?;
     Ok(())
+}
+
+/// Who holds the controller role, for the error a second controller gets.
+fn holder(listen: std::net::SocketAddr) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!(
+        "paddock controller http://{listen}, pid {} on {}",
+        std::process::id(),
+        match host.trim() {
+            "" => "this machine",
+            host => host,
+        }
+    )
 }
 
 /// A database URL without its password, for messages.

@@ -62,6 +62,12 @@ pub enum StoreError {
     UnknownTimer { app: String, timer: String },
     #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://USER@HOST:PORT/DB")]
     BadUrl(String),
+    #[error(
+        "another controller is running on this database ({holder}); one controller drives a farm at a time: stop that one first (a controller that died releases the database at once)"
+    )]
+    ControllerRunning { holder: String },
+    #[error("cannot lock {path} for the controller: {error}")]
+    Lock { path: String, error: std::io::Error },
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     #[error("database migration failed: {0}")]
@@ -280,6 +286,84 @@ enum Dialect {
 pub struct SqlStore {
     pool: AnyPool,
     dialect: Dialect,
+    /// The SQLite database file (its lock file is beside it).
+    sqlite_path: Option<std::path::PathBuf>,
+}
+
+/// The controller role over a database, held while this lives and released when it is dropped
+/// or the process dies: on SQLite an exclusive lock on `<database>.controller.lock` (which names
+/// the holder); on PostgreSQL a session advisory lock on a connection of its own (whose
+/// `application_name` names the holder), released by the server when the connection ends.
+pub struct ControllerLock {
+    held: Held,
+}
+
+enum Held {
+    File(std::fs::File),
+    Postgres(sqlx::AnyConnection),
+}
+
+impl ControllerLock {
+    /// Gives the role up now (dropping the lock gives it up too, on PostgreSQL once the server
+    /// has seen the connection end).
+    pub async fn release(self) -> Result<()> {
+        match self.held {
+            Held::File(file) => file.unlock().map_err(|error| StoreError::Lock {
+                path: "the controller lock file".into(),
+                error,
+            }),
+            Held::Postgres(mut conn) => {
+                use sqlx::Connection as _;
+                sqlx::query(&format!("SELECT pg_advisory_unlock({CONTROLLER_LOCK_KEY})"))
+                    .execute(&mut conn)
+                    .await?;
+                conn.close().await?;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The advisory lock key of the controller role on PostgreSQL ("PADD").
+const CONTROLLER_LOCK_KEY: i64 = 0x5041_4444;
+
+/// The controller lock of a SQLite database: an exclusive lock on a file beside it.
+fn lock_file(db: &std::path::Path, holder: &str) -> Result<ControllerLock> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    let mut path = db.as_os_str().to_owned();
+    path.push(".controller.lock");
+    let path = std::path::PathBuf::from(path);
+    let failed = |error| StoreError::Lock {
+        path: path.display().to_string(),
+        error,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(failed)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => format!("it holds {}", path.display()),
+                named => named.to_string(),
+            };
+            return Err(StoreError::ControllerRunning { holder });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(failed(e)),
+    }
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{holder}"))
+        .map_err(failed)?;
+    Ok(ControllerLock {
+        held: Held::File(file),
+    })
 }
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -289,6 +373,33 @@ impl SqlStore {
     /// Opens (creating if needed) the database at `url` and applies pending migrations.
     /// `sqlite://PATH` or `postgres://...`.
     pub async fn open(url: &str) -> Result<SqlStore> {
+        let store = SqlStore::connect(url).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Like [`SqlStore::open`] for a controller: takes the controller role over the database
+    /// (see [`SqlStore::lock_controller`]) before it migrates anything, so that a second
+    /// controller, maybe of another release, changes nothing under the one running. Waits up to
+    /// 2 s for a controller that just stopped to release it.
+    pub async fn open_as_controller(url: &str, holder: &str) -> Result<(SqlStore, ControllerLock)> {
+        let store = SqlStore::connect(url).await?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let lock = loop {
+            match store.lock_controller(holder).await {
+                Err(StoreError::ControllerRunning { .. })
+                    if std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                result => break result?,
+            }
+        };
+        store.migrate().await?;
+        Ok((store, lock))
+    }
+
+    async fn connect(url: &str) -> Result<SqlStore> {
         sqlx::any::install_default_drivers();
         let (dialect, connect_url) = if let Some(path) = url.strip_prefix("sqlite://") {
             if path.is_empty() {
@@ -320,11 +431,71 @@ impl SqlStore {
                 .execute(&pool)
                 .await?;
         }
-        match dialect {
-            Dialect::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
-            Dialect::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
+        let sqlite_path = (dialect == Dialect::Sqlite).then(|| {
+            let path = url.trim_start_matches("sqlite://");
+            std::path::PathBuf::from(path.split('?').next().unwrap_or(path))
+        });
+        Ok(SqlStore {
+            pool,
+            dialect,
+            sqlite_path,
+        })
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        match self.dialect {
+            Dialect::Sqlite => SQLITE_MIGRATIONS.run(&self.pool).await?,
+            Dialect::Postgres => POSTGRES_MIGRATIONS.run(&self.pool).await?,
         }
-        Ok(SqlStore { pool, dialect })
+        Ok(())
+    }
+
+    /// Takes the controller role over this database, as `holder` (who and where, for the error
+    /// another controller gets). Fails with [`StoreError::ControllerRunning`] while another
+    /// controller holds it.
+    pub async fn lock_controller(&self, holder: &str) -> Result<ControllerLock> {
+        match &self.sqlite_path {
+            Some(db) => lock_file(db, holder),
+            None => self.lock_postgres(holder).await,
+        }
+    }
+
+    async fn lock_postgres(&self, holder: &str) -> Result<ControllerLock> {
+        use sqlx::{Connection as _, Executor as _};
+        let mut conn = self.pool.acquire().await?.detach();
+        let name: String = holder
+            .chars()
+            .filter(|c| *c != '\'' && !c.is_control())
+            .take(63)
+            .collect();
+        conn.execute(format!("SET application_name = '{name}'").as_str())
+            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT pg_try_advisory_lock({CONTROLLER_LOCK_KEY})"
+        ))
+        .fetch_one(&mut conn)
+        .await?;
+        if row.try_get::<bool, _>(0)? {
+            return Ok(ControllerLock {
+                held: Held::Postgres(conn),
+            });
+        }
+        let holder = sqlx::query(&format!(
+            "SELECT a.application_name, COALESCE(host(a.client_addr), 'a local socket') \
+             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objid = {CONTROLLER_LOCK_KEY} \
+             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) LIMIT 1"
+        ))
+        .fetch_optional(&mut conn)
+        .await?
+        .and_then(|row| {
+            let name: String = row.try_get(0).ok()?;
+            let from: String = row.try_get(1).ok()?;
+            Some(format!("{name}, connected from {from}"))
+        })
+        .unwrap_or_else(|| "its connection is listed in pg_stat_activity".into());
+        let _ = conn.close().await;
+        Err(StoreError::ControllerRunning { holder })
     }
 
     /// Runs one statement as is (administration, e.g. creating a test database).

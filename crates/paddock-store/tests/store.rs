@@ -763,7 +763,20 @@ async fn timer_claims(store: &dyn Store) {
     assert!(store.timers().await.unwrap().is_empty());
 }
 
+async fn controller_role(store: &SqlStore) {
+    let first = store.lock_controller("controller one").await.unwrap();
+    match store.lock_controller("controller two").await {
+        Err(e @ StoreError::ControllerRunning { .. }) => {
+            assert!(e.to_string().contains("(controller one"), "{e}")
+        }
+        other => panic!("a second controller took the role: {:?}", other.err()),
+    }
+    first.release().await.unwrap();
+    store.lock_controller("controller two").await.unwrap();
+}
+
 on_both_backends!(
+    controller_role,
     timer_claims,
     operations_journal,
     routing_state,

@@ -254,6 +254,20 @@ async fn a_version_a_frontend_cannot_load_fails_the_deploy_with_its_reason() {
     assert_eq!(fe1.serving("hello").await.as_deref(), Some("v1"));
 }
 
+async fn a_second_controller_on_the_database_is_refused_naming_the_first(db: Db) {
+    let mut controller = Controller::start(db, "second", &[]).await;
+    let e = controller.start_another().await;
+    let first = controller.url.trim_start_matches("http://");
+    assert!(
+        e.contains("another controller is running on this database")
+            && e.contains(&format!("paddock controller http://{first}")),
+        "{e}"
+    );
+    // A controller that dies releases the database at once: the next one starts.
+    controller.restart().await;
+    controller.ok(&["servers"]);
+}
+
 async fn zones_keep_their_apps(db: Db) {
     let controller = Controller::start(db, "zones", &[]).await;
     let fe_a = frontend(&controller, "fe-a", "a").await;
@@ -498,6 +512,7 @@ macro_rules! on_both_backends {
 on_both_backends!(
     publish_reaches_every_frontend_and_late_joiners,
     deployment_off_keeps_the_old_version_then_catches_up,
+    a_second_controller_on_the_database_is_refused_naming_the_first,
     zones_keep_their_apps,
     a_frontend_restarted_while_the_controller_is_down_serves_from_its_cache,
     bad_inputs_get_clear_errors_and_change_nothing

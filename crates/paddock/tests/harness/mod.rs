@@ -548,6 +548,41 @@ impl Controller {
         run_cli(&self.url, &self.admin_token, args)
     }
 
+    /// Starts a second controller on this one's database (its own address and data folder) and
+    /// returns its stderr once it has exited, which it must within 30 s.
+    pub async fn start_another(&self) -> String {
+        let db_url = self.db_url.clone();
+        tokio::task::spawn_blocking(move || {
+            let data = tempfile::tempdir().unwrap();
+            let mut child = Command::new(PADDOCK)
+                .args(["controller", "--listen", "127.0.0.1:0", "--db", &db_url])
+                .arg("--data")
+                .arg(data.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let out = child.wait_with_output().unwrap();
+                    panic!(
+                        "a second controller kept running on the same database: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let out = child.wait_with_output().unwrap();
+            assert!(!out.status.success());
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        })
+        .await
+        .unwrap()
+    }
+
     /// The controller's store, opened beside it (to damage what a test needs damaged).
     pub async fn store(&self) -> paddock_store::SqlStore {
         paddock_store::SqlStore::open(&self.db_url).await.unwrap()
