@@ -111,10 +111,11 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let (store, _role) =
-        SqlStore::open_as_controller(&config.db_url, &holder(listener.local_addr()?))
-            .await
-            .with_context(|| format!("opening the platform database {}", redact(&config.db_url)))?;
+    let holder = holder(listener.local_addr()?);
+    let (store, role) = SqlStore::open_as_controller(&config.db_url, &holder)
+        .await
+        .with_context(|| format!("opening the platform database {}", redact(&config.db_url)))?;
+    let store = Arc::new(store);
     let tokens = tokens::Tokens::load_or_create(&config.data_dir)?;
     let runtime = Runtime::new(&RuntimeConfig {
         max_instances: 1,
@@ -122,7 +123,7 @@ pub async fn run(
     })?;
     let generation = store.generation().await?;
     let controller = Arc::new(Controller {
-        store: Arc::new(store),
+        store: store.clone(),
         runtime: Arc::new(runtime),
         tokens,
         max_upload_bytes: config.max_upload_bytes,
@@ -149,11 +150,17 @@ pub async fn run(
     ops::resume_all(&controller)
         .await
         .context("reading the operations to resume")?;
-    axum::serve(listener, api::router(controller))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("serving the admin API")?;
-    Ok(())
+    let serve = axum::serve(listener, api::router(controller)).with_graceful_shutdown(shutdown);
+    tokio::select! {
+        served = std::future::IntoFuture::into_future(serve) => {
+            served.context("serving the admin API")
+        }
+        lost = store.keep_controller_role(role, &holder) => {
+            Err(anyhow::Error::from(lost).context(
+                "stopping: this controller lost its database connection, and another one took the controller role meanwhile",
+            ))
+        }
+    }
 }
 
 /// Who holds the controller role, for the error a second controller gets.

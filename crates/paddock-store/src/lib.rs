@@ -304,6 +304,21 @@ enum Held {
 }
 
 impl ControllerLock {
+    /// Whether the role is still held: on PostgreSQL, whether its connection still answers (the
+    /// server drops the lock with the connection, after a restart of PostgreSQL for one).
+    async fn held(&mut self) -> bool {
+        match &mut self.held {
+            Held::File(_) => true,
+            Held::Postgres(conn) => {
+                let check = sqlx::query("SELECT 1").execute(&mut *conn);
+                matches!(
+                    tokio::time::timeout(std::time::Duration::from_secs(5), check).await,
+                    Ok(Ok(_))
+                )
+            }
+        }
+    }
+
     /// Gives the role up now (dropping the lock gives it up too, on PostgreSQL once the server
     /// has seen the connection end).
     pub async fn release(self) -> Result<()> {
@@ -457,6 +472,32 @@ impl SqlStore {
         match &self.sqlite_path {
             Some(db) => lock_file(db, holder),
             None => self.lock_postgres(holder).await,
+        }
+    }
+
+    /// Keeps the controller role for as long as the process runs: checks every 2 s that it is
+    /// still held and, when it was lost (PostgreSQL restarted, or its connection was cut), takes
+    /// it again. Returns only when another controller took it meanwhile: this one must stop.
+    pub async fn keep_controller_role(&self, mut lock: ControllerLock, holder: &str) -> StoreError {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            if lock.held().await {
+                continue;
+            }
+            tracing::warn!(
+                "lost the database connection that holds the controller role; taking it again"
+            );
+            lock = loop {
+                match self.lock_controller(holder).await {
+                    Ok(lock) => break lock,
+                    Err(e @ StoreError::ControllerRunning { .. }) => return e,
+                    Err(e) => {
+                        tracing::warn!("cannot take the controller role again yet: {e}");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                }
+            };
+            tracing::info!("holds the controller role again");
         }
     }
 

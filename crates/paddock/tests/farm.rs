@@ -268,6 +268,50 @@ async fn a_second_controller_on_the_database_is_refused_naming_the_first(db: Db)
     controller.ok(&["servers"]);
 }
 
+/// On PostgreSQL the role is a lock on the controller's own connection. When that connection is
+/// cut (here by the test, which takes the lock in the same breath, as a second controller could
+/// while PostgreSQL restarts), the controller notices, finds the role taken and stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_whose_role_was_taken_while_its_connection_was_cut_stops() {
+    let mut controller = Controller::start(Db::Postgres, "role_lost", &[]).await;
+    let store = controller.store().await;
+    let cut = "SELECT pg_terminate_backend(pid, 5000) FROM pg_locks WHERE locktype = 'advisory' \
+               AND granted AND objid = 1346454596 \
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+    // Cut alone: the controller takes the role again and goes on.
+    store.execute_raw(cut).await.unwrap();
+    controller
+        .wait_for_log("holds the controller role again", Duration::from_secs(30))
+        .await;
+    controller.ok(&["servers"]);
+    assert!(store.lock_controller("check").await.is_err());
+
+    store
+        .execute_raw(&format!(
+            "SET application_name = 'paddock test intruder'; {cut}; \
+                 SELECT pg_try_advisory_lock(1346454596);"
+        ))
+        .await
+        .unwrap();
+    // The test's session holds the role now (seen from another process: advisory locks are
+    // reentrant within a session, and the store's pool may hand that session out again).
+    let e = controller.start_another().await;
+    assert!(e.contains("(paddock test intruder"), "{e}");
+
+    let status = controller.wait_exited(Duration::from_secs(30)).await;
+    assert!(!status.success());
+    let log = controller
+        .wait_for_log(
+            "stopping: this controller lost its database connection",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(
+        log.contains("another controller is running on this database (paddock test intruder"),
+        "{log}"
+    );
+}
+
 async fn zones_keep_their_apps(db: Db) {
     let controller = Controller::start(db, "zones", &[]).await;
     let fe_a = frontend(&controller, "fe-a", "a").await;

@@ -531,6 +531,39 @@ impl Controller {
         self.url = format!("http://{}", found[0]);
     }
 
+    /// Waits (at most `within`) for the controller to exit on its own.
+    pub async fn wait_exited(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut().expect("the controller runs");
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the controller still runs after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits (at most `within`) until the controller's log (its stderr) contains `needle`.
+    pub async fn wait_for_log(&self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let log = self.log.lock().unwrap().clone();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the controller never logged {needle:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// SIGKILL: the controller dies at once, as on a crash.
     pub fn kill(&mut self) {
         kill_child(&mut self.child);
