@@ -108,14 +108,16 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data folder {}", config.data_dir.display()))?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let holder = holder(listener.local_addr()?);
+    // The role first: a second controller started by mistake, even with this one's address,
+    // is told which controller runs, and changes nothing.
+    let holder = holder(config.listen);
     let (store, role) = SqlStore::open_as_controller(&config.db_url, &holder)
         .await
         .with_context(|| format!("opening the platform database {}", redact(&config.db_url)))?;
     let store = Arc::new(store);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
     let tokens = tokens::Tokens::load_or_create(&config.data_dir)?;
     let runtime = Runtime::new(&RuntimeConfig {
         max_instances: 1,
@@ -167,7 +169,7 @@ pub async fn run(
 fn holder(listen: std::net::SocketAddr) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     format!(
-        "paddock controller http://{listen}, pid {} on {}",
+        "paddock controller listening on {listen}, pid {} on {}",
         std::process::id(),
         match host.trim() {
             "" => "this machine",

@@ -44,7 +44,7 @@ pub struct Manifest {
 /// Resource limits of every instance of the app.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
-    /// Limit of each linear memory, in MiB.
+    /// Limit of all the linear memories of an instance together, in MiB.
     pub memory_mib: u32,
     /// Wall-clock limit of one request, from its arrival to the end of its response body.
     #[serde(with = "humantime_serde")]

@@ -109,10 +109,15 @@ impl Apps {
     ) -> Result<Option<Arc<AppVersion>>, DeployError> {
         let name = version.spec().name.clone();
         let replaced = replaced.filter(|r| *r != name);
-        let mut done = self.install(vec![version], |app| Some(app) != replaced);
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let (table, mut done) = plan(&self.table.load_full(), vec![version], |app| {
+            Some(app) != replaced
+        });
+        // All or nothing: a refused version leaves the app it would replace served.
         if let Some((_, e)) = done.refused.pop() {
             return Err(e);
         }
+        self.table.store(Arc::new(table));
         Ok(done.deployed.pop().and_then(|(_, previous)| previous))
     }
 
@@ -128,75 +133,9 @@ impl Apps {
         keep: impl Fn(&str) -> bool,
     ) -> Installed {
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let current = self.table.load_full();
-        let mut accepted = versions;
-        let mut refused = Vec::new();
-        // Refusing a version puts its app's current one back, which may hold the route of a
-        // version accepted so far: repeat until nothing clashes (each round refuses one).
-        loop {
-            let kept: Vec<&AppVersion> = current
-                .entries
-                .iter()
-                .map(|r| &*r.version)
-                .filter(|v| {
-                    keep(&v.spec().name) && !accepted.iter().any(|a| a.spec().name == v.spec().name)
-                })
-                .collect();
-            let clash = accepted.iter().enumerate().find_map(|(i, v)| {
-                let s = v.spec();
-                let other = kept
-                    .iter()
-                    .map(|k| k.spec())
-                    .chain(
-                        accepted
-                            .iter()
-                            .map(|a| a.spec())
-                            .filter(|o| o.name < s.name),
-                    )
-                    .find(|o| o.route == s.route && o.name != s.name)?;
-                Some((i, other.name.clone()))
-            });
-            let Some((i, other)) = clash else { break };
-            let version = accepted.remove(i);
-            let route = version.spec().route.clone();
-            refused.push((version, DeployError::RouteTaken { route, other }));
-        }
-        let is_new = |name: &str| accepted.iter().any(|a| a.spec().name == name);
-        let mut entries = Vec::with_capacity(current.entries.len() + accepted.len());
-        let mut undeployed = Vec::new();
-        for route in &current.entries {
-            let name = &route.version.spec().name;
-            if is_new(name) {
-                continue;
-            }
-            if keep(name) {
-                entries.push(route.clone());
-            } else {
-                undeployed.push(route.version.clone());
-            }
-        }
-        let deployed: Vec<_> = accepted
-            .into_iter()
-            .map(|version| {
-                let previous = current
-                    .entries
-                    .iter()
-                    .find(|r| r.version.spec().name == version.spec().name)
-                    .map(|r| r.version.clone());
-                entries.push(Route::new(version.clone()));
-                (version, previous)
-            })
-            .collect();
-        entries.sort_by(|a, b| {
-            let (a, b) = (&a.version.spec().route, &b.version.spec().route);
-            b.len().cmp(&a.len()).then_with(|| a.cmp(b))
-        });
-        self.table.store(Arc::new(RouteTable { entries }));
-        Installed {
-            deployed,
-            refused,
-            undeployed,
-        }
+        let (table, done) = plan(&self.table.load_full(), versions, keep);
+        self.table.store(Arc::new(table));
+        done
     }
 
     /// Stops serving `name`; returns the version that was served.
@@ -238,6 +177,85 @@ impl Apps {
         apps.sort_by(|a, b| a.name.cmp(&b.name));
         apps
     }
+}
+
+/// The table [`Apps::install`] stores, and what it does: `current` with `versions` in and the
+/// apps `keep` says no to out, minus the versions refused (see there).
+fn plan(
+    current: &RouteTable,
+    versions: Vec<Arc<AppVersion>>,
+    keep: impl Fn(&str) -> bool,
+) -> (RouteTable, Installed) {
+    let mut accepted = versions;
+    let mut refused = Vec::new();
+    // Refusing a version puts its app's current one back, which may hold the route of a
+    // version accepted so far: repeat until nothing clashes (each round refuses one).
+    loop {
+        let kept: Vec<&AppVersion> = current
+            .entries
+            .iter()
+            .map(|r| &*r.version)
+            .filter(|v| {
+                keep(&v.spec().name) && !accepted.iter().any(|a| a.spec().name == v.spec().name)
+            })
+            .collect();
+        let clash = accepted.iter().enumerate().find_map(|(i, v)| {
+            let s = v.spec();
+            let other = kept
+                .iter()
+                .map(|k| k.spec())
+                .chain(
+                    accepted
+                        .iter()
+                        .map(|a| a.spec())
+                        .filter(|o| o.name < s.name),
+                )
+                .find(|o| o.route == s.route && o.name != s.name)?;
+            Some((i, other.name.clone()))
+        });
+        let Some((i, other)) = clash else { break };
+        let version = accepted.remove(i);
+        let route = version.spec().route.clone();
+        refused.push((version, DeployError::RouteTaken { route, other }));
+    }
+    let is_new = |name: &str| accepted.iter().any(|a| a.spec().name == name);
+    let mut entries = Vec::with_capacity(current.entries.len() + accepted.len());
+    let mut undeployed = Vec::new();
+    for route in &current.entries {
+        let name = &route.version.spec().name;
+        if is_new(name) {
+            continue;
+        }
+        if keep(name) {
+            entries.push(route.clone());
+        } else {
+            undeployed.push(route.version.clone());
+        }
+    }
+    let deployed: Vec<_> = accepted
+        .into_iter()
+        .map(|version| {
+            let previous = current
+                .entries
+                .iter()
+                .find(|r| r.version.spec().name == version.spec().name)
+                .map(|r| r.version.clone());
+            entries.push(Route::new(version.clone()));
+            (version, previous)
+        })
+        .collect();
+    entries.sort_by(|a, b| {
+        let (a, b) = (&a.version.spec().route, &b.version.spec().route);
+        b.len().cmp(&a.len()).then_with(|| a.cmp(b))
+    });
+    (
+        RouteTable { entries },
+        Installed {
+            deployed,
+            refused,
+            undeployed,
+        },
+    )
 }
 
 #[cfg(test)]
@@ -333,6 +351,35 @@ mod tests {
         assert_eq!(
             apps.table().lookup("/x/1").unwrap().version.spec().name,
             "b"
+        );
+    }
+
+    #[test]
+    fn a_refused_rename_leaves_the_app_it_would_replace_served() {
+        let m = Maker::new();
+        let apps = Apps::new(m.runtime.clone());
+        apps.deploy(m.version("old", "v1", "/old")).unwrap();
+        apps.deploy(m.version("other", "v1", "/other")).unwrap();
+        let e = apps
+            .deploy_instead_of(m.version("new", "v1", "/other"), Some("old"))
+            .unwrap_err();
+        assert_eq!(
+            e,
+            DeployError::RouteTaken {
+                route: "/other".into(),
+                other: "other".into()
+            }
+        );
+        assert_eq!(
+            served(&apps),
+            [row("/other", "other", "v1"), row("/old", "old", "v1")]
+        );
+        // Renamed onto a free route (or its own), it replaces the old app in one step.
+        apps.deploy_instead_of(m.version("new", "v1", "/old"), Some("old"))
+            .unwrap();
+        assert_eq!(
+            served(&apps),
+            [row("/other", "other", "v1"), row("/old", "new", "v1")]
         );
     }
 

@@ -55,19 +55,14 @@ impl Host {
 /// such an app could use the limit once per memory). Growing past it, or failing to grow, traps.
 pub(crate) struct MemoryLimit {
     limit: usize,
-    /// Bytes of all memories, counting the growth granted last.
+    /// Bytes of all memories. A growth that fails after it was granted traps, which ends the
+    /// instance and its store, so nothing is ever given back.
     used: usize,
-    /// The growth granted last, given back if it then fails.
-    granted: usize,
 }
 
 impl MemoryLimit {
     pub(crate) fn new(limit: usize) -> MemoryLimit {
-        MemoryLimit {
-            limit,
-            used: 0,
-            granted: 0,
-        }
+        MemoryLimit { limit, used: 0 }
     }
 }
 
@@ -90,12 +85,10 @@ impl ResourceLimiter for MemoryLimit {
             wasmtime::bail!("growing memory to {desired} bytes passes its declared maximum");
         }
         self.used = total;
-        self.granted = more;
         Ok(true)
     }
 
     fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
-        self.used -= std::mem::take(&mut self.granted);
         Err(error.context("growing memory failed"))
     }
 
@@ -295,15 +288,13 @@ mod tests {
     }
 
     #[test]
-    fn a_growth_that_fails_after_it_was_granted_is_given_back() {
+    fn a_growth_past_a_declared_maximum_or_that_fails_traps() {
         let mut limit = MemoryLimit::new(10 * MIB);
-        assert!(limit.memory_growing(0, 8 * MIB, None).unwrap());
+        assert!(limit.memory_growing(0, MIB / 2, Some(MIB / 4)).is_err());
         assert!(
             limit
                 .memory_grow_failed(wasmtime::Error::msg("mmap"))
                 .is_err()
         );
-        assert!(limit.memory_growing(0, 9 * MIB, None).unwrap());
-        assert!(limit.memory_growing(0, MIB / 2, Some(MIB / 4)).is_err());
     }
 }

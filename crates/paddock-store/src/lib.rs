@@ -63,9 +63,13 @@ pub enum StoreError {
     #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://USER@HOST:PORT/DB")]
     BadUrl(String),
     #[error(
-        "another controller is running on this database ({holder}); one controller drives a farm at a time: stop that one first (a controller that died releases the database at once)"
+        "another controller is running on this database ({holder}); one controller drives a farm at a time: stop that one first (one that stopped or crashed releases the database at once, one whose machine or network went away within about 30 s)"
     )]
-    ControllerRunning { holder: String },
+    ControllerRunning {
+        holder: String,
+        /// The PostgreSQL backend holding the role, if known.
+        backend: Option<i32>,
+    },
     #[error("cannot lock {path} for the controller: {error}")]
     Lock { path: String, error: std::io::Error },
     #[error("database error: {0}")]
@@ -300,7 +304,8 @@ pub struct ControllerLock {
 
 enum Held {
     File(std::fs::File),
-    Postgres(sqlx::AnyConnection),
+    /// The connection and its backend's process id.
+    Postgres(sqlx::AnyConnection, i32),
 }
 
 impl ControllerLock {
@@ -309,7 +314,7 @@ impl ControllerLock {
     async fn held(&mut self) -> bool {
         match &mut self.held {
             Held::File(_) => true,
-            Held::Postgres(conn) => {
+            Held::Postgres(conn, _) => {
                 let check = sqlx::query("SELECT 1").execute(&mut *conn);
                 matches!(
                     tokio::time::timeout(std::time::Duration::from_secs(5), check).await,
@@ -327,7 +332,7 @@ impl ControllerLock {
                 path: "the controller lock file".into(),
                 error,
             }),
-            Held::Postgres(mut conn) => {
+            Held::Postgres(mut conn, _) => {
                 use sqlx::Connection as _;
                 sqlx::query(&format!("SELECT pg_advisory_unlock({CONTROLLER_LOCK_KEY})"))
                     .execute(&mut conn)
@@ -341,6 +346,13 @@ impl ControllerLock {
 
 /// The advisory lock key of the controller role on PostgreSQL ("PADD").
 const CONTROLLER_LOCK_KEY: i64 = 0x5041_4444;
+
+/// The database file of a `sqlite://PATH[?OPTIONS]` URL.
+fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+    let path = url.strip_prefix("sqlite://")?;
+    let path = path.split('?').next().unwrap_or(path);
+    (!path.is_empty()).then(|| std::path::PathBuf::from(path))
+}
 
 /// The controller lock of a SQLite database: an exclusive lock on a file beside it.
 fn lock_file(db: &std::path::Path, holder: &str) -> Result<ControllerLock> {
@@ -368,7 +380,10 @@ fn lock_file(db: &std::path::Path, holder: &str) -> Result<ControllerLock> {
                 "" => format!("it holds {}", path.display()),
                 named => named.to_string(),
             };
-            return Err(StoreError::ControllerRunning { holder });
+            return Err(StoreError::ControllerRunning {
+                holder,
+                backend: None,
+            });
         }
         Err(std::fs::TryLockError::Error(e)) => return Err(failed(e)),
     }
@@ -398,8 +413,24 @@ impl SqlStore {
     /// controller, maybe of another release, changes nothing under the one running. Waits up to
     /// 2 s for a controller that just stopped to release it.
     pub async fn open_as_controller(url: &str, holder: &str) -> Result<(SqlStore, ControllerLock)> {
-        let store = SqlStore::connect(url).await?;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        // SQLite's lock is a file beside the database: taken before the database is touched.
+        if let Some(path) = sqlite_path(url) {
+            let lock = loop {
+                match lock_file(&path, holder) {
+                    Err(StoreError::ControllerRunning { .. })
+                        if std::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                    result => break result?,
+                }
+            };
+            let store = SqlStore::connect(url).await?;
+            store.migrate().await?;
+            return Ok((store, lock));
+        }
+        let store = SqlStore::connect(url).await?;
         let lock = loop {
             match store.lock_controller(holder).await {
                 Err(StoreError::ControllerRunning { .. })
@@ -446,14 +477,10 @@ impl SqlStore {
                 .execute(&pool)
                 .await?;
         }
-        let sqlite_path = (dialect == Dialect::Sqlite).then(|| {
-            let path = url.trim_start_matches("sqlite://");
-            std::path::PathBuf::from(path.split('?').next().unwrap_or(path))
-        });
         Ok(SqlStore {
             pool,
             dialect,
-            sqlite_path,
+            sqlite_path: sqlite_path(url),
         })
     }
 
@@ -484,12 +511,28 @@ impl SqlStore {
             if lock.held().await {
                 continue;
             }
+            // Its own session may outlive the connection on the server for a while (a check
+            // that timed out, a network cut): that one is not another controller.
+            let own = match &lock.held {
+                Held::Postgres(_, backend) => Some(*backend),
+                Held::File(_) => None,
+            };
+            drop(lock);
             tracing::warn!(
                 "lost the database connection that holds the controller role; taking it again"
             );
             lock = loop {
                 match self.lock_controller(holder).await {
                     Ok(lock) => break lock,
+                    Err(StoreError::ControllerRunning { backend, .. })
+                        if backend.is_some() && backend == own =>
+                    {
+                        tracing::warn!(
+                            backend = own,
+                            "the role is still held by this controller's old session, which the server has not ended yet"
+                        );
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
                     Err(e @ StoreError::ControllerRunning { .. }) => return e,
                     Err(e) => {
                         tracing::warn!("cannot take the controller role again yet: {e}");
@@ -502,41 +545,58 @@ impl SqlStore {
     }
 
     async fn lock_postgres(&self, holder: &str) -> Result<ControllerLock> {
-        use sqlx::{Connection as _, Executor as _};
+        use sqlx::Connection as _;
         let mut conn = self.pool.acquire().await?.detach();
         let name: String = holder
             .chars()
             .filter(|c| *c != '\'' && !c.is_control())
             .take(63)
             .collect();
-        conn.execute(format!("SET application_name = '{name}'").as_str())
-            .await?;
+        // The server ends the session, and so releases the role, within about 25 s of the
+        // controller's machine or network going away (its default is the OS's, often 2 h).
+        sqlx::raw_sql(&format!(
+            "SET application_name = '{name}'; SET tcp_keepalives_idle = 10; \
+             SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3"
+        ))
+        .execute(&mut conn)
+        .await?;
         let row = sqlx::query(&format!(
-            "SELECT pg_try_advisory_lock({CONTROLLER_LOCK_KEY})"
+            "SELECT pg_try_advisory_lock({CONTROLLER_LOCK_KEY}), pg_backend_pid()"
         ))
         .fetch_one(&mut conn)
         .await?;
         if row.try_get::<bool, _>(0)? {
+            let backend = row.try_get::<i32, _>(1)?;
             return Ok(ControllerLock {
-                held: Held::Postgres(conn),
+                held: Held::Postgres(conn, backend),
             });
         }
-        let holder = sqlx::query(&format!(
-            "SELECT a.application_name, COALESCE(host(a.client_addr), 'a local socket') \
+        let found = sqlx::query(&format!(
+            "SELECT a.application_name, COALESCE(host(a.client_addr), 'a local socket'), a.pid \
              FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-             WHERE l.locktype = 'advisory' AND l.granted AND l.objid = {CONTROLLER_LOCK_KEY} \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0 \
+             AND l.objid = {CONTROLLER_LOCK_KEY} AND l.objsubid = 1 \
              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) LIMIT 1"
         ))
         .fetch_optional(&mut conn)
-        .await?
-        .and_then(|row| {
+        .await?;
+        let _ = conn.close().await;
+        let named = found.and_then(|row| {
             let name: String = row.try_get(0).ok()?;
             let from: String = row.try_get(1).ok()?;
-            Some(format!("{name}, connected from {from}"))
+            let pid: i32 = row.try_get(2).ok()?;
+            Some((format!("{name}, connected from {from}"), pid))
+        });
+        Err(match named {
+            Some((holder, pid)) => StoreError::ControllerRunning {
+                holder,
+                backend: Some(pid),
+            },
+            None => StoreError::ControllerRunning {
+                holder: "its connection is listed in pg_stat_activity".into(),
+                backend: None,
+            },
         })
-        .unwrap_or_else(|| "its connection is listed in pg_stat_activity".into());
-        let _ = conn.close().await;
-        Err(StoreError::ControllerRunning { holder })
     }
 
     /// Runs one statement as is (administration, e.g. creating a test database).

@@ -531,6 +531,11 @@ impl Controller {
         self.url = format!("http://{}", found[0]);
     }
 
+    /// The process id of the running controller.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the controller runs").id()
+    }
+
     /// Waits (at most `within`) for the controller to exit on its own.
     pub async fn wait_exited(&mut self, within: Duration) -> ExitStatus {
         let deadline = Instant::now() + within;
