@@ -43,9 +43,10 @@ pub struct LoadedApp {
 }
 
 /// A server's role: `active` servers take traffic and timers; `passive` ones stand by, deployed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    #[default]
     Active,
     Passive,
 }

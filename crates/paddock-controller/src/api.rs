@@ -13,8 +13,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use paddock_api::{
     ApiError, AppVersionRef, BalancedDeployRequest, BalancerReport, DeployPlan, DesiredApp,
-    DesiredState, HealthReport, LbState, OpState, Operation, Policy, Registration, RoutingTable,
-    ServerFlag, ServerInfo, TimerClaim, TimerFinish, TimerInfo, TimerLease, TimerRun, VersionInfo,
+    DesiredState, HealthReport, LbState, OpState, Operation, Policy, Registration, Role,
+    RoutingTable, ServerFlag, ServerInfo, TimerClaim, TimerFinish, TimerInfo, TimerLease, TimerRun,
+    VersionInfo,
 };
 use paddock_core::Manifest;
 use paddock_core::manifest::is_valid_name;
@@ -40,6 +41,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/servers/{name}", get(show_server).delete(remove_server))
         .route("/v1/servers/{name}/flags", post(set_flag))
         .route("/v1/servers/{name}/lb", post(set_lb))
+        .route("/v1/servers/{name}/role", post(set_role))
         .route("/v1/zones/{zone}/policy", post(set_policy))
         .route("/v1/routing", get(routing_status))
         .route("/v1/timers", get(list_timers))
@@ -617,6 +619,45 @@ async fn set_lb(
 }
 
 #[derive(Serialize, Deserialize)]
+pub struct RoleRequest {
+    pub role: Role,
+}
+
+/// Makes a server active (in rotation, with its scheduler) or passive (standing by: deployed,
+/// no traffic, no timers). Activation is refused unless the server serves what its zone should.
+async fn set_role(
+    State(c): State<Arc<Controller>>,
+    Path(name): Path<String>,
+    Json(request): Json<RoleRequest>,
+) -> Answer<ServerInfo> {
+    let server = c.store.server(&name).await?;
+    let _gate = ensure_zone_free(&c, &server.zone).await?;
+    if request.role == Role::Active
+        && server.role != Role::Active
+        && let Some(why) = crate::failover::not_ready(&c, &server).await?
+    {
+        return Err(Failure::new(
+            StatusCode::CONFLICT,
+            "not_ready",
+            format!(
+                "{why}: a server is activated once it serves the versions desired in its zone (its deployment service on, `paddock status` shows what it serves); nothing changed"
+            ),
+        ));
+    }
+    let generation = c.store.set_roles(&[(&name, request.role)]).await?;
+    c.store
+        .audit(
+            "admin",
+            "server-role",
+            &format!("{name} {}", request.role.as_str()),
+            now_ms(),
+        )
+        .await?;
+    c.announce(generation);
+    Ok(Json(c.store.server(&name).await?))
+}
+
+#[derive(Serialize, Deserialize)]
 pub struct PolicyRequest {
     pub policy: Policy,
 }
@@ -1069,7 +1110,8 @@ async fn desired(
         deployment: server.deployment,
         apps,
         lb: server.lb,
-        scheduler: server.scheduler,
+        // A passive server stands by without its scheduler, whatever its flag says.
+        scheduler: server.scheduler && server.role == Role::Active,
     }))
 }
 

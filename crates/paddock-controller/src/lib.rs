@@ -10,12 +10,14 @@
 //! - [`routing`]: the balancers' routing table, and the facts operations wait on (every live
 //!   balancer acknowledged a generation; a front-end is drained).
 //! - [`tokens`]: the two bearer tokens, generated at first start in the data folder.
+//! - [`failover`]: active and passive front-ends; activating a standby when one dies.
 //!
 //! Deliberately absent: SQL (the store crate), wasmtime beyond `Runtime::compile` (the runtime
 //! crate), and any IO towards front-ends: they come to the controller, never the other way round.
 
 pub mod api;
 mod extract;
+pub mod failover;
 pub mod ops;
 pub mod routing;
 pub mod timers;
@@ -41,6 +43,9 @@ pub struct ControllerConfig {
     pub data_dir: PathBuf,
     /// Largest package upload accepted, in bytes.
     pub max_upload_bytes: usize,
+    /// Activate a passive front-end when an active one in rotation has been silent this long
+    /// (`None`: never).
+    pub failover_after: Option<std::time::Duration>,
 }
 
 /// What every request handler shares.
@@ -152,6 +157,9 @@ pub async fn run(
     ops::resume_all(&controller)
         .await
         .context("reading the operations to resume")?;
+    if let Some(after) = config.failover_after {
+        tokio::spawn(failover::watch(controller.clone(), after));
+    }
     let serve = axum::serve(listener, api::router(controller)).with_graceful_shutdown(shutdown);
     tokio::select! {
         served = std::future::IntoFuture::into_future(serve) => {

@@ -81,6 +81,9 @@ pub struct RoutingStatus {
 pub struct UpstreamStatus {
     pub name: String,
     pub zone: String,
+    /// A passive server is not in the table at all.
+    #[serde(default)]
+    pub role: Role,
     pub state: LbState,
     pub weight: u32,
     /// Requests in flight on the front-end, from its last heartbeat.
@@ -89,7 +92,7 @@ pub struct UpstreamStatus {
     pub balancer_in_flight: u64,
     /// Live balancers whose health checks pass for it.
     pub up_on: Vec<String>,
-    /// `drain` or `maint`, every live balancer routes by a table that says so, none of them
+    /// `drain`, `maint` or passive, every live balancer routes by a table that says so, none of them
     /// has a request in flight to it, and the front-end reported zero in flight after the last
     /// of those acknowledgements (or it is not alive: a dead process serves nothing).
     pub drained: bool,
@@ -164,9 +167,13 @@ fn upstream_status(
     let frontend_idle =
         !alive || (server.heartbeat_ms.is_some_and(|t| t > last_ack_ms) && in_flight == Some(0));
     UpstreamStatus {
-        drained: server.lb != LbState::Ready && applied && balancer_in_flight == 0 && frontend_idle,
+        drained: (server.lb != LbState::Ready || server.role != Role::Active)
+            && applied
+            && balancer_in_flight == 0
+            && frontend_idle,
         name: server.name,
         zone: server.zone,
+        role: server.role,
         state: server.lb,
         weight: server.weight,
         in_flight,

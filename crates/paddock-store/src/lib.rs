@@ -143,6 +143,9 @@ pub trait Store: Send + Sync + 'static {
     /// Sets how the balancers treat a front-end, and its weight if given; returns the new
     /// generation.
     async fn set_lb(&self, name: &str, state: LbState, weight: Option<u32>) -> Result<i64>;
+    /// Sets the roles of servers, all in one generation (a failover swaps two); returns the
+    /// new generation. A passive server takes no traffic and claims no timer.
+    async fn set_roles(&self, roles: &[(&str, Role)]) -> Result<i64>;
     /// Sets a zone's balancing policy; returns the new generation.
     async fn set_zone_policy(&self, zone: &str, policy: Policy) -> Result<i64>;
     /// The zones whose policy was set (the others are round-robin).
@@ -818,6 +821,23 @@ impl Store for SqlStore {
         .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::UnknownServer(name.into()));
+        }
+        let generation = self.bump_generation(&mut tx).await?;
+        tx.commit().await?;
+        Ok(generation)
+    }
+
+    async fn set_roles(&self, roles: &[(&str, Role)]) -> Result<i64> {
+        let mut tx = self.pool.begin().await?;
+        for (name, role) in roles {
+            let done = sqlx::query(&self.sql("UPDATE servers SET role = $1 WHERE name = $2"))
+                .bind(role.as_str())
+                .bind(*name)
+                .execute(&mut *tx)
+                .await?;
+            if done.rows_affected() == 0 {
+                return Err(StoreError::UnknownServer((*name).into()));
+            }
         }
         let generation = self.bump_generation(&mut tx).await?;
         tx.commit().await?;
@@ -1526,13 +1546,16 @@ impl Store for SqlStore {
             Dialect::Sqlite => "",
         };
         let row = sqlx::query(&self.sql(&format!(
-            "SELECT zone, scheduler_on FROM servers WHERE name = $1{share}"
+            "SELECT zone, scheduler_on, role FROM servers WHERE name = $1{share}"
         )))
         .bind(server)
         .fetch_optional(&mut *tx)
         .await?
         .ok_or_else(|| StoreError::UnknownServer(server.into()))?;
-        if row.try_get::<i64, _>("scheduler_on")? == 0 {
+        // A passive server stands by: its scheduler flag waits for its activation.
+        if row.try_get::<i64, _>("scheduler_on")? == 0
+            || row.try_get::<String, _>("role")? != Role::Active.as_str()
+        {
             return Ok(Vec::new());
         }
         let zone: String = row.try_get("zone")?;

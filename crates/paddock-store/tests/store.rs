@@ -674,6 +674,30 @@ async fn timer_claims(store: &dyn Store) {
             .is_empty(),
         "not due yet"
     );
+    // A passive server claims nothing, its scheduler flag on or not.
+    let g = store.generation().await.unwrap();
+    assert!(store.set_roles(&[("fe1", Role::Passive)]).await.unwrap() > g);
+    assert_eq!(store.server("fe1").await.unwrap().role, Role::Passive);
+    assert!(store.server("fe1").await.unwrap().scheduler);
+    assert!(
+        store
+            .claim_timers("fe1", &serving, 11_000, 5000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(matches!(
+        store
+            .set_roles(&[("fe1", Role::Active), ("nope", Role::Active)])
+            .await,
+        Err(StoreError::UnknownServer(_))
+    ));
+    assert_eq!(
+        store.server("fe1").await.unwrap().role,
+        Role::Passive,
+        "a refused change changes nothing"
+    );
+    store.set_roles(&[("fe1", Role::Active)]).await.unwrap();
     let claims = store
         .claim_timers("fe1", &serving, 11_000, 5000, 10)
         .await

@@ -131,6 +131,11 @@ struct ControllerArgs {
     /// Largest package upload accepted, in MiB.
     #[arg(long, default_value_t = 64)]
     max_upload_mib: usize,
+    /// When an active front-end in rotation sends no heartbeat for this long (a crash; one
+    /// stopped on purpose says so), activate a ready passive front-end of its zone instead.
+    /// 0s: never.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    failover_after: Duration,
 }
 
 #[derive(clap::Args)]
@@ -369,6 +374,7 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
             .checked_mul(1024 * 1024)
             .filter(|&bytes| bytes > 0)
             .context("--max-upload-mib: give a size in MiB, at least 1")?,
+        failover_after: (!args.failover_after.is_zero()).then_some(args.failover_after),
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -5,9 +5,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use paddock_api::{ApiError, AppSummary, ServerFlag, ServerInfo, VersionInfo};
-use paddock_api::{LbState, Policy};
+use paddock_api::{LbState, Policy, Role};
 use paddock_controller::api::{
-    Deployed, FlagRequest, LbRequest, PolicyRequest, PolicySet, RollbackRequest, Status, Uploaded,
+    Deployed, FlagRequest, LbRequest, PolicyRequest, PolicySet, RoleRequest, RollbackRequest,
+    Status, Uploaded,
 };
 use paddock_controller::routing::RoutingStatus;
 use serde::Serialize;
@@ -477,8 +478,27 @@ pub enum ServerCommand {
         #[arg(long, default_value = "60s", value_parser = crate::positive_duration)]
         timeout: Duration,
     },
+    /// Make the server `active` (in rotation, with its scheduler) or `passive` (standing by:
+    /// it keeps taking the desired versions, but gets no traffic and no timers). Activation is
+    /// refused unless it serves the versions desired in its zone.
+    Role {
+        role: RoleArg,
+        /// Wait until every live balancer routes by the change (and, for passive, until the
+        /// server has no request in flight).
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this long.
+        #[arg(long, default_value = "60s", value_parser = crate::positive_duration)]
+        timeout: Duration,
+    },
     /// Forget the server (it registers again if it is still running).
     Remove,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+pub enum RoleArg {
+    Active,
+    Passive,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -560,6 +580,25 @@ async fn set_lb(
             println!("{}: lb {}, weight {}", i.name, i.lb.as_str(), i.weight)
         });
     }
+    wait_routed_state(
+        client,
+        name,
+        &format!("lb {}", state.as_str()),
+        state != LbState::Ready,
+        timeout,
+    )
+    .await
+}
+
+/// Waits until every live balancer routes by the current table and, with `drain`, until `name`
+/// has nothing in flight; prints what it waited for, as `what` (`lb drain`, `passive`).
+async fn wait_routed_state(
+    client: &Client,
+    name: &str,
+    what: &str,
+    drain: bool,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut acknowledged = None;
     loop {
@@ -572,16 +611,15 @@ async fn set_lb(
         if routing.applied && acknowledged.is_none() {
             acknowledged = Some(started.elapsed());
         }
-        let done = routing.applied && (state == LbState::Ready || server.drained);
+        let done = routing.applied && (!drain || server.drained);
         if done {
             let live = routing.balancers.iter().filter(|b| b.alive).count();
             return client.print(&routing, |_| {
                 let mut line = format!(
-                    "{name}: lb {}, acknowledged by {live} live balancer(s) in {:.2} s",
-                    state.as_str(),
+                    "{name}: {what}, acknowledged by {live} live balancer(s) in {:.2} s",
                     acknowledged.unwrap_or_default().as_secs_f64()
                 );
-                if state != LbState::Ready {
+                if drain {
                     line += &format!(
                         "; drained (nothing in flight) after {:.2} s",
                         started.elapsed().as_secs_f64()
@@ -593,8 +631,7 @@ async fn set_lb(
         if started.elapsed() > timeout {
             if !routing.applied {
                 anyhow::bail!(
-                    "{name}: lb {} not acknowledged within {timeout:?} by balancer(s) {}; `paddock routing` shows what each routes by",
-                    state.as_str(),
+                    "{name}: {what} not acknowledged within {timeout:?} by balancer(s) {}; `paddock routing` shows what each routes by",
                     routing.pending.join(", ")
                 );
             }
@@ -706,6 +743,24 @@ pub async fn server(client: &Client, name: &str, command: ServerCommand) -> anyh
             state,
             (wait && matches!(state, OnOff::Off)).then_some(timeout),
         ),
+        ServerCommand::Role {
+            role,
+            wait,
+            timeout,
+        } => {
+            let role = match role {
+                RoleArg::Active => Role::Active,
+                RoleArg::Passive => Role::Passive,
+            };
+            let info: ServerInfo = client
+                .post(&format!("/v1/servers/{name}/role"), &RoleRequest { role })
+                .await?;
+            if !wait {
+                return client.print(&info, |i| println!("{}: {}", i.name, i.role.as_str()));
+            }
+            return wait_routed_state(client, name, role.as_str(), role == Role::Passive, timeout)
+                .await;
+        }
         ServerCommand::Remove => {
             client.delete(&format!("/v1/servers/{name}")).await?;
             return client.print(&serde_json::json!({"removed": name}), |_| {

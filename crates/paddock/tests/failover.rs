@@ -1,0 +1,204 @@
+//! Active and passive front-ends end to end: a passive server stands by (deployed, no traffic,
+//! no timers), `paddock server NAME role active|passive` moves it, and the controller activates
+//! it by itself when an active server dies.
+
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::{Balancer, Controller, Db, Frontend, Load, failures, fixture};
+
+/// Every server's (name, role).
+fn roles(controller: &Controller) -> Vec<(String, String)> {
+    let servers: serde_json::Value =
+        serde_json::from_str(&controller.ok(&["servers", "--json"])).unwrap();
+    servers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                s["role"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn role_pairs(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(n, r)| (n.to_string(), r.to_string()))
+        .collect()
+}
+
+/// The desired state a front-end gets from the controller.
+async fn desired_of(controller: &Controller, name: &str) -> serde_json::Value {
+    reqwest::Client::new()
+        .get(format!("{}/control/v1/desired/{name}", controller.url))
+        .bearer_auth(&controller.join_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passive_server_stands_by_and_takes_over_when_an_active_one_dies() {
+    let controller = Controller::start(Db::Sqlite, "failover", &["--failover-after", "3s"]).await;
+    let mut fes = Vec::new();
+    for name in ["fe1", "fe2", "fe3"] {
+        fes.push(
+            Frontend::builder(name)
+                .controller(&controller, "default")
+                .start()
+                .await,
+        );
+    }
+    let lb = Balancer::start(&controller, "lb1", &[]).await;
+    lb.wait_up(&["fe1", "fe2", "fe3"], true).await;
+    controller.ok(&["app", "publish", &fixture("hello-v1").display().to_string()]);
+
+    // fe3 stands by: out of the balancers' table, scheduler off, still deployed to.
+    let out = controller.ok(&["server", "fe3", "role", "passive", "--wait"]);
+    assert!(
+        out.contains("fe3: passive, acknowledged by 1 live balancer(s)"),
+        "{out}"
+    );
+    assert!(out.contains("drained (nothing in flight)"), "{out}");
+    assert_eq!(desired_of(&controller, "fe3").await["scheduler"], false);
+    assert_eq!(desired_of(&controller, "fe1").await["scheduler"], true);
+    controller.ok(&["app", "publish", &fixture("hello-v2").display().to_string()]);
+    fes[2].wait_serving("hello", "v2", "/hello").await;
+
+    let load = Load::start(lb.addr, "/hello", 4, Duration::from_millis(2));
+    let mut conn = lb.connect().await;
+    for _ in 0..20 {
+        let reply = conn.get("/hello").await.unwrap();
+        assert_ne!(reply.header("x-paddock-server"), Some("fe3"));
+    }
+
+    // fe1 dies. The balancer routes around it at once; after 3 s the controller activates fe3
+    // in its place, and fe1 becomes the standby.
+    fes[0].signal("KILL");
+    let killed_at = Instant::now();
+    let deadline = killed_at + Duration::from_secs(30);
+    while roles(&controller)
+        != role_pairs(&[("fe1", "passive"), ("fe2", "active"), ("fe3", "active")])
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no failover: {:?}",
+            roles(&controller)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        killed_at.elapsed() >= Duration::from_secs(3),
+        "failed over before --failover-after"
+    );
+    assert_eq!(desired_of(&controller, "fe3").await["scheduler"], true);
+    lb.wait_up(&["fe3"], true).await;
+    let took_over = Instant::now();
+    let deadline = took_over + Duration::from_secs(10);
+    loop {
+        let reply = conn.get("/hello").await.unwrap();
+        assert_eq!(reply.status, 200);
+        if reply.header("x-paddock-server") == Some("fe3") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "fe3 never got a request");
+    }
+    let samples = load.stop().await;
+    assert_eq!(failures(&samples), Vec::<String>::new(), "GETs failed");
+    let audit = reqwest::Client::new()
+        .get(format!("{}/v1/audit", controller.url))
+        .bearer_auth(&controller.admin_token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        audit.contains("fe3 takes over from fe1 in zone default"),
+        "{audit}"
+    );
+
+    // A server the controller counts as down is not put back in rotation, and nothing changes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status: serde_json::Value =
+            serde_json::from_str(&controller.ok(&["status", "--json"])).unwrap();
+        let fe1 = status["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["server"]["name"] == "fe1")
+            .unwrap()
+            .clone();
+        if fe1["alive"] == false {
+            break;
+        }
+        assert!(Instant::now() < deadline, "fe1 never counted as down");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let e = controller.fails(&["server", "fe1", "role", "active"]);
+    assert!(
+        e.contains("fe1 is down (no heartbeat for") && e.contains("nothing changed"),
+        "{e}"
+    );
+    assert_eq!(
+        roles(&controller),
+        role_pairs(&[("fe1", "passive"), ("fe2", "active"), ("fe3", "active")])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_behind_on_its_versions_is_not_activated() {
+    let controller = Controller::start(Db::Sqlite, "activate", &["--failover-after", "0s"]).await;
+    let fe1 = Frontend::builder("fe1")
+        .controller(&controller, "default")
+        .start()
+        .await;
+    let _fe2 = Frontend::builder("fe2")
+        .controller(&controller, "default")
+        .start()
+        .await;
+    controller.ok(&["app", "publish", &fixture("hello-v1").display().to_string()]);
+    controller.ok(&["server", "fe2", "role", "passive"]);
+    controller.ok(&["server", "fe2", "deployment", "off"]);
+    controller.ok(&["app", "publish", &fixture("hello-v2").display().to_string()]);
+    fe1.wait_serving("hello", "v2", "/hello").await;
+    let e = controller.fails(&["server", "fe2", "role", "active"]);
+    assert!(
+        e.contains("fe2 does not serve hello@v2 (it serves v1) yet")
+            && e.contains("nothing changed"),
+        "{e}"
+    );
+    assert_eq!(
+        roles(&controller),
+        role_pairs(&[("fe1", "active"), ("fe2", "passive")])
+    );
+    // Caught up, it is activated.
+    controller.ok(&["server", "fe2", "deployment", "on"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = controller.cli(&["server", "fe2", "role", "active"]);
+        if out.success {
+            break;
+        }
+        assert!(
+            out.stderr.contains("does not serve hello@v2") && Instant::now() < deadline,
+            "{}",
+            out.stderr
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        roles(&controller),
+        role_pairs(&[("fe1", "active"), ("fe2", "active")])
+    );
+}
