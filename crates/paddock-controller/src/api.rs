@@ -644,6 +644,25 @@ async fn set_role(
             ),
         ));
     }
+    if request.role == Role::Passive && server.role == Role::Active {
+        let others = c
+            .store
+            .servers()
+            .await?
+            .into_iter()
+            .filter(|s| s.zone == server.zone && s.role == Role::Active && s.name != name)
+            .count();
+        if others == 0 {
+            return Err(Failure::new(
+                StatusCode::CONFLICT,
+                "last_active",
+                format!(
+                    "{name} is the last active front-end of zone {}: its apps would have nowhere to run; activate another one first (`paddock server OTHER role active`); nothing changed",
+                    server.zone
+                ),
+            ));
+        }
+    }
     let generation = c.store.set_roles(&[(&name, request.role)]).await?;
     c.store
         .audit(

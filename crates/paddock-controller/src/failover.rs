@@ -34,6 +34,18 @@ pub async fn not_ready(
             (now - last_seen) / 1000
         )));
     }
+    let state = server.observed.as_ref().map(|o| o.state);
+    if state != Some(ServerState::Serving) {
+        return Ok(Some(format!(
+            "{} is not serving (it reports {})",
+            server.name,
+            match state {
+                Some(ServerState::Draining) => "draining",
+                Some(ServerState::Stopping) => "stopping",
+                _ => "nothing yet",
+            }
+        )));
+    }
     let loaded = server
         .observed
         .as_ref()
@@ -73,36 +85,51 @@ pub async fn not_ready(
 /// reporting `after` ago or more, and activates a ready passive server of the same zone instead.
 pub async fn watch(c: Arc<Controller>, after: Duration) {
     let after_ms = after.as_millis() as i64;
+    // Silence is counted from this controller's start at the earliest: while it was down, no
+    // heartbeat could arrive, and the front-ends need a moment to find it again.
+    let started_ms = now_ms();
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        if let Err(e) = check(&c, after_ms).await {
+        if let Err(e) = check(&c, after_ms, started_ms).await {
             tracing::warn!("failover check: {e}");
         }
     }
 }
 
-async fn check(c: &Controller, after_ms: i64) -> paddock_store::Result<()> {
+/// How long `server` has been silent, as far as a controller started at `started_ms` knows.
+fn silent_ms(server: &ServerInfo, now: i64, started_ms: i64) -> i64 {
+    now - server
+        .heartbeat_ms
+        .unwrap_or(server.registered_ms)
+        .max(started_ms)
+}
+
+/// Whether `server` is an active front-end in rotation that died: silent for `after_ms` without
+/// having said it stops.
+fn failed(server: &ServerInfo, now: i64, started_ms: i64, after_ms: i64) -> bool {
+    server.role == Role::Active
+        && server.lb == LbState::Ready
+        && silent_ms(server, now, started_ms) >= after_ms
+        && server.observed.as_ref().map(|o| o.state) != Some(ServerState::Stopping)
+}
+
+async fn check(c: &Controller, after_ms: i64, started_ms: i64) -> paddock_store::Result<()> {
+    // Under the zone gate from the read to the write: no manual change or operation lands in
+    // between.
+    let _gate = c.zone_gate.lock().await;
     let servers = c.store.servers().await?;
     let now = now_ms();
-    let dead: Vec<&ServerInfo> = servers
-        .iter()
-        .filter(|s| {
-            s.role == Role::Active
-                && s.lb == LbState::Ready
-                && now - s.heartbeat_ms.unwrap_or(s.registered_ms) >= after_ms
-                && s.observed.as_ref().map(|o| o.state) != Some(ServerState::Stopping)
-        })
-        .collect();
     let mut taken = Vec::new();
-    for failed in dead {
-        // Serialized with manual changes and operations, like every routing change.
-        let _gate = c.zone_gate.lock().await;
-        if c.store.zone_lock(&failed.zone).await?.is_some() {
+    for dead in servers
+        .iter()
+        .filter(|s| failed(s, now, started_ms, after_ms))
+    {
+        if c.store.zone_lock(&dead.zone).await?.is_some() {
             continue;
         }
         let mut standby = None;
         for s in servers.iter().filter(|s| {
-            s.zone == failed.zone
+            s.zone == dead.zone
                 && s.role == Role::Passive
                 && s.lb == LbState::Ready
                 && !taken.contains(&s.name)
@@ -115,17 +142,21 @@ async fn check(c: &Controller, after_ms: i64) -> paddock_store::Result<()> {
         let Some(standby) = standby else {
             continue;
         };
-        let silent_s = (now - failed.heartbeat_ms.unwrap_or(failed.registered_ms)) / 1000;
         let generation = c
             .store
             .set_roles(&[
                 (standby.name.as_str(), Role::Active),
-                (failed.name.as_str(), Role::Passive),
+                (dead.name.as_str(), Role::Passive),
             ])
             .await?;
         let what = format!(
-            "{} takes over from {} in zone {} ({} sent no heartbeat for {silent_s} s); {} is passive now",
-            standby.name, failed.name, failed.zone, failed.name, failed.name
+            "{} takes over from {} in zone {} ({} sent no heartbeat for {} s); {} is passive now",
+            standby.name,
+            dead.name,
+            dead.zone,
+            dead.name,
+            silent_ms(dead, now, started_ms) / 1000,
+            dead.name
         );
         c.store.audit("controller", "failover", &what, now).await?;
         tracing::warn!("failover: {what}");
@@ -133,4 +164,59 @@ async fn check(c: &Controller, after_ms: i64) -> paddock_store::Result<()> {
         taken.push(standby.name.clone());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(heartbeat_ms: Option<i64>, state: ServerState) -> ServerInfo {
+        ServerInfo {
+            name: "fe1".into(),
+            zone: "default".into(),
+            address: "127.0.0.1:1".into(),
+            platform_version: "0".into(),
+            engine: "0".into(),
+            role: Role::Active,
+            deployment: true,
+            scheduler: true,
+            registered_ms: 1_000,
+            heartbeat_ms,
+            observed: Some(paddock_api::HealthReport {
+                server: "fe1".into(),
+                state,
+                apps: Vec::new(),
+                in_flight: 0,
+                failed: Vec::new(),
+            }),
+            lb: LbState::Ready,
+            weight: 1,
+        }
+    }
+
+    #[test]
+    fn silence_is_counted_from_the_controllers_start_at_the_earliest() {
+        let s = server(Some(10_000), ServerState::Serving);
+        // Silent for 50 s, but the controller started 5 s ago: not failed yet.
+        assert!(!failed(&s, 60_000, 55_000, 30_000));
+        assert!(failed(&s, 60_000, 20_000, 30_000));
+        assert!(!failed(&s, 60_000, 20_000, 60_000));
+    }
+
+    #[test]
+    fn a_server_that_said_it_stops_or_is_out_of_rotation_or_passive_has_not_failed() {
+        assert!(!failed(
+            &server(Some(0), ServerState::Stopping),
+            60_000,
+            0,
+            30_000
+        ));
+        let mut s = server(Some(0), ServerState::Serving);
+        assert!(failed(&s, 60_000, 0, 30_000));
+        s.lb = LbState::Drain;
+        assert!(!failed(&s, 60_000, 0, 30_000));
+        s.lb = LbState::Ready;
+        s.role = Role::Passive;
+        assert!(!failed(&s, 60_000, 0, 30_000));
+    }
 }

@@ -133,8 +133,8 @@ struct ControllerArgs {
     max_upload_mib: usize,
     /// When an active front-end in rotation sends no heartbeat for this long (a crash; one
     /// stopped on purpose says so), activate a ready passive front-end of its zone instead.
-    /// 0s: never.
-    #[arg(long, default_value = "30s", value_parser = duration)]
+    /// 0s: never; otherwise at least 6s (a server counts as down after 5 s).
+    #[arg(long, default_value = "30s", value_parser = failover_after)]
     failover_after: Duration,
 }
 
@@ -260,6 +260,18 @@ pub(crate) fn duration(text: &str) -> Result<Duration, String> {
             "{text} is longer than the {} days a duration may be",
             LONGEST_DURATION.as_secs() / (24 * 3600)
         ));
+    }
+    Ok(duration)
+}
+
+/// `--failover-after`: 0 (never) or longer than the 5 s after which a server counts as down, so
+/// that a heartbeat a little late never fails over a live server.
+fn failover_after(text: &str) -> Result<Duration, String> {
+    let duration = duration(text)?;
+    if !duration.is_zero() && duration < Duration::from_secs(6) {
+        return Err(
+            "must be 0s (never) or at least 6s: a server counts as down after 5 s without a heartbeat".into(),
+        );
     }
     Ok(duration)
 }

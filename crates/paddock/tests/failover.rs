@@ -47,9 +47,9 @@ async fn desired_of(controller: &Controller, name: &str) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_passive_server_stands_by_and_takes_over_when_an_active_one_dies() {
-    let controller = Controller::start(Db::Sqlite, "failover", &["--failover-after", "3s"]).await;
+    let controller = Controller::start(Db::Sqlite, "failover", &["--failover-after", "6s"]).await;
     let mut fes = Vec::new();
-    for name in ["fe1", "fe2", "fe3"] {
+    for name in ["fe1", "fe2", "fe3", "fe4", "fe5"] {
         fes.push(
             Frontend::builder(name)
                 .controller(&controller, "default")
@@ -58,36 +58,75 @@ async fn a_passive_server_stands_by_and_takes_over_when_an_active_one_dies() {
         );
     }
     let lb = Balancer::start(&controller, "lb1", &[]).await;
-    lb.wait_up(&["fe1", "fe2", "fe3"], true).await;
+    lb.wait_up(&["fe1", "fe2", "fe3", "fe4", "fe5"], true).await;
     controller.ok(&["app", "publish", &fixture("hello-v1").display().to_string()]);
 
-    // fe3 stands by: out of the balancers' table, scheduler off, still deployed to.
-    let out = controller.ok(&["server", "fe3", "role", "passive", "--wait"]);
-    assert!(
-        out.contains("fe3: passive, acknowledged by 1 live balancer(s)"),
-        "{out}"
-    );
-    assert!(out.contains("drained (nothing in flight)"), "{out}");
+    // fe3 and fe4 stand by: out of the balancers' table, no timers, still deployed to.
+    for name in ["fe3", "fe4"] {
+        let out = controller.ok(&["server", name, "role", "passive", "--wait"]);
+        assert!(
+            out.contains(&format!(
+                "{name}: passive, acknowledged by 1 live balancer(s)"
+            )) && out.contains("drained (nothing in flight)"),
+            "{out}"
+        );
+    }
     assert_eq!(desired_of(&controller, "fe3").await["scheduler"], false);
     assert_eq!(desired_of(&controller, "fe1").await["scheduler"], true);
+    // Activated and back, with the wait: in rotation once the balancer's checks pass for it.
+    let out = controller.ok(&["server", "fe4", "role", "active", "--wait"]);
+    assert!(out.contains("health checks pass on all of them"), "{out}");
+    let mut conn = lb.connect().await;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        let reply = conn.get("/hello").await.unwrap();
+        seen.insert(reply.header("x-paddock-server").unwrap_or("").to_string());
+    }
+    assert!(seen.contains("fe4"), "{seen:?}");
+    controller.ok(&["server", "fe4", "role", "passive", "--wait"]);
+
     controller.ok(&["app", "publish", &fixture("hello-v2").display().to_string()]);
     fes[2].wait_serving("hello", "v2", "/hello").await;
-
     let load = Load::start(lb.addr, "/hello", 4, Duration::from_millis(2));
-    let mut conn = lb.connect().await;
     for _ in 0..20 {
         let reply = conn.get("/hello").await.unwrap();
-        assert_ne!(reply.header("x-paddock-server"), Some("fe3"));
+        let server = reply.header("x-paddock-server");
+        assert!(server != Some("fe3") && server != Some("fe4"), "{server:?}");
     }
 
-    // fe1 dies. The balancer routes around it at once; after 3 s the controller activates fe3
-    // in its place, and fe1 becomes the standby.
+    // fe2 is stopped on purpose (it says so), then fe1 dies. The balancer routes around both at
+    // once (fe5 serves meanwhile); 6 s after fe1's last heartbeat the controller activates fe3
+    // in its place, and fe1 becomes a standby. fe2, silent longer, is not failed over, and fe4
+    // stays passive.
+    fes[1].signal("TERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let servers: serde_json::Value =
+            serde_json::from_str(&controller.ok(&["servers", "--json"])).unwrap();
+        let fe2 = servers
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "fe2")
+            .unwrap()
+            .clone();
+        if fe2["observed"]["state"] == "stopping" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "fe2 never said it stops: {fe2}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     fes[0].signal("KILL");
     let killed_at = Instant::now();
     let deadline = killed_at + Duration::from_secs(30);
-    while roles(&controller)
-        != role_pairs(&[("fe1", "passive"), ("fe2", "active"), ("fe3", "active")])
-    {
+    let failed_over = role_pairs(&[
+        ("fe1", "passive"),
+        ("fe2", "active"),
+        ("fe3", "active"),
+        ("fe4", "passive"),
+        ("fe5", "active"),
+    ]);
+    while roles(&controller) != failed_over {
         assert!(
             Instant::now() < deadline,
             "no failover: {:?}",
@@ -96,13 +135,12 @@ async fn a_passive_server_stands_by_and_takes_over_when_an_active_one_dies() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
-        killed_at.elapsed() >= Duration::from_secs(3),
+        killed_at.elapsed() >= Duration::from_secs(5),
         "failed over before --failover-after"
     );
     assert_eq!(desired_of(&controller, "fe3").await["scheduler"], true);
     lb.wait_up(&["fe3"], true).await;
-    let took_over = Instant::now();
-    let deadline = took_over + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let reply = conn.get("/hello").await.unwrap();
         assert_eq!(reply.status, 200);
@@ -126,6 +164,7 @@ async fn a_passive_server_stands_by_and_takes_over_when_an_active_one_dies() {
         audit.contains("fe3 takes over from fe1 in zone default"),
         "{audit}"
     );
+    assert!(!audit.contains("from fe2"), "{audit}");
 
     // A server the controller counts as down is not put back in rotation, and nothing changes.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -150,10 +189,7 @@ async fn a_passive_server_stands_by_and_takes_over_when_an_active_one_dies() {
         e.contains("fe1 is down (no heartbeat for") && e.contains("nothing changed"),
         "{e}"
     );
-    assert_eq!(
-        roles(&controller),
-        role_pairs(&[("fe1", "passive"), ("fe2", "active"), ("fe3", "active")])
-    );
+    assert_eq!(roles(&controller), failed_over);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,6 +217,12 @@ async fn a_server_behind_on_its_versions_is_not_activated() {
     assert_eq!(
         roles(&controller),
         role_pairs(&[("fe1", "active"), ("fe2", "passive")])
+    );
+    let e = controller.fails(&["server", "fe1", "role", "passive"]);
+    assert!(
+        e.contains("fe1 is the last active front-end of zone default")
+            && e.contains("nothing changed"),
+        "{e}"
     );
     // Caught up, it is activated.
     controller.ok(&["server", "fe2", "deployment", "on"]);

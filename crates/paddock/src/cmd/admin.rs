@@ -580,23 +580,40 @@ async fn set_lb(
             println!("{}: lb {}, weight {}", i.name, i.lb.as_str(), i.weight)
         });
     }
+    let until = if state == LbState::Ready {
+        Until::Applied
+    } else {
+        Until::Drained
+    };
     wait_routed_state(
         client,
         name,
         &format!("lb {}", state.as_str()),
-        state != LbState::Ready,
+        until,
         timeout,
     )
     .await
 }
 
-/// Waits until every live balancer routes by the current table and, with `drain`, until `name`
-/// has nothing in flight; prints what it waited for, as `what` (`lb drain`, `passive`).
+/// What a routing wait waits for, beyond every live balancer routing by the current table.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Until {
+    Applied,
+    /// The server has nothing in flight.
+    Drained,
+    /// Every live balancer's health checks pass for the server (a server new to the table
+    /// starts down).
+    Up,
+}
+
+/// Waits until every live balancer routes by the current table and, as `until` says, until
+/// `name` is drained or up on all of them; prints what it waited for, as `what` (`lb drain`,
+/// `passive`).
 async fn wait_routed_state(
     client: &Client,
     name: &str,
     what: &str,
-    drain: bool,
+    until: Until,
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
@@ -611,19 +628,44 @@ async fn wait_routed_state(
         if routing.applied && acknowledged.is_none() {
             acknowledged = Some(started.elapsed());
         }
-        let done = routing.applied && (!drain || server.drained);
+        let live_names: Vec<&str> = routing
+            .balancers
+            .iter()
+            .filter(|b| b.alive)
+            .map(|b| b.report.name.as_str())
+            .collect();
+        let down_on: Vec<&str> = live_names
+            .iter()
+            .copied()
+            .filter(|b| !server.up_on.iter().any(|u| u == b))
+            .collect();
+        let done = routing.applied
+            && match until {
+                Until::Applied => true,
+                Until::Drained => server.drained,
+                Until::Up => down_on.is_empty(),
+            };
         if done {
-            let live = routing.balancers.iter().filter(|b| b.alive).count();
+            let live = live_names.len();
             return client.print(&routing, |_| {
                 let mut line = format!(
                     "{name}: {what}, acknowledged by {live} live balancer(s) in {:.2} s",
                     acknowledged.unwrap_or_default().as_secs_f64()
                 );
-                if drain {
-                    line += &format!(
-                        "; drained (nothing in flight) after {:.2} s",
-                        started.elapsed().as_secs_f64()
-                    );
+                match until {
+                    Until::Drained => {
+                        line += &format!(
+                            "; drained (nothing in flight) after {:.2} s",
+                            started.elapsed().as_secs_f64()
+                        )
+                    }
+                    Until::Up => {
+                        line += &format!(
+                            "; health checks pass on all of them after {:.2} s",
+                            started.elapsed().as_secs_f64()
+                        )
+                    }
+                    Until::Applied => {}
                 }
                 println!("{line}");
             });
@@ -633,6 +675,12 @@ async fn wait_routed_state(
                 anyhow::bail!(
                     "{name}: {what} not acknowledged within {timeout:?} by balancer(s) {}; `paddock routing` shows what each routes by",
                     routing.pending.join(", ")
+                );
+            }
+            if until == Until::Up {
+                anyhow::bail!(
+                    "{name}: {what}, but the health checks of balancer(s) {} do not pass for it after {timeout:?}; `paddock routing` shows it",
+                    down_on.join(", ")
                 );
             }
             anyhow::bail!(
@@ -758,8 +806,11 @@ pub async fn server(client: &Client, name: &str, command: ServerCommand) -> anyh
             if !wait {
                 return client.print(&info, |i| println!("{}: {}", i.name, i.role.as_str()));
             }
-            return wait_routed_state(client, name, role.as_str(), role == Role::Passive, timeout)
-                .await;
+            let until = match role {
+                Role::Active => Until::Up,
+                Role::Passive => Until::Drained,
+            };
+            return wait_routed_state(client, name, role.as_str(), until, timeout).await;
         }
         ServerCommand::Remove => {
             client.delete(&format!("/v1/servers/{name}")).await?;
