@@ -194,6 +194,16 @@ async fn a_passive_server_stands_by_and_takes_over_when_an_active_one_dies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_behind_on_its_versions_is_not_activated() {
+    // A failover delay a late heartbeat could trip is refused, naming the flag.
+    let out = std::process::Command::new(harness::PADDOCK)
+        .args(["controller", "--failover-after", "2s"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("--failover-after") && e.contains("at least 6s"),
+        "{e}"
+    );
     let controller = Controller::start(Db::Sqlite, "activate", &["--failover-after", "0s"]).await;
     let fe1 = Frontend::builder("fe1")
         .controller(&controller, "default")
