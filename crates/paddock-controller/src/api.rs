@@ -763,6 +763,29 @@ pub struct ServerStatus {
     pub out_of_date: Vec<String>,
 }
 
+/// The versions of `desired` that `server` does not report serving, each with the version of
+/// its app it serves instead, if any.
+pub(crate) fn not_served<'a>(
+    server: &'a ServerInfo,
+    desired: &'a [VersionInfo],
+) -> Vec<(&'a VersionInfo, Option<&'a str>)> {
+    let loaded = server
+        .observed
+        .as_ref()
+        .map(|o| o.apps.as_slice())
+        .unwrap_or(&[]);
+    desired
+        .iter()
+        .filter_map(|d| {
+            let serving = loaded
+                .iter()
+                .find(|l| l.name == d.app)
+                .map(|l| l.version.as_str());
+            (serving != Some(d.version.as_str())).then_some((d, serving))
+        })
+        .collect()
+}
+
 /// A server is considered alive when it sent a heartbeat within this long.
 pub const ALIVE_WITHIN_MS: i64 = 5_000;
 
@@ -774,27 +797,15 @@ async fn status(State(c): State<Arc<Controller>>) -> Answer<Status> {
         if !desired_by_zone.contains_key(&server.zone) {
             desired_by_zone.insert(server.zone.clone(), c.store.desired(&server.zone).await?);
         }
-        let desired = &desired_by_zone[&server.zone];
-        let loaded = server
-            .observed
-            .as_ref()
-            .map(|o| o.apps.as_slice())
-            .unwrap_or(&[]);
-        let out_of_date = desired
-            .iter()
-            .filter_map(|d| {
-                let serving = loaded
-                    .iter()
-                    .find(|l| l.name == d.app)
-                    .map(|l| l.version.as_str());
-                (serving != Some(d.version.as_str())).then(|| {
-                    format!(
-                        "{}: serving {}, desired {}",
-                        d.app,
-                        serving.unwrap_or("nothing"),
-                        d.version
-                    )
-                })
+        let out_of_date = not_served(&server, &desired_by_zone[&server.zone])
+            .into_iter()
+            .map(|(d, serving)| {
+                format!(
+                    "{}: serving {}, desired {}",
+                    d.app,
+                    serving.unwrap_or("nothing"),
+                    d.version
+                )
             })
             .collect();
         // A server that has just registered counts as alive until its first heartbeat is due.

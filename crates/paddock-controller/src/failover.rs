@@ -46,29 +46,16 @@ pub async fn not_ready(
             }
         )));
     }
-    let loaded = server
-        .observed
-        .as_ref()
-        .map(|o| o.apps.as_slice())
-        .unwrap_or(&[]);
-    let missing: Vec<String> = c
-        .store
-        .desired(&server.zone)
-        .await?
+    let desired = c.store.desired(&server.zone).await?;
+    let missing: Vec<String> = crate::api::not_served(server, &desired)
         .into_iter()
-        .filter_map(|d| {
-            let serving = loaded
-                .iter()
-                .find(|l| l.name == d.app)
-                .map(|l| l.version.as_str());
-            (serving != Some(d.version.as_str())).then(|| {
-                format!(
-                    "{}@{} (it serves {})",
-                    d.app,
-                    d.version,
-                    serving.unwrap_or("nothing")
-                )
-            })
+        .map(|(d, serving)| {
+            format!(
+                "{}@{} (it serves {})",
+                d.app,
+                d.version,
+                serving.unwrap_or("nothing")
+            )
         })
         .collect();
     if missing.is_empty() {
