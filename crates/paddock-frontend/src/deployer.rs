@@ -180,7 +180,8 @@ impl Deployer {
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     // Removed from the farm while stopping: it stays out.
-                    if e.to_string().contains("unknown_server")
+                    if e.downcast_ref::<Refusal>()
+                        .is_some_and(|r| r.is("unknown_server"))
                         && self.vitals.state() != paddock_core::ServerState::Stopping
                     {
                         self.register_until_done(false).await?;
@@ -210,15 +211,19 @@ impl Deployer {
                     .json(&registration)
                     .send()
                     .await?;
-                let refused = matches!(
-                    response.status(),
-                    reqwest::StatusCode::BAD_REQUEST
-                        | reqwest::StatusCode::UNAUTHORIZED
-                        | reqwest::StatusCode::FORBIDDEN
-                ) && first;
                 match check(response).await {
-                    Err(e) if refused => Ok(Err(e)),
-                    other => other.map(Ok),
+                    Err(r)
+                        if first
+                            && matches!(
+                                r.status,
+                                reqwest::StatusCode::BAD_REQUEST
+                                    | reqwest::StatusCode::UNAUTHORIZED
+                                    | reqwest::StatusCode::FORBIDDEN
+                            ) =>
+                    {
+                        Ok(Err(anyhow::Error::from(r)))
+                    }
+                    other => other.map(Ok).map_err(anyhow::Error::from),
                 }
             }
             .await;
@@ -269,7 +274,8 @@ impl Deployer {
             .json(&report)
             .send()
             .await?;
-        check(response).await.map(drop)
+        check(response).await?;
+        Ok(())
     }
 
     /// The last heartbeat of a stopping server, so that the controller knows at once (and
@@ -463,23 +469,16 @@ impl Deployer {
             .timeout(Duration::from_secs(120))
             .send()
             .await?;
-        if response.status() == reqwest::StatusCode::CONFLICT {
-            let body = response.bytes().await?;
-            match serde_json::from_slice::<paddock_api::ApiError>(&body) {
-                Ok(e) if e.error == "engine_mismatch" => {
-                    return self
-                        .download_component(component_sha256)
-                        .await
-                        .map(Download::Component);
-                }
-                Ok(e) => anyhow::bail!("{} (409 Conflict, {})", e.message, e.error),
-                Err(_) => anyhow::bail!(
-                    "controller answered 409 Conflict: {}",
-                    String::from_utf8_lossy(&body)
-                ),
+        let response = match check(response).await {
+            Ok(response) => response,
+            Err(r) if r.is("engine_mismatch") => {
+                return self
+                    .download_component(component_sha256)
+                    .await
+                    .map(Download::Component);
             }
-        }
-        let response = check(response).await?;
+            Err(r) => return Err(r.into()),
+        };
         let expected = response
             .headers()
             .get("x-paddock-artifact-sha256")
@@ -543,17 +542,51 @@ enum Download {
     Component(Vec<u8>),
 }
 
-/// Turns an error answer of the controller into an error carrying its message.
-async fn check(response: reqwest::Response) -> anyhow::Result<reqwest::Response> {
-    if response.status().is_success() {
+/// An error answer of the controller: its status, and its API error code and message when the
+/// body is one (callers branch on the code).
+#[derive(Debug)]
+struct Refusal {
+    status: reqwest::StatusCode,
+    code: Option<String>,
+    message: String,
+}
+
+impl Refusal {
+    fn is(&self, code: &str) -> bool {
+        self.code.as_deref() == Some(code)
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.code {
+            Some(code) => write!(f, "{} ({}, {code})", self.message, self.status),
+            None => write!(f, "controller answered {}: {}", self.status, self.message),
+        }
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// The response if it is a success, else the controller's refusal.
+async fn check(response: reqwest::Response) -> Result<reqwest::Response, Refusal> {
+    let status = response.status();
+    if status.is_success() {
         return Ok(response);
     }
-    let status = response.status();
     let body = response.text().await.unwrap_or_default();
-    match serde_json::from_str::<paddock_api::ApiError>(&body) {
-        Ok(e) => anyhow::bail!("{} ({status}, {})", e.message, e.error),
-        Err(_) => anyhow::bail!("controller answered {status}: {body}"),
-    }
+    Err(match serde_json::from_str::<paddock_api::ApiError>(&body) {
+        Ok(e) => Refusal {
+            status,
+            code: Some(e.error),
+            message: e.message,
+        },
+        Err(_) => Refusal {
+            status,
+            code: None,
+            message: body,
+        },
+    })
 }
 
 #[cfg(test)]

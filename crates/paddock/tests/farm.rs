@@ -311,6 +311,32 @@ async fn a_controller_whose_role_was_taken_while_its_connection_was_cut_stops() 
     );
 }
 
+/// A running front-end the controller no longer knows (its row lost, say with a database restored
+/// from a backup) hears `unknown_server` and registers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frontend_the_controller_forgot_registers_again() {
+    let controller = Controller::start(Db::Sqlite, "forgot", &[]).await;
+    let fe1 = frontend(&controller, "fe1", "default").await;
+    controller.ok(&["app", "publish", &hello("v1")]);
+    let mark = fe1.log_len();
+    controller
+        .store()
+        .await
+        .execute_raw("DELETE FROM servers WHERE name = 'fe1'")
+        .await
+        .unwrap();
+    // A new generation ends the front-end's long-poll, which now meets `unknown_server`.
+    controller.ok(&["zone", "default", "policy", "round-robin"]);
+    fe1.wait_for_log_after(
+        mark,
+        "registered with the controller",
+        Duration::from_secs(30),
+    )
+    .await;
+    let servers = controller.ok(&["servers"]);
+    assert!(servers.contains("fe1"), "{servers}");
+}
+
 async fn zones_keep_their_apps(db: Db) {
     let controller = Controller::start(db, "zones", &[]).await;
     let fe_a = frontend(&controller, "fe-a", "a").await;
