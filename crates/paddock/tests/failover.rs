@@ -254,3 +254,47 @@ async fn a_server_behind_on_its_versions_is_not_activated() {
         role_pairs(&[("fe1", "active"), ("fe2", "active")])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balanced_deployment_leaves_a_passive_server_out_and_it_takes_the_new_version() {
+    let controller = Controller::start(Db::Sqlite, "passive_deploy", &[]).await;
+    let mut fes = Vec::new();
+    for name in ["fe1", "fe2", "fe3"] {
+        fes.push(
+            Frontend::builder(name)
+                .controller(&controller, "default")
+                .start()
+                .await,
+        );
+    }
+    let lb = Balancer::start(&controller, "lb1", &[]).await;
+    lb.wait_up(&["fe1", "fe2", "fe3"], true).await;
+    controller.ok(&["app", "publish", &fixture("hello-v1").display().to_string()]);
+    controller.ok(&["app", "upload", &fixture("hello-v2").display().to_string()]);
+    controller.ok(&["server", "fe3", "role", "passive", "--wait"]);
+
+    let plan = controller.ok(&["deploy", "--balanced", "hello@v2", "--plan"]);
+    assert!(plan.contains("left alone: fe3 (passive)"), "{plan}");
+    assert!(
+        plan.contains("updating: fe1") && plan.contains("loaded:   fe2"),
+        "{plan}"
+    );
+    let out = controller
+        .cli_async(&["deploy", "--balanced", "hello@v2"])
+        .await;
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    // The standby is on the new version too, and still a standby.
+    fes[2].wait_serving("hello", "v2", "/hello").await;
+    assert_eq!(
+        roles(&controller),
+        role_pairs(&[("fe1", "active"), ("fe2", "active"), ("fe3", "passive")])
+    );
+    assert_eq!(desired_of(&controller, "fe3").await["scheduler"], false);
+    let status = controller.ok(&["status"]);
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("fe3") && l.contains("passive") && l.contains("scheduler -")),
+        "{status}"
+    );
+}

@@ -894,11 +894,17 @@ pub async fn status(client: &Client) -> anyhow::Result<()> {
                 format!("ok, updating: {}", s.out_of_date.join("; "))
             };
             println!(
-                "{:<12} zone {:<10} deployment {:<3} scheduler {:<3} {state}",
+                "{:<12} zone {:<10} {:<7} deployment {:<3} scheduler {:<3} {state}",
                 i.name,
                 i.zone,
+                i.role.as_str(),
                 on_off(i.deployment),
-                on_off(i.scheduler)
+                // A passive server runs no timer, whatever its flag.
+                if i.role == Role::Active {
+                    on_off(i.scheduler)
+                } else {
+                    "-"
+                }
             );
         }
     })
