@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 /// A balancer counts as live when it reported within this long (it reports every second).
 pub const BALANCER_ALIVE_WITHIN_MS: i64 = 3_000;
 
-/// The table at the store's current generation. Passive servers take no traffic and are left out.
+/// The table at the store's current generation. Passive servers take no traffic: they are in it
+/// as `maint`, so that the balancers keep reporting the requests still in flight to one just
+/// made passive (its drain is a fact like any other).
 pub async fn table(store: &dyn Store) -> paddock_store::Result<RoutingTable> {
     Ok(read(store).await?.0)
 }
@@ -29,13 +31,16 @@ async fn read(store: &dyn Store) -> paddock_store::Result<(RoutingTable, Vec<Ser
     for route in &routes {
         zone(&mut zones, &policies, &route.zone);
     }
-    for server in servers.iter().filter(|s| s.role == Role::Active) {
+    for server in &servers {
         zone(&mut zones, &policies, &server.zone)
             .upstreams
             .push(Upstream {
                 name: server.name.clone(),
                 address: server.address.clone(),
-                state: server.lb,
+                state: match server.role {
+                    Role::Active => server.lb,
+                    Role::Passive => LbState::Maint,
+                },
                 weight: server.weight,
             });
     }
@@ -81,7 +86,7 @@ pub struct RoutingStatus {
 pub struct UpstreamStatus {
     pub name: String,
     pub zone: String,
-    /// A passive server is not in the table at all.
+    /// A passive server is in the table as `maint`, whatever its `state`.
     #[serde(default)]
     pub role: Role,
     pub state: LbState,

@@ -61,7 +61,7 @@ async fn a_passive_server_stands_by_and_takes_over_when_an_active_one_dies() {
     lb.wait_up(&["fe1", "fe2", "fe3", "fe4", "fe5"], true).await;
     controller.ok(&["app", "publish", &fixture("hello-v1").display().to_string()]);
 
-    // fe3 and fe4 stand by: out of the balancers' table, no timers, still deployed to.
+    // fe3 and fe4 stand by: in the balancers' table as maint, no timers, still deployed to.
     for name in ["fe3", "fe4"] {
         let out = controller.ok(&["server", name, "role", "passive", "--wait"]);
         assert!(
