@@ -45,11 +45,12 @@ async fn desired_of(controller: &Controller, name: &str) -> serde_json::Value {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_passive_server_stands_by_and_takes_over_when_an_active_one_dies() {
-    let controller = Controller::start(Db::Sqlite, "failover", &["--failover-after", "6s"]).await;
+/// A controller started with `args`, front-ends `names` in zone default, a balancer that sees
+/// them all up, and hello@v1 published.
+async fn farm(test: &str, args: &[&str], names: &[&str]) -> (Controller, Vec<Frontend>, Balancer) {
+    let controller = Controller::start(Db::Sqlite, test, args).await;
     let mut fes = Vec::new();
-    for name in ["fe1", "fe2", "fe3", "fe4", "fe5"] {
+    for name in names {
         fes.push(
             Frontend::builder(name)
                 .controller(&controller, "default")
@@ -58,8 +59,46 @@ async fn a_passive_server_stands_by_and_takes_over_when_an_active_one_dies() {
         );
     }
     let lb = Balancer::start(&controller, "lb1", &[]).await;
-    lb.wait_up(&["fe1", "fe2", "fe3", "fe4", "fe5"], true).await;
+    lb.wait_up(names, true).await;
     controller.ok(&["app", "publish", &fixture("hello-v1").display().to_string()]);
+    (controller, fes, lb)
+}
+
+/// Waits (at most 30 s) until `paddock status --json` says `check` of server `name`'s entry
+/// (`{"server": ServerInfo, "alive", ...}`).
+async fn wait_status(
+    controller: &Controller,
+    name: &str,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status: serde_json::Value =
+            serde_json::from_str(&controller.ok(&["status", "--json"])).unwrap();
+        let entry = status["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["server"]["name"] == name)
+            .unwrap()
+            .clone();
+        if check(&entry) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} never {what}: {entry}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passive_server_stands_by_and_takes_over_when_an_active_one_dies() {
+    let (controller, fes, lb) = farm(
+        "failover",
+        &["--failover-after", "6s"],
+        &["fe1", "fe2", "fe3", "fe4", "fe5"],
+    )
+    .await;
 
     // fe3 and fe4 stand by: in the balancers' table as maint, no timers, still deployed to.
     for name in ["fe3", "fe4"] {
@@ -99,23 +138,10 @@ async fn a_passive_server_stands_by_and_takes_over_when_an_active_one_dies() {
     // in its place, and fe1 becomes a standby. fe2, silent longer, is not failed over, and fe4
     // stays passive.
     fes[1].signal("TERM");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let servers: serde_json::Value =
-            serde_json::from_str(&controller.ok(&["servers", "--json"])).unwrap();
-        let fe2 = servers
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["name"] == "fe2")
-            .unwrap()
-            .clone();
-        if fe2["observed"]["state"] == "stopping" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "fe2 never said it stops: {fe2}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_status(&controller, "fe2", "said it stops", |s| {
+        s["server"]["observed"]["state"] == "stopping"
+    })
+    .await;
     fes[0].signal("KILL");
     let killed_at = Instant::now();
     let deadline = killed_at + Duration::from_secs(30);
@@ -167,23 +193,10 @@ async fn a_passive_server_stands_by_and_takes_over_when_an_active_one_dies() {
     assert!(!audit.contains("from fe2"), "{audit}");
 
     // A server the controller counts as down is not put back in rotation, and nothing changes.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let status: serde_json::Value =
-            serde_json::from_str(&controller.ok(&["status", "--json"])).unwrap();
-        let fe1 = status["servers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["server"]["name"] == "fe1")
-            .unwrap()
-            .clone();
-        if fe1["alive"] == false {
-            break;
-        }
-        assert!(Instant::now() < deadline, "fe1 never counted as down");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_status(&controller, "fe1", "counted as down", |s| {
+        s["alive"] == false
+    })
+    .await;
     let e = controller.fails(&["server", "fe1", "role", "active"]);
     assert!(
         e.contains("fe1 is down (no heartbeat for") && e.contains("nothing changed"),
@@ -257,19 +270,7 @@ async fn a_server_behind_on_its_versions_is_not_activated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_balanced_deployment_leaves_a_passive_server_out_and_it_takes_the_new_version() {
-    let controller = Controller::start(Db::Sqlite, "passive_deploy", &[]).await;
-    let mut fes = Vec::new();
-    for name in ["fe1", "fe2", "fe3"] {
-        fes.push(
-            Frontend::builder(name)
-                .controller(&controller, "default")
-                .start()
-                .await,
-        );
-    }
-    let lb = Balancer::start(&controller, "lb1", &[]).await;
-    lb.wait_up(&["fe1", "fe2", "fe3"], true).await;
-    controller.ok(&["app", "publish", &fixture("hello-v1").display().to_string()]);
+    let (controller, fes, _lb) = farm("passive_deploy", &[], &["fe1", "fe2", "fe3"]).await;
     controller.ok(&["app", "upload", &fixture("hello-v2").display().to_string()]);
     controller.ok(&["server", "fe3", "role", "passive", "--wait"]);
 
