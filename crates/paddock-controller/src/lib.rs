@@ -46,6 +46,9 @@ pub struct ControllerConfig {
     /// Activate a passive front-end when an active one in rotation has been silent this long
     /// (`None`: never).
     pub failover_after: Option<std::time::Duration>,
+    /// Wait for the controller role while another controller holds the database, rather than
+    /// exiting; take over when it stops or dies.
+    pub standby: bool,
 }
 
 /// What every request handler shares.
@@ -116,7 +119,7 @@ pub async fn run(
     // The role first: a second controller started by mistake, even with this one's address,
     // is told which controller runs, and changes nothing.
     let holder = holder(config.listen);
-    let (store, role) = SqlStore::open_as_controller(&config.db_url, &holder)
+    let (store, role) = SqlStore::open_as_controller(&config.db_url, &holder, config.standby)
         .await
         .with_context(|| format!("opening the platform database {}", redact(&config.db_url)))?;
     let store = Arc::new(store);

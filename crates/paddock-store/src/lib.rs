@@ -414,28 +414,39 @@ impl SqlStore {
     /// Like [`SqlStore::open`] for a controller: takes the controller role over the database
     /// (see [`SqlStore::lock_controller`]) before it migrates anything, so that a second
     /// controller, maybe of another release, changes nothing under the one running. Waits up to
-    /// 2 s for a controller that just stopped to release it.
-    pub async fn open_as_controller(url: &str, holder: &str) -> Result<(SqlStore, ControllerLock)> {
+    /// 2 s for a controller that just stopped to release it; a `standby` controller waits for as
+    /// long as another one holds it, and takes over when it stops or dies.
+    pub async fn open_as_controller(
+        url: &str,
+        holder: &str,
+        standby: bool,
+    ) -> Result<(SqlStore, ControllerLock)> {
+        // SQLite's lock is a file beside the database, taken before the database is touched;
+        // PostgreSQL's is held by a connection.
+        let sqlite = sqlite_path(url);
+        let postgres = match sqlite {
+            Some(_) => None,
+            None => Some(SqlStore::connect(url).await?),
+        };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        // SQLite's lock is a file beside the database: taken before the database is touched.
-        if let Some(path) = sqlite_path(url) {
-            let lock = loop {
-                match lock_file(&path, holder) {
-                    Err(StoreError::ControllerRunning { .. })
-                        if std::time::Instant::now() < deadline =>
-                    {
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    }
-                    result => break result?,
-                }
-            };
-            let store = SqlStore::connect(url).await?;
-            store.migrate().await?;
-            return Ok((store, lock));
-        }
-        let store = SqlStore::connect(url).await?;
+        let mut announced = false;
         let lock = loop {
-            match store.lock_controller(holder).await {
+            let attempt = match (&postgres, &sqlite) {
+                (Some(store), _) => store.lock_controller(holder).await,
+                (None, Some(path)) => lock_file(path, holder),
+                (None, None) => return Err(StoreError::BadUrl(url.into())),
+            };
+            match attempt {
+                Err(StoreError::ControllerRunning { holder, .. }) if standby => {
+                    if !announced {
+                        tracing::info!(
+                            running = %holder,
+                            "standing by: another controller holds the controller role; taking over when it stops"
+                        );
+                        announced = true;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
                 Err(StoreError::ControllerRunning { .. })
                     if std::time::Instant::now() < deadline =>
                 {
@@ -443,6 +454,10 @@ impl SqlStore {
                 }
                 result => break result?,
             }
+        };
+        let store = match postgres {
+            Some(store) => store,
+            None => SqlStore::connect(url).await?,
         };
         store.migrate().await?;
         Ok((store, lock))

@@ -136,6 +136,11 @@ struct ControllerArgs {
     /// 0s: never; otherwise at least 6s (a server counts as down after 5 s).
     #[arg(long, default_value = "30s", value_parser = failover_after)]
     failover_after: Duration,
+    /// Stand by while another controller holds the database (rather than exit), and take over
+    /// when it stops or dies: same --db, a copy of its --data (the tokens), and an address the
+    /// front-ends and balancers reach (the same one behind a DNS name or virtual IP).
+    #[arg(long)]
+    standby: bool,
 }
 
 #[derive(clap::Args)]
@@ -387,6 +392,7 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
             .filter(|&bytes| bytes > 0)
             .context("--max-upload-mib: give a size in MiB, at least 1")?,
         failover_after: (!args.failover_after.is_zero()).then_some(args.failover_after),
+        standby: args.standby,
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -337,6 +337,29 @@ async fn a_frontend_the_controller_forgot_registers_again() {
     assert!(servers.contains("fe1"), "{servers}");
 }
 
+/// A standby controller (`--standby`, same address, database and tokens) waits while the active
+/// one runs, takes over when it dies, and the farm goes on through it: the CLI and the front-end
+/// find it where they found the first.
+async fn a_standby_controller_takes_over_when_the_active_one_dies(db: Db) {
+    let mut controller = Controller::start(db, "standby", &[]).await;
+    let fe1 = frontend(&controller, "fe1", "default").await;
+    controller.ok(&["app", "publish", &hello("v1")]);
+    let standby = controller.start_standby().await;
+    controller.ok(&["servers"]);
+    assert!(
+        !standby.log().contains("listening on http://"),
+        "{}",
+        standby.log()
+    );
+
+    controller.kill();
+    standby
+        .wait_for_log("listening on http://", Duration::from_secs(30))
+        .await;
+    controller.ok(&["app", "publish", &hello("v2")]);
+    fe1.wait_serving("hello", "v2", "/hello/").await;
+}
+
 async fn zones_keep_their_apps(db: Db) {
     let controller = Controller::start(db, "zones", &[]).await;
     let fe_a = frontend(&controller, "fe-a", "a").await;
@@ -582,6 +605,7 @@ on_both_backends!(
     publish_reaches_every_frontend_and_late_joiners,
     deployment_off_keeps_the_old_version_then_catches_up,
     a_second_controller_on_the_database_is_refused_naming_the_first,
+    a_standby_controller_takes_over_when_the_active_one_dies,
     zones_keep_their_apps,
     a_frontend_restarted_while_the_controller_is_down_serves_from_its_cache,
     bad_inputs_get_clear_errors_and_change_nothing

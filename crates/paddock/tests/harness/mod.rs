@@ -553,6 +553,11 @@ impl Controller {
         }
     }
 
+    /// Its log (stderr) so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
     /// Waits (at most `within`) until the controller's log (its stderr) contains `needle`.
     pub async fn wait_for_log(&self, needle: &str, within: Duration) -> String {
         let deadline = Instant::now() + within;
@@ -584,6 +589,43 @@ impl Controller {
     /// Runs a `paddock` admin command against this controller.
     pub fn cli(&self, args: &[&str]) -> CliOutput {
         run_cli(&self.url, &self.admin_token, args)
+    }
+
+    /// Starts a standby controller: this one's address, database and data folder (its tokens),
+    /// with `--standby`; returns once it says it stands by. It listens only once it holds the
+    /// controller role, so the CLI and the front-ends find it where they found this one.
+    pub async fn start_standby(&self) -> Controller {
+        let dir = tempfile::tempdir().unwrap();
+        let listen = self.url.trim_start_matches("http://").to_string();
+        let mut command = Command::new(PADDOCK);
+        command
+            .args([
+                "controller",
+                "--listen",
+                &listen,
+                "--db",
+                &self.db_url,
+                "--standby",
+            ])
+            .arg("--data")
+            .arg(&self.data);
+        let log = Arc::new(Mutex::new(String::new()));
+        let child = spawn_logged(&mut command, "standby", &log);
+        let standby = Controller {
+            url: self.url.clone(),
+            admin_token: self.admin_token.clone(),
+            join_token: self.join_token.clone(),
+            db_url: self.db_url.clone(),
+            data: self.data.clone(),
+            child: Some(child),
+            log,
+            extra_args: vec!["--standby".into()],
+            _dir: dir,
+        };
+        standby
+            .wait_for_log("standing by", Duration::from_secs(30))
+            .await;
+        standby
     }
 
     /// Starts a second controller on this one's database (its own address and data folder) and
