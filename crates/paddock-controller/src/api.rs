@@ -634,7 +634,8 @@ async fn set_role(
     let _gate = ensure_zone_free(&c, &server.zone).await?;
     if request.role == Role::Active
         && server.role != Role::Active
-        && let Some(why) = crate::failover::not_ready(&c, &server).await?
+        && let Some(why) =
+            crate::failover::not_ready(&server, &c.store.desired(&server.zone).await?)
     {
         return Err(Failure::new(
             StatusCode::CONFLICT,
@@ -789,6 +790,17 @@ pub(crate) fn not_served<'a>(
 /// A server is considered alive when it sent a heartbeat within this long.
 pub const ALIVE_WITHIN_MS: i64 = 5_000;
 
+/// Milliseconds since `server` last reported: its last heartbeat, or its registration (a server
+/// that has just registered counts as alive until its first heartbeat is due).
+pub(crate) fn silent_ms(server: &ServerInfo, now: i64) -> i64 {
+    now - server.heartbeat_ms.unwrap_or(server.registered_ms)
+}
+
+/// Whether `server` reported within [`ALIVE_WITHIN_MS`].
+pub(crate) fn alive(server: &ServerInfo, now: i64) -> bool {
+    silent_ms(server, now) <= ALIVE_WITHIN_MS
+}
+
 async fn status(State(c): State<Arc<Controller>>) -> Answer<Status> {
     let now = now_ms();
     let mut servers = Vec::new();
@@ -808,10 +820,8 @@ async fn status(State(c): State<Arc<Controller>>) -> Answer<Status> {
                 )
             })
             .collect();
-        // A server that has just registered counts as alive until its first heartbeat is due.
-        let last_seen = server.heartbeat_ms.unwrap_or(server.registered_ms);
         servers.push(ServerStatus {
-            alive: now - last_seen <= ALIVE_WITHIN_MS,
+            alive: alive(&server, now),
             server,
             out_of_date,
         });

@@ -13,30 +13,26 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use paddock_api::{LbState, Role, ServerInfo};
+use paddock_api::{LbState, Role, ServerInfo, VersionInfo};
 use paddock_core::ServerState;
 
-use crate::api::ALIVE_WITHIN_MS;
+use crate::api::{ALIVE_WITHIN_MS, silent_ms};
 use crate::{Controller, now_ms};
 
-/// Why `server` cannot be put in rotation now, if it cannot: it must be alive and serve, loaded
-/// and not failed, every version desired in its zone.
-pub async fn not_ready(
-    c: &Controller,
-    server: &ServerInfo,
-) -> paddock_store::Result<Option<String>> {
-    let now = now_ms();
-    let last_seen = server.heartbeat_ms.unwrap_or(server.registered_ms);
-    if now - last_seen > ALIVE_WITHIN_MS {
-        return Ok(Some(format!(
+/// Why `server` cannot be put in rotation now, if it cannot: it must be alive, report `serving`,
+/// and serve every version of `desired` (its zone's).
+pub fn not_ready(server: &ServerInfo, desired: &[VersionInfo]) -> Option<String> {
+    let silent = silent_ms(server, now_ms());
+    if silent > ALIVE_WITHIN_MS {
+        return Some(format!(
             "{} is down (no heartbeat for {} s)",
             server.name,
-            (now - last_seen) / 1000
-        )));
+            silent / 1000
+        ));
     }
     let state = server.observed.as_ref().map(|o| o.state);
     if state != Some(ServerState::Serving) {
-        return Ok(Some(format!(
+        return Some(format!(
             "{} is not serving (it reports {})",
             server.name,
             match state {
@@ -44,10 +40,9 @@ pub async fn not_ready(
                 Some(ServerState::Stopping) => "stopping",
                 _ => "nothing yet",
             }
-        )));
+        ));
     }
-    let desired = c.store.desired(&server.zone).await?;
-    let missing: Vec<String> = crate::api::not_served(server, &desired)
+    let missing: Vec<String> = crate::api::not_served(server, desired)
         .into_iter()
         .map(|(d, serving)| {
             format!(
@@ -59,13 +54,13 @@ pub async fn not_ready(
         })
         .collect();
     if missing.is_empty() {
-        return Ok(None);
+        return None;
     }
-    Ok(Some(format!(
+    Some(format!(
         "{} does not serve {} yet",
         server.name,
         missing.join(", ")
-    )))
+    ))
 }
 
 /// The automatic failover: looks every second for active front-ends in rotation that stopped
@@ -84,11 +79,8 @@ pub async fn watch(c: Arc<Controller>, after: Duration) {
 }
 
 /// How long `server` has been silent, as far as a controller started at `started_ms` knows.
-fn silent_ms(server: &ServerInfo, now: i64, started_ms: i64) -> i64 {
-    now - server
-        .heartbeat_ms
-        .unwrap_or(server.registered_ms)
-        .max(started_ms)
+fn silent_since_start(server: &ServerInfo, now: i64, started_ms: i64) -> i64 {
+    silent_ms(server, now).min(now - started_ms)
 }
 
 /// Whether `server` is an active front-end in rotation that died: silent for `after_ms` without
@@ -96,7 +88,7 @@ fn silent_ms(server: &ServerInfo, now: i64, started_ms: i64) -> i64 {
 fn failed(server: &ServerInfo, now: i64, started_ms: i64, after_ms: i64) -> bool {
     server.role == Role::Active
         && server.lb == LbState::Ready
-        && silent_ms(server, now, started_ms) >= after_ms
+        && silent_since_start(server, now, started_ms) >= after_ms
         && server.observed.as_ref().map(|o| o.state) != Some(ServerState::Stopping)
 }
 
@@ -114,18 +106,14 @@ async fn check(c: &Controller, after_ms: i64, started_ms: i64) -> paddock_store:
         if c.store.zone_lock(&dead.zone).await?.is_some() {
             continue;
         }
-        let mut standby = None;
-        for s in servers.iter().filter(|s| {
+        let desired = c.store.desired(&dead.zone).await?;
+        let standby = servers.iter().find(|s| {
             s.zone == dead.zone
                 && s.role == Role::Passive
                 && s.lb == LbState::Ready
                 && !taken.contains(&s.name)
-        }) {
-            if not_ready(c, s).await?.is_none() {
-                standby = Some(s);
-                break;
-            }
-        }
+                && not_ready(s, &desired).is_none()
+        });
         let Some(standby) = standby else {
             continue;
         };
@@ -142,7 +130,7 @@ async fn check(c: &Controller, after_ms: i64, started_ms: i64) -> paddock_store:
             dead.name,
             dead.zone,
             dead.name,
-            silent_ms(dead, now, started_ms) / 1000,
+            silent_since_start(dead, now, started_ms) / 1000,
             dead.name
         );
         c.store.audit("controller", "failover", &what, now).await?;

@@ -26,7 +26,7 @@ use paddock_api::{
 };
 use paddock_store::{ServerChange, StepEnd, StoreError};
 
-use crate::api::ALIVE_WITHIN_MS;
+use crate::api::{ALIVE_WITHIN_MS, alive};
 use crate::{Controller, now_ms};
 
 /// How long each wait may take unless the request says otherwise.
@@ -260,10 +260,9 @@ pub async fn plan(
 
 /// Why a server takes no part in a balanced deployment, or `None` if it serves users now.
 fn not_serving(server: &ServerInfo, now: i64) -> Option<String> {
-    let last_seen = server.heartbeat_ms.unwrap_or(server.registered_ms);
     if server.role != Role::Active {
         Some("passive".into())
-    } else if now - last_seen > ALIVE_WITHIN_MS {
+    } else if !alive(server, now) {
         Some("not alive".into())
     } else if server.lb != LbState::Ready {
         Some(format!("lb {}", server.lb.as_str()))
@@ -1228,10 +1227,6 @@ fn join<S: AsRef<str>>(names: &[S]) -> String {
         .map(|n| n.as_ref())
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-fn alive(server: &ServerInfo, now: i64) -> bool {
-    now - server.heartbeat_ms.unwrap_or(server.registered_ms) <= ALIVE_WITHIN_MS
 }
 
 /// The version of `app` a server reported serving.
