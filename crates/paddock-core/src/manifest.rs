@@ -49,6 +49,13 @@ pub struct Limits {
     /// Wall-clock limit of one request, from its arrival to the end of its response body.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// How long a user's session lives unused before it is gone with its values.
+    #[serde(default = "default_session_idle", with = "humantime_serde")]
+    pub session_idle: Duration,
+}
+
+fn default_session_idle() -> Duration {
+    crate::data::DEFAULT_SESSION_IDLE
 }
 
 impl Default for Limits {
@@ -56,6 +63,7 @@ impl Default for Limits {
         Limits {
             memory_mib: DEFAULT_MEMORY_MIB,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            session_idle: crate::data::DEFAULT_SESSION_IDLE,
         }
     }
 }
@@ -150,6 +158,8 @@ struct RawLimits {
     memory_mib: Option<u32>,
     #[serde(default, with = "humantime_serde")]
     request_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    session_idle: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -222,6 +232,10 @@ impl Manifest {
                 .limits
                 .request_timeout
                 .unwrap_or(DEFAULT_REQUEST_TIMEOUT),
+            session_idle: raw
+                .limits
+                .session_idle
+                .unwrap_or(crate::data::DEFAULT_SESSION_IDLE),
         };
         if limits.memory_mib == 0 || limits.memory_mib > MAX_MEMORY_MIB {
             return Err(field(
@@ -235,6 +249,17 @@ impl Manifest {
                 format!(
                     "is {}: use a duration from 1ms to 1h, e.g. \"30s\"",
                     humantime::format_duration(limits.request_timeout)
+                ),
+            ));
+        }
+        if limits.session_idle < Duration::from_secs(1)
+            || limits.session_idle > Duration::from_secs(366 * 24 * 3600)
+        {
+            return Err(field(
+                "limits.session_idle",
+                format!(
+                    "is {}: use a duration from 1s to 366 days, e.g. \"30m\"",
+                    humantime::format_duration(limits.session_idle)
                 ),
             ));
         }
@@ -485,6 +510,7 @@ smoke = "/shop/orders/health?deep=1"
 [limits]
 memory_mib = 128
 request_timeout = "5s"
+session_idle = "30m"
 [[timer]]
 name = "nightly-report"
 schedule = "0 2 * * *"
@@ -501,6 +527,7 @@ currency = "EUR"
         assert_eq!(m.version.as_deref(), Some("1.4.0"));
         assert_eq!(m.limits.memory_mib, 128);
         assert_eq!(m.limits.request_timeout, Duration::from_secs(5));
+        assert_eq!(m.limits.session_idle, Duration::from_secs(1800));
         assert_eq!(
             m.timers[1].schedule,
             TimerSchedule::Every(Duration::from_secs(30))
@@ -536,6 +563,10 @@ currency = "EUR"
             (
                 "name = \"a\"\ncomponent = \"a.wasm\"\n[limits]\nrequest_timeout = \"2h\"",
                 "limits.request_timeout",
+            ),
+            (
+                "name = \"a\"\ncomponent = \"a.wasm\"\n[limits]\nsession_idle = \"0s\"",
+                "limits.session_idle",
             ),
             (
                 "name = \"a\"\ncomponent = \"a.wasm\"\n[config]\n\"my-key\" = \"x\"",

@@ -14,6 +14,7 @@
 
 pub mod apps;
 pub mod cache;
+pub mod data;
 pub mod deployer;
 pub mod folder;
 pub mod scheduler;
@@ -42,6 +43,8 @@ pub struct FrontendConfig {
     pub controller: Option<deployer::ControllerLink>,
     /// Where the artifact cache lives.
     pub data_dir: PathBuf,
+    /// The farm's database, where apps keep their data (`wasi:keyvalue`) and sessions.
+    pub db: Option<String>,
     /// How often the apps folder is looked at.
     pub scan_interval: Duration,
     /// How long the server keeps serving, reporting `stopping`, after a shutdown signal.
@@ -65,6 +68,10 @@ pub async fn run(
             )
         })?;
     let apps = Arc::new(Apps::new(runtime.clone()));
+    let app_data = match &config.db {
+        Some(url) => Some(data::open(url, config.controller.is_none()).await?),
+        None => None,
+    };
 
     let watcher = match &config.apps_dir {
         Some(dir) => {
@@ -77,7 +84,7 @@ pub async fn run(
 
     let vitals = Arc::new(server::Vitals::new(&config.name));
     // Bound before the deployment service starts, so that it can advertise the real port.
-    let server = Server::bind(&config, apps.clone(), vitals.clone()).await?;
+    let server = Server::bind(&config, apps.clone(), vitals.clone(), app_data.clone()).await?;
     // The controller refusing this server for good stops it, saying why.
     let (refused_tx, refused_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
     let deployer = match &config.controller {
@@ -100,6 +107,7 @@ pub async fn run(
                 config.name.clone(),
                 apps.clone(),
                 deployer.scheduler_on.clone(),
+                app_data.clone(),
             )?);
             Some((
                 tokio::spawn({

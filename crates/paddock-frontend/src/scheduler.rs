@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use paddock_api::{AppVersionRef, TimerClaim, TimerFinish, TimerLease};
+use paddock_runtime::{AppData, RequestData};
 
 use crate::apps::Apps;
 use crate::deployer::ControllerLink;
@@ -41,6 +42,8 @@ pub struct Scheduler {
     /// Held from a claim's request until its runs are in `running`: `stop` waits for a claim
     /// in flight, so that it never misses the runs that claim brings.
     claiming: tokio::sync::Mutex<()>,
+    /// The apps' data; a tick reaches the app's buckets but has no session.
+    app_data: Option<Arc<dyn AppData>>,
 }
 
 impl Scheduler {
@@ -49,11 +52,13 @@ impl Scheduler {
         name: String,
         apps: Arc<Apps>,
         on: Arc<AtomicBool>,
+        app_data: Option<Arc<dyn AppData>>,
     ) -> anyhow::Result<Self> {
         Ok(Scheduler {
             link,
             name,
             apps,
+            app_data,
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(3))
                 .build()?,
@@ -206,7 +211,11 @@ impl Scheduler {
             Ok(request) => request,
             Err(e) => return (false, format!("bad timer path {:?}: {e}", claim.path)),
         };
-        match self.apps.runtime().serve(&version, request, 0).await {
+        let data = self.app_data.clone().map(|store| RequestData {
+            store,
+            session: None,
+        });
+        match self.apps.runtime().serve(&version, request, 0, data).await {
             Ok(response) => {
                 let status = response.status();
                 // Drain the body, frame by frame without keeping it: the run ends when the app

@@ -20,10 +20,12 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use paddock_api::HealthReport;
 use paddock_core::ServerState;
+use paddock_runtime::{AppData, RequestData};
 use tokio::net::TcpListener;
 
 use crate::FrontendConfig;
 use crate::apps::Apps;
+use crate::data;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -42,6 +44,8 @@ struct Shared {
     apps: Arc<Apps>,
     vitals: Arc<Vitals>,
     next_request_id: AtomicU64,
+    /// The apps' data and sessions, if this front-end was given the farm's database.
+    app_data: Option<Arc<dyn AppData>>,
 }
 
 /// What the front-end reports about itself: its state and its requests in flight. Shared by the
@@ -106,6 +110,7 @@ impl Server {
         config: &FrontendConfig,
         apps: Arc<Apps>,
         vitals: Arc<Vitals>,
+        app_data: Option<Arc<dyn AppData>>,
     ) -> anyhow::Result<Server> {
         let listener = TcpListener::bind(config.listen)
             .await
@@ -120,6 +125,7 @@ impl Server {
                 apps,
                 vitals,
                 next_request_id: AtomicU64::new(1),
+                app_data,
             }),
         })
     }
@@ -216,19 +222,43 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> 
 
     let guard = InFlight::enter(shared.clone());
     let request_id = shared.next_request_id.fetch_add(1, Ordering::Relaxed);
-    let mut response = match shared
+    let spec = route.version.spec();
+    let (data, https) = match &shared.app_data {
+        Some(store) => (
+            Some(RequestData {
+                store: store.clone(),
+                session: Some(data::session(req.headers(), spec)),
+            }),
+            req.headers()
+                .get("x-forwarded-proto")
+                .is_some_and(|proto| proto.as_bytes().eq_ignore_ascii_case(b"https")),
+        ),
+        None => (None, false),
+    };
+    let session = data.as_ref().and_then(|data| data.session.clone());
+    let served = shared
         .apps
         .runtime()
-        .serve(&route.version, req, request_id)
-        .await
-    {
-        Ok(response) => response.map(|body| {
-            TrackedBody {
-                inner: body,
-                _guard: guard,
+        .serve(&route.version, req, request_id, data)
+        .await;
+    // A session the app started before its head goes out with the head.
+    let new_session = match &session {
+        Some(session) => session.created().await,
+        None => None,
+    };
+    let mut response = match served {
+        Ok(mut response) => {
+            if let Some(cookie) = new_session.and_then(|id| data::set_cookie(spec, &id, https)) {
+                response.headers_mut().append(header::SET_COOKIE, cookie);
             }
-            .boxed_unsync()
-        }),
+            response.map(|body| {
+                TrackedBody {
+                    inner: body,
+                    _guard: guard,
+                }
+                .boxed_unsync()
+            })
+        }
         Err(e) => {
             let mut r = text(e.status(), &format!("{e} (request {request_id})\n"));
             if e.status() == StatusCode::SERVICE_UNAVAILABLE {

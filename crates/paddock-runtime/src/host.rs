@@ -11,16 +11,26 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::AppSpec;
+use crate::data::RequestData;
 
 pub struct Host {
-    table: ResourceTable,
+    pub(crate) table: ResourceTable,
     wasi: WasiCtx,
     http: WasiHttpCtx,
     pub(crate) limits: MemoryLimit,
+    /// The app's name, for its data.
+    pub(crate) app: String,
+    /// What the request may reach of the app's data; `None` on a front-end without a store.
+    pub(crate) data: Option<RequestData>,
 }
 
 impl Host {
-    pub(crate) fn new(spec: &AppSpec, env: &[(String, String)], request_id: u64) -> Host {
+    pub(crate) fn new(
+        spec: &AppSpec,
+        env: &[(String, String)],
+        request_id: u64,
+        data: Option<RequestData>,
+    ) -> Host {
         let tags = Arc::new(LogTags {
             app: spec.name.clone(),
             version: spec.version.clone(),
@@ -46,6 +56,8 @@ impl Host {
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
             limits: MemoryLimit::new(spec.limits.memory_mib as usize * 1024 * 1024),
+            app: spec.name.clone(),
+            data,
         }
     }
 }

@@ -14,6 +14,7 @@
 //! with the `Arc<AppVersion>` values this crate hands out.
 
 pub mod artifact;
+pub mod data;
 mod host;
 mod serve;
 
@@ -28,6 +29,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 pub use artifact::{Artifact, ArtifactHeader};
+pub use data::{AppData, RequestData, Session};
 use host::Host;
 pub use paddock_core::Limits;
 pub use serve::{ResponseBody, ServeError};
@@ -157,6 +159,7 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(anyhow::Error::from)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(anyhow::Error::from)?;
+        data::add_to_linker(&mut linker)?;
 
         let engine_hash = engine_hash(&engine);
         let ticker_stop = Arc::new(AtomicBool::new(false));

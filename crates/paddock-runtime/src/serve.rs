@@ -14,6 +14,7 @@ use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
+use crate::data::RequestData;
 use crate::host::Host;
 use crate::{AppVersion, Runtime};
 
@@ -87,12 +88,15 @@ impl ServeError {
 impl Runtime {
     /// Serves `request` on a fresh instance of `app`. Returns once the app has set its response
     /// head; the body streams from a task that keeps running the instance (and holds `app`) until
-    /// the body is done or the app's time limit passes.
+    /// the body is done or the app's time limit passes. `data` is what the request may reach of
+    /// the app's data (`wasi:keyvalue`); without it, opening a bucket fails with a message that
+    /// says so.
     pub async fn serve<B>(
         &self,
         app: &Arc<AppVersion>,
         request: hyper::Request<B>,
         request_id: u64,
+        data: Option<RequestData>,
     ) -> Result<hyper::Response<ResponseBody>, ServeError>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -119,7 +123,7 @@ impl Runtime {
             }
         };
 
-        let mut store = Store::new(&self.engine, Host::new(spec, &app.env, request_id));
+        let mut store = Store::new(&self.engine, Host::new(spec, &app.env, request_id, data));
         store.limiter(|host| &mut host.limits);
         // Every tick the instance yields its thread, so a busy loop never starves other requests;
         // once the deadline has passed, the next tick interrupts it. The yield goes through
@@ -144,7 +148,22 @@ impl Runtime {
                 .data_mut()
                 .http()
                 .new_incoming_request(Scheme::Http, request)?;
-            let out = store.data_mut().http().new_response_outparam(sender)?;
+            // The head going out ends the time in which a session can start: marked before the
+            // app runs on (see `data::Session`).
+            let session = store
+                .data()
+                .data
+                .as_ref()
+                .and_then(|data| data.session.clone());
+            let out = store
+                .data_mut()
+                .http()
+                .new_response_outparam_from_callback(move |response| {
+                    if let Some(session) = session {
+                        session.mark_head_sent();
+                    }
+                    let _ = sender.send(response);
+                })?;
             Ok((req, out))
         })();
         let (req, out) = match handles {

@@ -11,6 +11,8 @@
 //!
 //! Deliberately absent: HTTP, wasmtime, policy. The store records; the controller decides.
 
+mod data;
+
 use std::borrow::Cow;
 use std::collections::HashMap;
 
@@ -78,6 +80,12 @@ pub enum StoreError {
     Migration(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is not readable: {0}")]
     Corrupt(String),
+    #[error(
+        "the database has no app data tables ({0}): start this release's controller on it once, which creates them"
+    )]
+    NoAppData(String),
+    #[error("{0}")]
+    DataValue(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -799,7 +799,139 @@ async fn controller_role(store: &SqlStore) {
     store.lock_controller("controller two").await.unwrap();
 }
 
+async fn app_data(store: &SqlStore) {
+    use paddock_core::data::Scope;
+    let cart = Scope::Bucket("cart");
+    assert_eq!(store.data_get("shop", cart, "a").await.unwrap(), None);
+    store.data_set("shop", cart, "a", b"1").await.unwrap();
+    store.data_set("shop", cart, "a", b"two").await.unwrap();
+    store.data_set("shop", cart, "b", &[0, 255]).await.unwrap();
+    assert_eq!(
+        store.data_get("shop", cart, "a").await.unwrap().as_deref(),
+        Some(&b"two"[..])
+    );
+    assert_eq!(
+        store.data_get("shop", cart, "b").await.unwrap().as_deref(),
+        Some(&[0, 255][..])
+    );
+    // Apps, buckets and sessions are apart.
+    assert_eq!(store.data_get("blog", cart, "a").await.unwrap(), None);
+    assert_eq!(
+        store
+            .data_get("shop", Scope::Bucket(""), "a")
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store.data_keys("shop", cart, 0, 10).await.unwrap(),
+        ["a", "b"]
+    );
+    assert_eq!(store.data_keys("shop", cart, 1, 10).await.unwrap(), ["b"]);
+    store.data_delete("shop", cart, "a").await.unwrap();
+    assert_eq!(store.data_keys("shop", cart, 0, 10).await.unwrap(), ["b"]);
+
+    // Increments are atomic: concurrent ones all count.
+    let hits = Scope::Bucket("");
+    let five = || async {
+        let mut sums = Vec::new();
+        for _ in 0..5 {
+            sums.push(store.data_increment("shop", hits, "hits", 2).await.unwrap());
+        }
+        sums
+    };
+    let (a, b, c, d) = tokio::join!(five(), five(), five(), five());
+    let mut sums: Vec<u64> = [a, b, c, d].concat();
+    sums.sort();
+    assert_eq!(
+        sums,
+        (1..=20).map(|n| n * 2).collect::<Vec<u64>>(),
+        "each sum seen once"
+    );
+    assert_eq!(
+        store
+            .data_get("shop", hits, "hits")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(&b"40"[..])
+    );
+    assert!(matches!(
+        store.data_increment("shop", cart, "b", 1).await,
+        Err(StoreError::DataValue(e)) if e.contains("not a decimal number")
+    ));
+    store
+        .data_set("shop", hits, "max", u64::MAX.to_string().as_bytes())
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.data_increment("shop", hits, "max", 1).await,
+        Err(StoreError::DataValue(e)) if e.contains("overflows")
+    ));
+
+    // Sessions live while used, and go with their values once idle past their expiry.
+    let (one, two) = (
+        "0123456789abcdef0123456789abcdef",
+        "fedcba9876543210fedcba9876543210",
+    );
+    assert!(!store.session_touch("shop", one, 1_000, 500).await.unwrap());
+    store.session_create("shop", one, 1_000, 500).await.unwrap();
+    store.session_create("shop", two, 1_000, 500).await.unwrap();
+    store
+        .data_set("shop", Scope::Session(one), "user", b"ada")
+        .await
+        .unwrap();
+    store
+        .data_set("shop", Scope::Session(two), "user", b"bob")
+        .await
+        .unwrap();
+    assert!(store.session_touch("shop", one, 1_400, 500).await.unwrap());
+    assert!(
+        !store.session_touch("blog", one, 1_400, 500).await.unwrap(),
+        "another app's"
+    );
+    assert_eq!(
+        store.sweep_sessions(1_600).await.unwrap(),
+        1,
+        "two expired at 1 500"
+    );
+    assert!(!store.session_touch("shop", two, 1_600, 500).await.unwrap());
+    assert_eq!(
+        store
+            .data_get("shop", Scope::Session(two), "user")
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .data_get("shop", Scope::Session(one), "user")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(&b"ada"[..])
+    );
+    assert!(
+        !store.session_touch("shop", one, 1_900, 500).await.unwrap(),
+        "expired at 1 900"
+    );
+    assert_eq!(store.sweep_sessions(1_900).await.unwrap(), 1);
+    assert_eq!(
+        store
+            .data_keys("shop", Scope::Session(one), 0, 10)
+            .await
+            .unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        store.data_keys("shop", cart, 0, 10).await.unwrap(),
+        ["b"],
+        "buckets stay"
+    );
+}
+
 on_both_backends!(
+    app_data,
     controller_role,
     timer_claims,
     operations_journal,

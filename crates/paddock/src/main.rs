@@ -167,6 +167,10 @@ struct FrontendArgs {
     /// Deploy every app package found in this folder, and redeploy each one when it changes.
     #[arg(long, value_name = "DIR")]
     apps: Option<PathBuf>,
+    /// The farm's database (the controller's --db), where apps keep their data through
+    /// wasi:keyvalue and their users' sessions. Without it, opening a bucket fails.
+    #[arg(long, env = "PADDOCK_DB", value_name = "URL")]
+    db: Option<String>,
     /// Where the front-end keeps its compiled artifacts (default: .paddock/<name>).
     #[arg(long, value_name = "DIR", env = "PADDOCK_DATA")]
     data: Option<PathBuf>,
@@ -452,6 +456,7 @@ fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
         apps_dir: args.apps,
         controller,
         data_dir,
+        db: args.db,
         scan_interval: args.scan_interval,
         drain_delay: args.drain_delay,
         shutdown_timeout: args.shutdown_timeout,

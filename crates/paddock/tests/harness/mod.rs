@@ -169,6 +169,12 @@ impl FrontendBuilder {
             .arg(zone)
     }
 
+    /// Keeps the apps' data in `controller`'s database.
+    pub fn db(self, controller: &Controller) -> Self {
+        let url = controller.db_url.clone();
+        self.arg("--db").arg(&url)
+    }
+
     /// Does not wait for the front-end to register (its controller may be down).
     pub fn without_registration(mut self) -> Self {
         self.wait_registered = false;
@@ -188,6 +194,24 @@ impl FrontendBuilder {
     }
 
     pub async fn start(self) -> Frontend {
+        let wait_registered = self.wait_registered;
+        let mut frontend = self.spawn();
+        let line = frontend
+            .wait_for_log("listening on http://", Duration::from_secs(120))
+            .await;
+        let addr = line.split("listening on http://").nth(1).unwrap();
+        let addr = addr.split_whitespace().next().unwrap();
+        frontend.addr = addr.parse().unwrap();
+        if wait_registered {
+            frontend
+                .wait_for_log("registered with the controller", Duration::from_secs(30))
+                .await;
+        }
+        frontend
+    }
+
+    /// Starts the process without waiting for it to listen (for one that must refuse to start).
+    pub fn spawn(self) -> Frontend {
         let dir = match self.dir {
             Some(dir) => dir,
             None => tempfile::tempdir().unwrap(),
@@ -217,26 +241,14 @@ impl FrontendBuilder {
             .args(&self.extra_args);
         let log = Arc::new(Mutex::new(String::new()));
         let child = spawn_logged(&mut command, &self.name, &log);
-        let mut frontend = Frontend {
+        Frontend {
             name: self.name,
             addr: "127.0.0.1:0".parse().unwrap(),
             apps_dir,
             child,
             log,
             _dir: dir,
-        };
-        let line = frontend
-            .wait_for_log("listening on http://", Duration::from_secs(120))
-            .await;
-        let addr = line.split("listening on http://").nth(1).unwrap();
-        let addr = addr.split_whitespace().next().unwrap();
-        frontend.addr = addr.parse().unwrap();
-        if self.wait_registered {
-            frontend
-                .wait_for_log("registered with the controller", Duration::from_secs(30))
-                .await;
         }
-        frontend
     }
 }
 
@@ -428,10 +440,21 @@ impl Conn {
     }
 
     pub async fn get(&mut self, path: &str) -> anyhow::Result<Reply> {
+        self.get_with(path, &[]).await
+    }
+
+    /// A GET with these headers besides `Host`.
+    pub async fn get_with(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<Reply> {
         self.sender.ready().await?;
-        let request = http::Request::get(path)
-            .header(http::header::HOST, "paddock.test")
-            .body(Empty::new())?;
+        let mut request = http::Request::get(path).header(http::header::HOST, "paddock.test");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(Empty::new())?;
         let response = self.sender.send_request(request).await?;
         let (parts, body) = response.into_parts();
         let body = body.collect().await?.to_bytes();

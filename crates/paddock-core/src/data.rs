@@ -1,0 +1,55 @@
+//! App data: what apps keep in the farm's store through `wasi:keyvalue`, shared by every
+//! front-end. A bucket is the app's own (all its versions see it); a session belongs to one user
+//! of one app, named by the `paddock_session_<app>` cookie.
+
+use std::time::Duration;
+
+/// Where a value lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope<'a> {
+    /// A bucket of the app, opened by name (`""` is the app's default bucket).
+    Bucket(&'a str),
+    /// A user's session, by its id.
+    Session(&'a str),
+}
+
+/// The bucket name that opens the current request's session rather than a bucket.
+pub const SESSION_BUCKET: &str = "session";
+/// A key longer than this is refused.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// A value larger than this is refused: the store holds records, not files.
+pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
+/// A bucket name longer than this is refused.
+pub const MAX_BUCKET_BYTES: usize = 128;
+/// How many keys one `list-keys` call returns at most; the cursor gives the rest.
+pub const LIST_PAGE: usize = 1000;
+/// A session unused for this long is gone, with its values, unless the manifest says otherwise.
+pub const DEFAULT_SESSION_IDLE: Duration = Duration::from_secs(24 * 3600);
+
+/// The name of the cookie that carries an app's session id.
+pub fn session_cookie(app: &str) -> String {
+    format!("paddock_session_{app}")
+}
+
+/// Whether `id` has the shape of a session id Paddock hands out (32 lowercase hex digits), so
+/// that anything else in a cookie is ignored before it reaches the store.
+pub fn is_session_id(id: &str) -> bool {
+    id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids() {
+        assert!(is_session_id("0123456789abcdef0123456789abcdef"));
+        assert!(!is_session_id("0123456789ABCDEF0123456789abcdef"));
+        assert!(!is_session_id("0123"));
+        assert!(!is_session_id("0123456789abcdef0123456789abcdeg"));
+        assert_eq!(session_cookie("shop"), "paddock_session_shop");
+    }
+}

@@ -1,0 +1,261 @@
+//! App data end to end: the `counter` app keeps values through `wasi:keyvalue` in the farm's
+//! database, reached by every front-end, and its users' sessions follow them from front-end to
+//! front-end and across a balanced deployment.
+
+mod harness;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use harness::{Balancer, Conn, Controller, Db, Frontend, Reply, fixture};
+
+/// A controller on `db`, front-ends `fe1..fe3` keeping app data in its database, a balancer;
+/// counter@v1 published, counter@v2 uploaded.
+async fn farm(test: &str, db: Db) -> (Controller, Vec<Frontend>, Balancer) {
+    let controller = Controller::start(db, test, &[]).await;
+    let mut frontends = Vec::new();
+    for i in 1..=3 {
+        frontends.push(
+            Frontend::builder(&format!("fe{i}"))
+                .controller(&controller, "default")
+                .db(&controller)
+                .start()
+                .await,
+        );
+    }
+    let lb = Balancer::start(&controller, "lb1", &[]).await;
+    lb.wait_up(&["fe1", "fe2", "fe3"], true).await;
+    controller.ok(&[
+        "app",
+        "publish",
+        &fixture("counter-v1").display().to_string(),
+    ]);
+    controller.ok(&[
+        "app",
+        "upload",
+        &fixture("counter-v2").display().to_string(),
+    ]);
+    for fe in &frontends {
+        fe.wait_serving("counter", "v1", "/counter/").await;
+    }
+    (controller, frontends, lb)
+}
+
+/// The session id a response's `Set-Cookie` hands out, checking the cookie's attributes.
+fn new_session(reply: &Reply) -> Option<String> {
+    let cookie = reply.header("set-cookie")?;
+    assert!(
+        cookie.ends_with("; Path=/counter; HttpOnly; SameSite=Lax"),
+        "{cookie}"
+    );
+    let (name, rest) = cookie.split_once('=').unwrap();
+    assert_eq!(name, "paddock_session_counter");
+    Some(rest.split(';').next().unwrap().to_string())
+}
+
+fn cookie(id: &str) -> String {
+    format!("paddock_session_counter={id}")
+}
+
+/// `visits=N version=V` → (N, V).
+fn visits(reply: &Reply) -> (u64, String) {
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let mut words = reply.body.split_whitespace();
+    let n = words.next().unwrap().strip_prefix("visits=").unwrap();
+    let v = words.next().unwrap().strip_prefix("version=").unwrap();
+    (n.parse().unwrap(), v.to_string())
+}
+
+async fn app_data_and_sessions(test: &str, db: Db) {
+    let (controller, frontends, lb) = farm(test, db).await;
+
+    // A counter in the app's bucket, incremented from every front-end at once, counts each
+    // increment exactly once.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let addr = lb.addr;
+        clients.push(tokio::spawn(async move {
+            let mut conn = Conn::open(addr).await.unwrap();
+            let mut seen = Vec::new();
+            for _ in 0..15 {
+                let reply = conn.get("/counter/hits").await.unwrap();
+                assert_eq!(reply.status, 200, "{}", reply.body);
+                let hits: u64 = reply
+                    .body
+                    .trim()
+                    .strip_prefix("hits=")
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                seen.push((hits, reply.header("x-paddock-server").unwrap().to_string()));
+            }
+            seen
+        }));
+    }
+    let mut seen = Vec::new();
+    for client in clients {
+        seen.extend(client.await.unwrap());
+    }
+    let mut hits: Vec<u64> = seen.iter().map(|(hits, _)| *hits).collect();
+    hits.sort();
+    assert_eq!(hits, (1..=60).collect::<Vec<u64>>());
+    let servers: std::collections::BTreeSet<_> = seen.iter().map(|(_, s)| s.as_str()).collect();
+    assert_eq!(servers.len(), 3, "{servers:?}");
+
+    // A value written on one front-end is read on another.
+    let mut fe1 = frontends[0].connect().await;
+    let mut fe2 = frontends[1].connect().await;
+    let put = fe1
+        .get("/counter/put?key=greeting&value=hej")
+        .await
+        .unwrap();
+    assert_eq!(put.body, "stored\n");
+    assert_eq!(
+        fe2.get("/counter/get?key=greeting").await.unwrap().body,
+        "hej\n"
+    );
+    assert_eq!(fe2.get("/counter/keys").await.unwrap().body, "greeting\n");
+
+    // Reading a session that does not exist creates none.
+    let mut conn = lb.connect().await;
+    let peek = conn.get("/counter/peek").await.unwrap();
+    assert_eq!(peek.body, "visits=none\n");
+    assert_eq!(new_session(&peek), None);
+    // The first write starts one, and the cookie carries it to every front-end.
+    let first = conn.get("/counter/visit").await.unwrap();
+    assert_eq!(visits(&first), (1, "v1".into()));
+    let alice = new_session(&first).expect("a session cookie");
+    let mut served_by = std::collections::BTreeSet::new();
+    for n in 2..=6 {
+        let reply = conn
+            .get_with("/counter/visit", &[("cookie", &cookie(&alice))])
+            .await
+            .unwrap();
+        assert_eq!(visits(&reply), (n, "v1".into()));
+        assert_eq!(
+            new_session(&reply),
+            None,
+            "the session exists: no new cookie"
+        );
+        served_by.insert(reply.header("x-paddock-server").unwrap().to_string());
+    }
+    assert_eq!(served_by.len(), 3, "{served_by:?}");
+    // Another user has a session of their own.
+    let bob = conn.get("/counter/visit").await.unwrap();
+    assert_eq!(visits(&bob), (1, "v1".into()));
+    assert_ne!(new_session(&bob).unwrap(), alice);
+    // An id the client made up, or a malformed one, is not taken: a fresh session starts,
+    // under an id Paddock chose.
+    for forged in ["0123456789abcdef0123456789abcdef", "../../etc", ""] {
+        let reply = conn
+            .get_with("/counter/visit", &[("cookie", &cookie(forged))])
+            .await
+            .unwrap();
+        assert_eq!(visits(&reply).0, 1, "{forged:?}");
+        let id = new_session(&reply).unwrap();
+        assert!(id != forged && id != alice, "{forged:?} gave {id}");
+    }
+    // A session cannot start once the response head is out (its cookie would be lost).
+    let late = conn.get("/counter/late").await.unwrap();
+    assert!(
+        late.body
+            .contains("cannot start after the response head was sent"),
+        "{}",
+        late.body
+    );
+    assert_eq!(new_session(&late), None);
+
+    // A user visiting all through a balanced deployment keeps their session: every visit
+    // counts once, in order, and the version moves from v1 to v2 once.
+    let stop = Arc::new(AtomicBool::new(false));
+    let visitor = {
+        let stop = stop.clone();
+        let (addr, alice) = (lb.addr, alice.clone());
+        tokio::spawn(async move {
+            let mut conn = Conn::open(addr).await.unwrap();
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let reply = conn
+                    .get_with("/counter/visit", &[("cookie", &cookie(&alice))])
+                    .await
+                    .unwrap();
+                seen.push(visits(&reply));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            seen
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let out = controller
+        .cli_async(&["deploy", "--balanced", "counter@v2"])
+        .await;
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let seen = visitor.await.unwrap();
+    eprintln!("{} visits during the deployment", seen.len());
+    assert!(seen.len() > 20, "too few visits: {}", seen.len());
+    let counts: Vec<u64> = seen.iter().map(|(n, _)| *n).collect();
+    assert_eq!(counts, (7..7 + seen.len() as u64).collect::<Vec<u64>>());
+    let mut versions: Vec<&str> = seen.iter().map(|(_, v)| v.as_str()).collect();
+    versions.dedup();
+    assert_eq!(versions, ["v1", "v2"]);
+    // The bucket outlived the deployment too.
+    let hits = conn.get("/counter/hits").await.unwrap();
+    assert_eq!(hits.body, "hits=61\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_data_and_sessions_on_sqlite() {
+    app_data_and_sessions("data_sqlite", Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_data_and_sessions_on_postgres() {
+    app_data_and_sessions("data_postgres", Db::Postgres).await;
+}
+
+/// A front-end on its own (`--apps`) keeps app data in a database of its own; one without
+/// `--db` answers the app's request with an error that says what to give; one pointed at a
+/// database no controller created refuses to start, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn where_app_data_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let own = format!("sqlite://{}", dir.path().join("own.db").display());
+    let alone = Frontend::builder("alone")
+        .package("counter-v1", "counter")
+        .arg("--db")
+        .arg(&own)
+        .start()
+        .await;
+    alone.wait_serving("counter", "v1", "/counter/").await;
+    let mut conn = alone.connect().await;
+    assert_eq!(conn.get("/counter/hits").await.unwrap().body, "hits=1\n");
+    assert_eq!(conn.get("/counter/hits").await.unwrap().body, "hits=2\n");
+
+    let without = Frontend::builder("without")
+        .package("counter-v1", "counter")
+        .start()
+        .await;
+    without.wait_serving("counter", "v1", "/counter/").await;
+    let reply = without.connect().await.get("/counter/hits").await.unwrap();
+    assert_eq!(reply.status, 500);
+    assert!(reply.body.contains("start it with --db"), "{}", reply.body);
+
+    let controller = Controller::start(Db::Sqlite, "data_unmigrated", &[]).await;
+    let empty = format!("sqlite://{}", dir.path().join("empty.db").display());
+    let mut refused = Frontend::builder("refused")
+        .controller(&controller, "default")
+        .arg("--db")
+        .arg(&empty)
+        .spawn();
+    let status = refused.wait_exit(Duration::from_secs(30)).await;
+    assert!(!status.success());
+    let log = refused.log();
+    assert!(log.contains("no app data tables"), "{log}");
+    assert!(
+        log.contains("start this release's controller on it once"),
+        "{log}"
+    );
+}
