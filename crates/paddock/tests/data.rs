@@ -204,6 +204,35 @@ async fn app_data_and_sessions(test: &str, db: Db) {
     // The bucket outlived the deployment too.
     let hits = conn.get("/counter/hits").await.unwrap();
     assert_eq!(hits.body, "hits=61\n");
+
+    // A timer tick reaches the app's buckets, and has no session (the app answers 500 if it
+    // could write one, failing the run).
+    controller.ok(&["timer", "run", "counter", "tick"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let runs: Vec<serde_json::Value> =
+            serde_json::from_str(&controller.ok(&["timer", "runs", "counter", "tick", "--json"]))
+                .unwrap();
+        assert!(
+            runs.iter()
+                .all(|r| r["outcome"] == "ok" || r["outcome"] == "running"),
+            "{runs:#?}"
+        );
+        if runs.iter().any(|r| r["outcome"] == "ok") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no tick ran: {runs:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ticks = conn
+        .get("/counter/get?bucket=default&key=ticks")
+        .await
+        .unwrap();
+    let ticks: u64 = ticks.body.trim().parse().unwrap();
+    assert!(ticks >= 1, "{ticks}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
