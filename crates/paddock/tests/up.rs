@@ -149,6 +149,20 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
         assert_eq!((reply.status, reply.version()), (200, Some("v2")));
     }
 
+    // The README's app data: a session kept in the farm's database, whichever front-end serves.
+    admin(&["app", "publish"], "counter-v1");
+    let first = conn.get("/counter/visit").await.unwrap();
+    assert_eq!(first.body, "visits=1 version=v1\n");
+    let cookie = first.header("set-cookie").unwrap();
+    let cookie = cookie.split(';').next().unwrap().to_string();
+    for n in 2..=3 {
+        let reply = conn
+            .get_with("/counter/visit", &[("cookie", &cookie)])
+            .await
+            .unwrap();
+        assert_eq!(reply.body, format!("visits={n} version=v1\n"));
+    }
+
     Command::new("kill")
         .args(["-TERM", &up.id().to_string()])
         .status()

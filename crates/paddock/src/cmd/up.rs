@@ -192,6 +192,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         children: Vec::new(),
     };
 
+    let db = format!("sqlite://{}", data.join("paddock.db").display());
     let controller = spawn(
         "controller",
         &[
@@ -199,7 +200,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             "--listen".into(),
             format!("127.0.0.1:{}", args.controller_port),
             "--db".into(),
-            format!("sqlite://{}", data.join("paddock.db").display()),
+            db.clone(),
             "--data".into(),
             controller_dir.display().to_string(),
         ],
@@ -239,6 +240,9 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
                 data.join(&name).display().to_string(),
                 "--controller".into(),
                 controller_url.clone(),
+                // The apps' data and sessions, in the farm's database.
+                "--db".into(),
+                db.clone(),
             ],
             // Through the environment: a command line is readable by every local user.
             &[("PADDOCK_JOIN_TOKEN", join_token.as_str())],
