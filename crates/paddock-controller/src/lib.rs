@@ -163,7 +163,7 @@ pub async fn run(
     if let Some(after) = config.failover_after {
         tokio::spawn(failover::watch(controller.clone(), after));
     }
-    tokio::spawn(sweep_sessions(store.clone()));
+    tokio::spawn(SqlStore::sweep_sessions_every_minute(store.clone()));
     let serve = axum::serve(listener, api::router(controller)).with_graceful_shutdown(shutdown);
     tokio::select! {
         served = std::future::IntoFuture::into_future(serve) => {
@@ -173,22 +173,6 @@ pub async fn run(
             Err(anyhow::Error::from(lost).context(
                 "stopping: this controller lost its database connection, and another one took the controller role meanwhile",
             ))
-        }
-    }
-}
-
-/// Forgets the apps' sessions that expired, with their values, every minute. Front-ends never
-/// use an expired session, swept or not: this only frees the space.
-async fn sweep_sessions(store: Arc<SqlStore>) {
-    let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
-    loop {
-        every.tick().await;
-        match store.sweep_sessions(now_ms()).await {
-            Ok(0) => {}
-            Ok(gone) => tracing::debug!(gone, "expired sessions forgotten"),
-            Err(e) => {
-                tracing::warn!("forgetting expired sessions failed (next try in a minute): {e}")
-            }
         }
     }
 }

@@ -11,17 +11,22 @@ use paddock_store::SqlStore;
 
 /// Opens the database for the apps' data. A front-end of a farm leaves migrations to the
 /// controller; a front-end on its own (`--apps`) owns its database and migrates it.
+/// Without a controller, it also forgets expired sessions every minute, as a controller does.
 pub async fn open(url: &str, standalone: bool) -> anyhow::Result<Arc<dyn AppData>> {
     let store = if standalone {
         SqlStore::open(url).await
     } else {
         SqlStore::open_data(url).await
     };
-    let store = store.map_err(|e| anyhow::anyhow!("opening --db {url} for the apps' data: {e}"))?;
+    let store =
+        Arc::new(store.map_err(|e| anyhow::anyhow!("opening --db {url} for the apps' data: {e}"))?);
+    if standalone {
+        tokio::spawn(SqlStore::sweep_sessions_every_minute(store.clone()));
+    }
     Ok(Arc::new(StoreData(store)))
 }
 
-struct StoreData(SqlStore);
+struct StoreData(Arc<SqlStore>);
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -57,10 +62,10 @@ impl AppData for StoreData {
         &self,
         app: &str,
         scope: Scope<'_>,
-        offset: u64,
+        after: Option<&str>,
         limit: u64,
     ) -> anyhow::Result<Vec<String>> {
-        Ok(self.0.data_keys(app, scope, offset, limit).await?)
+        Ok(self.0.data_keys(app, scope, after, limit).await?)
     }
 
     async fn increment(
@@ -105,17 +110,75 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .find_map(|(key, value)| (key == name).then_some(value))
 }
 
-/// The `Set-Cookie` of a session just created: for the app's route only, out of scripts' reach,
-/// and `Secure` when the client came over HTTPS (as the balancer in front says).
-pub fn set_cookie(app: &AppSpec, id: &str, https: bool) -> Option<HeaderValue> {
-    let secure = if https { "; Secure" } else { "" };
+/// The `Set-Cookie` of a session the request started or extended: for the app's route only, out
+/// of scripts' reach, kept by the browser as long as the store keeps the session unused, and
+/// `Secure` when users reach the farm over HTTPS (`--secure-cookies`).
+pub fn set_cookie(app: &AppSpec, id: &str, max_age: Duration, secure: bool) -> Option<HeaderValue> {
+    let secure = if secure { "; Secure" } else { "" };
     HeaderValue::from_str(&format!(
-        "{}={id}; Path={}; HttpOnly; SameSite=Lax{secure}",
+        "{}={id}; Path={}; Max-Age={}; HttpOnly; SameSite=Lax{secure}",
         session_cookie(&app.name),
-        app.route
+        app.route,
+        max_age.as_secs()
     ))
     .ok()
 }
+
+/// Paddock's session cookies are Paddock's: apps share an origin, so one app must neither read
+/// another's session id (a cookie of an app at `/` reaches every path) nor set one (fixing
+/// another app's users' session). Removes them from the request an app gets.
+pub fn strip_request_cookies(headers: &mut HeaderMap) {
+    if !headers
+        .get_all(header::COOKIE)
+        .iter()
+        .any(|value| value.as_bytes().windows(PREFIX.len()).any(|w| w == PREFIX))
+    {
+        return;
+    }
+    let kept: Vec<HeaderValue> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| {
+            let text = value.to_str().ok()?;
+            let pairs: Vec<&str> = text
+                .split(';')
+                .map(str::trim)
+                .filter(|pair| !pair.as_bytes().starts_with(PREFIX) && !pair.is_empty())
+                .collect();
+            (!pairs.is_empty())
+                .then(|| HeaderValue::from_str(&pairs.join("; ")).ok())
+                .flatten()
+        })
+        .collect();
+    headers.remove(header::COOKIE);
+    for value in kept {
+        headers.append(header::COOKIE, value);
+    }
+}
+
+/// Removes the `Set-Cookie`s of Paddock's session cookies an app's response carries (see
+/// [`strip_request_cookies`]).
+pub fn strip_response_cookies(headers: &mut HeaderMap) {
+    if !headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .any(|value| value.as_bytes().trim_ascii_start().starts_with(PREFIX))
+    {
+        return;
+    }
+    let kept: Vec<HeaderValue> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter(|value| !value.as_bytes().trim_ascii_start().starts_with(PREFIX))
+        .cloned()
+        .collect();
+    headers.remove(header::SET_COOKIE);
+    for value in kept {
+        headers.append(header::SET_COOKIE, value);
+    }
+}
+
+const PREFIX: &[u8] = b"paddock_session_";
 
 #[cfg(test)]
 mod tests {
@@ -147,12 +210,41 @@ mod tests {
         assert_eq!(cookie(&headers, "paddock_session_shop"), Some(id));
         assert_eq!(cookie(&headers, "a"), Some("b"));
         assert_eq!(cookie(&headers, "paddock_session_cart"), None);
-        let set = set_cookie(&spec(), id, true).unwrap();
+        let set = set_cookie(&spec(), id, Duration::from_secs(1800), true).unwrap();
         assert_eq!(
             set.to_str().unwrap(),
-            format!("paddock_session_shop={id}; Path=/shop; HttpOnly; SameSite=Lax; Secure")
+            format!(
+                "paddock_session_shop={id}; Path=/shop; Max-Age=1800; HttpOnly; SameSite=Lax; Secure"
+            )
         );
-        let set = set_cookie(&spec(), id, false).unwrap();
+        let set = set_cookie(&spec(), id, Duration::from_secs(1800), false).unwrap();
         assert!(!set.to_str().unwrap().contains("Secure"));
+
+        // The app sees the other cookies only.
+        strip_request_cookies(&mut headers);
+        let left: Vec<_> = headers.get_all(header::COOKIE).iter().collect();
+        assert_eq!(left, ["a=b"]);
+        let mut only = HeaderMap::new();
+        only.append(
+            header::COOKIE,
+            HeaderValue::from_static("paddock_session_x=1"),
+        );
+        strip_request_cookies(&mut only);
+        assert!(only.get(header::COOKIE).is_none());
+    }
+
+    #[test]
+    fn an_app_cannot_set_a_session_cookie() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::SET_COOKIE, HeaderValue::from_static("theme=dark"));
+        headers.append(
+            header::SET_COOKIE,
+            HeaderValue::from_static(
+                "paddock_session_shop=0123456789abcdef0123456789abcdef; Path=/shop",
+            ),
+        );
+        strip_response_cookies(&mut headers);
+        let left: Vec<_> = headers.get_all(header::SET_COOKIE).iter().collect();
+        assert_eq!(left, ["theme=dark"]);
     }
 }

@@ -45,6 +45,8 @@ pub struct FrontendConfig {
     pub data_dir: PathBuf,
     /// The farm's database, where apps keep their data (`wasi:keyvalue`) and sessions.
     pub db: Option<String>,
+    /// Session cookies get `Secure`: users reach the farm over HTTPS (TLS ends before it).
+    pub secure_cookies: bool,
     /// How often the apps folder is looked at.
     pub scan_interval: Duration,
     /// How long the server keeps serving, reporting `stopping`, after a shutdown signal.

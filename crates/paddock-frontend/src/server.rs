@@ -46,6 +46,8 @@ struct Shared {
     next_request_id: AtomicU64,
     /// The apps' data and sessions, if this front-end was given the farm's database.
     app_data: Option<Arc<dyn AppData>>,
+    /// Session cookies are `Secure` (users reach the farm over HTTPS).
+    secure_cookies: bool,
 }
 
 /// What the front-end reports about itself: its state and its requests in flight. Shared by the
@@ -126,6 +128,7 @@ impl Server {
                 vitals,
                 next_request_id: AtomicU64::new(1),
                 app_data,
+                secure_cookies: config.secure_cookies,
             }),
         })
     }
@@ -208,7 +211,7 @@ impl Server {
     }
 }
 
-async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path();
     if path == HEALTH_PATH && (req.method() == Method::GET || req.method() == Method::HEAD) {
         return with_server(shared, health(shared));
@@ -223,32 +226,33 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> 
     let guard = InFlight::enter(shared.clone());
     let request_id = shared.next_request_id.fetch_add(1, Ordering::Relaxed);
     let spec = route.version.spec();
-    let (data, https) = match &shared.app_data {
-        Some(store) => (
-            Some(RequestData {
-                store: store.clone(),
-                session: Some(data::session(req.headers(), spec)),
-            }),
-            req.headers()
-                .get("x-forwarded-proto")
-                .is_some_and(|proto| proto.as_bytes().eq_ignore_ascii_case(b"https")),
-        ),
-        None => (None, false),
-    };
-    let session = data.as_ref().and_then(|data| data.session.clone());
+    let session = shared
+        .app_data
+        .as_ref()
+        .map(|_| data::session(req.headers(), spec));
+    data::strip_request_cookies(req.headers_mut());
+    let request_data = shared.app_data.as_ref().map(|store| RequestData {
+        store: store.clone(),
+        session: session.clone(),
+    });
     let served = shared
         .apps
         .runtime()
-        .serve(&route.version, req, request_id, data)
+        .serve(&route.version, req, request_id, request_data)
         .await;
-    // A session the app started before its head goes out with the head.
-    let new_session = match &session {
-        Some(session) => session.created().await,
-        None => None,
-    };
     let mut response = match served {
         Ok(mut response) => {
-            if let Some(cookie) = new_session.and_then(|id| data::set_cookie(spec, &id, https)) {
+            data::strip_response_cookies(response.headers_mut());
+            // A session the app started or used before its head goes out with the head.
+            let cookie = session.as_ref().and_then(|session| {
+                data::set_cookie(
+                    spec,
+                    session.cookie()?,
+                    session.idle(),
+                    shared.secure_cookies,
+                )
+            });
+            if let Some(cookie) = cookie {
                 response.headers_mut().append(header::SET_COOKIE, cookie);
             }
             response.map(|body| {

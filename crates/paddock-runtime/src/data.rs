@@ -6,8 +6,9 @@
 //! the trait. A session is resolved lazily, at its first use in a request: the id from the
 //! request's cookie if the store knows it (which extends its life), else none, and a first write
 //! then creates one with a fresh random id (never one the client chose). The front-end sends
-//! that id back in a cookie, which it can only do while the response head is not sent: a
-//! session created after that is refused.
+//! that id back in a cookie (again for a session extended, so that the browser keeps it as long
+//! as the store does), which it can only do while the response head is not sent: a session
+//! created after that is refused.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,12 +44,12 @@ pub trait AppData: Send + Sync + 'static {
     async fn set(&self, app: &str, scope: Scope<'_>, key: &str, value: &[u8])
     -> anyhow::Result<()>;
     async fn delete(&self, app: &str, scope: Scope<'_>, key: &str) -> anyhow::Result<()>;
-    /// Up to `limit` keys in key order, from the `offset`th on.
+    /// Up to `limit` keys in key order, after `after` (from the first without it).
     async fn keys(
         &self,
         app: &str,
         scope: Scope<'_>,
-        offset: u64,
+        after: Option<&str>,
         limit: u64,
     ) -> anyhow::Result<Vec<String>>;
     /// Adds `delta` to the decimal number at `key` (0 if none), atomically; returns the sum.
@@ -81,13 +82,15 @@ pub struct Session {
     state: tokio::sync::Mutex<SessionState>,
     /// Set by the runtime when the app sets its response head, before the app goes on.
     head_sent: std::sync::atomic::AtomicBool,
+    /// The id the response's cookie must carry: a session created, or found and extended,
+    /// before the head went out. Read without the lock, which a body still running may hold.
+    cookie_to_send: std::sync::OnceLock<String>,
 }
 
 #[derive(Default)]
 struct SessionState {
     /// `None` until first used; then the live session's id, if there is one.
     resolved: Option<Option<String>>,
-    created: bool,
 }
 
 impl Session {
@@ -101,7 +104,13 @@ impl Session {
             idle,
             state: tokio::sync::Mutex::new(SessionState::default()),
             head_sent: std::sync::atomic::AtomicBool::new(false),
+            cookie_to_send: std::sync::OnceLock::new(),
         }
+    }
+
+    /// How long the session lives unused; the cookie's `Max-Age`.
+    pub fn idle(&self) -> Duration {
+        self.idle
     }
 
     /// Called by the runtime as the app sets its response head: from then on, no session can
@@ -111,13 +120,20 @@ impl Session {
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// The id of a session this request created, which the response must set in its cookie.
-    /// Asked once the response head is out.
-    pub async fn created(&self) -> Option<String> {
-        let state = self.state.lock().await;
-        match &state.resolved {
-            Some(Some(id)) if state.created => Some(id.clone()),
-            _ => None,
+    /// The id the response's cookie must carry, if the app used a live session (or started
+    /// one) before its head. Asked once the response head is out.
+    pub fn cookie(&self) -> Option<&str> {
+        self.cookie_to_send.get().map(String::as_str)
+    }
+
+    fn head_is_sent(&self) -> bool {
+        self.head_sent.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Notes that the response must carry `id`, if its head is not out yet.
+    fn send_cookie(&self, id: &str) {
+        if !self.head_is_sent() {
+            let _ = self.cookie_to_send.set(id.to_string());
         }
     }
 
@@ -136,6 +152,9 @@ impl Session {
                 .then(|| id.clone()),
             None => None,
         };
+        if let Some(id) = &live {
+            self.send_cookie(id);
+        }
         state.resolved = Some(live.clone());
         Ok(live)
     }
@@ -149,7 +168,7 @@ impl Session {
         if let Some(Some(id)) = &state.resolved {
             return Ok(id.clone());
         }
-        if self.head_sent.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.head_is_sent() {
             return Err(KvError::Other(
                 "a session cannot start after the response head was sent (its cookie goes in the head): write to the session before responding".into(),
             ));
@@ -162,8 +181,8 @@ impl Session {
             .session_create(app, &id, self.idle)
             .await
             .map_err(KvError::store)?;
+        self.send_cookie(&id);
         state.resolved = Some(Some(id.clone()));
-        state.created = true;
         Ok(id)
     }
 }
@@ -279,6 +298,11 @@ fn check_key(key: &str) -> Result<(), KvError> {
             key.len()
         )));
     }
+    if key.contains('\0') {
+        return Err(KvError::Other(format!(
+            "key {key:?} holds a NUL character, which keys may not"
+        )));
+    }
     Ok(())
 }
 
@@ -295,10 +319,13 @@ fn check_value(key: &str, value: &[u8]) -> Result<(), KvError> {
 
 impl store::Host for Host {
     async fn open(&mut self, identifier: String) -> Result<Resource<Bucket>, KvError> {
+        self.data()?;
         let kind = if identifier == SESSION_BUCKET {
             BucketKind::Session
-        } else if identifier.len() > MAX_BUCKET_BYTES || identifier.contains(':') {
-            return Err(KvError::NoSuchStore);
+        } else if identifier.len() > MAX_BUCKET_BYTES || identifier.contains('\0') {
+            return Err(KvError::Other(format!(
+                "bucket name {identifier:?}: use at most {MAX_BUCKET_BYTES} bytes and no NUL character"
+            )));
         } else {
             BucketKind::Named(identifier)
         };
@@ -372,6 +399,22 @@ impl store::HostBucket for Host {
         bucket: Resource<Bucket>,
         cursor: Option<u64>,
     ) -> Result<store::KeyResponse, KvError> {
+        // A cursor stands for the last key of the page it ended (kept for this request): the
+        // next page starts after that key, so keys deleted meanwhile move nothing.
+        let after = match cursor {
+            None => None,
+            Some(cursor) => Some(
+                usize::try_from(cursor)
+                    .ok()
+                    .and_then(|at| self.cursors.get(at))
+                    .cloned()
+                    .ok_or_else(|| {
+                        KvError::Other(format!(
+                            "unknown cursor {cursor}: give back one list-keys returned in this request"
+                        ))
+                    })?,
+            ),
+        };
         let target = self.target(&bucket, false).await?;
         let Some(scope) = target.scope() else {
             return Ok(store::KeyResponse {
@@ -379,20 +422,22 @@ impl store::HostBucket for Host {
                 cursor: None,
             });
         };
-        let offset = cursor.unwrap_or(0);
-        let page = LIST_PAGE as u64;
         let mut keys = target
             .data
             .store
-            .keys(target.app, scope, offset, page + 1)
+            .keys(target.app, scope, after.as_deref(), LIST_PAGE as u64 + 1)
             .await
             .map_err(KvError::store)?;
         let more = keys.len() > LIST_PAGE;
         keys.truncate(LIST_PAGE);
-        Ok(store::KeyResponse {
-            keys,
-            cursor: more.then(|| offset + page),
-        })
+        let cursor = match keys.last() {
+            Some(last) if more => {
+                self.cursors.push(last.clone());
+                Some(self.cursors.len() as u64 - 1)
+            }
+            _ => None,
+        };
+        Ok(store::KeyResponse { keys, cursor })
     }
 
     async fn drop(&mut self, bucket: Resource<Bucket>) -> wasmtime::Result<()> {

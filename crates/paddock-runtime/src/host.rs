@@ -22,6 +22,8 @@ pub struct Host {
     pub(crate) app: String,
     /// What the request may reach of the app's data; `None` on a front-end without a store.
     pub(crate) data: Option<RequestData>,
+    /// The last key of each `list-keys` page that had more after it; a cursor is an index here.
+    pub(crate) cursors: Vec<String>,
 }
 
 impl Host {
@@ -58,6 +60,7 @@ impl Host {
             limits: MemoryLimit::new(spec.limits.memory_mib as usize * 1024 * 1024),
             app: spec.name.clone(),
             data,
+            cursors: Vec::new(),
         }
     }
 }

@@ -1,31 +1,45 @@
 //! App data: the values apps keep through `wasi:keyvalue` (their buckets and their users'
 //! sessions) and the sessions' expiry. Front-ends read and write these rows directly, so that an
 //! app's data outlives any one front-end and does not depend on the controller being up.
+//!
+//! A bucket's values are in `app_values (app, bucket, key)`; a session's in `session_values
+//! (app, session, key)`, whose foreign key to `app_sessions` deletes them with their session (and
+//! refuses a write to a session already swept).
 
 use paddock_core::data::Scope;
 use sqlx::Row as _;
 
-use crate::{Result, SqlStore, StoreError};
+use crate::{Dialect, Result, SqlStore, StoreError};
 
-/// The `scope` column: `b:` and a bucket name, or `s:` and a session id.
-fn scope_column(scope: Scope<'_>) -> String {
+/// The table and column that hold a scope's values, and the column's value.
+fn place(scope: Scope<'_>) -> (&'static str, &'static str, &str) {
     match scope {
-        Scope::Bucket(name) => format!("b:{name}"),
-        Scope::Session(id) => format!("s:{id}"),
+        Scope::Bucket(name) => ("app_values", "bucket", name),
+        Scope::Session(id) => ("session_values", "session", id),
     }
 }
 
+/// How many expired sessions one statement of the sweep deletes: the write lock is let go
+/// between batches, so that front-ends and the controller write meanwhile.
+const SWEEP_BATCH: u64 = 500;
+
 impl SqlStore {
     /// Opens the database of a farm for its app data, as a front-end does: no migration (the
-    /// controller migrates), but a clear error when the tables are not there yet.
+    /// controller migrates) and no new SQLite file, but a clear error when the tables are not
+    /// there yet.
     pub async fn open_data(url: &str) -> Result<SqlStore> {
-        let store = SqlStore::connect(url).await?;
-        let probe = sqlx::query("SELECT 1 FROM app_values WHERE app = '' LIMIT 1")
+        let store = SqlStore::connect(url, false).await?;
+        let probe = sqlx::query("SELECT 1 FROM session_values WHERE app = '' LIMIT 1")
             .fetch_optional(&store.pool)
             .await;
         match probe {
             Ok(_) => Ok(store),
-            Err(sqlx::Error::Database(e)) => Err(StoreError::NoAppData(e.message().to_string())),
+            Err(sqlx::Error::Database(e))
+                if e.code().as_deref() == Some("42P01")
+                    || e.message().contains("no such table") =>
+            {
+                Err(StoreError::NoAppData(e.message().to_string()))
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -36,11 +50,12 @@ impl SqlStore {
         scope: Scope<'_>,
         key: &str,
     ) -> Result<Option<Vec<u8>>> {
-        let row = sqlx::query(
-            &self.sql("SELECT value FROM app_values WHERE app = $1 AND scope = $2 AND key = $3"),
-        )
+        let (table, column, owner) = place(scope);
+        let row = sqlx::query(&self.sql(&format!(
+            "SELECT value FROM {table} WHERE app = $1 AND {column} = $2 AND key = $3"
+        )))
         .bind(app)
-        .bind(scope_column(scope))
+        .bind(owner)
         .bind(key)
         .fetch_optional(&self.pool)
         .await?;
@@ -57,12 +72,13 @@ impl SqlStore {
         key: &str,
         value: &[u8],
     ) -> Result<()> {
-        sqlx::query(&self.sql(
-            "INSERT INTO app_values (app, scope, key, value) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (app, scope, key) DO UPDATE SET value = excluded.value",
-        ))
+        let (table, column, owner) = place(scope);
+        sqlx::query(&self.sql(&format!(
+            "INSERT INTO {table} (app, {column}, key, value) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (app, {column}, key) DO UPDATE SET value = excluded.value"
+        )))
         .bind(app)
-        .bind(scope_column(scope))
+        .bind(owner)
         .bind(key)
         .bind(value)
         .execute(&self.pool)
@@ -71,39 +87,53 @@ impl SqlStore {
     }
 
     pub async fn data_delete(&self, app: &str, scope: Scope<'_>, key: &str) -> Result<()> {
-        sqlx::query(&self.sql("DELETE FROM app_values WHERE app = $1 AND scope = $2 AND key = $3"))
-            .bind(app)
-            .bind(scope_column(scope))
-            .bind(key)
-            .execute(&self.pool)
-            .await?;
+        let (table, column, owner) = place(scope);
+        sqlx::query(&self.sql(&format!(
+            "DELETE FROM {table} WHERE app = $1 AND {column} = $2 AND key = $3"
+        )))
+        .bind(app)
+        .bind(owner)
+        .bind(key)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
-    /// Up to `limit` keys of a scope in key order, from the `offset`th on.
+    /// Up to `limit` keys of a scope in key order, after `after` (from the first without it).
+    /// Keys written or deleted between two pages move no other key in or out of the next one.
     pub async fn data_keys(
         &self,
         app: &str,
         scope: Scope<'_>,
-        offset: u64,
+        after: Option<&str>,
         limit: u64,
     ) -> Result<Vec<String>> {
-        let rows = sqlx::query(&self.sql(
-            "SELECT key FROM app_values WHERE app = $1 AND scope = $2 ORDER BY key LIMIT $3 OFFSET $4",
-        ))
-        .bind(app)
-        .bind(scope_column(scope))
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .bind(i64::try_from(offset).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await?;
+        let (table, column, owner) = place(scope);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let query = match after {
+            Some(_) => format!(
+                "SELECT key FROM {table} WHERE app = $1 AND {column} = $2 AND key > $3 \
+                 ORDER BY key LIMIT $4"
+            ),
+            None => format!(
+                "SELECT key FROM {table} WHERE app = $1 AND {column} = $2 ORDER BY key LIMIT $3"
+            ),
+        };
+        let sql = self.sql(&query);
+        let query = sqlx::query(&sql).bind(app).bind(owner);
+        let query = match after {
+            Some(after) => query.bind(after).bind(limit),
+            None => query.bind(limit),
+        };
+        let rows = query.fetch_all(&self.pool).await?;
         rows.iter()
             .map(|row| row.try_get(0).map_err(StoreError::from))
             .collect()
     }
 
     /// Adds `delta` to the decimal number stored at `key` (0 when there is none), atomically
-    /// across the farm, and returns the sum.
+    /// across the farm, and returns the sum. A value that is not a decimal number, or a sum past
+    /// `i64::MAX`, is refused with [`StoreError::DataValue`] and changes nothing.
     pub async fn data_increment(
         &self,
         app: &str,
@@ -111,44 +141,94 @@ impl SqlStore {
         key: &str,
         delta: u64,
     ) -> Result<u64> {
-        let scope = scope_column(scope);
-        let mut tx = self.pool.begin().await?;
-        // A write first: it takes the row lock (PostgreSQL) or the write lock (SQLite) before
-        // the value is read, so that no other increment comes in between.
-        let row = sqlx::query(&self.sql(
-            "INSERT INTO app_values (app, scope, key, value) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (app, scope, key) DO UPDATE SET value = app_values.value RETURNING value",
-        ))
-        .bind(app)
-        .bind(&scope)
-        .bind(key)
-        .bind(b"0".as_slice())
-        .fetch_one(&mut *tx)
-        .await?;
-        let current: Vec<u8> = row.try_get(0)?;
-        let current = std::str::from_utf8(&current)
+        let refused = || {
+            StoreError::DataValue(format!(
+                "cannot increment {key:?} by {delta}: its value must be a decimal number, and the sum at most {}",
+                i64::MAX
+            ))
+        };
+        let delta_i64 = i64::try_from(delta).map_err(|_| refused())?;
+        let (table, column, owner) = place(scope);
+        let sum = match self.dialect {
+            // One statement, so that the write lock is held for no round trip (a transaction
+            // would hold it over three, and other connections would wait in SQLite's busy
+            // handler, which sleeps). A value that is no number, or a sum that does not fit,
+            // makes the new value NULL, which the NOT NULL constraint refuses.
+            Dialect::Sqlite => {
+                let rows = sqlx::query(&format!(
+                    "INSERT INTO {table} (app, {column}, key, value) \
+                     VALUES (?1, ?2, ?3, CAST(CAST(?4 AS TEXT) AS BLOB)) \
+                     ON CONFLICT (app, {column}, key) DO UPDATE SET value = CASE \
+                       WHEN CAST({table}.value AS TEXT) GLOB '[0-9]*' \
+                        AND CAST({table}.value AS TEXT) NOT GLOB '*[^0-9]*' \
+                        AND length({table}.value) <= 19 \
+                        AND CAST(CAST({table}.value AS TEXT) AS INTEGER) <= 9223372036854775807 - ?4 \
+                       THEN CAST(CAST(CAST(CAST({table}.value AS TEXT) AS INTEGER) + ?4 AS TEXT) AS BLOB) \
+                       ELSE NULL END \
+                     RETURNING value"
+                ))
+                .bind(app)
+                .bind(owner)
+                .bind(key)
+                .bind(delta_i64)
+                // All rows, so that the statement runs to its end and its implicit transaction
+                // commits now, not when the statement is reset.
+                .fetch_all(&self.pool)
+                .await;
+                match rows {
+                    Ok(rows) => match rows.first() {
+                        Some(row) => row.try_get::<Vec<u8>, _>(0)?,
+                        None => {
+                            return Err(StoreError::Corrupt("increment returned nothing".into()));
+                        }
+                    },
+                    Err(sqlx::Error::Database(e)) if e.message().contains("NOT NULL") => {
+                        return Err(refused());
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            // A transaction whose first statement writes: it holds the row before the value is
+            // read, and other increments of it wait on that lock.
+            Dialect::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                let row = sqlx::query(&format!(
+                    "INSERT INTO {table} (app, {column}, key, value) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (app, {column}, key) DO UPDATE SET value = {table}.value \
+                     RETURNING value"
+                ))
+                .bind(app)
+                .bind(owner)
+                .bind(key)
+                .bind(b"0".as_slice())
+                .fetch_one(&mut *tx)
+                .await?;
+                let current: Vec<u8> = row.try_get(0)?;
+                let sum = std::str::from_utf8(&current)
+                    .ok()
+                    .filter(|text| !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|text| text.parse::<i64>().ok())
+                    .and_then(|current| current.checked_add(delta_i64))
+                    .ok_or_else(refused)?;
+                sqlx::query(&format!(
+                    "UPDATE {table} SET value = $1 WHERE app = $2 AND {column} = $3 AND key = $4"
+                ))
+                .bind(sum.to_string().into_bytes())
+                .bind(app)
+                .bind(owner)
+                .bind(key)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                sum.to_string().into_bytes()
+            }
+        };
+        std::str::from_utf8(&sum)
             .ok()
             .and_then(|text| text.parse::<u64>().ok())
             .ok_or_else(|| {
-                StoreError::DataValue(format!(
-                    "the value of {key:?} is not a decimal number, which increment needs"
-                ))
-            })?;
-        let sum = current.checked_add(delta).ok_or_else(|| {
-            StoreError::DataValue(format!("incrementing {key:?} by {delta} overflows a u64"))
-        })?;
-        sqlx::query(
-            &self
-                .sql("UPDATE app_values SET value = $1 WHERE app = $2 AND scope = $3 AND key = $4"),
-        )
-        .bind(sum.to_string().into_bytes())
-        .bind(app)
-        .bind(&scope)
-        .bind(key)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(sum)
+                StoreError::Corrupt(format!("the sum stored at {key:?} is not a number"))
+            })
     }
 
     /// Extends a session that has not expired to `now_ms + idle_ms`; false when there is no
@@ -192,21 +272,43 @@ impl SqlStore {
         Ok(())
     }
 
-    /// Forgets the sessions that expired by `now_ms`, and their values. Returns how many.
+    /// Runs [`SqlStore::sweep_sessions`] every minute, for ever: the controller does, or a
+    /// front-end running alone. Front-ends never use an expired session, swept or not: this
+    /// only frees the space.
+    pub async fn sweep_sessions_every_minute(store: std::sync::Arc<SqlStore>) {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            every.tick().await;
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            match store.sweep_sessions(now_ms).await {
+                Ok(0) => {}
+                Ok(gone) => tracing::debug!(gone, "expired sessions forgotten"),
+                Err(e) => {
+                    tracing::warn!("forgetting expired sessions failed (next try in a minute): {e}")
+                }
+            }
+        }
+    }
+
+    /// Forgets the sessions that expired by `now_ms`, with their values, a batch at a time.
+    /// Returns how many.
     pub async fn sweep_sessions(&self, now_ms: i64) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
-        let gone = sqlx::query(&self.sql("DELETE FROM app_sessions WHERE expires_ms <= $1"))
+        let mut gone = 0;
+        loop {
+            let batch = sqlx::query(&self.sql(&format!(
+                "DELETE FROM app_sessions WHERE (app, id) IN \
+                 (SELECT app, id FROM app_sessions WHERE expires_ms <= $1 LIMIT {SWEEP_BATCH})"
+            )))
             .bind(now_ms)
-            .execute(&mut *tx)
+            .execute(&self.pool)
             .await?
             .rows_affected();
-        sqlx::query(
-            "DELETE FROM app_values WHERE scope LIKE 's:%' AND NOT EXISTS \
-             (SELECT 1 FROM app_sessions s WHERE s.app = app_values.app AND app_values.scope = 's:' || s.id)",
-        )
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(gone)
+            gone += batch;
+            if batch < SWEEP_BATCH {
+                return Ok(gone);
+            }
+        }
     }
 }

@@ -414,7 +414,7 @@ impl SqlStore {
     /// Opens (creating if needed) the database at `url` and applies pending migrations.
     /// `sqlite://PATH` or `postgres://...`.
     pub async fn open(url: &str) -> Result<SqlStore> {
-        let store = SqlStore::connect(url).await?;
+        let store = SqlStore::connect(url, true).await?;
         store.migrate().await?;
         Ok(store)
     }
@@ -434,7 +434,7 @@ impl SqlStore {
         let sqlite = sqlite_path(url);
         let postgres = match sqlite {
             Some(_) => None,
-            None => Some(SqlStore::connect(url).await?),
+            None => Some(SqlStore::connect(url, true).await?),
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         let mut announced = false;
@@ -465,20 +465,23 @@ impl SqlStore {
         };
         let store = match postgres {
             Some(store) => store,
-            None => SqlStore::connect(url).await?,
+            None => SqlStore::connect(url, true).await?,
         };
         store.migrate().await?;
         Ok((store, lock))
     }
 
-    async fn connect(url: &str) -> Result<SqlStore> {
+    /// Connects; `create` makes a missing SQLite file (a front-end opening a farm's database
+    /// does not: a misspelt path must not become an empty database).
+    async fn connect(url: &str, create: bool) -> Result<SqlStore> {
         sqlx::any::install_default_drivers();
         let (dialect, connect_url) = if let Some(path) = url.strip_prefix("sqlite://") {
             if path.is_empty() {
                 return Err(StoreError::BadUrl(url.into()));
             }
             let sep = if path.contains('?') { '&' } else { '?' };
-            (Dialect::Sqlite, format!("sqlite://{path}{sep}mode=rwc"))
+            let mode = if create { "rwc" } else { "rw" };
+            (Dialect::Sqlite, format!("sqlite://{path}{sep}mode={mode}"))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             (Dialect::Postgres, url.to_string())
         } else {

@@ -824,12 +824,18 @@ async fn app_data(store: &SqlStore) {
         None
     );
     assert_eq!(
-        store.data_keys("shop", cart, 0, 10).await.unwrap(),
+        store.data_keys("shop", cart, None, 10).await.unwrap(),
         ["a", "b"]
     );
-    assert_eq!(store.data_keys("shop", cart, 1, 10).await.unwrap(), ["b"]);
+    assert_eq!(
+        store.data_keys("shop", cart, Some("a"), 10).await.unwrap(),
+        ["b"]
+    );
     store.data_delete("shop", cart, "a").await.unwrap();
-    assert_eq!(store.data_keys("shop", cart, 0, 10).await.unwrap(), ["b"]);
+    assert_eq!(
+        store.data_keys("shop", cart, None, 10).await.unwrap(),
+        ["b"]
+    );
 
     // Increments are atomic: concurrent ones all count.
     let hits = Scope::Bucket("");
@@ -856,18 +862,50 @@ async fn app_data(store: &SqlStore) {
             .as_deref(),
         Some(&b"40"[..])
     );
+    // What is no decimal number, or would pass i64::MAX, is refused and stays as it was.
+    let max = i64::MAX.to_string();
+    let refused: [(&str, &[u8]); 6] = [
+        ("bytes", &[0, 255]),
+        ("word", b"ten"),
+        ("signed", b"-1"),
+        ("float", b"1.5"),
+        ("empty", b""),
+        ("max", max.as_bytes()),
+    ];
+    for (key, value) in refused {
+        store.data_set("shop", hits, key, value).await.unwrap();
+        match store.data_increment("shop", hits, key, 1).await {
+            Err(StoreError::DataValue(e)) => assert!(e.contains("cannot increment"), "{e}"),
+            other => panic!("{key}: {other:?}"),
+        }
+        assert_eq!(
+            store.data_get("shop", hits, key).await.unwrap().as_deref(),
+            Some(value)
+        );
+    }
     assert!(matches!(
-        store.data_increment("shop", cart, "b", 1).await,
-        Err(StoreError::DataValue(e)) if e.contains("not a decimal number")
+        store.data_increment("shop", hits, "new", u64::MAX).await,
+        Err(StoreError::DataValue(_))
     ));
     store
-        .data_set("shop", hits, "max", u64::MAX.to_string().as_bytes())
+        .data_set("shop", hits, "padded", b"007")
         .await
         .unwrap();
-    assert!(matches!(
-        store.data_increment("shop", hits, "max", 1).await,
-        Err(StoreError::DataValue(e)) if e.contains("overflows")
-    ));
+    assert_eq!(
+        store
+            .data_increment("shop", hits, "padded", 1)
+            .await
+            .unwrap(),
+        8
+    );
+    store
+        .data_set("shop", hits, "near", (i64::MAX - 1).to_string().as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.data_increment("shop", hits, "near", 1).await.unwrap(),
+        i64::MAX as u64
+    );
 
     // Sessions live while used, and go with their values once idle past their expiry.
     let (one, two) = (
@@ -877,6 +915,15 @@ async fn app_data(store: &SqlStore) {
     assert!(!store.session_touch("shop", one, 1_000, 500).await.unwrap());
     store.session_create("shop", one, 1_000, 500).await.unwrap();
     store.session_create("shop", two, 1_000, 500).await.unwrap();
+    // The same id in another app is another session, living longer.
+    store
+        .session_create("blog", two, 1_000, 5_000)
+        .await
+        .unwrap();
+    store
+        .data_set("blog", Scope::Session(two), "user", b"eve")
+        .await
+        .unwrap();
     store
         .data_set("shop", Scope::Session(one), "user", b"ada")
         .await
@@ -890,12 +937,57 @@ async fn app_data(store: &SqlStore) {
         !store.session_touch("blog", one, 1_400, 500).await.unwrap(),
         "another app's"
     );
+    // Keys page by key, whatever is deleted between pages.
+    for key in ["k1", "k2", "k3", "k4"] {
+        store
+            .data_set("shop", Scope::Session(one), key, b"x")
+            .await
+            .unwrap();
+    }
+    let page = store
+        .data_keys("shop", Scope::Session(one), None, 2)
+        .await
+        .unwrap();
+    assert_eq!(page, ["k1", "k2"]);
+    for key in &page {
+        store
+            .data_delete("shop", Scope::Session(one), key)
+            .await
+            .unwrap();
+    }
+    let next = store
+        .data_keys("shop", Scope::Session(one), Some("k2"), 2)
+        .await
+        .unwrap();
+    assert_eq!(next, ["k3", "k4"]);
     assert_eq!(
         store.sweep_sessions(1_600).await.unwrap(),
         1,
         "two expired at 1 500"
     );
     assert!(!store.session_touch("shop", two, 1_600, 500).await.unwrap());
+    assert!(
+        store
+            .session_touch("blog", two, 1_600, 5_000)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store
+            .data_get("blog", Scope::Session(two), "user")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(&b"eve"[..]),
+        "blog's session of the same id stays"
+    );
+    // A write to a session swept meanwhile is refused, not kept without its session.
+    assert!(
+        store
+            .data_set("shop", Scope::Session(two), "user", b"bob")
+            .await
+            .is_err()
+    );
     assert_eq!(
         store
             .data_get("shop", Scope::Session(two), "user")
@@ -918,13 +1010,13 @@ async fn app_data(store: &SqlStore) {
     assert_eq!(store.sweep_sessions(1_900).await.unwrap(), 1);
     assert_eq!(
         store
-            .data_keys("shop", Scope::Session(one), 0, 10)
+            .data_keys("shop", Scope::Session(one), None, 10)
             .await
             .unwrap(),
         Vec::<String>::new()
     );
     assert_eq!(
-        store.data_keys("shop", cart, 0, 10).await.unwrap(),
+        store.data_keys("shop", cart, None, 10).await.unwrap(),
         ["b"],
         "buckets stay"
     );

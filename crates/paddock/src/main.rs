@@ -171,6 +171,10 @@ struct FrontendArgs {
     /// wasi:keyvalue and their users' sessions. Without it, opening a bucket fails.
     #[arg(long, env = "PADDOCK_DB", value_name = "URL")]
     db: Option<String>,
+    /// Mark session cookies `Secure`: users reach the farm over HTTPS (TLS ends in front of the
+    /// balancers), so browsers send the cookie over HTTPS only.
+    #[arg(long)]
+    secure_cookies: bool,
     /// Where the front-end keeps its compiled artifacts (default: .paddock/<name>).
     #[arg(long, value_name = "DIR", env = "PADDOCK_DATA")]
     data: Option<PathBuf>,
@@ -457,6 +461,7 @@ fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
         controller,
         data_dir,
         db: args.db,
+        secure_cookies: args.secure_cookies,
         scan_interval: args.scan_interval,
         drain_delay: args.drain_delay,
         shutdown_timeout: args.shutdown_timeout,

@@ -42,11 +42,19 @@ async fn farm(test: &str, db: Db) -> (Controller, Vec<Frontend>, Balancer) {
     (controller, frontends, lb)
 }
 
-/// The session id a response's `Set-Cookie` hands out, checking the cookie's attributes.
-fn new_session(reply: &Reply) -> Option<String> {
-    let cookie = reply.header("set-cookie")?;
+/// The session id a response's `Set-Cookie` hands out, checking the cookie's attributes (the
+/// default `session_idle` is a day).
+fn session_cookie(reply: &Reply) -> Option<String> {
+    let cookies: Vec<&str> = reply
+        .headers
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert!(cookies.len() <= 1, "{cookies:?}");
+    let cookie = cookies.first()?;
     assert!(
-        cookie.ends_with("; Path=/counter; HttpOnly; SameSite=Lax"),
+        cookie.ends_with("; Path=/counter; Max-Age=86400; HttpOnly; SameSite=Lax"),
         "{cookie}"
     );
     let (name, rest) = cookie.split_once('=').unwrap();
@@ -121,11 +129,12 @@ async fn app_data_and_sessions(test: &str, db: Db) {
     let mut conn = lb.connect().await;
     let peek = conn.get("/counter/peek").await.unwrap();
     assert_eq!(peek.body, "visits=none\n");
-    assert_eq!(new_session(&peek), None);
+    assert_eq!(session_cookie(&peek), None);
     // The first write starts one, and the cookie carries it to every front-end.
     let first = conn.get("/counter/visit").await.unwrap();
     assert_eq!(visits(&first), (1, "v1".into()));
-    let alice = new_session(&first).expect("a session cookie");
+    let alice = session_cookie(&first).expect("a session cookie");
+    assert_eq!(alice.len(), 32, "{alice}");
     let mut served_by = std::collections::BTreeSet::new();
     for n in 2..=6 {
         let reply = conn
@@ -134,9 +143,9 @@ async fn app_data_and_sessions(test: &str, db: Db) {
             .unwrap();
         assert_eq!(visits(&reply), (n, "v1".into()));
         assert_eq!(
-            new_session(&reply),
-            None,
-            "the session exists: no new cookie"
+            session_cookie(&reply).as_deref(),
+            Some(alice.as_str()),
+            "the session is extended, and its cookie with it"
         );
         served_by.insert(reply.header("x-paddock-server").unwrap().to_string());
     }
@@ -144,7 +153,7 @@ async fn app_data_and_sessions(test: &str, db: Db) {
     // Another user has a session of their own.
     let bob = conn.get("/counter/visit").await.unwrap();
     assert_eq!(visits(&bob), (1, "v1".into()));
-    assert_ne!(new_session(&bob).unwrap(), alice);
+    assert_ne!(session_cookie(&bob).unwrap(), alice);
     // An id the client made up, or a malformed one, is not taken: a fresh session starts,
     // under an id Paddock chose.
     for forged in ["0123456789abcdef0123456789abcdef", "../../etc", ""] {
@@ -153,9 +162,24 @@ async fn app_data_and_sessions(test: &str, db: Db) {
             .await
             .unwrap();
         assert_eq!(visits(&reply).0, 1, "{forged:?}");
-        let id = new_session(&reply).unwrap();
+        let id = session_cookie(&reply).unwrap();
         assert!(id != forged && id != alice, "{forged:?} gave {id}");
     }
+    // The app never sees Paddock's session cookies (an app must not read another's session id),
+    // and cannot set one (nor fix another app's users' session); its own cookies pass.
+    let reply = conn
+        .get_with(
+            "/counter/cookie",
+            &[(
+                "cookie",
+                &format!("theme=light; {}; paddock_session_blog=x", cookie(&alice)),
+            )],
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.body, "cookie: theme=light\n");
+    let set: Vec<_> = reply.headers.get_all("set-cookie").iter().collect();
+    assert_eq!(set, ["theme=dark"]);
     // A session cannot start once the response head is out (its cookie would be lost).
     let late = conn.get("/counter/late").await.unwrap();
     assert!(
@@ -164,7 +188,7 @@ async fn app_data_and_sessions(test: &str, db: Db) {
         "{}",
         late.body
     );
-    assert_eq!(new_session(&late), None);
+    assert_eq!(session_cookie(&late), None);
 
     // A user visiting all through a balanced deployment keeps their session: every visit
     // counts once, in order, and the version moves from v1 to v2 once.
@@ -254,6 +278,7 @@ async fn where_app_data_is_kept() {
     let own = format!("sqlite://{}", dir.path().join("own.db").display());
     let alone = Frontend::builder("alone")
         .package("counter-v1", "counter")
+        .arg("--secure-cookies")
         .arg("--db")
         .arg(&own)
         .start()
@@ -262,6 +287,22 @@ async fn where_app_data_is_kept() {
     let mut conn = alone.connect().await;
     assert_eq!(conn.get("/counter/hits").await.unwrap().body, "hits=1\n");
     assert_eq!(conn.get("/counter/hits").await.unwrap().body, "hits=2\n");
+    // The manifest's session_idle is the session's life, and the cookie's; --secure-cookies
+    // makes it Secure.
+    let manifest = alone.apps_dir.join("counter/paddock.toml");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let text = text.replace("version = \"v1\"", "version = \"v1-idle\"");
+    let (head, _timers) = text.split_once("[[timer]]").unwrap();
+    let text = format!("{head}[limits]\nsession_idle = \"90s\"\n");
+    harness::write_atomically(&manifest, text.as_bytes());
+    alone.wait_serving("counter", "v1-idle", "/counter/").await;
+    let visit = conn.get("/counter/visit").await.unwrap();
+    assert_eq!(visit.body, "visits=1 version=v1\n");
+    let set = visit.header("set-cookie").unwrap();
+    assert!(
+        set.ends_with("; Path=/counter; Max-Age=90; HttpOnly; SameSite=Lax; Secure"),
+        "{set}"
+    );
 
     let without = Frontend::builder("without")
         .package("counter-v1", "counter")
@@ -273,6 +314,8 @@ async fn where_app_data_is_kept() {
     assert!(reply.body.contains("start it with --db"), "{}", reply.body);
 
     let controller = Controller::start(Db::Sqlite, "data_unmigrated", &[]).await;
+    // An existing file without the tables (a misspelt path is refused as missing, not created).
+    std::fs::write(dir.path().join("empty.db"), b"").unwrap();
     let empty = format!("sqlite://{}", dir.path().join("empty.db").display());
     let mut refused = Frontend::builder("refused")
         .controller(&controller, "default")
