@@ -26,6 +26,17 @@ pub const LIST_PAGE: usize = 1000;
 /// A session unused for this long is gone, with its values, unless the manifest says otherwise.
 pub const DEFAULT_SESSION_IDLE: Duration = Duration::from_secs(24 * 3600);
 
+/// What using a session found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionFound {
+    /// No session of that id, or it expired.
+    Missing,
+    /// A live session, used again soon after it was last extended: left as it is.
+    Live,
+    /// A live session, extended to a whole `session_idle` from now: the cookie goes again.
+    Extended,
+}
+
 /// The name of the cookie that carries an app's session id.
 pub fn session_cookie(app: &str) -> String {
     format!("paddock_session_{app}")

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderValue, header};
-use paddock_core::data::{Scope, session_cookie};
+use paddock_core::data::{Scope, SessionFound, session_cookie};
 use paddock_runtime::{AppData, AppSpec, Session};
 use paddock_store::SqlStore;
 
@@ -78,7 +78,12 @@ impl AppData for StoreData {
         Ok(self.0.data_increment(app, scope, key, delta).await?)
     }
 
-    async fn session_touch(&self, app: &str, id: &str, idle: Duration) -> anyhow::Result<bool> {
+    async fn session_touch(
+        &self,
+        app: &str,
+        id: &str,
+        idle: Duration,
+    ) -> anyhow::Result<SessionFound> {
         Ok(self
             .0
             .session_touch(app, id, now_ms(), millis(idle))

@@ -6,15 +6,16 @@
 //! the trait. A session is resolved lazily, at its first use in a request: the id from the
 //! request's cookie if the store knows it (which extends its life), else none, and a first write
 //! then creates one with a fresh random id (never one the client chose). The front-end sends
-//! that id back in a cookie (again for a session extended, so that the browser keeps it as long
-//! as the store does), which it can only do while the response head is not sent: a session
-//! created after that is refused.
+//! that id back in a cookie (again when the session is extended, so that the browser keeps it
+//! as long as the store does), which it can only do while the response head is not sent: a
+//! session created after that is refused.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use paddock_core::data::{
     LIST_PAGE, MAX_BUCKET_BYTES, MAX_KEY_BYTES, MAX_VALUE_BYTES, SESSION_BUCKET, Scope,
+    SessionFound,
 };
 use wasmtime::component::Resource;
 
@@ -60,8 +61,13 @@ pub trait AppData: Send + Sync + 'static {
         key: &str,
         delta: u64,
     ) -> anyhow::Result<u64>;
-    /// Extends a live session by `idle`; false if there is none of that id (or it expired).
-    async fn session_touch(&self, app: &str, id: &str, idle: Duration) -> anyhow::Result<bool>;
+    /// Uses a session, extending a live one by `idle` (not at every use: see [`SessionFound`]).
+    async fn session_touch(
+        &self,
+        app: &str,
+        id: &str,
+        idle: Duration,
+    ) -> anyhow::Result<SessionFound>;
     async fn session_create(&self, app: &str, id: &str, idle: Duration) -> anyhow::Result<()>;
 }
 
@@ -82,8 +88,8 @@ pub struct Session {
     state: tokio::sync::Mutex<SessionState>,
     /// Set by the runtime when the app sets its response head, before the app goes on.
     head_sent: std::sync::atomic::AtomicBool,
-    /// The id the response's cookie must carry: a session created, or found and extended,
-    /// before the head went out. Read without the lock, which a body still running may hold.
+    /// The id the response's cookie must carry: a session created, or extended, before the
+    /// head went out. Read without the lock, which a body still running may hold.
     cookie_to_send: std::sync::OnceLock<String>,
 }
 
@@ -120,8 +126,8 @@ impl Session {
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// The id the response's cookie must carry, if the app used a live session (or started
-    /// one) before its head. Asked once the response head is out.
+    /// The id the response's cookie must carry, if the app started a session, or used one that
+    /// was then extended, before its head. Asked once the response head is out.
     pub fn cookie(&self) -> Option<&str> {
         self.cookie_to_send.get().map(String::as_str)
     }
@@ -144,17 +150,22 @@ impl Session {
             return Ok(resolved.clone());
         }
         let live = match &self.cookie {
-            Some(id) => data
+            Some(id) => match data
                 .store
                 .session_touch(app, id, self.idle)
                 .await
                 .map_err(KvError::store)?
-                .then(|| id.clone()),
+            {
+                SessionFound::Missing => None,
+                SessionFound::Live => Some(id.clone()),
+                SessionFound::Extended => {
+                    // The browser keeps the cookie as long as the store keeps the session.
+                    self.send_cookie(id);
+                    Some(id.clone())
+                }
+            },
             None => None,
         };
-        if let Some(id) = &live {
-            self.send_cookie(id);
-        }
         state.resolved = Some(live.clone());
         Ok(live)
     }

@@ -6,7 +6,7 @@
 //! (app, session, key)`, whose foreign key to `app_sessions` deletes them with their session (and
 //! refuses a write to a session already swept).
 
-use paddock_core::data::Scope;
+use paddock_core::data::{Scope, SessionFound};
 use sqlx::Row as _;
 
 use crate::{Dialect, Result, SqlStore, StoreError};
@@ -24,6 +24,14 @@ fn place(scope: Scope<'_>) -> (&'static str, &'static str, &str) {
 const SWEEP_BATCH: u64 = 500;
 
 impl SqlStore {
+    /// Waits for this process's turn to write app data, on SQLite (see `data_writes`).
+    async fn data_write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match self.dialect {
+            Dialect::Sqlite => Some(self.data_writes.lock().await),
+            Dialect::Postgres => None,
+        }
+    }
+
     /// Opens the database of a farm for its app data, as a front-end does: no migration (the
     /// controller migrates) and no new SQLite file, but a clear error when the tables are not
     /// there yet.
@@ -72,6 +80,7 @@ impl SqlStore {
         key: &str,
         value: &[u8],
     ) -> Result<()> {
+        let _turn = self.data_write_turn().await;
         let (table, column, owner) = place(scope);
         sqlx::query(&self.sql(&format!(
             "INSERT INTO {table} (app, {column}, key, value) VALUES ($1, $2, $3, $4) \
@@ -87,6 +96,7 @@ impl SqlStore {
     }
 
     pub async fn data_delete(&self, app: &str, scope: Scope<'_>, key: &str) -> Result<()> {
+        let _turn = self.data_write_turn().await;
         let (table, column, owner) = place(scope);
         sqlx::query(&self.sql(&format!(
             "DELETE FROM {table} WHERE app = $1 AND {column} = $2 AND key = $3"
@@ -141,6 +151,7 @@ impl SqlStore {
         key: &str,
         delta: u64,
     ) -> Result<u64> {
+        let _turn = self.data_write_turn().await;
         let refused = || {
             StoreError::DataValue(format!(
                 "cannot increment {key:?} by {delta}: its value must be a decimal number, and the sum at most {}",
@@ -231,25 +242,46 @@ impl SqlStore {
             })
     }
 
-    /// Extends a session that has not expired to `now_ms + idle_ms`; false when there is no
-    /// such session (never was, or expired).
+    /// Uses a session: a live one is extended to `now_ms + idle_ms` once a tenth of `idle_ms`
+    /// has passed since it last was, so that a user's every request is not a write.
     pub async fn session_touch(
         &self,
         app: &str,
         id: &str,
         now_ms: i64,
         idle_ms: i64,
-    ) -> Result<bool> {
+    ) -> Result<SessionFound> {
+        let row = sqlx::query(&self.sql(
+            "SELECT expires_ms FROM app_sessions WHERE app = $1 AND id = $2 AND expires_ms > $3",
+        ))
+        .bind(app)
+        .bind(id)
+        .bind(now_ms)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(SessionFound::Missing);
+        };
+        let expires_ms: i64 = row.try_get(0)?;
+        let extended_ms = now_ms.saturating_add(idle_ms);
+        if extended_ms.saturating_sub(expires_ms) < idle_ms / 10 {
+            return Ok(SessionFound::Live);
+        }
+        let _turn = self.data_write_turn().await;
         let done = sqlx::query(&self.sql(
             "UPDATE app_sessions SET expires_ms = $1 WHERE app = $2 AND id = $3 AND expires_ms > $4",
         ))
-        .bind(now_ms.saturating_add(idle_ms))
+        .bind(extended_ms)
         .bind(app)
         .bind(id)
         .bind(now_ms)
         .execute(&self.pool)
         .await?;
-        Ok(done.rows_affected() == 1)
+        Ok(if done.rows_affected() == 1 {
+            SessionFound::Extended
+        } else {
+            SessionFound::Missing
+        })
     }
 
     /// Records a new session, unused until `now_ms + idle_ms`.
@@ -260,6 +292,7 @@ impl SqlStore {
         now_ms: i64,
         idle_ms: i64,
     ) -> Result<()> {
+        let _turn = self.data_write_turn().await;
         sqlx::query(&self.sql(
             "INSERT INTO app_sessions (app, id, created_ms, expires_ms) VALUES ($1, $2, $3, $4)",
         ))

@@ -303,6 +303,10 @@ pub struct SqlStore {
     dialect: Dialect,
     /// The SQLite database file (its lock file is beside it).
     sqlite_path: Option<std::path::PathBuf>,
+    /// SQLite takes one writer at a time, and a connection that finds the database locked
+    /// sleeps in SQLite's busy handler (up to 100 ms a try): the app-data writes of this process
+    /// take turns here instead, in order, and only meet other processes' writes there.
+    data_writes: tokio::sync::Mutex<()>,
 }
 
 /// The controller role over a database, held while this lives and released when it is dropped
@@ -510,6 +514,7 @@ impl SqlStore {
             pool,
             dialect,
             sqlite_path: sqlite_path(url),
+            data_writes: tokio::sync::Mutex::new(()),
         })
     }
 

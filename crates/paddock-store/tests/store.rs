@@ -912,7 +912,11 @@ async fn app_data(store: &SqlStore) {
         "0123456789abcdef0123456789abcdef",
         "fedcba9876543210fedcba9876543210",
     );
-    assert!(!store.session_touch("shop", one, 1_000, 500).await.unwrap());
+    use paddock_core::data::SessionFound;
+    assert_eq!(
+        store.session_touch("shop", one, 1_000, 500).await.unwrap(),
+        SessionFound::Missing
+    );
     store.session_create("shop", one, 1_000, 500).await.unwrap();
     store.session_create("shop", two, 1_000, 500).await.unwrap();
     // The same id in another app is another session, living longer.
@@ -932,9 +936,19 @@ async fn app_data(store: &SqlStore) {
         .data_set("shop", Scope::Session(two), "user", b"bob")
         .await
         .unwrap();
-    assert!(store.session_touch("shop", one, 1_400, 500).await.unwrap());
-    assert!(
-        !store.session_touch("blog", one, 1_400, 500).await.unwrap(),
+    // Used again soon, a session is left as it is; once a tenth of its idle time has passed
+    // since it was last extended, it is extended.
+    assert_eq!(
+        store.session_touch("shop", one, 1_040, 500).await.unwrap(),
+        SessionFound::Live
+    );
+    assert_eq!(
+        store.session_touch("shop", one, 1_400, 500).await.unwrap(),
+        SessionFound::Extended
+    );
+    assert_eq!(
+        store.session_touch("blog", one, 1_400, 500).await.unwrap(),
+        SessionFound::Missing,
         "another app's"
     );
     // Keys page by key, whatever is deleted between pages.
@@ -965,12 +979,16 @@ async fn app_data(store: &SqlStore) {
         1,
         "two expired at 1 500"
     );
-    assert!(!store.session_touch("shop", two, 1_600, 500).await.unwrap());
-    assert!(
+    assert_eq!(
+        store.session_touch("shop", two, 1_600, 500).await.unwrap(),
+        SessionFound::Missing
+    );
+    assert_eq!(
         store
             .session_touch("blog", two, 1_600, 5_000)
             .await
-            .unwrap()
+            .unwrap(),
+        SessionFound::Extended
     );
     assert_eq!(
         store
@@ -1003,8 +1021,9 @@ async fn app_data(store: &SqlStore) {
             .as_deref(),
         Some(&b"ada"[..])
     );
-    assert!(
-        !store.session_touch("shop", one, 1_900, 500).await.unwrap(),
+    assert_eq!(
+        store.session_touch("shop", one, 1_900, 500).await.unwrap(),
+        SessionFound::Missing,
         "expired at 1 900"
     );
     assert_eq!(store.sweep_sessions(1_900).await.unwrap(), 1);
