@@ -9,8 +9,10 @@
 #   /counter/hits                  one atomic increment (a transaction)
 #   /counter/visit + cookie        a session: extended (an UPDATE), then an increment in it
 #
-#   bench/app-data.sh                                   # SQLite (WAL, synchronous=FULL)
-#   PADDOCK_BENCH_POSTGRES=postgres://u@127.0.0.1:5432/db bench/app-data.sh   # and PostgreSQL
+#   bench/app-data.sh                 # SQLite (WAL, synchronous=FULL), then PostgreSQL
+#
+# PostgreSQL is a throw-away cluster on loopback (Debian's package, fsync on, default settings),
+# or the server at PADDOCK_BENCH_POSTGRES.
 #
 # Nothing pinned: the front-end, wrk (2 threads, CONNECTIONS connections) and the database share
 # this machine's cores. Loopback only.
@@ -59,6 +61,8 @@ measure() {
 }
 
 measure sqlite "sqlite://$work/apps.db"
-if [ -n "${PADDOCK_BENCH_POSTGRES:-}" ]; then
-  measure postgres "$PADDOCK_BENCH_POSTGRES"
+if [ -z "${PADDOCK_BENCH_POSTGRES:-}" ]; then
+  start_postgres on
+  PADDOCK_BENCH_POSTGRES=$PG_URL
 fi
+measure postgres "$PADDOCK_BENCH_POSTGRES"

@@ -1,5 +1,7 @@
 # Helpers shared by the benchmark scripts (sourced, not run).
 
+. scripts/postgres.sh
+
 # wait_http URL: waits (at most 60 s) until URL answers 2xx.
 wait_http() {
   for _ in $(seq 1 600); do curl -sf -o /dev/null "$1" && return 0; sleep 0.1; done
@@ -59,10 +61,10 @@ need() {
 port() { echo $((20000 + RANDOM % 20000)); }
 
 # bench_start: builds the release binary (PADDOCK) and makes a work folder (work) that is removed,
-# with every process the script started, on exit.
+# with every process the script started (and a PostgreSQL cluster from start_postgres), on exit.
 bench_start() {
   cargo build --quiet --release -p paddock
   PADDOCK=$PWD/target/release/paddock
   work=$(mktemp -d)
-  trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
+  trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; stop_postgres; rm -rf "$work"' EXIT
 }

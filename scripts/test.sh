@@ -11,30 +11,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-as_postgres() {
-  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
-}
-
+. scripts/postgres.sh
 if [ -z "${PADDOCK_TEST_POSTGRES:-}" ]; then
-  pg_bin=$(dirname "$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n 1)" 2>/dev/null || true)
-  if [ -z "$pg_bin" ] || [ ! -x "$pg_bin/initdb" ]; then
-    echo "installing PostgreSQL (Debian package postgresql) for the store tests..." >&2
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-    pg_bin=$(dirname "$(ls /usr/lib/postgresql/*/bin/initdb | sort -V | tail -n 1)")
-  fi
-  pg_dir=$(mktemp -d /tmp/paddock-pg.XXXXXX)
-  [ "$(id -u)" = 0 ] && chown postgres:postgres "$pg_dir"
-  pg_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  as_postgres "$pg_bin/initdb" -D "$pg_dir/data" -A trust -U paddock >/dev/null
-  as_postgres "$pg_bin/pg_ctl" -D "$pg_dir/data" -l "$pg_dir/log" -w \
-    -o "-p $pg_port -k $pg_dir -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null
-  stop_pg() {
-    as_postgres "$pg_bin/pg_ctl" -D "$pg_dir/data" -m immediate stop >/dev/null 2>&1 || true
-    rm -rf "$pg_dir"
-  }
-  trap stop_pg EXIT
-  export PADDOCK_TEST_POSTGRES="postgres://paddock@127.0.0.1:$pg_port/postgres"
+  start_postgres off
+  trap stop_postgres EXIT
+  export PADDOCK_TEST_POSTGRES=$PG_URL
   echo "PostgreSQL for the tests: $PADDOCK_TEST_POSTGRES" >&2
 fi
 
