@@ -704,3 +704,34 @@ pub struct TimerRun {
     pub retry: bool,
     pub detail: Option<String>,
 }
+
+/// What an app keeps in the farm's database (`GET /v1/apps/{app}/data`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataSummary {
+    pub app: String,
+    /// Its buckets, by name (`""` is the default bucket).
+    pub buckets: Vec<BucketSummary>,
+    /// Sessions not expired.
+    pub live_sessions: i64,
+    /// Sessions expired but not swept yet (within a minute).
+    pub expired_sessions: i64,
+    /// Keys and bytes of all sessions' values together.
+    pub session_keys: i64,
+    pub session_bytes: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketSummary {
+    pub name: String,
+    pub keys: i64,
+    /// The values' bytes together.
+    pub bytes: i64,
+}
+
+/// A page of a bucket's keys (`GET /v1/apps/{app}/data/keys`), in key order; with `more`, the
+/// next page starts after the last key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataKeys {
+    pub keys: Vec<String>,
+    pub more: bool,
+}

@@ -37,6 +37,18 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/apps/{name}/versions", get(list_versions))
         .route("/v1/apps/{name}/deploy", post(deploy))
         .route("/v1/apps/{name}/rollback", post(rollback))
+        .route("/v1/apps/{name}/data", get(crate::data::summary))
+        .route("/v1/apps/{name}/data/keys", get(crate::data::keys))
+        .route(
+            "/v1/apps/{name}/data/value",
+            get(crate::data::get_value)
+                .put(crate::data::put_value)
+                .delete(crate::data::delete_value),
+        )
+        .route(
+            "/v1/apps/{name}/sessions",
+            axum::routing::delete(crate::data::end_sessions),
+        )
         .route("/v1/servers", get(list_servers))
         .route("/v1/servers/{name}", get(show_server).delete(remove_server))
         .route("/v1/servers/{name}/flags", post(set_flag))

@@ -16,6 +16,7 @@
 //! crate), and any IO towards front-ends: they come to the controller, never the other way round.
 
 pub mod api;
+pub mod data;
 mod extract;
 pub mod failover;
 pub mod ops;
@@ -54,6 +55,8 @@ pub struct ControllerConfig {
 /// What every request handler shares.
 pub struct Controller {
     pub store: Arc<dyn Store>,
+    /// The same database, for the apps' data (not part of `Store`: front-ends use it too).
+    pub data: Arc<SqlStore>,
     pub runtime: Arc<Runtime>,
     pub tokens: tokens::Tokens,
     pub max_upload_bytes: usize,
@@ -134,6 +137,7 @@ pub async fn run(
     let generation = store.generation().await?;
     let controller = Arc::new(Controller {
         store: store.clone(),
+        data: store.clone(),
         runtime: Arc::new(runtime),
         tokens,
         max_upload_bytes: config.max_upload_bytes,

@@ -26,6 +26,34 @@ pub const LIST_PAGE: usize = 1000;
 /// A session unused for this long is gone, with its values, unless the manifest says otherwise.
 pub const DEFAULT_SESSION_IDLE: Duration = Duration::from_secs(24 * 3600);
 
+/// Why a key cannot be stored, if it cannot.
+pub fn key_problem(key: &str) -> Option<String> {
+    if key.len() > MAX_KEY_BYTES {
+        return Some(format!(
+            "a key of {} bytes is over the limit of {MAX_KEY_BYTES}",
+            key.len()
+        ));
+    }
+    key.contains('\0')
+        .then(|| format!("key {key:?} holds a NUL character, which keys may not"))
+}
+
+/// Why a bucket name cannot be used, if it cannot.
+pub fn bucket_problem(name: &str) -> Option<String> {
+    (name.len() > MAX_BUCKET_BYTES || name.contains('\0')).then(|| {
+        format!("bucket name {name:?}: use at most {MAX_BUCKET_BYTES} bytes and no NUL character")
+    })
+}
+
+/// Why a value of `len` bytes cannot be stored at `key`, if it cannot.
+pub fn value_problem(key: &str, len: usize) -> Option<String> {
+    key_problem(key).or_else(|| {
+        (len > MAX_VALUE_BYTES).then(|| {
+            format!("the value of {key:?} has {len} bytes, over the limit of {MAX_VALUE_BYTES}")
+        })
+    })
+}
+
 /// What using a session found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionFound {
@@ -62,5 +90,24 @@ mod tests {
         assert!(!is_session_id("0123"));
         assert!(!is_session_id("0123456789abcdef0123456789abcdeg"));
         assert_eq!(session_cookie("shop"), "paddock_session_shop");
+    }
+
+    #[test]
+    fn limits() {
+        assert_eq!(key_problem("cart"), None);
+        assert!(key_problem("a\0b").unwrap().contains("NUL"));
+        assert!(
+            key_problem(&"k".repeat(MAX_KEY_BYTES + 1))
+                .unwrap()
+                .contains("over the limit")
+        );
+        assert_eq!(bucket_problem(""), None);
+        assert!(bucket_problem(&"b".repeat(MAX_BUCKET_BYTES + 1)).is_some());
+        assert_eq!(value_problem("k", MAX_VALUE_BYTES), None);
+        assert!(
+            value_problem("k", MAX_VALUE_BYTES + 1)
+                .unwrap()
+                .contains("has 1048577 bytes")
+        );
     }
 }

@@ -14,8 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use paddock_core::data::{
-    LIST_PAGE, MAX_BUCKET_BYTES, MAX_KEY_BYTES, MAX_VALUE_BYTES, SESSION_BUCKET, Scope,
-    SessionFound,
+    LIST_PAGE, SESSION_BUCKET, Scope, SessionFound, bucket_problem, key_problem, value_problem,
 };
 use wasmtime::component::Resource;
 
@@ -303,29 +302,17 @@ fn no_session() -> KvError {
 }
 
 fn check_key(key: &str) -> Result<(), KvError> {
-    if key.len() > MAX_KEY_BYTES {
-        return Err(KvError::Other(format!(
-            "a key of {} bytes is over the limit of {MAX_KEY_BYTES}",
-            key.len()
-        )));
+    match key_problem(key) {
+        Some(problem) => Err(KvError::Other(problem)),
+        None => Ok(()),
     }
-    if key.contains('\0') {
-        return Err(KvError::Other(format!(
-            "key {key:?} holds a NUL character, which keys may not"
-        )));
-    }
-    Ok(())
 }
 
 fn check_value(key: &str, value: &[u8]) -> Result<(), KvError> {
-    check_key(key)?;
-    if value.len() > MAX_VALUE_BYTES {
-        return Err(KvError::Other(format!(
-            "the value of {key:?} has {} bytes, over the limit of {MAX_VALUE_BYTES}",
-            value.len()
-        )));
+    match value_problem(key, value.len()) {
+        Some(problem) => Err(KvError::Other(problem)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 impl store::Host for Host {
@@ -333,10 +320,8 @@ impl store::Host for Host {
         self.data()?;
         let kind = if identifier == SESSION_BUCKET {
             BucketKind::Session
-        } else if identifier.len() > MAX_BUCKET_BYTES || identifier.contains('\0') {
-            return Err(KvError::Other(format!(
-                "bucket name {identifier:?}: use at most {MAX_BUCKET_BYTES} bytes and no NUL character"
-            )));
+        } else if let Some(problem) = bucket_problem(&identifier) {
+            return Err(KvError::Other(problem));
         } else {
             BucketKind::Named(identifier)
         };

@@ -6,6 +6,7 @@
 //! (app, session, key)`, whose foreign key to `app_sessions` deletes them with their session (and
 //! refuses a write to a session already swept).
 
+use paddock_api::{BucketSummary, DataSummary};
 use paddock_core::data::{Scope, SessionFound};
 use sqlx::Row as _;
 
@@ -303,6 +304,62 @@ impl SqlStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// What an app keeps: its buckets' sizes and its sessions, as of `now_ms`.
+    pub async fn data_summary(&self, app: &str, now_ms: i64) -> Result<DataSummary> {
+        let rows = sqlx::query(&self.sql(
+            "SELECT bucket, COUNT(*), COALESCE(SUM(LENGTH(value)), 0) FROM app_values \
+             WHERE app = $1 GROUP BY bucket ORDER BY bucket",
+        ))
+        .bind(app)
+        .fetch_all(&self.pool)
+        .await?;
+        let buckets = rows
+            .iter()
+            .map(|row| {
+                Ok(BucketSummary {
+                    name: row.try_get(0)?,
+                    keys: row.try_get(1)?,
+                    bytes: row.try_get(2)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let sessions = sqlx::query(&self.sql(
+            "SELECT COALESCE(SUM(CASE WHEN expires_ms > $2 THEN 1 ELSE 0 END), 0), COUNT(*) \
+             FROM app_sessions WHERE app = $1",
+        ))
+        .bind(app)
+        .bind(now_ms)
+        .fetch_one(&self.pool)
+        .await?;
+        let (live_sessions, all_sessions): (i64, i64) =
+            (sessions.try_get(0)?, sessions.try_get(1)?);
+        let values = sqlx::query(&self.sql(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(value)), 0) FROM session_values WHERE app = $1",
+        ))
+        .bind(app)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(DataSummary {
+            app: app.to_string(),
+            buckets,
+            live_sessions,
+            expired_sessions: all_sessions - live_sessions,
+            session_keys: values.try_get(0)?,
+            session_bytes: values.try_get(1)?,
+        })
+    }
+
+    /// Ends every session of an app, with its values (every user of the app starts anew).
+    /// Returns how many there were.
+    pub async fn end_sessions(&self, app: &str) -> Result<u64> {
+        let _turn = self.data_write_turn().await;
+        let done = sqlx::query(&self.sql("DELETE FROM app_sessions WHERE app = $1"))
+            .bind(app)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
     }
 
     /// Runs [`SqlStore::sweep_sessions`] every minute, for ever: the controller does, or a

@@ -13,6 +13,7 @@ use paddock_frontend::deployer::ControllerLink;
 
 mod cmd {
     pub mod admin;
+    pub mod data;
     pub mod ops;
     pub mod timer;
     pub mod up;
@@ -60,6 +61,13 @@ enum Command {
     Op {
         #[command(subcommand)]
         command: cmd::ops::OpCommand,
+        #[command(flatten)]
+        target: cmd::admin::Target,
+    },
+    /// The apps' data: what they keep, a bucket's keys, a value; end an app's sessions.
+    Data {
+        #[command(subcommand)]
+        command: cmd::data::DataCommand,
         #[command(flatten)]
         target: cmd::admin::Target,
     },
@@ -339,6 +347,9 @@ fn main() -> std::process::ExitCode {
         }),
         Command::Op { command, target } => admin(&target, |client| {
             Box::pin(async move { cmd::ops::op(&client, command).await })
+        }),
+        Command::Data { command, target } => admin(&target, |client| {
+            Box::pin(async move { cmd::data::data(&client, command).await })
         }),
         Command::Timer { command, target } => admin(&target, |client| {
             Box::pin(async move { cmd::timer::timer(&client, command).await })

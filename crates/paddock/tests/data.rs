@@ -254,6 +254,68 @@ async fn app_data_and_sessions(test: &str, db: Db) {
         .unwrap();
     let ticks: u64 = ticks.body.trim().parse().unwrap();
     assert!(ticks >= 1, "{ticks}");
+
+    // `paddock data`: the operator sees and mends what the app keeps.
+    let summary: serde_json::Value =
+        serde_json::from_str(&controller.ok(&["data", "show", "counter", "--json"])).unwrap();
+    let buckets = summary["buckets"].as_array().unwrap();
+    assert_eq!(buckets[0]["name"], "", "{summary:#}");
+    assert_eq!(buckets[0]["keys"], 2, "hits and ticks: {summary:#}");
+    assert_eq!(buckets[1]["name"], "notes", "{summary:#}");
+    assert_eq!(buckets[1]["bytes"], 3, "{summary:#}");
+    assert!(
+        summary["live_sessions"].as_i64().unwrap() >= 5,
+        "{summary:#}"
+    );
+    let text = controller.ok(&["data", "show", "counter"]);
+    assert!(
+        text.contains("(default)") && text.contains("notes"),
+        "{text}"
+    );
+    assert_eq!(
+        controller.ok(&["data", "keys", "counter", "--bucket", "notes"]),
+        "greeting\n"
+    );
+    assert_eq!(
+        controller.ok(&["data", "get", "counter", "greeting", "--bucket", "notes"]),
+        "hej"
+    );
+    controller.ok(&[
+        "data", "set", "counter", "greeting", "hallo", "--bucket", "notes",
+    ]);
+    let get = conn.get("/counter/get?key=greeting").await.unwrap();
+    assert_eq!(get.body, "hallo\n", "the app sees the operator's value");
+    controller.ok(&["data", "delete", "counter", "greeting", "--bucket", "notes"]);
+    assert_eq!(
+        conn.get("/counter/get?key=greeting").await.unwrap().body,
+        "none\n"
+    );
+    // Bad input changes nothing and says what is wrong.
+    let e = controller.fails(&["data", "get", "counter", "greeting", "--bucket", "notes"]);
+    assert!(e.contains("no key \"greeting\""), "{e}");
+    let e = controller.fails(&["data", "show", "nope"]);
+    assert!(e.contains("unknown app \"nope\""), "{e}");
+    let long = "k".repeat(1025);
+    let e = controller.fails(&["data", "set", "counter", &long, "v"]);
+    assert!(e.contains("over the limit of 1024"), "{e}");
+    let keys = controller.ok(&["data", "keys", "counter"]);
+    assert_eq!(keys, "hits\nticks\n");
+    // Ending the app's sessions logs every user out: Alice starts anew.
+    let ended: serde_json::Value =
+        serde_json::from_str(&controller.ok(&["data", "end-sessions", "counter", "--json"]))
+            .unwrap();
+    assert!(ended["ended"].as_u64().unwrap() >= 5, "{ended}");
+    let visit = conn
+        .get_with("/counter/visit", &[("cookie", &cookie(&alice))])
+        .await
+        .unwrap();
+    assert_eq!(visits(&visit).0, 1);
+    assert_ne!(session_cookie(&visit).unwrap(), alice);
+    let audit = controller.admin_get("/v1/audit").await;
+    assert!(
+        audit.contains("data-set") && audit.contains("sessions-end"),
+        "{audit}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

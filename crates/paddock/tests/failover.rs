@@ -34,15 +34,9 @@ fn role_pairs(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
 
 /// The desired state a front-end gets from the controller.
 async fn desired_of(controller: &Controller, name: &str) -> serde_json::Value {
-    reqwest::Client::new()
-        .get(format!("{}/control/v1/desired/{name}", controller.url))
-        .bearer_auth(&controller.join_token)
-        .send()
+    controller
+        .control_get(&format!("/control/v1/desired/{name}"))
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 /// A controller started with `args`, front-ends `names` in zone default, a balancer that sees
@@ -177,15 +171,7 @@ async fn a_passive_server_stands_by_and_takes_over_when_an_active_one_dies() {
     }
     let samples = load.stop().await;
     assert_eq!(failures(&samples), Vec::<String>::new(), "GETs failed");
-    let audit = reqwest::Client::new()
-        .get(format!("{}/v1/audit", controller.url))
-        .bearer_auth(&controller.admin_token)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let audit = controller.admin_get("/v1/audit").await;
     assert!(
         audit.contains("fe3 takes over from fe1 in zone default"),
         "{audit}"

@@ -59,10 +59,11 @@ impl Client {
         })
     }
 
-    async fn send<T: DeserializeOwned>(
+    /// Sends the request with the admin token; a failure answer becomes the API's message.
+    async fn send_raw(
         &self,
         request: reqwest::RequestBuilder,
-    ) -> anyhow::Result<T> {
+    ) -> anyhow::Result<reqwest::Response> {
         let response = request.bearer_auth(&self.token).send().await.map_err(|e| {
             anyhow::anyhow!(
                 "cannot reach the controller at {}: {e}; is `paddock controller` (or `paddock up`) running? Set --controller or PADDOCK_CONTROLLER",
@@ -71,19 +72,73 @@ impl Client {
         })?;
         let status = response.status();
         if status.is_success() {
-            if status == reqwest::StatusCode::NO_CONTENT {
-                return serde_json::from_str("null").context("empty answer");
-            }
-            return response
-                .json()
-                .await
-                .context("reading the controller's answer");
+            return Ok(response);
         }
         let body = response.text().await.unwrap_or_default();
         match serde_json::from_str::<ApiError>(&body) {
             Ok(e) => anyhow::bail!("{}", e.message),
             Err(_) => anyhow::bail!("the controller answered {status}: {body}"),
         }
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> anyhow::Result<T> {
+        let response = self.send_raw(request).await?;
+        if response.status() == reqwest::StatusCode::NO_CONTENT {
+            return serde_json::from_str("null").context("empty answer");
+        }
+        response
+            .json()
+            .await
+            .context("reading the controller's answer")
+    }
+
+    /// The URL of `path` with `query` encoded (keys and bucket names may hold any character).
+    fn url(&self, path: &str, query: &[(&str, &str)]) -> anyhow::Result<reqwest::Url> {
+        reqwest::Url::parse_with_params(&format!("{}{path}", self.base), query)
+            .with_context(|| format!("{}{path} is not a URL", self.base))
+    }
+
+    pub async fn get_query<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> anyhow::Result<T> {
+        self.send(self.http.get(self.url(path, query)?)).await
+    }
+
+    /// A GET whose answer is bytes, not JSON.
+    pub async fn get_bytes(&self, path: &str, query: &[(&str, &str)]) -> anyhow::Result<Vec<u8>> {
+        let response = self.send_raw(self.http.get(self.url(path, query)?)).await?;
+        Ok(response
+            .bytes()
+            .await
+            .context("reading the controller's answer")?
+            .to_vec())
+    }
+
+    /// A PUT of bytes.
+    pub async fn put_bytes(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> anyhow::Result<()> {
+        self.send::<()>(self.http.put(self.url(path, query)?).body(body))
+            .await
+    }
+
+    /// A DELETE whose answer is JSON.
+    pub async fn delete_json<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.send(self.http.delete(format!("{}{path}", self.base)))
+            .await
+    }
+
+    pub async fn delete_query(&self, path: &str, query: &[(&str, &str)]) -> anyhow::Result<()> {
+        self.send::<()>(self.http.delete(self.url(path, query)?))
+            .await
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {

@@ -686,6 +686,31 @@ impl Controller {
         .unwrap()
     }
 
+    /// `GET path` of the admin API (`/v1/...`) with the admin token: the answer's text.
+    pub async fn admin_get(&self, path: &str) -> String {
+        self.get_with_token(path, &self.admin_token).await
+    }
+
+    /// `GET path` of the control channel (`/control/v1/...`) with the join token, as JSON.
+    pub async fn control_get(&self, path: &str) -> serde_json::Value {
+        serde_json::from_str(&self.get_with_token(path, &self.join_token).await).unwrap()
+    }
+
+    async fn get_with_token(&self, path: &str, token: &str) -> String {
+        let response = reqwest::Client::new()
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "GET {path}: {}",
+            response.status()
+        );
+        response.text().await.unwrap()
+    }
+
     /// The controller's store, opened beside it (to damage what a test needs damaged).
     pub async fn store(&self) -> paddock_store::SqlStore {
         paddock_store::SqlStore::open(&self.db_url).await.unwrap()
