@@ -735,3 +735,103 @@ pub struct DataKeys {
     pub keys: Vec<String>,
     pub more: bool,
 }
+
+/// Where the controller is: one URL, or several (the active controller and its standbys, each
+/// at an address of its own, as `--controller http://a:7070,http://b:7070`). Requests go to the
+/// current one; when it cannot be reached, the next one in the list becomes current, so that a
+/// standby that took over is found without reconfiguring anything. Only the controller holding
+/// the role listens, so at most one of them answers.
+#[derive(Debug)]
+pub struct Controllers {
+    urls: Vec<String>,
+    current: std::sync::atomic::AtomicUsize,
+}
+
+impl Controllers {
+    /// Parses a comma-separated list of `http://` or `https://` URLs.
+    pub fn parse(list: &str) -> Result<Controllers, String> {
+        let urls: Vec<String> = list
+            .split(',')
+            .map(|url| url.trim().trim_end_matches('/').to_string())
+            .filter(|url| !url.is_empty())
+            .collect();
+        if urls.is_empty() {
+            return Err("no controller URL given: write http://HOST:PORT".into());
+        }
+        if let Some(bad) = urls
+            .iter()
+            .find(|url| !(url.starts_with("http://") || url.starts_with("https://")))
+        {
+            return Err(format!(
+                "{bad:?} is not a controller URL: write http://HOST:PORT (several, for standbys, separated by commas)"
+            ));
+        }
+        Ok(Controllers {
+            urls,
+            current: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    /// The URL of the controller requests go to now.
+    pub fn base(&self) -> &str {
+        let at = self.current.load(std::sync::atomic::Ordering::Acquire);
+        &self.urls[at % self.urls.len()]
+    }
+
+    /// `path` (`/control/v1/...`) at the current controller.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base())
+    }
+
+    /// Every URL, as given.
+    pub fn all(&self) -> &[String] {
+        &self.urls
+    }
+
+    /// A request to `url` could not reach its controller. If that one is still the current
+    /// one, the next one becomes current, and is returned (for the log). With one URL, nothing
+    /// changes.
+    pub fn unreachable(&self, url: &str) -> Option<&str> {
+        use std::sync::atomic::Ordering;
+        if self.urls.len() < 2 {
+            return None;
+        }
+        let at = self.current.load(Ordering::Acquire);
+        if !url.starts_with(self.urls[at % self.urls.len()].as_str()) {
+            return None;
+        }
+        let next = (at + 1) % self.urls.len();
+        self.current
+            .compare_exchange(at, next, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| self.urls[next].as_str())
+    }
+}
+
+#[cfg(test)]
+mod controllers_tests {
+    use super::Controllers;
+
+    #[test]
+    fn the_next_controller_takes_over_when_one_is_unreachable() {
+        let c = Controllers::parse("http://a:7070/, http://b:7070").unwrap();
+        assert_eq!(
+            c.url("/control/v1/routing"),
+            "http://a:7070/control/v1/routing"
+        );
+        // A failure of a controller that is no longer current changes nothing.
+        assert_eq!(c.unreachable("http://b:7070/x"), None);
+        assert_eq!(c.unreachable("http://a:7070/x"), Some("http://b:7070"));
+        assert_eq!(c.base(), "http://b:7070");
+        assert_eq!(c.unreachable("http://a:7070/x"), None, "already moved on");
+        assert_eq!(c.unreachable("http://b:7070/x"), Some("http://a:7070"));
+        let one = Controllers::parse("http://a:7070").unwrap();
+        assert_eq!(one.unreachable("http://a:7070/x"), None);
+        assert!(Controllers::parse("").is_err());
+        assert!(
+            Controllers::parse("a:7070")
+                .unwrap_err()
+                .contains("not a controller URL")
+        );
+    }
+}

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use paddock_api::{ApiError, RoutingTable};
+use paddock_api::{ApiError, Controllers, RoutingTable};
 use tokio::sync::Notify;
 
 use crate::Balancer;
@@ -20,8 +20,29 @@ pub const DRAINING_INTERVAL: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Clone)]
 pub struct ControllerLink {
-    pub url: String,
+    /// The controller, or the active one and its standbys.
+    pub controller: Arc<Controllers>,
     pub join_token: String,
+}
+
+/// Sends a request to the controller; one that cannot reach it makes the next controller of the
+/// list current (a standby that took over at an address of its own).
+async fn send(
+    controllers: &Controllers,
+    request: reqwest::RequestBuilder,
+) -> Result<reqwest::Response, reqwest::Error> {
+    let sent = request.send().await;
+    if let Err(e) = &sent
+        && (e.is_connect() || e.is_timeout())
+        && let Some(url) = e.url()
+        && let Some(next) = controllers.unreachable(url.as_str())
+    {
+        tracing::warn!(
+            "the controller at {} cannot be reached ({e}); trying {next}",
+            url.origin().ascii_serialization()
+        );
+    }
+    sent
 }
 
 /// Reads a routing table file (the JSON of `GET /control/v1/routing`).
@@ -58,17 +79,17 @@ pub async fn follow(
     saved: PathBuf,
     applied: Arc<Notify>,
 ) {
-    let base = link.url.trim_end_matches('/').to_string();
     let mut backoff = Duration::from_millis(200);
     let mut failing = false;
     loop {
         let current = balancer.generation();
+        let base = link.controller.base().to_string();
         let url = if current > 0 {
             format!("{base}/control/v1/routing?after={current}")
         } else {
             format!("{base}/control/v1/routing")
         };
-        let fetched = fetch(&http, &url, &link.join_token).await;
+        let fetched = fetch(&http, &link, &url).await;
         match fetched {
             Ok(table) => {
                 if failing {
@@ -102,13 +123,16 @@ pub async fn follow(
     }
 }
 
-async fn fetch(http: &reqwest::Client, url: &str, token: &str) -> anyhow::Result<RoutingTable> {
-    let response = http
+async fn fetch(
+    http: &reqwest::Client,
+    link: &ControllerLink,
+    url: &str,
+) -> anyhow::Result<RoutingTable> {
+    let request = http
         .get(url)
-        .bearer_auth(token)
-        .timeout(Duration::from_secs(40))
-        .send()
-        .await?;
+        .bearer_auth(&link.join_token)
+        .timeout(Duration::from_secs(40));
+    let response = send(&link.controller, request).await?;
     let status = response.status();
     if !status.is_success() {
         let body = response.text().await.unwrap_or_default();
@@ -128,24 +152,19 @@ pub async fn report(
     link: ControllerLink,
     applied: Arc<Notify>,
 ) {
-    let url = format!(
-        "{}/control/v1/balancers/{}",
-        link.url.trim_end_matches('/'),
-        balancer.name
-    );
+    let path = format!("/control/v1/balancers/{}", balancer.name);
     let mut failing = false;
     loop {
         // Read before the report: if it shows a draining front-end with requests in flight,
         // the next report must not wait a whole interval to say they ended.
         let draining = balancer.draining();
         let report = balancer.report();
-        let sent = http
-            .post(&url)
+        let request = http
+            .post(link.controller.url(&path))
             .bearer_auth(&link.join_token)
             .json(&report)
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await;
+            .timeout(Duration::from_secs(5));
+        let sent = send(&link.controller, request).await;
         match sent {
             Ok(r) if r.status().is_success() => failing = false,
             Ok(r) => {

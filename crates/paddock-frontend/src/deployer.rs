@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use paddock_api::{DesiredApp, DesiredState, Registration};
+use paddock_api::{Controllers, DesiredApp, DesiredState, Registration};
 use paddock_runtime::{AppSpec, sha256_hex};
 use tokio::sync::Notify;
 
@@ -41,12 +41,40 @@ const HEARTBEAT_DRAINING: [(Duration, Duration); 2] = [
 /// How to reach the controller.
 #[derive(Debug, Clone)]
 pub struct ControllerLink {
-    pub url: String,
+    /// The controller, or the active one and its standbys.
+    pub controller: Arc<Controllers>,
     pub join_token: String,
     pub zone: String,
     /// The address the balancer and smoke tests reach this server at (default: the address
     /// the server is bound to).
     pub advertise: Option<String>,
+}
+
+/// Sending a request to the controller: one that cannot reach it (refused, timed out) makes
+/// the next controller of the list current, so that a standby that took over at an address of
+/// its own is found.
+pub(crate) trait SendToController {
+    fn send_to(
+        self,
+        controllers: &Controllers,
+    ) -> impl std::future::Future<Output = Result<reqwest::Response, reqwest::Error>> + Send;
+}
+
+impl SendToController for reqwest::RequestBuilder {
+    async fn send_to(self, controllers: &Controllers) -> Result<reqwest::Response, reqwest::Error> {
+        let sent = self.send().await;
+        if let Err(e) = &sent
+            && (e.is_connect() || e.is_timeout())
+            && let Some(url) = e.url()
+            && let Some(next) = controllers.unreachable(url.as_str())
+        {
+            tracing::warn!(
+                "the controller at {} cannot be reached ({e}); trying {next}",
+                url.origin().ascii_serialization()
+            );
+        }
+        sent
+    }
 }
 
 pub struct Deployer {
@@ -94,7 +122,7 @@ impl Deployer {
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.link.url.trim_end_matches('/'))
+        self.link.controller.url(path)
     }
 
     /// Serves what was last applied, from the local artifact cache, before the controller is
@@ -209,7 +237,7 @@ impl Deployer {
                     .post(self.url("/control/v1/register"))
                     .bearer_auth(&self.link.join_token)
                     .json(&registration)
-                    .send()
+                    .send_to(&self.link.controller)
                     .await?;
                 match check(response).await {
                     Err(r)
@@ -229,19 +257,19 @@ impl Deployer {
             .await;
             match result {
                 Ok(Ok(_)) => {
-                    tracing::info!(controller = %self.link.url, zone = %self.link.zone, "registered with the controller");
+                    tracing::info!(controller = %self.link.controller.base(), zone = %self.link.zone, "registered with the controller");
                     return Ok(());
                 }
                 Ok(Err(refusal)) => {
                     return Err(refusal.context(format!(
                         "the controller at {} refused to register this front-end",
-                        self.link.url
+                        self.link.controller.base()
                     )));
                 }
                 Err(e) => {
                     attempt += 1;
                     if attempt == 1 || attempt.is_multiple_of(30) {
-                        tracing::warn!(controller = %self.link.url, "cannot register, retrying: {e:#}");
+                        tracing::warn!(controller = %self.link.controller.base(), "cannot register, retrying: {e:#}");
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
@@ -259,7 +287,7 @@ impl Deployer {
         let response = request
             .bearer_auth(&self.link.join_token)
             .timeout(Duration::from_secs(60))
-            .send()
+            .send_to(&self.link.controller)
             .await?;
         Ok(check(response).await?.json().await?)
     }
@@ -272,7 +300,7 @@ impl Deployer {
             .bearer_auth(&self.link.join_token)
             .timeout(timeout)
             .json(&report)
-            .send()
+            .send_to(&self.link.controller)
             .await?;
         check(response).await?;
         Ok(())
@@ -467,7 +495,7 @@ impl Deployer {
             .query(&[("engine", engine)])
             .bearer_auth(&self.link.join_token)
             .timeout(Duration::from_secs(120))
-            .send()
+            .send_to(&self.link.controller)
             .await?;
         let response = match check(response).await {
             Ok(response) => response,
@@ -500,7 +528,7 @@ impl Deployer {
             .get(self.url(&format!("/control/v1/components/{component_sha256}")))
             .bearer_auth(&self.link.join_token)
             .timeout(Duration::from_secs(120))
-            .send()
+            .send_to(&self.link.controller)
             .await?;
         let bytes = check(response).await?.bytes().await?.to_vec();
         let actual = sha256_hex(&bytes);
@@ -648,7 +676,7 @@ mod tests {
         );
         let cache = ArtifactCache::open(&data.join("artifacts"), runtime.clone()).unwrap();
         let link = ControllerLink {
-            url,
+            controller: Arc::new(Controllers::parse(&url).unwrap()),
             join_token: "t".into(),
             zone: "default".into(),
             advertise: None,

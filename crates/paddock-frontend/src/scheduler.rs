@@ -21,7 +21,7 @@ use paddock_api::{AppVersionRef, TimerClaim, TimerFinish, TimerLease};
 use paddock_runtime::{AppData, RequestData};
 
 use crate::apps::Apps;
-use crate::deployer::ControllerLink;
+use crate::deployer::{ControllerLink, SendToController as _};
 
 /// How often a scheduler that is on asks for due ticks: the upper bound of a tick's start delay.
 pub const POLL: Duration = Duration::from_millis(100);
@@ -70,11 +70,9 @@ impl Scheduler {
     }
 
     fn url(&self, what: &str) -> String {
-        format!(
-            "{}/control/v1/timers/{}/{what}",
-            self.link.url.trim_end_matches('/'),
-            self.name
-        )
+        self.link
+            .controller
+            .url(&format!("/control/v1/timers/{}/{what}", self.name))
     }
 
     /// Claims and runs ticks while the flag is on; never returns.
@@ -105,7 +103,7 @@ impl Scheduler {
                     .json(&serving)
                     .bearer_auth(&self.link.join_token)
                     .timeout(Duration::from_secs(5))
-                    .send()
+                    .send_to(&self.link.controller)
                     .await?
                     .error_for_status()?;
                 anyhow::Ok(response.json::<Vec<TimerClaim>>().await?)
@@ -172,7 +170,7 @@ impl Scheduler {
                 .bearer_auth(&self.link.join_token)
                 .timeout(Duration::from_secs(5))
                 .json(&finish)
-                .send()
+                .send_to(&self.link.controller)
                 .await;
             match sent {
                 Ok(r) if r.status().is_success() => return,
@@ -291,7 +289,7 @@ impl Scheduler {
                 .bearer_auth(&self.link.join_token)
                 .timeout(Duration::from_secs(5))
                 .json(&leases)
-                .send()
+                .send_to(&self.link.controller)
                 .await;
             if let Err(e) = sent {
                 tracing::warn!("cannot renew timer leases: {e}");

@@ -153,7 +153,9 @@ struct ControllerArgs {
 
 #[derive(clap::Args)]
 struct FrontendArgs {
-    /// Follow this controller's desired state (deployment service).
+    /// Follow this controller's desired state (deployment service). Several URLs, separated by
+    /// commas: the active controller and its standbys, each tried when the one before cannot
+    /// be reached.
     #[arg(long, env = "PADDOCK_CONTROLLER", value_name = "URL")]
     controller: Option<String>,
     /// The deployment zone this server belongs to.
@@ -204,7 +206,8 @@ struct FrontendArgs {
 
 #[derive(clap::Args)]
 struct BalancerArgs {
-    /// Follow this controller's routing table.
+    /// Follow this controller's routing table. Several URLs, separated by commas: the active
+    /// controller and its standbys, each tried when the one before cannot be reached.
     #[arg(long, env = "PADDOCK_CONTROLLER", value_name = "URL")]
     controller: Option<String>,
     /// The controller's join token (its <data>/join.token).
@@ -393,11 +396,13 @@ fn admin(
     target: &cmd::admin::Target,
     command: impl FnOnce(cmd::admin::Client) -> BoxFuture,
 ) -> anyhow::Result<()> {
-    let client = cmd::admin::Client::new(target)?;
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(command(client))
+        .block_on(async {
+            let client = cmd::admin::Client::connect(target).await?;
+            command(client).await
+        })
 }
 
 fn controller(args: ControllerArgs) -> anyhow::Result<()> {
@@ -446,7 +451,7 @@ fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
     }
     let controller = match args.controller {
         Some(url) => Some(ControllerLink {
-            url,
+            controller: std::sync::Arc::new(paddock_api::Controllers::parse(&url).map_err(|e| anyhow::anyhow!("--controller: {e}"))?),
             join_token: args.join_token.context(
                 "--controller needs --join-token (or PADDOCK_JOIN_TOKEN): the controller's <data>/join.token",
             )?,
@@ -502,7 +507,10 @@ fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
     let source = match (args.controller, args.table) {
         (Some(url), None) => paddock_balancer::Source::Controller(
             paddock_balancer::feed::ControllerLink {
-                url,
+                controller: std::sync::Arc::new(
+                    paddock_api::Controllers::parse(&url)
+                        .map_err(|e| anyhow::anyhow!("--controller: {e}"))?,
+                ),
                 join_token: args.join_token.context(
                     "--controller needs --join-token (or PADDOCK_JOIN_TOKEN): the controller's <data>/join.token",
                 )?,

@@ -5,7 +5,7 @@ mod harness;
 
 use std::time::Duration;
 
-use harness::{Controller, Db, Frontend, fixture};
+use harness::{Balancer, Controller, Db, Frontend, fixture};
 
 fn hello(version: &str) -> String {
     fixture(&format!("hello-{version}")).display().to_string()
@@ -360,6 +360,59 @@ async fn a_standby_controller_takes_over_when_the_active_one_dies(db: Db) {
     fe1.wait_serving("hello", "v2", "/hello/").await;
 }
 
+/// A standby controller at an address of its own: the front-ends, balancers and the CLI are given
+/// both addresses, and go on through the standby once it took over (only the controller holding
+/// the role listens, so the one that answers is the one to follow).
+async fn a_standby_controller_at_its_own_address_is_found(db: Db) {
+    let mut controller = Controller::start(db, "standby_own", &[]).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let standby = controller
+        .start_standby_at(Some(&format!("127.0.0.1:{port}")))
+        .await;
+    let urls = format!("{},{}", controller.url, standby.url);
+    let fe1 = Frontend::builder("fe1")
+        .controller_urls(&urls, &controller.join_token, "default")
+        .start()
+        .await;
+    let lb = Balancer::start_at(&urls, &controller.join_token, "lb1", &[]).await;
+    lb.wait_up(&["fe1"], true).await;
+    let out = controller.cli_at(&urls, &["app", "publish", &hello("v1")]);
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+
+    controller.kill();
+    standby
+        .wait_for_log("listening on http://", Duration::from_secs(30))
+        .await;
+    // Publishing through the standby waits for fe1 and lb1, which find it on their own.
+    let out = controller.cli_at(&urls, &["app", "publish", &hello("v2")]);
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    fe1.wait_serving("hello", "v2", "/hello/").await;
+    let mut conn = lb.connect().await;
+    let reply = conn.get("/hello").await.unwrap();
+    assert_eq!((reply.status, reply.version()), (200, Some("v2")));
+    let routing = standby.ok(&["routing"]);
+    assert!(routing.contains("lb1"), "{routing}");
+    assert!(
+        fe1.log().contains("trying http://127.0.0.1:"),
+        "fe1 says it moved on: {}",
+        fe1.log()
+    );
+
+    // No controller at any of the addresses: the CLI says so, naming them.
+    let out = controller.cli_at("http://127.0.0.1:1,http://127.0.0.1:2", &["servers"]);
+    assert!(!out.success);
+    assert!(
+        out.stderr
+            .contains("no controller answers at http://127.0.0.1:1, http://127.0.0.1:2"),
+        "{}",
+        out.stderr
+    );
+}
+
 async fn zones_keep_their_apps(db: Db) {
     let controller = Controller::start(db, "zones", &[]).await;
     let fe_a = frontend(&controller, "fe-a", "a").await;
@@ -606,6 +659,7 @@ on_both_backends!(
     deployment_off_keeps_the_old_version_then_catches_up,
     a_second_controller_on_the_database_is_refused_naming_the_first,
     a_standby_controller_takes_over_when_the_active_one_dies,
+    a_standby_controller_at_its_own_address_is_found,
     zones_keep_their_apps,
     a_frontend_restarted_while_the_controller_is_down_serves_from_its_cache,
     bad_inputs_get_clear_errors_and_change_nothing

@@ -17,7 +17,8 @@ use serde::de::DeserializeOwned;
 /// Where the controller is and how to prove we are its admin.
 #[derive(clap::Args, Clone)]
 pub struct Target {
-    /// The controller's URL.
+    /// The controller's URL; several, separated by commas (the active controller and its
+    /// standbys): the first that answers.
     #[arg(
         long,
         global = true,
@@ -44,19 +45,42 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(target: &Target) -> anyhow::Result<Client> {
+    /// A client of the controller that answers: with several URLs, the first one that does
+    /// (only the controller holding the role listens).
+    pub async fn connect(target: &Target) -> anyhow::Result<Client> {
+        let controllers = paddock_api::Controllers::parse(&target.controller)
+            .map_err(|e| anyhow::anyhow!("--controller: {e}"))?;
         let token = match &target.token {
             Some(token) => token.clone(),
             None => read_token(&target.data)?,
         };
-        Ok(Client {
-            base: target.controller.trim_end_matches('/').to_string(),
+        let mut client = Client {
+            base: controllers.base().to_string(),
             token,
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(3))
                 .build()?,
             json: target.json,
-        })
+        };
+        if let [_, _, ..] = controllers.all() {
+            for url in controllers.all() {
+                let probe = client
+                    .http
+                    .get(format!("{url}/v1/status"))
+                    .bearer_auth(&client.token)
+                    .send()
+                    .await;
+                if probe.is_ok() {
+                    client.base = url.clone();
+                    return Ok(client);
+                }
+            }
+            anyhow::bail!(
+                "no controller answers at {}; is `paddock controller` (or `paddock up`) running?",
+                controllers.all().join(", ")
+            );
+        }
+        Ok(client)
     }
 
     /// Sends the request with the admin token; a failure answer becomes the API's message.

@@ -159,12 +159,17 @@ impl FrontendBuilder {
     }
 
     /// Follows `controller`'s desired state, in `zone`.
-    pub fn controller(mut self, controller: &Controller, zone: &str) -> Self {
+    pub fn controller(self, controller: &Controller, zone: &str) -> Self {
+        self.controller_urls(&controller.url, &controller.join_token, zone)
+    }
+
+    /// Follows the controller at `urls` (several: the active one and its standbys), in `zone`.
+    pub fn controller_urls(mut self, urls: &str, join_token: &str, zone: &str) -> Self {
         self.wait_registered = true;
         self.arg("--controller")
-            .arg(&controller.url)
+            .arg(urls)
             .arg("--join-token")
-            .arg(&controller.join_token)
+            .arg(join_token)
             .arg("--zone")
             .arg(zone)
     }
@@ -618,8 +623,16 @@ impl Controller {
     /// with `--standby`; returns once it says it stands by. It listens only once it holds the
     /// controller role, so the CLI and the front-ends find it where they found this one.
     pub async fn start_standby(&self) -> Controller {
+        self.start_standby_at(None).await
+    }
+
+    /// Like `start_standby`, listening at `listen` (an address of its own) if given.
+    pub async fn start_standby_at(&self, listen: Option<&str>) -> Controller {
         let dir = tempfile::tempdir().unwrap();
-        let listen = self.url.trim_start_matches("http://").to_string();
+        let listen = match listen {
+            Some(listen) => listen.to_string(),
+            None => self.url.trim_start_matches("http://").to_string(),
+        };
         let mut command = Command::new(PADDOCK);
         command
             .args([
@@ -635,7 +648,7 @@ impl Controller {
         let log = Arc::new(Mutex::new(String::new()));
         let child = spawn_logged(&mut command, "standby", &log);
         let standby = Controller {
-            url: self.url.clone(),
+            url: format!("http://{listen}"),
             admin_token: self.admin_token.clone(),
             join_token: self.join_token.clone(),
             db_url: self.db_url.clone(),
@@ -728,6 +741,11 @@ impl Controller {
         .unwrap()
     }
 
+    /// A CLI command run with `--controller urls` (several: the first that answers).
+    pub fn cli_at(&self, urls: &str, args: &[&str]) -> CliOutput {
+        run_cli(urls, &self.admin_token, args)
+    }
+
     /// Like `cli`, and the command must succeed.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);
@@ -811,11 +829,21 @@ impl Balancer {
 
     /// Starts a balancer of `controller` and waits until it routes by the controller's table.
     pub async fn start(controller: &Controller, name: &str, extra_args: &[&str]) -> Balancer {
+        Balancer::start_at(&controller.url, &controller.join_token, name, extra_args).await
+    }
+
+    /// A balancer following the controller at `urls` (several: the active one and its standbys).
+    pub async fn start_at(
+        urls: &str,
+        join_token: &str,
+        name: &str,
+        extra_args: &[&str],
+    ) -> Balancer {
         let mut args = vec![
             "--controller".to_string(),
-            controller.url.clone(),
+            urls.to_string(),
             "--join-token".into(),
-            controller.join_token.clone(),
+            join_token.to_string(),
         ];
         args.extend(extra_args.iter().map(|s| s.to_string()));
         Balancer::launched(name, args, tempfile::tempdir().unwrap()).await
