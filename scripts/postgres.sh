@@ -6,6 +6,11 @@
 # Debian's `postgresql` package is installed if missing. The cluster listens on a free loopback
 # port, in a temporary folder, trusting local connections of the user `paddock`.
 
+# Set by start_postgres only: whatever the caller's environment holds is not ours to remove.
+PG_DIR=
+PG_URL=
+pg_bin=
+
 as_postgres() {
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
@@ -20,6 +25,7 @@ start_postgres() {
     pg_bin=$(dirname "$(ls /usr/lib/postgresql/*/bin/initdb | sort -V | tail -n 1)")
   fi
   PG_DIR=$(mktemp -d /tmp/paddock-pg.XXXXXX)
+  # From here on stop_postgres removes it, even if the start fails halfway.
   [ "$(id -u)" = 0 ] && chown postgres:postgres "$PG_DIR"
   local port
   port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -31,7 +37,7 @@ start_postgres() {
 
 stop_postgres() {
   [ -n "${PG_DIR:-}" ] || return 0
-  as_postgres "$pg_bin/pg_ctl" -D "$PG_DIR/data" -m immediate stop >/dev/null 2>&1 || true
+  as_postgres "${pg_bin:?}/pg_ctl" -D "$PG_DIR/data" -m immediate stop >/dev/null 2>&1 || true
   rm -rf "$PG_DIR"
   PG_DIR=
 }

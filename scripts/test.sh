@@ -13,8 +13,8 @@ cd "$(dirname "$0")/.."
 
 . scripts/postgres.sh
 if [ -z "${PADDOCK_TEST_POSTGRES:-}" ]; then
-  start_postgres off
   trap stop_postgres EXIT
+  start_postgres off
   export PADDOCK_TEST_POSTGRES=$PG_URL
   echo "PostgreSQL for the tests: $PADDOCK_TEST_POSTGRES" >&2
 fi

@@ -774,8 +774,13 @@ impl Controllers {
 
     /// The URL of the controller requests go to now.
     pub fn base(&self) -> &str {
-        let at = self.current.load(std::sync::atomic::Ordering::Acquire);
-        &self.urls[at % self.urls.len()]
+        &self.urls[self.current() % self.urls.len()]
+    }
+
+    /// Which of the list is current: give it back to [`Controllers::unreachable`] when a request
+    /// sent then could not reach its controller.
+    pub fn current(&self) -> usize {
+        self.current.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// `path` (`/control/v1/...`) at the current controller.
@@ -788,16 +793,13 @@ impl Controllers {
         &self.urls
     }
 
-    /// A request to `url` could not reach its controller. If that one is still the current
-    /// one, the next one becomes current, and is returned (for the log). With one URL, nothing
-    /// changes.
-    pub fn unreachable(&self, url: &str) -> Option<&str> {
+    /// A request sent while `at` was current (see [`Controllers::current`]) could not reach
+    /// its controller. If `at` is still current, the next one of the list becomes current, and
+    /// is returned (for the log); if another request moved on meanwhile, nothing changes. With
+    /// one URL, nothing changes either.
+    pub fn unreachable(&self, at: usize) -> Option<&str> {
         use std::sync::atomic::Ordering;
         if self.urls.len() < 2 {
-            return None;
-        }
-        let at = self.current.load(Ordering::Acquire);
-        if !url.starts_with(self.urls[at % self.urls.len()].as_str()) {
             return None;
         }
         let next = (at + 1) % self.urls.len();
@@ -819,14 +821,15 @@ mod controllers_tests {
             c.url("/control/v1/routing"),
             "http://a:7070/control/v1/routing"
         );
-        // A failure of a controller that is no longer current changes nothing.
-        assert_eq!(c.unreachable("http://b:7070/x"), None);
-        assert_eq!(c.unreachable("http://a:7070/x"), Some("http://b:7070"));
+        let first = c.current();
+        assert_eq!(c.unreachable(first), Some("http://b:7070"));
         assert_eq!(c.base(), "http://b:7070");
-        assert_eq!(c.unreachable("http://a:7070/x"), None, "already moved on");
-        assert_eq!(c.unreachable("http://b:7070/x"), Some("http://a:7070"));
+        // Another request sent to the first one fails too: it moved on already.
+        assert_eq!(c.unreachable(first), None);
+        assert_eq!(c.base(), "http://b:7070");
+        assert_eq!(c.unreachable(c.current()), Some("http://a:7070"));
         let one = Controllers::parse("http://a:7070").unwrap();
-        assert_eq!(one.unreachable("http://a:7070/x"), None);
+        assert_eq!(one.unreachable(one.current()), None);
         assert!(Controllers::parse("").is_err());
         assert!(
             Controllers::parse("a:7070")

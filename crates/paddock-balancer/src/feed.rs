@@ -25,22 +25,20 @@ pub struct ControllerLink {
     pub join_token: String,
 }
 
-/// Sends a request to the controller; one that cannot reach it makes the next controller of the
-/// list current (a standby that took over at an address of its own).
+/// Sends a request to the controller; one that cannot connect to it makes the next controller
+/// of the list current (a standby that took over at an address of its own). A controller slow
+/// to answer is not left for that.
 async fn send(
     controllers: &Controllers,
     request: reqwest::RequestBuilder,
 ) -> Result<reqwest::Response, reqwest::Error> {
+    let at = controllers.current();
     let sent = request.send().await;
     if let Err(e) = &sent
-        && (e.is_connect() || e.is_timeout())
-        && let Some(url) = e.url()
-        && let Some(next) = controllers.unreachable(url.as_str())
+        && e.is_connect()
+        && let Some(next) = controllers.unreachable(at)
     {
-        tracing::warn!(
-            "the controller at {} cannot be reached ({e}); trying {next}",
-            url.origin().ascii_serialization()
-        );
+        tracing::warn!("the controller cannot be reached ({e}); trying {next}");
     }
     sent
 }

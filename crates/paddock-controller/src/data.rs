@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use paddock_api::{DataKeys, DataSummary};
-use paddock_core::data::{Scope, bucket_problem, key_problem, value_problem};
+use paddock_core::data::{SESSION_BUCKET, Scope, bucket_problem, key_problem, value_problem};
 use serde::{Deserialize, Serialize};
 
 use crate::api::Failure;
@@ -30,8 +30,28 @@ async fn known_app(c: &Controller, app: &str) -> Result<(), Failure> {
     Ok(())
 }
 
-fn bad(problem: String) -> Failure {
-    Failure::new(StatusCode::BAD_REQUEST, "bad_key", problem)
+/// A bucket name the API takes: any an app may open, except `session`, which names the user's
+/// session in an app, not a bucket (sessions are reached here only as a whole).
+fn check_bucket(bucket: &str) -> Result<(), Failure> {
+    if bucket == SESSION_BUCKET {
+        return Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            "bad_bucket",
+            "\"session\" is each user's session in an app, not a bucket: sessions are not reached by key here (`paddock data end-sessions APP` ends them all)",
+        ));
+    }
+    match bucket_problem(bucket) {
+        Some(problem) => Err(Failure::new(StatusCode::BAD_REQUEST, "bad_bucket", problem)),
+        None => Ok(()),
+    }
+}
+
+/// Records an operator's change in the audit log. The change stands whatever happens here, so
+/// a failure is logged rather than answered as the change's.
+async fn audit(c: &Controller, action: &str, detail: &str) {
+    if let Err(e) = c.store.audit("admin", action, detail, now_ms()).await {
+        tracing::error!("{action} done, but not recorded in the audit log: {e} ({detail})");
+    }
 }
 
 pub(crate) async fn summary(
@@ -57,9 +77,7 @@ pub(crate) async fn keys(
     Query(q): Query<KeysQuery>,
 ) -> Answer<DataKeys> {
     known_app(&c, &app).await?;
-    if let Some(problem) = bucket_problem(&q.bucket) {
-        return Err(bad(problem));
-    }
+    check_bucket(&q.bucket)?;
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
     let mut keys = c
         .data
@@ -84,8 +102,9 @@ pub(crate) struct KeyQuery {
 
 impl KeyQuery {
     fn check(&self) -> Result<(), Failure> {
-        match bucket_problem(&self.bucket).or_else(|| key_problem(&self.key)) {
-            Some(problem) => Err(bad(problem)),
+        check_bucket(&self.bucket)?;
+        match key_problem(&self.key) {
+            Some(problem) => Err(Failure::new(StatusCode::BAD_REQUEST, "bad_key", problem)),
             None => Ok(()),
         }
     }
@@ -127,24 +146,22 @@ pub(crate) async fn put_value(
     known_app(&c, &app).await?;
     q.check()?;
     if let Some(problem) = value_problem(&q.key, body.len()) {
-        return Err(bad(problem));
+        return Err(Failure::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "value_too_large",
+            problem,
+        ));
     }
     c.data
         .data_set(&app, Scope::Bucket(&q.bucket), &q.key, &body)
         .await?;
-    c.store
-        .audit(
-            "admin",
-            "data-set",
-            &format!(
-                "{app} bucket {:?} key {:?} ({} bytes)",
-                q.bucket,
-                q.key,
-                body.len()
-            ),
-            now_ms(),
-        )
-        .await?;
+    let detail = format!(
+        "{app} bucket {:?} key {:?} ({} bytes)",
+        q.bucket,
+        q.key,
+        body.len()
+    );
+    audit(&c, "data-set", &detail).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -158,20 +175,15 @@ pub(crate) async fn delete_value(
     c.data
         .data_delete(&app, Scope::Bucket(&q.bucket), &q.key)
         .await?;
-    c.store
-        .audit(
-            "admin",
-            "data-delete",
-            &format!("{app} bucket {:?} key {:?}", q.bucket, q.key),
-            now_ms(),
-        )
-        .await?;
+    let detail = format!("{app} bucket {:?} key {:?}", q.bucket, q.key);
+    audit(&c, "data-delete", &detail).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Serialize, Deserialize)]
 pub struct SessionsEnded {
     pub app: String,
+    /// Live sessions ended (expired ones not swept yet went too, uncounted).
     pub ended: u64,
 }
 
@@ -181,14 +193,7 @@ pub(crate) async fn end_sessions(
     Path(app): Path<String>,
 ) -> Answer<SessionsEnded> {
     known_app(&c, &app).await?;
-    let ended = c.data.end_sessions(&app).await?;
-    c.store
-        .audit(
-            "admin",
-            "sessions-end",
-            &format!("{app}: {ended} session(s)"),
-            now_ms(),
-        )
-        .await?;
+    let ended = c.data.end_sessions(&app, now_ms()).await?;
+    audit(&c, "sessions-end", &format!("{app}: {ended} session(s)")).await;
     Ok(Json(SessionsEnded { app, ended }))
 }

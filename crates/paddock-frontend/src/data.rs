@@ -83,10 +83,11 @@ impl AppData for StoreData {
         app: &str,
         id: &str,
         idle: Duration,
+        may_extend: bool,
     ) -> anyhow::Result<SessionFound> {
         Ok(self
             .0
-            .session_touch(app, id, now_ms(), millis(idle))
+            .session_touch(app, id, now_ms(), millis(idle), may_extend)
             .await?)
     }
 

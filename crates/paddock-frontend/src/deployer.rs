@@ -50,9 +50,10 @@ pub struct ControllerLink {
     pub advertise: Option<String>,
 }
 
-/// Sending a request to the controller: one that cannot reach it (refused, timed out) makes
-/// the next controller of the list current, so that a standby that took over at an address of
-/// its own is found.
+/// Sending a request to the controller: one that cannot connect to it (refused, or no answer
+/// within the connect timeout) makes the next controller of the list current, so that a standby
+/// that took over at an address of its own is found. A controller slow to answer is not left
+/// for that.
 pub(crate) trait SendToController {
     fn send_to(
         self,
@@ -62,16 +63,13 @@ pub(crate) trait SendToController {
 
 impl SendToController for reqwest::RequestBuilder {
     async fn send_to(self, controllers: &Controllers) -> Result<reqwest::Response, reqwest::Error> {
+        let at = controllers.current();
         let sent = self.send().await;
         if let Err(e) = &sent
-            && (e.is_connect() || e.is_timeout())
-            && let Some(url) = e.url()
-            && let Some(next) = controllers.unreachable(url.as_str())
+            && e.is_connect()
+            && let Some(next) = controllers.unreachable(at)
         {
-            tracing::warn!(
-                "the controller at {} cannot be reached ({e}); trying {next}",
-                url.origin().ascii_serialization()
-            );
+            tracing::warn!("the controller cannot be reached ({e}); trying {next}");
         }
         sent
     }

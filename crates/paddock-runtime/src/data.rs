@@ -60,12 +60,14 @@ pub trait AppData: Send + Sync + 'static {
         key: &str,
         delta: u64,
     ) -> anyhow::Result<u64>;
-    /// Uses a session, extending a live one by `idle` (not at every use: see [`SessionFound`]).
+    /// Uses a session, extending a live one by `idle` (not at every use: see
+    /// [`SessionFound`]); with `may_extend` false, only looks at it.
     async fn session_touch(
         &self,
         app: &str,
         id: &str,
         idle: Duration,
+        may_extend: bool,
     ) -> anyhow::Result<SessionFound>;
     async fn session_create(&self, app: &str, id: &str, idle: Duration) -> anyhow::Result<()>;
 }
@@ -151,7 +153,9 @@ impl Session {
         let live = match &self.cookie {
             Some(id) => match data
                 .store
-                .session_touch(app, id, self.idle)
+                // Once the head is out, the cookie of an extension could not go with it: the
+                // session is only looked at, and a later request extends it.
+                .session_touch(app, id, self.idle, !self.head_is_sent())
                 .await
                 .map_err(KvError::store)?
             {

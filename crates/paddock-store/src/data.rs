@@ -244,13 +244,16 @@ impl SqlStore {
     }
 
     /// Uses a session: a live one is extended to `now_ms + idle_ms` once a tenth of `idle_ms`
-    /// has passed since it last was, so that a user's every request is not a write.
+    /// has passed since it last was (so that a user's every request is not a write), or at once
+    /// if it would live longer than that (`idle_ms` was lowered). With `may_extend` false (the
+    /// cookie could not go with the extension), it is only looked at.
     pub async fn session_touch(
         &self,
         app: &str,
         id: &str,
         now_ms: i64,
         idle_ms: i64,
+        may_extend: bool,
     ) -> Result<SessionFound> {
         let row = sqlx::query(&self.sql(
             "SELECT expires_ms FROM app_sessions WHERE app = $1 AND id = $2 AND expires_ms > $3",
@@ -265,7 +268,8 @@ impl SqlStore {
         };
         let expires_ms: i64 = row.try_get(0)?;
         let extended_ms = now_ms.saturating_add(idle_ms);
-        if extended_ms.saturating_sub(expires_ms) < idle_ms / 10 {
+        let recent = expires_ms <= extended_ms && extended_ms - expires_ms < idle_ms / 10;
+        if recent || !may_extend {
             return Ok(SessionFound::Live);
         }
         let _turn = self.data_write_turn().await;
@@ -352,14 +356,21 @@ impl SqlStore {
     }
 
     /// Ends every session of an app, with its values (every user of the app starts anew).
-    /// Returns how many there were.
-    pub async fn end_sessions(&self, app: &str) -> Result<u64> {
+    /// Returns how many were live at `now_ms`.
+    pub async fn end_sessions(&self, app: &str, now_ms: i64) -> Result<u64> {
         let _turn = self.data_write_turn().await;
-        let done = sqlx::query(&self.sql("DELETE FROM app_sessions WHERE app = $1"))
-            .bind(app)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected())
+        let ended =
+            sqlx::query(&self.sql("DELETE FROM app_sessions WHERE app = $1 RETURNING expires_ms"))
+                .bind(app)
+                .fetch_all(&self.pool)
+                .await?;
+        let mut live = 0;
+        for row in &ended {
+            if row.try_get::<i64, _>(0)? > now_ms {
+                live += 1;
+            }
+        }
+        Ok(live)
     }
 
     /// Runs [`SqlStore::sweep_sessions`] every minute, for ever: the controller does, or a

@@ -914,7 +914,10 @@ async fn app_data(store: &SqlStore) {
     );
     use paddock_core::data::SessionFound;
     assert_eq!(
-        store.session_touch("shop", one, 1_000, 500).await.unwrap(),
+        store
+            .session_touch("shop", one, 1_000, 500, true)
+            .await
+            .unwrap(),
         SessionFound::Missing
     );
     store.session_create("shop", one, 1_000, 500).await.unwrap();
@@ -939,15 +942,32 @@ async fn app_data(store: &SqlStore) {
     // Used again soon, a session is left as it is; once a tenth of its idle time has passed
     // since it was last extended, it is extended.
     assert_eq!(
-        store.session_touch("shop", one, 1_040, 500).await.unwrap(),
+        store
+            .session_touch("shop", one, 1_040, 500, true)
+            .await
+            .unwrap(),
         SessionFound::Live
     );
     assert_eq!(
-        store.session_touch("shop", one, 1_400, 500).await.unwrap(),
+        store
+            .session_touch("shop", one, 1_400, 500, false)
+            .await
+            .unwrap(),
+        SessionFound::Live,
+        "only looked at"
+    );
+    assert_eq!(
+        store
+            .session_touch("shop", one, 1_400, 500, true)
+            .await
+            .unwrap(),
         SessionFound::Extended
     );
     assert_eq!(
-        store.session_touch("blog", one, 1_400, 500).await.unwrap(),
+        store
+            .session_touch("blog", one, 1_400, 500, true)
+            .await
+            .unwrap(),
         SessionFound::Missing,
         "another app's"
     );
@@ -980,12 +1000,15 @@ async fn app_data(store: &SqlStore) {
         "two expired at 1 500"
     );
     assert_eq!(
-        store.session_touch("shop", two, 1_600, 500).await.unwrap(),
+        store
+            .session_touch("shop", two, 1_600, 500, true)
+            .await
+            .unwrap(),
         SessionFound::Missing
     );
     assert_eq!(
         store
-            .session_touch("blog", two, 1_600, 5_000)
+            .session_touch("blog", two, 1_600, 5_000, true)
             .await
             .unwrap(),
         SessionFound::Extended
@@ -1022,7 +1045,10 @@ async fn app_data(store: &SqlStore) {
         Some(&b"ada"[..])
     );
     assert_eq!(
-        store.session_touch("shop", one, 1_900, 500).await.unwrap(),
+        store
+            .session_touch("shop", one, 1_900, 500, true)
+            .await
+            .unwrap(),
         SessionFound::Missing,
         "expired at 1 900"
     );
@@ -1038,6 +1064,26 @@ async fn app_data(store: &SqlStore) {
         store.data_keys("shop", cart, None, 10).await.unwrap(),
         ["b"],
         "buckets stay"
+    );
+    // A lowered idle time applies at the next use.
+    store
+        .session_create("shop", "00000000000000000000000000000001", 2_000, 9_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .session_touch("shop", "00000000000000000000000000000001", 2_010, 500, true)
+            .await
+            .unwrap(),
+        SessionFound::Extended
+    );
+    assert!(
+        store
+            .session_touch("shop", "00000000000000000000000000000001", 2_600, 500, true)
+            .await
+            .unwrap()
+            == SessionFound::Missing,
+        "it lives 500 from its last use, not 9 000"
     );
 }
 

@@ -298,6 +298,8 @@ async fn app_data_and_sessions(test: &str, db: Db) {
     let long = "k".repeat(1025);
     let e = controller.fails(&["data", "set", "counter", &long, "v"]);
     assert!(e.contains("over the limit of 1024"), "{e}");
+    let e = controller.fails(&["data", "keys", "counter", "--bucket", "session"]);
+    assert!(e.contains("not a bucket"), "{e}");
     let keys = controller.ok(&["data", "keys", "counter"]);
     assert_eq!(keys, "hits\nticks\n");
     // Ending the app's sessions logs every user out: Alice starts anew.
@@ -353,43 +355,50 @@ async fn where_app_data_is_kept() {
     let text = std::fs::read_to_string(&manifest).unwrap();
     let text = text.replace("version = \"v1\"", "version = \"v1-idle\"");
     let (head, _timers) = text.split_once("[[timer]]").unwrap();
-    let text = format!("{head}[limits]\nsession_idle = \"2s\"\n");
+    let text = format!("{head}[limits]\nsession_idle = \"3s\"\n");
     harness::write_atomically(&manifest, text.as_bytes());
     alone.wait_serving("counter", "v1-idle", "/counter/").await;
+    let created = std::time::Instant::now();
     let visit = conn.get("/counter/visit").await.unwrap();
     assert_eq!(visit.body, "visits=1 version=v1\n");
     let set = visit.header("set-cookie").unwrap();
     assert!(
-        set.ends_with("; Path=/counter; Max-Age=2; HttpOnly; SameSite=Lax; Secure"),
+        set.ends_with("; Path=/counter; Max-Age=3; HttpOnly; SameSite=Lax; Secure"),
         "{set}"
     );
     let id = set.split(';').next().unwrap().to_string();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let cookie_of = |reply: &Reply| {
+        reply
+            .header("set-cookie")
+            .map(|c| c.split(';').next().unwrap().to_string())
+    };
+    // Past a tenth of its idle time, a use extends it (to 3 s from now) and sends the cookie.
+    tokio::time::sleep_until((created + Duration::from_millis(500)).into()).await;
     let again = conn
         .get_with("/counter/visit", &[("cookie", &id)])
         .await
         .unwrap();
     assert_eq!(again.body, "visits=2 version=v1\n");
     assert_eq!(
-        again
-            .header("set-cookie")
-            .map(|c| c.split(';').next().unwrap()),
-        Some(id.as_str()),
-        "extended, the session's cookie goes again"
+        cookie_of(&again),
+        Some(id.clone()),
+        "extended: the cookie goes again"
     );
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    // Past its first expiry (3 s after it was made), before its extended one: still there.
+    tokio::time::sleep_until((created + Duration::from_millis(3_250)).into()).await;
+    let extended = conn
+        .get_with("/counter/visit", &[("cookie", &id)])
+        .await
+        .unwrap();
+    assert_eq!(extended.body, "visits=3 version=v1\n", "the extension held");
+    // Unused for its idle time, it is gone.
+    tokio::time::sleep(Duration::from_millis(3_400)).await;
     let later = conn
         .get_with("/counter/visit", &[("cookie", &id)])
         .await
         .unwrap();
     assert_eq!(later.body, "visits=1 version=v1\n", "the session expired");
-    let fresh = later
-        .header("set-cookie")
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap();
-    assert_ne!(fresh, id);
+    assert_ne!(cookie_of(&later).unwrap(), id);
 
     let without = Frontend::builder("without")
         .package("counter-v1", "counter")

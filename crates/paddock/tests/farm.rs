@@ -365,11 +365,16 @@ async fn a_standby_controller_takes_over_when_the_active_one_dies(db: Db) {
 /// the role listens, so the one that answers is the one to follow).
 async fn a_standby_controller_at_its_own_address_is_found(db: Db) {
     let mut controller = Controller::start(db, "standby_own", &[]).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // A port free now, below the range the system hands out for `:0` (where the other tests'
+    // processes bind), so that nothing takes it before the standby binds it, after the kill.
+    // (The tests of this file run at once in one process: each call starts elsewhere.)
+    static CALLS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let start = 20_000 + ((std::process::id() % 1_000) as u16 * 10 + call * 997) % 12_000;
+    let port = (start..32_000)
+        .chain(20_000..start)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .unwrap();
     let standby = controller
         .start_standby_at(Some(&format!("127.0.0.1:{port}")))
         .await;
@@ -387,19 +392,47 @@ async fn a_standby_controller_at_its_own_address_is_found(db: Db) {
     standby
         .wait_for_log("listening on http://", Duration::from_secs(30))
         .await;
-    // Publishing through the standby waits for fe1 and lb1, which find it on their own.
+    // Publishing through the standby waits for fe1, which finds it on its own; so does lb1,
+    // which reports to it and routes by its table.
     let out = controller.cli_at(&urls, &["app", "publish", &hello("v2")]);
     assert!(out.success, "{}{}", out.stdout, out.stderr);
     fe1.wait_serving("hello", "v2", "/hello/").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let routing: serde_json::Value =
+            serde_json::from_str(&standby.ok(&["routing", "--json"])).unwrap();
+        let generation = routing["generation"].as_i64().unwrap();
+        let lb1 = routing["balancers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["report"]["name"] == "lb1")
+            .cloned();
+        if let Some(lb1) = &lb1
+            && lb1["alive"] == true
+            && lb1["report"]["generation"].as_i64().unwrap() >= generation
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lb1 never reported to the standby: {routing:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let mut conn = lb.connect().await;
     let reply = conn.get("/hello").await.unwrap();
     assert_eq!((reply.status, reply.version()), (200, Some("v2")));
-    let routing = standby.ok(&["routing"]);
-    assert!(routing.contains("lb1"), "{routing}");
+    let moved = format!("trying {}", standby.url);
     assert!(
-        fe1.log().contains("trying http://127.0.0.1:"),
+        fe1.log().contains(&moved),
         "fe1 says it moved on: {}",
         fe1.log()
+    );
+    assert!(
+        lb.log().contains(&moved),
+        "lb1 says it moved on: {}",
+        lb.log()
     );
 
     // No controller at any of the addresses: the CLI says so, naming them.

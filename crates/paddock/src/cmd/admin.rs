@@ -63,21 +63,29 @@ impl Client {
             json: target.json,
         };
         if let [_, _, ..] = controllers.all() {
+            let mut tried = Vec::new();
             for url in controllers.all() {
                 let probe = client
                     .http
                     .get(format!("{url}/v1/status"))
                     .bearer_auth(&client.token)
+                    .timeout(Duration::from_secs(5))
                     .send()
                     .await;
-                if probe.is_ok() {
-                    client.base = url.clone();
-                    return Ok(client);
+                match probe {
+                    // A 5xx may come from a proxy in front of a controller that is not there.
+                    Ok(answer) if !answer.status().is_server_error() => {
+                        client.base = url.clone();
+                        return Ok(client);
+                    }
+                    Ok(answer) => tried.push(format!("{url}: answered {}", answer.status())),
+                    Err(e) => tried.push(format!("{url}: {e}")),
                 }
             }
             anyhow::bail!(
-                "no controller answers at {}; is `paddock controller` (or `paddock up`) running?",
-                controllers.all().join(", ")
+                "no controller answers at {}; is `paddock controller` (or `paddock up`) running? ({})",
+                controllers.all().join(", "),
+                tried.join("; ")
             );
         }
         Ok(client)
