@@ -37,6 +37,11 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/apps/{name}/versions", get(list_versions))
         .route("/v1/apps/{name}/deploy", post(deploy))
         .route("/v1/apps/{name}/rollback", post(rollback))
+        .route("/v1/apps/{name}/config", get(crate::config::show))
+        .route(
+            "/v1/apps/{name}/config/{key}",
+            axum::routing::put(crate::config::set).delete(crate::config::unset),
+        )
         .route("/v1/apps/{name}/data", get(crate::data::summary))
         .route("/v1/apps/{name}/data/keys", get(crate::data::keys))
         .route(
@@ -338,10 +343,18 @@ async fn compile(
         })
 }
 
+/// Records an operator's change in the audit log. The change stands whatever happens here, so
+/// a failure is logged rather than answered as the change's.
+pub(crate) async fn audit_change(c: &Controller, action: &str, detail: &str) {
+    if let Err(e) = c.store.audit("admin", action, detail, now_ms()).await {
+        tracing::error!("{action} done, but not recorded in the audit log: {e} ({detail})");
+    }
+}
+
 /// Refuses a manual change to a zone while an operation acts on it: the operation restores
 /// exactly what was there before it, and a change in the middle would be lost or undone.
 /// Returns the zone gate (see `Controller::zone_gate`): hold it until the change is written.
-async fn ensure_zone_free<'c>(
+pub(crate) async fn ensure_zone_free<'c>(
     c: &'c Controller,
     zone: &str,
 ) -> Result<tokio::sync::MutexGuard<'c, ()>, Failure> {
@@ -1146,15 +1159,22 @@ async fn desired(
     // service off before it changes the versions, so a server never sees the new versions
     // together with the flag from before.
     let server = c.store.server(&name).await?;
+    let overrides = c.store.config_overrides().await?;
     let apps = desired
         .into_iter()
         .map(|v| DesiredApp {
+            config: crate::config::effective(
+                &v.manifest.config,
+                overrides
+                    .iter()
+                    .filter(|(app, _, _)| *app == v.app)
+                    .map(|(_, key, value)| (key.as_str(), value.as_str())),
+            ),
             name: v.app,
             version: v.version,
             route: v.manifest.route.clone(),
             component_sha256: v.component_sha256,
             limits: v.manifest.limits,
-            config: v.manifest.config,
         })
         .collect();
     Ok(Json(DesiredState {

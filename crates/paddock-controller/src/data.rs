@@ -12,7 +12,7 @@ use paddock_api::{DataKeys, DataSummary};
 use paddock_core::data::{SESSION_BUCKET, Scope, bucket_problem, key_problem, value_problem};
 use serde::{Deserialize, Serialize};
 
-use crate::api::Failure;
+use crate::api::{Failure, audit_change};
 use crate::extract::{Json, Path, Query};
 use crate::{Controller, now_ms};
 
@@ -43,14 +43,6 @@ fn check_bucket(bucket: &str) -> Result<(), Failure> {
     match bucket_problem(bucket) {
         Some(problem) => Err(Failure::new(StatusCode::BAD_REQUEST, "bad_bucket", problem)),
         None => Ok(()),
-    }
-}
-
-/// Records an operator's change in the audit log. The change stands whatever happens here, so
-/// a failure is logged rather than answered as the change's.
-async fn audit(c: &Controller, action: &str, detail: &str) {
-    if let Err(e) = c.store.audit("admin", action, detail, now_ms()).await {
-        tracing::error!("{action} done, but not recorded in the audit log: {e} ({detail})");
     }
 }
 
@@ -161,7 +153,7 @@ pub(crate) async fn put_value(
         q.key,
         body.len()
     );
-    audit(&c, "data-set", &detail).await;
+    audit_change(&c, "data-set", &detail).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -176,7 +168,7 @@ pub(crate) async fn delete_value(
         .data_delete(&app, Scope::Bucket(&q.bucket), &q.key)
         .await?;
     let detail = format!("{app} bucket {:?} key {:?}", q.bucket, q.key);
-    audit(&c, "data-delete", &detail).await;
+    audit_change(&c, "data-delete", &detail).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -194,6 +186,6 @@ pub(crate) async fn end_sessions(
 ) -> Answer<SessionsEnded> {
     known_app(&c, &app).await?;
     let ended = c.data.end_sessions(&app, now_ms()).await?;
-    audit(&c, "sessions-end", &format!("{app}: {ended} session(s)")).await;
+    audit_change(&c, "sessions-end", &format!("{app}: {ended} session(s)")).await;
     Ok(Json(SessionsEnded { app, ended }))
 }

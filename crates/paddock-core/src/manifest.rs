@@ -372,7 +372,7 @@ fn is_variable_name(key: &str) -> bool {
 
 /// `[config]` becomes the app's environment: keys are variable names (a letter or `_`, then
 /// letters, digits and `_`; `PADDOCK_` is Paddock's own), values are text without NUL.
-fn check_config(config: &BTreeMap<String, String>) -> Result<(), ManifestError> {
+pub fn check_config(config: &BTreeMap<String, String>) -> Result<(), ManifestError> {
     if config.len() > MAX_CONFIG_ENTRIES {
         return Err(field(
             "config",

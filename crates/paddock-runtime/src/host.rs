@@ -20,6 +20,8 @@ pub struct Host {
     pub(crate) limits: MemoryLimit,
     /// The app's name, for its data.
     pub(crate) app: String,
+    /// The app's `[config]`, for `wasi:config/store`.
+    pub(crate) config: Arc<[(String, String)]>,
     /// What the request may reach of the app's data; `None` on a front-end without a store.
     pub(crate) data: Option<RequestData>,
     /// The last key of each `list-keys` page that had more after it; a cursor is an index here.
@@ -29,7 +31,7 @@ pub struct Host {
 impl Host {
     pub(crate) fn new(
         spec: &AppSpec,
-        env: &[(String, String)],
+        env: &Arc<[(String, String)]>,
         request_id: u64,
         data: Option<RequestData>,
     ) -> Host {
@@ -50,7 +52,7 @@ impl Host {
         .env("PADDOCK_APP", &spec.name)
         .env("PADDOCK_VERSION", &spec.version)
         .env("PADDOCK_REQUEST_ID", request_id.to_string());
-        for (key, value) in env {
+        for (key, value) in env.iter() {
             wasi.env(key, value);
         }
         Host {
@@ -59,6 +61,7 @@ impl Host {
             http: WasiHttpCtx::new(),
             limits: MemoryLimit::new(spec.limits.memory_mib as usize * 1024 * 1024),
             app: spec.name.clone(),
+            config: env.clone(),
             data,
             cursors: Vec::new(),
         }

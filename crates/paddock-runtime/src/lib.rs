@@ -14,6 +14,7 @@
 //! with the `Arc<AppVersion>` values this crate hands out.
 
 pub mod artifact;
+mod config;
 pub mod data;
 mod host;
 mod serve;
@@ -101,10 +102,11 @@ pub struct AppSpec {
 pub struct AppVersion {
     spec: AppSpec,
     pre: ProxyPre<Host>,
-    /// The `[config]` entries every instance gets as environment variables: those whose keys
-    /// the manifest allows (a version stored before that check may hold others, which never
-    /// shadow Paddock's own variables). Chosen once here, not per request.
-    env: Vec<(String, String)>,
+    /// The `[config]` entries every instance gets, as environment variables and through
+    /// `wasi:config/store`: those whose keys the manifest allows (a version stored before that
+    /// check may hold others, which never shadow Paddock's own variables). Chosen once here,
+    /// not per request, and shared by every request's host.
+    env: Arc<[(String, String)]>,
 }
 
 impl AppVersion {
@@ -160,6 +162,7 @@ impl Runtime {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(anyhow::Error::from)?;
         data::add_to_linker(&mut linker)?;
+        config::add_to_linker(&mut linker)?;
 
         let engine_hash = engine_hash(&engine);
         let ticker_stop = Arc::new(AtomicBool::new(false));
@@ -220,7 +223,7 @@ impl Runtime {
             });
         }
         let pre = self.link(&artifact)?;
-        let env = spec
+        let env: Arc<[(String, String)]> = spec
             .config
             .iter()
             .filter(|(key, _)| paddock_core::manifest::is_config_key(key))

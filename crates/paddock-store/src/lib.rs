@@ -158,6 +158,11 @@ pub trait Store: Send + Sync + 'static {
     async fn set_zone_policy(&self, zone: &str, policy: Policy) -> Result<i64>;
     /// The zones whose policy was set (the others are round-robin).
     async fn zone_policies(&self) -> Result<Vec<(String, Policy)>>;
+    /// The run-time overrides of the apps' `[config]`: `(app, key, value)`, by app and key.
+    async fn config_overrides(&self) -> Result<Vec<(String, String, String)>>;
+    /// Sets (`Some`) or removes (`None`) an override of an app's `[config]`; returns the new
+    /// generation (the front-ends take it as they take a new version).
+    async fn set_config_override(&self, app: &str, key: &str, value: Option<&str>) -> Result<i64>;
     /// The route of every app version desired somewhere.
     async fn routes(&self) -> Result<Vec<RouteEntry>>;
     /// Records a balancer's report; `applied_ms` moves when its generation changes.
@@ -885,6 +890,42 @@ impl Store for SqlStore {
         .bind(policy.as_str())
         .execute(&mut *tx)
         .await?;
+        let generation = self.bump_generation(&mut tx).await?;
+        tx.commit().await?;
+        Ok(generation)
+    }
+
+    async fn config_overrides(&self) -> Result<Vec<(String, String, String)>> {
+        let rows = sqlx::query("SELECT app, key, value FROM app_config ORDER BY app, key")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
+            .collect()
+    }
+
+    async fn set_config_override(&self, app: &str, key: &str, value: Option<&str>) -> Result<i64> {
+        let mut tx = self.begin_write().await?;
+        match value {
+            Some(value) => {
+                sqlx::query(&self.sql(
+                    "INSERT INTO app_config (app, key, value) VALUES ($1, $2, $3) \
+                     ON CONFLICT (app, key) DO UPDATE SET value = excluded.value",
+                ))
+                .bind(app)
+                .bind(key)
+                .bind(value)
+                .execute(&mut *tx)
+                .await?;
+            }
+            None => {
+                sqlx::query(&self.sql("DELETE FROM app_config WHERE app = $1 AND key = $2"))
+                    .bind(app)
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
         let generation = self.bump_generation(&mut tx).await?;
         tx.commit().await?;
         Ok(generation)

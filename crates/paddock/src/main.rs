@@ -13,6 +13,7 @@ use paddock_frontend::deployer::ControllerLink;
 
 mod cmd {
     pub mod admin;
+    pub mod config;
     pub mod data;
     pub mod ops;
     pub mod timer;
@@ -61,6 +62,13 @@ enum Command {
     Op {
         #[command(subcommand)]
         command: cmd::ops::OpCommand,
+        #[command(flatten)]
+        target: cmd::admin::Target,
+    },
+    /// An app's config: show it, override a value at run time, remove an override.
+    Config {
+        #[command(subcommand)]
+        command: cmd::config::ConfigCommand,
         #[command(flatten)]
         target: cmd::admin::Target,
     },
@@ -350,6 +358,9 @@ fn main() -> std::process::ExitCode {
         }),
         Command::Op { command, target } => admin(&target, |client| {
             Box::pin(async move { cmd::ops::op(&client, command).await })
+        }),
+        Command::Config { command, target } => admin(&target, |client| {
+            Box::pin(async move { cmd::config::config(&client, command).await })
         }),
         Command::Data { command, target } => admin(&target, |client| {
             Box::pin(async move { cmd::data::data(&client, command).await })

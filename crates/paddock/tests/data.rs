@@ -427,3 +427,96 @@ async fn where_app_data_is_kept() {
         "{log}"
     );
 }
+
+/// Waits until every front-end answers `path` with `body`.
+async fn wait_all_answer(frontends: &[Frontend], path: &str, body: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for fe in frontends {
+        let mut conn = fe.connect().await;
+        loop {
+            let reply = conn.get(path).await.unwrap();
+            if reply.body == body {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} answers {path} with {:?}, not {body:?}",
+                fe.name,
+                reply.body
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// `[config]` reaches the app through `wasi:config/store`; `paddock config set` overrides a value
+/// for every version at once, without a new version, and `unset` gives the manifest's back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_and_its_overrides() {
+    let (controller, frontends, lb) = farm("config", Db::Sqlite).await;
+    let mut conn = lb.connect().await;
+    let reply = conn.get("/counter/config?key=greeting").await.unwrap();
+    assert_eq!(reply.body, "hello from the manifest of v1\n");
+
+    let set = controller.ok(&["config", "set", "counter", "greeting", "hej"]);
+    assert!(
+        set.contains("greeting") && set.contains("override"),
+        "{set}"
+    );
+    wait_all_answer(&frontends, "/counter/config?key=greeting", "hej\n").await;
+    controller.ok(&["config", "set", "counter", "colour", "blue"]);
+    wait_all_answer(&frontends, "/counter/config", "colour=blue\ngreeting=hej\n").await;
+    let shown: serde_json::Value =
+        serde_json::from_str(&controller.ok(&["config", "show", "counter", "--json"])).unwrap();
+    assert_eq!(shown["version"], "v1");
+    assert_eq!(
+        shown["manifest"]["greeting"],
+        "hello from the manifest of v1"
+    );
+    assert_eq!(shown["overrides"]["greeting"], "hej");
+    assert_eq!(shown["effective"]["colour"], "blue");
+    // Still v1, the same component: no version was made for it.
+    let versions = controller.ok(&["app", "versions", "counter"]);
+    assert_eq!(versions.matches("counter").count(), 2, "{versions}");
+
+    // Bad input is refused, naming the problem, and changes nothing.
+    for (key, problem) in [
+        ("PADDOCK_X", "Paddock's own"),
+        ("1st", "not an environment variable name"),
+    ] {
+        let e = controller.fails(&["config", "set", "counter", key, "v"]);
+        assert!(e.contains(problem) && e.contains("nothing changed"), "{e}");
+    }
+    let e = controller.fails(&["config", "set", "nope", "a", "b"]);
+    assert!(e.contains("unknown app \"nope\""), "{e}");
+    let shown: serde_json::Value =
+        serde_json::from_str(&controller.ok(&["config", "show", "counter", "--json"])).unwrap();
+    assert_eq!(
+        shown["overrides"].as_object().unwrap().len(),
+        2,
+        "{shown:#}"
+    );
+
+    // An override holds for the next version too; unset, the manifest's value is back.
+    let out = controller
+        .cli_async(&["deploy", "--balanced", "counter@v2"])
+        .await;
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    let reply = conn.get("/counter/config?key=greeting").await.unwrap();
+    assert_eq!(
+        (reply.version(), reply.body.as_str()),
+        (Some("v2"), "hej\n")
+    );
+    controller.ok(&["config", "unset", "counter", "greeting"]);
+    wait_all_answer(
+        &frontends,
+        "/counter/config?key=greeting",
+        "hello from the manifest of v2\n",
+    )
+    .await;
+    let audit = controller.admin_get("/v1/audit").await;
+    assert!(
+        audit.contains("config-set") && audit.contains("config-unset"),
+        "{audit}"
+    );
+}

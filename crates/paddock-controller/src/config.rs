@@ -1,0 +1,147 @@
+//! Run-time overrides of an app's `[config]` (`/v1/apps/{app}/config`): set by the operator, laid
+//! over the manifest's values of whichever version runs, handed to the front-ends in the desired
+//! state. A change bumps the generation; each front-end then swaps in the same version with the
+//! new values (nothing is compiled again), and requests already running keep the old ones.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use paddock_api::VersionInfo;
+use paddock_core::ManifestError;
+use paddock_core::manifest::check_config;
+use serde::{Deserialize, Serialize};
+
+use crate::Controller;
+use crate::api::{Failure, audit_change, ensure_zone_free};
+use crate::extract::{Json, Path};
+
+type Answer<T> = Result<Json<T>, Failure>;
+
+/// An app's config: the manifest's, the overrides, and what its instances get.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AppConfig {
+    pub app: String,
+    /// The version whose manifest is shown: the desired one, else the newest.
+    pub version: String,
+    pub manifest: BTreeMap<String, String>,
+    pub overrides: BTreeMap<String, String>,
+    pub effective: BTreeMap<String, String>,
+    /// The generation that carries the change, after a set or unset.
+    pub generation: Option<i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SetConfig {
+    pub value: String,
+}
+
+/// The manifest's config with the overrides laid over it.
+pub(crate) fn effective<'a>(
+    manifest: &BTreeMap<String, String>,
+    overrides: impl Iterator<Item = (&'a str, &'a str)>,
+) -> BTreeMap<String, String> {
+    let mut config = manifest.clone();
+    for (key, value) in overrides {
+        config.insert(key.to_string(), value.to_string());
+    }
+    config
+}
+
+/// The version whose manifest counts: the one desired in the app's zone, else the newest.
+async fn shown_version(c: &Controller, app: &str) -> Result<VersionInfo, Failure> {
+    let versions = c.store.versions(app).await?;
+    let Some(newest) = versions.last() else {
+        return Err(Failure::new(
+            StatusCode::NOT_FOUND,
+            "unknown_app",
+            format!("unknown app {app:?}; `paddock app list` lists the apps"),
+        ));
+    };
+    let desired = c
+        .store
+        .desired(&newest.zone)
+        .await?
+        .into_iter()
+        .find(|v| v.app == app);
+    Ok(desired.unwrap_or_else(|| newest.clone()))
+}
+
+async fn answer(c: &Controller, app: &str, generation: Option<i64>) -> Answer<AppConfig> {
+    let version = shown_version(c, app).await?;
+    let overrides: BTreeMap<String, String> = c
+        .store
+        .config_overrides()
+        .await?
+        .into_iter()
+        .filter(|(a, _, _)| a == app)
+        .map(|(_, key, value)| (key, value))
+        .collect();
+    let manifest = version.manifest.config;
+    let effective = effective(
+        &manifest,
+        overrides.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    );
+    Ok(Json(AppConfig {
+        app: app.to_string(),
+        version: version.version,
+        manifest,
+        overrides,
+        effective,
+        generation,
+    }))
+}
+
+pub(crate) async fn show(
+    State(c): State<Arc<Controller>>,
+    Path(app): Path<String>,
+) -> Answer<AppConfig> {
+    answer(&c, &app, None).await
+}
+
+pub(crate) async fn set(
+    State(c): State<Arc<Controller>>,
+    Path((app, key)): Path<(String, String)>,
+    Json(request): Json<SetConfig>,
+) -> Answer<AppConfig> {
+    let version = shown_version(&c, &app).await?;
+    // The config with this change must pass what a manifest's would (names, sizes).
+    let mut config = {
+        let current = answer(&c, &app, None).await?;
+        current.0.effective
+    };
+    config.insert(key.clone(), request.value.clone());
+    if let Err(ManifestError::Field { problem, .. }) = check_config(&config) {
+        return Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            "bad_config",
+            format!("the config of {app} with {key:?} set: {problem}; nothing changed"),
+        ));
+    }
+    let _gate = ensure_zone_free(&c, &version.zone).await?;
+    let generation = c
+        .store
+        .set_config_override(&app, &key, Some(&request.value))
+        .await?;
+    c.announce(generation);
+    audit_change(
+        &c,
+        "config-set",
+        &format!("{app} {key} ({} bytes)", request.value.len()),
+    )
+    .await;
+    answer(&c, &app, Some(generation)).await
+}
+
+pub(crate) async fn unset(
+    State(c): State<Arc<Controller>>,
+    Path((app, key)): Path<(String, String)>,
+) -> Answer<AppConfig> {
+    let version = shown_version(&c, &app).await?;
+    let _gate = ensure_zone_free(&c, &version.zone).await?;
+    let generation = c.store.set_config_override(&app, &key, None).await?;
+    c.announce(generation);
+    audit_change(&c, "config-unset", &format!("{app} {key}")).await;
+    answer(&c, &app, Some(generation)).await
+}
