@@ -289,6 +289,10 @@ async fn a_version_failing_its_smoke_test_never_reaches_a_user() {
         .controller
         .fails(&["zone", "default", "policy", "least-connections"]);
     assert!(e.contains(&format!("operation {id} is running")), "{e}");
+    let e = f
+        .controller
+        .fails(&["config", "set", "hello", "colour", "blue"]);
+    assert!(e.contains(&format!("operation {id} is running")), "{e}");
 
     let out = f
         .controller
