@@ -40,6 +40,24 @@ pub struct LoadedApp {
     pub route: String,
     /// sha256 of the component, hex.
     pub component_sha256: String,
+    /// [`config_digest`] of the `[config]` it runs with (overrides included), so that a config
+    /// change can be confirmed like a version. Absent from older front-ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_digest: Option<String>,
+}
+
+/// A short fingerprint of an app's config (FNV-1a, 64 bits, over each key and value with a NUL
+/// after each, in key order): what a front-end reports and the controller compares. Not for
+/// security: it only tells a front-end's config from the desired one.
+pub fn config_digest(config: &std::collections::BTreeMap<String, String>) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for (key, value) in config {
+        for byte in key.bytes().chain([0]).chain(value.bytes()).chain([0]) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{hash:016x}")
 }
 
 /// A server's role: `active` servers take traffic and timers; `passive` ones stand by, deployed.

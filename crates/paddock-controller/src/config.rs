@@ -30,6 +30,9 @@ pub struct AppConfig {
     pub effective: BTreeMap<String, String>,
     /// The generation that carries the change, after a set or unset.
     pub generation: Option<i64>,
+    /// The front-ends of the app's zone (alive, deployment on) that do not report running the
+    /// app with `effective` yet: empty once the change is everywhere.
+    pub waiting_for: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -49,8 +52,9 @@ pub(crate) fn effective<'a>(
     config
 }
 
-/// The version whose manifest counts: the one desired in the app's zone, else the newest.
-async fn shown_version(c: &Controller, app: &str) -> Result<VersionInfo, Failure> {
+/// The version whose manifest counts: the one desired in the app's zone (`true`), else the
+/// newest (`false`: nothing runs it).
+async fn shown_version(c: &Controller, app: &str) -> Result<(VersionInfo, bool), Failure> {
     let versions = c.store.versions(app).await?;
     let Some(newest) = versions.last() else {
         return Err(Failure::new(
@@ -65,11 +69,14 @@ async fn shown_version(c: &Controller, app: &str) -> Result<VersionInfo, Failure
         .await?
         .into_iter()
         .find(|v| v.app == app);
-    Ok(desired.unwrap_or_else(|| newest.clone()))
+    Ok(match desired {
+        Some(desired) => (desired, true),
+        None => (newest.clone(), false),
+    })
 }
 
 async fn answer(c: &Controller, app: &str, generation: Option<i64>) -> Answer<AppConfig> {
-    let version = shown_version(c, app).await?;
+    let (version, deployed) = shown_version(c, app).await?;
     let overrides: BTreeMap<String, String> = c
         .store
         .config_overrides()
@@ -83,6 +90,24 @@ async fn answer(c: &Controller, app: &str, generation: Option<i64>) -> Answer<Ap
         &manifest,
         overrides.iter().map(|(k, v)| (k.as_str(), v.as_str())),
     );
+    let digest = paddock_api::config_digest(&effective);
+    let now = crate::now_ms();
+    let waiting_for = c
+        .store
+        .servers()
+        .await?
+        .into_iter()
+        .filter(|s| deployed && s.zone == version.zone && s.deployment && crate::api::alive(s, now))
+        .filter(|s| {
+            let runs = s.observed.as_ref().and_then(|o| {
+                o.apps
+                    .iter()
+                    .find(|a| a.name == app && a.version == version.version)
+            });
+            runs.and_then(|a| a.config_digest.as_deref()) != Some(digest.as_str())
+        })
+        .map(|s| s.name)
+        .collect();
     Ok(Json(AppConfig {
         app: app.to_string(),
         version: version.version,
@@ -90,6 +115,7 @@ async fn answer(c: &Controller, app: &str, generation: Option<i64>) -> Answer<Ap
         overrides,
         effective,
         generation,
+        waiting_for,
     }))
 }
 
@@ -105,7 +131,7 @@ pub(crate) async fn set(
     Path((app, key)): Path<(String, String)>,
     Json(request): Json<SetConfig>,
 ) -> Answer<AppConfig> {
-    let version = shown_version(&c, &app).await?;
+    let (version, _) = shown_version(&c, &app).await?;
     // The config with this change must pass what a manifest's would (names, sizes).
     let mut config = {
         let current = answer(&c, &app, None).await?;
@@ -138,7 +164,7 @@ pub(crate) async fn unset(
     State(c): State<Arc<Controller>>,
     Path((app, key)): Path<(String, String)>,
 ) -> Answer<AppConfig> {
-    let version = shown_version(&c, &app).await?;
+    let (version, _) = shown_version(&c, &app).await?;
     let _gate = ensure_zone_free(&c, &version.zone).await?;
     let generation = c.store.set_config_override(&app, &key, None).await?;
     c.announce(generation);

@@ -171,6 +171,7 @@ impl Apps {
                     version: s.version.clone(),
                     route: s.route.clone(),
                     component_sha256: s.component_sha256.clone(),
+                    config_digest: Some(paddock_api::config_digest(&s.config)),
                 }
             })
             .collect();

@@ -458,11 +458,22 @@ async fn config_and_its_overrides() {
     let reply = conn.get("/counter/config?key=greeting").await.unwrap();
     assert_eq!(reply.body, "hello from the manifest of v1\n");
 
-    let set = controller.ok(&["config", "set", "counter", "greeting", "hej"]);
+    let set = controller.ok(&["config", "set", "counter", "greeting", "hej", "--wait"]);
     assert!(
         set.contains("greeting") && set.contains("override"),
         "{set}"
     );
+    assert!(set.contains("every front-end of its zone runs it"), "{set}");
+    // --wait returned: every front-end runs the new value now, asked right away.
+    for fe in &frontends {
+        let reply = fe
+            .connect()
+            .await
+            .get("/counter/config?key=greeting")
+            .await
+            .unwrap();
+        assert_eq!(reply.body, "hej\n", "{} after --wait", fe.name);
+    }
     wait_all_answer(&frontends, "/counter/config?key=greeting", "hej\n").await;
     controller.ok(&["config", "set", "counter", "colour", "blue"]);
     wait_all_answer(&frontends, "/counter/config", "colour=blue\ngreeting=hej\n").await;
@@ -507,6 +518,28 @@ async fn config_and_its_overrides() {
         (reply.version(), reply.body.as_str()),
         (Some("v2"), "hej\n")
     );
+    // Like a deploy, a front-end with deployment off keeps what it has (and --wait does not wait
+    // for it); turned on, it catches up.
+    controller.ok(&["server", "fe3", "deployment", "off"]);
+    controller.ok(&["config", "set", "counter", "colour", "red", "--wait"]);
+    for fe in &frontends[..2] {
+        let reply = fe
+            .connect()
+            .await
+            .get("/counter/config?key=colour")
+            .await
+            .unwrap();
+        assert_eq!(reply.body, "red\n", "{} after --wait", fe.name);
+    }
+    let reply = frontends[2]
+        .connect()
+        .await
+        .get("/counter/config?key=colour")
+        .await
+        .unwrap();
+    assert_eq!(reply.body, "blue\n", "fe3 keeps what it has");
+    controller.ok(&["server", "fe3", "deployment", "on"]);
+    wait_all_answer(&frontends, "/counter/config?key=colour", "red\n").await;
     controller.ok(&["config", "unset", "counter", "greeting"]);
     wait_all_answer(
         &frontends,

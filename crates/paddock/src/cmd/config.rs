@@ -14,15 +14,35 @@ pub enum ConfigCommand {
         app: String,
         key: String,
         value: String,
+        #[command(flatten)]
+        wait: Wait,
     },
     /// Removes the override of KEY: the manifest's value (or none) applies again.
-    Unset { app: String, key: String },
+    Unset {
+        app: String,
+        key: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct Wait {
+    /// Return once every live front-end of the app's zone (deployment on) reports running the
+    /// app with the new config.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits before it fails, naming the front-ends that have not.
+    #[arg(long, default_value = "60s", value_parser = crate::positive_duration)]
+    timeout: std::time::Duration,
 }
 
 pub async fn config(client: &Client, command: ConfigCommand) -> anyhow::Result<()> {
     let answer: AppConfig = match &command {
         ConfigCommand::Show { app } => client.get(&format!("/v1/apps/{app}/config")).await?,
-        ConfigCommand::Set { app, key, value } => {
+        ConfigCommand::Set {
+            app, key, value, ..
+        } => {
             client
                 .put(
                     &format!("/v1/apps/{app}/config/{key}"),
@@ -32,11 +52,17 @@ pub async fn config(client: &Client, command: ConfigCommand) -> anyhow::Result<(
                 )
                 .await?
         }
-        ConfigCommand::Unset { app, key } => {
+        ConfigCommand::Unset { app, key, .. } => {
             client
                 .delete_json(&format!("/v1/apps/{app}/config/{key}"))
                 .await?
         }
+    };
+    let answer = match &command {
+        ConfigCommand::Set { wait, .. } | ConfigCommand::Unset { wait, .. } if wait.wait => {
+            wait_applied(client, answer, wait.timeout).await?
+        }
+        _ => answer,
     };
     client.print(&answer, |c| {
         if let Some(generation) = c.generation {
@@ -44,6 +70,9 @@ pub async fn config(client: &Client, command: ConfigCommand) -> anyhow::Result<(
                 "{}: generation {generation}; each front-end swaps in {} with the new config (requests running keep the old)",
                 c.app, c.version
             );
+            if c.waiting_for.is_empty() {
+                println!("every front-end of its zone runs it with this config");
+            }
         }
         println!("{:<32} {:<10} VALUE", "KEY", "FROM");
         for (key, value) in &c.effective {
@@ -59,4 +88,30 @@ pub async fn config(client: &Client, command: ConfigCommand) -> anyhow::Result<(
             println!("{key:<32} {from:<10} {value}");
         }
     })
+}
+
+/// Polls the app's config until no front-end is left to take the change.
+async fn wait_applied(
+    client: &Client,
+    mut answer: AppConfig,
+    timeout: std::time::Duration,
+) -> anyhow::Result<AppConfig> {
+    let deadline = std::time::Instant::now() + timeout;
+    while !answer.waiting_for.is_empty() {
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "the change stands, but after {} these front-ends do not report running {} with it yet: {} (`paddock servers` shows what they run; a front-end with deployment off takes it when turned on)",
+                humantime::format_duration(timeout),
+                answer.app,
+                answer.waiting_for.join(", ")
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let generation = answer.generation;
+        answer = client
+            .get(&format!("/v1/apps/{}/config", answer.app))
+            .await?;
+        answer.generation = generation;
+    }
+    Ok(answer)
 }
