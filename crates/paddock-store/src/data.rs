@@ -161,79 +161,58 @@ impl SqlStore {
         };
         let delta_i64 = i64::try_from(delta).map_err(|_| refused())?;
         let (table, column, owner) = place(scope);
-        let sum = match self.dialect {
-            // One statement, so that the write lock is held for no round trip (a transaction
-            // would hold it over three, and other connections would wait in SQLite's busy
-            // handler, which sleeps). A value that is no number, or a sum that does not fit,
-            // makes the new value NULL, which the NOT NULL constraint refuses.
-            Dialect::Sqlite => {
-                let rows = sqlx::query(&format!(
-                    "INSERT INTO {table} (app, {column}, key, value) \
-                     VALUES (?1, ?2, ?3, CAST(CAST(?4 AS TEXT) AS BLOB)) \
-                     ON CONFLICT (app, {column}, key) DO UPDATE SET value = CASE \
-                       WHEN CAST({table}.value AS TEXT) GLOB '[0-9]*' \
-                        AND CAST({table}.value AS TEXT) NOT GLOB '*[^0-9]*' \
-                        AND length({table}.value) <= 19 \
-                        AND CAST(CAST({table}.value AS TEXT) AS INTEGER) <= 9223372036854775807 - ?4 \
-                       THEN CAST(CAST(CAST(CAST({table}.value AS TEXT) AS INTEGER) + ?4 AS TEXT) AS BLOB) \
-                       ELSE NULL END \
-                     RETURNING value"
-                ))
-                .bind(app)
-                .bind(owner)
-                .bind(key)
-                .bind(delta_i64)
-                // All rows, so that the statement runs to its end and its implicit transaction
-                // commits now, not when the statement is reset.
-                .fetch_all(&self.pool)
-                .await;
-                match rows {
-                    Ok(rows) => match rows.first() {
-                        Some(row) => row.try_get::<Vec<u8>, _>(0)?,
-                        None => {
-                            return Err(StoreError::Corrupt("increment returned nothing".into()));
-                        }
-                    },
-                    Err(sqlx::Error::Database(e)) if e.message().contains("NOT NULL") => {
-                        return Err(refused());
-                    }
-                    Err(e) => return Err(e.into()),
-                }
+        // One statement, so that the row (PostgreSQL) or the write lock (SQLite) is held for no
+        // round trip: other increments of the key wait the shortest time (on SQLite they would
+        // sleep in its busy handler). A value that is no decimal number, or a sum past
+        // i64::MAX, makes the new value NULL, which the NOT NULL constraint refuses: nothing
+        // changes.
+        let sql = match self.dialect {
+            Dialect::Sqlite => format!(
+                "INSERT INTO {table} (app, {column}, key, value) \
+                 VALUES (?1, ?2, ?3, CAST(CAST(?4 AS TEXT) AS BLOB)) \
+                 ON CONFLICT (app, {column}, key) DO UPDATE SET value = CASE \
+                   WHEN CAST({table}.value AS TEXT) GLOB '[0-9]*' \
+                    AND CAST({table}.value AS TEXT) NOT GLOB '*[^0-9]*' \
+                    AND length({table}.value) <= 19 \
+                    AND CAST(CAST({table}.value AS TEXT) AS INTEGER) <= 9223372036854775807 - ?4 \
+                   THEN CAST(CAST(CAST(CAST({table}.value AS TEXT) AS INTEGER) + ?4 AS TEXT) AS BLOB) \
+                   ELSE NULL END \
+                 RETURNING value"
+            ),
+            // `encode(.., 'escape')` reads any bytes as text without failing (a value that is
+            // not UTF-8 is simply no number).
+            Dialect::Postgres => format!(
+                "INSERT INTO {table} (app, {column}, key, value) \
+                 VALUES ($1, $2, $3, convert_to($4::text, 'UTF8')) \
+                 ON CONFLICT (app, {column}, key) DO UPDATE SET value = CASE \
+                   WHEN encode({table}.value, 'escape') ~ '^[0-9]{{1,19}}$' \
+                    AND encode({table}.value, 'escape')::numeric + $4 <= 9223372036854775807 \
+                   THEN convert_to((encode({table}.value, 'escape')::numeric + $4)::text, 'UTF8') \
+                   ELSE NULL END \
+                 RETURNING value"
+            ),
+        };
+        let rows = sqlx::query(&sql)
+            .bind(app)
+            .bind(owner)
+            .bind(key)
+            .bind(delta_i64)
+            // All rows, so that the statement runs to its end and (SQLite) its implicit
+            // transaction commits now, not when the statement is reset.
+            .fetch_all(&self.pool)
+            .await;
+        let sum: Vec<u8> = match rows {
+            Ok(rows) => match rows.first() {
+                Some(row) => row.try_get(0)?,
+                None => return Err(StoreError::Corrupt("increment returned nothing".into())),
+            },
+            // SQLite says "NOT NULL constraint failed"; PostgreSQL's code is 23502.
+            Err(sqlx::Error::Database(e))
+                if e.code().as_deref() == Some("23502") || e.message().contains("NOT NULL") =>
+            {
+                return Err(refused());
             }
-            // A transaction whose first statement writes: it holds the row before the value is
-            // read, and other increments of it wait on that lock.
-            Dialect::Postgres => {
-                let mut tx = self.pool.begin().await?;
-                let row = sqlx::query(&format!(
-                    "INSERT INTO {table} (app, {column}, key, value) VALUES ($1, $2, $3, $4) \
-                     ON CONFLICT (app, {column}, key) DO UPDATE SET value = {table}.value \
-                     RETURNING value"
-                ))
-                .bind(app)
-                .bind(owner)
-                .bind(key)
-                .bind(b"0".as_slice())
-                .fetch_one(&mut *tx)
-                .await?;
-                let current: Vec<u8> = row.try_get(0)?;
-                let sum = std::str::from_utf8(&current)
-                    .ok()
-                    .filter(|text| !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
-                    .and_then(|text| text.parse::<i64>().ok())
-                    .and_then(|current| current.checked_add(delta_i64))
-                    .ok_or_else(refused)?;
-                sqlx::query(&format!(
-                    "UPDATE {table} SET value = $1 WHERE app = $2 AND {column} = $3 AND key = $4"
-                ))
-                .bind(sum.to_string().into_bytes())
-                .bind(app)
-                .bind(owner)
-                .bind(key)
-                .execute(&mut *tx)
-                .await?;
-                tx.commit().await?;
-                sum.to_string().into_bytes()
-            }
+            Err(e) => return Err(e.into()),
         };
         std::str::from_utf8(&sum)
             .ok()
