@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use paddock_api::VersionInfo;
 use paddock_core::ManifestError;
-use paddock_core::manifest::check_config;
+use paddock_core::manifest::{check_config, is_config_key};
 use serde::{Deserialize, Serialize};
 
 use crate::Controller;
@@ -30,8 +30,12 @@ pub struct AppConfig {
     pub effective: BTreeMap<String, String>,
     /// The generation that carries the change, after a set or unset.
     pub generation: Option<i64>,
+    /// Whether `version` is deployed (desired in the app's zone). When not, nothing runs the
+    /// app and `waiting_for` is empty.
+    pub deployed: bool,
     /// The front-ends of the app's zone (alive, deployment on) that do not report running the
-    /// app with `effective` yet: empty once the change is everywhere.
+    /// app with `effective` yet: empty once the change is everywhere. A front-end of an older
+    /// release, which reports no config, is listed saying so.
     pub waiting_for: Vec<String>,
 }
 
@@ -98,15 +102,18 @@ async fn answer(c: &Controller, app: &str, generation: Option<i64>) -> Answer<Ap
         .await?
         .into_iter()
         .filter(|s| deployed && s.zone == version.zone && s.deployment && crate::api::alive(s, now))
-        .filter(|s| {
+        .filter_map(|s| {
             let runs = s.observed.as_ref().and_then(|o| {
                 o.apps
                     .iter()
                     .find(|a| a.name == app && a.version == version.version)
             });
-            runs.and_then(|a| a.config_digest.as_deref()) != Some(digest.as_str())
+            match runs.map(|a| a.config_digest.as_deref()) {
+                Some(Some(runs)) if runs == digest => None,
+                Some(None) => Some(format!("{} (an older release: reports no config)", s.name)),
+                _ => Some(s.name),
+            }
         })
-        .map(|s| s.name)
         .collect();
     Ok(Json(AppConfig {
         app: app.to_string(),
@@ -115,6 +122,7 @@ async fn answer(c: &Controller, app: &str, generation: Option<i64>) -> Answer<Ap
         overrides,
         effective,
         generation,
+        deployed,
         waiting_for,
     }))
 }
@@ -126,30 +134,45 @@ pub(crate) async fn show(
     answer(&c, &app, None).await
 }
 
+fn bad_config(message: String) -> Failure {
+    Failure::new(StatusCode::BAD_REQUEST, "bad_config", message)
+}
+
+/// A key an override may have: a variable name, not Paddock's own.
+fn check_key(key: &str) -> Result<(), Failure> {
+    if is_config_key(key) {
+        return Ok(());
+    }
+    Err(bad_config(format!(
+        "config key {key:?}: use an environment variable name (a letter or '_', then letters, digits and '_', at most 128), not starting with PADDOCK_; nothing changed"
+    )))
+}
+
 pub(crate) async fn set(
     State(c): State<Arc<Controller>>,
     Path((app, key)): Path<(String, String)>,
     Json(request): Json<SetConfig>,
 ) -> Answer<AppConfig> {
+    check_key(&key)?;
     let (version, _) = shown_version(&c, &app).await?;
-    // The config with this change must pass what a manifest's would (names, sizes).
-    let mut config = {
-        let current = answer(&c, &app, None).await?;
-        current.0.effective
-    };
+    // Checked and written under the zone gate: two changes at once cannot pass the limits
+    // together that neither would after the other.
+    let _gate = ensure_zone_free(&c, &version.zone).await?;
+    // The config with this change must pass what a manifest's would (sizes, values), over the
+    // entries an instance gets (an older manifest may hold keys the runtime leaves out).
+    let mut config = answer(&c, &app, None).await?.0.effective;
+    config.retain(|key, _| is_config_key(key));
     config.insert(key.clone(), request.value.clone());
     if let Err(ManifestError::Field { problem, .. }) = check_config(&config) {
-        return Err(Failure::new(
-            StatusCode::BAD_REQUEST,
-            "bad_config",
-            format!("the config of {app} with {key:?} set: {problem}; nothing changed"),
-        ));
+        return Err(bad_config(format!(
+            "the config of {app} with {key:?} set {problem}; nothing changed"
+        )));
     }
-    let _gate = ensure_zone_free(&c, &version.zone).await?;
     let generation = c
         .store
         .set_config_override(&app, &key, Some(&request.value))
-        .await?;
+        .await?
+        .unwrap_or(0);
     c.announce(generation);
     audit_change(
         &c,
@@ -164,9 +187,18 @@ pub(crate) async fn unset(
     State(c): State<Arc<Controller>>,
     Path((app, key)): Path<(String, String)>,
 ) -> Answer<AppConfig> {
+    check_key(&key)?;
     let (version, _) = shown_version(&c, &app).await?;
     let _gate = ensure_zone_free(&c, &version.zone).await?;
-    let generation = c.store.set_config_override(&app, &key, None).await?;
+    let Some(generation) = c.store.set_config_override(&app, &key, None).await? else {
+        return Err(Failure::new(
+            StatusCode::NOT_FOUND,
+            "no_override",
+            format!(
+                "{app} has no override of {key:?}; `paddock config show {app}` shows its config; nothing changed"
+            ),
+        ));
+    };
     c.announce(generation);
     audit_change(&c, "config-unset", &format!("{app} {key}")).await;
     answer(&c, &app, Some(generation)).await

@@ -375,6 +375,12 @@ impl Deployer {
                 {
                     continue;
                 }
+                // Only the config changed (a run-time override): the code already loaded
+                // serves it.
+                if let Some(version) = current.with_config(spec_of(app)) {
+                    prepared.push((version, Duration::ZERO));
+                    continue;
+                }
             }
             let started = std::time::Instant::now();
             match self.prepare(app, cache_only).await {

@@ -113,6 +113,32 @@ impl AppVersion {
     pub fn spec(&self) -> &AppSpec {
         &self.spec
     }
+
+    /// The same code with another `[config]`: nothing is read, compiled or instantiated
+    /// again (the `ProxyPre` is shared). `None` when `config` is the only thing `spec` may
+    /// change and it changes something else.
+    pub fn with_config(&self, spec: AppSpec) -> Option<Arc<AppVersion>> {
+        let same_code = AppSpec {
+            config: self.spec.config.clone(),
+            ..spec.clone()
+        } == self.spec;
+        same_code.then(|| {
+            Arc::new(AppVersion {
+                env: allowed_env(&spec),
+                spec,
+                pre: self.pre.clone(),
+            })
+        })
+    }
+}
+
+/// The `[config]` entries every instance gets: those whose keys the manifest allows.
+fn allowed_env(spec: &AppSpec) -> Arc<[(String, String)]> {
+    spec.config
+        .iter()
+        .filter(|(key, _)| paddock_core::manifest::is_config_key(key))
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect()
 }
 
 impl std::fmt::Debug for AppVersion {
@@ -223,12 +249,7 @@ impl Runtime {
             });
         }
         let pre = self.link(&artifact)?;
-        let env: Arc<[(String, String)]> = spec
-            .config
-            .iter()
-            .filter(|(key, _)| paddock_core::manifest::is_config_key(key))
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect();
+        let env = allowed_env(&spec);
         Ok(Arc::new(AppVersion { spec, pre, env }))
     }
 

@@ -180,15 +180,16 @@ impl SqlStore {
                  RETURNING value"
             ),
             // `encode(.., 'escape')` reads any bytes as text without failing (a value that is
-            // not UTF-8 is simply no number).
+            // not UTF-8 is simply no number); the cast to numeric is in a CASE of its own, so
+            // that it never runs on what the pattern refused (an AND's order is not fixed).
             Dialect::Postgres => format!(
                 "INSERT INTO {table} (app, {column}, key, value) \
                  VALUES ($1, $2, $3, convert_to($4::text, 'UTF8')) \
                  ON CONFLICT (app, {column}, key) DO UPDATE SET value = CASE \
-                   WHEN encode({table}.value, 'escape') ~ '^[0-9]{{1,19}}$' \
-                    AND encode({table}.value, 'escape')::numeric + $4 <= 9223372036854775807 \
-                   THEN convert_to((encode({table}.value, 'escape')::numeric + $4)::text, 'UTF8') \
-                   ELSE NULL END \
+                   WHEN encode({table}.value, 'escape') ~ '^[0-9]{{1,19}}$' THEN CASE \
+                     WHEN encode({table}.value, 'escape')::numeric + $4 <= 9223372036854775807 \
+                     THEN convert_to((encode({table}.value, 'escape')::numeric + $4)::text, 'UTF8') \
+                   END END \
                  RETURNING value"
             ),
         };

@@ -161,8 +161,14 @@ pub trait Store: Send + Sync + 'static {
     /// The run-time overrides of the apps' `[config]`: `(app, key, value)`, by app and key.
     async fn config_overrides(&self) -> Result<Vec<(String, String, String)>>;
     /// Sets (`Some`) or removes (`None`) an override of an app's `[config]`; returns the new
-    /// generation (the front-ends take it as they take a new version).
-    async fn set_config_override(&self, app: &str, key: &str, value: Option<&str>) -> Result<i64>;
+    /// generation (the front-ends take it as they take a new version), or `None` when there
+    /// was no override to remove (nothing changed).
+    async fn set_config_override(
+        &self,
+        app: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<Option<i64>>;
     /// The route of every app version desired somewhere.
     async fn routes(&self) -> Result<Vec<RouteEntry>>;
     /// Records a balancer's report; `applied_ms` moves when its generation changes.
@@ -904,7 +910,12 @@ impl Store for SqlStore {
             .collect()
     }
 
-    async fn set_config_override(&self, app: &str, key: &str, value: Option<&str>) -> Result<i64> {
+    async fn set_config_override(
+        &self,
+        app: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<Option<i64>> {
         let mut tx = self.begin_write().await?;
         match value {
             Some(value) => {
@@ -919,16 +930,21 @@ impl Store for SqlStore {
                 .await?;
             }
             None => {
-                sqlx::query(&self.sql("DELETE FROM app_config WHERE app = $1 AND key = $2"))
-                    .bind(app)
-                    .bind(key)
-                    .execute(&mut *tx)
-                    .await?;
+                let done =
+                    sqlx::query(&self.sql("DELETE FROM app_config WHERE app = $1 AND key = $2"))
+                        .bind(app)
+                        .bind(key)
+                        .execute(&mut *tx)
+                        .await?;
+                if done.rows_affected() == 0 {
+                    tx.rollback().await?;
+                    return Ok(None);
+                }
             }
         }
         let generation = self.bump_generation(&mut tx).await?;
         tx.commit().await?;
-        Ok(generation)
+        Ok(Some(generation))
     }
 
     async fn zone_policies(&self) -> Result<Vec<(String, Policy)>> {

@@ -1087,7 +1087,51 @@ async fn app_data(store: &SqlStore) {
     );
 }
 
+async fn config_overrides(store: &SqlStore) {
+    let g0 = store.generation().await.unwrap();
+    let g1 = store
+        .set_config_override("shop", "currency", Some("EUR"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(g1 > g0, "a set bumps the generation");
+    let g2 = store
+        .set_config_override("shop", "currency", Some("CHF"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(g2 > g1);
+    store
+        .set_config_override("blog", "theme", Some("dark"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.config_overrides().await.unwrap(),
+        [
+            ("blog".into(), "theme".into(), "dark".into()),
+            ("shop".into(), "currency".into(), "CHF".into())
+        ]
+    );
+    let g3 = store
+        .set_config_override("shop", "currency", None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(g3 > g2, "an unset bumps the generation");
+    // Unsetting what is not there changes nothing, not even the generation.
+    assert_eq!(
+        store
+            .set_config_override("shop", "currency", None)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(store.generation().await.unwrap(), g3);
+    assert_eq!(store.config_overrides().await.unwrap().len(), 1);
+}
+
 on_both_backends!(
+    config_overrides,
     app_data,
     controller_role,
     timer_claims,

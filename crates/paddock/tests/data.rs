@@ -452,8 +452,17 @@ async fn wait_all_answer(frontends: &[Frontend], path: &str, body: &str) {
 /// `[config]` reaches the app through `wasi:config/store`; `paddock config set` overrides a value
 /// for every version at once, without a new version, and `unset` gives the manifest's back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn config_and_its_overrides() {
-    let (controller, frontends, lb) = farm("config", Db::Sqlite).await;
+async fn config_and_its_overrides_on_sqlite() {
+    config_and_its_overrides("config_sqlite", Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_and_its_overrides_on_postgres() {
+    config_and_its_overrides("config_postgres", Db::Postgres).await;
+}
+
+async fn config_and_its_overrides(test: &str, db: Db) {
+    let (controller, frontends, lb) = farm(test, db).await;
     let mut conn = lb.connect().await;
     let reply = conn.get("/counter/config?key=greeting").await.unwrap();
     assert_eq!(reply.body, "hello from the manifest of v1\n");
@@ -464,7 +473,8 @@ async fn config_and_its_overrides() {
         "{set}"
     );
     assert!(set.contains("every front-end of its zone runs it"), "{set}");
-    // --wait returned: every front-end runs the new value now, asked right away.
+    // --wait returned: every front-end runs the new value now, asked right away; each swapped
+    // in the code it had loaded (no load time), with the new config.
     for fe in &frontends {
         let reply = fe
             .connect()
@@ -473,7 +483,38 @@ async fn config_and_its_overrides() {
             .await
             .unwrap();
         assert_eq!(reply.body, "hej\n", "{} after --wait", fe.name);
+        let log = fe.log();
+        let swapped = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("app deployed app=counter version=v1"))
+            .unwrap();
+        assert!(swapped.contains("load_ms=0"), "{swapped}");
     }
+    // A front-end that does not take it holds --wait up, which fails naming it (fe3, stopped,
+    // counts as alive for a few seconds more).
+    frontends[2].signal("STOP");
+    let e = controller.fails(&[
+        "config",
+        "set",
+        "counter",
+        "size",
+        "xl",
+        "--wait",
+        "--timeout",
+        "1s",
+    ]);
+    frontends[2].signal("CONT");
+    assert!(
+        e.contains("do not report running counter with it yet: fe3"),
+        "{e}"
+    );
+    let shown = controller.ok(&["config", "show", "counter"]);
+    assert!(
+        shown.contains("size") && shown.contains("xl"),
+        "the change stands: {shown}"
+    );
+    controller.ok(&["config", "unset", "counter", "size", "--wait"]);
     wait_all_answer(&frontends, "/counter/config?key=greeting", "hej\n").await;
     controller.ok(&["config", "set", "counter", "colour", "blue"]);
     wait_all_answer(&frontends, "/counter/config", "colour=blue\ngreeting=hej\n").await;
@@ -492,12 +533,14 @@ async fn config_and_its_overrides() {
 
     // Bad input is refused, naming the problem, and changes nothing.
     for (key, problem) in [
-        ("PADDOCK_X", "Paddock's own"),
-        ("1st", "not an environment variable name"),
+        ("PADDOCK_X", "not starting with PADDOCK_"),
+        ("1st", "use an environment variable name"),
     ] {
         let e = controller.fails(&["config", "set", "counter", key, "v"]);
         assert!(e.contains(problem) && e.contains("nothing changed"), "{e}");
     }
+    let e = controller.fails(&["config", "unset", "counter", "never_set"]);
+    assert!(e.contains("has no override of \"never_set\""), "{e}");
     let e = controller.fails(&["config", "set", "nope", "a", "b"]);
     assert!(e.contains("unknown app \"nope\""), "{e}");
     let shown: serde_json::Value =

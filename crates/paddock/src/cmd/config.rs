@@ -38,6 +38,15 @@ pub struct Wait {
 }
 
 pub async fn config(client: &Client, command: ConfigCommand) -> anyhow::Result<()> {
+    // The key goes in the URL's path: a name that is no variable name is refused here, before
+    // a `#` or `?` in it could make it another key on the way.
+    if let ConfigCommand::Set { key, .. } | ConfigCommand::Unset { key, .. } = &command
+        && !paddock_core::manifest::is_config_key(key)
+    {
+        anyhow::bail!(
+            "config key {key:?}: use an environment variable name (a letter or '_', then letters, digits and '_', at most 128), not starting with PADDOCK_; nothing changed"
+        );
+    }
     let answer: AppConfig = match &command {
         ConfigCommand::Show { app } => client.get(&format!("/v1/apps/{app}/config")).await?,
         ConfigCommand::Set {
@@ -70,9 +79,14 @@ pub async fn config(client: &Client, command: ConfigCommand) -> anyhow::Result<(
                 "{}: generation {generation}; each front-end swaps in {} with the new config (requests running keep the old)",
                 c.app, c.version
             );
-            if c.waiting_for.is_empty() {
+            if !c.deployed {
+                println!("{} is not deployed: the config applies when it is", c.app);
+            } else if c.waiting_for.is_empty() {
                 println!("every front-end of its zone runs it with this config");
             }
+        }
+        if c.deployed && !c.waiting_for.is_empty() {
+            println!("waiting for: {}", c.waiting_for.join(", "));
         }
         println!("{:<32} {:<10} VALUE", "KEY", "FROM");
         for (key, value) in &c.effective {
