@@ -343,6 +343,15 @@ async fn compile(
         })
 }
 
+/// An app the farm does not know.
+pub(crate) fn unknown_app(name: &str) -> Failure {
+    Failure::new(
+        StatusCode::NOT_FOUND,
+        "unknown_app",
+        format!("unknown app {name:?}; `paddock app list` lists the apps"),
+    )
+}
+
 /// Records an operator's change in the audit log. The change stands whatever happens here, so
 /// a failure is logged rather than answered as the change's.
 pub(crate) async fn audit_change(c: &Controller, action: &str, detail: &str) {
@@ -424,11 +433,7 @@ async fn list_versions(
 ) -> Answer<Vec<VersionInfo>> {
     let versions = c.store.versions(&name).await?;
     if versions.is_empty() {
-        return Err(Failure::new(
-            StatusCode::NOT_FOUND,
-            "unknown_app",
-            format!("unknown app {name:?}; `paddock app list` lists the apps"),
-        ));
+        return Err(unknown_app(&name));
     }
     Ok(Json(versions))
 }
@@ -473,11 +478,7 @@ async fn rollback(
         None => {
             let versions = c.store.versions(&name).await?;
             let Some(first) = versions.first() else {
-                return Err(Failure::new(
-                    StatusCode::NOT_FOUND,
-                    "unknown_app",
-                    format!("unknown app {name:?}; `paddock app list` lists the apps"),
-                ));
+                return Err(unknown_app(&name));
             };
             let current = c
                 .store

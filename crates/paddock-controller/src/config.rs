@@ -14,7 +14,7 @@ use paddock_core::manifest::{check_config, is_config_key};
 use serde::{Deserialize, Serialize};
 
 use crate::Controller;
-use crate::api::{Failure, audit_change, ensure_zone_free};
+use crate::api::{Failure, audit_change, ensure_zone_free, unknown_app};
 use crate::extract::{Json, Path};
 
 type Answer<T> = Result<Json<T>, Failure>;
@@ -61,11 +61,7 @@ pub(crate) fn effective<'a>(
 async fn shown_version(c: &Controller, app: &str) -> Result<(VersionInfo, bool), Failure> {
     let versions = c.store.versions(app).await?;
     let Some(newest) = versions.last() else {
-        return Err(Failure::new(
-            StatusCode::NOT_FOUND,
-            "unknown_app",
-            format!("unknown app {app:?}; `paddock app list` lists the apps"),
-        ));
+        return Err(unknown_app(app));
     };
     let desired = c
         .store

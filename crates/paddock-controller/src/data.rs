@@ -12,7 +12,7 @@ use paddock_api::{DataKeys, DataSummary};
 use paddock_core::data::{SESSION_BUCKET, Scope, bucket_problem, key_problem, value_problem};
 use serde::{Deserialize, Serialize};
 
-use crate::api::{Failure, audit_change};
+use crate::api::{Failure, audit_change, unknown_app};
 use crate::extract::{Json, Path, Query};
 use crate::{Controller, now_ms};
 
@@ -21,11 +21,7 @@ type Answer<T> = Result<Json<T>, Failure>;
 /// An app's data is reachable here once the app exists (it may have none yet).
 async fn known_app(c: &Controller, app: &str) -> Result<(), Failure> {
     if c.store.versions(app).await?.is_empty() {
-        return Err(Failure::new(
-            StatusCode::NOT_FOUND,
-            "unknown_app",
-            format!("unknown app {app:?}; `paddock app list` lists the apps"),
-        ));
+        return Err(unknown_app(app));
     }
     Ok(())
 }
