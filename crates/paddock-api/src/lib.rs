@@ -22,6 +22,13 @@ pub struct HealthReport {
     /// what it had and retries).
     #[serde(default)]
     pub failed: Vec<LoadFailure>,
+    /// sha256 of the `paddock` executable it runs, when known: the build a platform upgrade
+    /// installed, or its own file hashed when a target build was named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<String>,
+    /// Why the platform build it was told to run is not installed yet (it retries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade_error: Option<String>,
 }
 
 /// A desired app version a front-end could not load.
@@ -121,6 +128,10 @@ pub struct ServerInfo {
     /// Its share of its zone's traffic under the `ratio` policy.
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// The platform build (sha256 of the `paddock` executable) it is told to run, set by a
+    /// platform upgrade.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform_target: Option<String>,
 }
 
 fn default_weight() -> u32 {
@@ -310,6 +321,42 @@ pub struct DesiredState {
     /// Whether its scheduler service claims timer ticks.
     #[serde(default)]
     pub scheduler: bool,
+    /// The platform build this server should run: when it runs another one, it downloads this
+    /// one, installs it over its executable and restarts on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<PlatformBuild>,
+}
+
+/// A build of the `paddock` executable the controller keeps for platform upgrades
+/// (`POST /v1/platform/builds`; front-ends download it from `GET /control/v1/platform/{sha256}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlatformBuild {
+    /// sha256 of the executable, hex: the build's identity.
+    pub sha256: String,
+    /// What it says of itself (`paddock --version`), e.g. `0.1.0`.
+    pub version: String,
+    pub size: u64,
+    pub uploaded_ms: i64,
+}
+
+/// `POST /v1/operations/platform-upgrade`: install a platform build on every front-end,
+/// balanced like a deployment, so that users never meet a server that is restarting.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlatformUpgradeRequest {
+    /// The build, as uploaded.
+    pub sha256: String,
+    /// Only this zone (default: every zone).
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// The servers to upgrade first (default: the first half of each zone's ready servers).
+    #[serde(default)]
+    pub updating: Vec<String>,
+    #[serde(default)]
+    pub parallel_zones: bool,
+    #[serde(default)]
+    pub plan_only: bool,
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
 }
 
 /// One app version a server should serve.
@@ -381,6 +428,11 @@ pub struct DeployPlan {
     /// The deadline of each wait, in milliseconds.
     pub timeout_ms: u64,
     pub zones: Vec<ZonePlan>,
+    /// Set for a platform upgrade: the build every front-end ends up running. Its zones'
+    /// `apps` are the versions they run (from = to), which each upgraded server must serve
+    /// again and answer the smoke path with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<PlatformBuild>,
 }
 
 /// One zone of a [`DeployPlan`].
@@ -461,6 +513,17 @@ pub enum Step {
     RestoreVersion,
     /// After a failure: every flag as it was before the operation.
     RestoreFlags,
+    /// Platform upgrade: the updating group installs the new build and restarts on it; wait
+    /// until each runs it, serving its apps, healthy.
+    UpgradeUpdating,
+    /// Platform upgrade: the same for the loaded group (and every other server of the zone,
+    /// which installs it whenever it is up).
+    UpgradeLoaded,
+    /// Platform upgrade of a zone with one serving front-end: it restarts in place.
+    UpgradeInPlace,
+    /// After a failed platform upgrade: servers that did not install the new build stop
+    /// trying (one that did keeps it: the old executable is gone).
+    RestorePlatform,
 }
 
 impl Step {
@@ -480,6 +543,10 @@ impl Step {
             Step::RestoreRouting => "restore-routing",
             Step::RestoreVersion => "restore-version",
             Step::RestoreFlags => "restore-flags",
+            Step::UpgradeUpdating => "upgrade-updating",
+            Step::UpgradeLoaded => "upgrade-loaded",
+            Step::UpgradeInPlace => "upgrade-in-place",
+            Step::RestorePlatform => "restore-platform",
         }
     }
 
@@ -508,12 +575,46 @@ impl Step {
         Step::RestoreFlags,
     ];
 
+    /// The steps of a balanced platform upgrade of a zone, in order (seed 002).
+    pub const UPGRADE: [Step; 9] = [
+        Step::SchedulerOff,
+        Step::DrainUpdating,
+        Step::UpgradeUpdating,
+        Step::Smoke,
+        Step::Cutover,
+        Step::SchedulerOnUpdating,
+        Step::UpgradeLoaded,
+        Step::RouteAll,
+        Step::SchedulerOnLoaded,
+    ];
+
+    /// The steps of a platform upgrade of a zone with one serving front-end.
+    pub const UPGRADE_IN_PLACE: [Step; 4] = [
+        Step::SchedulerOff,
+        Step::UpgradeInPlace,
+        Step::SchedulerOnUpdating,
+        Step::SchedulerOnLoaded,
+    ];
+
+    /// The steps that put a zone back after a failed platform upgrade, in order.
+    pub const RESTORE_UPGRADE: [Step; 3] = [
+        Step::RestoreRouting,
+        Step::RestorePlatform,
+        Step::RestoreFlags,
+    ];
+
     /// Every step, in the order a journal lists steps that started together.
     pub fn all() -> impl Iterator<Item = Step> {
         Step::BALANCED
             .into_iter()
             .chain([Step::InPlace])
             .chain(Step::RESTORE)
+            .chain([
+                Step::UpgradeUpdating,
+                Step::UpgradeLoaded,
+                Step::UpgradeInPlace,
+                Step::RestorePlatform,
+            ])
     }
 
     /// What the step does, for a person.
@@ -535,6 +636,14 @@ impl Step {
             Step::RestoreRouting => "route users back to the loaded group (old version)",
             Step::RestoreVersion => "old version desired again; wait for the updating group",
             Step::RestoreFlags => "every flag as before the operation",
+            Step::UpgradeUpdating => {
+                "updating group installs the new build and restarts; wait until it serves again"
+            }
+            Step::UpgradeLoaded => {
+                "loaded group installs the new build and restarts; wait until it serves again"
+            }
+            Step::UpgradeInPlace => "one server: installs the new build and restarts in place",
+            Step::RestorePlatform => "servers without the new build stop installing it",
         }
     }
 
@@ -542,7 +651,10 @@ impl Step {
     pub fn is_restore(self) -> bool {
         matches!(
             self,
-            Step::RestoreRouting | Step::RestoreVersion | Step::RestoreFlags
+            Step::RestoreRouting
+                | Step::RestoreVersion
+                | Step::RestoreFlags
+                | Step::RestorePlatform
         )
     }
 }

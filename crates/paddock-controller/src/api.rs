@@ -66,6 +66,14 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/timers/{app}/{timer}/run", post(run_timer))
         .route("/v1/operations", get(list_operations))
         .route("/v1/operations/balanced-deploy", post(balanced_deploy))
+        .route(
+            "/v1/operations/platform-upgrade",
+            post(crate::platform::upgrade),
+        )
+        .route(
+            "/v1/platform/builds",
+            get(crate::platform::list).post(crate::platform::upload),
+        )
         .route("/v1/operations/{id}", get(show_operation))
         .route("/v1/operations/{id}/abort", post(abort_operation))
         .route("/v1/operations/{id}/resume", post(resume_operation))
@@ -82,6 +90,10 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/control/v1/desired/{name}", get(desired))
         .route("/control/v1/artifacts/{sha256}", get(artifact))
         .route("/control/v1/components/{sha256}", get(component))
+        .route(
+            "/control/v1/platform/{sha256}",
+            get(crate::platform::download),
+        )
         .route("/control/v1/routing", get(routing_table))
         .route("/control/v1/balancers/{name}", post(balancer_report))
         .route("/control/v1/timers/{name}/claim", post(claim_timers))
@@ -124,7 +136,7 @@ impl Failure {
         }
     }
 
-    fn bad_request(kind: &'static str, message: impl Into<String>) -> Failure {
+    pub(crate) fn bad_request(kind: &'static str, message: impl Into<String>) -> Failure {
         Failure::new(StatusCode::BAD_REQUEST, kind, message)
     }
 }
@@ -1185,6 +1197,10 @@ async fn desired(
         lb: server.lb,
         // A passive server stands by without its scheduler, whatever its flag says.
         scheduler: server.scheduler && server.role == Role::Active,
+        platform: match &server.platform_target {
+            Some(sha256) => c.store.platform_build(sha256).await?,
+            None => None,
+        },
     }))
 }
 

@@ -163,9 +163,12 @@ mod tests {
                 apps: Vec::new(),
                 in_flight: 0,
                 failed: Vec::new(),
+                build: None,
+                upgrade_error: None,
             }),
             lb: LbState::Ready,
             weight: 1,
+            platform_target: None,
         }
     }
 

@@ -21,6 +21,7 @@ pub mod data;
 mod extract;
 pub mod failover;
 pub mod ops;
+pub mod platform;
 pub mod routing;
 pub mod timers;
 pub mod tokens;
@@ -61,6 +62,8 @@ pub struct Controller {
     pub runtime: Arc<Runtime>,
     pub tokens: tokens::Tokens,
     pub max_upload_bytes: usize,
+    /// Where the tokens and the platform builds are kept.
+    pub data_dir: std::path::PathBuf,
     /// The newest generation this controller wrote; long-polls wait on it.
     generation: watch::Sender<i64>,
     /// Counts reports from front-ends and balancers (and operation changes): operations waiting
@@ -142,6 +145,7 @@ pub async fn run(
         runtime: Arc::new(runtime),
         tokens,
         max_upload_bytes: config.max_upload_bytes,
+        data_dir: config.data_dir.clone(),
         generation: watch::channel(generation).0,
         facts: watch::channel(0).0,
         driving: std::sync::Mutex::new(HashSet::new()),

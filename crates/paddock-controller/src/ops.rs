@@ -22,11 +22,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 use paddock_api::{
     BalancedDeployRequest, DeployPlan, LbState, OpState, OpStep, Operation, PlannedApp,
-    PlannedStep, Role, ServerBefore, ServerFlag, ServerInfo, Step, StepState, ZonePlan,
+    PlannedStep, PlatformBuild, PlatformUpgradeRequest, Role, ServerBefore, ServerFlag, ServerInfo,
+    Step, StepState, ZonePlan,
 };
 use paddock_store::{ServerChange, StepEnd, StoreError};
 
-use crate::api::{ALIVE_WITHIN_MS, alive};
+use crate::api::{ALIVE_WITHIN_MS, alive, silent_ms};
 use crate::{Controller, now_ms};
 
 /// How long each wait may take unless the request says otherwise.
@@ -124,17 +125,127 @@ pub async fn plan(
         });
     }
 
+    let zones: Vec<(String, Vec<PlannedApp>)> = zones.into_iter().collect();
+    let plans = zone_plans(c, zones, &request.updating, false).await?;
+    Ok(DeployPlan {
+        parallel_zones: request.parallel_zones,
+        timeout_ms,
+        zones: plans,
+        platform: None,
+    })
+}
+
+/// Decides the groups and steps of a balanced platform upgrade: every zone with a serving
+/// front-end (or the one named), each with the app versions it runs now.
+pub async fn plan_upgrade(
+    c: &Controller,
+    request: &PlatformUpgradeRequest,
+) -> Result<DeployPlan, PlanError> {
+    let timeout_ms = request.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+    if !(1_000..=3_600_000).contains(&timeout_ms) {
+        return Err(invalid(format!(
+            "timeout {timeout_ms} ms is out of range: use 1s to 1h"
+        )));
+    }
+    let build = c.store.platform_build(&request.sha256).await?.ok_or_else(|| {
+        invalid(format!(
+            "no platform build {} here; upload it first (`paddock upgrade PATH` does both), `paddock platform builds` lists them",
+            request.sha256
+        ))
+    })?;
     let servers = c.store.servers().await?;
     let now = now_ms();
-    for name in &request.updating {
+    let mut names: Vec<String> = servers
+        .iter()
+        .filter(|s| request.zone.as_ref().is_none_or(|z| *z == s.zone))
+        .filter(|s| not_serving(s, now).is_none())
+        .map(|s| s.zone.clone())
+        .collect();
+    names.dedup();
+    if let Some(zone) = &request.zone
+        && names.is_empty()
+    {
+        return Err(invalid(format!(
+            "zone {zone} has no front-end serving users (alive, active, lb ready, deployment on); `paddock servers` shows why"
+        )));
+    }
+    if names.is_empty() {
+        return Err(invalid(
+            "no front-end serves users (alive, active, lb ready, deployment on); `paddock servers` shows why",
+        ));
+    }
+    let behind: Vec<&str> = servers
+        .iter()
+        .filter(|s| names.contains(&s.zone))
+        .filter(|s| s.observed.as_ref().and_then(|o| o.build.as_deref()) != Some(&build.sha256))
+        .map(|s| s.name.as_str())
+        .collect();
+    if behind.is_empty() {
+        return Err(invalid(format!(
+            "every front-end already runs build {} (paddock {}); nothing to upgrade",
+            short(&build.sha256),
+            build.version
+        )));
+    }
+    let mut zones = Vec::new();
+    for zone in names {
+        let apps = c
+            .store
+            .desired(&zone)
+            .await?
+            .into_iter()
+            .map(|v| PlannedApp {
+                smoke: v
+                    .manifest
+                    .smoke
+                    .clone()
+                    .unwrap_or_else(|| v.manifest.route.clone()),
+                app: v.app,
+                from: v.version.clone(),
+                to: v.version,
+            })
+            .collect();
+        zones.push((zone, apps));
+    }
+    let plans = zone_plans(c, zones, &request.updating, true).await?;
+    Ok(DeployPlan {
+        parallel_zones: request.parallel_zones,
+        timeout_ms,
+        zones: plans,
+        platform: Some(build),
+    })
+}
+
+/// The first 12 hex digits of a sha256: enough to tell builds apart in a message.
+pub fn short(sha256: &str) -> &str {
+    sha256.get(..12).unwrap_or(sha256)
+}
+
+/// Splits each zone's servers into the updating and loaded groups and lays out the steps.
+async fn zone_plans(
+    c: &Controller,
+    zones: Vec<(String, Vec<PlannedApp>)>,
+    chosen: &[String],
+    upgrade: bool,
+) -> Result<Vec<ZonePlan>, PlanError> {
+    let servers = c.store.servers().await?;
+    let now = now_ms();
+    for name in chosen {
         let Some(server) = servers.iter().find(|s| s.name == *name) else {
             return Err(StoreError::UnknownServer(name.clone()).into());
         };
-        if !zones.contains_key(&server.zone) {
-            return Err(invalid(format!(
-                "--updating names {name}, of zone {}, where none of these apps runs",
-                server.zone
-            )));
+        if !zones.iter().any(|(z, _)| *z == server.zone) {
+            return Err(invalid(if upgrade {
+                format!(
+                    "--updating names {name}, of zone {}, which this upgrade leaves alone",
+                    server.zone
+                )
+            } else {
+                format!(
+                    "--updating names {name}, of zone {}, where none of these apps runs",
+                    server.zone
+                )
+            }));
         }
         if let Some(reason) = not_serving(server, now) {
             return Err(invalid(format!(
@@ -142,7 +253,6 @@ pub async fn plan(
             )));
         }
     }
-
     let mut plans = Vec::new();
     for (zone, apps) in zones {
         let mut serving = Vec::new();
@@ -154,7 +264,7 @@ pub async fn plan(
             let in_rotation = server.role == Role::Active && server.lb == LbState::Ready;
             if in_rotation && !server.deployment {
                 return Err(invalid(format!(
-                    "{} is in rotation with its deployment service off: it would keep serving the old version after the cutover; switch it on (`paddock server {} deployment on`) or take it out (`paddock server {} lb maint`)",
+                    "{} is in rotation with its deployment service off: it would keep serving what it has after the cutover; switch it on (`paddock server {} deployment on`) or take it out (`paddock server {} lb maint`)",
                     server.name, server.name, server.name
                 )));
             }
@@ -180,7 +290,7 @@ pub async fn plan(
         } else {
             let chosen: Vec<String> = names
                 .iter()
-                .filter(|n| request.updating.contains(n))
+                .filter(|n| chosen.contains(n))
                 .cloned()
                 .collect();
             let updating = if chosen.is_empty() {
@@ -223,7 +333,7 @@ pub async fn plan(
             .filter(|n| !updating.contains(n))
             .cloned()
             .collect();
-        let steps = forward_steps(in_place)
+        let steps = forward_steps(in_place, upgrade)
             .iter()
             .map(|&step| PlannedStep {
                 step,
@@ -235,7 +345,9 @@ pub async fn plan(
                     | Step::LoadNew
                     | Step::Smoke
                     | Step::SchedulerOnUpdating
-                    | Step::InPlace => updating.clone(),
+                    | Step::InPlace
+                    | Step::UpgradeUpdating
+                    | Step::UpgradeInPlace => updating.clone(),
                     _ => loaded.clone(),
                 },
             })
@@ -251,11 +363,7 @@ pub async fn plan(
             steps,
         });
     }
-    Ok(DeployPlan {
-        parallel_zones: request.parallel_zones,
-        timeout_ms,
-        zones: plans,
-    })
+    Ok(plans)
 }
 
 /// Why a server takes no part in a balanced deployment, or `None` if it serves users now.
@@ -273,19 +381,21 @@ fn not_serving(server: &ServerInfo, now: i64) -> Option<String> {
     }
 }
 
-fn forward_steps(in_place: bool) -> &'static [Step] {
-    if in_place {
-        &[Step::InPlace]
-    } else {
-        &Step::BALANCED
+fn forward_steps(in_place: bool, upgrade: bool) -> &'static [Step] {
+    match (in_place, upgrade) {
+        (true, false) => &[Step::InPlace],
+        (false, false) => &Step::BALANCED,
+        (true, true) => &Step::UPGRADE_IN_PLACE,
+        (false, true) => &Step::UPGRADE,
     }
 }
 
-fn restore_steps(in_place: bool) -> &'static [Step] {
-    if in_place {
-        &[Step::RestoreVersion]
-    } else {
-        &Step::RESTORE
+fn restore_steps(in_place: bool, upgrade: bool) -> &'static [Step] {
+    match (in_place, upgrade) {
+        (true, false) => &[Step::RestoreVersion],
+        (false, false) => &Step::RESTORE,
+        (true, true) => &[Step::RestorePlatform, Step::RestoreFlags],
+        (false, true) => &Step::RESTORE_UPGRADE,
     }
 }
 
@@ -294,7 +404,7 @@ fn restore_steps(in_place: bool) -> &'static [Step] {
 pub fn past_point_of_no_return(step: Step) -> bool {
     matches!(
         step,
-        Step::DeploymentOn | Step::RouteAll | Step::SchedulerOnLoaded
+        Step::DeploymentOn | Step::UpgradeLoaded | Step::RouteAll | Step::SchedulerOnLoaded
     )
 }
 
@@ -318,7 +428,8 @@ pub fn next(op: &Operation, zone: &ZonePlan) -> Next {
         .filter(|s| s.zone == zone.zone)
         .map(|s| (s.step, s))
         .collect();
-    let restore = restore_steps(zone.in_place);
+    let upgrade = op.plan.platform.is_some();
+    let restore = restore_steps(zone.in_place, upgrade);
     if journal.keys().any(|s| s.is_restore()) {
         for &step in restore {
             match journal.get(&step).map(|s| s.state) {
@@ -328,7 +439,7 @@ pub fn next(op: &Operation, zone: &ZonePlan) -> Next {
         }
         return Next::Restored;
     }
-    for &step in forward_steps(zone.in_place) {
+    for &step in forward_steps(zone.in_place, upgrade) {
         match journal.get(&step).map(|s| s.state) {
             Some(StepState::Done) => continue,
             Some(StepState::Failed) if !past_point_of_no_return(step) => {
@@ -349,33 +460,41 @@ pub async fn start(c: &Arc<Controller>, plan: &DeployPlan) -> Result<Operation, 
         .zones
         .iter()
         .filter(|z| z.in_place)
-        .map(|z| {
-            format!(
+        .map(|z| match &plan.platform {
+            None => format!(
                 "zone {} has one serving front-end ({}): deployed in place, without a cutover",
                 z.zone, z.updating[0]
-            )
+            ),
+            Some(_) => format!(
+                "zone {} has one serving front-end ({}): it restarts in place, and requests reaching it while it does fail",
+                z.zone, z.updating[0]
+            ),
         })
         .collect();
     let message = (!warnings.is_empty()).then(|| warnings.join("; "));
     let now = now_ms();
+    let (kind, what) = match &plan.platform {
+        None => (
+            "balanced-deploy",
+            plan.zones
+                .iter()
+                .flat_map(|z| z.apps.iter().map(|a| format!("{}@{}", a.app, a.to)))
+                .collect::<Vec<String>>()
+                .join(" "),
+        ),
+        Some(build) => (
+            "platform-upgrade",
+            format!("paddock {} (build {})", build.version, short(&build.sha256)),
+        ),
+    };
     let id = c
         .store
-        .create_operation("balanced-deploy", plan, message.as_deref(), now)
+        .create_operation(kind, plan, message.as_deref(), now)
         .await?;
-    let apps: Vec<String> = plan
-        .zones
-        .iter()
-        .flat_map(|z| z.apps.iter().map(|a| format!("{}@{}", a.app, a.to)))
-        .collect();
     c.store
-        .audit(
-            "admin",
-            "balanced-deploy",
-            &format!("operation {id}: {}", apps.join(" ")),
-            now,
-        )
+        .audit("admin", kind, &format!("operation {id}: {what}"), now)
         .await?;
-    tracing::info!(operation = id, apps = %apps.join(" "), "balanced deployment started");
+    tracing::info!(operation = id, kind, what = %what, "operation started");
     spawn(c.clone(), id);
     c.store.operation(id).await
 }
@@ -536,8 +655,13 @@ async fn drive(c: &Arc<Controller>, id: i64) -> anyhow::Result<()> {
         (
             OpState::Paused,
             format!(
-                "{}; users are on the new version; `paddock op resume {id}` retries{per_zone}",
-                failures(false).last().cloned().unwrap_or_default()
+                "{}; users are on the new {}; `paddock op resume {id}` retries{per_zone}",
+                failures(false).last().cloned().unwrap_or_default(),
+                if plan.platform.is_some() {
+                    "build"
+                } else {
+                    "version"
+                }
             ),
         )
     } else if ends.iter().all(|e| *e == Some(ZoneEnd::Done)) {
@@ -553,9 +677,14 @@ async fn drive(c: &Arc<Controller>, id: i64) -> anyhow::Result<()> {
         };
         let unconfirmed = failures(true);
         let after = if unconfirmed.is_empty() {
-            format!(
-                "every user of the restored zones stayed on or went back to the old version; flags and routing there are as before{per_zone}"
-            )
+            match plan.platform {
+                None => format!(
+                    "every user of the restored zones stayed on or went back to the old version; flags and routing there are as before{per_zone}"
+                ),
+                Some(_) => format!(
+                    "users of the restored zones are served by the servers that served them before; flags and routing there are as before{per_zone}"
+                ),
+            }
         } else {
             format!(
                 "restored, except what did not confirm: {}",
@@ -631,6 +760,7 @@ async fn drive_zone(c: &Arc<Controller>, id: i64, index: usize) -> anyhow::Resul
         let run = Run {
             c,
             id,
+            plan: &op.plan,
             zone: &zone,
             timeout: Duration::from_millis(op.plan.timeout_ms),
             started_ms: started,
@@ -700,6 +830,7 @@ enum Check {
 struct Run<'a> {
     c: &'a Arc<Controller>,
     id: i64,
+    plan: &'a DeployPlan,
     zone: &'a ZonePlan,
     timeout: Duration,
     started_ms: i64,
@@ -803,7 +934,209 @@ impl Run<'_> {
                     .await
             }
             Step::RestoreFlags => self.restore_all_flags().await,
+            Step::UpgradeUpdating | Step::UpgradeInPlace => {
+                let build = self.build()?;
+                let g = self
+                    .set(
+                        z.updating
+                            .iter()
+                            .map(|n| target(n, Some(build.sha256.clone()))),
+                    )
+                    .await?;
+                let mut facts = vec![format!(
+                    "{} told to run build {} (generation {g})",
+                    join(&z.updating),
+                    short(&build.sha256)
+                )];
+                facts.extend(self.wait_upgraded(&z.updating, Mode::Forward).await?);
+                // Users reach them at the cutover (or now, in place): only through balancers
+                // whose health checks found them up again after the restart.
+                facts.extend(self.wait_balancers_see_up(&z.updating, now_ms()).await?);
+                Ok(facts)
+            }
+            Step::UpgradeLoaded => {
+                // Every other server of the zone too (passive ones, ones not alive now): each
+                // installs the build whenever it is up; only the loaded group is waited for.
+                let build = self.build()?;
+                let rest: Vec<String> = self
+                    .c
+                    .store
+                    .servers()
+                    .await?
+                    .into_iter()
+                    .filter(|s| s.zone == z.zone && !z.updating.contains(&s.name))
+                    .map(|s| s.name)
+                    .collect();
+                let g = self
+                    .set(rest.iter().map(|n| target(n, Some(build.sha256.clone()))))
+                    .await?;
+                let mut facts = vec![format!(
+                    "{} told to run build {} (generation {g})",
+                    join(&rest),
+                    short(&build.sha256)
+                )];
+                facts.extend(self.wait_upgraded(&z.loaded, Mode::NoReturn).await?);
+                Ok(facts)
+            }
+            Step::RestorePlatform => {
+                let build = self.build()?;
+                let servers = self.c.store.servers().await?;
+                let (kept, stopped): (Vec<&ServerInfo>, Vec<&ServerInfo>) = servers
+                    .iter()
+                    .filter(|s| {
+                        s.zone == z.zone && s.platform_target.as_deref() == Some(&build.sha256)
+                    })
+                    .partition(|s| runs(s, &build.sha256));
+                let stopped: Vec<String> = stopped.iter().map(|s| s.name.clone()).collect();
+                let g = self.set(stopped.iter().map(|n| target(n, None))).await?;
+                let mut facts = Vec::new();
+                if !stopped.is_empty() {
+                    facts.push(format!(
+                        "{} no longer told to install build {} (generation {g})",
+                        join(&stopped),
+                        short(&build.sha256)
+                    ));
+                }
+                if !kept.is_empty() {
+                    let kept: Vec<&str> = kept.iter().map(|s| s.name.as_str()).collect();
+                    facts.push(format!(
+                        "{} already run build {} and keep it (the old executable was replaced)",
+                        join(&kept),
+                        short(&build.sha256)
+                    ));
+                }
+                Ok(facts)
+            }
         }
+    }
+
+    /// The build a platform upgrade installs.
+    fn build(&self) -> Result<&PlatformBuild, StepError> {
+        self.plan
+            .platform
+            .as_ref()
+            .ok_or_else(|| StepError::Failed("this operation installs no platform build".into()))
+    }
+
+    /// Waits until every live balancer reported, at `since_ms` or later, that its health
+    /// checks pass for each of `servers`.
+    async fn wait_balancers_see_up(
+        &self,
+        servers: &[String],
+        since_ms: i64,
+    ) -> Result<Vec<String>, StepError> {
+        self.wait(true, || async {
+            let balancers: Vec<_> = self
+                .c
+                .store
+                .balancers(now_ms() - crate::routing::BALANCER_ALIVE_WITHIN_MS)
+                .await?
+                .into_iter()
+                .filter(|b| b.alive)
+                .collect();
+            let mut missing = Vec::new();
+            for b in &balancers {
+                if b.heartbeat_ms < since_ms {
+                    missing.push(format!("{} has not reported since", b.report.name));
+                    continue;
+                }
+                let down: Vec<&str> = servers
+                    .iter()
+                    .filter(|name| !b.report.upstreams.iter().any(|u| u.name == **name && u.up))
+                    .map(String::as_str)
+                    .collect();
+                if !down.is_empty() {
+                    missing.push(format!(
+                        "{} does not see {} up yet",
+                        b.report.name,
+                        down.join(", ")
+                    ));
+                }
+            }
+            if !missing.is_empty() {
+                return Ok(Check::Pending(missing.join("; ")));
+            }
+            let names: Vec<&str> = balancers.iter().map(|b| b.report.name.as_str()).collect();
+            Ok(Check::Done(vec![if names.is_empty() {
+                "no live balancer to wait for".to_string()
+            } else {
+                format!(
+                    "balancers {} see {} up ({} ms)",
+                    names.join(", "),
+                    join(servers),
+                    now_ms() - self.started_ms
+                )
+            }]))
+        })
+        .await
+    }
+
+    /// Waits until each of `servers` runs the plan's build and serves the zone's versions,
+    /// healthy, in a heartbeat sent after this step started. In [`Mode::Forward`] a server that
+    /// reports it cannot install the build fails the step at once.
+    async fn wait_upgraded(
+        &self,
+        servers: &[String],
+        mode: Mode,
+    ) -> Result<Vec<String>, StepError> {
+        let build = self.build()?;
+        let forward = mode == Mode::Forward;
+        let facts = self
+            .wait(forward, || async {
+                let all = self.c.store.servers().await?;
+                let now = now_ms();
+                let mut missing = Vec::new();
+                for name in servers {
+                    let Some(server) = all.iter().find(|s| s.name == *name) else {
+                        missing.push(format!("{name} is no longer registered"));
+                        continue;
+                    };
+                    if let Some(error) = server
+                        .observed
+                        .as_ref()
+                        .and_then(|o| o.upgrade_error.as_deref())
+                    {
+                        let failed = format!(
+                            "{name} cannot install build {}: {error}",
+                            short(&build.sha256)
+                        );
+                        if forward {
+                            return Err(StepError::Failed(failed));
+                        }
+                        missing.push(format!("{failed} (it retries)"));
+                        continue;
+                    }
+                    if !runs(server, &build.sha256) {
+                        missing.push(if alive(server, now) {
+                            format!("{name} does not run build {} yet", short(&build.sha256))
+                        } else {
+                            format!(
+                                "{name} is restarting (no heartbeat for {} s)",
+                                silent_ms(server, now) / 1000
+                            )
+                        });
+                        continue;
+                    }
+                    if !alive(server, now) {
+                        missing.push(format!("{name} stopped reporting"));
+                    }
+                }
+                if !missing.is_empty() {
+                    return Ok(Check::Pending(missing.join("; ")));
+                }
+                Ok(Check::Done(vec![format!(
+                    "{} {} build {} (paddock {}) ({} ms)",
+                    join(servers),
+                    if servers.len() == 1 { "runs" } else { "run" },
+                    short(&build.sha256),
+                    build.version,
+                    now_ms() - self.started_ms
+                )]))
+            })
+            .await?;
+        let mut all = facts;
+        all.extend(self.wait_serving(servers, |a| &a.to, mode).await?);
+        Ok(all)
     }
 
     fn before(&self, name: &str) -> ServerBefore {
@@ -901,6 +1234,7 @@ impl Run<'_> {
                 lb: Some(lb),
                 deployment: Some(before.deployment),
                 scheduler: Some(before.scheduler),
+                platform_target: None,
             });
         }
         let g = self.set(changes.into_iter()).await?;
@@ -1208,6 +1542,19 @@ enum Mode {
     Forward,
     /// From the point of no return, or restoring: only forward, whoever is missing.
     NoReturn,
+}
+
+/// Whether `server` reported running build `sha256`.
+fn runs(server: &ServerInfo, sha256: &str) -> bool {
+    server.observed.as_ref().and_then(|o| o.build.as_deref()) == Some(sha256)
+}
+
+fn target(name: &str, sha256: Option<String>) -> ServerChange {
+    ServerChange {
+        name: name.to_string(),
+        platform_target: Some(sha256),
+        ..ServerChange::default()
+    }
 }
 
 fn lb(name: &str, state: LbState) -> ServerChange {

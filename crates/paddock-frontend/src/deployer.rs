@@ -90,6 +90,8 @@ pub struct Deployer {
     /// The server's scheduler flag, as the desired state last said; the scheduler service
     /// claims ticks while it is on.
     pub scheduler_on: Arc<std::sync::atomic::AtomicBool>,
+    /// Installs the platform build the desired state names.
+    upgrader: Option<Arc<crate::upgrade::Upgrader>>,
 }
 
 impl Deployer {
@@ -116,7 +118,18 @@ impl Deployer {
             changed: Arc::new(Notify::new()),
             draining_since: std::sync::Mutex::new(None),
             scheduler_on: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            upgrader: None,
         })
+    }
+
+    pub fn with_upgrader(mut self, upgrader: Arc<crate::upgrade::Upgrader>) -> Deployer {
+        self.upgrader = Some(upgrader);
+        self
+    }
+
+    /// The client it reaches the controller with.
+    pub fn http(&self) -> reqwest::Client {
+        self.http.clone()
     }
 
     fn url(&self, path: &str) -> String {
@@ -166,6 +179,9 @@ impl Deployer {
                     let changed = first || state.generation != generation;
                     first = false;
                     self.note_lb(state.lb);
+                    if let Some(upgrader) = &self.upgrader {
+                        upgrader.check(state.platform.as_ref());
+                    }
                     self.scheduler_on
                         .store(state.scheduler, std::sync::atomic::Ordering::Release);
                     if state.deployment && changed {
@@ -719,6 +735,7 @@ mod tests {
             apps: vec![hello(&sha)],
             lb: paddock_api::LbState::Ready,
             scheduler: true,
+            platform: None,
         };
         assert_eq!(deployer.apply(&state, false).await, (1, 0));
         let loaded = deployer.apps.loaded();
@@ -745,6 +762,7 @@ mod tests {
             apps: vec![v1.clone()],
             lb: paddock_api::LbState::Ready,
             scheduler: true,
+            platform: None,
         };
         assert_eq!(deployer.apply(&state, false).await, (1, 0));
         assert_eq!(deployer.served(&state), state);
@@ -785,6 +803,7 @@ mod tests {
             ],
             lb: paddock_api::LbState::Ready,
             scheduler: true,
+            platform: None,
         };
         assert_eq!(deployer.apply(&state, false).await, (3, 0));
         // a and b swap routes; c is removed and d takes its route.

@@ -19,6 +19,7 @@ pub mod deployer;
 pub mod folder;
 pub mod scheduler;
 pub mod server;
+pub mod upgrade;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,6 +31,7 @@ use paddock_runtime::{Runtime, RuntimeConfig};
 
 pub use apps::{Apps, DeployError};
 pub use server::Server;
+pub use upgrade::Exit;
 
 /// Everything `paddock frontend` is configured with, resolved.
 #[derive(Debug, Clone)]
@@ -56,11 +58,12 @@ pub struct FrontendConfig {
     pub runtime: RuntimeConfig,
 }
 
-/// Runs a front-end until `shutdown` resolves, then drains it.
+/// Runs a front-end until `shutdown` resolves, then drains it; or until a platform upgrade
+/// installed a new build, which the caller then starts in this process's place.
 pub async fn run(
     config: FrontendConfig,
     shutdown: impl std::future::Future<Output = ()> + Send,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Exit> {
     let runtime = Arc::new(Runtime::new(&config.runtime)?);
     let cache = cache::ArtifactCache::open(&config.data_dir.join("artifacts"), runtime.clone())
         .with_context(|| {
@@ -89,20 +92,30 @@ pub async fn run(
     let server = Server::bind(&config, apps.clone(), vitals.clone(), app_data.clone()).await?;
     // The controller refusing this server for good stops it, saying why.
     let (refused_tx, refused_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
+    // A platform build installed: the server stops and its new build starts.
+    let (restart_tx, mut restart_rx) = tokio::sync::mpsc::channel::<Exit>(1);
     let deployer = match &config.controller {
         Some(link) => {
             let mut link = link.clone();
             if link.advertise.is_none() {
                 link.advertise = Some(server.local_addr().to_string());
             }
-            let deployer = Arc::new(deployer::Deployer::new(
+            let deployer = deployer::Deployer::new(
                 link.clone(),
                 config.name.clone(),
                 apps.clone(),
                 vitals.clone(),
                 cache.clone(),
                 &config.data_dir,
-            )?);
+            )?;
+            let upgrader = upgrade::Upgrader::new(
+                link.clone(),
+                deployer.http(),
+                vitals.clone(),
+                restart_tx,
+                deployer.changed.clone(),
+            )?;
+            let deployer = Arc::new(deployer.with_upgrader(Arc::new(upgrader)));
             let generation = deployer.restore().await;
             let scheduler = Arc::new(scheduler::Scheduler::new(
                 link,
@@ -139,24 +152,33 @@ pub async fn run(
         .as_ref()
         .map(|(_, _, scheduler, _)| scheduler.clone());
     let refusal = Arc::new(std::sync::Mutex::new(None));
+    let exit = Arc::new(std::sync::Mutex::new(Exit::Stopped));
     let shutdown = {
         let refusal = refusal.clone();
+        let exit = exit.clone();
+        let drain_delay = config.drain_delay;
         async move {
-            tokio::select! {
-                () = shutdown => {}
+            let delay = tokio::select! {
+                () = shutdown => drain_delay,
                 Ok(e) = refused_rx => {
                     tracing::error!("stopping: {e:#}");
                     *refusal.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                    drain_delay
                 }
-            }
+                Some(restart) = restart_rx.recv() => {
+                    *exit.lock().unwrap_or_else(|e| e.into_inner()) = restart;
+                    // The operation took this server out of the balancers before it named the
+                    // build (or it is the zone's only one, and waiting would not help).
+                    Duration::ZERO
+                }
+            };
             if let Some(scheduler) = claimer {
                 scheduler.stop_claiming();
             }
+            delay
         }
     };
-    let result = server
-        .serve(shutdown, config.drain_delay, config.shutdown_timeout)
-        .await;
+    let result = server.serve(shutdown, config.shutdown_timeout).await;
     let (deploying, deployer, scheduler, scheduling) = match deployer {
         Some((t, d, s, u)) => (Some(t), Some(d), Some(s), Some(u)),
         None => (None, None, None, None),
@@ -173,5 +195,7 @@ pub async fn run(
     if let Some(refusal) = refusal.lock().unwrap_or_else(|e| e.into_inner()).take() {
         return Err(refusal);
     }
-    result
+    result?;
+    let exit = exit.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    Ok(exit)
 }

@@ -58,6 +58,10 @@ pub struct Vitals {
     in_flight: AtomicU64,
     /// What the deployment service could not load in its last attempt.
     failed: std::sync::Mutex<Vec<paddock_api::LoadFailure>>,
+    /// The platform build this process runs, when known.
+    build: std::sync::Mutex<Option<String>>,
+    /// Why the named platform build is not installed yet.
+    upgrade_error: std::sync::Mutex<Option<String>>,
 }
 
 impl Vitals {
@@ -67,7 +71,21 @@ impl Vitals {
             state: AtomicU8::new(0),
             in_flight: AtomicU64::new(0),
             failed: std::sync::Mutex::new(Vec::new()),
+            build: std::sync::Mutex::new(None),
+            upgrade_error: std::sync::Mutex::new(None),
         }
+    }
+
+    pub fn build(&self) -> Option<String> {
+        self.build.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_build(&self, build: Option<String>) {
+        *self.build.lock().unwrap_or_else(|e| e.into_inner()) = build;
+    }
+
+    pub fn set_upgrade_error(&self, error: Option<String>) {
+        *self.upgrade_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
     }
 
     pub fn report(&self, apps: &Apps) -> HealthReport {
@@ -78,6 +96,12 @@ impl Vitals {
             in_flight: self.in_flight.load(Ordering::Acquire),
             failed: self
                 .failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            build: self.build(),
+            upgrade_error: self
+                .upgrade_error
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
@@ -139,13 +163,13 @@ impl Server {
             .expect("a bound TCP listener has an address")
     }
 
-    /// Serves until `shutdown` resolves. Then reports `stopping` (health answers 503) while still
-    /// serving for `drain_delay`, so that load balancers notice; then stops accepting, lets the
-    /// requests in flight finish (at most `drain_timeout`) and closes every connection.
+    /// Serves until `shutdown` resolves, to a drain delay. Then reports `stopping` (health
+    /// answers 503) while still serving for that delay, so that load balancers notice; then
+    /// stops accepting, lets the requests in flight finish (at most `drain_timeout`) and closes
+    /// every connection.
     pub async fn serve(
         self,
-        shutdown: impl std::future::Future<Output = ()> + Send,
-        drain_delay: Duration,
+        shutdown: impl std::future::Future<Output = Duration> + Send,
         drain_timeout: Duration,
     ) -> anyhow::Result<()> {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -167,7 +191,7 @@ impl Server {
                         continue;
                     }
                 },
-                () = &mut shutdown, if stop_accepting_at.is_none() => {
+                drain_delay = &mut shutdown, if stop_accepting_at.is_none() => {
                     self.shared.vitals.set_state(ServerState::Stopping);
                     tracing::info!(
                         "stopping: health answers 503, still serving for {:.1} s (--drain-delay)",

@@ -19,8 +19,9 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use paddock_api::{
     AppSummary, AuditEntry, BalancerInfo, BalancerReport, DeployPlan, HealthReport, LbState,
-    OpState, OpStep, Operation, Policy, Registration, Role, RouteEntry, ServerFlag, ServerInfo,
-    Step, StepState, TimerClaim, TimerFinish, TimerInfo, TimerLease, TimerRun, VersionInfo,
+    OpState, OpStep, Operation, PlatformBuild, Policy, Registration, Role, RouteEntry, ServerFlag,
+    ServerInfo, Step, StepState, TimerClaim, TimerFinish, TimerInfo, TimerLease, TimerRun,
+    VersionInfo,
 };
 use paddock_core::{Manifest, TimerSchedule};
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -105,6 +106,8 @@ pub struct ServerChange {
     pub lb: Option<LbState>,
     pub deployment: Option<bool>,
     pub scheduler: Option<bool>,
+    /// `Some(None)` clears the server's platform target.
+    pub platform_target: Option<Option<String>>,
 }
 
 /// A timer declared by a desired app version, as [`Store::sync_timers`] takes it.
@@ -218,6 +221,11 @@ pub trait Store: Send + Sync + 'static {
     /// Changes the flags of several servers in one transaction (one generation): the balancers
     /// never route by a table with only some of them. Returns the new generation.
     async fn set_servers(&self, changes: &[ServerChange]) -> Result<i64>;
+    /// Records a platform build whose file the controller keeps (again: no change).
+    async fn put_platform_build(&self, build: &PlatformBuild) -> Result<()>;
+    async fn platform_build(&self, sha256: &str) -> Result<Option<PlatformBuild>>;
+    /// Every build kept, newest first.
+    async fn platform_builds(&self) -> Result<Vec<PlatformBuild>>;
     /// The desired versions of a zone's apps.
     async fn desired(&self, zone: &str) -> Result<Vec<VersionInfo>>;
     async fn generation(&self) -> Result<i64>;
@@ -693,7 +701,7 @@ impl SqlStore {
 }
 
 const SERVER_COLUMNS: &str = "name, zone, address, platform_version, engine, role, deployment_on, \
-     scheduler_on, registered_ms, heartbeat_ms, observed, lb, weight";
+     scheduler_on, registered_ms, heartbeat_ms, observed, lb, weight, platform_target";
 
 fn server_from_row(row: &AnyRow) -> Result<ServerInfo> {
     let role: String = row.try_get("role")?;
@@ -720,6 +728,17 @@ fn server_from_row(row: &AnyRow) -> Result<ServerInfo> {
         lb: LbState::parse(&lb).ok_or_else(|| StoreError::Corrupt(format!("lb state {lb:?}")))?,
         weight: u32::try_from(row.try_get::<i64, _>("weight")?)
             .map_err(|_| StoreError::Corrupt("weight out of range".into()))?,
+        platform_target: row.try_get("platform_target")?,
+    })
+}
+
+fn platform_build_from_row(row: &AnyRow) -> Result<PlatformBuild> {
+    Ok(PlatformBuild {
+        sha256: row.try_get("sha256")?,
+        version: row.try_get("version")?,
+        size: u64::try_from(row.try_get::<i64, _>("size")?)
+            .map_err(|_| StoreError::Corrupt("platform build size out of range".into()))?,
+        uploaded_ms: row.try_get("uploaded_ms")?,
     })
 }
 
@@ -781,16 +800,21 @@ impl Store for SqlStore {
     async fn heartbeat(&self, name: &str, observed: &HealthReport, now_ms: i64) -> Result<()> {
         let json = serde_json::to_string(observed)
             .map_err(|e| StoreError::Corrupt(format!("observed state: {e}")))?;
-        let done = sqlx::query(
-            &self.sql("UPDATE servers SET heartbeat_ms = $1, observed = $2 WHERE name = $3"),
-        )
+        // A report received earlier but written later (it waited for the database) never
+        // replaces a newer one: a restarted server's first report would be lost to its previous
+        // process's last.
+        let done = sqlx::query(&self.sql(
+            "UPDATE servers SET heartbeat_ms = $1, observed = $2 \
+             WHERE name = $3 AND (heartbeat_ms IS NULL OR heartbeat_ms <= $1)",
+        ))
         .bind(now_ms)
         .bind(json)
         .bind(name)
         .execute(&self.pool)
         .await?;
         if done.rows_affected() == 0 {
-            return Err(StoreError::UnknownServer(name.into()));
+            // Unknown, or a newer report is there already.
+            self.server(name).await?;
         }
         Ok(())
     }
@@ -1264,11 +1288,15 @@ impl Store for SqlStore {
         for change in changes {
             let done = sqlx::query(&self.sql(
                 "UPDATE servers SET lb = COALESCE($1, lb), deployment_on = COALESCE($2, deployment_on), \
-                 scheduler_on = COALESCE($3, scheduler_on) WHERE name = $4",
+                 scheduler_on = COALESCE($3, scheduler_on), \
+                 platform_target = CASE WHEN $4 = 1 THEN $5 ELSE platform_target END \
+                 WHERE name = $6",
             ))
             .bind(change.lb.map(LbState::as_str))
             .bind(change.deployment.map(i64::from))
             .bind(change.scheduler.map(i64::from))
+            .bind(i64::from(change.platform_target.is_some()))
+            .bind(change.platform_target.clone().flatten())
             .bind(&change.name)
             .execute(&mut *tx)
             .await?;
@@ -1279,6 +1307,40 @@ impl Store for SqlStore {
         let generation = self.bump_generation(&mut tx).await?;
         tx.commit().await?;
         Ok(generation)
+    }
+
+    async fn put_platform_build(&self, build: &PlatformBuild) -> Result<()> {
+        sqlx::query(&self.sql(
+            "INSERT INTO platform_builds (sha256, version, size, uploaded_ms) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (sha256) DO NOTHING",
+        ))
+        .bind(&build.sha256)
+        .bind(&build.version)
+        .bind(i64::try_from(build.size).unwrap_or(i64::MAX))
+        .bind(build.uploaded_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn platform_build(&self, sha256: &str) -> Result<Option<PlatformBuild>> {
+        let row = sqlx::query(&self.sql(
+            "SELECT sha256, version, size, uploaded_ms FROM platform_builds WHERE sha256 = $1",
+        ))
+        .bind(sha256)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(platform_build_from_row).transpose()
+    }
+
+    async fn platform_builds(&self) -> Result<Vec<PlatformBuild>> {
+        let rows = sqlx::query(
+            "SELECT sha256, version, size, uploaded_ms FROM platform_builds \
+             ORDER BY uploaded_ms DESC, sha256",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(platform_build_from_row).collect()
     }
 
     async fn desired(&self, zone: &str) -> Result<Vec<VersionInfo>> {

@@ -101,8 +101,16 @@ async fn servers_and_flags(store: &dyn Store) {
         apps: vec![],
         in_flight: 3,
         failed: vec![],
+        build: None,
+        upgrade_error: None,
     };
     store.heartbeat("fe1", &report, 3000).await.unwrap();
+    // A report received before that one but written after it changes nothing.
+    let older = HealthReport {
+        in_flight: 99,
+        ..report.clone()
+    };
+    store.heartbeat("fe1", &older, 2999).await.unwrap();
     let s = store.server("fe1").await.unwrap();
     assert_eq!(s.heartbeat_ms, Some(3000));
     assert_eq!(s.observed, Some(report.clone()));
@@ -454,6 +462,7 @@ async fn operations_journal(store: &dyn Store) {
             .unwrap();
     }
     let plan = |zones: &[&str]| DeployPlan {
+        platform: None,
         parallel_zones: false,
         timeout_ms: 1000,
         zones: zones
@@ -577,6 +586,7 @@ async fn operations_journal(store: &dyn Store) {
         lb: Some(lb),
         deployment: Some(false),
         scheduler: None,
+        platform_target: None,
     };
     let g1 = store
         .set_servers(&[change("fe1", LbState::Drain), change("fe2", LbState::Maint)])
@@ -1130,7 +1140,69 @@ async fn config_overrides(store: &SqlStore) {
     assert_eq!(store.config_overrides().await.unwrap().len(), 1);
 }
 
+async fn platform_builds(store: &SqlStore) {
+    let build = |sha: &str, at| paddock_api::PlatformBuild {
+        sha256: sha.repeat(64),
+        version: "0.2.0".into(),
+        size: 3_000_000_000,
+        uploaded_ms: at,
+    };
+    assert_eq!(store.platform_builds().await.unwrap(), []);
+    store.put_platform_build(&build("a", 10)).await.unwrap();
+    store.put_platform_build(&build("b", 20)).await.unwrap();
+    // Again: the first record stands.
+    store.put_platform_build(&build("a", 30)).await.unwrap();
+    assert_eq!(
+        store.platform_build(&"a".repeat(64)).await.unwrap(),
+        Some(build("a", 10)),
+        "sizes past 2^31 survive"
+    );
+    assert_eq!(store.platform_build(&"c".repeat(64)).await.unwrap(), None);
+    assert_eq!(
+        store.platform_builds().await.unwrap(),
+        [build("b", 20), build("a", 10)],
+        "newest first"
+    );
+
+    store
+        .register_server(&registration("fe1", "default"), 1)
+        .await
+        .unwrap();
+    assert_eq!(store.server("fe1").await.unwrap().platform_target, None);
+    let target = |sha: Option<String>| ServerChange {
+        name: "fe1".into(),
+        platform_target: Some(sha),
+        ..ServerChange::default()
+    };
+    let g0 = store.generation().await.unwrap();
+    let g1 = store
+        .set_servers(&[target(Some("a".repeat(64)))])
+        .await
+        .unwrap();
+    assert!(g1 > g0, "a target is desired state: the generation moves");
+    assert_eq!(
+        store.server("fe1").await.unwrap().platform_target,
+        Some("a".repeat(64))
+    );
+    // Other changes leave the target alone.
+    store
+        .set_servers(&[ServerChange {
+            name: "fe1".into(),
+            lb: Some(LbState::Drain),
+            ..ServerChange::default()
+        }])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.server("fe1").await.unwrap().platform_target,
+        Some("a".repeat(64))
+    );
+    store.set_servers(&[target(None)]).await.unwrap();
+    assert_eq!(store.server("fe1").await.unwrap().platform_target, None);
+}
+
 on_both_backends!(
+    platform_builds,
     config_overrides,
     app_data,
     controller_role,

@@ -58,7 +58,24 @@ enum Command {
         #[command(flatten)]
         target: cmd::admin::Target,
     },
-    /// The journaled operations (balanced deployments): list, show, watch, abort, resume.
+    /// Balanced platform upgrade: install a `paddock` executable on every front-end without
+    /// downtime (half of each zone out of traffic, upgraded and smoke-tested, one cutover,
+    /// then the other half).
+    Upgrade {
+        #[command(flatten)]
+        args: cmd::ops::UpgradeArgs,
+        #[command(flatten)]
+        target: cmd::admin::Target,
+    },
+    /// The platform builds the controller keeps for upgrades.
+    Platform {
+        #[command(subcommand)]
+        command: cmd::ops::PlatformCommand,
+        #[command(flatten)]
+        target: cmd::admin::Target,
+    },
+    /// The journaled operations (balanced deployments and platform upgrades): list, show,
+    /// watch, abort, resume.
     Op {
         #[command(subcommand)]
         command: cmd::ops::OpCommand,
@@ -356,6 +373,12 @@ fn main() -> std::process::ExitCode {
         Command::Deploy { args, target } => admin(&target, |client| {
             Box::pin(async move { cmd::ops::deploy(&client, args).await })
         }),
+        Command::Upgrade { args, target } => admin(&target, |client| {
+            Box::pin(async move { cmd::ops::upgrade(&client, args).await })
+        }),
+        Command::Platform { command, target } => admin(&target, |client| {
+            Box::pin(async move { cmd::ops::platform(&client, command).await })
+        }),
         Command::Op { command, target } => admin(&target, |client| {
             Box::pin(async move { cmd::ops::op(&client, command).await })
         }),
@@ -502,7 +525,24 @@ fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
         .thread_name("paddock-frontend")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(paddock_frontend::run(config, shutdown_signal()))
+    let exit = runtime.block_on(paddock_frontend::run(config, shutdown_signal()))?;
+    drop(runtime);
+    match exit {
+        paddock_frontend::Exit::Stopped => Ok(()),
+        paddock_frontend::Exit::Restart { exe, build } => {
+            // The same process (PID, arguments, environment) on the new build: whatever
+            // supervises it sees no exit.
+            use std::os::unix::process::CommandExt as _;
+            let error = std::process::Command::new(&exe)
+                .args(std::env::args_os().skip(1))
+                .env(paddock_frontend::upgrade::BUILD_ENV, &build)
+                .exec();
+            Err(anyhow::Error::from(error).context(format!(
+                "starting the installed platform build {}",
+                exe.display()
+            )))
+        }
+    }
 }
 
 fn balancer(args: BalancerArgs) -> anyhow::Result<()> {

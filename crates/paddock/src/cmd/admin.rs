@@ -151,6 +151,34 @@ impl Client {
             .to_vec())
     }
 
+    /// A POST of a file, streamed.
+    pub async fn post_file<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        file: &Path,
+    ) -> anyhow::Result<T> {
+        let opened = tokio::fs::File::open(file)
+            .await
+            .with_context(|| format!("reading {}", file.display()))?;
+        let size = opened
+            .metadata()
+            .await
+            .with_context(|| format!("reading {}", file.display()))?
+            .len();
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
+            opened,
+            1 << 20,
+        ));
+        self.send(
+            self.http
+                .post(format!("{}{path}", self.base))
+                .header(reqwest::header::CONTENT_LENGTH, size)
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(body),
+        )
+        .await
+    }
+
     /// A PUT of bytes.
     pub async fn put_bytes(
         &self,

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use paddock_api::{
-    AppVersionRef, BalancedDeployRequest, DeployPlan, OpState, OpStep, Operation, StepState,
+    AppVersionRef, BalancedDeployRequest, DeployPlan, OpState, OpStep, Operation, PlatformBuild,
+    PlatformUpgradeRequest, StepState,
 };
 use paddock_controller::api::{BalancedDeployAnswer, DeployRequest, Deployed};
 
@@ -41,6 +42,41 @@ pub struct DeployArgs {
     /// How long each wait may take (balanced) or the whole rollout (in place).
     #[arg(long, default_value = "2m", value_parser = crate::positive_duration)]
     timeout: Duration,
+}
+
+#[derive(clap::Args)]
+pub struct UpgradeArgs {
+    /// The new `paddock` executable (uploaded to the controller first), or the sha256 of a
+    /// build uploaded before.
+    #[arg(value_name = "PATH|SHA256")]
+    build: String,
+    /// Only upgrade the front-ends of this zone.
+    #[arg(long)]
+    zone: Option<String>,
+    /// The front-ends to upgrade first (default: the first half of each zone, by name).
+    #[arg(long, value_delimiter = ',')]
+    updating: Vec<String>,
+    /// Run the zones side by side instead of one after another.
+    #[arg(long)]
+    parallel_zones: bool,
+    /// Print the procedure with the real server names, and change nothing (the executable is
+    /// still uploaded and checked).
+    #[arg(long)]
+    plan: bool,
+    /// Start the operation and return its id without following it.
+    #[arg(long)]
+    detach: bool,
+    /// How long each wait may take.
+    #[arg(long, default_value = "2m", value_parser = crate::positive_duration)]
+    timeout: Duration,
+}
+
+#[derive(clap::Subcommand)]
+pub enum PlatformCommand {
+    /// The builds the controller keeps, newest first.
+    Builds,
+    /// Upload a `paddock` executable without upgrading anything.
+    Upload { path: PathBuf },
 }
 
 #[derive(clap::Subcommand)]
@@ -179,10 +215,79 @@ pub async fn deploy(client: &Client, args: DeployArgs) -> anyhow::Result<()> {
                 e
             }
         })?;
+    follow(client, answer, args.detach).await
+}
+
+/// Uploads a `paddock` executable; the controller checks that it runs and says its version.
+async fn upload_build(client: &Client, path: &Path) -> anyhow::Result<PlatformBuild> {
+    if !path.is_file() {
+        anyhow::bail!(
+            "{}: no such file; give the new `paddock` executable (or the sha256 of a build `paddock platform builds` lists)",
+            path.display()
+        );
+    }
+    let build: PlatformBuild = client.post_file("/v1/platform/builds", path).await?;
+    if !client.json {
+        println!(
+            "build {} (paddock {}, {:.1} MB) kept by the controller",
+            &build.sha256[..12.min(build.sha256.len())],
+            build.version,
+            build.size as f64 / 1e6
+        );
+    }
+    Ok(build)
+}
+
+pub async fn platform(client: &Client, command: PlatformCommand) -> anyhow::Result<()> {
+    match command {
+        PlatformCommand::Builds => {
+            let builds: Vec<PlatformBuild> = client.get("/v1/platform/builds").await?;
+            client.print(&builds, |builds| {
+                println!("{:<66} {:<12} {:>10}", "SHA256", "VERSION", "MB");
+                for b in builds {
+                    println!(
+                        "{:<66} {:<12} {:>10.1}",
+                        b.sha256,
+                        b.version,
+                        b.size as f64 / 1e6
+                    );
+                }
+            })
+        }
+        PlatformCommand::Upload { path } => {
+            let build = upload_build(client, &path).await?;
+            client.print(&build, |_| {})
+        }
+    }
+}
+
+pub async fn upgrade(client: &Client, args: UpgradeArgs) -> anyhow::Result<()> {
+    let is_sha = args.build.len() == 64 && args.build.bytes().all(|b| b.is_ascii_hexdigit());
+    let sha256 = if is_sha && !Path::new(&args.build).exists() {
+        args.build.to_ascii_lowercase()
+    } else {
+        upload_build(client, Path::new(&args.build)).await?.sha256
+    };
+    let request = PlatformUpgradeRequest {
+        sha256,
+        zone: args.zone,
+        updating: args.updating,
+        parallel_zones: args.parallel_zones,
+        plan_only: args.plan,
+        timeout_ms: Some(args.timeout.as_millis() as u64),
+    };
+    let answer: BalancedDeployAnswer = client
+        .post("/v1/operations/platform-upgrade", &request)
+        .await?;
+    follow(client, answer, args.detach).await
+}
+
+/// Prints a plan, or follows the operation it started.
+async fn follow(client: &Client, answer: BalancedDeployAnswer, detach: bool) -> anyhow::Result<()> {
     let Some(operation) = answer.operation else {
         return client.print(&answer.plan, |plan| print_plan(plan, true));
     };
-    if args.detach {
+    if detach {
         return client.print(&operation, |op| {
             println!(
                 "operation {} started; `paddock op watch {}` follows it",
@@ -194,8 +299,14 @@ pub async fn deploy(client: &Client, args: DeployArgs) -> anyhow::Result<()> {
         print_plan(&answer.plan, false);
         println!();
         println!(
-            "operation {} started (`paddock op abort {}` stops it before the loaded group is updated)",
-            operation.id, operation.id
+            "operation {} started (`paddock op abort {}` stops it before the loaded group is {})",
+            operation.id,
+            operation.id,
+            if answer.plan.platform.is_some() {
+                "upgraded"
+            } else {
+                "updated"
+            }
         );
     }
     watch(client, operation.id).await
@@ -255,8 +366,15 @@ pub async fn op(client: &Client, command: OpCommand) -> anyhow::Result<()> {
     }
 }
 
-/// "hello v1→v2, shop v3→v4"
+/// "hello v1→v2, shop v3→v4", or the build a platform upgrade installs.
 fn what(plan: &DeployPlan) -> String {
+    if let Some(build) = &plan.platform {
+        return format!(
+            "paddock {} (build {})",
+            build.version,
+            &build.sha256[..12.min(build.sha256.len())]
+        );
+    }
     plan.zones
         .iter()
         .flat_map(|z| {
@@ -269,18 +387,40 @@ fn what(plan: &DeployPlan) -> String {
 }
 
 fn print_plan(plan: &DeployPlan, plan_only: bool) {
+    let upgrade = plan.platform.is_some();
     if plan_only {
-        println!("Balanced deployment plan (nothing was changed; run it without --plan):");
+        println!(
+            "Balanced {} plan (nothing was changed; run it without --plan):",
+            if upgrade {
+                "platform upgrade"
+            } else {
+                "deployment"
+            }
+        );
+    }
+    if upgrade {
+        println!("{}", what(plan));
     }
     for zone in &plan.zones {
         println!();
         let apps: Vec<String> = zone
             .apps
             .iter()
-            .map(|a| format!("{} {} → {} (smoke {})", a.app, a.from, a.to, a.smoke))
+            .map(|a| {
+                if upgrade {
+                    format!("{}@{} (smoke {})", a.app, a.to, a.smoke)
+                } else {
+                    format!("{} {} → {} (smoke {})", a.app, a.from, a.to, a.smoke)
+                }
+            })
             .collect();
         println!("zone {}: {}", zone.zone, apps.join(", "));
-        if zone.in_place {
+        if zone.in_place && upgrade {
+            println!(
+                "  one serving front-end ({}): restarts in place; requests reaching it meanwhile fail",
+                zone.updating.join(", ")
+            );
+        } else if zone.in_place {
             println!(
                 "  one serving front-end ({}): hot deploy in place, no cutover",
                 zone.updating.join(", ")
@@ -304,8 +444,13 @@ fn print_plan(plan: &DeployPlan, plan_only: bool) {
     }
     println!();
     println!(
-        "Each wait fails after {} s; a failure before step 8 (deployment-on) puts everything back.{}",
+        "Each wait fails after {} s; a failure before {} puts everything back.{}",
         plan.timeout_ms / 1000,
+        if upgrade {
+            "upgrade-loaded"
+        } else {
+            "step 8 (deployment-on)"
+        },
         if plan.parallel_zones && plan.zones.len() > 1 {
             " Zones run side by side."
         } else {

@@ -144,9 +144,17 @@ pub struct FrontendBuilder {
     dir: Option<tempfile::TempDir>,
     wait_registered: bool,
     listen: Option<SocketAddr>,
+    own_executable: bool,
 }
 
 impl FrontendBuilder {
+    /// Runs from its own `paddock` executable (`<dir>/bin/paddock`, a hard link to the one under
+    /// test), which a platform upgrade may replace without touching the build's.
+    pub fn own_executable(mut self) -> Self {
+        self.own_executable = true;
+        self
+    }
+
     /// Installs fixture `package` in the apps folder before start, under the folder name `name`.
     pub fn package(mut self, package: &str, name: &str) -> Self {
         self.packages.push((package.into(), name.into()));
@@ -226,7 +234,18 @@ impl FrontendBuilder {
         for (package, name) in &self.packages {
             install_package(&apps_dir, package, name);
         }
-        let mut command = Command::new(PADDOCK);
+        let exe = if self.own_executable {
+            let bin = dir.path().join("bin");
+            std::fs::create_dir_all(&bin).unwrap();
+            let exe = bin.join("paddock");
+            if !exe.exists() && std::fs::hard_link(PADDOCK, &exe).is_err() {
+                std::fs::copy(PADDOCK, &exe).unwrap();
+            }
+            exe
+        } else {
+            PathBuf::from(PADDOCK)
+        };
+        let mut command = Command::new(&exe);
         command
             .arg("frontend")
             .arg("--listen")
@@ -266,7 +285,17 @@ impl Frontend {
             dir: None,
             wait_registered: false,
             listen: None,
+            own_executable: false,
         }
+    }
+
+    /// The executable a front-end built with [`FrontendBuilder::own_executable`] runs from.
+    pub fn own_exe(&self) -> PathBuf {
+        self._dir.path().join("bin").join("paddock")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log(&self) -> String {

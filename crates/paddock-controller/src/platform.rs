@@ -1,0 +1,309 @@
+//! Platform builds: the `paddock` executables a platform upgrade installs on the front-ends.
+//!
+//! An upload (`POST /v1/platform/builds`, the raw executable) is streamed to a file in
+//! `<data>/platform/`, hashed on the way, and checked before it is kept: an ELF executable that
+//! runs on this machine and says it is Paddock (`--version`). A build is named by its sha256;
+//! its file is `<data>/platform/<sha256>`, its record (version, size) is in the database.
+//! Front-ends download it from `GET /control/v1/platform/{sha256}` and check the hash again.
+//!
+//! The file is on this controller's disk, not in the database: a standby that takes over has
+//! the records but not the files, and answers `unknown_build` until the build is uploaded to it.
+
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt as _;
+use paddock_api::{PlatformBuild, PlatformUpgradeRequest};
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncWriteExt as _;
+
+use crate::api::{BalancedDeployAnswer, Failure};
+use crate::extract::{Json, Path};
+use crate::ops::{PlanError, short};
+use crate::{Controller, now_ms};
+
+/// The largest executable accepted.
+pub const MAX_BUILD_BYTES: u64 = 1 << 30;
+/// How long the uploaded executable may take to print its version.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where this controller keeps build files.
+pub fn dir(c: &Controller) -> PathBuf {
+    c.data_dir.join("platform")
+}
+
+fn build_path(c: &Controller, sha256: &str) -> PathBuf {
+    dir(c).join(sha256)
+}
+
+fn bad_build(message: impl Into<String>) -> Failure {
+    Failure::new(StatusCode::BAD_REQUEST, "bad_build", message)
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> Failure {
+    tracing::error!("{what}: {e}");
+    Failure::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        format!("{what}: {e}"),
+    )
+}
+
+/// `POST /v1/platform/builds`: keeps an uploaded `paddock` executable.
+pub async fn upload(
+    State(c): State<Arc<Controller>>,
+    body: Body,
+) -> Result<(StatusCode, axum::Json<PlatformBuild>), Failure> {
+    let folder = dir(&c);
+    tokio::fs::create_dir_all(&folder)
+        .await
+        .map_err(|e| internal(&format!("creating {}", folder.display()), e))?;
+    let mut suffix = [0u8; 8];
+    getrandom::fill(&mut suffix).map_err(|e| internal("drawing a file name", e))?;
+    let temp = folder.join(format!(".upload-{}", hex::encode(suffix)));
+    let result = receive(&c, body, &temp).await;
+    if result.is_err() {
+        let _ = tokio::fs::remove_file(&temp).await;
+    }
+    result
+}
+
+async fn receive(
+    c: &Arc<Controller>,
+    mut body: Body,
+    temp: &FsPath,
+) -> Result<(StatusCode, axum::Json<PlatformBuild>), Failure> {
+    let mut file = tokio::fs::File::create(temp)
+        .await
+        .map_err(|e| internal(&format!("creating {}", temp.display()), e))?;
+    let mut hash = Sha256::new();
+    let mut size: u64 = 0;
+    let mut head: Vec<u8> = Vec::with_capacity(4);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| bad_build(format!("the upload broke off: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        size += data.len() as u64;
+        if size > MAX_BUILD_BYTES {
+            return Err(Failure::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "upload_too_large",
+                format!(
+                    "the upload is larger than {} MiB: send the `paddock` executable itself",
+                    MAX_BUILD_BYTES >> 20
+                ),
+            ));
+        }
+        if head.len() < 4 {
+            head.extend(data.iter().take(4 - head.len()).copied());
+        }
+        hash.update(&data);
+        file.write_all(&data)
+            .await
+            .map_err(|e| internal(&format!("writing {}", temp.display()), e))?;
+    }
+    file.sync_all()
+        .await
+        .map_err(|e| internal(&format!("writing {}", temp.display()), e))?;
+    drop(file);
+    if size == 0 {
+        return Err(bad_build(
+            "the upload is empty: send the `paddock` executable (`paddock upgrade PATH`)",
+        ));
+    }
+    if head != b"\x7fELF" {
+        return Err(bad_build(
+            "this is not an executable (no ELF header): send the `paddock` executable built for the servers' system",
+        ));
+    }
+    let sha256 = hex::encode(hash.finalize());
+    let version = version_of(temp).await?;
+    let path = build_path(c, &sha256);
+    tokio::fs::rename(temp, &path)
+        .await
+        .map_err(|e| internal(&format!("keeping {}", path.display()), e))?;
+    let known = c.store.platform_build(&sha256).await?;
+    let build = PlatformBuild {
+        sha256: sha256.clone(),
+        version,
+        size,
+        uploaded_ms: known.as_ref().map_or_else(now_ms, |b| b.uploaded_ms),
+    };
+    if known.is_some() {
+        return Ok((StatusCode::OK, axum::Json(build)));
+    }
+    c.store.put_platform_build(&build).await?;
+    c.store
+        .audit(
+            "admin",
+            "platform-upload",
+            &format!(
+                "build {} (paddock {}, {} bytes)",
+                short(&sha256),
+                build.version,
+                size
+            ),
+            now_ms(),
+        )
+        .await?;
+    tracing::info!(build = short(&sha256), version = %build.version, size, "platform build kept");
+    Ok((StatusCode::CREATED, axum::Json(build)))
+}
+
+/// Runs `path --version` and reads Paddock's version from it, or says why it is no Paddock.
+async fn version_of(path: &FsPath) -> Result<String, Failure> {
+    use std::os::unix::fs::PermissionsExt as _;
+    tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+        .await
+        .map_err(|e| internal(&format!("making {} executable", path.display()), e))?;
+    let run = tokio::process::Command::new(path)
+        .arg("--version")
+        .env_clear()
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = match tokio::time::timeout(VERSION_TIMEOUT, run).await {
+        Err(_) => {
+            return Err(bad_build(format!(
+                "the executable did not print its version within {} s: send the `paddock` executable",
+                VERSION_TIMEOUT.as_secs()
+            )));
+        }
+        Ok(Err(e)) => {
+            return Err(bad_build(format!(
+                "the executable does not run on this machine ({e}): build it for the servers' system"
+            )));
+        }
+        Ok(Ok(output)) => output,
+    };
+    parse_version(&String::from_utf8_lossy(&output.stdout)).ok_or_else(|| {
+        bad_build(format!(
+            "the executable is not Paddock: `--version` printed {:?} (exit {}), not `paddock VERSION`",
+            String::from_utf8_lossy(&output.stdout).trim(),
+            output.status
+        ))
+    })
+}
+
+/// `paddock 0.1.0` → `0.1.0`.
+pub fn parse_version(output: &str) -> Option<String> {
+    let version = output.trim().strip_prefix("paddock ")?;
+    let ok = !version.is_empty()
+        && version.len() <= 64
+        && version
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '-' | '+'));
+    ok.then(|| version.to_string())
+}
+
+/// `GET /v1/platform/builds`: the builds kept, newest first.
+pub async fn list(
+    State(c): State<Arc<Controller>>,
+) -> Result<axum::Json<Vec<PlatformBuild>>, Failure> {
+    Ok(axum::Json(c.store.platform_builds().await?))
+}
+
+/// `GET /control/v1/platform/{sha256}`: a build's executable, for a front-end to install.
+pub async fn download(
+    State(c): State<Arc<Controller>>,
+    Path(sha256): Path<String>,
+) -> Result<Response, Failure> {
+    let unknown = || {
+        Failure::new(
+            StatusCode::NOT_FOUND,
+            "unknown_build",
+            format!(
+                "this controller keeps no build {}: upload it here (`paddock upgrade PATH`)",
+                short(&sha256)
+            ),
+        )
+    };
+    if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(unknown());
+    }
+    let path = build_path(&c, &sha256);
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(unknown()),
+        Err(e) => return Err(internal(&format!("opening {}", path.display()), e)),
+    };
+    let size = file
+        .metadata()
+        .await
+        .map_err(|e| internal(&format!("reading {}", path.display()), e))?
+        .len();
+    let mut response =
+        Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20))
+            .into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    Ok(response)
+}
+
+/// `POST /v1/operations/platform-upgrade`: plans a balanced platform upgrade, and starts it.
+pub async fn upgrade(
+    State(c): State<Arc<Controller>>,
+    Json(request): Json<PlatformUpgradeRequest>,
+) -> Result<(StatusCode, axum::Json<BalancedDeployAnswer>), Failure> {
+    let _gate = c.zone_gate.lock().await;
+    let plan = crate::ops::plan_upgrade(&c, &request)
+        .await
+        .map_err(|e| match e {
+            PlanError::Invalid(message) => Failure::bad_request("bad_plan", message),
+            PlanError::Store(e) => e.into(),
+        })?;
+    if !build_path(&c, &request.sha256).is_file() {
+        return Err(Failure::new(
+            StatusCode::NOT_FOUND,
+            "unknown_build",
+            format!(
+                "this controller has the record of build {} but not its file (uploaded to another controller?): upload it here again",
+                short(&request.sha256)
+            ),
+        ));
+    }
+    if request.plan_only {
+        return Ok((
+            StatusCode::OK,
+            axum::Json(BalancedDeployAnswer {
+                plan,
+                operation: None,
+            }),
+        ));
+    }
+    let operation = crate::ops::start(&c, &plan).await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(BalancedDeployAnswer {
+            plan,
+            operation: Some(operation),
+        }),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_version;
+
+    #[test]
+    fn versions_are_read_from_paddock_only() {
+        assert_eq!(parse_version("paddock 0.1.0\n").as_deref(), Some("0.1.0"));
+        assert_eq!(
+            parse_version("paddock 1.2.3-rc.1+x").as_deref(),
+            Some("1.2.3-rc.1+x")
+        );
+        assert_eq!(parse_version("nginx 1.22"), None);
+        assert_eq!(parse_version("paddock "), None);
+        assert_eq!(parse_version("paddock 1.0; rm -rf"), None);
+    }
+}

@@ -1,0 +1,267 @@
+//! Installing a platform build: the front-end's side of a platform upgrade.
+//!
+//! When the desired state names a build ([`paddock_api::PlatformBuild`]) other than the one
+//! this process runs, [`Upgrader::check`] installs it in a task of its own: download from the
+//! controller into a file beside the executable, check its sha256, check that it runs and says
+//! it is that version, then rename it over the executable (so that whatever restarts the server
+//! later — systemd, an operator — starts the new build too) and ask the server to restart.
+//! [`crate::run`] then stops like for a signal, minus the drain delay (the operation drained
+//! this server through the balancers first), and returns [`Exit::Restart`]: `paddock frontend`
+//! replaces its process with the new executable, same arguments, same PID.
+//!
+//! Which build runs is known without reading the executable when this process was started by
+//! an upgrade ([`BUILD_ENV`]); otherwise the executable is hashed once, the first time a build
+//! is named, so that a server already on it does not install it again.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use paddock_api::PlatformBuild;
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncWriteExt as _;
+
+use crate::deployer::{ControllerLink, SendToController as _};
+use crate::server::Vitals;
+
+/// Set for the process an upgrade starts: the sha256 of the build it installed.
+pub const BUILD_ENV: &str = "PADDOCK_BUILD";
+/// How long the new executable may take to print its version.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
+/// The first wait before trying a failed installation again; it doubles up to [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_secs(2);
+const MAX_RETRY: Duration = Duration::from_secs(300);
+
+/// How a front-end's `run` ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// Stopped by a signal.
+    Stopped,
+    /// A platform build was installed over `exe`: start it in this process's place.
+    Restart { exe: PathBuf, build: String },
+}
+
+pub struct Upgrader {
+    link: ControllerLink,
+    http: reqwest::Client,
+    vitals: Arc<Vitals>,
+    /// The executable this process was started from.
+    exe: PathBuf,
+    /// An installation is running.
+    busy: AtomicBool,
+    /// After a failure to install a build: which one, not before when, and the next wait.
+    retry: std::sync::Mutex<Option<(String, Instant, Duration)>>,
+    restart: tokio::sync::mpsc::Sender<Exit>,
+    /// Wakes the heartbeat, so that the controller learns of a failure at once.
+    changed: Arc<tokio::sync::Notify>,
+}
+
+impl Upgrader {
+    pub fn new(
+        link: ControllerLink,
+        http: reqwest::Client,
+        vitals: Arc<Vitals>,
+        restart: tokio::sync::mpsc::Sender<Exit>,
+        changed: Arc<tokio::sync::Notify>,
+    ) -> anyhow::Result<Upgrader> {
+        let exe = std::env::current_exe().context("finding this process's executable")?;
+        if let Ok(build) = std::env::var(BUILD_ENV)
+            && build.len() == 64
+            && build.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            vitals.set_build(Some(build));
+        }
+        Ok(Upgrader {
+            link,
+            http,
+            vitals,
+            exe,
+            busy: AtomicBool::new(false),
+            retry: std::sync::Mutex::new(None),
+            restart,
+            changed,
+        })
+    }
+
+    /// Installs `target` unless this process runs it, an installation is running, or the last
+    /// one failed too recently. `None`: no build is named; an old failure is forgotten.
+    pub fn check(self: &Arc<Self>, target: Option<&PlatformBuild>) {
+        let Some(target) = target else {
+            self.vitals.set_upgrade_error(None);
+            *self.retry.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            return;
+        };
+        if target.sha256.len() != 64 || !target.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            self.vitals.set_upgrade_error(Some(format!(
+                "the controller names build {:?}, which is no sha256",
+                target.sha256
+            )));
+            return;
+        }
+        if self.vitals.build().as_deref() == Some(target.sha256.as_str()) {
+            return;
+        }
+        if let Some((sha256, at, _)) = &*self.retry.lock().unwrap_or_else(|e| e.into_inner())
+            && *sha256 == target.sha256
+            && Instant::now() < *at
+        {
+            return;
+        }
+        if self.busy.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let upgrader = self.clone();
+        let target = target.clone();
+        tokio::spawn(async move {
+            let result = upgrader.install(&target).await;
+            match result {
+                Ok(Some(exit)) => {
+                    tracing::info!(build = %short(&target.sha256), version = %target.version, exe = %upgrader.exe.display(), "platform build installed; restarting on it");
+                    let _ = upgrader.restart.send(exit).await;
+                    // Busy until the process is replaced: nothing installs twice.
+                    return;
+                }
+                Ok(None) => {
+                    tracing::info!(build = %short(&target.sha256), "this server runs the named platform build already");
+                    upgrader.vitals.set_upgrade_error(None);
+                }
+                Err(e) => {
+                    let mut retry = upgrader.retry.lock().unwrap_or_else(|e| e.into_inner());
+                    let wait = match &*retry {
+                        Some((sha256, _, next)) if *sha256 == target.sha256 => *next,
+                        _ => FIRST_RETRY,
+                    };
+                    *retry = Some((
+                        target.sha256.clone(),
+                        Instant::now() + wait,
+                        (wait * 2).min(MAX_RETRY),
+                    ));
+                    drop(retry);
+                    tracing::error!(build = %short(&target.sha256), "cannot install the platform build, retrying in {} s: {e:#}", wait.as_secs());
+                    upgrader.vitals.set_upgrade_error(Some(format!("{e:#}")));
+                    upgrader.changed.notify_one();
+                }
+            }
+            upgrader.busy.store(false, Ordering::Release);
+        });
+    }
+
+    /// Installs `target` over the executable; `None` when the executable is that build.
+    async fn install(&self, target: &PlatformBuild) -> anyhow::Result<Option<Exit>> {
+        if self.vitals.build().is_none() {
+            let exe = self.exe.clone();
+            let own = tokio::task::spawn_blocking(move || hash_file(&exe))
+                .await
+                .context("hashing the executable")??;
+            self.vitals.set_build(Some(own.clone()));
+            if own == target.sha256 {
+                return Ok(None);
+            }
+        }
+        let dir = self.exe.parent().context("the executable has no folder")?;
+        let temp = dir.join(format!(".paddock-upgrade-{}", short(&target.sha256)));
+        let result = self.fetch(target, &temp).await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(&temp).await;
+        }
+        result?;
+        tokio::fs::rename(&temp, &self.exe).await.with_context(|| {
+            format!(
+                "cannot replace {} (the user running this front-end must be able to write its folder)",
+                self.exe.display()
+            )
+        })?;
+        if let Ok(folder) = tokio::fs::File::open(dir).await {
+            let _ = folder.sync_all().await;
+        }
+        Ok(Some(Exit::Restart {
+            exe: self.exe.clone(),
+            build: target.sha256.clone(),
+        }))
+    }
+
+    /// Downloads `target` into `temp`, checks its hash and that it runs as that version.
+    async fn fetch(&self, target: &PlatformBuild, temp: &Path) -> anyhow::Result<()> {
+        let mut file = tokio::fs::File::create(temp).await.with_context(|| {
+            format!(
+                "cannot write {} beside the executable (the user running this front-end must be able to write its folder)",
+                temp.display()
+            )
+        })?;
+        let mut response = self
+            .http
+            .get(
+                self.link
+                    .controller
+                    .url(&format!("/control/v1/platform/{}", target.sha256)),
+            )
+            .bearer_auth(&self.link.join_token)
+            .send_to(&self.link.controller)
+            .await
+            .context("downloading the build from the controller")?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let body = response.text().await.unwrap_or_default();
+            anyhow::bail!("the controller answered {status} for the build: {body}");
+        }
+        let mut hash = Sha256::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .context("downloading the build from the controller")?
+        {
+            hash.update(&chunk);
+            file.write_all(&chunk)
+                .await
+                .with_context(|| format!("writing {}", temp.display()))?;
+        }
+        file.sync_all()
+            .await
+            .with_context(|| format!("writing {}", temp.display()))?;
+        drop(file);
+        let got = hex::encode(hash.finalize());
+        if got != target.sha256 {
+            anyhow::bail!(
+                "the download has sha256 {got}, not {}: not installed",
+                target.sha256
+            );
+        }
+        use std::os::unix::fs::PermissionsExt as _;
+        tokio::fs::set_permissions(temp, std::fs::Permissions::from_mode(0o755))
+            .await
+            .with_context(|| format!("making {} executable", temp.display()))?;
+        let run = tokio::process::Command::new(temp)
+            .arg("--version")
+            .env_clear()
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(VERSION_TIMEOUT, run)
+            .await
+            .map_err(|_| anyhow::anyhow!("the new build did not print its version in time"))?
+            .context("the new build does not run here")?;
+        let said = String::from_utf8_lossy(&output.stdout);
+        if said.trim() != format!("paddock {}", target.version) {
+            anyhow::bail!(
+                "the new build says {:?}, not `paddock {}`: not installed",
+                said.trim(),
+                target.version
+            );
+        }
+        Ok(())
+    }
+}
+
+fn short(sha256: &str) -> &str {
+    sha256.get(..12).unwrap_or(sha256)
+}
+
+fn hash_file(path: &Path) -> anyhow::Result<String> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut hash = Sha256::new();
+    std::io::copy(&mut file, &mut hash).with_context(|| format!("reading {}", path.display()))?;
+    Ok(hex::encode(hash.finalize()))
+}

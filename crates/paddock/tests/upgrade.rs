@@ -1,0 +1,196 @@
+//! Balanced platform upgrade end to end: a controller, three front-ends each running from its
+//! own `paddock` executable, a balancer, keep-alive clients through it for the whole
+//! operation, driven through the CLI (`paddock upgrade PATH`).
+//!
+//! The "new build" is the executable under test with bytes appended: it runs the same, and its
+//! sha256 (the build's identity) differs, so each front-end must download it, install it over
+//! its executable and restart on it.
+
+mod harness;
+
+use std::io::{Read as _, Seek as _};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use harness::{Balancer, Controller, Db, Frontend, Load, PADDOCK, failures, fixture};
+
+const MARK: &[u8] = b"\n-- a Paddock build made by the upgrade test --\n";
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A copy of the executable under test with [`MARK`] appended.
+fn new_build(dir: &Path) -> PathBuf {
+    let path = dir.join("paddock");
+    std::fs::copy(PADDOCK, &path).unwrap();
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    std::io::Write::write_all(&mut file, MARK).unwrap();
+    path
+}
+
+/// Whether the file ends with [`MARK`].
+fn is_new_build(path: &Path) -> bool {
+    let mut file = std::fs::File::open(path).unwrap();
+    file.seek(std::io::SeekFrom::End(-(MARK.len() as i64)))
+        .unwrap();
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail).unwrap();
+    tail == MARK
+}
+
+fn servers(controller: &Controller) -> Vec<serde_json::Value> {
+    serde_json::from_str::<serde_json::Value>(&controller.ok(&["servers", "--json"]))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_platform_upgrade_reaches_every_front_end_with_zero_failures() {
+    let controller = Controller::start(Db::Sqlite, "upgrade", &[]).await;
+    let names = ["fe1", "fe2", "fe3"];
+    let mut frontends = Vec::new();
+    for name in names {
+        frontends.push(
+            Frontend::builder(name)
+                .controller(&controller, "default")
+                .own_executable()
+                .listen(free_addr())
+                .start()
+                .await,
+        );
+    }
+    let lb = Balancer::start(&controller, "lb1", &[]).await;
+    lb.wait_up(&names, true).await;
+    controller.ok(&["app", "publish", &fixture("hello-v1").display().to_string()]);
+    let pids: Vec<u32> = frontends.iter().map(Frontend::pid).collect();
+
+    // Bad input is refused, naming the problem, and keeps nothing.
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("notes.txt");
+    std::fs::write(&text, "not a program").unwrap();
+    let e = controller.fails(&["upgrade", &text.display().to_string()]);
+    assert!(e.contains("not an executable (no ELF header)"), "{e}");
+    let e = controller.fails(&["upgrade", "/bin/true"]);
+    assert!(e.contains("is not Paddock"), "{e}");
+    let e = controller.fails(&["upgrade", &"0".repeat(64)]);
+    assert!(e.contains("no platform build"), "{e}");
+    let e = controller.fails(&["upgrade", "/no/such/paddock"]);
+    assert!(e.contains("no such file"), "{e}");
+    assert_eq!(
+        controller.ok(&["platform", "builds", "--json"]).trim(),
+        "[]"
+    );
+
+    let new = new_build(dir.path());
+    let uploaded: serde_json::Value = serde_json::from_str(&controller.ok(&[
+        "platform",
+        "upload",
+        &new.display().to_string(),
+        "--json",
+    ]))
+    .unwrap();
+    let sha = uploaded["sha256"].as_str().unwrap().to_string();
+    assert_eq!(uploaded["version"], env!("CARGO_PKG_VERSION"));
+
+    // The plan names the groups and changes nothing.
+    let plan = controller.ok(&["upgrade", &sha, "--plan"]);
+    assert!(plan.contains("updating: fe1"), "{plan}");
+    assert!(plan.contains("loaded:   fe2, fe3"), "{plan}");
+    for step in [
+        "drain-updating",
+        "upgrade-updating",
+        "smoke",
+        "cutover",
+        "upgrade-loaded",
+    ] {
+        assert!(plan.contains(step), "{plan}");
+    }
+
+    // fe1 (updating) cannot write beside its executable: the operation fails at its first
+    // upgrade and puts everything back, while users are served throughout.
+    let blocker = frontends[0]
+        .own_exe()
+        .with_file_name(format!(".paddock-upgrade-{}", &sha[..12]));
+    std::fs::create_dir(&blocker).unwrap();
+    let load = Load::start(lb.addr, "/hello", 4, Duration::from_millis(5));
+    let out = controller.cli_async(&["upgrade", &sha]).await;
+    assert!(!out.success, "{}", out.stdout);
+    assert!(out.stderr.contains("failed"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("fe1 cannot install build") && out.stderr.contains("cannot write"),
+        "{}",
+        out.stderr
+    );
+    for s in servers(&controller) {
+        assert_eq!(s["lb"], "ready", "{s:#}");
+        assert!(s["platform_target"].is_null(), "{s:#}");
+        assert_ne!(s["observed"]["build"], sha.as_str(), "{s:#}");
+    }
+    std::fs::remove_dir(&blocker).unwrap();
+
+    // Now every front-end installs the build and restarts on it, one group at a time.
+    let out = controller
+        .cli_async(&["upgrade", &new.display().to_string()])
+        .await;
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("succeeded"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("kept by the controller"),
+        "{}",
+        out.stdout
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let samples = load.stop().await;
+    assert!(samples.len() > 100, "too little load: {}", samples.len());
+    assert!(failures(&samples).is_empty(), "{:?}", failures(&samples));
+
+    for s in servers(&controller) {
+        assert_eq!(s["observed"]["build"], sha.as_str(), "{s:#}");
+        assert_eq!(s["platform_target"], sha.as_str(), "{s:#}");
+        assert_eq!(s["lb"], "ready", "{s:#}");
+        assert_eq!(s["scheduler"], true, "{s:#}");
+    }
+    for (frontend, pid) in frontends.iter().zip(&pids) {
+        assert!(
+            is_new_build(&frontend.own_exe()),
+            "{}'s executable is not the new build",
+            frontend.name
+        );
+        // The same process, now running the new executable.
+        assert_eq!(frontend.pid(), *pid);
+        let running = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+        assert_eq!(
+            running,
+            frontend.own_exe(),
+            "{} runs {}",
+            frontend.name,
+            running.display()
+        );
+        assert!(
+            frontend
+                .log()
+                .contains("platform build installed; restarting on it"),
+            "{}",
+            frontend.log()
+        );
+    }
+    let op: serde_json::Value =
+        serde_json::from_str(&controller.ok(&["op", "list", "--json"])).unwrap();
+    let newest = &op.as_array().unwrap()[0];
+    assert_eq!(newest["kind"], "platform-upgrade");
+    assert_eq!(newest["state"], "succeeded");
+
+    // Nothing is left to do.
+    let e = controller.fails(&["upgrade", &sha]);
+    assert!(e.contains("already runs build"), "{e}");
+}
