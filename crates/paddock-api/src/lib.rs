@@ -327,6 +327,9 @@ pub struct DesiredState {
     pub platform: Option<PlatformBuild>,
 }
 
+/// Set for a process that a platform upgrade started on its new build: the build's sha256.
+pub const BUILD_ENV: &str = "PADDOCK_BUILD";
+
 /// A build of the `paddock` executable the controller keeps for platform upgrades
 /// (`POST /v1/platform/builds`; front-ends download it from `GET /control/v1/platform/{sha256}`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -524,6 +527,9 @@ pub enum Step {
     /// After a failed platform upgrade: servers that did not install the new build stop
     /// trying (one that did keeps it: the old executable is gone).
     RestorePlatform,
+    /// Platform upgrade, last step of the last zone: the controller installs the build over
+    /// its executable and restarts on it; the new process resumes the operation here.
+    UpgradeController,
 }
 
 impl Step {
@@ -547,6 +553,7 @@ impl Step {
             Step::UpgradeLoaded => "upgrade-loaded",
             Step::UpgradeInPlace => "upgrade-in-place",
             Step::RestorePlatform => "restore-platform",
+            Step::UpgradeController => "upgrade-controller",
         }
     }
 
@@ -614,6 +621,7 @@ impl Step {
                 Step::UpgradeLoaded,
                 Step::UpgradeInPlace,
                 Step::RestorePlatform,
+                Step::UpgradeController,
             ])
     }
 
@@ -644,6 +652,9 @@ impl Step {
             }
             Step::UpgradeInPlace => "one server: installs the new build and restarts in place",
             Step::RestorePlatform => "servers without the new build stop installing it",
+            Step::UpgradeController => {
+                "the controller installs the new build and restarts; it resumes the operation"
+            }
         }
     }
 

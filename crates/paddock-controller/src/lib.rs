@@ -52,6 +52,23 @@ pub struct ControllerConfig {
     /// Wait for the controller role while another controller holds the database, rather than
     /// exiting; take over when it stops or dies.
     pub standby: bool,
+    /// A socket already listening at `listen`, handed over by the process this one replaced
+    /// (a platform upgrade); taken instead of binding once the role is held.
+    pub listener: Arc<std::sync::Mutex<Option<std::net::TcpListener>>>,
+}
+
+/// How a controller's `run` ended.
+#[derive(Debug)]
+pub enum Exit {
+    /// Stopped by a signal.
+    Stopped,
+    /// A platform upgrade installed a build over `exe`: start it in this process's place,
+    /// handing over `listener`; it resumes the operation where its journal stands.
+    Restart {
+        exe: PathBuf,
+        build: String,
+        listener: std::net::TcpListener,
+    },
 }
 
 /// What every request handler shares.
@@ -80,6 +97,11 @@ pub struct Controller {
     /// its request, and by an operation from reading its journal to journaling the next step:
     /// none of them acts on a state another one is changing. (One controller per farm.)
     pub(crate) zone_gate: tokio::sync::Mutex<()>,
+    /// The platform build this process runs, when known (see [`platform::own_build`]).
+    pub(crate) build: tokio::sync::Mutex<Option<String>>,
+    /// Set once a platform build was installed over the executable: the process is about to
+    /// be replaced, and no operation is driven meanwhile.
+    pub(crate) restarting: watch::Sender<Option<platform::Installed>>,
 }
 
 impl Controller {
@@ -120,7 +142,7 @@ pub fn now_ms() -> i64 {
 pub async fn run(
     config: ControllerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Exit> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data folder {}", config.data_dir.display()))?;
     // The role first: a second controller started by mistake, even with this one's address,
@@ -130,9 +152,27 @@ pub async fn run(
         .await
         .with_context(|| format!("opening the platform database {}", redact(&config.db_url)))?;
     let store = Arc::new(store);
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let handed_over = config
+        .listener
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    let listener = match handed_over {
+        Some(listener) => {
+            listener.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(listener)?
+        }
+        None => tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?,
+    };
+    // A second handle on the socket, handed over to the next process on a restart.
+    let keep = Arc::new(std::sync::Mutex::new(Some(
+        std::os::fd::AsFd::as_fd(&listener)
+            .try_clone_to_owned()
+            .map(std::net::TcpListener::from)
+            .context("duplicating the listening socket")?,
+    )));
     let tokens = tokens::Tokens::load_or_create(&config.data_dir)?;
     let runtime = Runtime::new(&RuntimeConfig {
         max_instances: 1,
@@ -155,6 +195,12 @@ pub async fn run(
             .context("building the HTTP client")?,
         timer_sync: tokio::sync::Mutex::new(()),
         zone_gate: tokio::sync::Mutex::new(()),
+        build: tokio::sync::Mutex::new(
+            std::env::var(platform::BUILD_ENV)
+                .ok()
+                .filter(|b| paddock_core::is_sha256(b)),
+        ),
+        restarting: watch::channel(None).0,
     });
     tracing::info!(
         database = controller.store.backend(),
@@ -173,10 +219,38 @@ pub async fn run(
         tokio::spawn(failover::watch(controller.clone(), after));
     }
     tokio::spawn(SqlStore::sweep_sessions_every_minute(store.clone()));
-    let serve = axum::serve(listener, api::router(controller)).with_graceful_shutdown(shutdown);
+    let mut restarting = controller.restarting.subscribe();
+    let stop = {
+        let keep = keep.clone();
+        async move {
+            tokio::select! {
+                // Stopping for good: new connections are refused at once, not left waiting.
+                () = shutdown => drop(keep.lock().unwrap_or_else(|e| e.into_inner()).take()),
+                _ = restarting.wait_for(Option::is_some) => {}
+            }
+        }
+    };
+    let serve = axum::serve(listener, api::router(controller.clone())).with_graceful_shutdown(stop);
+    let serve = std::future::IntoFuture::into_future(serve);
+    tokio::pin!(serve);
+    let mut installed = controller.restarting.subscribe();
     tokio::select! {
-        served = std::future::IntoFuture::into_future(serve) => {
-            served.context("serving the admin API")
+        served = &mut serve => {
+            served.context("serving the admin API")?;
+            Ok(Exit::Stopped)
+        }
+        seen = installed.wait_for(Option::is_some) => {
+            let installed = seen.ok().and_then(|seen| seen.clone());
+            // Requests in flight get a moment; long-polls do not hold the restart (their
+            // clients ask again, of the next process).
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), &mut serve).await;
+            let listener = keep.lock().unwrap_or_else(|e| e.into_inner()).take();
+            match (installed, listener) {
+                (Some(platform::Installed { exe, build }), Some(listener)) => {
+                    Ok(Exit::Restart { exe, build, listener })
+                }
+                _ => anyhow::bail!("restarting on the installed platform build: the listening socket is gone"),
+            }
         }
         lost = store.keep_controller_role(role, &holder) => {
             Err(anyhow::Error::from(lost).context(

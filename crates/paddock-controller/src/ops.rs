@@ -207,7 +207,15 @@ pub async fn plan_upgrade(
             .collect();
         zones.push((zone, apps));
     }
-    let plans = zone_plans(c, zones, &request.updating, true).await?;
+    let mut plans = zone_plans(c, zones, &request.updating, true).await?;
+    // The controller goes last: a build that fails on the front-ends is put back by a
+    // controller that works.
+    if let Some(last) = plans.last_mut() {
+        last.steps.push(PlannedStep {
+            step: Step::UpgradeController,
+            servers: Vec::new(),
+        });
+    }
     Ok(DeployPlan {
         parallel_zones: request.parallel_zones,
         timeout_ms,
@@ -404,7 +412,11 @@ fn restore_steps(in_place: bool, upgrade: bool) -> &'static [Step] {
 pub fn past_point_of_no_return(step: Step) -> bool {
     matches!(
         step,
-        Step::DeploymentOn | Step::UpgradeLoaded | Step::RouteAll | Step::SchedulerOnLoaded
+        Step::DeploymentOn
+            | Step::UpgradeLoaded
+            | Step::RouteAll
+            | Step::SchedulerOnLoaded
+            | Step::UpgradeController
     )
 }
 
@@ -439,7 +451,8 @@ pub fn next(op: &Operation, zone: &ZonePlan) -> Next {
         }
         return Next::Restored;
     }
-    for &step in forward_steps(zone.in_place, upgrade) {
+    // The steps the plan laid out (the last zone of a platform upgrade has one more).
+    for step in zone.steps.iter().map(|s| s.step) {
         match journal.get(&step).map(|s| s.state) {
             Some(StepState::Done) => continue,
             Some(StepState::Failed) if !past_point_of_no_return(step) => {
@@ -537,6 +550,9 @@ fn spawn_after(c: Arc<Controller>, id: i64, grace: Duration) {
         tokio::time::sleep(grace).await;
         let mut failures = 0u32;
         loop {
+            if c.restarting.borrow().is_some() {
+                return;
+            }
             match drive(&c, id).await {
                 Ok(()) => {
                     // A resume that came while this task was ending found it still driving and
@@ -578,6 +594,8 @@ enum ZoneEnd {
     Done,
     Restored,
     Paused,
+    /// The controller restarts on a new build mid-step; the next process resumes.
+    Restarting,
 }
 
 /// How a zone's journal says it ended, once its driver stopped; `None` if it never started.
@@ -615,6 +633,10 @@ async fn drive(c: &Arc<Controller>, id: i64) -> anyhow::Result<()> {
             }
         }
     }
+    if c.restarting.borrow().is_some() {
+        // The next process resumes the operation where its journal stands.
+        return Ok(());
+    }
     // How each zone ended, as its journal says (`None`: never started).
     let op = c.store.operation(id).await?;
     let ends: Vec<Option<ZoneEnd>> = plan.zones.iter().map(|z| zone_end(&op, z)).collect();
@@ -640,6 +662,7 @@ async fn drive(c: &Arc<Controller>, id: i64) -> anyhow::Result<()> {
             .map(|(z, end)| {
                 let end = match end {
                     Some(ZoneEnd::Done) => "done",
+                    Some(ZoneEnd::Restarting) => "restarting",
                     Some(ZoneEnd::Restored) => "restored",
                     Some(ZoneEnd::Paused) => "paused",
                     None => "not started",
@@ -732,6 +755,9 @@ async fn drive_zone(c: &Arc<Controller>, id: i64, index: usize) -> anyhow::Resul
     loop {
         // An abort is either seen here or refused because this step has started.
         let gate = c.zone_gate.lock().await;
+        if c.restarting.borrow().is_some() {
+            return Ok(ZoneEnd::Restarting);
+        }
         let op = c.store.operation(id).await?;
         let zone = op
             .plan
@@ -770,6 +796,7 @@ async fn drive_zone(c: &Arc<Controller>, id: i64, index: usize) -> anyhow::Resul
             Ok(facts) => (StepState::Done, facts, None),
             Err(StepError::Failed(message)) => (StepState::Failed, Vec::new(), Some(message)),
             Err(StepError::Store(e)) => return Err(e),
+            Err(StepError::Restarting) => return Ok(ZoneEnd::Restarting),
         };
         c.store
             .step_ended(
@@ -804,6 +831,8 @@ async fn drive_zone(c: &Arc<Controller>, id: i64, index: usize) -> anyhow::Resul
 enum StepError {
     /// It failed: the message names what did not confirm.
     Failed(String),
+    /// This process is being replaced by a new build, which runs the step again.
+    Restarting,
     /// The store could not be reached: drive again later.
     Store(anyhow::Error),
 }
@@ -977,6 +1006,26 @@ impl Run<'_> {
                 )];
                 facts.extend(self.wait_upgraded(&z.loaded, Mode::NoReturn).await?);
                 Ok(facts)
+            }
+            Step::UpgradeController => {
+                let build = self.build()?;
+                let own = crate::platform::own_build(self.c)
+                    .await
+                    .map_err(|e| StepError::Failed(format!("{e:#}")))?;
+                if own == build.sha256 {
+                    return Ok(vec![format!(
+                        "the controller runs build {} (paddock {}) as process {}",
+                        short(&build.sha256),
+                        build.version,
+                        std::process::id()
+                    )]);
+                }
+                crate::platform::install_here(self.c, build)
+                    .await
+                    .map_err(|e| StepError::Failed(format!("{e:#}")))?;
+                // Journaled as running: the new process runs this step again, and finds
+                // itself on the build.
+                Err(StepError::Restarting)
             }
             Step::RestorePlatform => {
                 let build = self.build()?;

@@ -13,6 +13,7 @@ use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -26,6 +27,76 @@ use crate::api::{BalancedDeployAnswer, Failure};
 use crate::extract::{Json, Path};
 use crate::ops::{PlanError, short};
 use crate::{Controller, now_ms};
+
+pub use paddock_api::BUILD_ENV;
+
+/// A platform build installed over this controller's executable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    pub exe: PathBuf,
+    pub build: String,
+}
+
+/// The build this process runs: named by the upgrade that started it, or its executable
+/// hashed the first time it is asked.
+pub async fn own_build(c: &Controller) -> anyhow::Result<String> {
+    let mut known = c.build.lock().await;
+    if let Some(build) = &*known {
+        return Ok(build.clone());
+    }
+    let build = tokio::task::spawn_blocking(paddock_runtime::sha256_of_this_executable)
+        .await
+        .context("hashing the executable")?
+        .context("hashing the executable")?;
+    *known = Some(build.clone());
+    Ok(build)
+}
+
+/// Installs `build` over this controller's executable, then asks the process to restart on it
+/// (see [`crate::Exit::Restart`]).
+pub async fn install_here(c: &Controller, build: &PlatformBuild) -> anyhow::Result<()> {
+    let source = build_path(c, &build.sha256);
+    if !source.is_file() {
+        anyhow::bail!(
+            "this controller keeps no file for build {} (it took over from the one it was uploaded to?): upload it here (`paddock platform upload PATH`), then `paddock op resume`",
+            short(&build.sha256)
+        );
+    }
+    let exe = std::env::current_exe().context("finding this process's executable")?;
+    let dir = exe.parent().context("the executable has no folder")?;
+    let temp = dir.join(format!(".paddock-upgrade-{}", short(&build.sha256)));
+    let copied = async {
+        tokio::fs::copy(&source, &temp).await.with_context(|| {
+            format!(
+                "cannot write {} beside the executable (the user running the controller must be able to write its folder)",
+                temp.display()
+            )
+        })?;
+        use std::os::unix::fs::PermissionsExt as _;
+        tokio::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o755)).await?;
+        tokio::fs::File::open(&temp).await?.sync_all().await?;
+        tokio::fs::rename(&temp, &exe).await.with_context(|| {
+            format!(
+                "cannot replace {} (the user running the controller must be able to write its folder)",
+                exe.display()
+            )
+        })
+    }
+    .await;
+    if copied.is_err() {
+        let _ = tokio::fs::remove_file(&temp).await;
+    }
+    copied?;
+    if let Ok(folder) = tokio::fs::File::open(dir).await {
+        let _ = folder.sync_all().await;
+    }
+    tracing::info!(build = short(&build.sha256), version = %build.version, exe = %exe.display(), "platform build installed; restarting on it");
+    c.restarting.send_replace(Some(Installed {
+        exe,
+        build: build.sha256.clone(),
+    }));
+    Ok(())
+}
 
 /// The largest executable accepted.
 pub const MAX_BUILD_BYTES: u64 = 1 << 30;
@@ -224,7 +295,7 @@ pub async fn download(
             ),
         )
     };
-    if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !paddock_core::is_sha256(&sha256) {
         return Err(unknown());
     }
     let path = build_path(&c, &sha256);

@@ -30,7 +30,7 @@ use anyhow::Context as _;
 use paddock_runtime::{Runtime, RuntimeConfig};
 
 pub use apps::{Apps, DeployError};
-pub use server::Server;
+pub use server::{Server, Stop};
 pub use upgrade::Exit;
 
 /// Everything `paddock frontend` is configured with, resolved.
@@ -39,6 +39,9 @@ pub struct FrontendConfig {
     /// The server's name in the farm; sent in `x-paddock-server` and the health report.
     pub name: String,
     pub listen: SocketAddr,
+    /// A socket already listening at `listen`, handed over by the process this one replaced
+    /// (a platform upgrade); the server takes it instead of binding.
+    pub listener: Arc<std::sync::Mutex<Option<std::net::TcpListener>>>,
     /// The folder of app packages to deploy and watch, if any.
     pub apps_dir: Option<PathBuf>,
     /// The controller whose desired state this front-end follows, if any.
@@ -93,7 +96,7 @@ pub async fn run(
     // The controller refusing this server for good stops it, saying why.
     let (refused_tx, refused_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
     // A platform build installed: the server stops and its new build starts.
-    let (restart_tx, mut restart_rx) = tokio::sync::mpsc::channel::<Exit>(1);
+    let (restart_tx, mut restart_rx) = tokio::sync::mpsc::channel::<upgrade::Installed>(1);
     let deployer = match &config.controller {
         Some(link) => {
             let mut link = link.clone();
@@ -152,30 +155,36 @@ pub async fn run(
         .as_ref()
         .map(|(_, _, scheduler, _)| scheduler.clone());
     let refusal = Arc::new(std::sync::Mutex::new(None));
-    let exit = Arc::new(std::sync::Mutex::new(Exit::Stopped));
+    let installed = Arc::new(std::sync::Mutex::new(None));
     let shutdown = {
         let refusal = refusal.clone();
-        let exit = exit.clone();
-        let drain_delay = config.drain_delay;
+        let installed = installed.clone();
+        let stop = Stop {
+            drain_delay: config.drain_delay,
+            hand_over: false,
+        };
         async move {
-            let delay = tokio::select! {
-                () = shutdown => drain_delay,
+            let stop = tokio::select! {
+                () = shutdown => stop,
                 Ok(e) = refused_rx => {
                     tracing::error!("stopping: {e:#}");
                     *refusal.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
-                    drain_delay
+                    stop
                 }
-                Some(restart) = restart_rx.recv() => {
-                    *exit.lock().unwrap_or_else(|e| e.into_inner()) = restart;
+                Some(build) = restart_rx.recv() => {
+                    *installed.lock().unwrap_or_else(|e| e.into_inner()) = Some(build);
                     // The operation took this server out of the balancers before it named the
                     // build (or it is the zone's only one, and waiting would not help).
-                    Duration::ZERO
+                    Stop {
+                        drain_delay: Duration::ZERO,
+                        hand_over: true,
+                    }
                 }
             };
             if let Some(scheduler) = claimer {
                 scheduler.stop_claiming();
             }
-            delay
+            stop
         }
     };
     let result = server.serve(shutdown, config.shutdown_timeout).await;
@@ -195,7 +204,14 @@ pub async fn run(
     if let Some(refusal) = refusal.lock().unwrap_or_else(|e| e.into_inner()).take() {
         return Err(refusal);
     }
-    result?;
-    let exit = exit.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    Ok(exit)
+    let listener = result?;
+    let installed = installed.lock().unwrap_or_else(|e| e.into_inner()).take();
+    Ok(match installed {
+        Some(upgrade::Installed { exe, build }) => Exit::Restart {
+            exe,
+            build,
+            listener,
+        },
+        None => Exit::Stopped,
+    })
 }

@@ -138,9 +138,20 @@ impl Server {
         vitals: Arc<Vitals>,
         app_data: Option<Arc<dyn AppData>>,
     ) -> anyhow::Result<Server> {
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        let handed_over = config
+            .listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let listener = match handed_over {
+            Some(listener) => {
+                listener.set_nonblocking(true)?;
+                TcpListener::from_std(listener)?
+            }
+            None => TcpListener::bind(config.listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?,
+        };
         let server_header = HeaderValue::from_str(&config.name).map_err(|_| {
             anyhow::anyhow!("server name {:?} cannot be sent in a header", config.name)
         })?;
@@ -163,15 +174,16 @@ impl Server {
             .expect("a bound TCP listener has an address")
     }
 
-    /// Serves until `shutdown` resolves, to a drain delay. Then reports `stopping` (health
-    /// answers 503) while still serving for that delay, so that load balancers notice; then
-    /// stops accepting, lets the requests in flight finish (at most `drain_timeout`) and closes
-    /// every connection.
+    /// Serves until `shutdown` resolves. Then reports `stopping` (health answers 503) while
+    /// still serving for the drain delay it says, so that load balancers notice; then stops
+    /// accepting, lets the requests in flight finish (at most `drain_timeout`) and closes every
+    /// connection. Returns the listening socket, still open, when `shutdown` said to hand it
+    /// over (connections arriving meanwhile wait for the next process).
     pub async fn serve(
         self,
-        shutdown: impl std::future::Future<Output = Duration> + Send,
+        shutdown: impl std::future::Future<Output = Stop> + Send,
         drain_timeout: Duration,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Option<std::net::TcpListener>> {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
@@ -179,6 +191,7 @@ impl Server {
             .keep_alive(true);
         tokio::pin!(shutdown);
         let mut stop_accepting_at: Option<tokio::time::Instant> = None;
+        let mut hand_over = false;
         loop {
             let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
             let (stream, _peer) = tokio::select! {
@@ -191,7 +204,9 @@ impl Server {
                         continue;
                     }
                 },
-                drain_delay = &mut shutdown, if stop_accepting_at.is_none() => {
+                stop = &mut shutdown, if stop_accepting_at.is_none() => {
+                    let drain_delay = stop.drain_delay;
+                    hand_over = stop.hand_over;
                     self.shared.vitals.set_state(ServerState::Stopping);
                     tracing::info!(
                         "stopping: health answers 503, still serving for {:.1} s (--drain-delay)",
@@ -217,7 +232,12 @@ impl Server {
         }
 
         self.shared.vitals.set_state(ServerState::Stopping);
-        drop(self.listener);
+        let kept = if hand_over {
+            Some(self.listener.into_std()?)
+        } else {
+            drop(self.listener);
+            None
+        };
         let in_flight = self.shared.vitals.in_flight.load(Ordering::Acquire);
         tracing::info!(
             in_flight,
@@ -231,8 +251,17 @@ impl Server {
                 drain_timeout.as_secs()
             ),
         }
-        Ok(())
+        Ok(kept)
     }
+}
+
+/// How [`Server::serve`] stops.
+#[derive(Debug, Clone, Copy)]
+pub struct Stop {
+    /// How long it keeps serving while its health answers 503.
+    pub drain_delay: Duration,
+    /// Keep the listening socket open and return it (for the process that replaces this one).
+    pub hand_over: bool,
 }
 
 async fn handle(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Body> {

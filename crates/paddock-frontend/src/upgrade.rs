@@ -26,8 +26,7 @@ use tokio::io::AsyncWriteExt as _;
 use crate::deployer::{ControllerLink, SendToController as _};
 use crate::server::Vitals;
 
-/// Set for the process an upgrade starts: the sha256 of the build it installed.
-pub const BUILD_ENV: &str = "PADDOCK_BUILD";
+pub use paddock_api::BUILD_ENV;
 /// How long the new executable may take to print its version.
 const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
 /// The first wait before trying a failed installation again; it doubles up to [`MAX_RETRY`].
@@ -35,12 +34,24 @@ const FIRST_RETRY: Duration = Duration::from_secs(2);
 const MAX_RETRY: Duration = Duration::from_secs(300);
 
 /// How a front-end's `run` ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Exit {
     /// Stopped by a signal.
     Stopped,
-    /// A platform build was installed over `exe`: start it in this process's place.
-    Restart { exe: PathBuf, build: String },
+    /// A platform build was installed over `exe`: start it in this process's place, handing
+    /// over `listener`.
+    Restart {
+        exe: PathBuf,
+        build: String,
+        listener: Option<std::net::TcpListener>,
+    },
+}
+
+/// A platform build installed over the executable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    pub exe: PathBuf,
+    pub build: String,
 }
 
 pub struct Upgrader {
@@ -53,7 +64,7 @@ pub struct Upgrader {
     busy: AtomicBool,
     /// After a failure to install a build: which one, not before when, and the next wait.
     retry: std::sync::Mutex<Option<(String, Instant, Duration)>>,
-    restart: tokio::sync::mpsc::Sender<Exit>,
+    restart: tokio::sync::mpsc::Sender<Installed>,
     /// Wakes the heartbeat, so that the controller learns of a failure at once.
     changed: Arc<tokio::sync::Notify>,
 }
@@ -63,13 +74,12 @@ impl Upgrader {
         link: ControllerLink,
         http: reqwest::Client,
         vitals: Arc<Vitals>,
-        restart: tokio::sync::mpsc::Sender<Exit>,
+        restart: tokio::sync::mpsc::Sender<Installed>,
         changed: Arc<tokio::sync::Notify>,
     ) -> anyhow::Result<Upgrader> {
         let exe = std::env::current_exe().context("finding this process's executable")?;
         if let Ok(build) = std::env::var(BUILD_ENV)
-            && build.len() == 64
-            && build.bytes().all(|b| b.is_ascii_hexdigit())
+            && paddock_core::is_sha256(&build)
         {
             vitals.set_build(Some(build));
         }
@@ -93,7 +103,7 @@ impl Upgrader {
             *self.retry.lock().unwrap_or_else(|e| e.into_inner()) = None;
             return;
         };
-        if target.sha256.len() != 64 || !target.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !paddock_core::is_sha256(&target.sha256) {
             self.vitals.set_upgrade_error(Some(format!(
                 "the controller names build {:?}, which is no sha256",
                 target.sha256
@@ -149,12 +159,13 @@ impl Upgrader {
     }
 
     /// Installs `target` over the executable; `None` when the executable is that build.
-    async fn install(&self, target: &PlatformBuild) -> anyhow::Result<Option<Exit>> {
+    async fn install(&self, target: &PlatformBuild) -> anyhow::Result<Option<Installed>> {
         if self.vitals.build().is_none() {
-            let exe = self.exe.clone();
-            let own = tokio::task::spawn_blocking(move || hash_file(&exe))
+            // What this process runs, even when its file was replaced meanwhile.
+            let own = tokio::task::spawn_blocking(paddock_runtime::sha256_of_this_executable)
                 .await
-                .context("hashing the executable")??;
+                .context("hashing the executable")?
+                .context("hashing the executable")?;
             self.vitals.set_build(Some(own.clone()));
             if own == target.sha256 {
                 return Ok(None);
@@ -176,7 +187,7 @@ impl Upgrader {
         if let Ok(folder) = tokio::fs::File::open(dir).await {
             let _ = folder.sync_all().await;
         }
-        Ok(Some(Exit::Restart {
+        Ok(Some(Installed {
             exe: self.exe.clone(),
             build: target.sha256.clone(),
         }))
@@ -256,12 +267,4 @@ impl Upgrader {
 
 fn short(sha256: &str) -> &str {
     sha256.get(..12).unwrap_or(sha256)
-}
-
-fn hash_file(path: &Path) -> anyhow::Result<String> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut hash = Sha256::new();
-    std::io::copy(&mut file, &mut hash).with_context(|| format!("reading {}", path.display()))?;
-    Ok(hex::encode(hash.finalize()))
 }

@@ -287,6 +287,21 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// sha256 of the file at `path`, lowercase hex, read in pieces (a `paddock` executable is
+/// hundreds of MB).
+pub fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hash = Sha256::new();
+    std::io::copy(&mut file, &mut hash)?;
+    Ok(hex::encode(hash.finalize()))
+}
+
+/// sha256 of the executable this process runs (`/proc/self/exe`: the file it was started
+/// from, even if its path now names another one).
+pub fn sha256_of_this_executable() -> std::io::Result<String> {
+    sha256_file(std::path::Path::new("/proc/self/exe"))
+}
+
 /// A stable name for `Engine::precompile_compatibility_hash`: sha256 over what it hashes, first
 /// 16 hex digits. Stable across processes and builds of the same Paddock release.
 fn engine_hash(engine: &Engine) -> String {

@@ -19,6 +19,7 @@ mod cmd {
     pub mod timer;
     pub mod up;
 }
+mod handoff;
 use paddock_runtime::{RuntimeConfig, sha256_hex};
 
 #[derive(Parser)]
@@ -451,13 +452,25 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
             .context("--max-upload-mib: give a size in MiB, at least 1")?,
         failover_after: (!args.failover_after.is_zero()).then_some(args.failover_after),
         standby: args.standby,
+        // Only a socket handed over by a restart: a controller binds once it holds the role,
+        // so that a second one started by mistake is told who runs instead of a port conflict.
+        listener: std::sync::Arc::new(std::sync::Mutex::new(handoff::inherited(args.listen))),
     };
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("paddock-controller")
         .build()
-        .context("starting the async runtime")?
-        .block_on(paddock_controller::run(config, shutdown_signal()))
+        .context("starting the async runtime")?;
+    let exit = runtime.block_on(paddock_controller::run(config, shutdown_signal()))?;
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match exit {
+        paddock_controller::Exit::Stopped => Ok(()),
+        paddock_controller::Exit::Restart {
+            exe,
+            build,
+            listener,
+        } => Err(handoff::exec(&exe, &build, &listener)),
+    }
 }
 
 fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
@@ -504,9 +517,11 @@ fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
             "nothing to serve: give --apps DIR (a folder of app packages) or --controller URL"
         );
     }
+    let listener = handoff::listener(args.listen)?;
     let config = FrontendConfig {
         name,
         listen: args.listen,
+        listener: std::sync::Arc::new(std::sync::Mutex::new(Some(listener))),
         apps_dir: args.apps,
         controller,
         data_dir,
@@ -526,21 +541,20 @@ fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     let exit = runtime.block_on(paddock_frontend::run(config, shutdown_signal()))?;
-    drop(runtime);
+    runtime.shutdown_timeout(Duration::from_secs(1));
     match exit {
         paddock_frontend::Exit::Stopped => Ok(()),
-        paddock_frontend::Exit::Restart { exe, build } => {
-            // The same process (PID, arguments, environment) on the new build: whatever
-            // supervises it sees no exit.
-            use std::os::unix::process::CommandExt as _;
-            let error = std::process::Command::new(&exe)
-                .args(std::env::args_os().skip(1))
-                .env(paddock_frontend::upgrade::BUILD_ENV, &build)
-                .exec();
-            Err(anyhow::Error::from(error).context(format!(
-                "starting the installed platform build {}",
-                exe.display()
-            )))
+        // The same process (PID, arguments, listening socket) on the new build: whatever
+        // supervises it sees no exit.
+        paddock_frontend::Exit::Restart {
+            exe,
+            build,
+            listener: Some(listener),
+        } => Err(handoff::exec(&exe, &build, &listener)),
+        paddock_frontend::Exit::Restart { listener: None, .. } => {
+            anyhow::bail!(
+                "restarting on the installed platform build: the listening socket is gone"
+            )
         }
     }
 }

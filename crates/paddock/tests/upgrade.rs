@@ -9,20 +9,12 @@
 mod harness;
 
 use std::io::{Read as _, Seek as _};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use harness::{Balancer, Controller, Db, Frontend, Load, PADDOCK, failures, fixture};
 
 const MARK: &[u8] = b"\n-- a Paddock build made by the upgrade test --\n";
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 /// A copy of the executable under test with [`MARK`] appended.
 fn new_build(dir: &Path) -> PathBuf {
@@ -56,7 +48,8 @@ fn servers(controller: &Controller) -> Vec<serde_json::Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_platform_upgrade_reaches_every_front_end_with_zero_failures() {
-    let controller = Controller::start(Db::Sqlite, "upgrade", &[]).await;
+    let controller = Controller::start_own_executable(Db::Sqlite, "upgrade", &[]).await;
+    let controller_pid = controller.pid();
     let names = ["fe1", "fe2", "fe3"];
     let mut frontends = Vec::new();
     for name in names {
@@ -64,7 +57,6 @@ async fn a_platform_upgrade_reaches_every_front_end_with_zero_failures() {
             Frontend::builder(name)
                 .controller(&controller, "default")
                 .own_executable()
-                .listen(free_addr())
                 .start()
                 .await,
         );
@@ -73,6 +65,10 @@ async fn a_platform_upgrade_reaches_every_front_end_with_zero_failures() {
     lb.wait_up(&names, true).await;
     controller.ok(&["app", "publish", &fixture("hello-v1").display().to_string()]);
     let pids: Vec<u32> = frontends.iter().map(Frontend::pid).collect();
+    let addresses: Vec<serde_json::Value> = servers(&controller)
+        .iter()
+        .map(|s| s["address"].clone())
+        .collect();
 
     // Bad input is refused, naming the problem, and keeps nothing.
     let dir = tempfile::tempdir().unwrap();
@@ -154,6 +150,13 @@ async fn a_platform_upgrade_reaches_every_front_end_with_zero_failures() {
     assert!(samples.len() > 100, "too little load: {}", samples.len());
     assert!(failures(&samples).is_empty(), "{:?}", failures(&samples));
 
+    // Each kept its listening socket (the system chose the ports): connections that arrived
+    // while it restarted waited for the new process.
+    let after: Vec<serde_json::Value> = servers(&controller)
+        .iter()
+        .map(|s| s["address"].clone())
+        .collect();
+    assert_eq!(after, addresses);
     for s in servers(&controller) {
         assert_eq!(s["observed"]["build"], sha.as_str(), "{s:#}");
         assert_eq!(s["platform_target"], sha.as_str(), "{s:#}");
@@ -189,6 +192,34 @@ async fn a_platform_upgrade_reaches_every_front_end_with_zero_failures() {
     let newest = &op.as_array().unwrap()[0];
     assert_eq!(newest["kind"], "platform-upgrade");
     assert_eq!(newest["state"], "succeeded");
+
+    // The controller went last: same process, same address, the new build, and it finished
+    // the operation it was driving when it restarted.
+    assert_eq!(controller.pid(), controller_pid);
+    assert!(is_new_build(&controller.own_exe()));
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{controller_pid}/exe")).unwrap(),
+        controller.own_exe()
+    );
+    let log = controller.log();
+    assert!(
+        log.contains("platform build installed; restarting on it"),
+        "{log}"
+    );
+    assert!(
+        log.contains("listening on the socket the previous process handed over"),
+        "{log}"
+    );
+    let last = newest["steps"].as_array().unwrap().last().unwrap();
+    assert_eq!(last["step"], "upgrade-controller", "{newest:#}");
+    assert_eq!(last["state"], "done", "{newest:#}");
+    assert!(
+        last["facts"][0]
+            .as_str()
+            .unwrap()
+            .contains(&format!("as process {controller_pid}")),
+        "{last:#}"
+    );
 
     // Nothing is left to do.
     let e = controller.fails(&["upgrade", &sha]);

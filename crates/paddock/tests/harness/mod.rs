@@ -517,12 +517,39 @@ pub struct Controller {
     child: Option<Child>,
     log: Arc<Mutex<String>>,
     extra_args: Vec<String>,
+    exe: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Controller {
     pub async fn start(db: Db, test: &str, extra_args: &[&str]) -> Controller {
+        Controller::start_from(db, test, extra_args, false).await
+    }
+
+    /// Runs from its own `paddock` executable (see [`Controller::own_exe`]), which a platform
+    /// upgrade may replace without touching the build's.
+    pub async fn start_own_executable(db: Db, test: &str, extra_args: &[&str]) -> Controller {
+        Controller::start_from(db, test, extra_args, true).await
+    }
+
+    /// The executable it runs from.
+    pub fn own_exe(&self) -> PathBuf {
+        self.exe.clone()
+    }
+
+    async fn start_from(db: Db, test: &str, extra_args: &[&str], own: bool) -> Controller {
         let dir = tempfile::tempdir().unwrap();
+        let exe = if own {
+            let bin = dir.path().join("bin");
+            std::fs::create_dir_all(&bin).unwrap();
+            let exe = bin.join("paddock");
+            if std::fs::hard_link(PADDOCK, &exe).is_err() {
+                std::fs::copy(PADDOCK, &exe).unwrap();
+            }
+            exe
+        } else {
+            PathBuf::from(PADDOCK)
+        };
         let db_url = match db {
             Db::Sqlite => format!("sqlite://{}", dir.path().join("paddock.db").display()),
             Db::Postgres => {
@@ -552,6 +579,7 @@ impl Controller {
             child: None,
             log: Arc::new(Mutex::new(String::new())),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            exe,
             _dir: dir,
         };
         controller.launch("127.0.0.1:0").await;
@@ -567,7 +595,7 @@ impl Controller {
     }
 
     async fn launch(&mut self, listen: &str) {
-        let mut command = Command::new(PADDOCK);
+        let mut command = Command::new(&self.exe);
         command
             .args(["controller", "--listen", listen, "--db", &self.db_url])
             .arg("--data")
@@ -685,6 +713,7 @@ impl Controller {
             child: Some(child),
             log,
             extra_args: vec!["--standby".into()],
+            exe: PathBuf::from(PADDOCK),
             _dir: dir,
         };
         standby
