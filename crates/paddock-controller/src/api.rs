@@ -973,11 +973,18 @@ async fn abort_operation(
             return Err(Failure::new(
                 StatusCode::CONFLICT,
                 "past_point_of_no_return",
-                format!(
-                    "operation {id} is at step {} in zone {}: the loaded group is taking the new version, so no server runs the old one any more; let it finish, then deploy the old version with `paddock deploy --balanced`",
-                    step.as_str(),
-                    zone.zone
-                ),
+                match &op.plan.platform {
+                    None => format!(
+                        "operation {id} is at step {} in zone {}: the loaded group is taking the new version, so no server runs the old one any more; let it finish, then deploy the old version with `paddock deploy --balanced`",
+                        step.as_str(),
+                        zone.zone
+                    ),
+                    Some(_) => format!(
+                        "operation {id} is at step {} in zone {}: the loaded group is installing the new build over its executables, so there is no old build to go back to; let it finish, then upgrade to the old build the same way if you must",
+                        step.as_str(),
+                        zone.zone
+                    ),
+                },
             ));
         }
     }
