@@ -225,3 +225,40 @@ async fn a_platform_upgrade_reaches_every_front_end_with_zero_failures() {
     let e = controller.fails(&["upgrade", &sha]);
     assert!(e.contains("already runs build"), "{e}");
 }
+
+/// A zone with one serving front-end is upgraded in place: connections that arrive while it
+/// restarts wait in its handed-over socket, so users still see no failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_front_end_restarts_in_place_without_failing_a_request() {
+    let controller = Controller::start_own_executable(Db::Sqlite, "upgrade_in_place", &[]).await;
+    let frontend = Frontend::builder("solo")
+        .controller(&controller, "default")
+        .own_executable()
+        .start()
+        .await;
+    let lb = Balancer::start(&controller, "lb1", &[]).await;
+    lb.wait_up(&["solo"], true).await;
+    controller.ok(&["app", "publish", &fixture("hello-v1").display().to_string()]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let new = new_build(dir.path());
+    let plan = controller.ok(&["upgrade", &new.display().to_string(), "--plan"]);
+    assert!(plan.contains("restarts in place"), "{plan}");
+    assert!(plan.contains("upgrade-in-place"), "{plan}");
+
+    let load = Load::start(lb.addr, "/hello", 4, Duration::from_millis(5));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let out = controller
+        .cli_async(&["upgrade", &new.display().to_string()])
+        .await;
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("succeeded"), "{}", out.stdout);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let samples = load.stop().await;
+    assert!(samples.len() > 100, "too little load: {}", samples.len());
+    assert!(failures(&samples).is_empty(), "{:?}", failures(&samples));
+    assert!(is_new_build(&frontend.own_exe()));
+    let s = &servers(&controller)[0];
+    assert_eq!(s["observed"]["build"], s["platform_target"], "{s:#}");
+    assert_eq!(s["lb"], "ready", "{s:#}");
+}
