@@ -28,7 +28,18 @@ pub struct HealthReport {
     pub build: Option<String>,
     /// Why the platform build it was told to run is not installed yet (it retries).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub upgrade_error: Option<String>,
+    pub upgrade_error: Option<UpgradeFailure>,
+}
+
+/// A front-end's last failed attempt to install a platform build.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeFailure {
+    /// The build it tried to install.
+    pub build: String,
+    /// The generation of the desired state that named it: an operation only counts failures
+    /// of attempts made for what it asked.
+    pub generation: i64,
+    pub error: String,
 }
 
 /// A desired app version a front-end could not load.

@@ -55,6 +55,8 @@ pub struct ControllerConfig {
     /// A socket already listening at `listen`, handed over by the process this one replaced
     /// (a platform upgrade); taken instead of binding once the role is held.
     pub listener: Arc<std::sync::Mutex<Option<std::net::TcpListener>>>,
+    /// Take platform builds (native executables run on every server) and upgrade to them.
+    pub platform_upgrades: bool,
 }
 
 /// How a controller's `run` ended.
@@ -81,6 +83,10 @@ pub struct Controller {
     pub max_upload_bytes: usize,
     /// Where the tokens and the platform builds are kept.
     pub data_dir: std::path::PathBuf,
+    /// The executable this process was started from (a platform upgrade installs over it).
+    pub exe: std::path::PathBuf,
+    /// Whether platform builds are taken (`--platform-upgrades`).
+    pub platform_upgrades: bool,
     /// The newest generation this controller wrote; long-polls wait on it.
     generation: watch::Sender<i64>,
     /// Counts reports from front-ends and balancers (and operation changes): operations waiting
@@ -148,6 +154,17 @@ pub async fn run(
     // The role first: a second controller started by mistake, even with this one's address,
     // is told which controller runs, and changes nothing.
     let holder = holder(config.listen);
+    if config.standby {
+        // A standby keeps no socket open while it waits for the role: connections to it would
+        // wait for nobody. It binds once it holds the role.
+        drop(
+            config
+                .listener
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
+    }
     let (store, role) = SqlStore::open_as_controller(&config.db_url, &holder, config.standby)
         .await
         .with_context(|| format!("opening the platform database {}", redact(&config.db_url)))?;
@@ -186,6 +203,8 @@ pub async fn run(
         tokens,
         max_upload_bytes: config.max_upload_bytes,
         data_dir: config.data_dir.clone(),
+        exe: std::env::current_exe().context("finding this process's executable")?,
+        platform_upgrades: config.platform_upgrades,
         generation: watch::channel(generation).0,
         facts: watch::channel(0).0,
         driving: std::sync::Mutex::new(HashSet::new()),

@@ -34,6 +34,8 @@ use crate::{Controller, now_ms};
 pub const DEFAULT_TIMEOUT_MS: u64 = 120_000;
 /// How often a wait looks again when no fact arrived (abort requests and deadlines).
 const RECHECK: Duration = Duration::from_millis(250);
+/// How long a server may be silent and still count as restarting on a new build, not dead.
+const RESTART_GRACE_MS: i64 = 30_000;
 /// How long one smoke request may take.
 const SMOKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -147,12 +149,34 @@ pub async fn plan_upgrade(
             "timeout {timeout_ms} ms is out of range: use 1s to 1h"
         )));
     }
+    if request.parallel_zones {
+        return Err(invalid(
+            "a platform upgrade runs its zones one after another (the controller goes last, once every zone is done); leave out --parallel-zones",
+        ));
+    }
     let build = c.store.platform_build(&request.sha256).await?.ok_or_else(|| {
         invalid(format!(
             "no platform build {} here; upload it first (`paddock upgrade PATH` does both), `paddock platform builds` lists them",
             request.sha256
         ))
     })?;
+    let ours = env!("CARGO_PKG_VERSION");
+    if crate::platform::older(&build.version, ours) {
+        return Err(invalid(format!(
+            "build {} is paddock {}, older than this controller's {ours}: an older release may not read the database a newer one migrated, and has no way back; upgrade to a release at least as new",
+            short(&build.sha256),
+            build.version
+        )));
+    }
+    // The whole farm: the controller goes last. It checks now that it can, rather than fail
+    // there, past the point of no return.
+    if request.zone.is_none()
+        && let Err(e) = crate::platform::can_install_here(c, &build.sha256)
+    {
+        return Err(invalid(format!(
+            "the controller could not install the build over its own executable: {e:#}"
+        )));
+    }
     let servers = c.store.servers().await?;
     let now = now_ms();
     let mut names: Vec<String> = servers
@@ -208,9 +232,11 @@ pub async fn plan_upgrade(
         zones.push((zone, apps));
     }
     let mut plans = zone_plans(c, zones, &request.updating, true).await?;
-    // The controller goes last: a build that fails on the front-ends is put back by a
-    // controller that works.
-    if let Some(last) = plans.last_mut() {
+    // The controller goes last, after every zone (they run one after another): a build that
+    // fails on the front-ends is put back by a controller that works. Not for one zone.
+    if request.zone.is_none()
+        && let Some(last) = plans.last_mut()
+    {
         last.steps.push(PlannedStep {
             step: Step::UpgradeController,
             servers: Vec::new(),
@@ -965,19 +991,22 @@ impl Run<'_> {
             Step::RestoreFlags => self.restore_all_flags().await,
             Step::UpgradeUpdating | Step::UpgradeInPlace => {
                 let build = self.build()?;
+                // In place, the zone's other servers (passive, or not alive now) are told too:
+                // each installs the build whenever it is up. Only the serving one is waited for.
+                let told = if step == Step::UpgradeInPlace {
+                    self.zone_servers().await?
+                } else {
+                    z.updating.clone()
+                };
                 let g = self
-                    .set(
-                        z.updating
-                            .iter()
-                            .map(|n| target(n, Some(build.sha256.clone()))),
-                    )
+                    .set(told.iter().map(|n| target(n, Some(build.sha256.clone()))))
                     .await?;
                 let mut facts = vec![format!(
                     "{} told to run build {} (generation {g})",
-                    join(&z.updating),
+                    join(&told),
                     short(&build.sha256)
                 )];
-                facts.extend(self.wait_upgraded(&z.updating, Mode::Forward).await?);
+                facts.extend(self.wait_upgraded(&z.updating, g, Mode::Forward).await?);
                 // Users reach them at the cutover (or now, in place): only through balancers
                 // whose health checks found them up again after the restart.
                 facts.extend(self.wait_balancers_see_up(&z.updating, now_ms()).await?);
@@ -988,13 +1017,10 @@ impl Run<'_> {
                 // installs the build whenever it is up; only the loaded group is waited for.
                 let build = self.build()?;
                 let rest: Vec<String> = self
-                    .c
-                    .store
-                    .servers()
+                    .zone_servers()
                     .await?
                     .into_iter()
-                    .filter(|s| s.zone == z.zone && !z.updating.contains(&s.name))
-                    .map(|s| s.name)
+                    .filter(|name| !z.updating.contains(name))
                     .collect();
                 let g = self
                     .set(rest.iter().map(|n| target(n, Some(build.sha256.clone()))))
@@ -1004,7 +1030,7 @@ impl Run<'_> {
                     join(&rest),
                     short(&build.sha256)
                 )];
-                facts.extend(self.wait_upgraded(&z.loaded, Mode::NoReturn).await?);
+                facts.extend(self.wait_upgraded(&z.loaded, g, Mode::NoReturn).await?);
                 Ok(facts)
             }
             Step::UpgradeController => {
@@ -1057,6 +1083,19 @@ impl Run<'_> {
                 Ok(facts)
             }
         }
+    }
+
+    /// Every server of the zone now.
+    async fn zone_servers(&self) -> Result<Vec<String>, StepError> {
+        Ok(self
+            .c
+            .store
+            .servers()
+            .await?
+            .into_iter()
+            .filter(|s| s.zone == self.zone.zone)
+            .map(|s| s.name)
+            .collect())
     }
 
     /// The build a platform upgrade installs.
@@ -1126,6 +1165,7 @@ impl Run<'_> {
     async fn wait_upgraded(
         &self,
         servers: &[String],
+        generation: i64,
         mode: Mode,
     ) -> Result<Vec<String>, StepError> {
         let build = self.build()?;
@@ -1135,24 +1175,34 @@ impl Run<'_> {
                 let all = self.c.store.servers().await?;
                 let now = now_ms();
                 let mut missing = Vec::new();
+                let mut dead = Vec::new();
                 for name in servers {
                     let Some(server) = all.iter().find(|s| s.name == *name) else {
                         missing.push(format!("{name} is no longer registered"));
                         continue;
                     };
-                    if let Some(error) = server
+                    if let Some(failure) = server
                         .observed
                         .as_ref()
-                        .and_then(|o| o.upgrade_error.as_deref())
+                        .and_then(|o| o.upgrade_error.as_ref())
+                        .filter(|f| f.build == build.sha256 && f.generation >= generation)
                     {
                         let failed = format!(
-                            "{name} cannot install build {}: {error}",
-                            short(&build.sha256)
+                            "{name} cannot install build {}: {}",
+                            short(&build.sha256),
+                            failure.error
                         );
                         if forward {
                             return Err(StepError::Failed(failed));
                         }
                         missing.push(format!("{failed} (it retries)"));
+                        continue;
+                    }
+                    if !forward && !alive(server, now) && silent_ms(server, now) > RESTART_GRACE_MS
+                    {
+                        // Past the point of no return a dead server installs the build when it
+                        // is back (its target stays); it does not hold the operation.
+                        dead.push(name.clone());
                         continue;
                     }
                     if !runs(server, &build.sha256) {
@@ -1173,14 +1223,22 @@ impl Run<'_> {
                 if !missing.is_empty() {
                     return Ok(Check::Pending(missing.join("; ")));
                 }
-                Ok(Check::Done(vec![format!(
+                let running: Vec<&String> = servers.iter().filter(|n| !dead.contains(n)).collect();
+                let mut facts = vec![format!(
                     "{} {} build {} (paddock {}) ({} ms)",
-                    join(servers),
-                    if servers.len() == 1 { "runs" } else { "run" },
+                    join(&running),
+                    if running.len() == 1 { "runs" } else { "run" },
                     short(&build.sha256),
                     build.version,
                     now_ms() - self.started_ms
-                )]))
+                )];
+                if !dead.is_empty() {
+                    facts.push(format!(
+                        "{} not alive: installs the build when it comes back",
+                        dead.join(", ")
+                    ));
+                }
+                Ok(Check::Done(facts))
             })
             .await?;
         let mut all = facts;
@@ -1265,9 +1323,18 @@ impl Run<'_> {
             // A dead updating server would serve its saved state (the new version) when it
             // comes back, before it reaches this controller: it stays drained.
             let server = servers.iter().find(|s| s.name == before.name);
+            // One that installed the build of a platform upgrade that failed runs what the
+            // operation put back: it stays drained too.
+            let new_build = |server: &ServerInfo| {
+                self.plan
+                    .platform
+                    .as_ref()
+                    .is_some_and(|b| runs(server, &b.sha256))
+            };
             if self.zone.updating.contains(&before.name)
                 && server.is_none_or(|server| {
                     !alive(server, now)
+                        || new_build(server)
                         || self
                             .zone
                             .apps
@@ -1292,7 +1359,7 @@ impl Run<'_> {
             .await?;
         if !kept_out.is_empty() {
             return Err(StepError::Failed(format!(
-                "{} kept in drain: not serving the old version (or not alive); `paddock server NAME lb ready` once it does",
+                "{} kept in drain: not serving the old version, or on the build the operation did not complete, or not alive; `paddock server NAME lb ready` once it serves as before (or upgrade again)",
                 kept_out.join(", ")
             )));
         }

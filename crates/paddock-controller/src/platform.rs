@@ -62,9 +62,9 @@ pub async fn install_here(c: &Controller, build: &PlatformBuild) -> anyhow::Resu
             short(&build.sha256)
         );
     }
-    let exe = std::env::current_exe().context("finding this process's executable")?;
+    let exe = c.exe.clone();
     let dir = exe.parent().context("the executable has no folder")?;
-    let temp = dir.join(format!(".paddock-upgrade-{}", short(&build.sha256)));
+    let temp = temp_beside(&exe, &build.sha256);
     let copied = async {
         tokio::fs::copy(&source, &temp).await.with_context(|| {
             format!(
@@ -98,6 +98,57 @@ pub async fn install_here(c: &Controller, build: &PlatformBuild) -> anyhow::Resu
     Ok(())
 }
 
+/// Where a build is written before it is renamed over `exe`: beside it (same file system),
+/// named for the build and this process, so that processes sharing one executable (`paddock up`)
+/// never write the same file.
+pub fn temp_beside(exe: &FsPath, sha256: &str) -> PathBuf {
+    exe.with_file_name(format!(
+        ".paddock-upgrade-{}-{}",
+        short(sha256),
+        std::process::id()
+    ))
+}
+
+/// Whether this controller can write beside its executable, as installing a build will: a
+/// file is created there and removed.
+pub fn can_install_here(c: &Controller, sha256: &str) -> anyhow::Result<()> {
+    if !build_path(c, sha256).is_file() {
+        anyhow::bail!(
+            "it keeps no file for build {} (uploaded to another controller?): upload it here",
+            short(sha256)
+        );
+    }
+    let probe = temp_beside(&c.exe, sha256);
+    std::fs::File::create(&probe).with_context(|| {
+        format!(
+            "cannot write {} (the user running the controller must be able to write the folder of {})",
+            probe.display(),
+            c.exe.display()
+        )
+    })?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// Whether release `a` is older than `b` (`MAJOR.MINOR.PATCH`, a pre-release older than its
+/// release). Versions that do not parse are not compared.
+pub fn older(a: &str, b: &str) -> bool {
+    fn parse(v: &str) -> Option<([u64; 3], bool)> {
+        let v = v.split('+').next()?;
+        let (core, pre) = match v.split_once('-') {
+            Some((core, _)) => (core, true),
+            None => (v, false),
+        };
+        let mut parts = core.split('.').map(|p| p.parse::<u64>().ok());
+        let numbers = [parts.next()??, parts.next()??, parts.next()??];
+        Some((numbers, pre))
+    }
+    match (parse(a), parse(b)) {
+        (Some((a, a_pre)), Some((b, b_pre))) => a < b || (a == b && a_pre && !b_pre),
+        _ => false,
+    }
+}
+
 /// The largest executable accepted.
 pub const MAX_BUILD_BYTES: u64 = 1 << 30;
 /// How long the uploaded executable may take to print its version.
@@ -110,6 +161,18 @@ pub fn dir(c: &Controller) -> PathBuf {
 
 fn build_path(c: &Controller, sha256: &str) -> PathBuf {
     dir(c).join(sha256)
+}
+
+/// Refuses every platform-build request unless the controller takes them.
+fn enabled(c: &Controller) -> Result<(), Failure> {
+    if c.platform_upgrades {
+        return Ok(());
+    }
+    Err(Failure::new(
+        StatusCode::FORBIDDEN,
+        "platform_upgrades_off",
+        "this controller takes no platform builds (a build is a native executable every server will run): start it with --platform-upgrades to upgrade Paddock this way",
+    ))
 }
 
 fn bad_build(message: impl Into<String>) -> Failure {
@@ -130,6 +193,7 @@ pub async fn upload(
     State(c): State<Arc<Controller>>,
     body: Body,
 ) -> Result<(StatusCode, axum::Json<PlatformBuild>), Failure> {
+    enabled(&c)?;
     let folder = dir(&c);
     tokio::fs::create_dir_all(&folder)
         .await
@@ -285,6 +349,7 @@ pub async fn download(
     State(c): State<Arc<Controller>>,
     Path(sha256): Path<String>,
 ) -> Result<Response, Failure> {
+    enabled(&c)?;
     let unknown = || {
         Failure::new(
             StatusCode::NOT_FOUND,
@@ -326,6 +391,7 @@ pub async fn upgrade(
     State(c): State<Arc<Controller>>,
     Json(request): Json<PlatformUpgradeRequest>,
 ) -> Result<(StatusCode, axum::Json<BalancedDeployAnswer>), Failure> {
+    enabled(&c)?;
     let _gate = c.zone_gate.lock().await;
     let plan = crate::ops::plan_upgrade(&c, &request)
         .await
@@ -365,6 +431,18 @@ pub async fn upgrade(
 #[cfg(test)]
 mod tests {
     use super::parse_version;
+
+    #[test]
+    fn older_releases_are_told_apart() {
+        use super::older;
+        assert!(older("0.1.0", "0.2.0"));
+        assert!(older("0.9.9", "1.0.0"));
+        assert!(older("1.0.0-rc.1", "1.0.0"));
+        assert!(!older("1.0.0", "1.0.0"));
+        assert!(!older("1.0.1", "1.0.0"));
+        assert!(!older("1.10.0", "1.9.0"));
+        assert!(!older("weird", "1.0.0"));
+    }
 
     #[test]
     fn versions_are_read_from_paddock_only() {

@@ -180,7 +180,7 @@ impl Deployer {
                     first = false;
                     self.note_lb(state.lb);
                     if let Some(upgrader) = &self.upgrader {
-                        upgrader.check(state.platform.as_ref());
+                        upgrader.check(state.platform.as_ref(), state.generation);
                     }
                     self.scheduler_on
                         .store(state.scheduler, std::sync::atomic::Ordering::Release);

@@ -173,8 +173,10 @@ pub async fn run(
                 }
                 Some(build) = restart_rx.recv() => {
                     *installed.lock().unwrap_or_else(|e| e.into_inner()) = Some(build);
-                    // The operation took this server out of the balancers before it named the
-                    // build (or it is the zone's only one, and waiting would not help).
+                    // No drain delay: the socket stays open for the new process, so a
+                    // connection arriving meanwhile waits for it instead of being refused, and
+                    // health answering 503 for a while would only make the balancers route
+                    // around it (to nowhere, in a zone with one server).
                     Stop {
                         drain_delay: Duration::ZERO,
                         hand_over: true,

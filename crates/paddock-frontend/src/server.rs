@@ -61,7 +61,7 @@ pub struct Vitals {
     /// The platform build this process runs, when known.
     build: std::sync::Mutex<Option<String>>,
     /// Why the named platform build is not installed yet.
-    upgrade_error: std::sync::Mutex<Option<String>>,
+    upgrade_error: std::sync::Mutex<Option<paddock_api::UpgradeFailure>>,
 }
 
 impl Vitals {
@@ -84,7 +84,7 @@ impl Vitals {
         *self.build.lock().unwrap_or_else(|e| e.into_inner()) = build;
     }
 
-    pub fn set_upgrade_error(&self, error: Option<String>) {
+    pub fn set_upgrade_error(&self, error: Option<paddock_api::UpgradeFailure>) {
         *self.upgrade_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
     }
 

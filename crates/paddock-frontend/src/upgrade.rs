@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use paddock_api::PlatformBuild;
+use paddock_api::{PlatformBuild, UpgradeFailure};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt as _;
 
@@ -32,6 +32,8 @@ const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
 /// The first wait before trying a failed installation again; it doubles up to [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_secs(2);
 const MAX_RETRY: Duration = Duration::from_secs(300);
+/// How long the download may go without a byte.
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How a front-end's `run` ended.
 #[derive(Debug)]
@@ -61,12 +63,32 @@ pub struct Upgrader {
     /// The executable this process was started from.
     exe: PathBuf,
     /// An installation is running.
-    busy: AtomicBool,
-    /// After a failure to install a build: which one, not before when, and the next wait.
-    retry: std::sync::Mutex<Option<(String, Instant, Duration)>>,
+    busy: Arc<AtomicBool>,
+    /// The build the desired state names now: an installation no longer wanted stops before
+    /// it replaces anything.
+    wanted: std::sync::Mutex<Option<String>>,
+    /// After a failed installation: of which build, for which generation, not before when, and
+    /// the next wait.
+    retry: std::sync::Mutex<Option<Retry>>,
     restart: tokio::sync::mpsc::Sender<Installed>,
     /// Wakes the heartbeat, so that the controller learns of a failure at once.
     changed: Arc<tokio::sync::Notify>,
+}
+
+struct Retry {
+    build: String,
+    generation: i64,
+    at: Instant,
+    next: Duration,
+}
+
+/// Clears the busy flag when an installation task ends, however it ends.
+struct NotBusy(Arc<AtomicBool>);
+
+impl Drop for NotBusy {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl Upgrader {
@@ -88,77 +110,99 @@ impl Upgrader {
             http,
             vitals,
             exe,
-            busy: AtomicBool::new(false),
+            busy: Arc::new(AtomicBool::new(false)),
+            wanted: std::sync::Mutex::new(None),
             retry: std::sync::Mutex::new(None),
             restart,
             changed,
         })
     }
 
-    /// Installs `target` unless this process runs it, an installation is running, or the last
-    /// one failed too recently. `None`: no build is named; an old failure is forgotten.
-    pub fn check(self: &Arc<Self>, target: Option<&PlatformBuild>) {
+    /// Installs `target`, named by the desired state of `generation`, unless this process runs
+    /// it, an installation is running, or the last one failed too recently (a new generation
+    /// naming it tries again at once). `None`: no build is named; an old failure is forgotten.
+    pub fn check(self: &Arc<Self>, target: Option<&PlatformBuild>, generation: i64) {
+        *self.wanted.lock().unwrap_or_else(|e| e.into_inner()) = target.map(|t| t.sha256.clone());
         let Some(target) = target else {
             self.vitals.set_upgrade_error(None);
             *self.retry.lock().unwrap_or_else(|e| e.into_inner()) = None;
             return;
         };
+        let failed = {
+            let build = target.sha256.clone();
+            move |error: String| UpgradeFailure {
+                build: build.clone(),
+                generation,
+                error,
+            }
+        };
         if !paddock_core::is_sha256(&target.sha256) {
-            self.vitals.set_upgrade_error(Some(format!(
+            self.vitals.set_upgrade_error(Some(failed(format!(
                 "the controller names build {:?}, which is no sha256",
                 target.sha256
-            )));
+            ))));
             return;
         }
         if self.vitals.build().as_deref() == Some(target.sha256.as_str()) {
             return;
         }
-        if let Some((sha256, at, _)) = &*self.retry.lock().unwrap_or_else(|e| e.into_inner())
-            && *sha256 == target.sha256
-            && Instant::now() < *at
+        if let Some(retry) = &*self.retry.lock().unwrap_or_else(|e| e.into_inner())
+            && retry.build == target.sha256
+            && retry.generation == generation
+            && Instant::now() < retry.at
         {
             return;
         }
         if self.busy.swap(true, Ordering::AcqRel) {
             return;
         }
+        let not_busy = NotBusy(self.busy.clone());
+        // This attempt's outcome replaces the last one's.
+        self.vitals.set_upgrade_error(None);
         let upgrader = self.clone();
         let target = target.clone();
         tokio::spawn(async move {
-            let result = upgrader.install(&target).await;
-            match result {
-                Ok(Some(exit)) => {
+            match upgrader.install(&target).await {
+                Ok(Some(installed)) => {
                     tracing::info!(build = %short(&target.sha256), version = %target.version, exe = %upgrader.exe.display(), "platform build installed; restarting on it");
-                    let _ = upgrader.restart.send(exit).await;
+                    let _ = upgrader.restart.send(installed).await;
                     // Busy until the process is replaced: nothing installs twice.
-                    return;
+                    std::mem::forget(not_busy);
                 }
-                Ok(None) => {
-                    tracing::info!(build = %short(&target.sha256), "this server runs the named platform build already");
-                    upgrader.vitals.set_upgrade_error(None);
-                }
+                Ok(None) => {}
                 Err(e) => {
                     let mut retry = upgrader.retry.lock().unwrap_or_else(|e| e.into_inner());
                     let wait = match &*retry {
-                        Some((sha256, _, next)) if *sha256 == target.sha256 => *next,
+                        Some(r) if r.build == target.sha256 && r.generation == generation => r.next,
                         _ => FIRST_RETRY,
                     };
-                    *retry = Some((
-                        target.sha256.clone(),
-                        Instant::now() + wait,
-                        (wait * 2).min(MAX_RETRY),
-                    ));
+                    *retry = Some(Retry {
+                        build: target.sha256.clone(),
+                        generation,
+                        at: Instant::now() + wait,
+                        next: (wait * 2).min(MAX_RETRY),
+                    });
                     drop(retry);
                     tracing::error!(build = %short(&target.sha256), "cannot install the platform build, retrying in {} s: {e:#}", wait.as_secs());
-                    upgrader.vitals.set_upgrade_error(Some(format!("{e:#}")));
+                    upgrader
+                        .vitals
+                        .set_upgrade_error(Some(failed(format!("{e:#}"))));
                     upgrader.changed.notify_one();
                 }
             }
-            upgrader.busy.store(false, Ordering::Release);
         });
     }
 
-    /// Installs `target` over the executable; `None` when the executable is that build.
+    fn still_wanted(&self, target: &PlatformBuild) -> bool {
+        self.wanted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_deref()
+            == Some(target.sha256.as_str())
+    }
+
+    /// Installs `target` over the executable; `None` when this process runs that build, or it
+    /// is no longer wanted.
     async fn install(&self, target: &PlatformBuild) -> anyhow::Result<Option<Installed>> {
         if self.vitals.build().is_none() {
             // What this process runs, even when its file was replaced meanwhile.
@@ -168,29 +212,56 @@ impl Upgrader {
                 .context("hashing the executable")?;
             self.vitals.set_build(Some(own.clone()));
             if own == target.sha256 {
+                tracing::info!(build = %short(&target.sha256), "this server runs the named platform build already");
+                self.changed.notify_one();
                 return Ok(None);
             }
         }
-        let dir = self.exe.parent().context("the executable has no folder")?;
-        let temp = dir.join(format!(".paddock-upgrade-{}", short(&target.sha256)));
-        let result = self.fetch(target, &temp).await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&temp).await;
-        }
-        result?;
-        tokio::fs::rename(&temp, &self.exe).await.with_context(|| {
-            format!(
-                "cannot replace {} (the user running this front-end must be able to write its folder)",
-                self.exe.display()
-            )
-        })?;
-        if let Ok(folder) = tokio::fs::File::open(dir).await {
-            let _ = folder.sync_all().await;
-        }
-        Ok(Some(Installed {
+        let installed = Installed {
             exe: self.exe.clone(),
             build: target.sha256.clone(),
-        }))
+        };
+        // Another process started from the same file (`paddock up`) may have installed it.
+        let exe = self.exe.clone();
+        if let Ok(Ok(on_disk)) =
+            tokio::task::spawn_blocking(move || paddock_runtime::sha256_file(&exe)).await
+            && on_disk == target.sha256
+        {
+            return Ok(self.still_wanted(target).then_some(installed));
+        }
+        let temp = self.exe.with_file_name(format!(
+            ".paddock-upgrade-{}-{}",
+            short(&target.sha256),
+            std::process::id()
+        ));
+        let result = async {
+            self.fetch(target, &temp).await?;
+            if !self.still_wanted(target) {
+                tracing::info!(build = %short(&target.sha256), "the platform build is no longer wanted; not installed");
+                anyhow::Ok(false)
+            } else {
+                tokio::fs::rename(&temp, &self.exe).await.with_context(|| {
+                    format!(
+                        "cannot replace {} (the user running this front-end must be able to write its folder)",
+                        self.exe.display()
+                    )
+                })?;
+                Ok(true)
+            }
+        }
+        .await;
+        if !matches!(result, Ok(true)) {
+            let _ = tokio::fs::remove_file(&temp).await;
+        }
+        if !result? {
+            return Ok(None);
+        }
+        if let Some(dir) = self.exe.parent()
+            && let Ok(folder) = tokio::fs::File::open(dir).await
+        {
+            let _ = folder.sync_all().await;
+        }
+        Ok(Some(installed))
     }
 
     /// Downloads `target` into `temp`, checks its hash and that it runs as that version.
@@ -218,9 +289,14 @@ impl Upgrader {
             anyhow::bail!("the controller answered {status} for the build: {body}");
         }
         let mut hash = Sha256::new();
-        while let Some(chunk) = response
-            .chunk()
+        while let Some(chunk) = tokio::time::timeout(CHUNK_TIMEOUT, response.chunk())
             .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the download from the controller stalled for {} s",
+                    CHUNK_TIMEOUT.as_secs()
+                )
+            })?
             .context("downloading the build from the controller")?
         {
             hash.update(&chunk);

@@ -800,12 +800,14 @@ impl Store for SqlStore {
     async fn heartbeat(&self, name: &str, observed: &HealthReport, now_ms: i64) -> Result<()> {
         let json = serde_json::to_string(observed)
             .map_err(|e| StoreError::Corrupt(format!("observed state: {e}")))?;
-        // A report received earlier but written later (it waited for the database) never
-        // replaces a newer one: a restarted server's first report would be lost to its previous
-        // process's last.
+        // A report received earlier but written later (it waited for the database) does not
+        // replace a newer one: a restarted server's first report would be lost to its previous
+        // process's last. Only a slightly newer one counts as newer: a clock stepped back by
+        // more than that does not freeze the server's state until it catches up.
         let done = sqlx::query(&self.sql(
             "UPDATE servers SET heartbeat_ms = $1, observed = $2 \
-             WHERE name = $3 AND (heartbeat_ms IS NULL OR heartbeat_ms <= $1)",
+             WHERE name = $3 AND (heartbeat_ms IS NULL OR heartbeat_ms <= $1 \
+             OR heartbeat_ms > $1 + 2000)",
         ))
         .bind(now_ms)
         .bind(json)

@@ -114,6 +114,10 @@ async fn servers_and_flags(store: &dyn Store) {
     let s = store.server("fe1").await.unwrap();
     assert_eq!(s.heartbeat_ms, Some(3000));
     assert_eq!(s.observed, Some(report.clone()));
+    // A clock stepped back further than that is not held against the server.
+    store.heartbeat("fe1", &older, 500).await.unwrap();
+    assert_eq!(store.server("fe1").await.unwrap().heartbeat_ms, Some(500));
+    store.heartbeat("fe1", &report, 3000).await.unwrap();
 
     // Unknown servers are refused and change nothing.
     let g = store.generation().await.unwrap();

@@ -8,7 +8,7 @@
 //! process takes the socket back with [`listener`] instead of binding again.
 
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _};
+use std::os::fd::{AsRawFd as _, FromRawFd as _};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -16,6 +16,9 @@ use anyhow::Context as _;
 
 /// The number of the listening socket a restarting process hands over.
 pub const LISTEN_FD_ENV: &str = "PADDOCK_LISTEN_FD";
+/// The process it is handed to (the same one: `exec` keeps the PID), so that a child which
+/// inherited the environment does not take a number that means something else there.
+pub const LISTEN_PID_ENV: &str = "PADDOCK_LISTEN_PID";
 use paddock_api::BUILD_ENV;
 
 /// Connections waiting to be accepted, beyond which the kernel refuses new ones.
@@ -47,32 +50,28 @@ pub fn listener(wanted: SocketAddr) -> anyhow::Result<TcpListener> {
 /// The handed-over socket, once per process, if it is a TCP socket bound where `wanted` says.
 pub fn inherited(wanted: SocketAddr) -> Option<TcpListener> {
     let fd: i32 = std::env::var(LISTEN_FD_ENV).ok()?.parse().ok()?;
-    if fd < 3 || TAKEN.swap(true, Ordering::AcqRel) {
+    let pid: u32 = std::env::var(LISTEN_PID_ENV).ok()?.parse().ok()?;
+    if fd < 3 || pid != std::process::id() || TAKEN.swap(true, Ordering::AcqRel) {
         return None;
     }
-    // SAFETY: the number is only looked at here, through a borrow that ends before anything
-    // else could close it; it becomes owned only once it is known to be such a socket.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    let socket = socket2::SockRef::from(&borrowed);
-    let bound = socket.local_addr().ok()?.as_socket()?;
-    let fits = socket.r#type().ok()? == socket2::Type::STREAM
-        && bound.ip() == wanted.ip()
-        && (wanted.port() == 0 || bound.port() == wanted.port());
-    if !fits {
-        tracing::warn!(
-            fd,
-            bound = %bound,
-            wanted = %wanted,
-            "ignoring the handed-over socket: it listens elsewhere"
-        );
-        return None;
-    }
-    // SAFETY: `fd` is an open TCP socket this process owns (the previous process handed it
-    // over, and `TAKEN` lets it be taken once).
+    // SAFETY: this process's previous program named this descriptor for it (same PID) and
+    // kept it open across `exec`; `TAKEN` lets it be owned once.
     let listener = unsafe { TcpListener::from_raw_fd(fd) };
     // Not inherited again by anything this process starts.
     let _ = rustix::io::fcntl_setfd(&listener, rustix::io::FdFlags::CLOEXEC);
-    tracing::info!(address = %bound, "listening on the socket the previous process handed over");
+    let socket = socket2::SockRef::from(&listener);
+    let bound = socket.local_addr().ok().and_then(|a| a.as_socket());
+    let fits = bound.is_some_and(|bound| {
+        bound.ip() == wanted.ip() && (wanted.port() == 0 || bound.port() == wanted.port())
+    }) && socket.r#type().ok() == Some(socket2::Type::STREAM)
+        && rustix::net::sockopt::socket_acceptconn(&listener).unwrap_or(false);
+    if !fits {
+        // Closed (dropped) rather than left open: connections to it are refused, not left
+        // waiting for nobody.
+        tracing::warn!(fd, wanted = %wanted, "not listening on the handed-over socket: it is not a listening socket at that address");
+        return None;
+    }
+    tracing::info!(address = ?bound, "listening on the socket the previous process handed over");
     Some(listener)
 }
 
@@ -88,6 +87,7 @@ pub fn exec(exe: &Path, build: &str, listener: &TcpListener) -> anyhow::Error {
         .args(std::env::args_os().skip(1))
         .env(BUILD_ENV, build)
         .env(LISTEN_FD_ENV, listener.as_raw_fd().to_string())
+        .env(LISTEN_PID_ENV, std::process::id().to_string())
         .exec();
     anyhow::Error::from(error).context(format!(
         "starting the installed platform build {}",

@@ -175,6 +175,10 @@ struct ControllerArgs {
     /// front-ends and balancers reach (the same one behind a DNS name or virtual IP).
     #[arg(long)]
     standby: bool,
+    /// Take platform builds and run platform upgrades (`paddock upgrade`): the `paddock`
+    /// executables uploaded with the admin token are installed and run on every server.
+    #[arg(long, env = "PADDOCK_PLATFORM_UPGRADES")]
+    platform_upgrades: bool,
 }
 
 #[derive(clap::Args)]
@@ -455,6 +459,7 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         // Only a socket handed over by a restart: a controller binds once it holds the role,
         // so that a second one started by mistake is told who runs instead of a port conflict.
         listener: std::sync::Arc::new(std::sync::Mutex::new(handoff::inherited(args.listen))),
+        platform_upgrades: args.platform_upgrades,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -48,7 +48,8 @@ fn servers(controller: &Controller) -> Vec<serde_json::Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_platform_upgrade_reaches_every_front_end_with_zero_failures() {
-    let controller = Controller::start_own_executable(Db::Sqlite, "upgrade", &[]).await;
+    let controller =
+        Controller::start_own_executable(Db::Sqlite, "upgrade", &["--platform-upgrades"]).await;
     let controller_pid = controller.pid();
     let names = ["fe1", "fe2", "fe3"];
     let mut frontends = Vec::new();
@@ -230,7 +231,9 @@ async fn a_platform_upgrade_reaches_every_front_end_with_zero_failures() {
 /// restarts wait in its handed-over socket, so users still see no failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_front_end_restarts_in_place_without_failing_a_request() {
-    let controller = Controller::start_own_executable(Db::Sqlite, "upgrade_in_place", &[]).await;
+    let controller =
+        Controller::start_own_executable(Db::Sqlite, "upgrade_in_place", &["--platform-upgrades"])
+            .await;
     let frontend = Frontend::builder("solo")
         .controller(&controller, "default")
         .own_executable()

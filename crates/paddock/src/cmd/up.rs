@@ -203,6 +203,9 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             db.clone(),
             "--data".into(),
             controller_dir.display().to_string(),
+            // One machine, one executable, started by whoever runs this: `paddock upgrade`
+            // installs a new one over it.
+            "--platform-upgrades".into(),
         ],
         &[],
     )?;
