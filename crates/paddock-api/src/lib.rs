@@ -29,6 +29,9 @@ pub struct HealthReport {
     /// Why the platform build it was told to run is not installed yet (it retries).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade_error: Option<UpgradeFailure>,
+    /// The platform build it is installing now (downloading, checking, or restarting on it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub installing: Option<String>,
 }
 
 /// A front-end's last failed attempt to install a platform build.
@@ -36,8 +39,8 @@ pub struct HealthReport {
 pub struct UpgradeFailure {
     /// The build it tried to install.
     pub build: String,
-    /// The generation of the desired state that named it: an operation only counts failures
-    /// of attempts made for what it asked.
+    /// The generation that named the build for this server (`platform_generation`): an
+    /// operation only counts failures of attempts made for what it asked.
     pub generation: i64,
     pub error: String,
 }
@@ -143,6 +146,9 @@ pub struct ServerInfo {
     /// platform upgrade.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform_target: Option<String>,
+    /// The generation that set `platform_target`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform_target_generation: Option<i64>,
 }
 
 fn default_weight() -> u32 {
@@ -336,6 +342,10 @@ pub struct DesiredState {
     /// one, installs it over its executable and restarts on it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<PlatformBuild>,
+    /// The generation that named `platform` for this server: a failed installation is retried
+    /// at once when a new one names it again, and reported with it.
+    #[serde(default)]
+    pub platform_generation: i64,
 }
 
 /// Set for a process that a platform upgrade started on its new build: the build's sha256.

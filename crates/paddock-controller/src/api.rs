@@ -1208,6 +1208,7 @@ async fn desired(
             Some(sha256) => c.store.platform_build(sha256).await?,
             None => None,
         },
+        platform_generation: server.platform_target_generation.unwrap_or(0),
     }))
 }
 

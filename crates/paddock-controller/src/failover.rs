@@ -165,10 +165,12 @@ mod tests {
                 failed: Vec::new(),
                 build: None,
                 upgrade_error: None,
+                installing: None,
             }),
             lb: LbState::Ready,
             weight: 1,
             platform_target: None,
+            platform_target_generation: None,
         }
     }
 

@@ -1055,17 +1055,55 @@ impl Run<'_> {
             }
             Step::RestorePlatform => {
                 let build = self.build()?;
-                let servers = self.c.store.servers().await?;
-                let (kept, stopped): (Vec<&ServerInfo>, Vec<&ServerInfo>) = servers
-                    .iter()
+                let told: Vec<String> = self
+                    .c
+                    .store
+                    .servers()
+                    .await?
+                    .into_iter()
                     .filter(|s| {
                         s.zone == z.zone && s.platform_target.as_deref() == Some(&build.sha256)
                     })
+                    .map(|s| s.name)
+                    .collect();
+                let g = self.set(told.iter().map(|n| target(n, None))).await?;
+                // One that was installing when the target went stops before it replaces its
+                // executable, or restarts on the build: wait to know which, so that the flags
+                // restored next keep a server on the build out of rotation.
+                let settled = self
+                    .wait(false, || async {
+                        let now = now_ms();
+                        let busy: Vec<String> = self
+                            .c
+                            .store
+                            .servers()
+                            .await?
+                            .into_iter()
+                            .filter(|s| told.contains(&s.name) && alive(s, now))
+                            .filter(|s| {
+                                s.heartbeat_ms.unwrap_or(0) < self.started_ms
+                                    || s.observed.as_ref().is_some_and(|o| o.installing.is_some())
+                            })
+                            .map(|s| s.name)
+                            .collect();
+                        if busy.is_empty() {
+                            Ok(Check::Done(Vec::new()))
+                        } else {
+                            Ok(Check::Pending(format!(
+                                "{} still installing the build",
+                                join(&busy)
+                            )))
+                        }
+                    })
+                    .await?;
+                let servers = self.c.store.servers().await?;
+                let (kept, stopped): (Vec<&ServerInfo>, Vec<&ServerInfo>) = servers
+                    .iter()
+                    .filter(|s| told.contains(&s.name))
                     .partition(|s| runs(s, &build.sha256));
-                let stopped: Vec<String> = stopped.iter().map(|s| s.name.clone()).collect();
-                let g = self.set(stopped.iter().map(|n| target(n, None))).await?;
-                let mut facts = Vec::new();
+                let mut facts = settled;
                 if !stopped.is_empty() {
+                    let stopped: Vec<&str> = stopped.iter().map(|s| s.name.as_str()).collect();
                     facts.push(format!(
                         "{} no longer told to install build {} (generation {g})",
                         join(&stopped),
@@ -1075,7 +1113,7 @@ impl Run<'_> {
                 if !kept.is_empty() {
                     let kept: Vec<&str> = kept.iter().map(|s| s.name.as_str()).collect();
                     facts.push(format!(
-                        "{} already run build {} and keep it (the old executable was replaced)",
+                        "{} run build {} and keep it (the old executable was replaced); kept out of rotation next",
                         join(&kept),
                         short(&build.sha256)
                     ));

@@ -180,7 +180,7 @@ impl Deployer {
                     first = false;
                     self.note_lb(state.lb);
                     if let Some(upgrader) = &self.upgrader {
-                        upgrader.check(state.platform.as_ref(), state.generation);
+                        upgrader.check(state.platform.as_ref(), state.platform_generation);
                     }
                     self.scheduler_on
                         .store(state.scheduler, std::sync::atomic::Ordering::Release);
@@ -736,6 +736,7 @@ mod tests {
             lb: paddock_api::LbState::Ready,
             scheduler: true,
             platform: None,
+            platform_generation: 0,
         };
         assert_eq!(deployer.apply(&state, false).await, (1, 0));
         let loaded = deployer.apps.loaded();
@@ -763,6 +764,7 @@ mod tests {
             lb: paddock_api::LbState::Ready,
             scheduler: true,
             platform: None,
+            platform_generation: 0,
         };
         assert_eq!(deployer.apply(&state, false).await, (1, 0));
         assert_eq!(deployer.served(&state), state);
@@ -804,6 +806,7 @@ mod tests {
             lb: paddock_api::LbState::Ready,
             scheduler: true,
             platform: None,
+            platform_generation: 0,
         };
         assert_eq!(deployer.apply(&state, false).await, (3, 0));
         // a and b swap routes; c is removed and d takes its route.

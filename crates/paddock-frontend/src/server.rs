@@ -62,6 +62,8 @@ pub struct Vitals {
     build: std::sync::Mutex<Option<String>>,
     /// Why the named platform build is not installed yet.
     upgrade_error: std::sync::Mutex<Option<paddock_api::UpgradeFailure>>,
+    /// The platform build being installed.
+    installing: std::sync::Mutex<Option<String>>,
 }
 
 impl Vitals {
@@ -73,7 +75,12 @@ impl Vitals {
             failed: std::sync::Mutex::new(Vec::new()),
             build: std::sync::Mutex::new(None),
             upgrade_error: std::sync::Mutex::new(None),
+            installing: std::sync::Mutex::new(None),
         }
+    }
+
+    pub fn set_installing(&self, build: Option<String>) {
+        *self.installing.lock().unwrap_or_else(|e| e.into_inner()) = build;
     }
 
     pub fn build(&self) -> Option<String> {
@@ -102,6 +109,11 @@ impl Vitals {
             build: self.build(),
             upgrade_error: self
                 .upgrade_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            installing: self
+                .installing
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),

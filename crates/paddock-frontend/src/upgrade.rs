@@ -82,11 +82,13 @@ struct Retry {
     next: Duration,
 }
 
-/// Clears the busy flag when an installation task ends, however it ends.
-struct NotBusy(Arc<AtomicBool>);
+/// Clears the busy flag, and the build reported as being installed, when an installation
+/// task ends, however it ends (but by restarting on the build).
+struct NotBusy(Arc<AtomicBool>, Arc<Vitals>);
 
 impl Drop for NotBusy {
     fn drop(&mut self) {
+        self.1.set_installing(None);
         self.0.store(false, Ordering::Release);
     }
 }
@@ -156,9 +158,10 @@ impl Upgrader {
         if self.busy.swap(true, Ordering::AcqRel) {
             return;
         }
-        let not_busy = NotBusy(self.busy.clone());
+        let not_busy = NotBusy(self.busy.clone(), self.vitals.clone());
         // This attempt's outcome replaces the last one's.
         self.vitals.set_upgrade_error(None);
+        self.vitals.set_installing(Some(target.sha256.clone()));
         let upgrader = self.clone();
         let target = target.clone();
         tokio::spawn(async move {
@@ -169,7 +172,7 @@ impl Upgrader {
                     // Busy until the process is replaced: nothing installs twice.
                     std::mem::forget(not_busy);
                 }
-                Ok(None) => {}
+                Ok(None) => upgrader.changed.notify_one(),
                 Err(e) => {
                     let mut retry = upgrader.retry.lock().unwrap_or_else(|e| e.into_inner());
                     let wait = match &*retry {

@@ -701,7 +701,8 @@ impl SqlStore {
 }
 
 const SERVER_COLUMNS: &str = "name, zone, address, platform_version, engine, role, deployment_on, \
-     scheduler_on, registered_ms, heartbeat_ms, observed, lb, weight, platform_target";
+     scheduler_on, registered_ms, heartbeat_ms, observed, lb, weight, platform_target, \
+     platform_target_generation";
 
 fn server_from_row(row: &AnyRow) -> Result<ServerInfo> {
     let role: String = row.try_get("role")?;
@@ -729,6 +730,7 @@ fn server_from_row(row: &AnyRow) -> Result<ServerInfo> {
         weight: u32::try_from(row.try_get::<i64, _>("weight")?)
             .map_err(|_| StoreError::Corrupt("weight out of range".into()))?,
         platform_target: row.try_get("platform_target")?,
+        platform_target_generation: row.try_get("platform_target_generation")?,
     })
 }
 
@@ -1287,18 +1289,22 @@ impl Store for SqlStore {
 
     async fn set_servers(&self, changes: &[ServerChange]) -> Result<i64> {
         let mut tx = self.pool.begin().await?;
+        // First: a platform target records the generation that set it.
+        let generation = self.bump_generation(&mut tx).await?;
         for change in changes {
             let done = sqlx::query(&self.sql(
                 "UPDATE servers SET lb = COALESCE($1, lb), deployment_on = COALESCE($2, deployment_on), \
                  scheduler_on = COALESCE($3, scheduler_on), \
-                 platform_target = CASE WHEN $4 = 1 THEN $5 ELSE platform_target END \
-                 WHERE name = $6",
+                 platform_target = CASE WHEN $4 = 1 THEN $5 ELSE platform_target END, \
+                 platform_target_generation = CASE WHEN $4 = 1 THEN $6 ELSE platform_target_generation END \
+                 WHERE name = $7",
             ))
             .bind(change.lb.map(LbState::as_str))
             .bind(change.deployment.map(i64::from))
             .bind(change.scheduler.map(i64::from))
             .bind(i64::from(change.platform_target.is_some()))
             .bind(change.platform_target.clone().flatten())
+            .bind(generation)
             .bind(&change.name)
             .execute(&mut *tx)
             .await?;
@@ -1306,7 +1312,6 @@ impl Store for SqlStore {
                 return Err(StoreError::UnknownServer(change.name.clone()));
             }
         }
-        let generation = self.bump_generation(&mut tx).await?;
         tx.commit().await?;
         Ok(generation)
     }

@@ -103,6 +103,7 @@ async fn servers_and_flags(store: &dyn Store) {
         failed: vec![],
         build: None,
         upgrade_error: None,
+        installing: None,
     };
     store.heartbeat("fe1", &report, 3000).await.unwrap();
     // A report received before that one but written after it changes nothing.
@@ -1184,9 +1185,12 @@ async fn platform_builds(store: &SqlStore) {
         .await
         .unwrap();
     assert!(g1 > g0, "a target is desired state: the generation moves");
+    let s = store.server("fe1").await.unwrap();
+    assert_eq!(s.platform_target, Some("a".repeat(64)));
     assert_eq!(
-        store.server("fe1").await.unwrap().platform_target,
-        Some("a".repeat(64))
+        s.platform_target_generation,
+        Some(g1),
+        "it records who set it"
     );
     // Other changes leave the target alone.
     store
@@ -1197,10 +1201,9 @@ async fn platform_builds(store: &SqlStore) {
         }])
         .await
         .unwrap();
-    assert_eq!(
-        store.server("fe1").await.unwrap().platform_target,
-        Some("a".repeat(64))
-    );
+    let s = store.server("fe1").await.unwrap();
+    assert_eq!(s.platform_target, Some("a".repeat(64)));
+    assert_eq!(s.platform_target_generation, Some(g1));
     store.set_servers(&[target(None)]).await.unwrap();
     assert_eq!(store.server("fe1").await.unwrap().platform_target, None);
 }

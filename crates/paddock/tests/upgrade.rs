@@ -115,9 +115,11 @@ async fn a_platform_upgrade_reaches_every_front_end_with_zero_failures() {
 
     // fe1 (updating) cannot write beside its executable: the operation fails at its first
     // upgrade and puts everything back, while users are served throughout.
-    let blocker = frontends[0]
-        .own_exe()
-        .with_file_name(format!(".paddock-upgrade-{}", &sha[..12]));
+    let blocker = frontends[0].own_exe().with_file_name(format!(
+        ".paddock-upgrade-{}-{}",
+        &sha[..12],
+        frontends[0].pid()
+    ));
     std::fs::create_dir(&blocker).unwrap();
     let load = Load::start(lb.addr, "/hello", 4, Duration::from_millis(5));
     let out = controller.cli_async(&["upgrade", &sha]).await;
@@ -134,6 +136,35 @@ async fn a_platform_upgrade_reaches_every_front_end_with_zero_failures() {
         assert_ne!(s["observed"]["build"], sha.as_str(), "{s:#}");
     }
     std::fs::remove_dir(&blocker).unwrap();
+
+    // fe1 and fe2 update first; fe1 downloads the build but cannot put it in place (its
+    // executable's path is a folder now), while fe2 may get as far as restarting on it. Either
+    // way no user reaches the build the operation gave up: a server on it stays drained.
+    let exe = frontends[0].own_exe();
+    let moved = exe.with_extension("moved");
+    std::fs::rename(&exe, &moved).unwrap();
+    std::fs::create_dir(&exe).unwrap();
+    let out = controller
+        .cli_async(&["upgrade", &sha, "--updating", "fe1,fe2"])
+        .await;
+    assert!(!out.success, "{}", out.stdout);
+    assert!(
+        out.stderr.contains("fe1 cannot install build") && out.stderr.contains("cannot replace"),
+        "{}",
+        out.stderr
+    );
+    for s in servers(&controller) {
+        let on_new = s["observed"]["build"] == sha.as_str();
+        assert_eq!(s["lb"] == "drain", on_new, "{s:#}\n{}", out.stderr);
+        assert!(s["platform_target"].is_null(), "{s:#}");
+        if s["name"] == "fe1" {
+            assert_eq!(s["lb"], "ready", "{s:#}");
+        }
+    }
+    std::fs::remove_dir(&exe).unwrap();
+    std::fs::rename(&moved, &exe).unwrap();
+    // fe2, if it is on the build, is left alone by the next plan: back in rotation first.
+    controller.ok(&["server", "fe2", "lb", "ready"]);
 
     // Now every front-end installs the build and restarts on it, one group at a time.
     let out = controller

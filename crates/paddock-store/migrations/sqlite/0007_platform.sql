@@ -7,3 +7,5 @@ CREATE TABLE platform_builds (
     uploaded_ms BIGINT NOT NULL
 );
 ALTER TABLE servers ADD COLUMN platform_target TEXT;
+-- The generation that set it: a front-end retries a failed install at once for a new one.
+ALTER TABLE servers ADD COLUMN platform_target_generation BIGINT;
