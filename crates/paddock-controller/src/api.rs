@@ -980,7 +980,7 @@ async fn abort_operation(
                         zone.zone
                     ),
                     Some(_) => format!(
-                        "operation {id} is at step {} in zone {}: the loaded group is installing the new build over its executables, so there is no old build to go back to; let it finish, then upgrade to the old build the same way if you must",
+                        "operation {id} is at step {} in zone {}: the loaded group is installing the new build over its executables, so there is no old build to go back to; let it finish (a build that turns out wrong is replaced by upgrading to a fixed one)",
                         step.as_str(),
                         zone.zone
                     ),

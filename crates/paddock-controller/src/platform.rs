@@ -175,6 +175,12 @@ fn enabled(c: &Controller) -> Result<(), Failure> {
     ))
 }
 
+fn not_elf() -> Failure {
+    bad_build(
+        "this is not an executable (no ELF header): send the `paddock` executable built for the servers' system",
+    )
+}
+
 fn bad_build(message: impl Into<String>) -> Failure {
     Failure::new(StatusCode::BAD_REQUEST, "bad_build", message)
 }
@@ -238,6 +244,10 @@ async fn receive(
         if head.len() < 4 {
             head.extend(data.iter().take(4 - head.len()).copied());
         }
+        if head.len() == 4 && head != b"\x7fELF" {
+            // Read to the end (so that the client gets the answer), writing nothing.
+            continue;
+        }
         hash.update(&data);
         file.write_all(&data)
             .await
@@ -253,9 +263,7 @@ async fn receive(
         ));
     }
     if head != b"\x7fELF" {
-        return Err(bad_build(
-            "this is not an executable (no ELF header): send the `paddock` executable built for the servers' system",
-        ));
+        return Err(not_elf());
     }
     let sha256 = hex::encode(hash.finalize());
     let version = version_of(temp).await?;

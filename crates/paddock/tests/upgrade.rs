@@ -48,8 +48,16 @@ fn servers(controller: &Controller) -> Vec<serde_json::Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_platform_upgrade_reaches_every_front_end_with_zero_failures() {
-    let controller =
-        Controller::start_own_executable(Db::Sqlite, "upgrade", &["--platform-upgrades"]).await;
+    upgrade_under_load(Db::Sqlite, "upgrade").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_platform_upgrade_on_postgresql() {
+    upgrade_under_load(Db::Postgres, "upgrade_pg").await;
+}
+
+async fn upgrade_under_load(db: Db, test: &str) {
+    let controller = Controller::start_own_executable(db, test, &["--platform-upgrades"]).await;
     let controller_pid = controller.pid();
     let names = ["fe1", "fe2", "fe3"];
     let mut frontends = Vec::new();
@@ -276,6 +284,11 @@ async fn a_lone_front_end_restarts_in_place_without_failing_a_request() {
 
     let dir = tempfile::tempdir().unwrap();
     let new = new_build(dir.path());
+    // A controller started without --platform-upgrades takes no build.
+    let plain = Controller::start(Db::Sqlite, "upgrade_off", &[]).await;
+    let e = plain.fails(&["upgrade", &new.display().to_string()]);
+    assert!(e.contains("start it with --platform-upgrades"), "{e}");
+    drop(plain);
     let plan = controller.ok(&["upgrade", &new.display().to_string(), "--plan"]);
     assert!(plan.contains("restarts in place"), "{plan}");
     assert!(plan.contains("upgrade-in-place"), "{plan}");
