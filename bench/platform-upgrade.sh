@@ -8,6 +8,7 @@
 #
 #   bench/platform-upgrade.sh                    # 2 and 4 front-ends, 3 rounds each
 #   FRONTENDS=2 ROUNDS=1 bench/platform-upgrade.sh
+#   SHOW=1 bench/platform-upgrade.sh             # also what `paddock upgrade` printed
 #
 # Everything on this machine's cores, nothing pinned; the balancer has one thread, wrk one.
 # Loopback only. There is no peer to compare with: the figures are the cost of the procedure.
@@ -36,7 +37,7 @@ for n in $FRONTENDS; do
   export PADDOCK_CONTROLLER="http://127.0.0.1:$CP"
   RUST_LOG=warn "$(copy controller)" controller --listen "127.0.0.1:$CP" \
     --db "sqlite://$dir/paddock.db" --data "$dir/controller" --platform-upgrades \
-    2>"$dir/controller.log" &
+    >/dev/null 2>"$dir/controller.log" &
   for _ in $(seq 1 300); do [ -s "$dir/controller/admin.token" ] && break; sleep 0.1; done
   export PADDOCK_TOKEN; PADDOCK_TOKEN=$(cat "$dir/controller/admin.token")
   for _ in $(seq 1 300); do "$PADDOCK" status >/dev/null 2>&1 && break; sleep 0.1; done
@@ -87,6 +88,7 @@ for name, ms in steps.items():
     print(f"    {name:<22} {m:>6.0f} ms  {100 * m / median:5.1f} %")
 EOF
   echo "    wrk: $requests requests during the rounds; ${errors:-no non-2xx responses, no socket errors}"
+  if [ -n "${SHOW:-}" ]; then echo "    what \`paddock upgrade\` printed in round 1:"; sed 's/^/    | /' "$dir/upgrade-1.out"; fi
   echo
   kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true
 done

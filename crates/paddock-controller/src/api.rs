@@ -1168,7 +1168,7 @@ async fn desired(
     let mut changes = c.watch_generation();
     if let Some(after) = q.after {
         // Wait for a newer generation than the caller has, or the long-poll deadline.
-        let _ = tokio::time::timeout(LONG_POLL, changes.wait_for(|g| *g > after)).await;
+        c.long_poll(changes.wait_for(|g| *g > after)).await;
     }
     // The generation is read first: a change committed after this read is announced again, so
     // the caller fetches once more rather than recording a generation it has not seen.
@@ -1225,7 +1225,7 @@ async fn routing_table(
 ) -> Answer<RoutingTable> {
     let mut changes = c.watch_generation();
     if let Some(after) = q.after {
-        let _ = tokio::time::timeout(LONG_POLL, changes.wait_for(|g| *g > after)).await;
+        c.long_poll(changes.wait_for(|g| *g > after)).await;
     }
     Ok(Json(crate::routing::table(c.store.as_ref()).await?))
 }

@@ -132,6 +132,16 @@ impl Controller {
         self.facts.send_modify(|n| *n = n.wrapping_add(1));
     }
 
+    /// Waits for `change` at most [`api::LONG_POLL`], or until this process is about to be
+    /// replaced by a new build (its clients ask the next one).
+    pub async fn long_poll<F: std::future::Future>(&self, change: F) {
+        let mut restarting = self.restarting.subscribe();
+        tokio::select! {
+            _ = tokio::time::timeout(api::LONG_POLL, change) => {}
+            _ = restarting.wait_for(Option::is_some) => {}
+        }
+    }
+
     pub fn watch_facts(&self) -> watch::Receiver<u64> {
         self.facts.subscribe()
     }

@@ -548,7 +548,20 @@ pub async fn resume_all(c: &Arc<Controller>) -> Result<(), StoreError> {
             operation = id,
             "resuming the operation where its journal stands"
         );
-        spawn_after(c.clone(), id, RESUME_GRACE);
+        // A controller restarted by a platform upgrade goes on at once: that step only asks
+        // which build this process runs, no balancer's report.
+        let op = c.store.operation(id).await?;
+        let grace = if op
+            .plan
+            .zones
+            .iter()
+            .any(|z| next(&op, z) == Next::Run(Step::UpgradeController))
+        {
+            Duration::ZERO
+        } else {
+            RESUME_GRACE
+        };
+        spawn_after(c.clone(), id, grace);
     }
     Ok(())
 }
