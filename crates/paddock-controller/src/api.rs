@@ -74,6 +74,10 @@ pub fn router(controller: Arc<Controller>) -> Router {
             "/v1/platform/builds",
             get(crate::platform::list).post(crate::platform::upload),
         )
+        .route(
+            "/v1/platform/builds/{sha256}",
+            axum::routing::delete(crate::platform::remove),
+        )
         .route("/v1/operations/{id}", get(show_operation))
         .route("/v1/operations/{id}/abort", post(abort_operation))
         .route("/v1/operations/{id}/resume", post(resume_operation))

@@ -352,6 +352,66 @@ pub async fn list(
     Ok(axum::Json(c.store.platform_builds().await?))
 }
 
+/// `DELETE /v1/platform/builds/{sha256}`: forgets a build and removes its file, unless a server
+/// is told to run it.
+pub async fn remove(
+    State(c): State<Arc<Controller>>,
+    Path(sha256): Path<String>,
+) -> Result<StatusCode, Failure> {
+    enabled(&c)?;
+    let unknown = || {
+        Failure::new(
+            StatusCode::NOT_FOUND,
+            "unknown_build",
+            format!(
+                "no platform build {} here; `paddock platform builds` lists them",
+                short(&sha256)
+            ),
+        )
+    };
+    if !paddock_core::is_sha256(&sha256) {
+        return Err(unknown());
+    }
+    let _gate = c.zone_gate.lock().await;
+    let told: Vec<String> = c
+        .store
+        .servers()
+        .await?
+        .into_iter()
+        .filter(|s| s.platform_target.as_deref() == Some(sha256.as_str()))
+        .map(|s| s.name)
+        .collect();
+    if !told.is_empty() {
+        return Err(Failure::new(
+            StatusCode::CONFLICT,
+            "build_in_use",
+            format!(
+                "{} {} told to run build {}: a server that comes back installs it from here; upgrade them to another build first",
+                told.join(", "),
+                if told.len() == 1 { "is" } else { "are" },
+                short(&sha256)
+            ),
+        ));
+    }
+    if !c.store.remove_platform_build(&sha256).await? {
+        return Err(unknown());
+    }
+    match tokio::fs::remove_file(build_path(&c, &sha256)).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(internal("removing the build's file", e)),
+    }
+    c.store
+        .audit(
+            "admin",
+            "platform-remove",
+            &format!("build {}", short(&sha256)),
+            now_ms(),
+        )
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// `GET /control/v1/platform/{sha256}`: a build's executable, for a front-end to install.
 pub async fn download(
     State(c): State<Arc<Controller>>,

@@ -226,6 +226,8 @@ pub trait Store: Send + Sync + 'static {
     async fn platform_build(&self, sha256: &str) -> Result<Option<PlatformBuild>>;
     /// Every build kept, newest first.
     async fn platform_builds(&self) -> Result<Vec<PlatformBuild>>;
+    /// Forgets a build; `false` when there was none.
+    async fn remove_platform_build(&self, sha256: &str) -> Result<bool>;
     /// The desired versions of a zone's apps.
     async fn desired(&self, zone: &str) -> Result<Vec<VersionInfo>>;
     async fn generation(&self) -> Result<i64>;
@@ -1348,6 +1350,14 @@ impl Store for SqlStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(platform_build_from_row).collect()
+    }
+
+    async fn remove_platform_build(&self, sha256: &str) -> Result<bool> {
+        let done = sqlx::query(&self.sql("DELETE FROM platform_builds WHERE sha256 = $1"))
+            .bind(sha256)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
     }
 
     async fn desired(&self, zone: &str) -> Result<Vec<VersionInfo>> {

@@ -27,7 +27,22 @@ fn up_command(
     frontends: u16,
     [controller, frontend, balancer]: [u16; 3],
 ) -> Command {
-    let mut up = Command::new(PADDOCK);
+    up_command_from(
+        std::path::Path::new(PADDOCK),
+        data,
+        frontends,
+        [controller, frontend, balancer],
+    )
+}
+
+/// The same, running the `paddock` at `exe`.
+fn up_command_from(
+    exe: &std::path::Path,
+    data: &std::path::Path,
+    frontends: u16,
+    [controller, frontend, balancer]: [u16; 3],
+) -> Command {
+    let mut up = Command::new(exe);
     up.args(["up", "--frontends", &frontends.to_string()])
         .arg("--data")
         .arg(data)
@@ -45,7 +60,14 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
     let controller_port = free_port_pair();
     let frontend_port = free_port_pair();
     let balancer_port = free_port_pair();
-    let mut up = up_command(
+    // Its own executable, as an installed one: the platform upgrade below replaces it.
+    let exe = dir.path().join("bin").join("paddock");
+    std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
+    if std::fs::hard_link(PADDOCK, &exe).is_err() {
+        std::fs::copy(PADDOCK, &exe).unwrap();
+    }
+    let mut up = up_command_from(
+        &exe,
         dir.path(),
         2,
         [controller_port, frontend_port, balancer_port],
@@ -162,6 +184,50 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
             .unwrap();
         assert_eq!(reply.body, format!("visits={n} version=v1\n"));
     }
+
+    // The README's platform upgrade: every process of the farm shares one executable; the
+    // first front-end installs the build over it, the others find it there, and the user's
+    // session goes on.
+    let new = dir.path().join("new").join("paddock");
+    std::fs::create_dir_all(new.parent().unwrap()).unwrap();
+    std::fs::copy(PADDOCK, &new).unwrap();
+    let mut file = std::fs::OpenOptions::new().append(true).open(&new).unwrap();
+    std::io::Write::write_all(&mut file, b"\n-- a build made by the up test --\n").unwrap();
+    drop(file);
+    let out = Command::new(PADDOCK)
+        .arg("upgrade")
+        .arg(&new)
+        .env(
+            "PADDOCK_CONTROLLER",
+            format!("http://127.0.0.1:{controller_port}"),
+        )
+        .env("PADDOCK_DATA", dir.path())
+        .env_remove("PADDOCK_TOKEN")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("succeeded"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&exe).unwrap(), std::fs::read(&new).unwrap());
+    let printed = output.lock().unwrap().clone();
+    assert_eq!(
+        printed
+            .matches("platform build installed; restarting on it")
+            .count(),
+        3,
+        "fe-1, fe-2 and the controller restart once each: {printed}"
+    );
+    // A new connection: the balancer closed the idle one meanwhile.
+    let reply = Conn::open(addr)
+        .await
+        .unwrap()
+        .get_with("/counter/visit", &[("cookie", &cookie)])
+        .await
+        .unwrap();
+    assert_eq!(reply.body, "visits=4 version=v1\n");
 
     Command::new("kill")
         .args(["-TERM", &up.id().to_string()])

@@ -264,6 +264,17 @@ async fn upgrade_under_load(db: Db, test: &str) {
     // Nothing is left to do.
     let e = controller.fails(&["upgrade", &sha]);
     assert!(e.contains("already runs build"), "{e}");
+    // The build stays while servers are told to run it (one that comes back installs it).
+    let e = controller.fails(&["platform", "remove", &sha]);
+    assert!(e.contains("told to run build"), "{e}");
+    let e = controller.fails(&["platform", "remove", &"0".repeat(64)]);
+    assert!(e.contains("no platform build"), "{e}");
+    let human = controller.ok(&["servers"]);
+    assert_eq!(
+        human.matches(&format!("0.1.0 {}", &sha[..12])).count(),
+        3,
+        "{human}"
+    );
 }
 
 /// A zone with one serving front-end is upgraded in place: connections that arrive while it

@@ -519,7 +519,7 @@ pub async fn servers(client: &Client) -> anyhow::Result<()> {
         &status.servers.iter().map(|s| &s.server).collect::<Vec<_>>(),
         |_| {
             println!(
-                "{:<12} {:<10} {:<8} {:<22} {:<7} {:<6} {:<10} {:<9} {:<10} LOADED",
+                "{:<12} {:<10} {:<8} {:<22} {:<7} {:<6} {:<10} {:<9} {:<10} {:<22} LOADED",
                 "SERVER",
                 "ZONE",
                 "ROLE",
@@ -528,7 +528,8 @@ pub async fn servers(client: &Client) -> anyhow::Result<()> {
                 "LB",
                 "DEPLOYMENT",
                 "SCHEDULER",
-                "HEARTBEAT"
+                "HEARTBEAT",
+                "PLATFORM"
             );
             let now = paddock_controller::now_ms();
             for s in &status.servers {
@@ -553,8 +554,21 @@ pub async fn servers(client: &Client) -> anyhow::Result<()> {
                     .heartbeat_ms
                     .map(|t| format!("{:.1}s ago", (now - t) as f64 / 1000.0))
                     .unwrap_or("never".into());
+                let short = |sha: &str| sha.get(..12).unwrap_or(sha).to_string();
+                let build = i.observed.as_ref().and_then(|o| o.build.as_deref());
+                // The version it registered with, its build when known, and the build it is
+                // told to run when that is another one.
+                let mut platform = match build {
+                    Some(build) => format!("{} {}", i.platform_version, short(build)),
+                    None => i.platform_version.clone(),
+                };
+                if let Some(target) = i.platform_target.as_deref()
+                    && build != Some(target)
+                {
+                    platform.push_str(&format!(" → {}", short(target)));
+                }
                 println!(
-                    "{:<12} {:<10} {:<8} {:<22} {:<7} {:<6} {:<10} {:<9} {:<10} {loaded}",
+                    "{:<12} {:<10} {:<8} {:<22} {:<7} {:<6} {:<10} {:<9} {:<10} {:<22} {loaded}",
                     i.name,
                     i.zone,
                     i.role.as_str(),
@@ -563,7 +577,8 @@ pub async fn servers(client: &Client) -> anyhow::Result<()> {
                     i.lb.as_str(),
                     on_off(i.deployment),
                     on_off(i.scheduler),
-                    heartbeat
+                    heartbeat,
+                    platform
                 );
             }
         },

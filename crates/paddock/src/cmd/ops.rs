@@ -77,6 +77,8 @@ pub enum PlatformCommand {
     Builds,
     /// Upload a `paddock` executable without upgrading anything.
     Upload { path: PathBuf },
+    /// Forget a build and remove its file (refused while a server is told to run it).
+    Remove { sha256: String },
 }
 
 #[derive(clap::Subcommand)]
@@ -257,6 +259,17 @@ pub async fn platform(client: &Client, command: PlatformCommand) -> anyhow::Resu
         PlatformCommand::Upload { path } => {
             let build = upload_build(client, &path).await?;
             client.print(&build, |_| {})
+        }
+        PlatformCommand::Remove { sha256 } => {
+            if !paddock_core::is_sha256(&sha256) {
+                anyhow::bail!(
+                    "{sha256:?} is no build: give the sha256 `paddock platform builds` lists"
+                );
+            }
+            client
+                .delete(&format!("/v1/platform/builds/{sha256}"))
+                .await?;
+            client.print(&sha256, |sha| println!("build {sha} removed"))
         }
     }
 }
