@@ -65,6 +65,21 @@ pub async fn install_here(c: &Controller, build: &PlatformBuild) -> anyhow::Resu
     let exe = c.exe.clone();
     let dir = exe.parent().context("the executable has no folder")?;
     let temp = temp_beside(&exe, &build.sha256);
+    // Another process started from the same file (`paddock up`) may have installed it.
+    let on_disk = {
+        let exe = exe.clone();
+        tokio::task::spawn_blocking(move || paddock_runtime::sha256_file(&exe)).await
+    };
+    if let Ok(Ok(on_disk)) = on_disk
+        && on_disk == build.sha256
+    {
+        tracing::info!(build = short(&build.sha256), exe = %exe.display(), "platform build found installed; restarting on it");
+        c.restarting.send_replace(Some(Installed {
+            exe,
+            build: build.sha256.clone(),
+        }));
+        return Ok(());
+    }
     let copied = async {
         tokio::fs::copy(&source, &temp).await.with_context(|| {
             format!(
@@ -75,6 +90,9 @@ pub async fn install_here(c: &Controller, build: &PlatformBuild) -> anyhow::Resu
         use std::os::unix::fs::PermissionsExt as _;
         tokio::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o755)).await?;
         tokio::fs::File::open(&temp).await?.sync_all().await?;
+        if let Err(e) = paddock_runtime::keep_previous(&exe) {
+            tracing::warn!("the executable being replaced is not kept: {e}");
+        }
         tokio::fs::rename(&temp, &exe).await.with_context(|| {
             format!(
                 "cannot replace {} (the user running the controller must be able to write its folder)",

@@ -243,6 +243,9 @@ impl Upgrader {
                 tracing::info!(build = %short(&target.sha256), "the platform build is no longer wanted; not installed");
                 anyhow::Ok(false)
             } else {
+                if let Err(e) = paddock_runtime::keep_previous(&self.exe) {
+                    tracing::warn!("the executable being replaced is not kept: {e}");
+                }
                 tokio::fs::rename(&temp, &self.exe).await.with_context(|| {
                     format!(
                         "cannot replace {} (the user running this front-end must be able to write its folder)",

@@ -296,6 +296,22 @@ pub fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
     Ok(hex::encode(hash.finalize()))
 }
 
+/// Keeps the executable at `exe`, about to be replaced by a platform build, beside it as
+/// `<name>.previous` (a hard link: no copy), the way back for an operator: stop the process,
+/// move it over, start it. Returns where it is kept.
+pub fn keep_previous(exe: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
+    let mut name = exe.file_name().unwrap_or_default().to_os_string();
+    name.push(".previous");
+    let previous = exe.with_file_name(name);
+    match std::fs::remove_file(&previous) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::hard_link(exe, &previous)?;
+    Ok(previous)
+}
+
 /// sha256 of the executable this process runs (`/proc/self/exe`: the file it was started
 /// from, even if its path now names another one).
 pub fn sha256_of_this_executable() -> std::io::Result<String> {

@@ -203,10 +203,20 @@ async fn upgrade_under_load(db: Db, test: &str) {
         assert_eq!(s["lb"], "ready", "{s:#}");
         assert_eq!(s["scheduler"], true, "{s:#}");
     }
+    let old_size = std::fs::metadata(PADDOCK).unwrap().len();
+    let kept = |exe: &Path| {
+        let previous = exe.with_file_name("paddock.previous");
+        std::fs::metadata(&previous).unwrap().len() == old_size && !is_new_build(&previous)
+    };
     for (frontend, pid) in frontends.iter().zip(&pids) {
         assert!(
             is_new_build(&frontend.own_exe()),
             "{}'s executable is not the new build",
+            frontend.name
+        );
+        assert!(
+            kept(&frontend.own_exe()),
+            "{} kept no way back",
             frontend.name
         );
         // The same process, now running the new executable.
@@ -237,6 +247,7 @@ async fn upgrade_under_load(db: Db, test: &str) {
     // the operation it was driving when it restarted.
     assert_eq!(controller.pid(), controller_pid);
     assert!(is_new_build(&controller.own_exe()));
+    assert!(kept(&controller.own_exe()));
     assert_eq!(
         std::fs::read_link(format!("/proc/{controller_pid}/exe")).unwrap(),
         controller.own_exe()
