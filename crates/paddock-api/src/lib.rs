@@ -32,6 +32,9 @@ pub struct HealthReport {
     /// The platform build it is installing now (downloading, checking, or restarting on it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub installing: Option<String>,
+    /// The process that sent it, as in its [`Registration`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation: Option<String>,
 }
 
 /// A front-end's last failed attempt to install a platform build.
@@ -117,6 +120,10 @@ pub struct Registration {
     pub platform_version: String,
     /// The engine hash of its runtime: which artifacts it can load.
     pub engine: String,
+    /// Names this process (a restart on a new build keeps the PID, not this): the controller
+    /// takes heartbeats only from the process that registered last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation: Option<String>,
 }
 
 /// A server as the controller knows it: what it registered, its flags, what it last reported.

@@ -1124,7 +1124,10 @@ async fn register(
             }
         }
     }
+    let mut last = c.incarnation(&registration.name).await;
     let server = c.store.register_server(&registration, now_ms()).await?;
+    *last = registration.incarnation.clone();
+    drop(last);
     drop(gate);
     if let Some(operation) = c.store.zone_lock(&server.zone).await?
         && server.heartbeat_ms.is_none()
@@ -1153,7 +1156,16 @@ async fn heartbeat(
             ),
         ));
     }
+    let last = c.incarnation(&name).await;
+    if let (Some(sent_by), Some(last)) = (&report.incarnation, &*last)
+        && sent_by != last
+    {
+        // From a process that a newer one of the server replaced: its report is older.
+        tracing::debug!(server = %name, "ignoring a heartbeat of a replaced process");
+        return Ok(StatusCode::NO_CONTENT);
+    }
     c.store.heartbeat(&name, &report, now_ms()).await?;
+    drop(last);
     c.facts_changed();
     Ok(StatusCode::NO_CONTENT)
 }

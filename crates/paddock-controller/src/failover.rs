@@ -166,6 +166,7 @@ mod tests {
                 build: None,
                 upgrade_error: None,
                 installing: None,
+                incarnation: None,
             }),
             lb: LbState::Ready,
             weight: 1,

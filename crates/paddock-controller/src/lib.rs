@@ -59,6 +59,8 @@ pub struct ControllerConfig {
     pub platform_upgrades: bool,
 }
 
+type Incarnation = Arc<tokio::sync::Mutex<Option<String>>>;
+
 /// How a controller's `run` ended.
 #[derive(Debug)]
 pub enum Exit {
@@ -105,6 +107,11 @@ pub struct Controller {
     pub(crate) zone_gate: tokio::sync::Mutex<()>,
     /// The platform build this process runs, when known (see [`platform::own_build`]).
     pub(crate) build: tokio::sync::Mutex<Option<String>>,
+    /// Each server's process that registered last, held while a heartbeat of that server is
+    /// checked and written: a heartbeat of another process (the one a restart on a new build
+    /// replaced, whose last report is late) is not taken, and one already being written when
+    /// the new process registers is written before the registration.
+    incarnations: std::sync::Mutex<std::collections::HashMap<String, Incarnation>>,
     /// Set once a platform build was installed over the executable: the process is about to
     /// be replaced, and no operation is driven meanwhile.
     pub(crate) restarting: watch::Sender<Option<platform::Installed>>,
@@ -140,6 +147,21 @@ impl Controller {
             _ = tokio::time::timeout(api::LONG_POLL, change) => {}
             _ = restarting.wait_for(Option::is_some) => {}
         }
+    }
+
+    /// Server `name`'s process that registered last, locked.
+    pub(crate) async fn incarnation(
+        &self,
+        name: &str,
+    ) -> tokio::sync::OwnedMutexGuard<Option<String>> {
+        let slot = self
+            .incarnations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        slot.lock_owned().await
     }
 
     pub fn watch_facts(&self) -> watch::Receiver<u64> {
@@ -230,6 +252,7 @@ pub async fn run(
                 .filter(|b| paddock_core::is_sha256(b)),
         ),
         restarting: watch::channel(None).0,
+        incarnations: std::sync::Mutex::new(std::collections::HashMap::new()),
     });
     tracing::info!(
         database = controller.store.backend(),

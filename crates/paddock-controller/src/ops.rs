@@ -205,11 +205,42 @@ pub async fn plan_upgrade(
         .map(|s| s.name.as_str())
         .collect();
     if behind.is_empty() {
-        return Err(invalid(format!(
-            "every front-end already runs build {} (paddock {}); nothing to upgrade",
-            short(&build.sha256),
-            build.version
-        )));
+        let controller_behind = request.zone.is_none()
+            && crate::platform::own_build(c)
+                .await
+                .is_ok_and(|own| own != build.sha256);
+        if !controller_behind {
+            return Err(invalid(format!(
+                "every front-end{} already runs build {} (paddock {}); nothing to upgrade",
+                if request.zone.is_none() {
+                    " and the controller"
+                } else {
+                    ""
+                },
+                short(&build.sha256),
+                build.version
+            )));
+        }
+        // The front-ends were upgraded zone by zone (`--zone`): the controller's turn alone.
+        let zone = names.first().cloned().unwrap_or_default();
+        return Ok(DeployPlan {
+            parallel_zones: false,
+            timeout_ms,
+            zones: vec![ZonePlan {
+                zone,
+                apps: Vec::new(),
+                updating: Vec::new(),
+                loaded: Vec::new(),
+                untouched: Vec::new(),
+                in_place: false,
+                before: Vec::new(),
+                steps: vec![PlannedStep {
+                    step: Step::UpgradeController,
+                    servers: Vec::new(),
+                }],
+            }],
+            platform: Some(build),
+        });
     }
     let mut zones = Vec::new();
     for zone in names {
@@ -505,7 +536,7 @@ pub async fn start(c: &Arc<Controller>, plan: &DeployPlan) -> Result<Operation, 
                 z.zone, z.updating[0]
             ),
             Some(_) => format!(
-                "zone {} has one serving front-end ({}): it restarts in place, and requests reaching it while it does fail",
+                "zone {} has one serving front-end ({}): it restarts in place (requests wait for it meanwhile)",
                 z.zone, z.updating[0]
             ),
         })
@@ -1068,18 +1099,25 @@ impl Run<'_> {
             }
             Step::RestorePlatform => {
                 let build = self.build()?;
-                let told: Vec<String> = self
+                // Who the failed step told, from the plan: the same when this step runs again.
+                let told: Vec<String> = if z.in_place {
+                    self.zone_servers().await?
+                } else {
+                    z.updating.clone()
+                };
+                let still_told: Vec<String> = self
                     .c
                     .store
                     .servers()
                     .await?
                     .into_iter()
                     .filter(|s| {
-                        s.zone == z.zone && s.platform_target.as_deref() == Some(&build.sha256)
+                        told.contains(&s.name)
+                            && s.platform_target.as_deref() == Some(&build.sha256)
                     })
                     .map(|s| s.name)
                     .collect();
-                let g = self.set(told.iter().map(|n| target(n, None))).await?;
+                let g = self.set(still_told.iter().map(|n| target(n, None))).await?;
                 // One that was installing when the target went stops before it replaces its
                 // executable, or restarts on the build: wait to know which, so that the flags
                 // restored next keep a server on the build out of rotation.
@@ -1374,24 +1412,25 @@ impl Run<'_> {
             // A dead updating server would serve its saved state (the new version) when it
             // comes back, before it reaches this controller: it stays drained.
             let server = servers.iter().find(|s| s.name == before.name);
-            // One that installed the build of a platform upgrade that failed runs what the
-            // operation put back: it stays drained too.
-            let new_build = |server: &ServerInfo| {
+            // Any server of the zone (in place, every one was told) that installed the build
+            // of a platform upgrade that failed runs what the operation put back: it stays
+            // drained too.
+            let on_new_build = server.is_some_and(|server| {
                 self.plan
                     .platform
                     .as_ref()
                     .is_some_and(|b| runs(server, &b.sha256))
-            };
-            if self.zone.updating.contains(&before.name)
-                && server.is_none_or(|server| {
-                    !alive(server, now)
-                        || new_build(server)
-                        || self
-                            .zone
-                            .apps
-                            .iter()
-                            .any(|a| serving_version(server, &a.app) != Some(a.from.as_str()))
-                })
+            });
+            if on_new_build
+                || self.zone.updating.contains(&before.name)
+                    && server.is_none_or(|server| {
+                        !alive(server, now)
+                            || self
+                                .zone
+                                .apps
+                                .iter()
+                                .any(|a| serving_version(server, &a.app) != Some(a.from.as_str()))
+                    })
             {
                 lb = LbState::Drain;
                 kept_out.push(before.name.clone());

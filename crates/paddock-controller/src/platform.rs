@@ -399,6 +399,31 @@ pub async fn remove(
         .filter(|s| s.platform_target.as_deref() == Some(sha256.as_str()))
         .map(|s| s.name)
         .collect();
+    let upgrading: Vec<i64> = c
+        .store
+        .operations(50)
+        .await?
+        .into_iter()
+        .filter(|op| {
+            !op.state.is_final()
+                && op
+                    .plan
+                    .platform
+                    .as_ref()
+                    .is_some_and(|b| b.sha256 == sha256)
+        })
+        .map(|op| op.id)
+        .collect();
+    if let Some(id) = upgrading.first() {
+        return Err(Failure::new(
+            StatusCode::CONFLICT,
+            "build_in_use",
+            format!(
+                "operation {id} installs build {}; remove it once the operation has ended",
+                short(&sha256)
+            ),
+        ));
+    }
     if !told.is_empty() {
         return Err(Failure::new(
             StatusCode::CONFLICT,

@@ -242,6 +242,7 @@ impl Deployer {
             address: self.link.advertise.clone().unwrap_or_default(),
             platform_version: env!("CARGO_PKG_VERSION").to_string(),
             engine: self.apps.runtime().engine_hash().to_string(),
+            incarnation: Some(self.vitals.incarnation().to_string()),
         };
         let mut attempt = 0u32;
         loop {

@@ -64,6 +64,8 @@ pub struct Vitals {
     upgrade_error: std::sync::Mutex<Option<paddock_api::UpgradeFailure>>,
     /// The platform build being installed.
     installing: std::sync::Mutex<Option<String>>,
+    /// Names this process among the server's restarts (PID and start time).
+    incarnation: String,
 }
 
 impl Vitals {
@@ -76,7 +78,19 @@ impl Vitals {
             build: std::sync::Mutex::new(None),
             upgrade_error: std::sync::Mutex::new(None),
             installing: std::sync::Mutex::new(None),
+            incarnation: format!(
+                "{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0)
+            ),
         }
+    }
+
+    pub fn incarnation(&self) -> &str {
+        &self.incarnation
     }
 
     pub fn set_installing(&self, build: Option<String>) {
@@ -117,6 +131,7 @@ impl Vitals {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
+            incarnation: Some(self.incarnation.clone()),
         }
     }
 

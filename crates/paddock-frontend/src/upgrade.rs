@@ -172,7 +172,10 @@ impl Upgrader {
                     // Busy until the process is replaced: nothing installs twice.
                     std::mem::forget(not_busy);
                 }
-                Ok(None) => upgrader.changed.notify_one(),
+                Ok(None) => {
+                    drop(not_busy);
+                    upgrader.changed.notify_one();
+                }
                 Err(e) => {
                     let mut retry = upgrader.retry.lock().unwrap_or_else(|e| e.into_inner());
                     let wait = match &*retry {
@@ -190,6 +193,7 @@ impl Upgrader {
                     upgrader
                         .vitals
                         .set_upgrade_error(Some(failed(format!("{e:#}"))));
+                    drop(not_busy);
                     upgrader.changed.notify_one();
                 }
             }
@@ -238,8 +242,8 @@ impl Upgrader {
             std::process::id()
         ));
         let result = async {
-            self.fetch(target, &temp).await?;
-            if !self.still_wanted(target) {
+            let fetched = self.fetch(target, &temp).await?;
+            if !fetched || !self.still_wanted(target) {
                 tracing::info!(build = %short(&target.sha256), "the platform build is no longer wanted; not installed");
                 anyhow::Ok(false)
             } else {
@@ -271,7 +275,8 @@ impl Upgrader {
     }
 
     /// Downloads `target` into `temp`, checks its hash and that it runs as that version.
-    async fn fetch(&self, target: &PlatformBuild, temp: &Path) -> anyhow::Result<()> {
+    /// `false` when the build stopped being wanted during the download.
+    async fn fetch(&self, target: &PlatformBuild, temp: &Path) -> anyhow::Result<bool> {
         let mut file = tokio::fs::File::create(temp).await.with_context(|| {
             format!(
                 "cannot write {} beside the executable (the user running this front-end must be able to write its folder)",
@@ -305,6 +310,9 @@ impl Upgrader {
             })?
             .context("downloading the build from the controller")?
         {
+            if !self.still_wanted(target) {
+                return Ok(false);
+            }
             hash.update(&chunk);
             file.write_all(&chunk)
                 .await
@@ -343,7 +351,7 @@ impl Upgrader {
                 target.version
             );
         }
-        Ok(())
+        Ok(true)
     }
 }
 

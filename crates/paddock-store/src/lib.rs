@@ -804,23 +804,16 @@ impl Store for SqlStore {
     async fn heartbeat(&self, name: &str, observed: &HealthReport, now_ms: i64) -> Result<()> {
         let json = serde_json::to_string(observed)
             .map_err(|e| StoreError::Corrupt(format!("observed state: {e}")))?;
-        // A report received earlier but written later (it waited for the database) does not
-        // replace a newer one: a restarted server's first report would be lost to its previous
-        // process's last. Only a slightly newer one counts as newer: a clock stepped back by
-        // more than that does not freeze the server's state until it catches up.
-        let done = sqlx::query(&self.sql(
-            "UPDATE servers SET heartbeat_ms = $1, observed = $2 \
-             WHERE name = $3 AND (heartbeat_ms IS NULL OR heartbeat_ms <= $1 \
-             OR heartbeat_ms > $1 + 2000)",
-        ))
+        let done = sqlx::query(
+            &self.sql("UPDATE servers SET heartbeat_ms = $1, observed = $2 WHERE name = $3"),
+        )
         .bind(now_ms)
         .bind(json)
         .bind(name)
         .execute(&self.pool)
         .await?;
         if done.rows_affected() == 0 {
-            // Unknown, or a newer report is there already.
-            self.server(name).await?;
+            return Err(StoreError::UnknownServer(name.into()));
         }
         Ok(())
     }
@@ -1291,28 +1284,36 @@ impl Store for SqlStore {
 
     async fn set_servers(&self, changes: &[ServerChange]) -> Result<i64> {
         let mut tx = self.pool.begin().await?;
-        // First: a platform target records the generation that set it.
-        let generation = self.bump_generation(&mut tx).await?;
         for change in changes {
             let done = sqlx::query(&self.sql(
                 "UPDATE servers SET lb = COALESCE($1, lb), deployment_on = COALESCE($2, deployment_on), \
                  scheduler_on = COALESCE($3, scheduler_on), \
-                 platform_target = CASE WHEN $4 = 1 THEN $5 ELSE platform_target END, \
-                 platform_target_generation = CASE WHEN $4 = 1 THEN $6 ELSE platform_target_generation END \
-                 WHERE name = $7",
+                 platform_target = CASE WHEN $4 = 1 THEN $5 ELSE platform_target END \
+                 WHERE name = $6",
             ))
             .bind(change.lb.map(LbState::as_str))
             .bind(change.deployment.map(i64::from))
             .bind(change.scheduler.map(i64::from))
             .bind(i64::from(change.platform_target.is_some()))
             .bind(change.platform_target.clone().flatten())
-            .bind(generation)
             .bind(&change.name)
             .execute(&mut *tx)
             .await?;
             if done.rows_affected() == 0 {
                 return Err(StoreError::UnknownServer(change.name.clone()));
             }
+        }
+        // Last, like every other write (server rows, then the generation row: one lock order):
+        // a target records the generation that set it, in rows this transaction holds already.
+        let generation = self.bump_generation(&mut tx).await?;
+        for change in changes.iter().filter(|c| c.platform_target.is_some()) {
+            sqlx::query(
+                &self.sql("UPDATE servers SET platform_target_generation = $1 WHERE name = $2"),
+            )
+            .bind(generation)
+            .bind(&change.name)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(generation)

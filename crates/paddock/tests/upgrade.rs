@@ -161,6 +161,10 @@ async fn upgrade_under_load(db: Db, test: &str) {
         "{}",
         out.stderr
     );
+    // Settled: nothing installing any more (the restore waited for that).
+    for s in servers(&controller) {
+        assert!(s["observed"]["installing"].is_null(), "{s:#}");
+    }
     for s in servers(&controller) {
         let on_new = s["observed"]["build"] == sha.as_str();
         assert_eq!(s["lb"] == "drain", on_new, "{s:#}\n{}", out.stderr);
@@ -315,19 +319,35 @@ async fn a_lone_front_end_restarts_in_place_without_failing_a_request() {
     assert!(plan.contains("restarts in place"), "{plan}");
     assert!(plan.contains("upgrade-in-place"), "{plan}");
 
+    // One zone's front-ends (`--zone`), not the controller.
     let load = Load::start(lb.addr, "/hello", 4, Duration::from_millis(5));
     tokio::time::sleep(Duration::from_millis(200)).await;
     let out = controller
-        .cli_async(&["upgrade", &new.display().to_string()])
+        .cli_async(&["upgrade", &new.display().to_string(), "--zone", "default"])
         .await;
     assert!(out.success, "{}{}", out.stdout, out.stderr);
     assert!(out.stdout.contains("succeeded"), "{}", out.stdout);
+    assert!(!out.stdout.contains("upgrade-controller"), "{}", out.stdout);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let samples = load.stop().await;
     assert!(samples.len() > 100, "too little load: {}", samples.len());
     assert!(failures(&samples).is_empty(), "{:?}", failures(&samples));
     assert!(is_new_build(&frontend.own_exe()));
+    assert!(!is_new_build(&controller.own_exe()));
     let s = &servers(&controller)[0];
     assert_eq!(s["observed"]["build"], s["platform_target"], "{s:#}");
     assert_eq!(s["lb"], "ready", "{s:#}");
+
+    // Then the controller's turn alone.
+    let sha = s["platform_target"].as_str().unwrap().to_string();
+    let out = controller.cli_async(&["upgrade", &sha]).await;
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("upgrade-controller"), "{}", out.stdout);
+    assert!(!out.stdout.contains("upgrade-in-place"), "{}", out.stdout);
+    assert!(is_new_build(&controller.own_exe()));
+    let e = controller.fails(&["upgrade", &sha]);
+    assert!(
+        e.contains("every front-end and the controller already"),
+        "{e}"
+    );
 }

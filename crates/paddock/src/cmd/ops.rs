@@ -430,7 +430,7 @@ fn print_plan(plan: &DeployPlan, plan_only: bool) {
         println!("zone {}: {}", zone.zone, apps.join(", "));
         if zone.in_place && upgrade {
             println!(
-                "  one serving front-end ({}): restarts in place; requests reaching it meanwhile fail",
+                "  one serving front-end ({}): restarts in place; requests wait for it meanwhile",
                 zone.updating.join(", ")
             );
         } else if zone.in_place {
