@@ -319,48 +319,20 @@ async fn receive(
 
 /// Runs `path --version` and reads Paddock's version from it, or says why it is no Paddock.
 async fn version_of(path: &FsPath) -> Result<String, Failure> {
-    use std::os::unix::fs::PermissionsExt as _;
-    tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+    use paddock_runtime::build::NotPaddock;
+    paddock_runtime::build::paddock_version_of(path, VERSION_TIMEOUT)
         .await
-        .map_err(|e| internal(&format!("making {} executable", path.display()), e))?;
-    let run = tokio::process::Command::new(path)
-        .arg("--version")
-        .env_clear()
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let output = match tokio::time::timeout(VERSION_TIMEOUT, run).await {
-        Err(_) => {
-            return Err(bad_build(format!(
-                "the executable did not print its version within {} s: send the `paddock` executable",
-                VERSION_TIMEOUT.as_secs()
-            )));
-        }
-        Ok(Err(e)) => {
-            return Err(bad_build(format!(
-                "the executable does not run on this machine ({e}): build it for the servers' system"
-            )));
-        }
-        Ok(Ok(output)) => output,
-    };
-    parse_version(&String::from_utf8_lossy(&output.stdout)).ok_or_else(|| {
-        bad_build(format!(
-            "the executable is not Paddock: `--version` printed {:?} (exit {}), not `paddock VERSION`",
-            String::from_utf8_lossy(&output.stdout).trim(),
-            output.status
-        ))
-    })
-}
-
-/// `paddock 0.1.0` → `0.1.0`.
-pub fn parse_version(output: &str) -> Option<String> {
-    let version = output.trim().strip_prefix("paddock ")?;
-    let ok = !version.is_empty()
-        && version.len() <= 64
-        && version
-            .chars()
-            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '-' | '+'));
-    ok.then(|| version.to_string())
+        .map_err(|e| match e {
+            NotPaddock::Permissions(e) => {
+                internal(&format!("making {} executable", path.display()), e)
+            }
+            NotPaddock::DoesNotRun(_) => bad_build(format!(
+                "the executable {e}: build it for the servers' system (or keep --data on a file system that allows running programs)"
+            )),
+            NotPaddock::TimedOut(_) | NotPaddock::Said { .. } => bad_build(format!(
+                "the executable is not Paddock: it {e}; send the `paddock` executable"
+            )),
+        })
 }
 
 /// `GET /v1/platform/builds`: the builds kept, newest first.
@@ -541,8 +513,6 @@ pub async fn upgrade(
 
 #[cfg(test)]
 mod tests {
-    use super::parse_version;
-
     #[test]
     fn older_releases_are_told_apart() {
         use super::older;
@@ -553,17 +523,5 @@ mod tests {
         assert!(!older("1.0.1", "1.0.0"));
         assert!(!older("1.10.0", "1.9.0"));
         assert!(!older("weird", "1.0.0"));
-    }
-
-    #[test]
-    fn versions_are_read_from_paddock_only() {
-        assert_eq!(parse_version("paddock 0.1.0\n").as_deref(), Some("0.1.0"));
-        assert_eq!(
-            parse_version("paddock 1.2.3-rc.1+x").as_deref(),
-            Some("1.2.3-rc.1+x")
-        );
-        assert_eq!(parse_version("nginx 1.22"), None);
-        assert_eq!(parse_version("paddock "), None);
-        assert_eq!(parse_version("paddock 1.0; rm -rf"), None);
     }
 }

@@ -329,25 +329,12 @@ impl Upgrader {
                 target.sha256
             );
         }
-        use std::os::unix::fs::PermissionsExt as _;
-        tokio::fs::set_permissions(temp, std::fs::Permissions::from_mode(0o755))
+        let said = paddock_runtime::build::paddock_version_of(temp, VERSION_TIMEOUT)
             .await
-            .with_context(|| format!("making {} executable", temp.display()))?;
-        let run = tokio::process::Command::new(temp)
-            .arg("--version")
-            .env_clear()
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .output();
-        let output = tokio::time::timeout(VERSION_TIMEOUT, run)
-            .await
-            .map_err(|_| anyhow::anyhow!("the new build did not print its version in time"))?
-            .context("the new build does not run here")?;
-        let said = String::from_utf8_lossy(&output.stdout);
-        if said.trim() != format!("paddock {}", target.version) {
+            .map_err(|e| anyhow::anyhow!("the new build {e}: not installed"))?;
+        if said != target.version {
             anyhow::bail!(
-                "the new build says {:?}, not `paddock {}`: not installed",
-                said.trim(),
+                "the new build says it is paddock {said}, not {}: not installed",
                 target.version
             );
         }

@@ -14,6 +14,7 @@
 //! with the `Arc<AppVersion>` values this crate hands out.
 
 pub mod artifact;
+pub mod build;
 mod config;
 pub mod data;
 mod host;
@@ -282,40 +283,11 @@ impl Drop for Runtime {
     }
 }
 
+pub use build::{keep_previous, sha256_file, sha256_of_this_executable};
+
 /// sha256 of `bytes`, lowercase hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
-}
-
-/// sha256 of the file at `path`, lowercase hex, read in pieces (a `paddock` executable is
-/// hundreds of MB).
-pub fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hash = Sha256::new();
-    std::io::copy(&mut file, &mut hash)?;
-    Ok(hex::encode(hash.finalize()))
-}
-
-/// Keeps the executable at `exe`, about to be replaced by a platform build, beside it as
-/// `<name>.previous` (a hard link: no copy), the way back for an operator: stop the process,
-/// move it over, start it. Returns where it is kept.
-pub fn keep_previous(exe: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
-    let mut name = exe.file_name().unwrap_or_default().to_os_string();
-    name.push(".previous");
-    let previous = exe.with_file_name(name);
-    match std::fs::remove_file(&previous) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    std::fs::hard_link(exe, &previous)?;
-    Ok(previous)
-}
-
-/// sha256 of the executable this process runs (`/proc/self/exe`: the file it was started
-/// from, even if its path now names another one).
-pub fn sha256_of_this_executable() -> std::io::Result<String> {
-    sha256_file(std::path::Path::new("/proc/self/exe"))
 }
 
 /// A stable name for `Engine::precompile_compatibility_hash`: sha256 over what it hashes, first
