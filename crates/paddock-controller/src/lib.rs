@@ -85,8 +85,9 @@ pub struct Controller {
     pub max_upload_bytes: usize,
     /// Where the tokens and the platform builds are kept.
     pub data_dir: std::path::PathBuf,
-    /// The executable this process was started from (a platform upgrade installs over it).
-    pub exe: std::path::PathBuf,
+    /// The executable this process was started from (a platform upgrade installs over it), or
+    /// why it is not known.
+    pub exe: Result<std::path::PathBuf, String>,
     /// Whether platform builds are taken (`--platform-upgrades`).
     pub platform_upgrades: bool,
     /// The newest generation this controller wrote; long-polls wait on it.
@@ -235,7 +236,8 @@ pub async fn run(
         tokens,
         max_upload_bytes: config.max_upload_bytes,
         data_dir: config.data_dir.clone(),
-        exe: std::env::current_exe().context("finding this process's executable")?,
+        exe: std::env::current_exe()
+            .map_err(|e| format!("cannot find this process's executable: {e}")),
         platform_upgrades: config.platform_upgrades,
         generation: watch::channel(generation).0,
         facts: watch::channel(0).0,

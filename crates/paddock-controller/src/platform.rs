@@ -62,7 +62,7 @@ pub async fn install_here(c: &Controller, build: &PlatformBuild) -> anyhow::Resu
             short(&build.sha256)
         );
     }
-    let exe = c.exe.clone();
+    let exe = c.exe.clone().map_err(anyhow::Error::msg)?;
     let dir = exe.parent().context("the executable has no folder")?;
     let temp = temp_beside(&exe, &build.sha256);
     // Another process started from the same file (`paddock up`) may have installed it.
@@ -136,12 +136,13 @@ pub fn can_install_here(c: &Controller, sha256: &str) -> anyhow::Result<()> {
             short(sha256)
         );
     }
-    let probe = temp_beside(&c.exe, sha256);
+    let exe = c.exe.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let probe = temp_beside(exe, sha256);
     std::fs::File::create(&probe).with_context(|| {
         format!(
             "cannot write {} (the user running the controller must be able to write the folder of {})",
             probe.display(),
-            c.exe.display()
+            exe.display()
         )
     })?;
     let _ = std::fs::remove_file(&probe);
@@ -191,6 +192,18 @@ fn enabled(c: &Controller) -> Result<(), Failure> {
         "platform_upgrades_off",
         "this controller takes no platform builds (a build is a native executable every server will run): start it with --platform-upgrades to upgrade Paddock this way",
     ))
+}
+
+/// `404 unknown_build`, with what to do.
+fn unknown_build(sha256: &str, what_to_do: &str) -> Failure {
+    Failure::new(
+        StatusCode::NOT_FOUND,
+        "unknown_build",
+        format!(
+            "this controller keeps no platform build {}; {what_to_do}",
+            short(sha256)
+        ),
+    )
 }
 
 fn not_elf() -> Failure {
@@ -349,16 +362,7 @@ pub async fn remove(
     Path(sha256): Path<String>,
 ) -> Result<StatusCode, Failure> {
     enabled(&c)?;
-    let unknown = || {
-        Failure::new(
-            StatusCode::NOT_FOUND,
-            "unknown_build",
-            format!(
-                "no platform build {} here; `paddock platform builds` lists them",
-                short(&sha256)
-            ),
-        )
-    };
+    let unknown = || unknown_build(&sha256, "`paddock platform builds` lists them");
     if !paddock_core::is_sha256(&sha256) {
         return Err(unknown());
     }
@@ -433,16 +437,7 @@ pub async fn download(
     Path(sha256): Path<String>,
 ) -> Result<Response, Failure> {
     enabled(&c)?;
-    let unknown = || {
-        Failure::new(
-            StatusCode::NOT_FOUND,
-            "unknown_build",
-            format!(
-                "this controller keeps no build {}: upload it here (`paddock upgrade PATH`)",
-                short(&sha256)
-            ),
-        )
-    };
+    let unknown = || unknown_build(&sha256, "upload it here (`paddock upgrade PATH`)");
     if !paddock_core::is_sha256(&sha256) {
         return Err(unknown());
     }

@@ -111,14 +111,21 @@ pub async fn run(
                 cache.clone(),
                 &config.data_dir,
             )?;
-            let upgrader = upgrade::Upgrader::new(
+            // Without its own executable's path a server cannot be upgraded, but it serves.
+            let deployer = match upgrade::Upgrader::new(
                 link.clone(),
                 deployer.http(),
                 vitals.clone(),
                 restart_tx,
                 deployer.changed.clone(),
-            )?;
-            let deployer = Arc::new(deployer.with_upgrader(Arc::new(upgrader)));
+            ) {
+                Ok(upgrader) => deployer.with_upgrader(Arc::new(upgrader)),
+                Err(e) => {
+                    tracing::warn!("platform upgrades off for this server: {e:#}");
+                    deployer
+                }
+            };
+            let deployer = Arc::new(deployer);
             let generation = deployer.restore().await;
             let scheduler = Arc::new(scheduler::Scheduler::new(
                 link,
