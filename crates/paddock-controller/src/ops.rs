@@ -1042,14 +1042,8 @@ impl Run<'_> {
                 } else {
                     z.updating.clone()
                 };
-                let g = self
-                    .set(told.iter().map(|n| target(n, Some(build.sha256.clone()))))
-                    .await?;
-                let mut facts = vec![format!(
-                    "{} told to run build {} (generation {g})",
-                    join(&told),
-                    short(&build.sha256)
-                )];
+                let (g, told) = self.tell_build(&told, build).await?;
+                let mut facts = vec![told];
                 facts.extend(self.wait_upgraded(&z.updating, g, Mode::Forward).await?);
                 // Users reach them at the cutover (or now, in place): only through balancers
                 // whose health checks found them up again after the restart.
@@ -1066,14 +1060,8 @@ impl Run<'_> {
                     .into_iter()
                     .filter(|name| !z.updating.contains(name))
                     .collect();
-                let g = self
-                    .set(rest.iter().map(|n| target(n, Some(build.sha256.clone()))))
-                    .await?;
-                let mut facts = vec![format!(
-                    "{} told to run build {} (generation {g})",
-                    join(&rest),
-                    short(&build.sha256)
-                )];
+                let (g, told) = self.tell_build(&rest, build).await?;
+                let mut facts = vec![told];
                 facts.extend(self.wait_upgraded(&z.loaded, g, Mode::NoReturn).await?);
                 Ok(facts)
             }
@@ -1172,6 +1160,29 @@ impl Run<'_> {
                 Ok(facts)
             }
         }
+    }
+
+    /// Tells `servers` to run `build`, in one generation; returns it, with the fact.
+    async fn tell_build(
+        &self,
+        servers: &[String],
+        build: &PlatformBuild,
+    ) -> Result<(i64, String), StepError> {
+        let g = self
+            .set(
+                servers
+                    .iter()
+                    .map(|n| target(n, Some(build.sha256.clone()))),
+            )
+            .await?;
+        Ok((
+            g,
+            format!(
+                "{} told to run build {} (generation {g})",
+                join(servers),
+                short(&build.sha256)
+            ),
+        ))
     }
 
     /// Every server of the zone now.

@@ -117,10 +117,9 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
     );
 
     // The admin token is found in the data folder, as after `paddock up` in a project folder.
-    let admin = |args: &[&str], package: &str| {
+    let cli = |args: &[&std::ffi::OsStr]| {
         let out = Command::new(PADDOCK)
             .args(args)
-            .arg(fixture(package))
             .env(
                 "PADDOCK_CONTROLLER",
                 format!("http://127.0.0.1:{controller_port}"),
@@ -136,6 +135,12 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
             String::from_utf8_lossy(&out.stderr)
         );
         stdout
+    };
+    let admin = |args: &[&str], package: &str| {
+        let package = fixture(package);
+        let mut all: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        all.push(package.as_os_str());
+        cli(&all)
     };
     let stdout = admin(&["app", "publish"], "hello-v1");
     assert!(stdout.contains("served by all 2 front-end(s)"), "{stdout}");
@@ -194,23 +199,8 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
     let mut file = std::fs::OpenOptions::new().append(true).open(&new).unwrap();
     std::io::Write::write_all(&mut file, b"\n-- a build made by the up test --\n").unwrap();
     drop(file);
-    let out = Command::new(PADDOCK)
-        .arg("upgrade")
-        .arg(&new)
-        .env(
-            "PADDOCK_CONTROLLER",
-            format!("http://127.0.0.1:{controller_port}"),
-        )
-        .env("PADDOCK_DATA", dir.path())
-        .env_remove("PADDOCK_TOKEN")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("succeeded"),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = cli(&["upgrade".as_ref(), new.as_os_str()]);
+    assert!(stdout.contains("succeeded"), "{stdout}");
     assert_eq!(std::fs::read(&exe).unwrap(), std::fs::read(&new).unwrap());
     let printed = output.lock().unwrap().clone();
     assert_eq!(
