@@ -35,6 +35,52 @@ pub struct HealthReport {
     /// The process that sent it, as in its [`Registration`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incarnation: Option<String>,
+    /// Its response cache, when it keeps one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheReport>,
+}
+
+/// A front-end's response cache, as its health report tells it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheReport {
+    /// The last purge of the farm's purge log it has applied (every purge up to it).
+    pub purged: i64,
+    pub entries: u64,
+    pub bytes: u64,
+    /// The most it keeps.
+    pub max_bytes: u64,
+    pub hits: u64,
+    pub misses: u64,
+    /// Why it serves nothing from its cache now (it cannot read the purge log), if so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub off: Option<String>,
+}
+
+/// One purge of the farm's purge log: an app's cached responses with a tag, or all of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachePurge {
+    pub id: i64,
+    pub app: String,
+    /// `None`: every cached response of the app.
+    pub tag: Option<String>,
+    pub at_ms: i64,
+    /// Who asked: `admin`, or `server NAME` (an app's answer there named the tags).
+    pub source: String,
+}
+
+/// `POST /v1/apps/{app}/cache/purge`: the tags to purge, none for all of the app's responses.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurgeRequest {
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// The answer to a purge: the id the front-ends report once they applied it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurgeAnswer {
+    pub app: String,
+    pub tags: Vec<String>,
+    pub purge: i64,
 }
 
 /// A front-end's last failed attempt to install a platform build.

@@ -42,6 +42,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
             "/v1/apps/{name}/config/{key}",
             axum::routing::put(crate::config::set).delete(crate::config::unset),
         )
+        .route("/v1/apps/{name}/cache/purge", post(crate::cache::purge))
         .route("/v1/apps/{name}/data", get(crate::data::summary))
         .route("/v1/apps/{name}/data/keys", get(crate::data::keys))
         .route(

@@ -167,6 +167,7 @@ mod tests {
                 upgrade_error: None,
                 installing: None,
                 incarnation: None,
+                cache: None,
             }),
             lb: LbState::Ready,
             weight: 1,

@@ -16,6 +16,7 @@
 //! crate), and any IO towards front-ends: they come to the controller, never the other way round.
 
 pub mod api;
+mod cache;
 pub mod config;
 pub mod data;
 mod extract;

@@ -5,6 +5,7 @@
 //! speaks these types, so a manifest is validated once, here, into a [`Manifest`] that the rest of
 //! Paddock can trust.
 
+pub mod cache;
 pub mod data;
 pub mod manifest;
 pub mod route;

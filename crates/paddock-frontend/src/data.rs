@@ -12,7 +12,7 @@ use paddock_store::SqlStore;
 /// Opens the database for the apps' data. A front-end of a farm leaves migrations to the
 /// controller; a front-end on its own (`--apps`) owns its database and migrates it.
 /// Without a controller, it also forgets expired sessions every minute, as a controller does.
-pub async fn open(url: &str, standalone: bool) -> anyhow::Result<Arc<dyn AppData>> {
+pub async fn open(url: &str, standalone: bool) -> anyhow::Result<Arc<SqlStore>> {
     let store = if standalone {
         SqlStore::open(url).await
     } else {
@@ -23,7 +23,12 @@ pub async fn open(url: &str, standalone: bool) -> anyhow::Result<Arc<dyn AppData
     if standalone {
         tokio::spawn(SqlStore::sweep_sessions_every_minute(store.clone()));
     }
-    Ok(Arc::new(StoreData(store)))
+    Ok(store)
+}
+
+/// The apps' data in the farm's database, as the runtime reaches it.
+pub fn app_data(store: Arc<SqlStore>) -> Arc<dyn AppData> {
+    Arc::new(StoreData(store))
 }
 
 struct StoreData(Arc<SqlStore>);

@@ -17,6 +17,7 @@ pub mod cache;
 pub mod data;
 pub mod deployer;
 pub mod folder;
+pub mod responses;
 pub mod scheduler;
 pub mod server;
 pub mod upgrade;
@@ -54,6 +55,10 @@ pub struct FrontendConfig {
     pub secure_cookies: bool,
     /// How often the apps folder is looked at.
     pub scan_interval: Duration,
+    /// The most the response cache keeps, in bytes; 0 keeps nothing.
+    pub cache_bytes: usize,
+    /// How often the farm's purge log is read.
+    pub purge_poll: Duration,
     /// How long the server keeps serving, reporting `stopping`, after a shutdown signal.
     pub drain_delay: Duration,
     /// How long in-flight requests may take to finish after a shutdown signal.
@@ -76,9 +81,20 @@ pub async fn run(
             )
         })?;
     let apps = Arc::new(Apps::new(runtime.clone()));
-    let app_data = match &config.db {
+    let store = match &config.db {
         Some(url) => Some(data::open(url, config.controller.is_none()).await?),
         None => None,
+    };
+    let app_data = store.clone().map(data::app_data);
+    let responses = match (config.cache_bytes, &store, &config.controller) {
+        (0, _, _) => None,
+        (_, None, Some(_)) => {
+            tracing::info!(
+                "response cache off: a front-end of a farm reads purges from the farm's database (give --db)"
+            );
+            None
+        }
+        (bytes, _, _) => Some(Arc::new(responses::ResponseCache::new(bytes))),
     };
 
     let watcher = match &config.apps_dir {
@@ -91,8 +107,21 @@ pub async fn run(
     };
 
     let vitals = Arc::new(server::Vitals::new(&config.name));
+    if let Some(responses) = &responses {
+        vitals.set_cache(responses.clone());
+    }
     // Bound before the deployment service starts, so that it can advertise the real port.
-    let server = Server::bind(&config, apps.clone(), vitals.clone(), app_data.clone()).await?;
+    let server = Server::bind(
+        &config,
+        apps.clone(),
+        vitals.clone(),
+        server::Data {
+            app_data: app_data.clone(),
+            cache: responses.clone(),
+            purge_log: store.clone(),
+        },
+    )
+    .await?;
     // The controller refusing this server for good stops it, saying why.
     let (refused_tx, refused_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
     // A platform build installed: the server stops and its new build starts.
@@ -151,6 +180,23 @@ pub async fn run(
         None => None,
     };
 
+    // Purges reach this front-end's cache through the farm's purge log.
+    let following = match (&responses, &store) {
+        (Some(responses), Some(store)) => {
+            let applied = deployer.as_ref().map_or_else(
+                || Arc::new(tokio::sync::Notify::new()),
+                |(_, deployer, _, _)| deployer.changed.clone(),
+            );
+            let log: Arc<dyn responses::PurgeLog> = store.clone();
+            Some(tokio::spawn(responses.clone().follow(
+                log,
+                config.purge_poll,
+                applied,
+            )))
+        }
+        _ => None,
+    };
+
     tracing::info!(
         server = %config.name,
         engine = runtime.engine_hash(),
@@ -207,7 +253,10 @@ pub async fn run(
     if let Some(deployer) = deployer {
         deployer.farewell().await;
     }
-    for task in [watcher, deploying, scheduling].into_iter().flatten() {
+    for task in [watcher, deploying, scheduling, following]
+        .into_iter()
+        .flatten()
+    {
         task.abort();
     }
     if let Some(refusal) = refusal.lock().unwrap_or_else(|e| e.into_inner()).take() {

@@ -26,8 +26,9 @@ use tokio::net::TcpListener;
 use crate::FrontendConfig;
 use crate::apps::Apps;
 use crate::data;
+use crate::responses::{self, Lookup, ResponseCache};
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 const HEALTH_PATH: &str = "/_paddock/health";
@@ -48,6 +49,12 @@ struct Shared {
     app_data: Option<Arc<dyn AppData>>,
     /// Session cookies are `Secure` (users reach the farm over HTTPS).
     secure_cookies: bool,
+    /// The response cache, if this front-end keeps one.
+    cache: Option<Arc<ResponseCache>>,
+    /// The farm's purge log, where the purges its apps ask for go.
+    purge_log: Option<Arc<paddock_store::SqlStore>>,
+    /// `server NAME`: who wrote a purge, in the log.
+    purge_source: String,
 }
 
 /// What the front-end reports about itself: its state and its requests in flight. Shared by the
@@ -66,6 +73,8 @@ pub struct Vitals {
     installing: std::sync::Mutex<Option<String>>,
     /// Names this process among the server's restarts (PID and start time).
     incarnation: String,
+    /// The response cache, whose figures the report carries.
+    cache: std::sync::OnceLock<Arc<ResponseCache>>,
 }
 
 impl Vitals {
@@ -86,7 +95,13 @@ impl Vitals {
                     .map(|d| d.as_nanos())
                     .unwrap_or(0)
             ),
+            cache: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Reports this cache's figures from now on.
+    pub fn set_cache(&self, cache: Arc<ResponseCache>) {
+        let _ = self.cache.set(cache);
     }
 
     pub fn incarnation(&self) -> &str {
@@ -132,6 +147,7 @@ impl Vitals {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
             incarnation: Some(self.incarnation.clone()),
+            cache: self.cache.get().map(|cache| cache.report()),
         }
     }
 
@@ -163,7 +179,7 @@ impl Server {
         config: &FrontendConfig,
         apps: Arc<Apps>,
         vitals: Arc<Vitals>,
-        app_data: Option<Arc<dyn AppData>>,
+        data: Data,
     ) -> anyhow::Result<Server> {
         let handed_over = config
             .listener
@@ -189,8 +205,11 @@ impl Server {
                 apps,
                 vitals,
                 next_request_id: AtomicU64::new(1),
-                app_data,
+                app_data: data.app_data,
                 secure_cookies: config.secure_cookies,
+                cache: data.cache,
+                purge_log: data.purge_log,
+                purge_source: format!("server {}", config.name),
             }),
         })
     }
@@ -282,6 +301,14 @@ impl Server {
     }
 }
 
+/// What a server keeps beside the apps: their data, its response cache, the farm's purge log.
+#[derive(Default)]
+pub struct Data {
+    pub app_data: Option<Arc<dyn AppData>>,
+    pub cache: Option<Arc<ResponseCache>>,
+    pub purge_log: Option<Arc<paddock_store::SqlStore>>,
+}
+
 /// How [`Server::serve`] stops.
 #[derive(Debug, Clone, Copy)]
 pub struct Stop {
@@ -303,6 +330,28 @@ async fn handle(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Bo
         return with_server(shared, text(StatusCode::NOT_FOUND, "not found\n"));
     };
 
+    // The response cache answers before anything runs.
+    let cached = shared.cache.as_ref().and_then(|cache| {
+        let key = responses::Key::of(route.version.serial(), &req)?;
+        Some((cache, key))
+    });
+    let mut ticket = None;
+    if let Some((cache, key)) = &cached {
+        match cache.lookup(key, req.headers()) {
+            Lookup::Hit(entry) => {
+                let mut response = entry.response();
+                if let Some((app, version)) = route.headers {
+                    let headers = response.headers_mut();
+                    headers.insert("x-paddock-app", app);
+                    headers.insert("x-paddock-version", version);
+                }
+                return with_server(shared, response);
+            }
+            Lookup::Miss(t) => ticket = Some(t),
+            Lookup::Off => {}
+        }
+    }
+
     let guard = InFlight::enter(shared.clone());
     let request_id = shared.next_request_id.fetch_add(1, Ordering::Relaxed);
     let spec = route.version.spec();
@@ -311,6 +360,8 @@ async fn handle(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Bo
         .as_ref()
         .map(|_| data::session(req.headers(), spec));
     data::strip_request_cookies(req.headers_mut());
+    // What `Vary` may name, as the app saw it.
+    let request_headers = ticket.map(|_| req.headers().clone());
     let request_data = shared.app_data.as_ref().map(|store| RequestData {
         store: store.clone(),
         session: session.clone(),
@@ -323,6 +374,11 @@ async fn handle(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Bo
     let mut response = match served {
         Ok(mut response) => {
             data::strip_response_cookies(response.headers_mut());
+            let purges = take_all(response.headers_mut(), paddock_core::cache::PURGE_HEADER);
+            let tags = take_all(response.headers_mut(), paddock_core::cache::TAG_HEADER);
+            if !purges.is_empty() {
+                app_purges(shared, &spec.name, &purges).await;
+            }
             // A session the app started or used before its head goes out with the head.
             let cookie = session.as_ref().and_then(|session| {
                 data::set_cookie(
@@ -335,13 +391,26 @@ async fn handle(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Bo
             if let Some(cookie) = cookie {
                 response.headers_mut().append(header::SET_COOKIE, cookie);
             }
-            response.map(|body| {
+            let response = response.map(|body| {
                 TrackedBody {
                     inner: body,
                     _guard: guard,
                 }
                 .boxed_unsync()
-            })
+            });
+            let keep = ticket.and_then(|_| responses::keep(response.status(), response.headers()));
+            match (cached, ticket, keep, request_headers) {
+                (Some((cache, key)), Some(ticket), Some(keep), Some(request)) => cache.record(
+                    ticket,
+                    key,
+                    Arc::from(spec.name.as_str()),
+                    keep,
+                    &request,
+                    response,
+                    app_tags(&spec.name, &tags),
+                ),
+                _ => response,
+            }
         }
         Err(e) => {
             let mut r = text(e.status(), &format!("{e} (request {request_id})\n"));
@@ -358,6 +427,79 @@ async fn handle(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Bo
         headers.insert("x-paddock-version", version);
     }
     with_server(shared, response)
+}
+
+/// Removes every value of a header and returns them.
+fn take_all(headers: &mut http::HeaderMap, name: &'static str) -> Vec<HeaderValue> {
+    match headers.entry(name) {
+        http::header::Entry::Occupied(entry) => entry.remove_entry_mult().1.collect(),
+        http::header::Entry::Vacant(_) => Vec::new(),
+    }
+}
+
+/// The most tags one answer may name, to tag its response or to purge.
+const MAX_TAGS: usize = 64;
+
+/// The valid tags of an app's header values; the others are logged and left out.
+fn app_tags(app: &str, values: &[HeaderValue]) -> Vec<Box<str>> {
+    let mut tags = Vec::new();
+    for value in values {
+        let Ok(value) = value.to_str() else {
+            tracing::warn!(app, "cache tags that are not ASCII ignored");
+            continue;
+        };
+        for tag in paddock_core::cache::tags(value) {
+            if tag == "*" {
+                tags.push(Box::from(tag));
+            } else if let Some(problem) = paddock_core::cache::tag_problem(tag) {
+                tracing::warn!(app, "{problem}: ignored");
+            } else if tags.len() < MAX_TAGS {
+                tags.push(Box::from(tag));
+            } else {
+                tracing::warn!(
+                    app,
+                    "more than {MAX_TAGS} cache tags in one answer: {tag} ignored"
+                );
+            }
+        }
+    }
+    tags
+}
+
+/// Carries out the purge an app's answer asks for: here at once, then on every front-end
+/// through the farm's purge log (written before the answer goes out).
+async fn app_purges(shared: &Shared, app: &str, values: &[HeaderValue]) {
+    let mut tags: Vec<String> = app_tags(app, values)
+        .into_iter()
+        .map(String::from)
+        .collect();
+    if tags.iter().any(|t| t == "*") {
+        tags.clear();
+    } else if tags.is_empty() {
+        return;
+    }
+    if let Some(cache) = &shared.cache {
+        let named: Vec<&str> = tags.iter().map(String::as_str).collect();
+        cache.purge(app, &named);
+    }
+    if let Some(log) = &shared.purge_log {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let written = log
+            .cache_purge_add(app, &tags, &shared.purge_source, now_ms)
+            .await;
+        match (written, &shared.cache) {
+            // Applied here already: not again when this server reads them in the log.
+            (Ok(ids), Some(cache)) => cache.written(&ids),
+            (Ok(_), None) => {}
+            (Err(e), _) => tracing::warn!(
+                app,
+                ?tags,
+                "purge not written to the farm's purge log: other front-ends keep those responses until they expire: {e}"
+            ),
+        }
+    }
 }
 
 fn health(shared: &Shared) -> Response<Body> {

@@ -108,11 +108,24 @@ pub struct AppVersion {
     /// check may hold others, which never shadow Paddock's own variables). Chosen once here,
     /// not per request, and shared by every request's host.
     env: Arc<[(String, String)]>,
+    /// Unique among the versions this process has loaded (a `[config]` change included): what
+    /// a response cached for this version is keyed by.
+    serial: u64,
+}
+
+/// The next [`AppVersion::serial`].
+fn next_serial() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl AppVersion {
     pub fn spec(&self) -> &AppSpec {
         &self.spec
+    }
+
+    pub fn serial(&self) -> u64 {
+        self.serial
     }
 
     /// The same code with another `[config]`: nothing is read, compiled or instantiated
@@ -128,6 +141,7 @@ impl AppVersion {
                 env: allowed_env(&spec),
                 spec,
                 pre: self.pre.clone(),
+                serial: next_serial(),
             })
         })
     }
@@ -251,7 +265,12 @@ impl Runtime {
         }
         let pre = self.link(&artifact)?;
         let env = allowed_env(&spec);
-        Ok(Arc::new(AppVersion { spec, pre, env }))
+        Ok(Arc::new(AppVersion {
+            spec,
+            pre,
+            env,
+            serial: next_serial(),
+        }))
     }
 
     fn link(&self, artifact: &Artifact) -> Result<ProxyPre<Host>, LoadError> {

@@ -26,7 +26,7 @@ const SWEEP_BATCH: u64 = 500;
 
 impl SqlStore {
     /// Waits for this process's turn to write app data, on SQLite (see `data_writes`).
-    async fn data_write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+    pub(crate) async fn data_write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
         match self.dialect {
             Dialect::Sqlite => Some(self.data_writes.lock().await),
             Dialect::Postgres => None,
@@ -353,9 +353,9 @@ impl SqlStore {
         Ok(live)
     }
 
-    /// Runs [`SqlStore::sweep_sessions`] every minute, for ever: the controller does, or a
-    /// front-end running alone. Front-ends never use an expired session, swept or not: this
-    /// only frees the space.
+    /// Runs [`SqlStore::sweep_sessions`] every minute, for ever, and forgets the cache purges
+    /// older than [`crate::PURGE_LOG_KEEP_MS`]: the controller does, or a front-end running
+    /// alone. Front-ends never use an expired session, swept or not: this only frees the space.
     pub async fn sweep_sessions_every_minute(store: std::sync::Arc<SqlStore>) {
         let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
         loop {
@@ -368,6 +368,16 @@ impl SqlStore {
                 Ok(gone) => tracing::debug!(gone, "expired sessions forgotten"),
                 Err(e) => {
                     tracing::warn!("forgetting expired sessions failed (next try in a minute): {e}")
+                }
+            }
+            match store
+                .cache_purges_forget(now_ms - crate::PURGE_LOG_KEEP_MS)
+                .await
+            {
+                Ok(0) => {}
+                Ok(gone) => tracing::debug!(gone, "old cache purges forgotten"),
+                Err(e) => {
+                    tracing::warn!("forgetting old cache purges failed (next try in a minute): {e}")
                 }
             }
         }

@@ -12,6 +12,9 @@
 //! Deliberately absent: HTTP, wasmtime, policy. The store records; the controller decides.
 
 mod data;
+mod purges;
+
+pub use purges::PURGE_LOG_KEEP_MS;
 
 use std::borrow::Cow;
 use std::collections::HashMap;

@@ -106,6 +106,7 @@ async fn servers_and_flags(store: &dyn Store) {
         upgrade_error: None,
         installing: None,
         incarnation: None,
+        cache: None,
     };
     store.heartbeat("fe1", &report, 3000).await.unwrap();
     let s = store.server("fe1").await.unwrap();
@@ -1200,7 +1201,87 @@ async fn platform_builds(store: &SqlStore) {
     assert_eq!(store.server("fe1").await.unwrap().platform_target, None);
 }
 
+async fn cache_purges(store: &SqlStore) {
+    assert_eq!(store.cache_purge_last().await.unwrap(), 0);
+    assert_eq!(store.cache_purges_after(0, 10).await.unwrap(), []);
+    let tags = ["product-1".to_string(), "list".to_string()];
+    let ids = store
+        .cache_purge_add("shop", &tags, "server fe1", 1_000)
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), 2);
+    assert!(ids[0] < ids[1]);
+    let all = store
+        .cache_purge_add("blog", &[], "admin", 2_000)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(store.cache_purge_last().await.unwrap(), all[0]);
+
+    let purges = store.cache_purges_after(0, 10).await.unwrap();
+    let seen: Vec<_> = purges
+        .iter()
+        .map(|p| (p.app.as_str(), p.tag.as_deref(), p.source.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("shop", Some("product-1"), "server fe1"),
+            ("shop", Some("list"), "server fe1"),
+            ("blog", None, "admin"),
+        ]
+    );
+    let after_first = store.cache_purges_after(ids[0], 1).await.unwrap();
+    assert_eq!(after_first.len(), 1, "limited");
+    assert_eq!(after_first[0].id, ids[1]);
+
+    // Four writers at once: a reader that follows `id > last` meanwhile sees every id.
+    let mut read = Vec::new();
+    let mut last = store.cache_purge_last().await.unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let writer = |w: usize| async move {
+        let mut ids = Vec::new();
+        for n in 0..10 {
+            let tag = format!("w{w}-{n}");
+            ids.extend(
+                store
+                    .cache_purge_add("shop", &[tag], "admin", 3_000)
+                    .await
+                    .unwrap(),
+            );
+        }
+        ids
+    };
+    let writers = async {
+        let ids = tokio::join!(writer(0), writer(1), writer(2), writer(3));
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        [ids.0, ids.1, ids.2, ids.3].concat()
+    };
+    let reader = async {
+        loop {
+            let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+            let more = store.cache_purges_after(last, 7).await.unwrap();
+            if let Some(p) = more.last() {
+                last = p.id;
+            }
+            read.extend(more.iter().map(|p| p.id));
+            if finished && more.is_empty() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    let (mut written, ()) = tokio::join!(writers, reader);
+    written.sort();
+    assert_eq!(read, written);
+
+    // The sweep forgets purges older than the hour.
+    assert_eq!(store.cache_purges_forget(2_500).await.unwrap(), 3);
+    assert_eq!(store.cache_purges_after(0, 100).await.unwrap().len(), 40);
+}
+
 on_both_backends!(
+    cache_purges,
     platform_builds,
     config_overrides,
     app_data,

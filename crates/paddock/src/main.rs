@@ -13,6 +13,7 @@ use paddock_frontend::deployer::ControllerLink;
 
 mod cmd {
     pub mod admin;
+    pub mod cache;
     pub mod config;
     pub mod data;
     pub mod ops;
@@ -87,6 +88,13 @@ enum Command {
     Config {
         #[command(subcommand)]
         command: cmd::config::ConfigCommand,
+        #[command(flatten)]
+        target: cmd::admin::Target,
+    },
+    /// The front-ends' response caches: purge an app's cached responses farm-wide, see them.
+    Cache {
+        #[command(subcommand)]
+        command: cmd::cache::CacheCommand,
         #[command(flatten)]
         target: cmd::admin::Target,
     },
@@ -232,6 +240,13 @@ struct FrontendArgs {
     #[arg(long, default_value_t = RuntimeConfig::default().max_instances,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_instances: u32,
+    /// The most the response cache keeps (responses apps mark cacheable), in MiB; 0 keeps
+    /// none. A front-end of a farm keeps them only with --db, where purges come from.
+    #[arg(long, default_value_t = 64, value_name = "MIB")]
+    cache_mib: usize,
+    /// How often the farm's purge log is read: the most a purge takes to reach this server.
+    #[arg(long, default_value = "200ms", value_parser = positive_duration)]
+    purge_poll: Duration,
 }
 
 #[derive(clap::Args)]
@@ -390,6 +405,9 @@ fn main() -> std::process::ExitCode {
         Command::Config { command, target } => admin(&target, |client| {
             Box::pin(async move { cmd::config::config(&client, command).await })
         }),
+        Command::Cache { command, target } => admin(&target, |client| {
+            Box::pin(async move { cmd::cache::cache(&client, command).await })
+        }),
         Command::Data { command, target } => admin(&target, |client| {
             Box::pin(async move { cmd::data::data(&client, command).await })
         }),
@@ -533,6 +551,8 @@ fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
         db: args.db,
         secure_cookies: args.secure_cookies,
         scan_interval: args.scan_interval,
+        cache_bytes: args.cache_mib.saturating_mul(1024 * 1024),
+        purge_poll: args.purge_poll,
         drain_delay: args.drain_delay,
         shutdown_timeout: args.shutdown_timeout,
         runtime: RuntimeConfig {
