@@ -49,7 +49,9 @@ pub struct CacheReport {
     pub bytes: u64,
     /// The most it keeps.
     pub max_bytes: u64,
+    /// Answers sent from the cache.
     pub hits: u64,
+    /// Cacheable answers that were not in the cache (the app ran; they are kept if whole).
     pub misses: u64,
     /// Why it serves nothing from its cache now (it cannot read the purge log), if so.
     #[serde(default, skip_serializing_if = "Option::is_none")]

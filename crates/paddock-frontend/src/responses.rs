@@ -343,7 +343,6 @@ impl ResponseCache {
                 if found.is_some_and(|entry| !entry.fresh(now)) {
                     inner.remove(key);
                 }
-                self.misses.fetch_add(1, Ordering::Relaxed);
                 Lookup::Miss(Ticket {
                     purges: inner.purges,
                     at: now,
@@ -513,6 +512,7 @@ impl ResponseCache {
         response: Response<Body>,
         tags: Vec<Box<str>>,
     ) -> Response<Body> {
+        self.misses.fetch_add(1, Ordering::Relaxed);
         let vary = keep
             .vary
             .iter()
