@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::StatusCode;
 use paddock_api::{PurgeAnswer, PurgeRequest};
-use paddock_core::cache::tag_problem;
+use paddock_core::cache::{ADMIN_SOURCE, tag_problem};
 
 use crate::api::{Failure, audit_change, unknown_app};
 use crate::extract::{Json, Path};
@@ -43,7 +43,7 @@ pub(crate) async fn purge(
     tags.dedup();
     let ids = c
         .data
-        .cache_purge_add(&app, &tags, "admin", now_ms())
+        .cache_purge_add(&app, &tags, ADMIN_SOURCE, now_ms())
         .await?;
     let purge = ids.last().copied().unwrap_or_default();
     let what = if tags.is_empty() {

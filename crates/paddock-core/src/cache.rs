@@ -14,6 +14,10 @@ pub const STATUS_HEADER: &str = "x-paddock-cache";
 
 pub const MAX_TAG_LEN: usize = 128;
 
+/// Who wrote a purge an operator made (`paddock cache purge`), in the farm's purge log; an app's
+/// purge is written as `server NAME`.
+pub const ADMIN_SOURCE: &str = "admin";
+
 /// What is wrong with a cache tag, if anything: 1 to 128 visible ASCII characters, no comma
 /// (the separator), and not `*` (all of an app's responses).
 pub fn tag_problem(tag: &str) -> Option<String> {

@@ -2,7 +2,8 @@
 //! again without running the app, until they expire or a purge drops them.
 //!
 //! What is kept (the explicit part of RFC 9111's rules for a shared cache):
-//! - the answer to a `GET` without `Authorization` and without a body;
+//! - the answer to a `GET` without `Authorization`, without a body and without the app's
+//!   session cookie (the server asks [`Key::of`] only then);
 //! - with status 200, 203, 204, 300, 301, 308, 404, 405, 410, 414 or 501, no `Set-Cookie` (the
 //!   app's or its session's), `Cache-Control` with `s-maxage` or `max-age` above 0 and without
 //!   `no-store`, `no-cache` or `private`, and no `Vary: *`;
@@ -39,7 +40,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Status
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt as _;
 use paddock_api::{CachePurge, CacheReport};
-use paddock_core::cache::STATUS_HEADER;
+use paddock_core::cache::{ADMIN_SOURCE, STATUS_HEADER};
 
 use crate::server::Body;
 
@@ -551,7 +552,7 @@ impl ResponseCache {
 
     /// Follows the farm's purge log for ever: applies each new purge, every `interval`. Until
     /// it has read the log once, and after it could not for [`BLIND_AFTER`], the cache is off.
-    /// `applied` is woken after purges were applied (the heartbeat reports them).
+    /// `applied` is woken after an operator's purge was applied (the heartbeat reports it).
     pub async fn follow(
         self: Arc<Self>,
         log: Arc<dyn PurgeLog>,
@@ -589,7 +590,9 @@ impl ResponseCache {
                             "response cache on: reading the farm's purge log"
                         );
                     }
-                    if !purges.is_empty() {
+                    // An operator's purge is waited for (`paddock cache purge`): report it
+                    // now. Apps' purges go with the next heartbeat.
+                    if purges.iter().any(|p| p.source == ADMIN_SOURCE) {
                         applied.notify_one();
                     }
                 }

@@ -330,11 +330,21 @@ async fn handle(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Bo
         return with_server(shared, text(StatusCode::NOT_FOUND, "not found\n"));
     };
 
-    // The response cache answers before anything runs.
-    let cached = shared.cache.as_ref().and_then(|cache| {
-        let key = responses::Key::of(route.version.serial(), &req)?;
-        Some((cache, key))
-    });
+    let spec = route.version.spec();
+    let session = shared
+        .app_data
+        .as_ref()
+        .map(|_| data::session(req.headers(), spec));
+    // The response cache answers before anything runs; not a request of a user with a session
+    // in the app (the app may answer it for that user).
+    let cached = shared
+        .cache
+        .as_ref()
+        .filter(|_| !session.as_ref().is_some_and(|s| s.has_cookie()))
+        .and_then(|cache| {
+            let key = responses::Key::of(route.version.serial(), &req)?;
+            Some((cache, key))
+        });
     let mut ticket = None;
     if let Some((cache, key)) = &cached {
         match cache.lookup(key, req.headers()) {
@@ -354,11 +364,6 @@ async fn handle(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Bo
 
     let guard = InFlight::enter(shared.clone());
     let request_id = shared.next_request_id.fetch_add(1, Ordering::Relaxed);
-    let spec = route.version.spec();
-    let session = shared
-        .app_data
-        .as_ref()
-        .map(|_| data::session(req.headers(), spec));
     data::strip_request_cookies(req.headers_mut());
     // What `Vary` may name, as the app saw it.
     let request_headers = ticket.map(|_| req.headers().clone());

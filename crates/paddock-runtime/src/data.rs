@@ -115,6 +115,12 @@ impl Session {
         }
     }
 
+    /// Whether the request named a session (a cookie with the shape of an id): a user's
+    /// request, which the response cache leaves to the app.
+    pub fn has_cookie(&self) -> bool {
+        self.cookie.is_some()
+    }
+
     /// How long the session lives unused; the cookie's `Max-Age`.
     pub fn idle(&self) -> Duration {
         self.idle

@@ -157,6 +157,20 @@ async fn responses_are_cached_and_purged_farm_wide(test: &str, db: Db) {
         .unwrap();
     let (_, auth_reads, status) = parse_note(&reply, "a");
     assert_eq!((auth_reads, status.as_str()), (reads + 2, "-"));
+    // So is one of a user with a session in the app.
+    let reply = fe1
+        .get_with(
+            "/counter/note?key=a",
+            &[(
+                "cookie",
+                "paddock_session_counter=0123456789abcdef0123456789abcdef",
+            )],
+        )
+        .await
+        .unwrap();
+    let (_, user_reads, status) = parse_note(&reply, "a");
+    assert_eq!((user_reads, status.as_str()), (reads + 3, "-"));
+    assert!(cached(&mut fe1, "a").await);
     // Answers the app does not mark cacheable are not kept.
     let first = fe1.get("/counter/get?key=a").await.unwrap();
     assert_eq!(first.header("x-paddock-cache"), None);
