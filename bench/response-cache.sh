@@ -51,7 +51,9 @@ nginx_in_front() {
   np=$(port)
   NGINX_PORT=$np
   mkdir -p "$work/nginx/cache"
+  # The worker runs as this script's user, so that it may write its cache in the work folder.
   cat >"$work/nginx/nginx.conf" <<EOF
+user $(id -un);
 worker_processes 1;
 pid $work/nginx/nginx.pid;
 error_log $work/nginx/error.log warn;
@@ -92,7 +94,7 @@ PLAIN_PORT=$FE_PORT
 
 # Both caches answer: the second request is a hit on each.
 for url in "http://127.0.0.1:$PADDOCK_PORT$TARGET" "http://127.0.0.1:$NGINX_PORT$TARGET"; do
-  curl -sf -o /dev/null "$url"
+  curl -sf -o /dev/null "$url" || { echo "no answer at $url" >&2; cat "$work/nginx/error.log" >&2; exit 1; }
 done
 curl -sf -D - -o /dev/null "http://127.0.0.1:$PADDOCK_PORT$TARGET" | grep -qi '^x-paddock-cache: hit' ||
   { echo "the front-end's cache does not answer" >&2; exit 1; }
