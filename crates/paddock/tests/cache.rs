@@ -261,3 +261,66 @@ async fn responses_are_cached_and_purged_farm_wide_on_sqlite() {
 async fn responses_are_cached_and_purged_farm_wide_on_postgres() {
     responses_are_cached_and_purged_farm_wide("cache_postgres", Db::Postgres).await;
 }
+
+/// A front-end on its own keeps a cache too: with its own database, it follows that database's
+/// purge log; with `--cache-mib 0` it keeps nothing; and a farm's front-end without `--db`
+/// keeps nothing, saying why (it could not learn of purges).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_front_end_alone_and_one_without_a_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let own = format!("sqlite://{}", dir.path().join("own.db").display());
+    let alone = Frontend::builder("alone")
+        .package("counter-v1", "counter")
+        .arg("--db")
+        .arg(&own)
+        .start()
+        .await;
+    alone.wait_serving("counter", "v1", "/counter/").await;
+    let mut conn = alone.connect().await;
+    put(&mut conn, "k", "1").await;
+    assert_eq!(note(&mut conn, "k").await.2, "miss");
+    assert!(cached(&mut conn, "k").await);
+    // Its app's purge drops it at once.
+    put(&mut conn, "k", "2").await;
+    let (value, _, status) = note(&mut conn, "k").await;
+    assert_eq!((value.as_str(), status.as_str()), ("2", "miss"));
+    assert!(cached(&mut conn, "k").await);
+    // A purge another process writes to its database's log reaches it.
+    let store = paddock_store::SqlStore::open_data(&own).await.unwrap();
+    store
+        .cache_purge_add("counter", &["note-k".to_string()], "admin", 0)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cached(&mut conn, "k").await {
+        assert!(
+            Instant::now() < deadline,
+            "the purge in the log was not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let off = Frontend::builder("off")
+        .package("counter-v1", "counter")
+        .arg("--db")
+        .arg(&own)
+        .arg("--cache-mib")
+        .arg("0")
+        .start()
+        .await;
+    off.wait_serving("counter", "v1", "/counter/").await;
+    let mut conn = off.connect().await;
+    for _ in 0..2 {
+        assert_eq!(note(&mut conn, "k").await.2, "-");
+    }
+
+    let controller = Controller::start(Db::Sqlite, "cache_without_db", &[]).await;
+    let farm = Frontend::builder("nodb")
+        .controller(&controller, "default")
+        .start()
+        .await;
+    farm.wait_for_log("response cache off", Duration::from_secs(10))
+        .await;
+    let status = controller.ok(&["cache", "status"]);
+    assert!(status.contains("keeps no response cache"), "{status}");
+}
