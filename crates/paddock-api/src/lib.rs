@@ -83,6 +83,9 @@ pub struct PurgeAnswer {
     pub app: String,
     pub tags: Vec<String>,
     pub purge: i64,
+    /// When it was written (the controller's clock): a front-end's report counts for it only
+    /// if the controller received it later.
+    pub at_ms: i64,
 }
 
 /// A front-end's last failed attempt to install a platform build.

@@ -41,10 +41,7 @@ pub(crate) async fn purge(
     let mut tags = request.tags;
     tags.sort();
     tags.dedup();
-    let ids = c
-        .data
-        .cache_purge_add(&app, &tags, ADMIN_SOURCE, now_ms())
-        .await?;
+    let ids = c.data.cache_purge_add(&app, &tags, ADMIN_SOURCE).await?;
     let purge = ids.last().copied().unwrap_or_default();
     let what = if tags.is_empty() {
         "every cached response".to_string()
@@ -53,5 +50,10 @@ pub(crate) async fn purge(
     };
     audit_change(&c, "cache-purge", &format!("{app}: {what} (purge {purge})")).await;
     tracing::info!(app, purge, "cache purge: {what}");
-    Ok(Json(PurgeAnswer { app, tags, purge }))
+    Ok(Json(PurgeAnswer {
+        app,
+        tags,
+        purge,
+        at_ms: now_ms(),
+    }))
 }

@@ -94,7 +94,8 @@ pub async fn run(
             );
             None
         }
-        (bytes, _, _) => Some(Arc::new(responses::ResponseCache::new(bytes))),
+        (bytes, Some(_), _) => Some(Arc::new(responses::ResponseCache::following(bytes))),
+        (bytes, None, _) => Some(Arc::new(responses::ResponseCache::new(bytes))),
     };
 
     let watcher = match &config.apps_dir {

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use hashlink::LinkedHashMap;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body::{Frame, SizeHint};
+use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt as _;
 use paddock_api::{CachePurge, CacheReport};
 use paddock_core::cache::{ADMIN_SOURCE, STATUS_HEADER};
@@ -86,12 +86,11 @@ impl Key {
         {
             return None;
         }
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri().authority().map(|a| a.as_str()))
-            .unwrap_or("");
+        // No entry for a request whose host cannot be read: it would share one with others.
+        let host = match req.headers().get(header::HOST) {
+            Some(host) => host.to_str().ok()?,
+            None => req.uri().authority()?.as_str(),
+        };
         let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
         Some(Key {
             version,
@@ -116,11 +115,14 @@ pub struct Entry {
     body: Bytes,
     stored: Instant,
     ttl: Duration,
-    /// The request headers `Vary` names, as the request that made it had them.
-    vary: Vec<(HeaderName, Option<HeaderValue>)>,
+    /// The request headers `Vary` names, with every value the request that made it had.
+    vary: Vary,
     tags: Vec<Box<str>>,
     weight: usize,
 }
+
+/// Request headers a response varies on, each with its values in order.
+type Vary = Vec<(HeaderName, Vec<HeaderValue>)>;
 
 impl Entry {
     fn fresh(&self, now: Instant) -> bool {
@@ -130,7 +132,7 @@ impl Entry {
     fn fits(&self, request: &HeaderMap) -> bool {
         self.vary
             .iter()
-            .all(|(name, value)| request.get(name) == value.as_ref())
+            .all(|(name, values)| request.get_all(name).iter().eq(values.iter()))
     }
 
     /// The answer from this entry: its status, headers and body, its age, and `hit`.
@@ -232,6 +234,8 @@ struct Inner {
     /// The value of `purges` after the last purge of each tag, and when (forgotten after
     /// [`TICKET_LIFE`]).
     purged_tags: HashMap<AppTag, (u64, Instant)>,
+    /// How many `purged_tags` may hold before the forgotten ones are taken out.
+    purged_tags_limit: usize,
     /// The value of `purges` after the last time everything went.
     cleared: u64,
     /// Why the cache serves nothing now, if it does not.
@@ -277,10 +281,28 @@ pub struct ResponseCache {
     /// Purges this server wrote to the log after applying them: skipped when read there, so
     /// that what was kept since is not dropped again.
     written: Mutex<HashSet<i64>>,
+    /// Whether purges come from the farm's log ([`ResponseCache::following`]).
+    follows: bool,
+    born: Instant,
+    /// When the log was last read, in milliseconds since `born`.
+    last_read_ms: AtomicU64,
 }
 
 impl ResponseCache {
+    /// A cache purged only by this server's apps.
     pub fn new(max_bytes: usize) -> ResponseCache {
+        ResponseCache::with(max_bytes, false)
+    }
+
+    /// A cache that also follows the farm's purge log ([`ResponseCache::follow`]): off until
+    /// the log has been read, and whenever it has not been for [`BLIND_AFTER`].
+    pub fn following(max_bytes: usize) -> ResponseCache {
+        let cache = ResponseCache::with(max_bytes, true);
+        cache.set_off(Some("reading the farm's purge log".to_string()));
+        cache
+    }
+
+    fn with(max_bytes: usize, follows: bool) -> ResponseCache {
         ResponseCache {
             max_bytes,
             inner: Mutex::new(Inner {
@@ -290,6 +312,7 @@ impl ResponseCache {
                 purges: 0,
                 purged: HashMap::new(),
                 purged_tags: HashMap::new(),
+                purged_tags_limit: 4096,
                 cleared: 0,
                 off: None,
             }),
@@ -297,7 +320,21 @@ impl ResponseCache {
             misses: AtomicU64::new(0),
             log_position: AtomicI64::new(0),
             written: Mutex::new(HashSet::new()),
+            follows,
+            born: Instant::now(),
+            last_read_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Whether the log this cache follows has gone unread for [`BLIND_AFTER`]: a read that
+    /// hangs makes the cache serve nothing as surely as one that fails.
+    fn unread(&self) -> bool {
+        if !self.follows {
+            return false;
+        }
+        let since_born = self.born.elapsed().as_millis() as u64;
+        since_born.saturating_sub(self.last_read_ms.load(Ordering::Acquire))
+            > BLIND_AFTER.as_millis() as u64
     }
 
     /// Notes purges this server applied and then wrote to the farm's log.
@@ -330,7 +367,7 @@ impl ResponseCache {
 
     pub fn lookup(&self, key: &Key, request: &HeaderMap) -> Lookup {
         let mut inner = self.inner();
-        if inner.off.is_some() {
+        if inner.off.is_some() || self.unread() {
             return Lookup::Off;
         }
         let now = Instant::now();
@@ -364,7 +401,7 @@ impl ResponseCache {
         headers: HeaderMap,
         body: Bytes,
         keep: &Keep,
-        vary: Vec<(HeaderName, Option<HeaderValue>)>,
+        vary: Vary,
         tags: Vec<Box<str>>,
     ) -> bool {
         let weight = body.len()
@@ -392,6 +429,7 @@ impl ResponseCache {
                 .is_some_and(|(purge, _)| ticket.purges < *purge)
         });
         if inner.off.is_some()
+            || self.unread()
             || ticket.purges < purged
             || tag_purged
             || ticket.at.elapsed() > TICKET_LIFE
@@ -442,10 +480,12 @@ impl ResponseCache {
             inner.purged.insert(app.clone(), purge);
         } else {
             let now = Instant::now();
-            if inner.purged_tags.len() >= 4096 {
+            if inner.purged_tags.len() >= inner.purged_tags_limit {
                 inner
                     .purged_tags
                     .retain(|_, (_, at)| now.duration_since(*at) <= TICKET_LIFE);
+                // Scanned again only once it has doubled: each purge pays for a few.
+                inner.purged_tags_limit = (2 * inner.purged_tags.len()).max(4096);
             }
             for tag in tags {
                 inner
@@ -517,7 +557,12 @@ impl ResponseCache {
         let vary = keep
             .vary
             .iter()
-            .map(|name| (name.clone(), request.get(name).cloned()))
+            .map(|name| {
+                (
+                    name.clone(),
+                    request.get_all(name).iter().cloned().collect(),
+                )
+            })
             .collect();
         let (mut parts, body) = response.into_parts();
         let mut headers = parts.headers.clone();
@@ -538,12 +583,26 @@ impl ResponseCache {
             vary,
             tags,
         };
+        // A body known to be empty is whole now: hyper may never poll it.
+        if body.is_end_stream() {
+            pending.keep(Bytes::new());
+            return Response::from_parts(parts, body);
+        }
+        // hyper stops polling a body once it has sent as many bytes as it said it would, without
+        // waiting for the end: such a body is kept when that many bytes have passed.
+        let length = body.size_hint().exact().or_else(|| {
+            parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+        });
         Response::from_parts(
             parts,
             Recording {
                 inner: body,
                 buffer: BytesMut::new(),
                 limit: self.max_body(),
+                length,
                 pending: Some(pending),
             }
             .boxed_unsync(),
@@ -560,16 +619,23 @@ impl ResponseCache {
         applied: Arc<tokio::sync::Notify>,
     ) {
         const BATCH: u32 = 1000;
-        self.set_off(Some("reading the farm's purge log".to_string()));
         let mut position = None;
-        let mut last_read = Instant::now();
         loop {
-            let read = match position {
-                None => log.last().await.map(|id| (id, Vec::new())),
-                Some(from) => log.after(from, BATCH).await.map(|purges| {
-                    let to = purges.last().map_or(from, |p| p.id);
-                    (to, purges)
-                }),
+            let read = async {
+                match position {
+                    None => log.last().await.map(|id| (id, Vec::new())),
+                    Some(from) => log.after(from, BATCH).await.map(|purges| {
+                        let to = purges.last().map_or(from, |p| p.id);
+                        (to, purges)
+                    }),
+                }
+            };
+            let read = match tokio::time::timeout(BLIND_AFTER, read).await {
+                Ok(read) => read,
+                Err(_) => Err(anyhow::anyhow!(
+                    "no answer within {} s",
+                    BLIND_AFTER.as_secs()
+                )),
             };
             let mut more = false;
             match read {
@@ -582,13 +648,15 @@ impl ResponseCache {
                     more = purges.len() == BATCH as usize;
                     position = Some(to);
                     self.log_position.store(to, Ordering::Release);
-                    last_read = Instant::now();
+                    self.last_read_ms
+                        .store(self.born.elapsed().as_millis() as u64, Ordering::Release);
                     if self.off().is_some() {
                         self.set_off(None);
                         tracing::info!(
                             position = to,
                             "response cache on: reading the farm's purge log"
                         );
+                        applied.notify_one();
                     }
                     // An operator's purge is waited for (`paddock cache purge`): report it
                     // now. Apps' purges go with the next heartbeat.
@@ -598,7 +666,7 @@ impl ResponseCache {
                 }
                 Err(e) => {
                     let off = self.off();
-                    if position.is_none() || last_read.elapsed() >= BLIND_AFTER {
+                    if position.is_none() || self.unread() {
                         let why = format!("cannot read the farm's purge log: {e:#}");
                         if off.as_deref() != Some(why.as_str()) {
                             tracing::warn!(
@@ -646,8 +714,24 @@ struct Pending {
     status: StatusCode,
     headers: HeaderMap,
     keep: Keep,
-    vary: Vec<(HeaderName, Option<HeaderValue>)>,
+    vary: Vary,
     tags: Vec<Box<str>>,
+}
+
+impl Pending {
+    fn keep(self, body: Bytes) {
+        self.cache.insert(
+            self.ticket,
+            self.key,
+            self.app,
+            self.status,
+            self.headers,
+            body,
+            &self.keep,
+            self.vary,
+            self.tags,
+        );
+    }
 }
 
 /// A response body passed on as it comes, and copied; kept in the cache when it ended well.
@@ -655,6 +739,8 @@ struct Recording {
     inner: Body,
     buffer: BytesMut,
     limit: usize,
+    /// The body's length, when known before it is sent.
+    length: Option<u64>,
     /// `None` once it cannot be kept (too large, trailers, an error).
     pending: Option<Pending>,
 }
@@ -677,6 +763,11 @@ impl http_body::Body for Recording {
                         this.buffer = BytesMut::new();
                     } else {
                         this.buffer.extend_from_slice(data);
+                        let whole = this.length == Some(this.buffer.len() as u64)
+                            || this.inner.is_end_stream();
+                        if whole && let Some(pending) = this.pending.take() {
+                            pending.keep(std::mem::take(&mut this.buffer).freeze());
+                        }
                     }
                 }
                 Some(_) => {}
@@ -684,11 +775,8 @@ impl http_body::Body for Recording {
             },
             Poll::Ready(Some(Err(_))) => this.pending = None,
             Poll::Ready(None) => {
-                if let Some(p) = this.pending.take() {
-                    let body = std::mem::take(&mut this.buffer).freeze();
-                    p.cache.insert(
-                        p.ticket, p.key, p.app, p.status, p.headers, body, &p.keep, p.vary, p.tags,
-                    );
+                if let Some(pending) = this.pending.take() {
+                    pending.keep(std::mem::take(&mut this.buffer).freeze());
                 }
             }
             Poll::Pending => {}
@@ -784,9 +872,15 @@ mod tests {
         let key = get(&[("host", "Shop.Example")]).unwrap();
         assert_eq!(&*key.host, "shop.example");
         assert_eq!(&*key.target, "/app/x?y=1");
-        assert_eq!(get(&[("authorization", "Bearer x")]), None);
-        assert_eq!(get(&[("content-length", "3")]), None);
-        assert!(get(&[("content-length", "0")]).is_some());
+        assert_eq!(get(&[("host", "h"), ("authorization", "Bearer x")]), None);
+        assert_eq!(get(&[("host", "h"), ("content-length", "3")]), None);
+        assert!(get(&[("host", "h"), ("content-length", "0")]).is_some());
+        // A host that cannot be read would share its entries with others.
+        assert_eq!(get(&[]), None);
+        let mut odd = Request::get("/app/x").body(()).unwrap();
+        odd.headers_mut()
+            .insert(header::HOST, HeaderValue::from_bytes(b"caf\xe9").unwrap());
+        assert_eq!(Key::of(7, &odd), None);
         let post = Request::post("/app/x").body(()).unwrap();
         assert_eq!(Key::of(7, &post), None);
     }
@@ -919,7 +1013,7 @@ mod tests {
             },
             vec![(
                 header::ACCEPT_LANGUAGE,
-                Some(HeaderValue::from_static("fr")),
+                vec![HeaderValue::from_static("fr")],
             )],
             Vec::new(),
         );
@@ -976,9 +1070,100 @@ mod tests {
         assert!(!put(&cache, t, "app", "/b", "b", &[]));
     }
 
+    /// A body that sends its bytes and then never ends, as one whose end hyper does not wait
+    /// for (it knows the length).
+    struct NeverEnds(Option<Bytes>);
+
+    impl http_body::Body for NeverEnds {
+        type Data = Bytes;
+        type Error = crate::server::BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            match self.0.take() {
+                Some(bytes) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_of_known_length_is_kept_without_its_end_and_hop_headers_are_not() {
+        let cache = Arc::new(ResponseCache::new(1 << 20));
+        let Lookup::Miss(t) = cache.lookup(&key("/len"), &HeaderMap::new()) else {
+            panic!("a miss first");
+        };
+        let mut response =
+            Response::new(NeverEnds(Some(Bytes::from_static(b"hello"))).boxed_unsync());
+        *response.headers_mut() = headers(&[
+            ("content-length", "5"),
+            ("connection", "keep-alive"),
+            ("x-paddock-server", "fe1"),
+            ("age", "100"),
+            ("cache-control", "max-age=60"),
+            ("etag", "\"v1\""),
+        ]);
+        let kept = keep(StatusCode::OK, response.headers()).unwrap();
+        let mut recorded = cache.record(
+            t,
+            key("/len"),
+            Arc::from("app"),
+            kept,
+            &HeaderMap::new(),
+            response,
+            Vec::new(),
+        );
+        assert_eq!(recorded.headers()[STATUS_HEADER], "miss");
+        let frame = recorded.body_mut().frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "hello");
+        drop(recorded);
+
+        let Lookup::Hit(entry) = cache.lookup(&key("/len"), &HeaderMap::new()) else {
+            panic!("a body whose length went by is kept");
+        };
+        let answer = entry.response();
+        let h = answer.headers();
+        assert_eq!(h["etag"], "\"v1\"");
+        assert_eq!(h["cache-control"], "max-age=60");
+        assert_eq!(h[STATUS_HEADER], "hit");
+        assert_eq!(h["age"], "0");
+        for gone in ["connection", "x-paddock-server", "content-length"] {
+            assert!(h.get(gone).is_none(), "{gone} kept");
+        }
+        let body = answer.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "hello");
+
+        // An empty body is kept at once (hyper may not poll it at all).
+        let Lookup::Miss(t) = cache.lookup(&key("/empty"), &HeaderMap::new()) else {
+            panic!("a miss first");
+        };
+        let mut response = Response::new(
+            http_body_util::Empty::<Bytes>::new()
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        );
+        *response.status_mut() = StatusCode::NO_CONTENT;
+        *response.headers_mut() = headers(&[("cache-control", "max-age=60")]);
+        let kept = keep(StatusCode::NO_CONTENT, response.headers()).unwrap();
+        drop(cache.record(
+            t,
+            key("/empty"),
+            Arc::from("app"),
+            kept,
+            &HeaderMap::new(),
+            response,
+            Vec::new(),
+        ));
+        assert!(hit(&cache, "/empty"));
+    }
+
     struct FakeLog {
         purges: Mutex<Vec<CachePurge>>,
         down: std::sync::atomic::AtomicBool,
+        /// Reads never answer.
+        hangs: std::sync::atomic::AtomicBool,
     }
 
     #[async_trait::async_trait]
@@ -993,6 +1178,9 @@ mod tests {
         async fn after(&self, id: i64, limit: u32) -> anyhow::Result<Vec<CachePurge>> {
             if self.down.load(Ordering::SeqCst) {
                 anyhow::bail!("database unreachable");
+            }
+            if self.hangs.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
             }
             Ok(self
                 .purges
@@ -1025,8 +1213,13 @@ mod tests {
                 source: "admin".into(),
             }]),
             down: std::sync::atomic::AtomicBool::new(true),
+            hangs: std::sync::atomic::AtomicBool::new(false),
         });
-        let cache = Arc::new(ResponseCache::new(1 << 20));
+        let cache = Arc::new(ResponseCache::following(1 << 20));
+        assert!(matches!(
+            cache.lookup(&key("/a"), &HeaderMap::new()),
+            Lookup::Off
+        ));
         let notify = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(
             cache
@@ -1058,15 +1251,37 @@ mod tests {
         });
         until("purge 4 applied", || cache.report().purged == 4).await;
         assert!(!hit(&cache, "/a") && hit(&cache, "/b"));
+        // A purge this server wrote (and applied) itself is not applied again when read.
+        cache.written(&[5]);
+        log.purges.lock().unwrap().push(CachePurge {
+            id: 5,
+            app: "app".into(),
+            tag: Some("y".into()),
+            at_ms: 0,
+            source: "server fe-1".into(),
+        });
+        until("purge 5 read", || cache.report().purged == 5).await;
+        assert!(hit(&cache, "/b"));
 
-        // Unread for BLIND_AFTER: off, and empty when it reads again.
-        log.down.store(true, Ordering::SeqCst);
-        until("off after BLIND_AFTER", || cache.off().is_some()).await;
+        // A log that does not answer for BLIND_AFTER: off at once, and empty when it reads
+        // again.
+        let hanging = Instant::now();
+        log.hangs.store(true, Ordering::SeqCst);
+        until("off after BLIND_AFTER", || !hit(&cache, "/b")).await;
+        // (The last read was at most one poll interval before the hang.)
+        assert!(hanging.elapsed() >= BLIND_AFTER - Duration::from_millis(50));
+        assert!(hanging.elapsed() < BLIND_AFTER + Duration::from_secs(1));
         assert!(matches!(
             cache.lookup(&key("/b"), &HeaderMap::new()),
             Lookup::Off
         ));
-        log.down.store(false, Ordering::SeqCst);
+        until("off, saying why", || {
+            cache
+                .off()
+                .is_some_and(|why| why.contains("no answer within"))
+        })
+        .await;
+        log.hangs.store(false, Ordering::SeqCst);
         until("on again", || cache.off().is_none()).await;
         assert!(!hit(&cache, "/b"));
     }

@@ -335,6 +335,7 @@ async fn handle(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Bo
         .app_data
         .as_ref()
         .map(|_| data::session(req.headers(), spec));
+    data::strip_request_cookies(req.headers_mut());
     // The response cache answers before anything runs; not a request of a user with a session
     // in the app (the app may answer it for that user).
     let cached = shared
@@ -364,8 +365,7 @@ async fn handle(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Bo
 
     let guard = InFlight::enter(shared.clone());
     let request_id = shared.next_request_id.fetch_add(1, Ordering::Relaxed);
-    data::strip_request_cookies(req.headers_mut());
-    // What `Vary` may name, as the app saw it.
+    // What `Vary` may name, as the app saw it (and as the lookup did).
     let request_headers = ticket.map(|_| req.headers().clone());
     let request_data = shared.app_data.as_ref().map(|store| RequestData {
         store: store.clone(),
@@ -488,12 +488,7 @@ async fn app_purges(shared: &Shared, app: &str, values: &[HeaderValue]) {
         cache.purge(app, &named);
     }
     if let Some(log) = &shared.purge_log {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        let written = log
-            .cache_purge_add(app, &tags, &shared.purge_source, now_ms)
-            .await;
+        let written = log.cache_purge_add(app, &tags, &shared.purge_source).await;
         match (written, &shared.cache) {
             // Applied here already: not again when this server reads them in the log.
             (Ok(ids), Some(cache)) => cache.written(&ids),

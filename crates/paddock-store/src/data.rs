@@ -370,10 +370,7 @@ impl SqlStore {
                     tracing::warn!("forgetting expired sessions failed (next try in a minute): {e}")
                 }
             }
-            match store
-                .cache_purges_forget(now_ms - crate::PURGE_LOG_KEEP_MS)
-                .await
-            {
+            match store.cache_purges_forget(crate::PURGE_LOG_KEEP_MS).await {
                 Ok(0) => {}
                 Ok(gone) => tracing::debug!(gone, "old cache purges forgotten"),
                 Err(e) => {

@@ -18,6 +18,15 @@ const PURGE_LOG_LOCK: i64 = 0x7061_6464_6f63_6b01;
 pub const PURGE_LOG_KEEP_MS: i64 = 3_600_000;
 
 impl SqlStore {
+    /// The database's clock, in milliseconds since the Unix epoch: rows of the log are dated
+    /// and forgotten by one clock, whichever machine wrote them.
+    fn now_ms_sql(&self) -> &'static str {
+        match self.dialect {
+            Dialect::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)",
+            Dialect::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+        }
+    }
+
     /// Appends a purge of `app`'s cached responses: one row per tag, or one row with no tag for
     /// all of them. Returns the ids written, in order.
     pub async fn cache_purge_add(
@@ -25,7 +34,6 @@ impl SqlStore {
         app: &str,
         tags: &[String],
         source: &str,
-        at_ms: i64,
     ) -> Result<Vec<i64>> {
         let _turn = self.data_write_turn().await;
         let mut tx = self.pool.begin().await?;
@@ -35,9 +43,11 @@ impl SqlStore {
                 .execute(&mut *tx)
                 .await?;
         }
-        let insert = self.sql(
-            "INSERT INTO cache_purges (app, tag, at_ms, source) VALUES ($1, $2, $3, $4) RETURNING id",
-        );
+        let insert = self.sql(&format!(
+            "INSERT INTO cache_purges (app, tag, at_ms, source) VALUES ($1, $2, {}, $3) RETURNING id",
+            self.now_ms_sql()
+        ))
+        .into_owned();
         let all = [None];
         let tags: Vec<Option<&str>> = if tags.is_empty() {
             all.to_vec()
@@ -49,7 +59,6 @@ impl SqlStore {
             let row = sqlx::query(&insert)
                 .bind(app)
                 .bind(tag)
-                .bind(at_ms)
                 .bind(source)
                 .fetch_one(&mut *tx)
                 .await?;
@@ -88,15 +97,17 @@ impl SqlStore {
             .collect()
     }
 
-    /// Forgets the purges made before `before_ms`. Returns how many.
-    pub async fn cache_purges_forget(&self, before_ms: i64) -> Result<u64> {
+    /// Forgets the purges older than `keep_ms`, by the database's clock. Returns how many.
+    pub async fn cache_purges_forget(&self, keep_ms: i64) -> Result<u64> {
         let _turn = self.data_write_turn().await;
-        Ok(
-            sqlx::query(&self.sql("DELETE FROM cache_purges WHERE at_ms < $1"))
-                .bind(before_ms)
-                .execute(&self.pool)
-                .await?
-                .rows_affected(),
-        )
+        let sql = format!(
+            "DELETE FROM cache_purges WHERE at_ms < {} - $1",
+            self.now_ms_sql()
+        );
+        Ok(sqlx::query(&self.sql(&sql))
+            .bind(keep_ms)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
     }
 }

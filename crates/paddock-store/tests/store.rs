@@ -1206,15 +1206,12 @@ async fn cache_purges(store: &SqlStore) {
     assert_eq!(store.cache_purges_after(0, 10).await.unwrap(), []);
     let tags = ["product-1".to_string(), "list".to_string()];
     let ids = store
-        .cache_purge_add("shop", &tags, "server fe1", 1_000)
+        .cache_purge_add("shop", &tags, "server fe1")
         .await
         .unwrap();
     assert_eq!(ids.len(), 2);
     assert!(ids[0] < ids[1]);
-    let all = store
-        .cache_purge_add("blog", &[], "admin", 2_000)
-        .await
-        .unwrap();
+    let all = store.cache_purge_add("blog", &[], "admin").await.unwrap();
     assert_eq!(all.len(), 1);
     assert_eq!(store.cache_purge_last().await.unwrap(), all[0]);
 
@@ -1245,7 +1242,7 @@ async fn cache_purges(store: &SqlStore) {
             let tag = format!("w{w}-{n}");
             ids.extend(
                 store
-                    .cache_purge_add("shop", &[tag], "admin", 3_000)
+                    .cache_purge_add("shop", &[tag], "admin")
                     .await
                     .unwrap(),
             );
@@ -1275,9 +1272,27 @@ async fn cache_purges(store: &SqlStore) {
     written.sort();
     assert_eq!(read, written);
 
-    // The sweep forgets purges older than the hour.
-    assert_eq!(store.cache_purges_forget(2_500).await.unwrap(), 3);
-    assert_eq!(store.cache_purges_after(0, 100).await.unwrap().len(), 40);
+    // Rows are dated by the database's clock; the sweep forgets those older than it keeps.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    assert!(
+        purges.iter().all(|p| (p.at_ms - now).abs() < 60_000),
+        "{purges:?}"
+    );
+    assert_eq!(
+        store
+            .cache_purges_forget(paddock_store::PURGE_LOG_KEEP_MS)
+            .await
+            .unwrap(),
+        0
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert_eq!(store.cache_purges_forget(10).await.unwrap(), 43);
+    assert_eq!(store.cache_purge_last().await.unwrap(), 0);
+    let next = store.cache_purge_add("shop", &[], "admin").await.unwrap();
+    assert!(next[0] > written[39], "ids are not reused");
 }
 
 on_both_backends!(

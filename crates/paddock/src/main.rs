@@ -245,7 +245,7 @@ struct FrontendArgs {
     #[arg(long, default_value_t = 64, value_name = "MIB")]
     cache_mib: usize,
     /// How often the farm's purge log is read: the most a purge takes to reach this server.
-    #[arg(long, default_value = "200ms", value_parser = positive_duration)]
+    #[arg(long, default_value = "200ms", value_parser = purge_poll)]
     purge_poll: Duration,
 }
 
@@ -340,6 +340,18 @@ fn failover_after(text: &str) -> Result<Duration, String> {
     if !duration.is_zero() && duration < Duration::from_secs(6) {
         return Err(
             "must be 0s (never) or at least 6s: a server counts as down after 5 s without a heartbeat".into(),
+        );
+    }
+    Ok(duration)
+}
+
+/// `--purge-poll`: more than zero and at most 2 s, well within the 5 s after which a front-end
+/// that has not read the purge log stops serving from its cache.
+fn purge_poll(text: &str) -> Result<Duration, String> {
+    let duration = positive_duration(text)?;
+    if duration > Duration::from_secs(2) {
+        return Err(
+            "must be at most 2s: a front-end that has not read the purge log for 5 s serves nothing from its cache".into(),
         );
     }
     Ok(duration)

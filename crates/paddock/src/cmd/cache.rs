@@ -52,7 +52,7 @@ pub async fn cache(client: &Client, command: CacheCommand) -> anyhow::Result<()>
                 println!("purge {} of {}: {what}", answer.purge, answer.app);
             }
             if !no_wait {
-                wait_applied(client, answer.purge, timeout).await?;
+                wait_applied(client, &answer, timeout).await?;
             }
             if client.json {
                 client.print(&answer, |_| {})?;
@@ -98,9 +98,15 @@ pub async fn cache(client: &Client, command: CacheCommand) -> anyhow::Result<()>
     }
 }
 
-/// Waits until every live front-end that keeps a cache reports purge `id` applied. A
-/// front-end whose cache is off serves nothing from it, and starts empty when it comes back.
-async fn wait_applied(client: &Client, id: i64, timeout: Duration) -> anyhow::Result<()> {
+/// Waits until every live front-end that keeps a cache reports the purge applied. A front-end
+/// whose cache is off serves nothing from it, and starts empty when it comes back: that counts
+/// too, when said in a report received after the purge was written.
+async fn wait_applied(
+    client: &Client,
+    purge: &PurgeAnswer,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let id = purge.purge;
     let started = Instant::now();
     loop {
         let status: Status = client.get("/v1/status").await?;
@@ -111,9 +117,10 @@ async fn wait_applied(client: &Client, id: i64, timeout: Duration) -> anyhow::Re
             let Some(report) = s.server.observed.as_ref().and_then(|o| o.cache.as_ref()) else {
                 continue;
             };
-            if report.off.is_some() {
+            let recent = s.server.heartbeat_ms.is_some_and(|at| at >= purge.at_ms);
+            if report.off.is_some() && recent {
                 off.push(s.server.name.clone());
-            } else if report.purged >= id {
+            } else if report.off.is_none() && report.purged >= id {
                 applied.push(s.server.name.clone());
             } else {
                 waiting.push(s.server.name.clone());
