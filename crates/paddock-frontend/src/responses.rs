@@ -3,7 +3,7 @@
 //!
 //! What is kept (the explicit part of RFC 9111's rules for a shared cache):
 //! - the answer to a `GET` without `Authorization`, without a body and without the app's
-//!   session cookie (the server asks [`Key::of`] only then);
+//!   session cookie (the server asks [`Key::of`] only then); a `HEAD` is answered from it;
 //! - with status 200, 203, 204, 300, 301, 308, 404, 405, 410, 414 or 501, no `Set-Cookie` (the
 //!   app's or its session's), `Cache-Control` with `s-maxage` or `max-age` above 0 and without
 //!   `no-store`, `no-cache` or `private`, and no `Vary: *`;
@@ -78,9 +78,10 @@ pub struct Key {
 }
 
 impl Key {
-    /// The key of a request to the app version with this serial, if the cache may answer it.
+    /// The key of a request to the app version with this serial, if the cache may answer it:
+    /// a `GET`, or a `HEAD` (answered from a `GET`'s entry; its own answers are not kept).
     pub fn of<B>(version: u64, req: &Request<B>) -> Option<Key> {
-        if req.method() != Method::GET
+        if (req.method() != Method::GET && req.method() != Method::HEAD)
             || req.headers().contains_key(header::AUTHORIZATION)
             || has_body(req.headers())
         {
@@ -883,6 +884,10 @@ mod tests {
         assert_eq!(Key::of(7, &odd), None);
         let post = Request::post("/app/x").body(()).unwrap();
         assert_eq!(Key::of(7, &post), None);
+        let mut head = Request::head("/app/x?y=1").body(()).unwrap();
+        head.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("shop.example"));
+        assert_eq!(Key::of(7, &head), Some(key));
     }
 
     fn key(target: &str) -> Key {

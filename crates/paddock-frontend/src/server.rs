@@ -358,7 +358,9 @@ async fn handle(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Bo
                 }
                 return with_server(shared, response);
             }
-            Lookup::Miss(t) => ticket = Some(t),
+            // A HEAD's answer has no body to keep.
+            Lookup::Miss(t) if req.method() == Method::GET => ticket = Some(t),
+            Lookup::Miss(_) => {}
             Lookup::Off => {}
         }
     }

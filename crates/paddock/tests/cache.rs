@@ -146,6 +146,14 @@ async fn responses_are_cached_and_purged_farm_wide(test: &str, db: Db) {
     assert!(reply.header("age").is_some());
     assert_eq!(reply.header("x-paddock-version"), Some("v1"));
     assert_eq!(reply.header("cache-control"), Some("public, max-age=60"));
+    // A HEAD is answered from the GET's entry: the same head, no body.
+    let head = fe1.head("/counter/note?key=a").await.unwrap();
+    assert_eq!(head.header("x-paddock-cache"), Some("hit"));
+    assert_eq!(
+        head.header("content-length"),
+        reply.header("content-length")
+    );
+    assert_eq!(head.body, "");
     // Each front-end keeps its own.
     let (_, fe2_reads, status) = note(&mut fe2, "a").await;
     assert_eq!((fe2_reads, status.as_str()), (reads + 1, "miss"));

@@ -483,8 +483,24 @@ impl Conn {
         path: &str,
         headers: &[(&str, &str)],
     ) -> anyhow::Result<Reply> {
+        self.send(http::Method::GET, path, headers).await
+    }
+
+    pub async fn head(&mut self, path: &str) -> anyhow::Result<Reply> {
+        self.send(http::Method::HEAD, path, &[]).await
+    }
+
+    async fn send(
+        &mut self,
+        method: http::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<Reply> {
         self.sender.ready().await?;
-        let mut request = http::Request::get(path).header(http::header::HOST, "paddock.test");
+        let mut request = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, "paddock.test");
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
