@@ -228,6 +228,9 @@ async fn upload_build(client: &Client, path: &Path) -> anyhow::Result<PlatformBu
             path.display()
         );
     }
+    // Asked first: a controller that takes no builds answers before a byte is sent, instead of
+    // closing the connection under an upload it refused (which reads as "cannot reach").
+    let _: Vec<PlatformBuild> = client.get("/v1/platform/builds").await?;
     let build: PlatformBuild = client.post_file("/v1/platform/builds", path).await?;
     if !client.json {
         println!(
