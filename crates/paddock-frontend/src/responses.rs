@@ -390,21 +390,19 @@ impl ResponseCache {
         }
     }
 
-    /// Keeps a response made for a request that began at `ticket`, unless a purge of its app
-    /// came since, the cache is off, or it is larger than a sixteenth of the cache.
-    #[allow(clippy::too_many_arguments)]
-    fn insert(
-        &self,
-        ticket: Ticket,
-        key: Key,
-        app: Arc<str>,
-        status: StatusCode,
-        headers: HeaderMap,
-        body: Bytes,
-        keep: &Keep,
-        vary: Vary,
-        tags: Vec<Box<str>>,
-    ) -> bool {
+    /// Keeps an answer with its whole body, unless a purge that names it came after its
+    /// request began, the cache is off, or it is larger than a sixteenth of the cache.
+    fn insert(&self, answer: Answer, body: Bytes) -> bool {
+        let Answer {
+            ticket,
+            key,
+            app,
+            status,
+            headers,
+            ttl,
+            vary,
+            tags,
+        } = answer;
         let weight = body.len()
             + key.host.len()
             + key.target.len()
@@ -455,7 +453,7 @@ impl ResponseCache {
                 headers,
                 body,
                 stored: Instant::now(),
-                ttl: keep.ttl,
+                ttl,
                 vary,
                 tags,
                 weight,
@@ -573,20 +571,19 @@ impl ResponseCache {
         parts
             .headers
             .insert(STATUS_HEADER, HeaderValue::from_static("miss"));
-        let pending = Pending {
-            cache: self.clone(),
+        let answer = Answer {
             ticket,
             key,
             app,
             status: parts.status,
             headers,
-            keep,
+            ttl: keep.ttl,
             vary,
             tags,
         };
         // A body known to be empty is whole now: hyper may never poll it.
         if body.is_end_stream() {
-            pending.keep(Bytes::new());
+            self.insert(answer, Bytes::new());
             return Response::from_parts(parts, body);
         }
         // hyper stops polling a body once it has sent as many bytes as it said it would, without
@@ -604,7 +601,8 @@ impl ResponseCache {
                 buffer: BytesMut::new(),
                 limit: self.max_body(),
                 length,
-                pending: Some(pending),
+                cache: self.clone(),
+                pending: Some(answer),
             }
             .boxed_unsync(),
         )
@@ -706,33 +704,16 @@ impl PurgeLog for paddock_store::SqlStore {
     }
 }
 
-/// What a [`Recording`] keeps once its body is whole.
-struct Pending {
-    cache: Arc<ResponseCache>,
+/// An app's answer to a request that began at `ticket`, as it would be kept (its body aside).
+struct Answer {
     ticket: Ticket,
     key: Key,
     app: Arc<str>,
     status: StatusCode,
     headers: HeaderMap,
-    keep: Keep,
+    ttl: Duration,
     vary: Vary,
     tags: Vec<Box<str>>,
-}
-
-impl Pending {
-    fn keep(self, body: Bytes) {
-        self.cache.insert(
-            self.ticket,
-            self.key,
-            self.app,
-            self.status,
-            self.headers,
-            body,
-            &self.keep,
-            self.vary,
-            self.tags,
-        );
-    }
 }
 
 /// A response body passed on as it comes, and copied; kept in the cache when it ended well.
@@ -742,8 +723,9 @@ struct Recording {
     limit: usize,
     /// The body's length, when known before it is sent.
     length: Option<u64>,
-    /// `None` once it cannot be kept (too large, trailers, an error).
-    pending: Option<Pending>,
+    cache: Arc<ResponseCache>,
+    /// `None` once it cannot be kept (too large, trailers, an error), or once kept.
+    pending: Option<Answer>,
 }
 
 impl http_body::Body for Recording {
@@ -766,8 +748,9 @@ impl http_body::Body for Recording {
                         this.buffer.extend_from_slice(data);
                         let whole = this.length == Some(this.buffer.len() as u64)
                             || this.inner.is_end_stream();
-                        if whole && let Some(pending) = this.pending.take() {
-                            pending.keep(std::mem::take(&mut this.buffer).freeze());
+                        if whole && let Some(answer) = this.pending.take() {
+                            this.cache
+                                .insert(answer, std::mem::take(&mut this.buffer).freeze());
                         }
                     }
                 }
@@ -776,8 +759,9 @@ impl http_body::Body for Recording {
             },
             Poll::Ready(Some(Err(_))) => this.pending = None,
             Poll::Ready(None) => {
-                if let Some(pending) = this.pending.take() {
-                    pending.keep(std::mem::take(&mut this.buffer).freeze());
+                if let Some(answer) = this.pending.take() {
+                    this.cache
+                        .insert(answer, std::mem::take(&mut this.buffer).freeze());
                 }
             }
             Poll::Pending => {}
@@ -915,18 +899,17 @@ mod tests {
         tags: &[&str],
     ) -> bool {
         cache.insert(
-            t,
-            key(target),
-            Arc::from(app),
-            StatusCode::OK,
-            HeaderMap::new(),
-            Bytes::copy_from_slice(body.as_bytes()),
-            &Keep {
+            Answer {
+                ticket: t,
+                key: key(target),
+                app: Arc::from(app),
+                status: StatusCode::OK,
+                headers: HeaderMap::new(),
                 ttl: Duration::from_secs(60),
                 vary: Vec::new(),
+                tags: tags.iter().map(|t| Box::from(*t)).collect(),
             },
-            Vec::new(),
-            tags.iter().map(|t| Box::from(*t)).collect(),
+            Bytes::copy_from_slice(body.as_bytes()),
         )
     }
 
@@ -1006,21 +989,20 @@ mod tests {
         let cache = ResponseCache::new(1 << 20);
         let t = ticket(&cache, "/v");
         cache.insert(
-            t,
-            key("/v"),
-            Arc::from("app"),
-            StatusCode::OK,
-            HeaderMap::new(),
-            Bytes::from_static(b"fr"),
-            &Keep {
+            Answer {
+                ticket: t,
+                key: key("/v"),
+                app: Arc::from("app"),
+                status: StatusCode::OK,
+                headers: HeaderMap::new(),
                 ttl: Duration::from_secs(60),
-                vary: vec![header::ACCEPT_LANGUAGE],
+                vary: vec![(
+                    header::ACCEPT_LANGUAGE,
+                    vec![HeaderValue::from_static("fr")],
+                )],
+                tags: Vec::new(),
             },
-            vec![(
-                header::ACCEPT_LANGUAGE,
-                vec![HeaderValue::from_static("fr")],
-            )],
-            Vec::new(),
+            Bytes::from_static(b"fr"),
         );
         let fr = headers(&[("accept-language", "fr")]);
         assert!(matches!(cache.lookup(&key("/v"), &fr), Lookup::Hit(_)));
@@ -1035,18 +1017,17 @@ mod tests {
 
         let t = ticket(&cache, "/old");
         cache.insert(
-            t,
-            key("/old"),
-            Arc::from("app"),
-            StatusCode::OK,
-            HeaderMap::new(),
-            Bytes::from_static(b"old"),
-            &Keep {
+            Answer {
+                ticket: t,
+                key: key("/old"),
+                app: Arc::from("app"),
+                status: StatusCode::OK,
+                headers: HeaderMap::new(),
                 ttl: Duration::ZERO,
                 vary: Vec::new(),
+                tags: Vec::new(),
             },
-            Vec::new(),
-            Vec::new(),
+            Bytes::from_static(b"old"),
         );
         assert!(!hit(&cache, "/old"));
         assert_eq!(
