@@ -8,8 +8,17 @@
 # PostgreSQL: with PADDOCK_TEST_POSTGRES=postgres://... set, that server is used. Otherwise the
 # script installs Debian's `postgresql` package if needed, starts a throw-away cluster on a
 # loopback port in a temporary folder, and removes it at the end.
+#
+# The console's tests drive headless Chromium through chromedriver: Debian's `chromium` and
+# `chromium-driver` packages are installed if `chromedriver` is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if ! command -v chromedriver >/dev/null; then
+  echo "installing Chromium and ChromeDriver (Debian packages chromium, chromium-driver)..." >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
 
 . scripts/postgres.sh
 if [ -z "${PADDOCK_TEST_POSTGRES:-}" ]; then

@@ -1,6 +1,7 @@
 //! The controller's HTTP surface. Admin API under `/v1/` (admin token), control channel for
-//! front-ends under `/control/v1/` (join token). JSON in and out; every error is an
-//! [`ApiError`] body naming the problem and what to do. Documented in `docs/api.md`.
+//! front-ends under `/control/v1/` (join token), the console's page at `/` (see `console`). JSON
+//! in and out; every error is an [`ApiError`] body naming the problem and what to do. Documented
+//! in `docs/api.md`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -110,6 +111,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
         ));
     admin
         .merge(control)
+        .merge(crate::console::router())
         .fallback(|| async {
             Failure::new(
                 StatusCode::NOT_FOUND,

@@ -18,6 +18,7 @@
 pub mod api;
 mod cache;
 pub mod config;
+mod console;
 pub mod data;
 mod extract;
 pub mod failover;

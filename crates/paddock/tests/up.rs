@@ -111,6 +111,13 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
         "{printed}"
     );
     assert!(printed.contains("admin token: "), "{printed}");
+    // The console's address signs in with the admin token kept in the data folder.
+    let token = std::fs::read_to_string(dir.path().join("controller/admin.token")).unwrap();
+    let console = format!(
+        "console:    http://127.0.0.1:{controller_port}/#token={}",
+        token.trim()
+    );
+    assert!(printed.contains(&console), "{printed}");
     assert!(
         printed.contains(&format!("balancer:   http://127.0.0.1:{balancer_port}/")),
         "{printed}"

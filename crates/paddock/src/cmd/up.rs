@@ -308,6 +308,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         args.balancer_admin_port
     );
     println!("  controller: {controller_url}   (admin token: {admin_token})");
+    println!("  console:    {controller_url}/#token={admin_token}   <- open in a browser");
     for f in &frontends {
         println!("  {f}");
     }

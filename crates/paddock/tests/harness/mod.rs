@@ -8,6 +8,7 @@
 
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -1194,4 +1195,142 @@ pub fn cpus_allowed(status: &str) -> String {
         .expect("Cpus_allowed_list in /proc/.../status")
         .trim()
         .to_string()
+}
+
+/// Headless Chromium (Debian's `chromium`), driven through `chromedriver` (`chromium-driver`) by
+/// WebDriver, with a profile of its own that is gone with it.
+pub struct Browser {
+    pub client: fantoccini::Client,
+    driver: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Browser {
+    pub async fn start() -> Browser {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let log = dir.path().join("chromedriver.log");
+        // In a process group of its own, with the browser it starts: one signal ends them all.
+        let driver = Command::new("chromedriver")
+            .process_group(0)
+            .arg(format!("--port={port}"))
+            .arg(format!("--log-path={}", log.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "start chromedriver: {e}; the console tests need Debian's chromium and \
+                     chromium-driver (`apt-get install chromium chromium-driver`, as .ci/run does)"
+                )
+            });
+        let profile = dir.path().join("profile");
+        let capabilities = serde_json::json!({
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                // No traffic but to loopback: the machine's network is closed, and Chromium's
+                // background connections would only fail.
+                "args": [
+                    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                    "--window-size=1400,1000",
+                    format!("--user-data-dir={}", profile.display()),
+                ],
+            }
+        });
+        let serde_json::Value::Object(capabilities) = capabilities else {
+            unreachable!()
+        };
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let client = loop {
+            let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+            match fantoccini::ClientBuilder::new(connector)
+                .capabilities(capabilities.clone())
+                .connect(&url)
+                .await
+            {
+                Ok(client) => break client,
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "no browser session from chromedriver at {url}: {e}; its log:\n{}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        Browser {
+            client,
+            driver,
+            _dir: dir,
+        }
+    }
+
+    pub async fn goto(&self, url: &str) {
+        self.client.goto(url).await.unwrap();
+    }
+
+    /// The text of the first element `css` selects, if there is one.
+    pub async fn text(&self, css: &str) -> Option<String> {
+        let element = self.client.find(fantoccini::Locator::Css(css)).await.ok()?;
+        element.text().await.ok()
+    }
+
+    /// Waits until the element `css` selects is there and its text passes `check`; its text.
+    pub async fn wait_text(&self, css: &str, check: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let seen = self.text(css).await;
+            if let Some(text) = &seen
+                && check(text)
+            {
+                return text.clone();
+            }
+            if Instant::now() > deadline {
+                let page = self.text("body").await.unwrap_or_default();
+                panic!(
+                    "`{css}` did not show what was expected; last seen: {seen:?}; page:\n{page}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Clicks the element `css` selects, once it is there and enabled.
+    pub async fn click(&self, css: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(element) = self.client.find(fantoccini::Locator::Css(css)).await
+                && element.is_enabled().await.unwrap_or(false)
+                && element.click().await.is_ok()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nothing enabled to click at `{css}`"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The address the page shows now.
+    pub async fn url(&self) -> String {
+        self.client.current_url().await.unwrap().to_string()
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.driver.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        let _ = self.driver.wait();
+    }
 }

@@ -1,0 +1,175 @@
+//! The console in headless Chromium: signing in (a wrong token refused, the `#token=` address
+//! that `paddock up` prints), the environment health, draining a server and running a balanced
+//! deployment from its buttons (each checked against the admin API, the facts the CLI reads),
+//! a dead front-end and an unreachable controller shown as such.
+
+mod harness;
+
+use harness::{Balancer, Browser, Controller, Db, Frontend, fixture};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_console_shows_the_farm_and_drives_it() {
+    let mut controller = Controller::start(Db::Sqlite, "console", &[]).await;
+    let lb = Balancer::start(&controller, "lb1", &[]).await;
+    let mut frontends = Vec::new();
+    for name in ["fe1", "fe2"] {
+        frontends.push(
+            Frontend::builder(name)
+                .controller(&controller, "default")
+                .start()
+                .await,
+        );
+    }
+    controller.ok(&["app", "publish", &fixture("hello-v1").display().to_string()]);
+    controller.ok(&["app", "upload", &fixture("hello-v2").display().to_string()]);
+    let console = format!("{}/", controller.url);
+
+    // The page is the controller's own, and holds it to its own script and API.
+    let page = reqwest::get(&console).await.unwrap();
+    assert_eq!(page.status(), 200);
+    let policy = page.headers()["content-security-policy"].to_str().unwrap();
+    assert!(policy.contains("script-src 'self'"), "{policy}");
+    assert!(policy.contains("connect-src 'self'"), "{policy}");
+    assert!(page.text().await.unwrap().contains("/console/console.js"));
+
+    let browser = Browser::start().await;
+
+    // Without a token: the sign-in form. A wrong token is refused, saying where the right one is.
+    browser.goto(&console).await;
+    browser
+        .wait_text("#sign-in-form", |t| t.contains("Admin token"))
+        .await;
+    let field = browser
+        .client
+        .find(fantoccini::Locator::Css("#token"))
+        .await
+        .unwrap();
+    field.send_keys("not-the-token").await.unwrap();
+    browser.click("#sign-in-form button[type=submit]").await;
+    browser
+        .wait_text("#sign-in-error", |t| {
+            t.contains("refused this admin token") && t.contains("admin.token")
+        })
+        .await;
+
+    // The address `paddock up` prints signs in, and the token leaves the address bar.
+    browser
+        .goto(&format!("{console}#token={}", controller.admin_token))
+        .await;
+    browser
+        .wait_text("[data-card=servers] .value", |t| t == "2/2")
+        .await;
+    browser
+        .wait_text("[data-card=balancers] .value", |t| t == "1/1")
+        .await;
+    browser
+        .wait_text("#all-well", |t| t.contains("Everything is as desired"))
+        .await;
+    assert!(
+        !browser.url().await.contains("token="),
+        "{}",
+        browser.url().await
+    );
+    let row = browser
+        .wait_text("tr[data-server=fe1] td[data-field=apps]", |t| {
+            t.contains("hello@v1")
+        })
+        .await;
+    assert!(!row.contains("v2"), "{row}");
+
+    // Drain fe1 from the servers page: the controller records it, the balancer applies it.
+    browser.goto(&format!("{console}#/servers")).await;
+    browser
+        .click("tr[data-server=fe1] button[data-action=lb-drain]")
+        .await;
+    browser
+        .wait_text("tr[data-server=fe1] td[data-field=lb]", |t| {
+            t.starts_with("drain") && t.contains("drained")
+        })
+        .await;
+    let fe1: serde_json::Value =
+        serde_json::from_str(&controller.admin_get("/v1/servers/fe1").await).unwrap();
+    assert_eq!(fe1["lb"], "drain");
+    browser
+        .wait_text("#notice", |t| t.contains("fe1: lb drain"))
+        .await;
+    // The button for the state it is in is off; back to ready.
+    browser
+        .click("tr[data-server=fe1] button[data-action=lb-ready]")
+        .await;
+    browser
+        .wait_text("tr[data-server=fe1] td[data-field=lb]", |t| {
+            t.starts_with("ready")
+        })
+        .await;
+    let fe1: serde_json::Value =
+        serde_json::from_str(&controller.admin_get("/v1/servers/fe1").await).unwrap();
+    assert_eq!(fe1["lb"], "ready");
+
+    // A balanced deployment of hello@v2 from the application's page: the console follows the
+    // operation to its end, step by step.
+    browser.goto(&format!("{console}#/apps/hello")).await;
+    browser
+        .click("tr[data-version=v2] button[data-action=balanced-deploy]")
+        .await;
+    browser
+        .wait_text("#operation-state", |t| t.starts_with("succeeded"))
+        .await;
+    assert!(browser.url().await.contains("#/operations/"));
+    let cutover = browser
+        .wait_text("tr[data-step=cutover] td[data-field=state]", |t| {
+            t == "done"
+        })
+        .await;
+    assert_eq!(cutover, "done");
+    let facts = browser.text("tr[data-step=cutover]").await.unwrap();
+    assert!(facts.contains("fe1") && facts.contains("fe2"), "{facts}");
+    let operations: serde_json::Value =
+        serde_json::from_str(&controller.admin_get("/v1/operations").await).unwrap();
+    assert_eq!(operations[0]["state"], "succeeded", "{operations}");
+    assert_eq!(operations[0]["kind"], "balanced-deploy");
+    for fe in &frontends {
+        assert_eq!(fe.serving("hello").await.as_deref(), Some("v2"));
+    }
+    browser.goto(&format!("{console}#/apps")).await;
+    browser
+        .wait_text("tr[data-app=hello] td[data-field=desired]", |t| t == "v2")
+        .await;
+
+    // Pages that are not there say so.
+    browser.goto(&format!("{console}#/operations/999")).await;
+    browser
+        .wait_text("#page-error", |t| t.contains("unknown_operation"))
+        .await;
+    browser.goto(&format!("{console}#/nowhere")).await;
+    browser.wait_text("main h1", |t| t == "No such page").await;
+
+    // A front-end killed: the overview names it.
+    frontends[1].signal("KILL");
+    browser.goto(&format!("{console}#/")).await;
+    browser
+        .wait_text("#problems", |t| t.contains("fe2 has sent no heartbeat"))
+        .await;
+    browser
+        .wait_text("[data-card=servers] .value", |t| t == "1/2")
+        .await;
+
+    // The controller gone: the console says so and keeps the last figures on screen; back, and
+    // it reads again.
+    controller.kill();
+    browser
+        .wait_text("#updated", |t| t.contains("cannot reach the controller"))
+        .await;
+    assert!(
+        browser
+            .text("#problems")
+            .await
+            .is_some_and(|t| t.contains("fe2")),
+        "the last figures stay"
+    );
+    controller.restart().await;
+    browser
+        .wait_text("#updated", |t| t.starts_with("updated"))
+        .await;
+    drop(lb);
+}
