@@ -16,12 +16,18 @@ async fn the_console_shows_the_farm_and_drives_it() {
         frontends.push(
             Frontend::builder(name)
                 .controller(&controller, "default")
+                .db(&controller)
                 .start()
                 .await,
         );
     }
     controller.ok(&["app", "publish", &fixture("hello-v1").display().to_string()]);
     controller.ok(&["app", "upload", &fixture("hello-v2").display().to_string()]);
+    controller.ok(&[
+        "app",
+        "publish",
+        &fixture("counter-v1").display().to_string(),
+    ]);
     let console = format!("{}/", controller.url);
 
     // The page is the controller's own, and holds it to its own script and API.
@@ -134,6 +140,38 @@ async fn the_console_shows_the_farm_and_drives_it() {
     browser.goto(&format!("{console}#/apps")).await;
     browser
         .wait_text("tr[data-app=hello] td[data-field=desired]", |t| t == "v2")
+        .await;
+
+    // A timer run from its button, and its run on the timer's page.
+    browser.goto(&format!("{console}#/timers")).await;
+    browser
+        .click("tr[data-timer='counter/tick'] button[data-action=run-timer]")
+        .await;
+    browser
+        .wait_text("#notice", |t| t.contains("is due now"))
+        .await;
+    browser
+        .goto(&format!("{console}#/timers/counter/tick"))
+        .await;
+    browser
+        .wait_text("tbody tr[data-run]", |t| t.contains("ok"))
+        .await;
+
+    // The routing page shows each balancer's generation; the audit, who did what.
+    let routing: serde_json::Value =
+        serde_json::from_str(&controller.admin_get("/v1/routing").await).unwrap();
+    let generation = routing["table"]["generation"].to_string();
+    browser.goto(&format!("{console}#/routing")).await;
+    browser
+        .wait_text("tr[data-balancer=lb1] td[data-field=generation]", |t| {
+            t == generation
+        })
+        .await;
+    browser.goto(&format!("{console}#/audit")).await;
+    browser
+        .wait_text("main table", |t| {
+            t.contains("server-lb") && t.contains("fe1 drain") && t.contains("balanced-deploy")
+        })
         .await;
 
     // Pages that are not there say so.
