@@ -19,6 +19,8 @@ const state = {
   timer: null,
   // Bumped on every navigation: an answer for an older page is dropped.
   view: 0,
+  // Bumped on every refresh: an answer older than one already asked for is dropped.
+  refresh: 0,
   lastOk: null,
 };
 
@@ -60,6 +62,8 @@ function table(headers, rows, empty) {
 function clock(ms) {
   if (ms === null || ms === undefined) return "—";
   const d = new Date(ms);
+  // A cron schedule that never matches has its next tick at the end of time.
+  if (Number.isNaN(d.getTime())) return "never";
   const today = new Date();
   const time = d.toLocaleTimeString([], { hour12: false });
   return d.toDateString() === today.toDateString() ? time : `${d.toISOString().slice(0, 10)} ${time}`;
@@ -91,9 +95,9 @@ function onOff(on) {
 
 const TONES = {
   ready: "ok", drain: "warn", maint: "bad",
-  serving: "ok", starting: "info", stopping: "warn",
+  serving: "ok", draining: "warn", stopping: "warn",
   running: "info", paused: "warn", succeeded: "ok", failed: "bad", aborted: "warn",
-  done: "ok", pending: "", ok: "ok", lost: "bad",
+  done: "ok", pending: "", skipped: "", ok: "ok", lost: "bad",
   active: "ok", passive: "",
 };
 
@@ -112,7 +116,8 @@ class ApiError extends Error {
 }
 
 async function api(method, path, body) {
-  const init = { method, headers: { Authorization: `Bearer ${state.token}` }, cache: "no-store" };
+  const token = state.token;
+  const init = { method, headers: { Authorization: `Bearer ${token}` }, cache: "no-store" };
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
@@ -133,7 +138,7 @@ async function api(method, path, body) {
   if (!response.ok) {
     const kind = (data && data.error) || `http_${response.status}`;
     const message = (data && data.message) || response.statusText || "no answer";
-    if (response.status === 401) {
+    if (response.status === 401 && state.token === token) {
       signOut("The controller refused this admin token: give the one in its data folder (admin.token).");
     }
     throw new ApiError(response.status, kind, message);
@@ -257,7 +262,7 @@ function serversTable(status, routing, withActions) {
       h("td", {}, server.zone),
       h("td", { "data-field": "role" }, stateBadge(server.role)),
       h("td", { "data-field": "health" },
-        alive ? stateBadge(seen ? seen.state : "starting") : badge("down", "bad"),
+        alive ? (seen ? stateBadge(seen.state) : badge("no report yet", "info")) : badge("down", "bad"),
         h("div", { class: "muted" }, `heartbeat ${ago(server.heartbeat_ms)}`)),
       h("td", { "data-field": "lb" }, stateBadge(server.lb), server.weight !== 1 ? ` weight ${server.weight}` : null,
         r && r.drained ? h("div", { class: "muted" }, "drained") : null,
@@ -321,7 +326,7 @@ async function appPage(name) {
       h("td", {}, deployed ? null : h("div", { class: "actions" },
         action("balanced deploy", "balanced-deploy", async () => {
           const answer = await post("/v1/operations/balanced-deploy", { apps: [{ app: name, version: v.version }] });
-          location.hash = `#/operations/${answer.operation.id}`;
+          go(`#/operations/${answer.operation.id}`);
           return `operation ${answer.operation.id} started: ${name}@${v.version} without downtime`;
         }, { title: `paddock deploy --balanced (the procedure with drain and cutover)` }),
         action("deploy in place", "deploy", async () => {
@@ -338,9 +343,9 @@ async function appPage(name) {
     h("h2", {}, "Configuration"),
     config.waiting_for && config.waiting_for.length
       ? h("p", { class: "warn" }, `Not yet running this configuration: ${config.waiting_for.join(", ")}`) : null,
-    table(["key", "value", "from"], effective.map(([key, value]) => h("tr", {},
-      h("td", { class: "mono" }, key), h("td", { class: "mono" }, value),
-      h("td", {}, key in (config.overrides || {}) ? "override (paddock app config set)" : "manifest"))),
+    table(["key", "value", "from"], effective.map(([key, value]) => h("tr", { "data-config": key },
+      h("td", { class: "mono" }, key), h("td", { class: "mono", "data-field": "value" }, value),
+      h("td", {}, Object.hasOwn(config.overrides || {}, key) ? "override (paddock config set)" : "manifest"))),
     "No configuration."),
   ];
 }
@@ -375,6 +380,7 @@ async function operationsPage() {
 async function operationPage(id) {
   const op = await get(`/v1/operations/${enc(id)}`);
   const journal = op.steps.slice();
+  const ended = !["running", "paused"].includes(op.state);
   const zones = (op.plan && op.plan.zones) || [];
   const sections = zones.map((zone) => {
     const planned = zone.steps.map((s, i) => {
@@ -394,7 +400,7 @@ async function operationPage(id) {
           h("td", {}, n),
           h("td", { class: "mono" }, s.step),
           h("td", {}, s.servers.join(", ")),
-          h("td", { "data-field": "state" }, stateBadge(done ? done.state : "pending")),
+          h("td", { "data-field": "state" }, stateBadge(done ? done.state : ended ? "skipped" : "pending")),
           h("td", { class: "num" }, done ? done.attempts : ""),
           h("td", {}, done && done.started_ms ? span((done.ended_ms || Date.now()) - done.started_ms) : ""),
           h("td", {}, done ? [h("ul", { class: "facts" }, done.facts.map((f) => h("li", {}, f))), done.message ? h("div", { class: "bad" }, done.message) : null] : null))),
@@ -444,8 +450,8 @@ async function timersPage() {
 async function timerPage(app, timer) {
   const runs = await get(`/v1/timers/${enc(app)}/${enc(timer)}/runs?limit=50`);
   const rows = runs.map((r) => h("tr", { "data-run": r.id },
-    h("td", {}, clock(r.tick_ms)), h("td", {}, r.server), h("td", {}, stateBadge(r.outcome)),
-    h("td", {}, r.ended_ms ? span(r.ended_ms - r.started_ms) : ""), h("td", { class: "num" }, r.retry), h("td", {}, r.detail || "")));
+    h("td", {}, clock(r.tick_ms)), h("td", {}, r.server), h("td", { "data-field": "outcome" }, stateBadge(r.outcome)),
+    h("td", {}, r.ended_ms ? span(r.ended_ms - r.started_ms) : ""), h("td", {}, r.retry ? "yes" : ""), h("td", {}, r.detail || "")));
   return [h("h1", {}, `Timer ${app}/${timer}`), h("p", {}, link("#/timers", "← all timers")),
     table(["tick", "server", "outcome", "took", "retry", "detail"], rows, "No run yet.")];
 }
@@ -505,11 +511,13 @@ async function refresh() {
   clearTimeout(state.timer);
   if (!state.token) return;
   const view = state.view;
-  const [page, load] = route();
-  for (const a of document.querySelectorAll("#nav a")) a.classList.toggle("current", a.dataset.page === page);
+  const asked = ++state.refresh;
+  const current = () => view === state.view && asked === state.refresh && state.token;
   try {
+    const [page, load] = route();
+    for (const a of document.querySelectorAll("#nav a")) a.classList.toggle("current", a.dataset.page === page);
     const content = await load();
-    if (view !== state.view || !state.token) return;
+    if (!current()) return;
     const main = document.getElementById("view");
     const scroll = window.scrollY;
     main.replaceChildren();
@@ -520,9 +528,9 @@ async function refresh() {
     document.getElementById("updated").textContent = `updated ${clock(state.lastOk)}`;
     document.getElementById("updated").className = "";
   } catch (e) {
-    if (view !== state.view || !state.token) return;
+    if (!current()) return;
     const what = e instanceof ApiError ? `${e.message} (${e.kind})` : String(e);
-    if (e instanceof ApiError && e.status >= 400 && e.status < 500) {
+    if (!(e instanceof ApiError) || (e.status >= 400 && e.status < 500)) {
       const main = document.getElementById("view");
       main.replaceChildren(h("h1", {}, "Cannot show this page"), h("p", { class: "bad", id: "page-error" }, what));
       main.dataset.page = "error";
@@ -532,13 +540,20 @@ async function refresh() {
       updated.className = "bad";
     }
   }
-  if (state.token) state.timer = setTimeout(refresh, REFRESH_MS);
+  if (current() && !document.hidden) state.timer = setTimeout(refresh, REFRESH_MS);
 }
 
+/** Another page, from the address bar or a link: the last page's notice goes. */
 function navigate() {
   state.view += 1;
   document.getElementById("notice").hidden = true;
   refresh();
+}
+
+/** Another page, from a button: its notice stays (the caller's refresh shows the page). */
+function go(hash) {
+  history.pushState(null, "", hash);
+  state.view += 1;
 }
 
 // ---- signing in and out ---------------------------------------------------------------------
@@ -555,6 +570,7 @@ function signOut(reason) {
   state.token = null;
   state.view += 1;
   clearTimeout(state.timer);
+  document.getElementById("notice").hidden = true;
   sessionStorage.removeItem(TOKEN_KEY);
   document.getElementById("nav").hidden = true;
   document.getElementById("session").hidden = true;

@@ -28,6 +28,9 @@ async fn the_console_shows_the_farm_and_drives_it() {
         "publish",
         &fixture("counter-v1").display().to_string(),
     ]);
+    // Text from the API is shown as text, never read as HTML.
+    let markup = "<img src=x id=injected>";
+    controller.ok(&["config", "set", "hello", "motto", markup]);
     let console = format!("{}/", controller.url);
 
     // The page is the controller's own, and holds it to its own script and API.
@@ -100,6 +103,11 @@ async fn the_console_shows_the_farm_and_drives_it() {
         .wait_text("#notice", |t| t.contains("fe1: lb drain"))
         .await;
     // The button for the state it is in is off; back to ready.
+    assert!(
+        !browser
+            .enabled("tr[data-server=fe1] button[data-action=lb-drain]")
+            .await
+    );
     browser
         .click("tr[data-server=fe1] button[data-action=lb-ready]")
         .await;
@@ -122,14 +130,28 @@ async fn the_console_shows_the_farm_and_drives_it() {
         .wait_text("#operation-state", |t| t.starts_with("succeeded"))
         .await;
     assert!(browser.url().await.contains("#/operations/"));
+    let notice = browser.text("#notice").await.unwrap_or_default();
+    assert!(notice.contains("started: hello@v2"), "{notice}");
     let cutover = browser
         .wait_text("tr[data-step=cutover] td[data-field=state]", |t| {
             t == "done"
         })
         .await;
     assert_eq!(cutover, "done");
-    let facts = browser.text("tr[data-step=cutover]").await.unwrap();
-    assert!(facts.contains("fe1") && facts.contains("fe2"), "{facts}");
+    let facts = browser
+        .wait_text("tr[data-step=cutover] ul.facts", |t| !t.is_empty())
+        .await;
+    assert!(facts.contains("generation"), "{facts}");
+    // Every step of the plan ran, in a page drawn at once (a text read across a redraw is
+    // empty: read again).
+    let states = loop {
+        let states = browser.texts("tr[data-step] td[data-field=state]").await;
+        if !states.iter().any(String::is_empty) {
+            break states;
+        }
+    };
+    assert_eq!(states.len(), 10, "{states:?}");
+    assert!(states.iter().all(|s| s == "done"), "{states:?}");
     let operations: serde_json::Value =
         serde_json::from_str(&controller.admin_get("/v1/operations").await).unwrap();
     assert_eq!(operations[0]["state"], "succeeded", "{operations}");
@@ -141,6 +163,13 @@ async fn the_console_shows_the_farm_and_drives_it() {
     browser
         .wait_text("tr[data-app=hello] td[data-field=desired]", |t| t == "v2")
         .await;
+    browser.goto(&format!("{console}#/apps/hello")).await;
+    browser
+        .wait_text("tr[data-config=motto] td[data-field=value]", |t| {
+            t == markup
+        })
+        .await;
+    assert!(browser.text("#injected").await.is_none());
 
     // A timer run from its button, and its run on the timer's page.
     browser.goto(&format!("{console}#/timers")).await;
@@ -154,17 +183,23 @@ async fn the_console_shows_the_farm_and_drives_it() {
         .goto(&format!("{console}#/timers/counter/tick"))
         .await;
     browser
-        .wait_text("tbody tr[data-run]", |t| t.contains("ok"))
+        .wait_text("tbody tr[data-run] td[data-field=outcome]", |t| t == "ok")
         .await;
 
-    // The routing page shows each balancer's generation; the audit, who did what.
+    // The routing page shows each balancer's generation (at least the table's once applied);
+    // the audit, who did what.
     let routing: serde_json::Value =
         serde_json::from_str(&controller.admin_get("/v1/routing").await).unwrap();
-    let generation = routing["table"]["generation"].to_string();
+    let generation = routing["table"]["generation"].as_i64().unwrap();
     browser.goto(&format!("{console}#/routing")).await;
     browser
+        .wait_text("#routing-applied", |t| {
+            t.contains("applied by every live balancer")
+        })
+        .await;
+    browser
         .wait_text("tr[data-balancer=lb1] td[data-field=generation]", |t| {
-            t == generation
+            t.parse::<i64>().is_ok_and(|g| g >= generation)
         })
         .await;
     browser.goto(&format!("{console}#/audit")).await;
@@ -209,5 +244,16 @@ async fn the_console_shows_the_farm_and_drives_it() {
     browser
         .wait_text("#updated", |t| t.starts_with("updated"))
         .await;
+
+    // Signed out, the tab keeps no token: a new load asks for one.
+    browser.click("#sign-out").await;
+    browser
+        .wait_text("#sign-in-form", |t| t.contains("Admin token"))
+        .await;
+    browser.client.refresh().await.unwrap();
+    browser
+        .wait_text("#sign-in-form", |t| t.contains("Admin token"))
+        .await;
+    assert!(browser.text("[data-card=servers]").await.is_none());
     drop(lb);
 }

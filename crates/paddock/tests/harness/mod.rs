@@ -1285,7 +1285,7 @@ impl Browser {
 
     /// Waits until the element `css` selects is there and its text passes `check`; its text.
     pub async fn wait_text(&self, css: &str, check: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let seen = self.text(css).await;
             if let Some(text) = &seen
@@ -1318,6 +1318,28 @@ impl Browser {
                 "nothing enabled to click at `{css}`"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The texts of every element `css` selects.
+    pub async fn texts(&self, css: &str) -> Vec<String> {
+        let mut texts = Vec::new();
+        for element in self
+            .client
+            .find_all(fantoccini::Locator::Css(css))
+            .await
+            .unwrap()
+        {
+            texts.push(element.text().await.unwrap_or_default());
+        }
+        texts
+    }
+
+    /// Whether the element `css` selects is there and enabled.
+    pub async fn enabled(&self, css: &str) -> bool {
+        match self.client.find(fantoccini::Locator::Css(css)).await {
+            Ok(element) => element.is_enabled().await.unwrap_or(false),
+            Err(_) => false,
         }
     }
 
