@@ -207,6 +207,15 @@ function problems(status, routing, operations) {
   for (const op of operations) {
     if (op.state === "paused") found.push([`#${op.id}`, `operation ${op.id} (${op.kind}) is paused: ${op.message || ""}`]);
   }
+  // The newest operation of each kind, if it did not succeed: what it left is for the operator.
+  const kinds = new Set();
+  for (const op of operations) {
+    if (kinds.has(op.kind)) continue;
+    kinds.add(op.kind);
+    if (op.state === "failed" || op.state === "aborted") {
+      found.push([`#${op.id}`, `the last ${op.kind}, operation ${op.id}, ${op.state}: ${op.message || ""}`]);
+    }
+  }
   return found;
 }
 
@@ -279,6 +288,7 @@ function serversTable(status, routing, withActions) {
         seen && seen.installing ? h("div", { class: "info" }, `installing ${short(seen.installing)}`) : null),
       h("td", { "data-field": "cache" }, seen && seen.cache
         ? [`${seen.cache.entries} entries, ${mib(seen.cache.bytes)}`, h("div", { class: "muted" }, `${seen.cache.hits} hits, ${seen.cache.misses} misses`),
+          h("div", { class: "muted", "data-field": "purged" }, `last purge applied: ${seen.cache.purged}`),
           seen.cache.off ? h("div", { class: "bad" }, `off: ${seen.cache.off}`) : null]
         : h("span", { class: "muted" }, "none")),
     );
@@ -338,6 +348,10 @@ async function appPage(name) {
   return [
     h("h1", {}, `Application ${name}`),
     h("p", {}, `Zone ${summary.zone || "—"}; deployed: ${summary.desired || "nothing"}.`),
+    h("div", { class: "actions" }, action("purge cached responses", "purge-cache", async () => {
+      const answer = await post(`/v1/apps/${enc(name)}/cache/purge`, { tags: [] });
+      return `purge ${answer.purge} of ${name}: every cached response of the app; each front-end drops them within its purge poll (servers page: the last purge each applied)`;
+    }, { title: `paddock cache purge ${name}` })),
     h("h2", {}, "Versions"),
     table(["version", "uploaded", "component", "route", "timers", ""], rows, "No version."),
     h("h2", {}, "Configuration"),

@@ -25,6 +25,11 @@ async fn the_console_shows_the_farm_and_drives_it() {
     controller.ok(&["app", "upload", &fixture("hello-v2").display().to_string()]);
     controller.ok(&[
         "app",
+        "upload",
+        &fixture("hello-broken").display().to_string(),
+    ]);
+    controller.ok(&[
+        "app",
         "publish",
         &fixture("counter-v1").display().to_string(),
     ]);
@@ -170,6 +175,60 @@ async fn the_console_shows_the_farm_and_drives_it() {
         })
         .await;
     assert!(browser.text("#injected").await.is_none());
+
+    // A version failing its smoke test: the operation fails and puts everything back; the
+    // steps it never ran are skipped, and the overview names it.
+    browser
+        .click("tr[data-version=v3-broken] button[data-action=balanced-deploy]")
+        .await;
+    browser
+        .wait_text("#operation-state", |t| t.starts_with("failed"))
+        .await;
+    browser
+        .wait_text("tr[data-step=smoke] td[data-field=state]", |t| {
+            t == "failed"
+        })
+        .await;
+    browser
+        .wait_text("tr[data-step=cutover] td[data-field=state]", |t| {
+            t == "skipped"
+        })
+        .await;
+    let failed = browser.url().await;
+    let failed = failed.rsplit('/').next().unwrap().to_string();
+    browser.goto(&format!("{console}#/")).await;
+    browser
+        .wait_text("#problems", |t| {
+            t.contains(&format!(
+                "the last balanced-deploy, operation {failed}, failed"
+            ))
+        })
+        .await;
+    for fe in &frontends {
+        assert_eq!(fe.serving("hello").await.as_deref(), Some("v2"));
+    }
+
+    // A purge of the counter's cached responses, applied by both front-ends, as they report.
+    browser.goto(&format!("{console}#/apps/counter")).await;
+    browser.click("button[data-action=purge-cache]").await;
+    let notice = browser
+        .wait_text("#notice", |t| t.starts_with("purge "))
+        .await;
+    let purge = notice
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse::<i64>().ok())
+        .unwrap_or_else(|| panic!("{notice}"));
+    assert!(notice.contains("of counter"), "{notice}");
+    browser.goto(&format!("{console}#/servers")).await;
+    for fe in ["fe1", "fe2"] {
+        browser
+            .wait_text(
+                &format!("tr[data-server={fe}] div[data-field=purged]"),
+                |t| t.rsplit(' ').next().and_then(|n| n.parse::<i64>().ok()) >= Some(purge),
+            )
+            .await;
+    }
 
     // A timer run from its button, and its run on the timer's page.
     browser.goto(&format!("{console}#/timers")).await;
