@@ -56,7 +56,9 @@ function badge(text, tone) {
 
 function table(headers, rows, empty) {
   if (rows.length === 0) return h("p", { class: "muted" }, empty);
-  return h("table", {}, h("thead", {}, h("tr", {}, headers.map((t) => h("th", {}, t)))), h("tbody", {}, rows));
+  // Scrolls sideways on its own on a narrow screen, instead of widening the page.
+  return h("div", { class: "scroll" },
+    h("table", {}, h("thead", {}, h("tr", {}, headers.map((t) => h("th", {}, t)))), h("tbody", {}, rows)));
 }
 
 function clock(ms) {
