@@ -115,12 +115,20 @@ pub struct Shared {
     pub proxy: ProxyConfig,
     /// Client connections open on each event loop.
     open: Vec<Arc<AtomicUsize>>,
+    /// Stopping or restarting: every response says `Connection: close`, and its connection
+    /// closes after it.
+    closing: AtomicBool,
 }
 
 impl Shared {
     /// The generation of the table requests are routed by.
     pub fn generation(&self) -> i64 {
         self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether the balancer is stopping or restarting: each response closes its connection.
+    pub(crate) fn closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
     }
 }
 
@@ -207,20 +215,60 @@ impl Balancer {
     }
 }
 
-/// Runs a balancer until `shutdown` resolves; then stops accepting and lets the requests in
-/// flight finish (at most 30 s). Call it on a single-threaded runtime: it starts the other
-/// `threads - 1` event loops itself.
+/// The listening sockets of a balancer: given to [`run`] when a previous process handed them
+/// over (else it binds its own), and given back by it for a restart.
+#[derive(Debug, Default)]
+pub struct Sockets {
+    pub listen: Option<std::net::TcpListener>,
+    pub admin: Option<std::net::TcpListener>,
+}
+
+/// What ends [`run`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Stop: new connections are refused at once.
+    Exit,
+    /// Stop to restart in the same process: the listening sockets stay open (connections wait
+    /// in their backlog) and [`run`] gives them back.
+    Restart,
+}
+
+/// Runs a balancer until `stop` resolves; then stops accepting and lets the requests in
+/// flight finish (at most 30 s), closing each client connection after its current response.
+/// Gives the listening sockets back for [`Stop::Restart`]. Call it on a single-threaded
+/// runtime: it starts the other `threads - 1` event loops itself.
 pub async fn run(
     config: BalancerConfig,
-    shutdown: impl std::future::Future<Output = ()> + Send,
-) -> anyhow::Result<()> {
-    let listener = TcpListener::from_std(listener(config.listen)?)?;
-    let admin_listener = match config.admin {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
+    sockets: Sockets,
+    stop: impl std::future::Future<Output = Stop> + Send,
+) -> anyhow::Result<Option<Sockets>> {
+    let listening = match sockets.listen {
+        Some(listening) => listening,
+        None => listener(config.listen)?,
+    };
+    listening.set_nonblocking(true)?;
+    let admin_listening = match (sockets.admin, config.admin) {
+        (Some(admin), _) => Some(admin),
+        (None, Some(addr)) => Some(
+            std::net::TcpListener::bind(addr)
                 .with_context(|| format!("cannot listen on {addr} (--admin)"))?,
         ),
+        (None, None) => None,
+    };
+    // Copies of both sockets (the same sockets, other descriptors), kept for a restart.
+    let mut kept = Sockets {
+        listen: Some(listening.try_clone()?),
+        admin: match &admin_listening {
+            Some(admin) => Some(admin.try_clone()?),
+            None => None,
+        },
+    };
+    let listener = TcpListener::from_std(listening)?;
+    let admin_listener = match admin_listening {
+        Some(admin) => {
+            admin.set_nonblocking(true)?;
+            Some(TcpListener::from_std(admin)?)
+        }
         None => None,
     };
     std::fs::create_dir_all(&config.data_dir)
@@ -241,6 +289,7 @@ pub async fn run(
             open: (0..config.threads.max(1))
                 .map(|_| Arc::new(AtomicUsize::new(0)))
                 .collect(),
+            closing: AtomicBool::new(false),
         }),
         health: config.health.clone(),
         pool: config.pool.clone(),
@@ -295,7 +344,7 @@ pub async fn run(
     // One event loop per thread, each serving the connections handed to it with its own idle
     // connections to the front-ends, so that a request never crosses threads. This loop accepts
     // and hands each new connection to the loop with the fewest open ones.
-    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (stop_loops, stopped) = tokio::sync::watch::channel(false);
     // Read before any thread is bound: threads inherit the binding of the one that starts them.
     let cpus = cpus_to_bind(config.pin_threads, balancer.shared.open.len());
     // Where to hand a connection, by loop: none for this one, which serves it itself.
@@ -339,17 +388,28 @@ pub async fn run(
         stopped,
     );
     tokio::pin!(main_loop);
-    tokio::select! {
-        _ = shutdown => {}
-        _ = &mut main_loop => {}
+    let why = tokio::select! {
+        why = stop => why,
+        _ = &mut main_loop => Stop::Exit,
+    };
+    match why {
+        Stop::Exit => {
+            // The last descriptors of the sockets once the loop lets go of its own: new
+            // connections are refused (another balancer takes them), not left waiting.
+            kept = Sockets::default();
+            tracing::info!("stopping: no new connections; letting requests in flight finish");
+        }
+        Stop::Restart => tracing::info!(
+            "restarting: accepting nothing meanwhile (new connections wait); letting requests in flight finish"
+        ),
     }
-    tracing::info!("stopping: no new connections; letting requests in flight finish");
-    let _ = stop.send(true);
+    balancer.shared.closing.store(true, Ordering::Release);
+    let _ = stop_loops.send(true);
     main_loop.await;
     for worker in workers {
         let _ = tokio::task::spawn_blocking(move || worker.join()).await;
     }
-    Ok(())
+    Ok((why == Stop::Restart).then_some(kept))
 }
 
 /// The CPUs to bind the event loops to (loop i to the i-th, round again), or none.

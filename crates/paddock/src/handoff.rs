@@ -1,20 +1,22 @@
-//! Restarting on a new platform build without closing the listening socket.
+//! Restarting on a new platform build without closing the listening sockets.
 //!
-//! A front-end or controller that installed a build replaces its process with the new
-//! executable ([`exec`]): same PID, same arguments, and the same listening socket, handed over
-//! by number in [`LISTEN_FD_ENV`] with close-on-exec cleared on it alone. Connections that
-//! arrive meanwhile wait in the socket's backlog until the new process accepts them, and the
-//! port stays the same even when it was chosen by the system (`--listen 127.0.0.1:0`). The new
-//! process takes the socket back with [`listener`] instead of binding again.
+//! A front-end or controller that installed a build, or a balancer told to restart, replaces
+//! its process with the new executable ([`exec`]): same PID, same arguments, and the same
+//! listening sockets, handed over by number in [`LISTEN_FD_ENV`] (comma-separated) with
+//! close-on-exec cleared on them alone. Connections that arrive meanwhile wait in a socket's
+//! backlog until the new process accepts them, and the port stays the same even when it was
+//! chosen by the system (`--listen 127.0.0.1:0`). The new process takes each socket back with
+//! [`listener`] or [`inherited`], by the address it is bound to, instead of binding again, and
+//! closes what it did not take with [`close_unclaimed`].
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd as _, FromRawFd as _};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use anyhow::Context as _;
 
-/// The number of the listening socket a restarting process hands over.
+/// The numbers of the listening sockets a restarting process hands over, comma-separated.
 pub const LISTEN_FD_ENV: &str = "PADDOCK_LISTEN_FD";
 /// The process it is handed to (the same one: `exec` keeps the PID), so that a child which
 /// inherited the environment does not take a number that means something else there.
@@ -24,7 +26,26 @@ use paddock_api::BUILD_ENV;
 /// Connections waiting to be accepted, beyond which the kernel refuses new ones.
 const BACKLOG: i32 = 1024;
 
-static TAKEN: AtomicBool = AtomicBool::new(false);
+/// The handed-over sockets not taken yet, read from the environment once.
+static HANDED: OnceLock<Mutex<Vec<i32>>> = OnceLock::new();
+
+fn handed() -> &'static Mutex<Vec<i32>> {
+    HANDED.get_or_init(|| {
+        let ours = std::env::var(LISTEN_PID_ENV)
+            .ok()
+            .and_then(|pid| pid.parse::<u32>().ok())
+            == Some(std::process::id());
+        let fds = match std::env::var(LISTEN_FD_ENV) {
+            Ok(fds) if ours => fds
+                .split(',')
+                .filter_map(|fd| fd.trim().parse::<i32>().ok())
+                .filter(|&fd| fd >= 3)
+                .collect(),
+            _ => Vec::new(),
+        };
+        Mutex::new(fds)
+    })
+}
 
 /// The socket to listen on: the one the previous process handed over if it listens at
 /// `wanted` (any port when `wanted` has port 0), or a new one bound there.
@@ -47,50 +68,71 @@ pub fn listener(wanted: SocketAddr) -> anyhow::Result<TcpListener> {
     Ok(socket.into())
 }
 
-/// The handed-over socket, once per process, if it is a TCP socket bound where `wanted` says.
+/// The handed-over socket bound where `wanted` says (any port when `wanted` has port 0), if
+/// there is one; each is taken once.
 pub fn inherited(wanted: SocketAddr) -> Option<TcpListener> {
-    let fd: i32 = std::env::var(LISTEN_FD_ENV).ok()?.parse().ok()?;
-    let pid: u32 = std::env::var(LISTEN_PID_ENV).ok()?.parse().ok()?;
-    if fd < 3 || pid != std::process::id() || TAKEN.swap(true, Ordering::AcqRel) {
-        return None;
-    }
+    let mut handed = handed().lock().unwrap_or_else(|e| e.into_inner());
+    let at = handed.iter().position(|&fd| fits(fd, wanted))?;
+    let fd = handed.remove(at);
     // SAFETY: this process's previous program named this descriptor for it (same PID) and
-    // kept it open across `exec`; `TAKEN` lets it be owned once.
+    // kept it open across `exec`; it leaves the list as it is owned, so it is owned once.
     let listener = unsafe { TcpListener::from_raw_fd(fd) };
     // Not inherited again by anything this process starts.
     let _ = rustix::io::fcntl_setfd(&listener, rustix::io::FdFlags::CLOEXEC);
-    let socket = socket2::SockRef::from(&listener);
-    let bound = socket.local_addr().ok().and_then(|a| a.as_socket());
-    let fits = bound.is_some_and(|bound| {
-        bound.ip() == wanted.ip() && (wanted.port() == 0 || bound.port() == wanted.port())
-    }) && socket.r#type().ok() == Some(socket2::Type::STREAM)
-        && rustix::net::sockopt::socket_acceptconn(&listener).unwrap_or(false);
-    if !fits {
-        // Closed (dropped) rather than left open: connections to it are refused, not left
-        // waiting for nobody.
-        tracing::warn!(fd, wanted = %wanted, "not listening on the handed-over socket: it is not a listening socket at that address");
-        return None;
-    }
-    tracing::info!(address = ?bound, "listening on the socket the previous process handed over");
+    tracing::info!(address = ?listener.local_addr().ok(), "listening on the socket the previous process handed over");
     Some(listener)
 }
 
-/// Replaces this process with `exe`, same arguments, handing over `listener`. Returns only
-/// when that failed.
-pub fn exec(exe: &Path, build: &str, listener: &TcpListener) -> anyhow::Error {
-    use std::os::unix::process::CommandExt as _;
-    if let Err(e) = rustix::io::fcntl_setfd(listener, rustix::io::FdFlags::empty()) {
-        return anyhow::Error::from(std::io::Error::from(e))
-            .context("keeping the listening socket open for the new build");
+/// Whether descriptor `fd` is a listening TCP socket bound where `wanted` says.
+fn fits(fd: i32, wanted: SocketAddr) -> bool {
+    // SAFETY: borrowed for the checks only; the descriptor stays open and unowned.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let socket = socket2::SockRef::from(&borrowed);
+    let bound = socket.local_addr().ok().and_then(|a| a.as_socket());
+    bound.is_some_and(|bound| {
+        bound.ip() == wanted.ip() && (wanted.port() == 0 || bound.port() == wanted.port())
+    }) && socket.r#type().ok() == Some(socket2::Type::STREAM)
+        && rustix::net::sockopt::socket_acceptconn(borrowed).unwrap_or(false)
+}
+
+/// Closes the handed-over sockets this process did not take: connections to them are refused,
+/// not left waiting for nobody.
+pub fn close_unclaimed() {
+    let mut handed = handed().lock().unwrap_or_else(|e| e.into_inner());
+    for fd in handed.drain(..) {
+        tracing::warn!(
+            fd,
+            "not listening on a handed-over socket: it is not a listening socket at an address this process listens on"
+        );
+        // SAFETY: handed over to this process and not taken: owned here, closed once.
+        drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
     }
-    let error = std::process::Command::new(exe)
+}
+
+/// Replaces this process with `exe`, same arguments, handing over `listeners` (in this order:
+/// [`inherited`] gives each address the first that fits); `build` names the platform build it
+/// is, when known. Returns only when that failed.
+pub fn exec(exe: &Path, build: Option<&str>, listeners: &[&TcpListener]) -> anyhow::Error {
+    use std::os::unix::process::CommandExt as _;
+    for listener in listeners {
+        if let Err(e) = rustix::io::fcntl_setfd(listener, rustix::io::FdFlags::empty()) {
+            return anyhow::Error::from(std::io::Error::from(e))
+                .context("keeping the listening socket open for the new build");
+        }
+    }
+    let fds: Vec<String> = listeners
+        .iter()
+        .map(|l| l.as_raw_fd().to_string())
+        .collect();
+    let mut command = std::process::Command::new(exe);
+    command
         .args(std::env::args_os().skip(1))
-        .env(BUILD_ENV, build)
-        .env(LISTEN_FD_ENV, listener.as_raw_fd().to_string())
-        .env(LISTEN_PID_ENV, std::process::id().to_string())
-        .exec();
-    anyhow::Error::from(error).context(format!(
-        "starting the installed platform build {}",
-        exe.display()
-    ))
+        .env(LISTEN_FD_ENV, fds.join(","))
+        .env(LISTEN_PID_ENV, std::process::id().to_string());
+    match build {
+        Some(build) => command.env(BUILD_ENV, build),
+        None => command.env_remove(BUILD_ENV),
+    };
+    let error = command.exec();
+    anyhow::Error::from(error).context(format!("starting {}", exe.display()))
 }

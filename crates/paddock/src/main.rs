@@ -488,7 +488,11 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         standby: args.standby,
         // Only a socket handed over by a restart: a controller binds once it holds the role,
         // so that a second one started by mistake is told who runs instead of a port conflict.
-        listener: std::sync::Arc::new(std::sync::Mutex::new(handoff::inherited(args.listen))),
+        listener: std::sync::Arc::new(std::sync::Mutex::new({
+            let inherited = handoff::inherited(args.listen);
+            handoff::close_unclaimed();
+            inherited
+        })),
         platform_upgrades: args.platform_upgrades,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -504,7 +508,7 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
             exe,
             build,
             listener,
-        } => Err(handoff::exec(&exe, &build, &listener)),
+        } => Err(handoff::exec(&exe, Some(&build), &[&listener])),
     }
 }
 
@@ -553,6 +557,7 @@ fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
         );
     }
     let listener = handoff::listener(args.listen)?;
+    handoff::close_unclaimed();
     let config = FrontendConfig {
         name,
         listen: args.listen,
@@ -587,7 +592,7 @@ fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
             exe,
             build,
             listener: Some(listener),
-        } => Err(handoff::exec(&exe, &build, &listener)),
+        } => Err(handoff::exec(&exe, Some(&build), &[&listener])),
         paddock_frontend::Exit::Restart { listener: None, .. } => {
             anyhow::bail!(
                 "restarting on the installed platform build: the listening socket is gone"
@@ -670,14 +675,50 @@ fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
             PinThreads::Off => paddock_balancer::Pinning::Off,
         },
     };
+    // Its own path now, before anything may be installed over it: what a restart starts.
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let sockets = paddock_balancer::Sockets {
+        listen: handoff::inherited(args.listen),
+        admin: handoff::inherited(args.admin),
+    };
+    handoff::close_unclaimed();
     // A single-threaded runtime: the balancer runs one event loop per thread itself. The name
     // is for its blocking-pool threads, apart from the loops' `paddock-balancer-N`.
-    tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("balancer-block")
         .build()
-        .context("starting the async runtime")?
-        .block_on(paddock_balancer::run(config, shutdown_signal()))
+        .context("starting the async runtime")?;
+    let restart = runtime.block_on(paddock_balancer::run(config, sockets, balancer_stop()))?;
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    let Some(sockets) = restart else {
+        return Ok(());
+    };
+    let listeners: Vec<&std::net::TcpListener> =
+        sockets.listen.iter().chain(sockets.admin.iter()).collect();
+    // The same process (PID, arguments, listening sockets) on what is at its path now.
+    Err(handoff::exec(&exe, None, &listeners))
+}
+
+/// SIGTERM or Ctrl-C: stop. SIGUSR2: restart in the same process on the executable at the path
+/// it was started from (after a new one was installed there), keeping the listening sockets.
+async fn balancer_stop() -> paddock_balancer::Stop {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut restart = match signal(SignalKind::user_defined2()) {
+        Ok(restart) => restart,
+        Err(e) => {
+            tracing::error!("cannot listen for SIGUSR2: {e}");
+            shutdown_signal().await;
+            return paddock_balancer::Stop::Exit;
+        }
+    };
+    tokio::select! {
+        _ = shutdown_signal() => paddock_balancer::Stop::Exit,
+        _ = restart.recv() => {
+            tracing::info!("SIGUSR2 received: restarting on the executable installed at this path");
+            paddock_balancer::Stop::Restart
+        }
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -417,6 +417,91 @@ async fn a_killed_frontend_costs_no_request_and_comes_back_after_the_rise_count(
     assert_eq!(reply.header("retry-after"), Some("1"));
 }
 
+/// SIGUSR2 after a new executable was installed at the balancer's path: it finishes the
+/// requests in flight, closes each client connection after its response, and restarts on the
+/// new executable in the same process, on the same sockets; clients that reconnect as browsers
+/// do see no failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balancer_restarts_on_a_new_executable_without_failing_a_request() {
+    let (controller, _fes) = farm("lb_restart", Db::Sqlite, &["fe1", "fe2"]).await;
+    let mut lb = Balancer::start_own_executable(&controller, "lb1").await;
+    lb.wait_up(&["fe1", "fe2"], true).await;
+    let pid = lb.pid().unwrap();
+    // The new build: the same program with bytes appended, ready beside the old.
+    let exe = lb.own_exe();
+    let new = exe.with_file_name("paddock.new");
+    let mut bytes = std::fs::read(&exe).unwrap();
+    bytes.extend_from_slice(b"another build");
+    std::fs::write(&new, &bytes).unwrap();
+    std::fs::set_permissions(&new, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
+    const CLIENTS: usize = 6;
+    let load = Load::start_as_browser(lb.addr, "/hello", CLIENTS, Duration::from_millis(2));
+    // Slow requests in flight across the restart: each must be answered in full first.
+    let mut slow = Vec::new();
+    for _ in 0..3 {
+        let mut conn = lb.connect().await;
+        slow.push(tokio::spawn(async move {
+            let reply = conn.get("/slow?ms=1500").await;
+            (reply, Instant::now())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await; // load before the restart
+    // Installed by rename over the old.
+    std::fs::rename(&new, &exe).unwrap();
+
+    let offset = lb.log_len();
+    lb.signal("USR2");
+    lb.wait_for_log_after(
+        offset,
+        "restarting: accepting nothing meanwhile",
+        Duration::from_secs(10),
+    )
+    .await;
+    lb.wait_for_log_after(
+        offset,
+        "listening on the socket the previous process handed over",
+        Duration::from_secs(30),
+    )
+    .await;
+    lb.wait_for_log_after(offset, "balancing on http://", Duration::from_secs(30))
+        .await;
+    let restarted = Instant::now();
+    // The same process, now running the new file, on the same ports.
+    assert_eq!(lb.pid(), Some(pid));
+    let running = std::fs::metadata(format!("/proc/{pid}/exe")).unwrap().len();
+    assert_eq!(running, bytes.len() as u64);
+    lb.wait_status("the routing table again", |s| {
+        s["generation"].as_i64() > Some(0)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // load after the restart
+    let samples = load.stop().await;
+
+    assert_eq!(failures(&samples), Vec::<String>::new(), "GETs failed");
+    for answer in slow {
+        let (reply, answered) = answer.await.unwrap();
+        let reply = reply.expect("a slow request in flight was answered");
+        assert!(
+            answered < restarted,
+            "answered before the new process took over"
+        );
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(
+            reply.header("connection"),
+            Some("close"),
+            "{:?}",
+            reply.headers
+        );
+    }
+    let after = samples.iter().filter(|s| s.started > restarted).count();
+    assert!(after > 10, "{after} requests after the restart");
+    // Each client's connection was closed by the restart once at the most.
+    let retried = samples.iter().filter(|s| s.retried).count();
+    assert!(retried <= CLIENTS, "{retried} requests sent again");
+    lb.kill();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_balancer_keeps_its_table_without_the_controller() {
     let (mut controller, _fes) = farm("lb_keep", Db::Sqlite, &["fe1"]).await;

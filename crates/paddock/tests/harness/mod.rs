@@ -497,7 +497,10 @@ impl Conn {
         path: &str,
         headers: &[(&str, &str)],
     ) -> anyhow::Result<Reply> {
-        self.sender.ready().await?;
+        self.sender
+            .ready()
+            .await
+            .map_err(|e| anyhow::Error::new(e).context(NoResponse))?;
         let mut request = http::Request::builder()
             .method(method)
             .uri(path)
@@ -506,7 +509,11 @@ impl Conn {
             request = request.header(*name, *value);
         }
         let request = request.body(Empty::new())?;
-        let response = self.sender.send_request(request).await?;
+        let response = self
+            .sender
+            .send_request(request)
+            .await
+            .map_err(|e| anyhow::Error::new(e).context(NoResponse))?;
         let (parts, body) = response.into_parts();
         let body = body.collect().await?.to_bytes();
         Ok(Reply {
@@ -514,6 +521,16 @@ impl Conn {
             headers: parts.headers,
             body: String::from_utf8_lossy(&body).into_owned(),
         })
+    }
+}
+
+/// A request's connection closed (or failed) before any byte of a response came.
+#[derive(Debug)]
+pub struct NoResponse;
+
+impl std::fmt::Display for NoResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("no response")
     }
 }
 
@@ -871,6 +888,8 @@ pub struct Balancer {
     pub name: String,
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// The executable it runs from.
+    exe: PathBuf,
     child: Option<Child>,
     log: Arc<Mutex<String>>,
     args: Vec<String>,
@@ -939,11 +958,54 @@ impl Balancer {
     }
 
     /// Starts `paddock balancer` with `args` (and its data in `dir`), once it routes by a table.
+    /// A balancer of `controller` running from its own hard link of the `paddock` executable
+    /// ([`Balancer::own_exe`]), which a test may replace.
+    pub async fn start_own_executable(controller: &Controller, name: &str) -> Balancer {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("bin").join("paddock");
+        std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
+        if std::fs::hard_link(PADDOCK, &exe).is_err() {
+            std::fs::copy(PADDOCK, &exe).unwrap();
+        }
+        let args = vec![
+            "--controller".to_string(),
+            controller.url.clone(),
+            "--join-token".into(),
+            controller.join_token.clone(),
+        ];
+        Balancer::launched_from(name, args, dir, exe).await
+    }
+
+    /// The executable it runs from.
+    pub fn own_exe(&self) -> PathBuf {
+        self.exe.clone()
+    }
+
+    /// Sends it a signal (`kill -SIGNAL`).
+    pub fn signal(&self, signal: &str) {
+        let pid = self.pid().expect("the balancer runs");
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     async fn launched(name: &str, args: Vec<String>, dir: tempfile::TempDir) -> Balancer {
+        Balancer::launched_from(name, args, dir, PathBuf::from(PADDOCK)).await
+    }
+
+    async fn launched_from(
+        name: &str,
+        args: Vec<String>,
+        dir: tempfile::TempDir,
+        exe: PathBuf,
+    ) -> Balancer {
         let mut balancer = Balancer {
             name: name.into(),
             addr: "127.0.0.1:0".parse().unwrap(),
             admin: "127.0.0.1:0".parse().unwrap(),
+            exe,
             child: None,
             log: Arc::new(Mutex::new(String::new())),
             args,
@@ -957,7 +1019,7 @@ impl Balancer {
     }
 
     async fn launch(&mut self) {
-        let mut command = Command::new(PADDOCK);
+        let mut command = Command::new(&self.exe);
         command
             .args(["balancer", "--name", &self.name])
             .args(["--listen", &self.addr.to_string()])
@@ -1105,34 +1167,68 @@ pub struct Sample {
     pub server: Option<String>,
     pub version: Option<String>,
     pub error: Option<String>,
+    /// Sent again on a new connection: its keep-alive connection closed before any response
+    /// byte (only for [`Load::start_as_browser`]).
+    pub retried: bool,
 }
 
-/// Keep-alive clients sending GETs in a loop until stopped; each reconnects after a failure.
+/// Keep-alive clients sending GETs in a loop until stopped; each reconnects after a failure,
+/// and after a response that said `Connection: close`.
 pub struct Load {
     stop: Arc<std::sync::atomic::AtomicBool>,
     clients: Vec<tokio::task::JoinHandle<Vec<Sample>>>,
 }
 
 impl Load {
-    /// `clients` connections to `addr`, each sending `GET path` then pausing `pace`.
+    /// `clients` connections to `addr`, each sending `GET path` then pausing `pace`; a request
+    /// that fails is a failure.
     pub fn start(addr: SocketAddr, path: &str, clients: usize, pace: Duration) -> Load {
+        Load::launch(addr, path, clients, pace, false)
+    }
+
+    /// The same clients, except that a GET whose reused keep-alive connection closed before
+    /// any response byte is sent again once on a new connection, as browsers and HTTP client
+    /// libraries do (RFC 9112, 9.3.1): a server may close an idle connection at any moment.
+    pub fn start_as_browser(addr: SocketAddr, path: &str, clients: usize, pace: Duration) -> Load {
+        Load::launch(addr, path, clients, pace, true)
+    }
+
+    fn launch(addr: SocketAddr, path: &str, clients: usize, pace: Duration, retry: bool) -> Load {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let clients = (0..clients)
             .map(|_| {
                 let (stop, path) = (stop.clone(), path.to_string());
                 tokio::spawn(async move {
                     let mut samples = Vec::new();
-                    let mut conn = None;
+                    let mut conn: Option<Conn> = None;
                     while !stop.load(std::sync::atomic::Ordering::Acquire) {
                         let started = Instant::now();
+                        let reused = conn.is_some();
                         if conn.is_none() {
                             conn = Conn::open(addr).await.ok();
                         }
-                        let result = match conn.as_mut() {
+                        let mut result = match conn.as_mut() {
                             Some(c) => c.get(&path).await,
                             None => Err(anyhow::anyhow!("cannot connect")),
                         };
+                        let retried = retry
+                            && reused
+                            && result
+                                .as_ref()
+                                .is_err_and(|e| e.downcast_ref::<NoResponse>().is_some());
+                        if retried {
+                            conn = Conn::open(addr).await.ok();
+                            result = match conn.as_mut() {
+                                Some(c) => c.get(&path).await,
+                                None => Err(anyhow::anyhow!("cannot connect")),
+                            };
+                        }
                         let finished = Instant::now();
+                        if let Ok(reply) = &result
+                            && reply.header("connection") == Some("close")
+                        {
+                            conn = None;
+                        }
                         samples.push(match result {
                             Ok(reply) => Sample {
                                 started,
@@ -1141,6 +1237,7 @@ impl Load {
                                 server: reply.header("x-paddock-server").map(str::to_string),
                                 version: reply.version().map(str::to_string),
                                 error: (reply.status >= 400).then(|| reply.body.clone()),
+                                retried,
                             },
                             Err(e) => {
                                 conn = None;
@@ -1150,7 +1247,8 @@ impl Load {
                                     status: 0,
                                     server: None,
                                     version: None,
-                                    error: Some(e.to_string()),
+                                    error: Some(format!("{e:#}")),
+                                    retried,
                                 }
                             }
                         });
