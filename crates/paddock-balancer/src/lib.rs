@@ -115,20 +115,12 @@ pub struct Shared {
     pub proxy: ProxyConfig,
     /// Client connections open on each event loop.
     open: Vec<Arc<AtomicUsize>>,
-    /// Stopping or restarting: every response says `Connection: close`, and its connection
-    /// closes after it.
-    closing: AtomicBool,
 }
 
 impl Shared {
     /// The generation of the table requests are routed by.
     pub fn generation(&self) -> i64 {
         self.generation.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// Whether the balancer is stopping or restarting: each response closes its connection.
-    pub(crate) fn closing(&self) -> bool {
-        self.closing.load(Ordering::Acquire)
     }
 }
 
@@ -233,14 +225,16 @@ pub enum Stop {
     Restart,
 }
 
-/// Runs a balancer until `stop` resolves; then stops accepting and lets the requests in
-/// flight finish (at most 30 s), closing each client connection after its current response.
-/// Gives the listening sockets back for [`Stop::Restart`]. Call it on a single-threaded
-/// runtime: it starts the other `threads - 1` event loops itself.
+/// Runs a balancer until `stops` says to; then stops accepting and lets the requests in flight
+/// finish (at most 30 s), closing each client connection after its current response (hyper's
+/// graceful shutdown: `Connection: close`). Gives the listening sockets back for
+/// [`Stop::Restart`]; a [`Stop::Exit`] during a restart's drain stops instead. Everything it
+/// started has ended when it returns. Call it on a single-threaded runtime: it starts the other
+/// `threads - 1` event loops itself.
 pub async fn run(
     config: BalancerConfig,
     sockets: Sockets,
-    stop: impl std::future::Future<Output = Stop> + Send,
+    stops: &mut tokio::sync::mpsc::Receiver<Stop>,
 ) -> anyhow::Result<Option<Sockets>> {
     let listening = match sockets.listen {
         Some(listening) => listening,
@@ -289,13 +283,14 @@ pub async fn run(
             open: (0..config.threads.max(1))
                 .map(|_| Arc::new(AtomicUsize::new(0)))
                 .collect(),
-            closing: AtomicBool::new(false),
         }),
         health: config.health.clone(),
         pool: config.pool.clone(),
         applying: tokio::sync::Mutex::new(()),
     });
 
+    // The tasks that serve this run beside the event loops, ended when it returns.
+    let mut background = Vec::new();
     match &config.source {
         Source::File(path) => {
             let table = feed::read_table(path)?;
@@ -320,14 +315,19 @@ pub async fn run(
                 .connect_timeout(Duration::from_secs(3))
                 .build()
                 .context("building the controller's HTTP client")?;
-            tokio::spawn(feed::follow(
+            background.push(tokio::spawn(feed::follow(
                 balancer.clone(),
                 http.clone(),
                 link.clone(),
                 saved,
                 applied.clone(),
-            ));
-            tokio::spawn(feed::report(balancer.clone(), http, link.clone(), applied));
+            )));
+            background.push(tokio::spawn(feed::report(
+                balancer.clone(),
+                http,
+                link.clone(),
+                applied,
+            )));
             // Give the controller a moment to hand over a first table before taking traffic.
             let deadline = tokio::time::Instant::now() + FIRST_TABLE_WAIT;
             while balancer.generation() == 0 && tokio::time::Instant::now() < deadline {
@@ -337,7 +337,7 @@ pub async fn run(
     }
     if let Some(admin) = admin_listener {
         tracing::info!("metrics on http://{}/metrics", admin.local_addr()?);
-        tokio::spawn(serve_admin(admin, balancer.clone()));
+        background.push(tokio::spawn(serve_admin(admin, balancer.clone())));
     }
     tracing::info!(name = %config.name, "balancing on http://{listen}");
 
@@ -388,13 +388,13 @@ pub async fn run(
         stopped,
     );
     tokio::pin!(main_loop);
-    let why = tokio::select! {
-        why = stop => why,
+    let mut why = tokio::select! {
+        why = next_stop(stops) => why,
         _ = &mut main_loop => Stop::Exit,
     };
     match why {
         Stop::Exit => {
-            // The last descriptors of the sockets once the loop lets go of its own: new
+            // The last descriptors of the client socket once the loop lets go of its own: new
             // connections are refused (another balancer takes them), not left waiting.
             kept = Sockets::default();
             tracing::info!("stopping: no new connections; letting requests in flight finish");
@@ -403,13 +403,34 @@ pub async fn run(
             "restarting: accepting nothing meanwhile (new connections wait); letting requests in flight finish"
         ),
     }
-    balancer.shared.closing.store(true, Ordering::Release);
     let _ = stop_loops.send(true);
-    main_loop.await;
+    loop {
+        tokio::select! {
+            _ = &mut main_loop => break,
+            asked = next_stop(stops), if why == Stop::Restart => {
+                if asked == Stop::Exit {
+                    why = Stop::Exit;
+                    kept = Sockets::default();
+                    tracing::info!("stopping instead of restarting: no new connections; letting requests in flight finish");
+                }
+            }
+        }
+    }
     for worker in workers {
         let _ = tokio::task::spawn_blocking(move || worker.join()).await;
     }
+    for task in background {
+        task.abort();
+    }
     Ok((why == Stop::Restart).then_some(kept))
+}
+
+/// The next stop asked for; none ever when nobody can ask any more.
+async fn next_stop(stops: &mut tokio::sync::mpsc::Receiver<Stop>) -> Stop {
+    match stops.recv().await {
+        Some(stop) => stop,
+        None => std::future::pending().await,
+    }
 }
 
 /// The CPUs to bind the event loops to (loop i to the i-th, round again), or none.

@@ -43,7 +43,17 @@ fn handed() -> &'static Mutex<Vec<i32>> {
                 .collect(),
             _ => Vec::new(),
         };
-        Mutex::new(fds)
+        let mut open: Vec<i32> = Vec::new();
+        for fd in fds {
+            // SAFETY: borrowed for one check; a closed number only fails it.
+            let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            // Only open descriptors, each once: a number that is not open now may be given to
+            // a socket this process makes, which must not be taken for a handed-over one.
+            if rustix::io::fcntl_getfd(borrowed).is_ok() && !open.contains(&fd) {
+                open.push(fd);
+            }
+        }
+        Mutex::new(open)
     })
 }
 
@@ -134,5 +144,9 @@ pub fn exec(exe: &Path, build: Option<&str>, listeners: &[&TcpListener]) -> anyh
         None => command.env_remove(BUILD_ENV),
     };
     let error = command.exec();
+    // Still this program: the sockets are its own again.
+    for listener in listeners {
+        let _ = rustix::io::fcntl_setfd(listener, rustix::io::FdFlags::CLOEXEC);
+    }
     anyhow::Error::from(error).context(format!("starting {}", exe.display()))
 }

@@ -675,9 +675,9 @@ fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
             PinThreads::Off => paddock_balancer::Pinning::Off,
         },
     };
-    // Its own path now, before anything may be installed over it: what a restart starts.
+    // Its file now, before anything may be installed over it: what a restart starts.
     let exe = std::env::current_exe().context("finding this executable")?;
-    let sockets = paddock_balancer::Sockets {
+    let mut sockets = paddock_balancer::Sockets {
         listen: handoff::inherited(args.listen),
         admin: handoff::inherited(args.admin),
     };
@@ -689,35 +689,102 @@ fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
         .thread_name("balancer-block")
         .build()
         .context("starting the async runtime")?;
-    let restart = runtime.block_on(paddock_balancer::run(config, sockets, balancer_stop()))?;
-    runtime.shutdown_timeout(Duration::from_secs(1));
-    let Some(sockets) = restart else {
-        return Ok(());
+    let mut stops = {
+        let _entered = runtime.enter();
+        balancer_signals(exe.clone())?
     };
-    let listeners: Vec<&std::net::TcpListener> =
-        sockets.listen.iter().chain(sockets.admin.iter()).collect();
-    // The same process (PID, arguments, listening sockets) on what is at its path now.
-    Err(handoff::exec(&exe, None, &listeners))
+    loop {
+        let restart =
+            runtime.block_on(paddock_balancer::run(config.clone(), sockets, &mut stops))?;
+        let Some(kept) = restart else {
+            runtime.shutdown_timeout(Duration::from_secs(1));
+            return Ok(());
+        };
+        let listeners: Vec<&std::net::TcpListener> =
+            kept.listen.iter().chain(kept.admin.iter()).collect();
+        // The same process (PID, arguments, listening sockets) on what is at its path now.
+        // SIGUSR2 stays blocked across `exec`, until the new program listens for it.
+        restart_signal(libc::SIG_BLOCK);
+        let failed = handoff::exec(&exe, None, &listeners);
+        restart_signal(libc::SIG_UNBLOCK);
+        tracing::error!("{failed:#}; serving on as before, on the same sockets");
+        sockets = kept;
+    }
 }
 
-/// SIGTERM or Ctrl-C: stop. SIGUSR2: restart in the same process on the executable at the path
-/// it was started from (after a new one was installed there), keeping the listening sockets.
-async fn balancer_stop() -> paddock_balancer::Stop {
+/// Installs the balancer's signal handlers (before anything else, so that no signal finds the
+/// default action, which ends the process): SIGTERM and Ctrl-C stop it; SIGUSR2 restarts it
+/// in the same process on the executable file `exe` it was started from (after a new one was
+/// installed there), keeping the listening sockets, if that file is a program.
+fn balancer_signals(
+    exe: PathBuf,
+) -> anyhow::Result<tokio::sync::mpsc::Receiver<paddock_balancer::Stop>> {
+    use paddock_balancer::Stop;
     use tokio::signal::unix::{SignalKind, signal};
-    let mut restart = match signal(SignalKind::user_defined2()) {
-        Ok(restart) => restart,
-        Err(e) => {
-            tracing::error!("cannot listen for SIGUSR2: {e}");
-            shutdown_signal().await;
-            return paddock_balancer::Stop::Exit;
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    let mut restart = signal(SignalKind::user_defined2()).context("listening for SIGUSR2")?;
+    // A restart blocked it so that one sent meanwhile waits for this moment.
+    restart_signal(libc::SIG_UNBLOCK);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let stop = tokio::select! {
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM received");
+                    Stop::Exit
+                }
+                _ = interrupt.recv() => {
+                    tracing::info!("interrupt received");
+                    Stop::Exit
+                }
+                _ = restart.recv() => match runnable(&exe) {
+                    Ok(()) => {
+                        tracing::info!(exe = %exe.display(), "SIGUSR2 received: restarting on the executable installed at this path");
+                        Stop::Restart
+                    }
+                    Err(e) => {
+                        tracing::error!("SIGUSR2 received, not restarting: {e:#}; install the new `paddock` executable at that path (by rename) and send SIGUSR2 again");
+                        continue;
+                    }
+                }
+            };
+            if tx.send(stop).await.is_err() {
+                return;
+            }
         }
-    };
-    tokio::select! {
-        _ = shutdown_signal() => paddock_balancer::Stop::Exit,
-        _ = restart.recv() => {
-            tracing::info!("SIGUSR2 received: restarting on the executable installed at this path");
-            paddock_balancer::Stop::Restart
-        }
+    });
+    Ok(rx)
+}
+
+/// Whether `exe` is a file this process could run: executable, and a program (ELF), not a
+/// file the system would hand to a shell.
+fn runnable(exe: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::Read as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::metadata(exe).with_context(|| format!("{}", exe.display()))?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        anyhow::bail!("{} is not an executable file", exe.display());
+    }
+    let mut magic = [0u8; 4];
+    std::fs::File::open(exe)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .with_context(|| format!("reading {}", exe.display()))?;
+    if &magic != b"\x7fELF" {
+        anyhow::bail!("{} is not a program (no ELF header)", exe.display());
+    }
+    Ok(())
+}
+
+/// Blocks or unblocks SIGUSR2 for this thread (`how`: `SIG_BLOCK`, `SIG_UNBLOCK`); the mask
+/// is kept across `exec`, and threads started later inherit it.
+fn restart_signal(how: libc::c_int) {
+    // SAFETY: a signal set built here and passed by pointer to calls that only read it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR2);
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
     }
 }
 

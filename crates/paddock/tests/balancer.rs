@@ -427,8 +427,24 @@ async fn a_balancer_restarts_on_a_new_executable_without_failing_a_request() {
     let mut lb = Balancer::start_own_executable(&controller, "lb1").await;
     lb.wait_up(&["fe1", "fe2"], true).await;
     let pid = lb.pid().unwrap();
-    // The new build: the same program with bytes appended, ready beside the old.
+    // A file at its path that is no program: the balancer says so and does not restart.
     let exe = lb.own_exe();
+    let saved = exe.with_file_name("paddock.saved");
+    std::fs::rename(&exe, &saved).unwrap();
+    std::fs::write(&exe, b"not a program").unwrap();
+    std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let offset = lb.log_len();
+    lb.signal("USR2");
+    lb.wait_for_log_after(offset, "not restarting", Duration::from_secs(30))
+        .await;
+    assert!(lb.log()[offset..].contains("is not a program (no ELF header)"));
+    assert!(!lb.log()[offset..].contains("restarting: accepting nothing"));
+    assert_eq!(lb.pid(), Some(pid));
+    let mut conn = lb.connect().await;
+    assert_eq!(conn.get("/hello").await.unwrap().status, 200);
+    std::fs::rename(&saved, &exe).unwrap();
+
+    // The new build: the same program with bytes appended, ready beside the old.
     let new = exe.with_file_name("paddock.new");
     let mut bytes = std::fs::read(&exe).unwrap();
     bytes.extend_from_slice(b"another build");
@@ -499,7 +515,39 @@ async fn a_balancer_restarts_on_a_new_executable_without_failing_a_request() {
     // Each client's connection was closed by the restart once at the most.
     let retried = samples.iter().filter(|s| s.retried).count();
     assert!(retried <= CLIENTS, "{retried} requests sent again");
-    lb.kill();
+
+    // SIGTERM during a restart's drain: it stops instead, once the request in flight is
+    // answered, and its port closes.
+    let mut conn = lb.connect().await;
+    let slow = tokio::spawn(async move { conn.get("/slow?ms=1000").await });
+    lb.wait_status("a request in flight", |s| {
+        s["upstreams"]
+            .as_array()
+            .is_some_and(|u| u.iter().any(|u| u["in_flight"].as_u64() > Some(0)))
+    })
+    .await;
+    let offset = lb.log_len();
+    lb.signal("USR2");
+    lb.wait_for_log_after(
+        offset,
+        "restarting: accepting nothing",
+        Duration::from_secs(10),
+    )
+    .await;
+    lb.signal("TERM");
+    lb.wait_for_log_after(
+        offset,
+        "stopping instead of restarting",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(lb.wait_exit(Duration::from_secs(30)).await.success());
+    assert_eq!(slow.await.unwrap().unwrap().status, 200);
+    assert!(
+        !lb.log()[offset..].contains("balancing on"),
+        "it did not start again"
+    );
+    assert!(tokio::net::TcpStream::connect(lb.addr).await.is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -957,7 +957,6 @@ impl Balancer {
         Balancer::launched(name, args, dir).await
     }
 
-    /// Starts `paddock balancer` with `args` (and its data in `dir`), once it routes by a table.
     /// A balancer of `controller` running from its own hard link of the `paddock` executable
     /// ([`Balancer::own_exe`]), which a test may replace.
     pub async fn start_own_executable(controller: &Controller, name: &str) -> Balancer {
@@ -991,6 +990,7 @@ impl Balancer {
         assert!(status.success());
     }
 
+    /// Starts `paddock balancer` with `args` (and its data in `dir`), once it routes by a table.
     async fn launched(name: &str, args: Vec<String>, dir: tempfile::TempDir) -> Balancer {
         Balancer::launched_from(name, args, dir, PathBuf::from(PADDOCK)).await
     }
@@ -1073,6 +1073,25 @@ impl Balancer {
     pub async fn restart(&mut self) {
         self.kill();
         self.launch().await;
+    }
+
+    /// Waits for the process to exit on its own; its exit status.
+    pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            let child = self.child.as_mut().expect("the balancer was started");
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit; log:\n{}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub async fn connect(&self) -> Conn {
