@@ -194,6 +194,12 @@ async fn the_console_shows_the_farm_and_drives_it() {
             t == "skipped"
         })
         .await;
+    // The steps that put everything back are listed after the plan's, as they ran.
+    browser
+        .wait_text("tr[data-step=restore-flags] td[data-field=state]", |t| {
+            t == "done"
+        })
+        .await;
     let failed = browser.url().await;
     let failed = failed.rsplit('/').next().unwrap().to_string();
     browser.goto(&format!("{console}#/")).await;
