@@ -115,12 +115,19 @@ pub struct Shared {
     pub proxy: ProxyConfig,
     /// Client connections open on each event loop.
     open: Vec<Arc<AtomicUsize>>,
+    /// Stopping or restarting: each response says `Connection: close` and ends its connection.
+    closing: AtomicBool,
 }
 
 impl Shared {
     /// The generation of the table requests are routed by.
     pub fn generation(&self) -> i64 {
         self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether the balancer is stopping or restarting: each response ends its connection.
+    pub(crate) fn closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
     }
 }
 
@@ -283,6 +290,7 @@ pub async fn run(
             open: (0..config.threads.max(1))
                 .map(|_| Arc::new(AtomicUsize::new(0)))
                 .collect(),
+            closing: AtomicBool::new(false),
         }),
         health: config.health.clone(),
         pool: config.pool.clone(),
@@ -403,7 +411,9 @@ pub async fn run(
             "restarting: accepting nothing meanwhile (new connections wait); letting requests in flight finish"
         ),
     }
+    balancer.shared.closing.store(true, Ordering::Relaxed);
     let _ = stop_loops.send(true);
+    let draining = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = &mut main_loop => break,
@@ -419,6 +429,10 @@ pub async fn run(
     for worker in workers {
         let _ = tokio::task::spawn_blocking(move || worker.join()).await;
     }
+    tracing::info!(
+        ms = draining.elapsed().as_millis() as u64,
+        "client connections closed"
+    );
     for task in background {
         task.abort();
     }
@@ -606,11 +620,26 @@ async fn accept_loop(
     drop(listener);
     // The other loops finish their connections once their hand-off channel closes.
     drop(handoffs);
-    finish_connections(graceful).await;
+    let open = shared.open[0].clone();
+    finish_connections(graceful, &open).await;
 }
 
-/// Lets the requests in flight on this loop finish (at most 30 s).
-async fn finish_connections(graceful: hyper_util::server::graceful::GracefulShutdown) {
+/// How long a stopping balancer keeps an idle client connection open for its next request
+/// (answered with `Connection: close`) before closing it: a client that sends at once never
+/// meets a connection closed under its request, and one idle for longer meets what any
+/// keep-alive timeout does.
+const CLOSE_GRACE: Duration = Duration::from_millis(250);
+
+/// Ends the client connections of this loop: each one after its next response, or once idle
+/// past [`CLOSE_GRACE`]; requests in flight finish (at most 30 s).
+async fn finish_connections(
+    graceful: hyper_util::server::graceful::GracefulShutdown,
+    open: &AtomicUsize,
+) {
+    let grace = tokio::time::Instant::now() + CLOSE_GRACE;
+    while open.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < grace {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown())
         .await
         .is_err()
@@ -638,7 +667,7 @@ async fn serve_handed(
             }
         }
     }
-    finish_connections(graceful).await;
+    finish_connections(graceful, &open).await;
 }
 
 /// The admin port: `/metrics` (Prometheus text), `/status` (the report sent to the controller).

@@ -467,7 +467,7 @@ fn push_field(head: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 }
 
 fn relay(
-    parts: http::response::Parts,
+    mut parts: http::response::Parts,
     body: ResponseBody,
     in_flight: InFlight,
     shared: &Arc<Shared>,
@@ -497,6 +497,11 @@ fn relay(
     };
     if relay.is_end_stream() {
         relay.finish(true);
+    }
+    if shared.closing() {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     Response::from_parts(parts, ProxyBody::Relay(relay))
 }
@@ -543,6 +548,11 @@ fn answer(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    if shared.closing() {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     response
 }
 
