@@ -59,7 +59,7 @@ taskset -c 0 "$NGINX" -c "$work/nginx/nginx.conf" -g 'daemon off;' 2>>"$work/ngi
 wait_http "http://127.0.0.1:$B1/hello/"
 
 # Paddock runs from its own copy of the executable, which each restart replaces (by rename) with
-# a new build: the same program with bytes appended.
+# a new build: the same program with bytes appended; the one replaced is kept as paddock.previous.
 mkdir -p "$work/bin"
 cp "$PADDOCK" "$work/bin/paddock"
 cat >"$work/table.json" <<EOF
@@ -118,7 +118,14 @@ prepare() {
 
 restart() { # kind pid
   case $1 in
-    paddock) mv "$work/bin/paddock.new" "$work/bin/paddock"; kill -USR2 "$2" ;;
+    # The old executable stays, as `paddock.previous` (the way back): its file is not freed
+    # when the process leaves it, which cost 20-57 ms (a 228 MB file's page cache dropped at
+    # `exec`) when the rename unlinked it.
+    paddock)
+      ln -f "$work/bin/paddock" "$work/bin/paddock.previous"
+      mv "$work/bin/paddock.new" "$work/bin/paddock"
+      kill -USR2 "$2"
+      ;;
     haproxy) kill -USR2 "$2" ;;
   esac
 }
