@@ -32,29 +32,8 @@ B1=$(port); B2=$((B1 + 1))
 LB=$(port); LB_ADMIN=$((LB + 1))
 URL=http://127.0.0.1:$LB/hello/
 
-health_json() { # name
-  printf '{"server":"%s","state":"serving","apps":[{"name":"hello","version":"v1","route":"/hello","component_sha256":""}],"in_flight":0}' "$1"
-}
-
 mkdir -p "$work/nginx"
-cat >"$work/nginx/nginx.conf" <<EOF
-worker_processes 1;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  keepalive_timeout 60s;
-  client_body_temp_path $work/nginx;
-  server { listen 127.0.0.1:$B1;
-    location = /_paddock/health { default_type application/json; return 200 '$(health_json s1)'; }
-    location / { default_type text/plain; return 200 "hello from v1\n"; } }
-  server { listen 127.0.0.1:$B2;
-    location = /_paddock/health { default_type application/json; return 200 '$(health_json s2)'; }
-    location / { default_type text/plain; return 200 "hello from v1\n"; } }
-}
-EOF
+static_nginx_conf "$B1" "$B2" >"$work/nginx/nginx.conf"
 taskset -c 0 "$NGINX" -c "$work/nginx/nginx.conf" -g 'daemon off;' 2>>"$work/nginx/error.log" &
 wait_http "http://127.0.0.1:$B1/hello/"
 
@@ -62,36 +41,9 @@ wait_http "http://127.0.0.1:$B1/hello/"
 # a new build: the same program with bytes appended; the one replaced is kept as paddock.previous.
 mkdir -p "$work/bin"
 cp "$PADDOCK" "$work/bin/paddock"
-cat >"$work/table.json" <<EOF
-{"generation": 1,
- "zones": [{"zone": "default", "policy": "round-robin", "upstreams": [
-   {"name": "s1", "address": "127.0.0.1:$B1", "state": "ready", "weight": 1},
-   {"name": "s2", "address": "127.0.0.1:$B2", "state": "ready", "weight": 1}]}],
- "routes": [{"prefix": "/hello", "app": "hello", "zone": "default"}]}
-EOF
-cat >"$work/haproxy.cfg" <<EOF
-global
-  nbthread 1
-  maxconn 4096
-  stats socket $work/haproxy.sock mode 600 level admin expose-fd listeners
-defaults
-  mode http
-  timeout connect 1s
-  timeout client 30s
-  timeout server 60s
-  timeout http-keep-alive 10s
-  option forwardfor
-  http-reuse safe
-frontend web
-  bind 127.0.0.1:$LB
-  acl hello path /hello || path_beg /hello/
-  use_backend apps if hello
-backend apps
-  balance roundrobin
-  option httpchk GET /_paddock/health
-  server s1 127.0.0.1:$B1 check inter 500 fall 2 rise 2
-  server s2 127.0.0.1:$B2 check inter 500 fall 2 rise 2
-EOF
+routing_table "$B1" "$B2" >"$work/table.json"
+haproxy_conf "$LB" "$B1" "$B2" "nbthread 1" \
+  "stats socket $work/haproxy.sock mode 600 level admin expose-fd listeners" >"$work/haproxy.cfg"
 
 start_balancer() { # kind -> pid (HAProxy: its master)
   case $1 in

@@ -74,34 +74,13 @@ run_wrk() {
   echo "$rps $(to_ms "$p50") $(to_ms "$p99") $errors"
 }
 
-health_json() { # name
-  printf '{"server":"%s","state":"serving","apps":[{"name":"hello","version":"v1","route":"/hello","component_sha256":""}],"in_flight":0}' "$1"
-}
-
 start_backends() { # kind threads
   local kind=$1 threads=$2 prefix=()
   [ "$threads" = 1 ] && prefix=(taskset -c 0)
   case $kind in
     static)
       mkdir -p "$work/nginx"
-      cat >"$work/nginx/nginx.conf" <<EOF
-worker_processes 1;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  keepalive_timeout 60s;
-  client_body_temp_path $work/nginx;
-  server { listen 127.0.0.1:$B1;
-    location = /_paddock/health { default_type application/json; return 200 '$(health_json s1)'; }
-    location / { default_type text/plain; return 200 "hello from v1\n"; } }
-  server { listen 127.0.0.1:$B2;
-    location = /_paddock/health { default_type application/json; return 200 '$(health_json s2)'; }
-    location / { default_type text/plain; return 200 "hello from v1\n"; } }
-}
-EOF
+      static_nginx_conf "$B1" "$B2" >"$work/nginx/nginx.conf"
       "${prefix[@]}" "$NGINX" -c "$work/nginx/nginx.conf" -g 'daemon off;' 2>>"$work/nginx/error.log" &
       ;;
     frontends)
@@ -135,41 +114,13 @@ start_balancer() { # kind setup -> pid
   esac
   case $kind in
     paddock)
-      cat >"$work/table.json" <<EOF
-{"generation": 1,
- "zones": [{"zone": "default", "policy": "round-robin", "upstreams": [
-   {"name": "s1", "address": "127.0.0.1:$B1", "state": "ready", "weight": 1},
-   {"name": "s2", "address": "127.0.0.1:$B2", "state": "ready", "weight": 1}]}],
- "routes": [{"prefix": "/hello", "app": "hello", "zone": "default"}]}
-EOF
+      routing_table "$B1" "$B2" >"$work/table.json"
       RUST_LOG=warn "${prefix[@]}" "$PADDOCK" balancer --name bench --table "$work/table.json" \
         --listen "127.0.0.1:$LB" --admin "127.0.0.1:$LB_ADMIN" --data "$work/lb" \
         --threads "$threads" "${pin[@]}" >"$work/paddock-balancer.log" 2>&1 &
       ;;
     haproxy)
-      cat >"$work/haproxy.cfg" <<EOF
-global
-  nbthread $threads
-  $cpumap
-  maxconn 4096
-defaults
-  mode http
-  timeout connect 1s
-  timeout client 30s
-  timeout server 60s
-  timeout http-keep-alive 10s
-  option forwardfor
-  http-reuse safe
-frontend web
-  bind 127.0.0.1:$LB
-  acl hello path /hello || path_beg /hello/
-  use_backend apps if hello
-backend apps
-  balance roundrobin
-  option httpchk GET /_paddock/health
-  server s1 127.0.0.1:$B1 check inter 500 fall 2 rise 2
-  server s2 127.0.0.1:$B2 check inter 500 fall 2 rise 2
-EOF
+      haproxy_conf "$LB" "$B1" "$B2" "nbthread $threads" ${cpumap:+"$cpumap"} >"$work/haproxy.cfg"
       "${prefix[@]}" "$HAPROXY" -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 &
       ;;
   esac

@@ -68,3 +68,72 @@ bench_start() {
   work=$(mktemp -d)
   trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; stop_postgres; rm -rf "$work"' EXIT
 }
+
+# The balancer benchmarks' backends and configurations, the same for both balancers.
+
+# health_json NAME: what a front-end named NAME serving `hello` answers on /_paddock/health.
+health_json() {
+  printf '{"server":"%s","state":"serving","apps":[{"name":"hello","version":"v1","route":"/hello","component_sha256":""}],"in_flight":0}' "$1"
+}
+
+# static_nginx_conf B1 B2: an nginx config (one worker, files in $work/nginx) answering a fixed
+# body, and a health report, on loopback ports B1 and B2.
+static_nginx_conf() {
+  cat <<EOF
+worker_processes 1;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  keepalive_timeout 60s;
+  client_body_temp_path $work/nginx;
+  server { listen 127.0.0.1:$1;
+    location = /_paddock/health { default_type application/json; return 200 '$(health_json s1)'; }
+    location / { default_type text/plain; return 200 "hello from v1\n"; } }
+  server { listen 127.0.0.1:$2;
+    location = /_paddock/health { default_type application/json; return 200 '$(health_json s2)'; }
+    location / { default_type text/plain; return 200 "hello from v1\n"; } }
+}
+EOF
+}
+
+# routing_table B1 B2: `paddock balancer --table` JSON routing /hello round-robin to two servers.
+routing_table() {
+  cat <<EOF
+{"generation": 1,
+ "zones": [{"zone": "default", "policy": "round-robin", "upstreams": [
+   {"name": "s1", "address": "127.0.0.1:$1", "state": "ready", "weight": 1},
+   {"name": "s2", "address": "127.0.0.1:$2", "state": "ready", "weight": 1}]}],
+ "routes": [{"prefix": "/hello", "app": "hello", "zone": "default"}]}
+EOF
+}
+
+# haproxy_conf LB B1 B2 GLOBAL...: the same routing for HAProxy on port LB (round-robin,
+# keep-alive to the servers, the same health checks); GLOBAL lines go in its `global` section.
+haproxy_conf() {
+  local lb=$1 b1=$2 b2=$3; shift 3
+  echo global
+  for line in "$@"; do echo "  $line"; done
+  cat <<EOF
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 60s
+  timeout http-keep-alive 10s
+  option forwardfor
+  http-reuse safe
+frontend web
+  bind 127.0.0.1:$lb
+  acl hello path /hello || path_beg /hello/
+  use_backend apps if hello
+backend apps
+  balance roundrobin
+  option httpchk GET /_paddock/health
+  server s1 127.0.0.1:$b1 check inter 500 fall 2 rise 2
+  server s2 127.0.0.1:$b2 check inter 500 fall 2 rise 2
+EOF
+}

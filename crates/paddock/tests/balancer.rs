@@ -4,6 +4,7 @@
 mod harness;
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -445,11 +446,7 @@ async fn a_balancer_restarts_on_a_new_executable_without_failing_a_request() {
     std::fs::rename(&saved, &exe).unwrap();
 
     // The new build: the same program with bytes appended, ready beside the old.
-    let new = exe.with_file_name("paddock.new");
-    let mut bytes = std::fs::read(&exe).unwrap();
-    bytes.extend_from_slice(b"another build");
-    std::fs::write(&new, &bytes).unwrap();
-    std::fs::set_permissions(&new, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let new = harness::new_build(&exe.with_file_name("paddock.new"));
 
     const CLIENTS: usize = 6;
     let load = Load::start_as_browser(lb.addr, "/hello", CLIENTS, Duration::from_millis(2));
@@ -485,8 +482,9 @@ async fn a_balancer_restarts_on_a_new_executable_without_failing_a_request() {
     let restarted = Instant::now();
     // The same process, now running the new file, on the same ports.
     assert_eq!(lb.pid(), Some(pid));
-    let running = std::fs::metadata(format!("/proc/{pid}/exe")).unwrap().len();
-    assert_eq!(running, bytes.len() as u64);
+    assert!(harness::is_new_build(Path::new(&format!(
+        "/proc/{pid}/exe"
+    ))));
     lb.wait_status("the routing table again", |s| {
         s["generation"].as_i64() > Some(0)
     })

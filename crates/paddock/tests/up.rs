@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use harness::{Conn, PADDOCK, fixture};
+use harness::{Conn, PADDOCK, fixture, new_build, own_paddock};
 
 /// A port nobody listens on now, with the next one free too.
 fn free_port_pair() -> u16 {
@@ -61,11 +61,7 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
     let frontend_port = free_port_pair();
     let balancer_port = free_port_pair();
     // Its own executable, as an installed one: the platform upgrade below replaces it.
-    let exe = dir.path().join("bin").join("paddock");
-    std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
-    if std::fs::hard_link(PADDOCK, &exe).is_err() {
-        std::fs::copy(PADDOCK, &exe).unwrap();
-    }
+    let exe = own_paddock(dir.path());
     let mut up = up_command_from(
         &exe,
         dir.path(),
@@ -202,10 +198,7 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
     // session goes on.
     let new = dir.path().join("new").join("paddock");
     std::fs::create_dir_all(new.parent().unwrap()).unwrap();
-    std::fs::copy(PADDOCK, &new).unwrap();
-    let mut file = std::fs::OpenOptions::new().append(true).open(&new).unwrap();
-    std::io::Write::write_all(&mut file, b"\n-- a build made by the up test --\n").unwrap();
-    drop(file);
+    new_build(&new);
     let stdout = cli(&["upgrade".as_ref(), new.as_os_str()]);
     assert!(stdout.contains("succeeded"), "{stdout}");
     assert_eq!(std::fs::read(&exe).unwrap(), std::fs::read(&new).unwrap());

@@ -8,35 +8,12 @@
 
 mod harness;
 
-use std::io::{Read as _, Seek as _};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use harness::{Balancer, Controller, Db, Frontend, Load, PADDOCK, failures, fixture};
-
-const MARK: &[u8] = b"\n-- a Paddock build made by the upgrade test --\n";
-
-/// A copy of the executable under test with [`MARK`] appended.
-fn new_build(dir: &Path) -> PathBuf {
-    let path = dir.join("paddock");
-    std::fs::copy(PADDOCK, &path).unwrap();
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&path)
-        .unwrap();
-    std::io::Write::write_all(&mut file, MARK).unwrap();
-    path
-}
-
-/// Whether the file ends with [`MARK`].
-fn is_new_build(path: &Path) -> bool {
-    let mut file = std::fs::File::open(path).unwrap();
-    file.seek(std::io::SeekFrom::End(-(MARK.len() as i64)))
-        .unwrap();
-    let mut tail = Vec::new();
-    file.read_to_end(&mut tail).unwrap();
-    tail == MARK
-}
+use harness::{
+    Balancer, Controller, Db, Frontend, Load, PADDOCK, failures, fixture, is_new_build, new_build,
+};
 
 fn servers(controller: &Controller) -> Vec<serde_json::Value> {
     serde_json::from_str::<serde_json::Value>(&controller.ok(&["servers", "--json"]))
@@ -96,7 +73,7 @@ async fn upgrade_under_load(db: Db, test: &str) {
         "[]"
     );
 
-    let new = new_build(dir.path());
+    let new = new_build(&dir.path().join("paddock"));
     let uploaded: serde_json::Value = serde_json::from_str(&controller.ok(&[
         "platform",
         "upload",
@@ -309,7 +286,7 @@ async fn a_lone_front_end_restarts_in_place_without_failing_a_request() {
     controller.ok(&["app", "publish", &fixture("hello-v1").display().to_string()]);
 
     let dir = tempfile::tempdir().unwrap();
-    let new = new_build(dir.path());
+    let new = new_build(&dir.path().join("paddock"));
     // A controller started without --platform-upgrades takes no build.
     let plain = Controller::start(Db::Sqlite, "upgrade_off", &[]).await;
     let e = plain.fails(&["upgrade", &new.display().to_string()]);

@@ -51,6 +51,66 @@ pub fn replace_package(apps_dir: &Path, name: &str, package: &str) {
     }
 }
 
+/// `dir/bin/paddock`: a hard link (or a copy) of the executable under test, made if not there
+/// yet, for a process that a test upgrades or restarts on a new build without touching the
+/// build's own file.
+pub fn own_paddock(dir: &Path) -> PathBuf {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let exe = bin.join("paddock");
+    if !exe.exists() && std::fs::hard_link(PADDOCK, &exe).is_err() {
+        std::fs::copy(PADDOCK, &exe).unwrap();
+    }
+    exe
+}
+
+/// What a test build ends with.
+const BUILD_MARK: &[u8] = b"\n-- a Paddock build made by a test --\n";
+
+/// A new build at `path`: the executable under test with [`BUILD_MARK`] appended. It runs the
+/// same, and its sha256 (a build's identity) differs.
+pub fn new_build(path: &Path) -> PathBuf {
+    std::fs::copy(PADDOCK, path).unwrap();
+    let mut file = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    std::io::Write::write_all(&mut file, BUILD_MARK).unwrap();
+    path.to_path_buf()
+}
+
+/// Whether the file (or `/proc/PID/exe`: what a process runs) is a [`new_build`].
+pub fn is_new_build(path: &Path) -> bool {
+    use std::io::{Read as _, Seek as _};
+    let mut file = std::fs::File::open(path).unwrap();
+    file.seek(std::io::SeekFrom::End(-(BUILD_MARK.len() as i64)))
+        .unwrap();
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail).unwrap();
+    tail == BUILD_MARK
+}
+
+/// Sends process `pid` a signal (`kill -SIGNAL PID`).
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// Waits (at most `within`) for `child` to exit on its own; its exit status.
+async fn wait_child_exit(child: &mut Child, name: &str, within: Duration) -> ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} still runs after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub fn write_atomically(path: &Path, bytes: &[u8]) {
     let tmp = path.with_extension("incoming");
     std::fs::write(&tmp, bytes).unwrap();
@@ -236,13 +296,7 @@ impl FrontendBuilder {
             install_package(&apps_dir, package, name);
         }
         let exe = if self.own_executable {
-            let bin = dir.path().join("bin");
-            std::fs::create_dir_all(&bin).unwrap();
-            let exe = bin.join("paddock");
-            if !exe.exists() && std::fs::hard_link(PADDOCK, &exe).is_err() {
-                std::fs::copy(PADDOCK, &exe).unwrap();
-            }
-            exe
+            own_paddock(dir.path())
         } else {
             PathBuf::from(PADDOCK)
         };
@@ -411,27 +465,12 @@ impl Frontend {
     }
 
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        send_signal(self.child.id(), signal);
     }
 
     /// Waits for the process to exit on its own.
     pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit within {timeout:?}",
-                self.name
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_child_exit(&mut self.child, &self.name, timeout).await
     }
 }
 
@@ -574,13 +613,7 @@ impl Controller {
     async fn start_from(db: Db, test: &str, extra_args: &[&str], own: bool) -> Controller {
         let dir = tempfile::tempdir().unwrap();
         let exe = if own {
-            let bin = dir.path().join("bin");
-            std::fs::create_dir_all(&bin).unwrap();
-            let exe = bin.join("paddock");
-            if std::fs::hard_link(PADDOCK, &exe).is_err() {
-                std::fs::copy(PADDOCK, &exe).unwrap();
-            }
-            exe
+            own_paddock(dir.path())
         } else {
             PathBuf::from(PADDOCK)
         };
@@ -657,19 +690,10 @@ impl Controller {
 
     /// Waits (at most `within`) for the controller to exit on its own.
     pub async fn wait_exited(&mut self, within: Duration) -> ExitStatus {
-        let deadline = Instant::now() + within;
         let child = self.child.as_mut().expect("the controller runs");
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                self.child = None;
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the controller still runs after {within:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let status = wait_child_exit(child, "the controller", within).await;
+        self.child = None;
+        status
     }
 
     /// Its log (stderr) so far.
@@ -961,11 +985,7 @@ impl Balancer {
     /// ([`Balancer::own_exe`]), which a test may replace.
     pub async fn start_own_executable(controller: &Controller, name: &str) -> Balancer {
         let dir = tempfile::tempdir().unwrap();
-        let exe = dir.path().join("bin").join("paddock");
-        std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
-        if std::fs::hard_link(PADDOCK, &exe).is_err() {
-            std::fs::copy(PADDOCK, &exe).unwrap();
-        }
+        let exe = own_paddock(dir.path());
         let args = vec![
             "--controller".to_string(),
             controller.url.clone(),
@@ -982,12 +1002,7 @@ impl Balancer {
 
     /// Sends it a signal (`kill -SIGNAL`).
     pub fn signal(&self, signal: &str) {
-        let pid = self.pid().expect("the balancer runs");
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        send_signal(self.pid().expect("the balancer runs"), signal);
     }
 
     /// Starts `paddock balancer` with `args` (and its data in `dir`), once it routes by a table.
@@ -1077,21 +1092,10 @@ impl Balancer {
 
     /// Waits for the process to exit on its own; its exit status.
     pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            let child = self.child.as_mut().expect("the balancer was started");
-            if let Some(status) = child.try_wait().unwrap() {
-                self.child = None;
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit; log:\n{}",
-                self.name,
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let child = self.child.as_mut().expect("the balancer was started");
+        let status = wait_child_exit(child, &self.name, within).await;
+        self.child = None;
+        status
     }
 
     pub async fn connect(&self) -> Conn {
@@ -1176,6 +1180,17 @@ impl Drop for Balancer {
     }
 }
 
+/// `GET path` on `conn`, opened to `addr` first when there is none.
+async fn get_on(conn: &mut Option<Conn>, addr: SocketAddr, path: &str) -> anyhow::Result<Reply> {
+    if conn.is_none() {
+        *conn = Conn::open(addr).await.ok();
+    }
+    match conn.as_mut() {
+        Some(c) => c.get(path).await,
+        None => Err(anyhow::anyhow!("cannot connect")),
+    }
+}
+
 /// One request of a [`Load`].
 #[derive(Debug, Clone)]
 pub struct Sample {
@@ -1223,24 +1238,15 @@ impl Load {
                     while !stop.load(std::sync::atomic::Ordering::Acquire) {
                         let started = Instant::now();
                         let reused = conn.is_some();
-                        if conn.is_none() {
-                            conn = Conn::open(addr).await.ok();
-                        }
-                        let mut result = match conn.as_mut() {
-                            Some(c) => c.get(&path).await,
-                            None => Err(anyhow::anyhow!("cannot connect")),
-                        };
+                        let mut result = get_on(&mut conn, addr, &path).await;
                         let retried = retry
                             && reused
                             && result
                                 .as_ref()
                                 .is_err_and(|e| e.downcast_ref::<NoResponse>().is_some());
                         if retried {
-                            conn = Conn::open(addr).await.ok();
-                            result = match conn.as_mut() {
-                                Some(c) => c.get(&path).await,
-                                None => Err(anyhow::anyhow!("cannot connect")),
-                            };
+                            conn = None;
+                            result = get_on(&mut conn, addr, &path).await;
                         }
                         let finished = Instant::now();
                         if let Ok(reply) = &result
@@ -1438,18 +1444,29 @@ impl Browser {
         }
     }
 
-    /// The texts of every element `css` selects.
+    /// The texts of every element `css` selects, read from one drawing of the page: an
+    /// element redrawn while it was read is read again (at most for 30 s).
     pub async fn texts(&self, css: &str) -> Vec<String> {
-        let mut texts = Vec::new();
-        for element in self
-            .client
-            .find_all(fantoccini::Locator::Css(css))
-            .await
-            .unwrap()
-        {
-            texts.push(element.text().await.unwrap_or_default());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        'drawing: loop {
+            let mut texts = Vec::new();
+            for element in self
+                .client
+                .find_all(fantoccini::Locator::Css(css))
+                .await
+                .unwrap()
+            {
+                match element.text().await {
+                    Ok(text) => texts.push(text),
+                    Err(e) => {
+                        assert!(Instant::now() < deadline, "`{css}` could not be read: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue 'drawing;
+                    }
+                }
+            }
+            return texts;
         }
-        texts
     }
 
     /// Whether the element `css` selects is there and enabled.
