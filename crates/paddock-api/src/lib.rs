@@ -328,6 +328,29 @@ pub struct BalancerReport {
     /// The generation of the table it routes by now.
     pub generation: i64,
     pub upstreams: Vec<UpstreamReport>,
+    /// sha256 of the `paddock` executable it runs, when known (as in a front-end's
+    /// [`HealthReport`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<String>,
+    /// Why the platform build it was told to run is not installed yet (it retries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade_error: Option<UpgradeFailure>,
+    /// The platform build it is installing now (downloading, checking, or restarting on it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub installing: Option<String>,
+}
+
+/// The controller's answer to a balancer's report: what it should do besides routing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalancerOrders {
+    /// The platform build this balancer should run: when it runs another one, it downloads this
+    /// one, installs it over its executable and restarts on it in the same process, keeping its
+    /// listening sockets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<PlatformBuild>,
+    /// The generation that named `platform` for this balancer, as for a front-end.
+    #[serde(default)]
+    pub platform_generation: i64,
 }
 
 /// One front-end as a balancer sees it.
@@ -349,6 +372,12 @@ pub struct BalancerInfo {
     pub heartbeat_ms: i64,
     /// Whether it reported recently; only live balancers are waited for.
     pub alive: bool,
+    /// The platform build it is told to run, set by a platform upgrade.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform_target: Option<String>,
+    /// The generation that set `platform_target`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform_target_generation: Option<i64>,
 }
 
 /// A server flag an admin can switch.
@@ -606,6 +635,10 @@ pub enum Step {
     /// After a failed platform upgrade: servers that did not install the new build stop
     /// trying (one that did keeps it: the old executable is gone).
     RestorePlatform,
+    /// Platform upgrade, after the last zone: each live balancer in turn installs the build and
+    /// restarts on it in place (same process, same sockets); wait until it runs it and routes
+    /// by the current table. Balancers not reporting install it when they are back.
+    UpgradeBalancers,
     /// Platform upgrade, last step of the last zone: the controller installs the build over
     /// its executable and restarts on it; the new process resumes the operation here.
     UpgradeController,
@@ -632,6 +665,7 @@ impl Step {
             Step::UpgradeLoaded => "upgrade-loaded",
             Step::UpgradeInPlace => "upgrade-in-place",
             Step::RestorePlatform => "restore-platform",
+            Step::UpgradeBalancers => "upgrade-balancers",
             Step::UpgradeController => "upgrade-controller",
         }
     }
@@ -700,6 +734,7 @@ impl Step {
                 Step::UpgradeLoaded,
                 Step::UpgradeInPlace,
                 Step::RestorePlatform,
+                Step::UpgradeBalancers,
                 Step::UpgradeController,
             ])
     }
@@ -731,6 +766,9 @@ impl Step {
             }
             Step::UpgradeInPlace => "one server: installs the new build and restarts in place",
             Step::RestorePlatform => "servers without the new build stop installing it",
+            Step::UpgradeBalancers => {
+                "each balancer in turn installs the new build and restarts in place"
+            }
             Step::UpgradeController => {
                 "the controller installs the new build and restarts; it resumes the operation"
             }

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use paddock_api::{ApiError, Controllers, RoutingTable};
+use paddock_api::{
+    ApiError, BalancerOrders, BalancerReport, Controllers, PlatformBuild, RoutingTable,
+};
 use tokio::sync::Notify;
 
 use crate::Balancer;
@@ -18,11 +20,34 @@ pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// How often it reports while a front-end it no longer routes to has requests in flight.
 pub const DRAINING_INTERVAL: Duration = Duration::from_millis(20);
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ControllerLink {
     /// The controller, or the active one and its standbys.
     pub controller: Arc<Controllers>,
     pub join_token: String,
+    /// What runs this balancer and can install platform builds, if anything.
+    pub platform: Option<Arc<dyn Platform>>,
+}
+
+impl std::fmt::Debug for ControllerLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControllerLink")
+            .field("controller", &self.controller)
+            .field("platform", &self.platform.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The platform builds a balancer runs: this crate only carries their state to the controller
+/// in each report and the build the controller names back ([`BalancerOrders`]); installing one
+/// and restarting on it is the program's business.
+pub trait Platform: Send + Sync {
+    /// Fills the report's `build`, `installing` and `upgrade_error`.
+    fn describe(&self, report: &mut BalancerReport);
+    /// The controller's answer to a report named this build (or none), set by `generation`.
+    fn named(&self, build: Option<&PlatformBuild>, generation: i64);
+    /// Notified when what `describe` says changed: the next report goes at once.
+    fn changed(&self) -> Arc<Notify>;
 }
 
 /// Sends a request to the controller; one that cannot connect to it makes the next controller
@@ -152,11 +177,15 @@ pub async fn report(
 ) {
     let path = format!("/control/v1/balancers/{}", balancer.name);
     let mut failing = false;
+    let platform_changed = link.platform.as_ref().map(|p| p.changed());
     loop {
         // Read before the report: if it shows a draining front-end with requests in flight,
         // the next report must not wait a whole interval to say they ended.
         let draining = balancer.draining();
-        let report = balancer.report();
+        let mut report = balancer.report();
+        if let Some(platform) = &link.platform {
+            platform.describe(&mut report);
+        }
         let request = http
             .post(link.controller.url(&path))
             .bearer_auth(&link.join_token)
@@ -164,7 +193,30 @@ pub async fn report(
             .timeout(Duration::from_secs(5));
         let sent = send(&link.controller, request).await;
         match sent {
-            Ok(r) if r.status().is_success() => failing = false,
+            Ok(r) if r.status().is_success() => {
+                failing = false;
+                if let Some(platform) = &link.platform {
+                    // A controller of an older release answers no orders at all. An answer
+                    // not read whole changes nothing (an installation under way goes on).
+                    let orders = match r.bytes().await {
+                        Ok(body) if body.is_empty() => Some(BalancerOrders::default()),
+                        Ok(body) => serde_json::from_slice::<BalancerOrders>(&body)
+                            .inspect_err(|e| {
+                                tracing::warn!(
+                                    "the controller's answer to a report is not understood: {e}"
+                                );
+                            })
+                            .ok(),
+                        Err(e) => {
+                            tracing::debug!("cannot read the controller's answer to a report: {e}");
+                            None
+                        }
+                    };
+                    if let Some(orders) = orders {
+                        platform.named(orders.platform.as_ref(), orders.platform_generation);
+                    }
+                }
+            }
             Ok(r) => {
                 if !failing {
                     let status = r.status();
@@ -192,9 +244,16 @@ pub async fn report(
         } else {
             REPORT_INTERVAL
         };
+        let platform_changed = async {
+            match &platform_changed {
+                Some(changed) => changed.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = tokio::time::sleep(period) => {}
             _ = applied.notified() => {}
+            _ = platform_changed => {}
         }
     }
 }

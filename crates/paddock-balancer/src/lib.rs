@@ -200,6 +200,9 @@ impl Balancer {
                     in_flight: m.upstream.in_flight(),
                 })
                 .collect(),
+            build: None,
+            upgrade_error: None,
+            installing: None,
         }
     }
 

@@ -13,10 +13,10 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use paddock_api::{
-    ApiError, AppVersionRef, BalancedDeployRequest, BalancerReport, DeployPlan, DesiredApp,
-    DesiredState, HealthReport, LbState, OpState, Operation, Policy, Registration, Role,
-    RoutingTable, ServerFlag, ServerInfo, TimerClaim, TimerFinish, TimerInfo, TimerLease, TimerRun,
-    VersionInfo,
+    ApiError, AppVersionRef, BalancedDeployRequest, BalancerOrders, BalancerReport, DeployPlan,
+    DesiredApp, DesiredState, HealthReport, LbState, OpState, Operation, Policy, Registration,
+    Role, RoutingTable, ServerFlag, ServerInfo, TimerClaim, TimerFinish, TimerInfo, TimerLease,
+    TimerRun, VersionInfo,
 };
 use paddock_core::Manifest;
 use paddock_core::manifest::is_valid_name;
@@ -162,6 +162,7 @@ impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Failure {
         let (status, kind) = match &e {
             StoreError::UnknownServer(_) => (StatusCode::NOT_FOUND, "unknown_server"),
+            StoreError::UnknownBalancer(_) => (StatusCode::NOT_FOUND, "unknown_balancer"),
             StoreError::UnknownVersion { .. } => (StatusCode::NOT_FOUND, "unknown_version"),
             StoreError::VersionConflict { .. } => (StatusCode::CONFLICT, "version_conflict"),
             StoreError::ZoneConflict { .. } => (StatusCode::CONFLICT, "zone_conflict"),
@@ -1254,7 +1255,7 @@ async fn balancer_report(
     State(c): State<Arc<Controller>>,
     Path(name): Path<String>,
     Json(report): Json<BalancerReport>,
-) -> Result<StatusCode, Failure> {
+) -> Answer<BalancerOrders> {
     if report.name != name || !is_valid_name(&name) {
         return Err(Failure::bad_request(
             "bad_report",
@@ -1266,7 +1267,14 @@ async fn balancer_report(
     }
     c.store.balancer_report(&report, now_ms()).await?;
     c.facts_changed();
-    Ok(StatusCode::NO_CONTENT)
+    let orders = match c.store.balancer_target(&name).await? {
+        Some((build, generation)) => BalancerOrders {
+            platform: Some(build),
+            platform_generation: generation,
+        },
+        None => BalancerOrders::default(),
+    };
+    Ok(Json(orders))
 }
 
 /// A scheduler service asks for due ticks; none while its server's scheduler is off.

@@ -204,16 +204,24 @@ pub async fn plan_upgrade(
         .filter(|s| s.observed.as_ref().and_then(|o| o.build.as_deref()) != Some(&build.sha256))
         .map(|s| s.name.as_str())
         .collect();
+    // Live balancers not known to run the build (one that never hashed its executable reports
+    // none; the step has it check).
+    let balancers_behind = request.zone.is_none()
+        && c.store
+            .balancers(now - crate::routing::BALANCER_ALIVE_WITHIN_MS)
+            .await?
+            .iter()
+            .any(|b| b.alive && b.report.build.as_deref() != Some(&build.sha256));
     if behind.is_empty() {
         let controller_behind = request.zone.is_none()
             && crate::platform::own_build(c)
                 .await
                 .is_ok_and(|own| own != build.sha256);
-        if !controller_behind {
+        if !controller_behind && !balancers_behind {
             return Err(invalid(format!(
                 "every front-end{} already runs build {} (paddock {}); nothing to upgrade",
                 if request.zone.is_none() {
-                    " and the controller"
+                    ", balancer and the controller"
                 } else {
                     ""
                 },
@@ -221,7 +229,8 @@ pub async fn plan_upgrade(
                 build.version
             )));
         }
-        // The front-ends were upgraded zone by zone (`--zone`): the controller's turn alone.
+        // The front-ends were upgraded zone by zone (`--zone`): the balancers' and the
+        // controller's turn alone.
         let zone = names.first().cloned().unwrap_or_default();
         return Ok(DeployPlan {
             parallel_zones: false,
@@ -234,10 +243,7 @@ pub async fn plan_upgrade(
                 untouched: Vec::new(),
                 in_place: false,
                 before: Vec::new(),
-                steps: vec![PlannedStep {
-                    step: Step::UpgradeController,
-                    servers: Vec::new(),
-                }],
+                steps: farm_steps(),
             }],
             platform: Some(build),
         });
@@ -268,10 +274,7 @@ pub async fn plan_upgrade(
     if request.zone.is_none()
         && let Some(last) = plans.last_mut()
     {
-        last.steps.push(PlannedStep {
-            step: Step::UpgradeController,
-            servers: Vec::new(),
-        });
+        last.steps.extend(farm_steps());
     }
     Ok(DeployPlan {
         parallel_zones: request.parallel_zones,
@@ -279,6 +282,17 @@ pub async fn plan_upgrade(
         zones: plans,
         platform: Some(build),
     })
+}
+
+/// The steps after the last zone of a whole-farm upgrade: the balancers, then the controller.
+fn farm_steps() -> Vec<PlannedStep> {
+    [Step::UpgradeBalancers, Step::UpgradeController]
+        .into_iter()
+        .map(|step| PlannedStep {
+            step,
+            servers: Vec::new(),
+        })
+        .collect()
 }
 
 /// The first 12 hex digits of a sha256: enough to tell builds apart in a message.
@@ -473,6 +487,7 @@ pub fn past_point_of_no_return(step: Step) -> bool {
             | Step::UpgradeLoaded
             | Step::RouteAll
             | Step::SchedulerOnLoaded
+            | Step::UpgradeBalancers
             | Step::UpgradeController
     )
 }
@@ -912,6 +927,7 @@ impl From<StoreError> for StepError {
         match e {
             // Someone removed a server or a version the plan names: retrying cannot help.
             StoreError::UnknownServer(_)
+            | StoreError::UnknownBalancer(_)
             | StoreError::UnknownVersion { .. }
             | StoreError::RouteTaken { .. } => StepError::Failed(e.to_string()),
             e => StepError::Store(e.into()),
@@ -1065,6 +1081,48 @@ impl Run<'_> {
                 facts.extend(self.wait_upgraded(&z.loaded, g, Mode::NoReturn).await?);
                 Ok(facts)
             }
+            Step::UpgradeBalancers => {
+                let build = self.build()?;
+                let all = self
+                    .c
+                    .store
+                    .balancers(now_ms() - crate::routing::BALANCER_ALIVE_WITHIN_MS)
+                    .await?;
+                let mut facts = Vec::new();
+                // Not reporting now: told, not waited for; each installs the build when back.
+                let silent: Vec<String> = all
+                    .iter()
+                    .filter(|b| !b.alive && b.report.build.as_deref() != Some(&build.sha256))
+                    .filter(|b| b.platform_target.as_deref() != Some(&build.sha256))
+                    .map(|b| b.report.name.clone())
+                    .collect();
+                if !silent.is_empty() {
+                    let g = self
+                        .c
+                        .store
+                        .set_balancer_targets(&silent, Some(&build.sha256))
+                        .await?;
+                    facts.push(format!(
+                        "{} not reporting: told to run build {} (generation {g}), installed when back",
+                        join(&silent),
+                        short(&build.sha256)
+                    ));
+                }
+                let live: Vec<&str> = all
+                    .iter()
+                    .filter(|b| b.alive)
+                    .map(|b| b.report.name.as_str())
+                    .collect();
+                if live.is_empty() {
+                    facts.push("no live balancer to upgrade".into());
+                }
+                // One at a time: a build that does not come up stops the step with the others
+                // still routing.
+                for name in live {
+                    facts.extend(self.upgrade_balancer(name, build).await?);
+                }
+                Ok(facts)
+            }
             Step::UpgradeController => {
                 let build = self.build()?;
                 let own = crate::platform::own_build(self.c)
@@ -1183,6 +1241,102 @@ impl Run<'_> {
                 short(&build.sha256)
             ),
         ))
+    }
+
+    /// Tells balancer `name` to run `build` (unless it does, or a run of this step before a
+    /// controller restart told it already) and waits until it reports running it, routing by
+    /// the table of that generation or newer. A report that it cannot install the build fails
+    /// the step; one silent for [`RESTART_GRACE_MS`] does not hold it (its target stays).
+    async fn upgrade_balancer(
+        &self,
+        name: &str,
+        build: &PlatformBuild,
+    ) -> Result<Vec<String>, StepError> {
+        let balancer = |all: Vec<paddock_api::BalancerInfo>| {
+            all.into_iter()
+                .find(|b| b.report.name == name)
+                .ok_or_else(|| StepError::Failed(format!("balancer {name} is no longer known")))
+        };
+        let alive_since = || now_ms() - crate::routing::BALANCER_ALIVE_WITHIN_MS;
+        let info = balancer(self.c.store.balancers(alive_since()).await?)?;
+        if info.report.build.as_deref() == Some(&build.sha256) {
+            return Ok(vec![format!(
+                "{name} runs build {} already",
+                short(&build.sha256)
+            )]);
+        }
+        // Told by a run of this step before a controller restart: the same generation. Told,
+        // and it failed (this is a resume): a new one, which it tries at once.
+        let failed_at = |g: i64| {
+            info.report
+                .upgrade_error
+                .as_ref()
+                .is_some_and(|f| f.build == build.sha256 && f.generation >= g)
+        };
+        let g = match info.platform_target_generation {
+            Some(g) if info.platform_target.as_deref() == Some(&build.sha256) && !failed_at(g) => g,
+            _ => {
+                self.c
+                    .store
+                    .set_balancer_targets(&[name.to_string()], Some(&build.sha256))
+                    .await?
+            }
+        };
+        let told = format!(
+            "{name} told to run build {} (generation {g})",
+            short(&build.sha256)
+        );
+        let since = now_ms();
+        let ran = self
+            .wait(false, || async {
+                let b = balancer(self.c.store.balancers(alive_since()).await?)?;
+                if let Some(failure) = b
+                    .report
+                    .upgrade_error
+                    .as_ref()
+                    .filter(|f| f.build == build.sha256 && f.generation >= g)
+                {
+                    return Err(StepError::Failed(format!(
+                        "balancer {name} cannot install build {}: {}",
+                        short(&build.sha256),
+                        failure.error
+                    )));
+                }
+                let silent = now_ms() - b.heartbeat_ms;
+                if !b.alive && now_ms() - since.max(b.heartbeat_ms) > RESTART_GRACE_MS {
+                    return Ok(Check::Done(vec![format!(
+                        "{name} not alive (no report for {} s): installs the build when it comes back",
+                        silent / 1000
+                    )]));
+                }
+                if b.report.build.as_deref() != Some(&build.sha256) {
+                    return Ok(Check::Pending(if !b.alive {
+                        format!("{name} is restarting (no report for {} s)", silent / 1000)
+                    } else if b.report.installing.is_some() {
+                        format!("{name} is installing build {}", short(&build.sha256))
+                    } else {
+                        format!("{name} does not run build {} yet", short(&build.sha256))
+                    }));
+                }
+                if b.report.generation < g {
+                    return Ok(Check::Pending(format!(
+                        "{name} routes by generation {}, not {g} yet",
+                        b.report.generation
+                    )));
+                }
+                if !b.alive {
+                    return Ok(Check::Pending(format!("{name} stopped reporting")));
+                }
+                Ok(Check::Done(vec![format!(
+                    "{name} runs build {} (paddock {}), routing by generation {} ({} ms)",
+                    short(&build.sha256),
+                    build.version,
+                    b.report.generation,
+                    now_ms() - since
+                )]))
+            })
+            .await?;
+        Ok(std::iter::once(told).chain(ran).collect())
     }
 
     /// Every server of the zone now.

@@ -374,6 +374,14 @@ pub async fn remove(
         .into_iter()
         .filter(|s| s.platform_target.as_deref() == Some(sha256.as_str()))
         .map(|s| s.name)
+        .chain(
+            c.store
+                .balancers(0)
+                .await?
+                .into_iter()
+                .filter(|b| b.platform_target.as_deref() == Some(sha256.as_str()))
+                .map(|b| b.report.name),
+        )
         .collect();
     let upgrading: Vec<i64> = c
         .store

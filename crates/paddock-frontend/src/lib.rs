@@ -143,9 +143,10 @@ pub async fn run(
             )?;
             // Without its own executable's path a server cannot be upgraded, but it serves.
             let deployer = match upgrade::Upgrader::new(
-                link.clone(),
+                link.controller.clone(),
+                link.join_token.clone(),
                 deployer.http(),
-                vitals.clone(),
+                vitals.platform().clone(),
                 restart_tx,
                 deployer.changed.clone(),
             ) {

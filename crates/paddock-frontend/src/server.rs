@@ -65,12 +65,8 @@ pub struct Vitals {
     in_flight: AtomicU64,
     /// What the deployment service could not load in its last attempt.
     failed: std::sync::Mutex<Vec<paddock_api::LoadFailure>>,
-    /// The platform build this process runs, when known.
-    build: std::sync::Mutex<Option<String>>,
-    /// Why the named platform build is not installed yet.
-    upgrade_error: std::sync::Mutex<Option<paddock_api::UpgradeFailure>>,
-    /// The platform build being installed.
-    installing: std::sync::Mutex<Option<String>>,
+    /// The platform build this process runs, or is installing, or could not install.
+    platform: Arc<crate::upgrade::BuildStatus>,
     /// Names this process among the server's restarts (PID and start time).
     incarnation: String,
     /// The response cache, whose figures the report carries.
@@ -84,9 +80,7 @@ impl Vitals {
             state: AtomicU8::new(0),
             in_flight: AtomicU64::new(0),
             failed: std::sync::Mutex::new(Vec::new()),
-            build: std::sync::Mutex::new(None),
-            upgrade_error: std::sync::Mutex::new(None),
-            installing: std::sync::Mutex::new(None),
+            platform: Arc::default(),
             incarnation: format!(
                 "{}-{}",
                 std::process::id(),
@@ -108,20 +102,8 @@ impl Vitals {
         &self.incarnation
     }
 
-    pub fn set_installing(&self, build: Option<String>) {
-        *self.installing.lock().unwrap_or_else(|e| e.into_inner()) = build;
-    }
-
-    pub fn build(&self) -> Option<String> {
-        self.build.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    pub fn set_build(&self, build: Option<String>) {
-        *self.build.lock().unwrap_or_else(|e| e.into_inner()) = build;
-    }
-
-    pub fn set_upgrade_error(&self, error: Option<paddock_api::UpgradeFailure>) {
-        *self.upgrade_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    pub fn platform(&self) -> &Arc<crate::upgrade::BuildStatus> {
+        &self.platform
     }
 
     pub fn report(&self, apps: &Apps) -> HealthReport {
@@ -135,17 +117,9 @@ impl Vitals {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
-            build: self.build(),
-            upgrade_error: self
-                .upgrade_error
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
-            installing: self
-                .installing
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
+            build: self.platform.build(),
+            upgrade_error: self.platform.upgrade_error(),
+            installing: self.platform.installing(),
             incarnation: Some(self.incarnation.clone()),
             cache: self.cache.get().map(|cache| cache.report()),
         }

@@ -1,4 +1,4 @@
-//! Installing a platform build: the front-end's side of a platform upgrade.
+//! Installing a platform build: a front-end's or a balancer's side of a platform upgrade.
 //!
 //! When the desired state names a build ([`paddock_api::PlatformBuild`]) other than the one
 //! this process runs, [`Upgrader::check`] installs it in a task of its own: download from the
@@ -7,7 +7,9 @@
 //! later — systemd, an operator — starts the new build too) and ask the server to restart.
 //! [`crate::run`] then stops like for a signal, minus the drain delay (the operation drained
 //! this server through the balancers first), and returns [`Exit::Restart`]: `paddock frontend`
-//! replaces its process with the new executable, same arguments, same PID.
+//! replaces its process with the new executable, same arguments, same PID. `paddock balancer`
+//! uses the same [`Upgrader`], fed by the controller's answers to its reports, and restarts in
+//! place the way SIGUSR2 makes it.
 //!
 //! Which build runs is known without reading the executable when this process was started by
 //! an upgrade ([`BUILD_ENV`]); otherwise the executable is hashed once, the first time a build
@@ -23,8 +25,9 @@ use paddock_api::{PlatformBuild, UpgradeFailure};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt as _;
 
-use crate::deployer::{ControllerLink, SendToController as _};
-use crate::server::Vitals;
+use paddock_api::Controllers;
+
+use crate::deployer::SendToController as _;
 
 pub use paddock_api::BUILD_ENV;
 /// How long the new executable may take to print its version.
@@ -56,10 +59,55 @@ pub struct Installed {
     pub build: String,
 }
 
+/// What a process reports about its platform build: changed by the [`Upgrader`], read by the
+/// heartbeat or report.
+#[derive(Debug, Default)]
+pub struct BuildStatus {
+    /// The platform build this process runs, when known.
+    build: std::sync::Mutex<Option<String>>,
+    /// Why the named platform build is not installed yet.
+    upgrade_error: std::sync::Mutex<Option<UpgradeFailure>>,
+    /// The platform build being installed.
+    installing: std::sync::Mutex<Option<String>>,
+}
+
+impl BuildStatus {
+    pub fn build(&self) -> Option<String> {
+        self.build.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_build(&self, build: Option<String>) {
+        *self.build.lock().unwrap_or_else(|e| e.into_inner()) = build;
+    }
+
+    pub fn upgrade_error(&self) -> Option<UpgradeFailure> {
+        self.upgrade_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_upgrade_error(&self, error: Option<UpgradeFailure>) {
+        *self.upgrade_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    }
+
+    pub fn installing(&self) -> Option<String> {
+        self.installing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_installing(&self, build: Option<String>) {
+        *self.installing.lock().unwrap_or_else(|e| e.into_inner()) = build;
+    }
+}
+
 pub struct Upgrader {
-    link: ControllerLink,
+    controller: Arc<Controllers>,
+    join_token: String,
     http: reqwest::Client,
-    vitals: Arc<Vitals>,
+    status: Arc<BuildStatus>,
     /// The executable this process was started from.
     exe: PathBuf,
     /// An installation is running.
@@ -84,7 +132,7 @@ struct Retry {
 
 /// Clears the busy flag, and the build reported as being installed, when an installation
 /// task ends, however it ends (but by restarting on the build).
-struct NotBusy(Arc<AtomicBool>, Arc<Vitals>);
+struct NotBusy(Arc<AtomicBool>, Arc<BuildStatus>);
 
 impl Drop for NotBusy {
     fn drop(&mut self) {
@@ -94,10 +142,13 @@ impl Drop for NotBusy {
 }
 
 impl Upgrader {
+    /// `controller` and `join_token`: where builds are downloaded from, and the farm's join
+    /// token; `status`: where this process's build status is reported from.
     pub fn new(
-        link: ControllerLink,
+        controller: Arc<Controllers>,
+        join_token: String,
         http: reqwest::Client,
-        vitals: Arc<Vitals>,
+        status: Arc<BuildStatus>,
         restart: tokio::sync::mpsc::Sender<Installed>,
         changed: Arc<tokio::sync::Notify>,
     ) -> anyhow::Result<Upgrader> {
@@ -105,12 +156,13 @@ impl Upgrader {
         if let Ok(build) = std::env::var(BUILD_ENV)
             && paddock_core::is_sha256(&build)
         {
-            vitals.set_build(Some(build));
+            status.set_build(Some(build));
         }
         Ok(Upgrader {
-            link,
+            controller,
+            join_token,
             http,
-            vitals,
+            status,
             exe,
             busy: Arc::new(AtomicBool::new(false)),
             wanted: std::sync::Mutex::new(None),
@@ -126,7 +178,7 @@ impl Upgrader {
     pub fn check(self: &Arc<Self>, target: Option<&PlatformBuild>, generation: i64) {
         *self.wanted.lock().unwrap_or_else(|e| e.into_inner()) = target.map(|t| t.sha256.clone());
         let Some(target) = target else {
-            self.vitals.set_upgrade_error(None);
+            self.status.set_upgrade_error(None);
             *self.retry.lock().unwrap_or_else(|e| e.into_inner()) = None;
             return;
         };
@@ -139,13 +191,13 @@ impl Upgrader {
             }
         };
         if !paddock_core::is_sha256(&target.sha256) {
-            self.vitals.set_upgrade_error(Some(failed(format!(
+            self.status.set_upgrade_error(Some(failed(format!(
                 "the controller names build {:?}, which is no sha256",
                 target.sha256
             ))));
             return;
         }
-        if self.vitals.build().as_deref() == Some(target.sha256.as_str()) {
+        if self.status.build().as_deref() == Some(target.sha256.as_str()) {
             return;
         }
         if let Some(retry) = &*self.retry.lock().unwrap_or_else(|e| e.into_inner())
@@ -158,10 +210,10 @@ impl Upgrader {
         if self.busy.swap(true, Ordering::AcqRel) {
             return;
         }
-        let not_busy = NotBusy(self.busy.clone(), self.vitals.clone());
+        let not_busy = NotBusy(self.busy.clone(), self.status.clone());
         // This attempt's outcome replaces the last one's.
-        self.vitals.set_upgrade_error(None);
-        self.vitals.set_installing(Some(target.sha256.clone()));
+        self.status.set_upgrade_error(None);
+        self.status.set_installing(Some(target.sha256.clone()));
         let upgrader = self.clone();
         let target = target.clone();
         tokio::spawn(async move {
@@ -191,7 +243,7 @@ impl Upgrader {
                     drop(retry);
                     tracing::error!(build = %short(&target.sha256), "cannot install the platform build, retrying in {} s: {e:#}", wait.as_secs());
                     upgrader
-                        .vitals
+                        .status
                         .set_upgrade_error(Some(failed(format!("{e:#}"))));
                     drop(not_busy);
                     upgrader.changed.notify_one();
@@ -211,13 +263,13 @@ impl Upgrader {
     /// Installs `target` over the executable; `None` when this process runs that build, or it
     /// is no longer wanted.
     async fn install(&self, target: &PlatformBuild) -> anyhow::Result<Option<Installed>> {
-        if self.vitals.build().is_none() {
+        if self.status.build().is_none() {
             // What this process runs, even when its file was replaced meanwhile.
             let own = tokio::task::spawn_blocking(paddock_runtime::sha256_of_this_executable)
                 .await
                 .context("hashing the executable")?
                 .context("hashing the executable")?;
-            self.vitals.set_build(Some(own.clone()));
+            self.status.set_build(Some(own.clone()));
             if own == target.sha256 {
                 tracing::info!(build = %short(&target.sha256), "this server runs the named platform build already");
                 self.changed.notify_one();
@@ -252,7 +304,7 @@ impl Upgrader {
                 }
                 tokio::fs::rename(&temp, &self.exe).await.with_context(|| {
                     format!(
-                        "cannot replace {} (the user running this front-end must be able to write its folder)",
+                        "cannot replace {} (the user running paddock must be able to write its folder)",
                         self.exe.display()
                     )
                 })?;
@@ -279,19 +331,18 @@ impl Upgrader {
     async fn fetch(&self, target: &PlatformBuild, temp: &Path) -> anyhow::Result<bool> {
         let mut file = tokio::fs::File::create(temp).await.with_context(|| {
             format!(
-                "cannot write {} beside the executable (the user running this front-end must be able to write its folder)",
+                "cannot write {} beside the executable (the user running paddock must be able to write its folder)",
                 temp.display()
             )
         })?;
         let mut response = self
             .http
             .get(
-                self.link
-                    .controller
+                self.controller
                     .url(&format!("/control/v1/platform/{}", target.sha256)),
             )
-            .bearer_auth(&self.link.join_token)
-            .send_to(&self.link.controller)
+            .bearer_auth(&self.join_token)
+            .send_to(&self.controller)
             .await
             .context("downloading the build from the controller")?;
         if !response.status().is_success() {

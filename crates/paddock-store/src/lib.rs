@@ -35,6 +35,8 @@ use sqlx::{AnyPool, Row as _};
 pub enum StoreError {
     #[error("unknown server {0:?}; `paddock servers` lists the servers of the farm")]
     UnknownServer(String),
+    #[error("unknown balancer {0:?}; `paddock routing` lists the balancers of the farm")]
+    UnknownBalancer(String),
     #[error("unknown app version {app}@{version}; `paddock app versions {app}` lists its versions")]
     UnknownVersion { app: String, version: String },
     #[error(
@@ -181,6 +183,12 @@ pub trait Store: Send + Sync + 'static {
     async fn balancer_report(&self, report: &BalancerReport, now_ms: i64) -> Result<()>;
     /// Every balancer that ever reported; `alive` when it reported at or after `alive_since_ms`.
     async fn balancers(&self, alive_since_ms: i64) -> Result<Vec<BalancerInfo>>;
+    /// Tells balancers which platform build to run (`None`: the one they run), in one
+    /// transaction and one generation, which each target records; returns the generation.
+    /// Refuses a name that never reported ([`StoreError::UnknownBalancer`]).
+    async fn set_balancer_targets(&self, names: &[String], target: Option<&str>) -> Result<i64>;
+    /// The platform build a balancer is told to run, with the generation that told it.
+    async fn balancer_target(&self, name: &str) -> Result<Option<(PlatformBuild, i64)>>;
 
     /// Stores an app version and its component. Refuses the same name@version with other content.
     async fn put_version(
@@ -1025,10 +1033,12 @@ impl Store for SqlStore {
     }
 
     async fn balancers(&self, alive_since_ms: i64) -> Result<Vec<BalancerInfo>> {
-        let rows =
-            sqlx::query("SELECT report, applied_ms, heartbeat_ms FROM balancers ORDER BY name")
-                .fetch_all(&self.pool)
-                .await?;
+        let rows = sqlx::query(
+            "SELECT report, applied_ms, heartbeat_ms, platform_target, platform_target_generation \
+             FROM balancers ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|row| {
                 let report: String = row.try_get("report")?;
@@ -1039,9 +1049,57 @@ impl Store for SqlStore {
                     applied_ms: row.try_get("applied_ms")?,
                     heartbeat_ms,
                     alive: heartbeat_ms >= alive_since_ms,
+                    platform_target: row.try_get("platform_target")?,
+                    platform_target_generation: row.try_get("platform_target_generation")?,
                 })
             })
             .collect()
+    }
+
+    async fn set_balancer_targets(&self, names: &[String], target: Option<&str>) -> Result<i64> {
+        let mut tx = self.pool.begin().await?;
+        for name in names {
+            let done =
+                sqlx::query(&self.sql("UPDATE balancers SET platform_target = $1 WHERE name = $2"))
+                    .bind(target)
+                    .bind(name)
+                    .execute(&mut *tx)
+                    .await?;
+            if done.rows_affected() == 0 {
+                return Err(StoreError::UnknownBalancer(name.clone()));
+            }
+        }
+        // Rows first, then the generation row, as in `set_servers`.
+        let generation = self.bump_generation(&mut tx).await?;
+        for name in names {
+            sqlx::query(
+                &self.sql("UPDATE balancers SET platform_target_generation = $1 WHERE name = $2"),
+            )
+            .bind(generation)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(generation)
+    }
+
+    async fn balancer_target(&self, name: &str) -> Result<Option<(PlatformBuild, i64)>> {
+        let row = sqlx::query(&self.sql(
+            "SELECT p.sha256 AS sha256, p.version AS version, p.size AS size, \
+             p.uploaded_ms AS uploaded_ms, b.platform_target_generation AS generation \
+             FROM balancers b JOIN platform_builds p ON p.sha256 = b.platform_target \
+             WHERE b.name = $1",
+        ))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref()
+            .map(|row| {
+                let generation: Option<i64> = row.try_get("generation")?;
+                Ok((platform_build_from_row(row)?, generation.unwrap_or(0)))
+            })
+            .transpose()
     }
 
     async fn put_version(

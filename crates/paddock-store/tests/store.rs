@@ -436,6 +436,9 @@ async fn routing_state(store: &dyn Store) {
         admin: None,
         generation: 7,
         upstreams: vec![],
+        build: None,
+        upgrade_error: None,
+        installing: None,
     };
     store.balancer_report(&report, 100).await.unwrap();
     store.balancer_report(&report, 200).await.unwrap();
@@ -1199,6 +1202,62 @@ async fn platform_builds(store: &SqlStore) {
     assert_eq!(s.platform_target_generation, Some(g1));
     store.set_servers(&[target(None)]).await.unwrap();
     assert_eq!(store.server("fe1").await.unwrap().platform_target, None);
+
+    // Balancers are told a build the same way, and learn it with the build's record.
+    let report = |name: &str| BalancerReport {
+        name: name.into(),
+        listen: "127.0.0.1:8080".into(),
+        admin: None,
+        generation: 1,
+        upstreams: vec![],
+        build: Some("b".repeat(64)),
+        upgrade_error: None,
+        installing: None,
+    };
+    for name in ["lb1", "lb2"] {
+        store.balancer_report(&report(name), 5).await.unwrap();
+    }
+    assert_eq!(store.balancer_target("lb1").await.unwrap(), None);
+    let before = store.generation().await.unwrap();
+    match store
+        .set_balancer_targets(&["lb1".into(), "lb3".into()], Some(&"a".repeat(64)))
+        .await
+    {
+        Err(StoreError::UnknownBalancer(name)) => assert_eq!(name, "lb3"),
+        other => panic!("a balancer that never reported is refused, got {other:?}"),
+    }
+    assert_eq!(
+        store.balancer_target("lb1").await.unwrap(),
+        None,
+        "a refused change changes nothing"
+    );
+    assert_eq!(store.generation().await.unwrap(), before);
+    let g = store
+        .set_balancer_targets(&["lb1".into(), "lb2".into()], Some(&"a".repeat(64)))
+        .await
+        .unwrap();
+    assert!(g > before);
+    assert_eq!(
+        store.balancer_target("lb2").await.unwrap(),
+        Some((build("a", 10), g))
+    );
+    // A report keeps the target; the listing shows it.
+    store.balancer_report(&report("lb1"), 6).await.unwrap();
+    let listed = store.balancers(0).await.unwrap();
+    assert_eq!(listed[0].report, report("lb1"));
+    assert_eq!(
+        (
+            listed[0].platform_target.as_deref(),
+            listed[0].platform_target_generation
+        ),
+        (Some("a".repeat(64).as_str()), Some(g))
+    );
+    store
+        .set_balancer_targets(&["lb1".into()], None)
+        .await
+        .unwrap();
+    assert_eq!(store.balancer_target("lb1").await.unwrap(), None);
+    assert!(store.balancer_target("lb2").await.unwrap().is_some());
 }
 
 async fn cache_purges(store: &SqlStore) {

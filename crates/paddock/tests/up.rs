@@ -202,14 +202,14 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
     let stdout = cli(&["upgrade".as_ref(), new.as_os_str()]);
     assert!(stdout.contains("succeeded"), "{stdout}");
     assert_eq!(std::fs::read(&exe).unwrap(), std::fs::read(&new).unwrap());
-    // fe-1, fe-2 and the controller restart once each. Their logs reach this test through
+    // fe-1, fe-2, the balancer and the controller restart once each. Their logs reach this test through
     // `paddock up`'s pipes, which may still hold the last lines when the CLI returns.
     let restarts = || output.lock().unwrap().matches("restarting on it").count();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while restarts() < 3 && Instant::now() < deadline {
+    while restarts() < 4 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(restarts(), 3, "{}", output.lock().unwrap());
+    assert_eq!(restarts(), 4, "{}", output.lock().unwrap());
     // A new connection: the balancer closed the idle one meanwhile.
     let reply = Conn::open(addr)
         .await

@@ -1,6 +1,6 @@
-//! Balanced platform upgrade end to end: a controller, three front-ends each running from its
-//! own `paddock` executable, a balancer, keep-alive clients through it for the whole
-//! operation, driven through the CLI (`paddock upgrade PATH`).
+//! Balanced platform upgrade end to end: a controller, three front-ends and two balancers each
+//! running from its own `paddock` executable, keep-alive clients through a balancer for the
+//! whole operation, driven through the CLI (`paddock upgrade PATH`).
 //!
 //! The "new build" is the executable under test with bytes appended: it runs the same, and its
 //! sha256 (the build's identity) differs, so each front-end must download it, install it over
@@ -47,10 +47,17 @@ async fn upgrade_under_load(db: Db, test: &str) {
                 .await,
         );
     }
-    let lb = Balancer::start(&controller, "lb1", &[]).await;
-    lb.wait_up(&names, true).await;
+    let balancers = [
+        Balancer::start_own_executable(&controller, "lb1").await,
+        Balancer::start_own_executable(&controller, "lb2").await,
+    ];
+    for lb in &balancers {
+        lb.wait_up(&names, true).await;
+    }
+    let lb = &balancers[0];
     controller.ok(&["app", "publish", &fixture("hello-v1").display().to_string()]);
     let pids: Vec<u32> = frontends.iter().map(Frontend::pid).collect();
+    let lb_pids: Vec<u32> = balancers.iter().map(|b| b.pid().unwrap()).collect();
     let addresses: Vec<serde_json::Value> = servers(&controller)
         .iter()
         .map(|s| s["address"].clone())
@@ -94,6 +101,8 @@ async fn upgrade_under_load(db: Db, test: &str) {
         "smoke",
         "cutover",
         "upgrade-loaded",
+        "upgrade-balancers",
+        "upgrade-controller",
     ] {
         assert!(plan.contains(step), "{plan}");
     }
@@ -106,7 +115,9 @@ async fn upgrade_under_load(db: Db, test: &str) {
         frontends[0].pid()
     ));
     std::fs::create_dir(&blocker).unwrap();
-    let load = Load::start(lb.addr, "/hello", 4, Duration::from_millis(5));
+    // As browsers do, a GET whose idle keep-alive connection the balancer closed as it
+    // restarted is sent again on a new connection.
+    let load = Load::start_as_browser(lb.addr, "/hello", 4, Duration::from_millis(5));
     let out = controller.cli_async(&["upgrade", &sha]).await;
     assert!(!out.success, "{}", out.stdout);
     assert!(out.stderr.contains("failed"), "{}", out.stderr);
@@ -155,21 +166,53 @@ async fn upgrade_under_load(db: Db, test: &str) {
     // fe2, if it is on the build, is left alone by the next plan: back in rotation first.
     controller.ok(&["server", "fe2", "lb", "ready"]);
 
-    // Now every front-end installs the build and restarts on it, one group at a time.
+    // Now every front-end installs the build and restarts on it, one group at a time, then
+    // each balancer in turn. lb2 cannot write beside its executable: past the point of no
+    // return, the operation pauses there, with lb1 on the build and the controller not yet.
+    let blocker = balancers[1].own_exe().with_file_name(format!(
+        ".paddock-upgrade-{}-{}",
+        &sha[..12],
+        lb_pids[1]
+    ));
+    std::fs::create_dir(&blocker).unwrap();
     let out = controller
         .cli_async(&["upgrade", &new.display().to_string()])
         .await;
-    assert!(out.success, "{}{}", out.stdout, out.stderr);
-    assert!(out.stdout.contains("succeeded"), "{}", out.stdout);
+    assert!(!out.success, "{}", out.stdout);
     assert!(
         out.stdout.contains("kept by the controller"),
         "{}",
         out.stdout
     );
+    assert!(
+        out.stderr.contains("paused")
+            && out.stderr.contains("balancer lb2 cannot install build")
+            && out.stderr.contains("cannot write"),
+        "{}",
+        out.stderr
+    );
+    assert!(is_new_build(Path::new(&format!(
+        "/proc/{}/exe",
+        lb_pids[0]
+    ))));
+    assert!(!is_new_build(&balancers[1].own_exe()));
+    assert!(!is_new_build(&controller.own_exe()));
+    std::fs::remove_dir(&blocker).unwrap();
+    let op: serde_json::Value =
+        serde_json::from_str(&controller.ok(&["op", "list", "--json"])).unwrap();
+    let id = op[0]["id"].to_string();
+    assert_eq!(op[0]["state"], "paused", "{:#}", op[0]);
+    controller.ok(&["op", "resume", &id]);
+    let out = controller.cli_async(&["op", "watch", &id]).await;
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("succeeded"), "{}", out.stdout);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let samples = load.stop().await;
     assert!(samples.len() > 100, "too little load: {}", samples.len());
     assert!(failures(&samples).is_empty(), "{:?}", failures(&samples));
+    // At most the one connection of each client that lb1 closed as it restarted.
+    let retried = samples.iter().filter(|s| s.retried).count();
+    assert!(retried <= 4, "{retried} requests sent again");
 
     // Each kept its listening socket (the system chose the ports): connections that arrived
     // while it restarted waited for the new process.
@@ -223,6 +266,37 @@ async fn upgrade_under_load(db: Db, test: &str) {
     let newest = &op.as_array().unwrap()[0];
     assert_eq!(newest["kind"], "platform-upgrade");
     assert_eq!(newest["state"], "succeeded");
+
+    // Each balancer restarted in place on the new build: same process, its own executable
+    // replaced (the old one kept), one after the other.
+    for (lb, pid) in balancers.iter().zip(&lb_pids) {
+        assert_eq!(lb.pid(), Some(*pid));
+        assert!(is_new_build(&lb.own_exe()), "{}", lb.name);
+        assert!(kept(&lb.own_exe()), "{} kept no way back", lb.name);
+        assert!(is_new_build(Path::new(&format!("/proc/{pid}/exe"))));
+    }
+    let routing: serde_json::Value =
+        serde_json::from_str(&controller.ok(&["routing", "--json"])).unwrap();
+    for b in routing["balancers"].as_array().unwrap() {
+        assert_eq!(b["report"]["build"], sha.as_str(), "{b:#}");
+        assert_eq!(b["platform_target"], sha.as_str(), "{b:#}");
+    }
+    let step = newest["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "upgrade-balancers")
+        .unwrap();
+    assert_eq!(step["state"], "done", "{newest:#}");
+    let facts: Vec<&str> = step["facts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    assert!(facts[0].starts_with("lb1 runs build"), "{facts:?}");
+    assert!(facts[1].starts_with("lb2 told to run build"), "{facts:?}");
+    assert!(facts[2].starts_with("lb2 runs build"), "{facts:?}");
 
     // The controller went last: same process, same address, the new build, and it finished
     // the operation it was driving when it restarted.
@@ -281,7 +355,7 @@ async fn a_lone_front_end_restarts_in_place_without_failing_a_request() {
         .own_executable()
         .start()
         .await;
-    let lb = Balancer::start(&controller, "lb1", &[]).await;
+    let lb = Balancer::start_own_executable(&controller, "lb1").await;
     lb.wait_up(&["solo"], true).await;
     controller.ok(&["app", "publish", &fixture("hello-v1").display().to_string()]);
 
@@ -311,20 +385,23 @@ async fn a_lone_front_end_restarts_in_place_without_failing_a_request() {
     assert!(failures(&samples).is_empty(), "{:?}", failures(&samples));
     assert!(is_new_build(&frontend.own_exe()));
     assert!(!is_new_build(&controller.own_exe()));
+    assert!(!is_new_build(&lb.own_exe()));
     let s = &servers(&controller)[0];
     assert_eq!(s["observed"]["build"], s["platform_target"], "{s:#}");
     assert_eq!(s["lb"], "ready", "{s:#}");
 
-    // Then the controller's turn alone.
+    // Then the balancers' and the controller's turn alone.
     let sha = s["platform_target"].as_str().unwrap().to_string();
     let out = controller.cli_async(&["upgrade", &sha]).await;
     assert!(out.success, "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("upgrade-balancers"), "{}", out.stdout);
     assert!(out.stdout.contains("upgrade-controller"), "{}", out.stdout);
     assert!(!out.stdout.contains("upgrade-in-place"), "{}", out.stdout);
     assert!(is_new_build(&controller.own_exe()));
+    assert!(is_new_build(&lb.own_exe()));
     let e = controller.fails(&["upgrade", &sha]);
     assert!(
-        e.contains("every front-end and the controller already"),
+        e.contains("every front-end, balancer and the controller already"),
         "{e}"
     );
 }

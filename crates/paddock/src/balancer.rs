@@ -1,0 +1,279 @@
+//! `paddock balancer`: the wiring around `paddock_balancer::run`: its sockets (inherited
+//! across a restart in place), its signals, and the platform builds the controller names, which
+//! it installs with the front-ends' [`Upgrader`] and restarts on in place.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use paddock_api::{BalancerReport, PlatformBuild};
+use paddock_frontend::upgrade::{BuildStatus, Installed, Upgrader};
+use tokio::sync::Notify;
+
+use crate::{BalancerArgs, PinThreads, handoff, host_name};
+
+pub fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
+    let name = match args.name {
+        Some(name) => name,
+        None => format!("lb-{}", host_name()),
+    };
+    if !paddock_core::manifest::is_valid_name(&name) {
+        anyhow::bail!(
+            "balancer name {name:?} is not valid: give --name with 1 to 63 of a-z, 0-9 and '-'"
+        );
+    }
+    let source = match (args.controller, args.table) {
+        (Some(url), None) => paddock_balancer::Source::Controller(
+            paddock_balancer::feed::ControllerLink {
+                controller: std::sync::Arc::new(
+                    paddock_api::Controllers::parse(&url)
+                        .map_err(|e| anyhow::anyhow!("--controller: {e}"))?,
+                ),
+                join_token: args.join_token.context(
+                    "--controller needs --join-token (or PADDOCK_JOIN_TOKEN): the controller's <data>/join.token",
+                )?,
+                // Set below, once the runtime its tasks run on exists.
+                platform: None,
+            },
+        ),
+        (None, Some(path)) => paddock_balancer::Source::File(path),
+        _ => anyhow::bail!(
+            "nothing to route by: give --controller URL (a farm) or --table FILE (a fixed routing table)"
+        ),
+    };
+    let threads = match args.threads {
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    if args.rise == 0 || args.fall == 0 {
+        anyhow::bail!("--rise and --fall count checks: give 1 or more");
+    }
+    if args.max_header_bytes < 1024 {
+        anyhow::bail!(
+            "--max-header-bytes {} is too small: give 1024 or more",
+            args.max_header_bytes
+        );
+    }
+    let mut config = paddock_balancer::BalancerConfig {
+        data_dir: args
+            .data
+            .unwrap_or_else(|| PathBuf::from(".paddock").join(&name)),
+        name,
+        listen: args.listen,
+        admin: Some(args.admin),
+        source,
+        health: paddock_balancer::upstream::HealthConfig {
+            interval: args.check_interval,
+            timeout: args.check_timeout,
+            rise: args.rise,
+            fall: args.fall,
+        },
+        pool: paddock_balancer::upstream::PoolConfig {
+            connect_timeout: args.connect_timeout,
+            idle_timeout: args.idle_timeout,
+            max_idle: 256,
+            workers: threads,
+        },
+        proxy: paddock_balancer::proxy::ProxyConfig {
+            response_timeout: args.response_timeout,
+        },
+        header_timeout: args.header_timeout,
+        send_timeout: args.send_timeout,
+        max_header_bytes: args.max_header_bytes,
+        max_headers: args.max_headers,
+        threads,
+        pin_threads: match args.pin_threads {
+            PinThreads::Auto => paddock_balancer::Pinning::Auto,
+            PinThreads::On => paddock_balancer::Pinning::On,
+            PinThreads::Off => paddock_balancer::Pinning::Off,
+        },
+    };
+    // Its file now, before anything may be installed over it: what a restart starts.
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let mut sockets = paddock_balancer::Sockets {
+        listen: handoff::inherited(args.listen),
+        admin: handoff::inherited(args.admin),
+    };
+    handoff::close_unclaimed();
+    // A single-threaded runtime: the balancer runs one event loop per thread itself. The name
+    // is for its blocking-pool threads, apart from the loops' `paddock-balancer-N`.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("balancer-block")
+        .build()
+        .context("starting the async runtime")?;
+    let (stop, mut stops) = tokio::sync::mpsc::channel(4);
+    {
+        let _entered = runtime.enter();
+        balancer_signals(exe.clone(), stop.clone())?;
+    }
+    // The build a platform upgrade installed over `exe`: the next process is started on it.
+    let installed: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    if let paddock_balancer::Source::Controller(link) = &mut config.source {
+        let _entered = runtime.enter();
+        match Builds::new(link, stop, installed.clone()) {
+            Ok(builds) => link.platform = Some(Arc::new(builds)),
+            // Without its own executable's path a balancer cannot be upgraded, but it routes.
+            Err(e) => tracing::warn!("platform upgrades off for this balancer: {e:#}"),
+        }
+    }
+    loop {
+        let restart =
+            runtime.block_on(paddock_balancer::run(config.clone(), sockets, &mut stops))?;
+        let Some(kept) = restart else {
+            runtime.shutdown_timeout(Duration::from_secs(1));
+            return Ok(());
+        };
+        let listeners: Vec<&std::net::TcpListener> =
+            kept.listen.iter().chain(kept.admin.iter()).collect();
+        // The same process (PID, arguments, listening sockets) on what is at its path now.
+        // SIGUSR2 stays blocked across `exec`, until the new program listens for it.
+        restart_signal(libc::SIG_BLOCK);
+        let build = installed.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let failed = handoff::exec(&exe, build.as_deref(), &listeners);
+        restart_signal(libc::SIG_UNBLOCK);
+        tracing::error!("{failed:#}; serving on as before, on the same sockets");
+        sockets = kept;
+    }
+}
+
+/// Installs the balancer's signal handlers (before anything else, so that no signal finds the
+/// default action, which ends the process): SIGTERM and Ctrl-C stop it; SIGUSR2 restarts it
+/// in the same process on the executable file `exe` it was started from (after a new one was
+/// installed there), keeping the listening sockets, if that file is a program.
+fn balancer_signals(
+    exe: PathBuf,
+    tx: tokio::sync::mpsc::Sender<paddock_balancer::Stop>,
+) -> anyhow::Result<()> {
+    use paddock_balancer::Stop;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    let mut restart = signal(SignalKind::user_defined2()).context("listening for SIGUSR2")?;
+    // A restart blocked it so that one sent meanwhile waits for this moment.
+    restart_signal(libc::SIG_UNBLOCK);
+    tokio::spawn(async move {
+        loop {
+            let stop = tokio::select! {
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM received");
+                    Stop::Exit
+                }
+                _ = interrupt.recv() => {
+                    tracing::info!("interrupt received");
+                    Stop::Exit
+                }
+                _ = restart.recv() => match runnable(&exe) {
+                    Ok(()) => {
+                        tracing::info!(exe = %exe.display(), "SIGUSR2 received: restarting on the executable installed at this path");
+                        Stop::Restart
+                    }
+                    Err(e) => {
+                        tracing::error!("SIGUSR2 received, not restarting: {e:#}; install the new `paddock` executable at that path (by rename) and send SIGUSR2 again");
+                        continue;
+                    }
+                }
+            };
+            if tx.send(stop).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The platform builds of a balancer that follows a controller: its reports say which build it
+/// runs, and a build the controller names is installed over the executable by an [`Upgrader`],
+/// after which the balancer restarts in place on it, as for SIGUSR2.
+struct Builds {
+    upgrader: Arc<Upgrader>,
+    status: Arc<BuildStatus>,
+    changed: Arc<Notify>,
+}
+
+impl Builds {
+    /// Must be called within the runtime: it starts the task that turns an installed build into
+    /// a restart (`stop`), recording the build in `installed` for the new process.
+    fn new(
+        link: &paddock_balancer::feed::ControllerLink,
+        stop: tokio::sync::mpsc::Sender<paddock_balancer::Stop>,
+        installed: Arc<std::sync::Mutex<Option<String>>>,
+    ) -> anyhow::Result<Builds> {
+        let status = Arc::new(BuildStatus::default());
+        let changed = Arc::new(Notify::new());
+        let (restart, mut restarts) = tokio::sync::mpsc::channel::<Installed>(1);
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .context("starting the HTTP client")?;
+        let upgrader = Upgrader::new(
+            link.controller.clone(),
+            link.join_token.clone(),
+            http,
+            status.clone(),
+            restart,
+            changed.clone(),
+        )?;
+        tokio::spawn(async move {
+            while let Some(build) = restarts.recv().await {
+                *installed.lock().unwrap_or_else(|e| e.into_inner()) = Some(build.build);
+                if stop.send(paddock_balancer::Stop::Restart).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Builds {
+            upgrader: Arc::new(upgrader),
+            status,
+            changed,
+        })
+    }
+}
+
+impl paddock_balancer::feed::Platform for Builds {
+    fn describe(&self, report: &mut BalancerReport) {
+        report.build = self.status.build();
+        report.installing = self.status.installing();
+        report.upgrade_error = self.status.upgrade_error();
+    }
+
+    fn named(&self, build: Option<&PlatformBuild>, generation: i64) {
+        self.upgrader.check(build, generation);
+    }
+
+    fn changed(&self) -> Arc<Notify> {
+        self.changed.clone()
+    }
+}
+
+/// Whether `exe` is a file this process could run: executable, and a program (ELF), not a
+/// file the system would hand to a shell.
+fn runnable(exe: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::Read as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::metadata(exe).with_context(|| format!("{}", exe.display()))?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        anyhow::bail!("{} is not an executable file", exe.display());
+    }
+    let mut magic = [0u8; 4];
+    std::fs::File::open(exe)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .with_context(|| format!("reading {}", exe.display()))?;
+    if &magic != b"\x7fELF" {
+        anyhow::bail!("{} is not a program (no ELF header)", exe.display());
+    }
+    Ok(())
+}
+
+/// Blocks or unblocks SIGUSR2 for this thread (`how`: `SIG_BLOCK`, `SIG_UNBLOCK`); the mask
+/// is kept across `exec`, and threads started later inherit it.
+fn restart_signal(how: libc::c_int) {
+    // SAFETY: a signal set built here and passed by pointer to calls that only read it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR2);
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+    }
+}
