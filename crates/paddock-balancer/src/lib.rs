@@ -358,6 +358,9 @@ pub async fn run(
     let (stop_loops, stopped) = tokio::sync::watch::channel(false);
     // Read before any thread is bound: threads inherit the binding of the one that starts them.
     let cpus = cpus_to_bind(config.pin_threads, balancer.shared.open.len());
+    // This thread's binding before loop 0 takes its CPU, put back at the end: a program it
+    // `exec`s keeps it, and would count one CPU where the process may use several.
+    let unbound = rustix::thread::sched_getaffinity(None).ok();
     // Where to hand a connection, by loop: none for this one, which serves it itself.
     let mut handoffs = vec![None];
     let mut workers = Vec::new();
@@ -399,9 +402,13 @@ pub async fn run(
         stopped,
     );
     tokio::pin!(main_loop);
+    let mut main_done = false;
     let mut why = tokio::select! {
         why = next_stop(stops) => why,
-        _ = &mut main_loop => Stop::Exit,
+        _ = &mut main_loop => {
+            main_done = true;
+            Stop::Exit
+        }
     };
     match why {
         Stop::Exit => {
@@ -417,9 +424,20 @@ pub async fn run(
     balancer.shared.closing.store(true, Ordering::Relaxed);
     let _ = stop_loops.send(true);
     let draining = std::time::Instant::now();
+    // Every loop's connections, this one's and the other threads': a stop asked for meanwhile
+    // is heard until the last one ends, wherever the requests in flight are.
+    let finished = async {
+        if !main_done {
+            main_loop.as_mut().await;
+        }
+        for worker in workers {
+            let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+        }
+    };
+    tokio::pin!(finished);
     loop {
         tokio::select! {
-            _ = &mut main_loop => break,
+            _ = &mut finished => break,
             asked = next_stop(stops), if why == Stop::Restart => {
                 if asked == Stop::Exit {
                     why = Stop::Exit;
@@ -429,15 +447,20 @@ pub async fn run(
             }
         }
     }
-    for worker in workers {
-        let _ = tokio::task::spawn_blocking(move || worker.join()).await;
-    }
     tracing::info!(
         ms = draining.elapsed().as_millis() as u64,
         "client connections closed"
     );
     for task in background {
         task.abort();
+    }
+    if let Some(unbound) = unbound
+        && !cpus.is_empty()
+        && let Err(e) = rustix::thread::sched_setaffinity(None, &unbound)
+    {
+        tracing::warn!(
+            "cannot unbind the main thread from its CPU: {e}; a restarted balancer may count fewer CPUs"
+        );
     }
     Ok((why == Stop::Restart).then_some(kept))
 }

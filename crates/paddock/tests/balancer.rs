@@ -428,6 +428,9 @@ async fn a_balancer_restarts_on_a_new_executable_without_failing_a_request() {
     let mut lb = Balancer::start_own_executable(&controller, "lb1").await;
     lb.wait_up(&["fe1", "fe2"], true).await;
     let pid = lb.pid().unwrap();
+    let loops = lb.loop_cpus();
+    let bound = |log: &str| log.matches("event loop bound to its CPU").count();
+    assert_eq!(bound(&lb.log()), loops.len(), "{}", lb.log());
     // A file at its path that is no program: the balancer says so and does not restart.
     let exe = lb.own_exe();
     let saved = exe.with_file_name("paddock.saved");
@@ -480,6 +483,12 @@ async fn a_balancer_restarts_on_a_new_executable_without_failing_a_request() {
     lb.wait_for_log_after(offset, "balancing on http://", Duration::from_secs(30))
         .await;
     let restarted = Instant::now();
+    // As many event loops, on the same CPUs: the new program does not inherit loop 0's binding.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bound(&lb.log()[offset..]) < loops.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(lb.loop_cpus(), loops, "{}", &lb.log()[offset..]);
     // The same process, now running the new file, on the same ports.
     assert_eq!(lb.pid(), Some(pid));
     assert!(harness::is_new_build(Path::new(&format!(
