@@ -204,6 +204,7 @@ function problems(status, routing, operations) {
   if (routing.balancers.length === 0) found.push(["", "no balancer has reported to this controller"]);
   for (const b of routing.balancers) {
     if (!b.alive) found.push([b.report.name, `balancer ${b.report.name} has not reported since ${clock(b.heartbeat_ms)}`]);
+    if (b.report.upgrade_error) found.push([b.report.name, `balancer ${b.report.name} cannot install build ${short(b.report.upgrade_error.build)}: ${b.report.upgrade_error.error}`]);
   }
   if (routing.pending.length > 0) found.push(["", `balancers not yet routing by generation ${routing.generation}: ${routing.pending.join(", ")}`]);
   for (const op of operations) {
@@ -479,6 +480,9 @@ async function routingPage() {
     h("td", { class: "mono" }, b.report.listen, h("div", { class: "muted" }, `metrics ${b.report.admin || "—"}`)),
     h("td", {}, b.alive ? badge("alive", "ok") : badge("silent", "bad"), h("div", { class: "muted" }, `report ${ago(b.heartbeat_ms)}`)),
     h("td", { class: "num", "data-field": "generation" }, b.report.generation),
+    h("td", { "data-field": "build" }, b.report.build ? h("span", { class: "mono" }, short(b.report.build)) : h("span", { class: "muted" }, "not known yet"),
+      b.report.installing ? h("div", { class: "info" }, `installing ${short(b.report.installing)}`) : null,
+      b.platform_target && b.platform_target !== b.report.build ? h("div", { class: "muted" }, `told to run ${short(b.platform_target)}`) : null),
     h("td", {}, b.report.upstreams.map((u) => h("div", {}, u.up ? badge("up", "ok") : badge("down", "bad"), ` ${u.name}, ${u.in_flight} in flight`)))));
   const zones = routing.table.zones.map((z) => [
     h("h2", {}, `Zone ${z.zone}: ${z.policy}`),
@@ -491,7 +495,7 @@ async function routingPage() {
       ? badge("applied by every live balancer", "ok")
       : badge(`not yet applied by ${routing.pending.join(", ") || "any balancer"}`, "warn")),
     h("h2", {}, "Balancers"),
-    table(["balancer", "listens", "state", "generation", "front-ends"], balancers, "No balancer has reported: start one with `paddock balancer --controller URL`."),
+    table(["balancer", "listens", "state", "generation", "build", "front-ends"], balancers, "No balancer has reported: start one with `paddock balancer --controller URL`."),
     zones,
     h("h2", {}, "Routes"),
     table(["path prefix", "application", "zone"], routing.table.routes.map((r) => h("tr", {},

@@ -1097,11 +1097,7 @@ impl Run<'_> {
                     .map(|b| b.report.name.clone())
                     .collect();
                 if !silent.is_empty() {
-                    let g = self
-                        .c
-                        .store
-                        .set_balancer_targets(&silent, Some(&build.sha256))
-                        .await?;
+                    let g = self.tell_balancers(&silent, build).await?;
                     facts.push(format!(
                         "{} not reporting: told to run build {} (generation {g}), installed when back",
                         join(&silent),
@@ -1243,6 +1239,22 @@ impl Run<'_> {
         ))
     }
 
+    /// Tells `balancers` to run `build`, in one generation, and announces it (the balancers'
+    /// long-polls answer with it); returns it.
+    async fn tell_balancers(
+        &self,
+        balancers: &[String],
+        build: &PlatformBuild,
+    ) -> Result<i64, StepError> {
+        let g = self
+            .c
+            .store
+            .set_balancer_targets(balancers, Some(&build.sha256))
+            .await?;
+        self.c.announce(g);
+        Ok(g)
+    }
+
     /// Tells balancer `name` to run `build` (unless it does, or a run of this step before a
     /// controller restart told it already) and waits until it reports running it, routing by
     /// the table of that generation or newer. A report that it cannot install the build fails
@@ -1275,12 +1287,7 @@ impl Run<'_> {
         };
         let g = match info.platform_target_generation {
             Some(g) if info.platform_target.as_deref() == Some(&build.sha256) && !failed_at(g) => g,
-            _ => {
-                self.c
-                    .store
-                    .set_balancer_targets(&[name.to_string()], Some(&build.sha256))
-                    .await?
-            }
+            _ => self.tell_balancers(&[name.to_string()], build).await?,
         };
         let told = format!(
             "{name} told to run build {} (generation {g})",

@@ -175,8 +175,10 @@ async fn upgrade_under_load(db: Db, test: &str) {
         lb_pids[1]
     ));
     std::fs::create_dir(&blocker).unwrap();
+    // Each wait within 20 s: a balancer told the build must hear the new generation at once
+    // (a long-poll not woken for it answers only after 25 s).
     let out = controller
-        .cli_async(&["upgrade", &new.display().to_string()])
+        .cli_async(&["upgrade", &new.display().to_string(), "--timeout", "20s"])
         .await;
     assert!(!out.success, "{}", out.stdout);
     assert!(
@@ -280,6 +282,12 @@ async fn upgrade_under_load(db: Db, test: &str) {
     for b in routing["balancers"].as_array().unwrap() {
         assert_eq!(b["report"]["build"], sha.as_str(), "{b:#}");
         assert_eq!(b["platform_target"], sha.as_str(), "{b:#}");
+    }
+    let human = controller.ok(&["routing"]);
+    let lines: Vec<&str> = human.lines().filter(|l| l.starts_with("lb")).collect();
+    assert_eq!(lines.len(), 2, "{human}");
+    for line in lines {
+        assert!(line.ends_with(&sha[..12]), "{human}");
     }
     let step = newest["steps"]
         .as_array()

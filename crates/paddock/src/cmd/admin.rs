@@ -848,18 +848,33 @@ pub async fn routing(client: &Client) -> anyhow::Result<()> {
             }
         );
         println!(
-            "{:<16} {:<22} {:<6} {:<10} UPSTREAMS UP",
-            "BALANCER", "LISTEN", "ALIVE", "GENERATION"
+            "{:<16} {:<22} {:<6} {:<10} {:<12} BUILD",
+            "BALANCER", "LISTEN", "ALIVE", "GENERATION", "UPSTREAMS UP"
         );
         for b in &r.balancers {
             let up = b.report.upstreams.iter().filter(|u| u.up).count();
+            let short = |sha: &str| sha.get(..12).unwrap_or(sha).to_string();
+            // Its build when known, and the build it is told to run when that is another one.
+            let mut build = b.report.build.as_deref().map(short).unwrap_or("-".into());
+            if let Some(target) = b.platform_target.as_deref()
+                && b.report.build.as_deref() != Some(target)
+            {
+                build.push_str(&format!(" → {}", short(target)));
+            }
+            if let Some(failure) = &b.report.upgrade_error {
+                build.push_str(&format!(
+                    " (cannot install {}: {})",
+                    short(&failure.build),
+                    failure.error
+                ));
+            }
             println!(
-                "{:<16} {:<22} {:<6} {:<10} {up}/{}",
+                "{:<16} {:<22} {:<6} {:<10} {:<12} {build}",
                 b.report.name,
                 b.report.listen,
                 if b.alive { "yes" } else { "no" },
                 b.report.generation,
-                b.report.upstreams.len()
+                format!("{up}/{}", b.report.upstreams.len())
             );
         }
         let policies: std::collections::BTreeMap<&str, &str> = r
