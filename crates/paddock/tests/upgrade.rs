@@ -181,8 +181,9 @@ async fn upgrade_under_load(db: Db, test: &str) {
         .cli_async(&["upgrade", &new.display().to_string(), "--timeout", "20s"])
         .await;
     assert!(!out.success, "{}", out.stdout);
+    // Uploaded before: not sent again.
     assert!(
-        out.stdout.contains("kept by the controller"),
+        out.stdout.contains("already kept by the controller"),
         "{}",
         out.stdout
     );

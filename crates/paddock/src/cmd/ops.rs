@@ -229,12 +229,21 @@ async fn upload_build(client: &Client, path: &Path) -> anyhow::Result<PlatformBu
         );
     }
     // Asked first: a controller that takes no builds answers before a byte is sent, instead of
-    // closing the connection under an upload it refused (which reads as "cannot reach").
-    let _: Vec<PlatformBuild> = client.get("/v1/platform/builds").await?;
-    let build: PlatformBuild = client.post_file("/v1/platform/builds", path).await?;
+    // closing the connection under an upload it refused (which reads as "cannot reach"); and
+    // a build it keeps already is not sent again.
+    let kept: Vec<PlatformBuild> = client.get("/v1/platform/builds").await?;
+    let file = path.to_path_buf();
+    let sha256 = tokio::task::spawn_blocking(move || paddock_runtime::sha256_file(&file))
+        .await
+        .context("hashing the build")?
+        .with_context(|| format!("reading {}", path.display()))?;
+    let (build, already) = match kept.into_iter().find(|b| b.sha256 == sha256) {
+        Some(build) => (build, "already "),
+        None => (client.post_file("/v1/platform/builds", path).await?, ""),
+    };
     if !client.json {
         println!(
-            "build {} (paddock {}, {:.1} MB) kept by the controller",
+            "build {} (paddock {}, {:.1} MB) {already}kept by the controller",
             &build.sha256[..12.min(build.sha256.len())],
             build.version,
             build.size as f64 / 1e6
