@@ -340,17 +340,46 @@ pub struct BalancerReport {
     pub installing: Option<String>,
 }
 
-/// The controller's answer to a balancer's report: what it should do besides routing.
+/// The controller's answer to a balancer's or a standby controller's report: the platform
+/// build it should run.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BalancerOrders {
-    /// The platform build this balancer should run: when it runs another one, it downloads this
-    /// one, installs it over its executable and restarts on it in the same process, keeping its
-    /// listening sockets.
+pub struct PlatformOrders {
+    /// The platform build it should run: when it runs another one, it downloads this one,
+    /// installs it over its executable and restarts on it in the same process (a balancer
+    /// keeping its listening sockets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<PlatformBuild>,
-    /// The generation that named `platform` for this balancer, as for a front-end.
+    /// The generation that named `platform`, as for a front-end: a failed installation is
+    /// retried at once for a new one, and reported with it.
     #[serde(default)]
     pub platform_generation: i64,
+}
+
+/// A standby controller's report to the controller holding the role
+/// (`POST /control/v1/standbys/{name}`), every second while it stands by.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StandbyReport {
+    pub name: String,
+    /// The host it runs on, and its process id: which one it is, for a person.
+    pub host: String,
+    pub pid: u32,
+    /// The release it runs (`paddock --version`).
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade_error: Option<UpgradeFailure>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub installing: Option<String>,
+}
+
+/// A standby controller as the controller holding the role knows it (`GET /v1/standbys`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StandbyInfo {
+    pub report: StandbyReport,
+    pub heartbeat_ms: i64,
+    /// Whether it reported within 3 s.
+    pub alive: bool,
 }
 
 /// One front-end as a balancer sees it.
@@ -639,6 +668,10 @@ pub enum Step {
     /// restarts on it in place (same process, same sockets); wait until it runs it and routes
     /// by the current table. Balancers not reporting install it when they are back.
     UpgradeBalancers,
+    /// Platform upgrade, after the balancers: each standby controller installs the build and
+    /// restarts on it, still standing by; wait until each reports it runs it. The standbys are
+    /// on the build before the controller's new release migrates the database.
+    UpgradeStandbys,
     /// Platform upgrade, last step of the last zone: the controller installs the build over
     /// its executable and restarts on it; the new process resumes the operation here.
     UpgradeController,
@@ -666,6 +699,7 @@ impl Step {
             Step::UpgradeInPlace => "upgrade-in-place",
             Step::RestorePlatform => "restore-platform",
             Step::UpgradeBalancers => "upgrade-balancers",
+            Step::UpgradeStandbys => "upgrade-standbys",
             Step::UpgradeController => "upgrade-controller",
         }
     }
@@ -735,6 +769,7 @@ impl Step {
                 Step::UpgradeInPlace,
                 Step::RestorePlatform,
                 Step::UpgradeBalancers,
+                Step::UpgradeStandbys,
                 Step::UpgradeController,
             ])
     }
@@ -768,6 +803,9 @@ impl Step {
             Step::RestorePlatform => "servers without the new build stop installing it",
             Step::UpgradeBalancers => {
                 "each balancer in turn installs the new build and restarts in place"
+            }
+            Step::UpgradeStandbys => {
+                "each standby controller installs the new build and restarts, standing by"
             }
             Step::UpgradeController => {
                 "the controller installs the new build and restarts; it resumes the operation"

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use paddock_api::{
-    ApiError, BalancerOrders, BalancerReport, Controllers, PlatformBuild, RoutingTable,
+    ApiError, BalancerReport, Controllers, PlatformBuild, PlatformOrders, RoutingTable,
 };
 use tokio::sync::Notify;
 
@@ -39,7 +39,7 @@ impl std::fmt::Debug for ControllerLink {
 }
 
 /// The platform builds a balancer runs: this crate only carries their state to the controller
-/// in each report and the build the controller names back ([`BalancerOrders`]); installing one
+/// in each report and the build the controller names back ([`PlatformOrders`]); installing one
 /// and restarting on it is the program's business.
 pub trait Platform: Send + Sync {
     /// Fills the report's `build`, `installing` and `upgrade_error`.
@@ -199,8 +199,8 @@ pub async fn report(
                     // A controller of an older release answers no orders at all. An answer
                     // not read whole changes nothing (an installation under way goes on).
                     let orders = match r.bytes().await {
-                        Ok(body) if body.is_empty() => Some(BalancerOrders::default()),
-                        Ok(body) => serde_json::from_slice::<BalancerOrders>(&body)
+                        Ok(body) if body.is_empty() => Some(PlatformOrders::default()),
+                        Ok(body) => serde_json::from_slice::<PlatformOrders>(&body)
                             .inspect_err(|e| {
                                 tracing::warn!(
                                     "the controller's answer to a report is not understood: {e}"

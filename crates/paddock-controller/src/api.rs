@@ -13,8 +13,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use paddock_api::{
-    ApiError, AppVersionRef, BalancedDeployRequest, BalancerOrders, BalancerReport, DeployPlan,
-    DesiredApp, DesiredState, HealthReport, LbState, OpState, Operation, Policy, Registration,
+    ApiError, AppVersionRef, BalancedDeployRequest, BalancerReport, DeployPlan, DesiredApp,
+    DesiredState, HealthReport, LbState, OpState, Operation, PlatformOrders, Policy, Registration,
     Role, RoutingTable, ServerFlag, ServerInfo, TimerClaim, TimerFinish, TimerInfo, TimerLease,
     TimerRun, VersionInfo,
 };
@@ -63,6 +63,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/servers/{name}/role", post(set_role))
         .route("/v1/zones/{zone}/policy", post(set_policy))
         .route("/v1/routing", get(routing_status))
+        .route("/v1/standbys", get(crate::standby::list))
         .route("/v1/timers", get(list_timers))
         .route("/v1/timers/{app}/{timer}/runs", get(timer_runs))
         .route("/v1/timers/{app}/{timer}/run", post(run_timer))
@@ -102,6 +103,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
         )
         .route("/control/v1/routing", get(routing_table))
         .route("/control/v1/balancers/{name}", post(balancer_report))
+        .route("/control/v1/standbys/{name}", post(crate::standby::report))
         .route("/control/v1/timers/{name}/claim", post(claim_timers))
         .route("/control/v1/timers/{name}/renew", post(renew_timers))
         .route("/control/v1/timers/{name}/finish", post(finish_timer))
@@ -1255,7 +1257,7 @@ async fn balancer_report(
     State(c): State<Arc<Controller>>,
     Path(name): Path<String>,
     Json(report): Json<BalancerReport>,
-) -> Answer<BalancerOrders> {
+) -> Answer<PlatformOrders> {
     if report.name != name || !is_valid_name(&name) {
         return Err(Failure::bad_request(
             "bad_report",
@@ -1268,11 +1270,11 @@ async fn balancer_report(
     c.store.balancer_report(&report, now_ms()).await?;
     c.facts_changed();
     let orders = match c.store.balancer_target(&name).await? {
-        Some((build, generation)) => BalancerOrders {
+        Some((build, generation)) => PlatformOrders {
             platform: Some(build),
             platform_generation: generation,
         },
-        None => BalancerOrders::default(),
+        None => PlatformOrders::default(),
     };
     Ok(Json(orders))
 }

@@ -25,6 +25,7 @@ pub mod failover;
 pub mod ops;
 pub mod platform;
 pub mod routing;
+pub mod standby;
 pub mod timers;
 pub mod tokens;
 
@@ -59,6 +60,9 @@ pub struct ControllerConfig {
     pub listener: Arc<std::sync::Mutex<Option<std::net::TcpListener>>>,
     /// Take platform builds (native executables run on every server) and upgrade to them.
     pub platform_upgrades: bool,
+    /// A standby's link to the controller holding the role: it reports there while it stands by
+    /// and installs the builds it names.
+    pub follow: Option<standby::Follow>,
 }
 
 type Incarnation = Arc<tokio::sync::Mutex<Option<String>>>;
@@ -69,11 +73,12 @@ pub enum Exit {
     /// Stopped by a signal.
     Stopped,
     /// A platform upgrade installed a build over `exe`: start it in this process's place,
-    /// handing over `listener`; it resumes the operation where its journal stands.
+    /// handing over `listener`; it resumes the operation where its journal stands. A standby
+    /// has no listener: it stands by again.
     Restart {
         exe: PathBuf,
         build: String,
-        listener: std::net::TcpListener,
+        listener: Option<std::net::TcpListener>,
     },
 }
 
@@ -118,6 +123,11 @@ pub struct Controller {
     /// Set once a platform build was installed over the executable: the process is about to
     /// be replaced, and no operation is driven meanwhile.
     pub(crate) restarting: watch::Sender<Option<platform::Installed>>,
+    /// The standbys' last reports, with when each arrived.
+    pub(crate) standbys:
+        std::sync::Mutex<std::collections::BTreeMap<String, (paddock_api::StandbyReport, i64)>>,
+    /// The build a platform upgrade tells the standbys to run, with its generation.
+    pub(crate) standby_target: std::sync::Mutex<Option<(paddock_api::PlatformBuild, i64)>>,
 }
 
 impl Controller {
@@ -200,8 +210,25 @@ pub async fn run(
                 .take(),
         );
     }
-    let (store, role) = SqlStore::open_as_controller(&config.db_url, &holder, config.standby)
-        .await
+    let open = SqlStore::open_as_controller(&config.db_url, &holder, config.standby);
+    let opened = match (&config.follow, config.standby) {
+        (Some(follow), true) => {
+            tokio::select! {
+                biased;
+                opened = open => opened,
+                installed = standby::follow(follow.clone()) => {
+                    tracing::info!(build = %ops::short(&installed.build), "platform build installed; restarting on it, standing by");
+                    return Ok(Exit::Restart {
+                        exe: installed.exe,
+                        build: installed.build,
+                        listener: None,
+                    });
+                }
+            }
+        }
+        _ => open.await,
+    };
+    let (store, role) = opened
         .with_context(|| format!("opening the platform database {}", redact(&config.db_url)))?;
     let store = Arc::new(store);
     let handed_over = config
@@ -257,6 +284,8 @@ pub async fn run(
         ),
         restarting: watch::channel(None).0,
         incarnations: std::sync::Mutex::new(std::collections::HashMap::new()),
+        standbys: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+        standby_target: std::sync::Mutex::new(None),
     });
     tracing::info!(
         database = controller.store.backend(),
@@ -303,7 +332,7 @@ pub async fn run(
             let listener = keep.lock().unwrap_or_else(|e| e.into_inner()).take();
             match (installed, listener) {
                 (Some(platform::Installed { exe, build }), Some(listener)) => {
-                    Ok(Exit::Restart { exe, build, listener })
+                    Ok(Exit::Restart { exe, build, listener: Some(listener) })
                 }
                 _ => anyhow::bail!("restarting on the installed platform build: the listening socket is gone"),
             }

@@ -211,7 +211,11 @@ pub async fn plan_upgrade(
             .balancers(now - crate::routing::BALANCER_ALIVE_WITHIN_MS)
             .await?
             .iter()
-            .any(|b| b.alive && b.report.build.as_deref() != Some(&build.sha256));
+            .any(|b| b.alive && b.report.build.as_deref() != Some(&build.sha256))
+        || request.zone.is_none()
+            && crate::standby::standbys(c)
+                .iter()
+                .any(|s| s.alive && s.report.build.as_deref() != Some(&build.sha256));
     if behind.is_empty() {
         let controller_behind = request.zone.is_none()
             && crate::platform::own_build(c)
@@ -221,7 +225,7 @@ pub async fn plan_upgrade(
             return Err(invalid(format!(
                 "every front-end{} already runs build {} (paddock {}); nothing to upgrade",
                 if request.zone.is_none() {
-                    ", balancer and the controller"
+                    ", balancer and controller"
                 } else {
                     ""
                 },
@@ -284,15 +288,20 @@ pub async fn plan_upgrade(
     })
 }
 
-/// The steps after the last zone of a whole-farm upgrade: the balancers, then the controller.
+/// The steps after the last zone of a whole-farm upgrade: the balancers, the standby
+/// controllers, then the controller.
 fn farm_steps() -> Vec<PlannedStep> {
-    [Step::UpgradeBalancers, Step::UpgradeController]
-        .into_iter()
-        .map(|step| PlannedStep {
-            step,
-            servers: Vec::new(),
-        })
-        .collect()
+    [
+        Step::UpgradeBalancers,
+        Step::UpgradeStandbys,
+        Step::UpgradeController,
+    ]
+    .into_iter()
+    .map(|step| PlannedStep {
+        step,
+        servers: Vec::new(),
+    })
+    .collect()
 }
 
 /// The first 12 hex digits of a sha256: enough to tell builds apart in a message.
@@ -488,6 +497,7 @@ pub fn past_point_of_no_return(step: Step) -> bool {
             | Step::RouteAll
             | Step::SchedulerOnLoaded
             | Step::UpgradeBalancers
+            | Step::UpgradeStandbys
             | Step::UpgradeController
     )
 }
@@ -1119,6 +1129,7 @@ impl Run<'_> {
                 }
                 Ok(facts)
             }
+            Step::UpgradeStandbys => self.upgrade_standbys().await,
             Step::UpgradeController => {
                 let build = self.build()?;
                 let own = crate::platform::own_build(self.c)
@@ -1237,6 +1248,97 @@ impl Run<'_> {
                 short(&build.sha256)
             ),
         ))
+    }
+
+    /// Tells every standby controller reporting now to run the plan's build and waits until
+    /// each reports running it (it restarts on it, standing by). A report that it cannot install
+    /// the build fails the step; one silent for [`RESTART_GRACE_MS`] does not hold it (it is
+    /// told again when it reports).
+    async fn upgrade_standbys(&self) -> Result<Vec<String>, StepError> {
+        let build = self.build()?;
+        let known: Vec<String> = crate::standby::standbys(self.c)
+            .into_iter()
+            .filter(|s| s.alive)
+            .map(|s| s.report.name)
+            .collect();
+        // A new generation each run: a standby whose installation failed tries again at once.
+        let g = now_ms();
+        *self
+            .c
+            .standby_target
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some((build.clone(), g));
+        if known.is_empty() {
+            return Ok(vec![
+                "no standby controller reports to this controller".to_string(),
+            ]);
+        }
+        let told = format!(
+            "standbys {} told to run build {} (generation {g})",
+            join(&known),
+            short(&build.sha256)
+        );
+        let since = now_ms();
+        let ran = self
+            .wait(false, || async {
+                let all = crate::standby::standbys(self.c);
+                let now = now_ms();
+                let (mut facts, mut missing) = (Vec::new(), Vec::new());
+                for name in &known {
+                    let Some(s) = all.iter().find(|s| s.report.name == *name) else {
+                        missing.push(format!("{name} has not reported"));
+                        continue;
+                    };
+                    let r = &s.report;
+                    if let Some(failure) = r
+                        .upgrade_error
+                        .as_ref()
+                        .filter(|f| f.build == build.sha256 && f.generation >= g)
+                    {
+                        return Err(StepError::Failed(format!(
+                            "standby {name} (on {}) cannot install build {}: {}",
+                            r.host,
+                            short(&build.sha256),
+                            failure.error
+                        )));
+                    }
+                    let silent = now - s.heartbeat_ms;
+                    if r.build.as_deref() != Some(&build.sha256) {
+                        if !s.alive && now - since.max(s.heartbeat_ms) > RESTART_GRACE_MS {
+                            facts.push(format!(
+                                "{name} not alive (no report for {} s): told again when it reports",
+                                silent / 1000
+                            ));
+                        } else if !s.alive {
+                            missing.push(format!("{name} is restarting (no report for {} s)", silent / 1000));
+                        } else if r.installing.is_some() {
+                            missing.push(format!("{name} is installing build {}", short(&build.sha256)));
+                        } else {
+                            missing.push(format!("{name} does not run build {} yet", short(&build.sha256)));
+                        }
+                        continue;
+                    }
+                    if !s.alive {
+                        missing.push(format!("{name} stopped reporting"));
+                        continue;
+                    }
+                    facts.push(format!(
+                        "{name} on {} runs build {} (paddock {}) as process {}, standing by ({} ms)",
+                        r.host,
+                        short(&build.sha256),
+                        r.version,
+                        r.pid,
+                        now - since
+                    ));
+                }
+                if missing.is_empty() {
+                    Ok(Check::Done(facts))
+                } else {
+                    Ok(Check::Pending(missing.join("; ")))
+                }
+            })
+            .await?;
+        Ok(std::iter::once(told).chain(ran).collect())
     }
 
     /// Tells `balancers` to run `build`, in one generation, and announces it (the balancers'

@@ -178,7 +178,7 @@ pub fn dir(c: &Controller) -> PathBuf {
     c.data_dir.join("platform")
 }
 
-fn build_path(c: &Controller, sha256: &str) -> PathBuf {
+pub(crate) fn build_path(c: &Controller, sha256: &str) -> PathBuf {
     dir(c).join(sha256)
 }
 

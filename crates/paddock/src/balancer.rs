@@ -1,17 +1,14 @@
 //! `paddock balancer`: the wiring around `paddock_balancer::run`: its sockets (inherited
 //! across a restart in place), its signals, and the platform builds the controller names, which
-//! it installs with the front-ends' [`Upgrader`] and restarts on in place.
+//! it installs ([`Builds`]) and restarts on in place.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
-use paddock_api::{BalancerReport, PlatformBuild};
-use paddock_frontend::upgrade::{BuildStatus, Installed, Upgrader};
-use tokio::sync::Notify;
-
+use crate::builds::Builds;
 use crate::{BalancerArgs, PinThreads, handoff, host_name};
+use anyhow::Context as _;
 
 pub fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
     let name = match args.name {
@@ -111,9 +108,21 @@ pub fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
     // The build a platform upgrade installed over `exe`: the next process is started on it.
     let installed: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
     if let paddock_balancer::Source::Controller(link) = &mut config.source {
+        let installed = installed.clone();
         let _entered = runtime.enter();
-        match Builds::new(link, stop, installed.clone()) {
-            Ok(builds) => link.platform = Some(Arc::new(builds)),
+        match Builds::new(&link.controller, &link.join_token) {
+            Ok((builds, mut restarts)) => {
+                // An installed build: recorded for the next process, and a restart in place.
+                tokio::spawn(async move {
+                    while let Some(build) = restarts.recv().await {
+                        *installed.lock().unwrap_or_else(|e| e.into_inner()) = Some(build.build);
+                        if stop.send(paddock_balancer::Stop::Restart).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                link.platform = Some(Arc::new(builds));
+            }
             // Without its own executable's path a balancer cannot be upgraded, but it routes.
             Err(e) => tracing::warn!("platform upgrades off for this balancer: {e:#}"),
         }
@@ -181,70 +190,6 @@ fn balancer_signals(
         }
     });
     Ok(())
-}
-
-/// The platform builds of a balancer that follows a controller: its reports say which build it
-/// runs, and a build the controller names is installed over the executable by an [`Upgrader`],
-/// after which the balancer restarts in place on it, as for SIGUSR2.
-struct Builds {
-    upgrader: Arc<Upgrader>,
-    status: Arc<BuildStatus>,
-    changed: Arc<Notify>,
-}
-
-impl Builds {
-    /// Must be called within the runtime: it starts the task that turns an installed build into
-    /// a restart (`stop`), recording the build in `installed` for the new process.
-    fn new(
-        link: &paddock_balancer::feed::ControllerLink,
-        stop: tokio::sync::mpsc::Sender<paddock_balancer::Stop>,
-        installed: Arc<std::sync::Mutex<Option<String>>>,
-    ) -> anyhow::Result<Builds> {
-        let status = Arc::new(BuildStatus::default());
-        let changed = Arc::new(Notify::new());
-        let (restart, mut restarts) = tokio::sync::mpsc::channel::<Installed>(1);
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .context("starting the HTTP client")?;
-        let upgrader = Upgrader::new(
-            link.controller.clone(),
-            link.join_token.clone(),
-            http,
-            status.clone(),
-            restart,
-            changed.clone(),
-        )?;
-        tokio::spawn(async move {
-            while let Some(build) = restarts.recv().await {
-                *installed.lock().unwrap_or_else(|e| e.into_inner()) = Some(build.build);
-                if stop.send(paddock_balancer::Stop::Restart).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Builds {
-            upgrader: Arc::new(upgrader),
-            status,
-            changed,
-        })
-    }
-}
-
-impl paddock_balancer::feed::Platform for Builds {
-    fn describe(&self, report: &mut BalancerReport) {
-        report.build = self.status.build();
-        report.installing = self.status.installing();
-        report.upgrade_error = self.status.upgrade_error();
-    }
-
-    fn named(&self, build: Option<&PlatformBuild>, generation: i64) {
-        self.upgrader.check(build, generation);
-    }
-
-    fn changed(&self) -> Arc<Notify> {
-        self.changed.clone()
-    }
 }
 
 /// Whether `exe` is a file this process could run: executable, and a program (ELF), not a

@@ -21,6 +21,7 @@ mod cmd {
     pub mod up;
 }
 mod balancer;
+mod builds;
 mod handoff;
 use paddock_runtime::{RuntimeConfig, sha256_hex};
 
@@ -184,6 +185,15 @@ struct ControllerArgs {
     /// front-ends and balancers reach (the same one behind a DNS name or virtual IP).
     #[arg(long)]
     standby: bool,
+    /// A standby: the farm's controller (several, comma-separated: the active one and its
+    /// standbys, as front-ends are given them). It reports to the one holding the role while it
+    /// stands by, and installs the platform builds that one names, so that it takes over on the
+    /// farm's release.
+    #[arg(long, value_name = "URL", requires = "standby")]
+    follow: Option<String>,
+    /// This standby's name in its reports (default: ctl-<host name>).
+    #[arg(long, requires = "follow")]
+    name: Option<String>,
     /// Take platform builds and run platform upgrades (`paddock upgrade`): the `paddock`
     /// executables uploaded with the admin token are installed and run on every server.
     #[arg(long, env = "PADDOCK_PLATFORM_UPGRADES")]
@@ -476,7 +486,7 @@ fn admin(
 }
 
 fn controller(args: ControllerArgs) -> anyhow::Result<()> {
-    let config = ControllerConfig {
+    let mut config = ControllerConfig {
         listen: args.listen,
         db_url: args.db,
         data_dir: args.data,
@@ -495,12 +505,37 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
             inherited
         })),
         platform_upgrades: args.platform_upgrades,
+        follow: None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("paddock-controller")
         .build()
         .context("starting the async runtime")?;
+    if let Some(urls) = args.follow {
+        let name = args.name.unwrap_or_else(|| format!("ctl-{}", host_name()));
+        if !paddock_core::manifest::is_valid_name(&name) {
+            anyhow::bail!(
+                "standby name {name:?} is not valid: give --name with 1 to 63 of a-z, 0-9 and '-'"
+            );
+        }
+        let controllers = std::sync::Arc::new(
+            paddock_api::Controllers::parse(&urls).map_err(|e| anyhow::anyhow!("--follow: {e}"))?,
+        );
+        // The standby's copy of the active controller's tokens.
+        let join_token = paddock_controller::tokens::Tokens::load_or_create(&config.data_dir)?.join;
+        match builds::Builds::standby(&controllers, &join_token) {
+            Ok(builds) => {
+                config.follow = Some(paddock_controller::standby::Follow {
+                    controllers,
+                    name,
+                    join_token,
+                    platform: std::sync::Arc::new(builds),
+                });
+            }
+            Err(e) => tracing::warn!("platform builds not followed by this standby: {e:#}"),
+        }
+    }
     let exit = runtime.block_on(paddock_controller::run(config, shutdown_signal()))?;
     runtime.shutdown_timeout(Duration::from_secs(1));
     match exit {
@@ -509,7 +544,10 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
             exe,
             build,
             listener,
-        } => Err(handoff::exec(&exe, Some(&build), &[&listener])),
+        } => {
+            let listeners: Vec<&std::net::TcpListener> = listener.iter().collect();
+            Err(handoff::exec(&exe, Some(&build), &listeners))
+        }
     }
 }
 

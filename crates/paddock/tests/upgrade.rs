@@ -356,7 +356,7 @@ async fn upgrade_under_load(db: Db, test: &str) {
 /// restarts wait in its handed-over socket, so users still see no failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_front_end_restarts_in_place_without_failing_a_request() {
-    let controller =
+    let mut controller =
         Controller::start_own_executable(Db::Sqlite, "upgrade_in_place", &["--platform-upgrades"])
             .await;
     let frontend = Frontend::builder("solo")
@@ -367,6 +367,9 @@ async fn a_lone_front_end_restarts_in_place_without_failing_a_request() {
     let lb = Balancer::start_own_executable(&controller, "lb1").await;
     lb.wait_up(&["solo"], true).await;
     controller.ok(&["app", "publish", &fixture("hello-v1").display().to_string()]);
+    // A standby controller that follows the active one's builds.
+    let standby = controller.start_standby_following("ctl-b").await;
+    let standby_pid = standby.pid();
 
     let dir = tempfile::tempdir().unwrap();
     let new = new_build(&dir.path().join("paddock"));
@@ -399,18 +402,66 @@ async fn a_lone_front_end_restarts_in_place_without_failing_a_request() {
     assert_eq!(s["observed"]["build"], s["platform_target"], "{s:#}");
     assert_eq!(s["lb"], "ready", "{s:#}");
 
-    // Then the balancers' and the controller's turn alone.
+    assert!(!is_new_build(&standby.own_exe()));
+    let standbys: serde_json::Value =
+        serde_json::from_str(&controller.admin_get("/v1/standbys").await).unwrap();
+    assert_eq!(standbys[0]["report"]["name"], "ctl-b", "{standbys:#}");
+    assert_eq!(standbys[0]["report"]["pid"], standby_pid, "{standbys:#}");
+
+    // Then the balancers', the standby's and the controller's turn alone. The standby restarts
+    // on the build, still standing by, before the controller does.
     let sha = s["platform_target"].as_str().unwrap().to_string();
     let out = controller.cli_async(&["upgrade", &sha]).await;
     assert!(out.success, "{}{}", out.stdout, out.stderr);
     assert!(out.stdout.contains("upgrade-balancers"), "{}", out.stdout);
+    assert!(
+        out.stdout
+            .contains(&format!("ctl-b told to run build {}", &sha[..12])),
+        "{}",
+        out.stdout
+    );
     assert!(out.stdout.contains("upgrade-controller"), "{}", out.stdout);
     assert!(!out.stdout.contains("upgrade-in-place"), "{}", out.stdout);
     assert!(is_new_build(&controller.own_exe()));
     assert!(is_new_build(&lb.own_exe()));
+    let op: serde_json::Value =
+        serde_json::from_str(&controller.ok(&["op", "list", "--json"])).unwrap();
+    let step = op[0]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "upgrade-standbys")
+        .unwrap()
+        .clone();
+    assert_eq!(step["state"], "done", "{step:#}");
+    assert!(
+        step["facts"][1]
+            .as_str()
+            .unwrap()
+            .contains(&format!("ctl-b on {}", harness::host())),
+        "{step:#}"
+    );
+    // The same process, on the new executable (the old one kept).
+    assert_eq!(standby.pid(), standby_pid);
+    assert!(is_new_build(&standby.own_exe()));
+    assert!(is_new_build(Path::new(&format!("/proc/{standby_pid}/exe"))));
+    assert!(
+        standby.log().contains("restarting on it, standing by"),
+        "{}",
+        standby.log()
+    );
     let e = controller.fails(&["upgrade", &sha]);
     assert!(
-        e.contains("every front-end, balancer and the controller already"),
+        e.contains("every front-end, balancer and controller already"),
         "{e}"
     );
+
+    // The active controller dies: the standby takes over, on the farm's release.
+    controller.kill();
+    standby
+        .wait_for_log("listening on http://", Duration::from_secs(30))
+        .await;
+    let e = standby.fails(&["upgrade", &sha]);
+    assert!(e.contains("already runs build"), "{e}");
+    assert_eq!(servers(&standby)[0]["observed"]["build"], sha.as_str());
 }

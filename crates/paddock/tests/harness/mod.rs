@@ -87,6 +87,14 @@ pub fn is_new_build(path: &Path) -> bool {
     tail == BUILD_MARK
 }
 
+/// This machine's host name, as processes report it.
+pub fn host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
 /// Sends process `pid` a signal (`kill -SIGNAL PID`).
 pub fn send_signal(pid: u32, signal: &str) {
     let status = Command::new("kill")
@@ -743,12 +751,26 @@ impl Controller {
 
     /// Like `start_standby`, listening at `listen` (an address of its own) if given.
     pub async fn start_standby_at(&self, listen: Option<&str>) -> Controller {
+        self.launch_standby(listen, None).await
+    }
+
+    /// A standby at this controller's address, running from its own hard link of the
+    /// executable, that follows this controller's platform builds (`--follow`, `--name`).
+    pub async fn start_standby_following(&self, name: &str) -> Controller {
+        self.launch_standby(None, Some(name)).await
+    }
+
+    async fn launch_standby(&self, listen: Option<&str>, follow_as: Option<&str>) -> Controller {
         let dir = tempfile::tempdir().unwrap();
         let listen = match listen {
             Some(listen) => listen.to_string(),
             None => self.url.trim_start_matches("http://").to_string(),
         };
-        let mut command = Command::new(PADDOCK);
+        let exe = match follow_as {
+            Some(_) => own_paddock(dir.path()),
+            None => PathBuf::from(PADDOCK),
+        };
+        let mut command = Command::new(&exe);
         command
             .args([
                 "controller",
@@ -760,6 +782,9 @@ impl Controller {
             ])
             .arg("--data")
             .arg(&self.data);
+        if let Some(name) = follow_as {
+            command.args(["--follow", &self.url, "--name", name, "--platform-upgrades"]);
+        }
         let log = Arc::new(Mutex::new(String::new()));
         let child = spawn_logged(&mut command, "standby", &log);
         let standby = Controller {
@@ -771,7 +796,7 @@ impl Controller {
             child: Some(child),
             log,
             extra_args: vec!["--standby".into()],
-            exe: PathBuf::from(PADDOCK),
+            exe,
             _dir: dir,
         };
         standby
