@@ -79,7 +79,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
         )
         .route(
             "/v1/platform/builds/{sha256}",
-            axum::routing::delete(crate::platform::remove),
+            get(crate::platform::show).delete(crate::platform::remove),
         )
         .route("/v1/operations/{id}", get(show_operation))
         .route("/v1/operations/{id}/abort", post(abort_operation))

@@ -128,6 +128,10 @@ pub struct Controller {
         std::sync::Mutex<std::collections::BTreeMap<String, (paddock_api::StandbyReport, i64)>>,
     /// The build a platform upgrade tells the standbys to run, with its generation.
     pub(crate) standby_target: std::sync::Mutex<Option<(paddock_api::PlatformBuild, i64)>>,
+    /// When this process took the controller role.
+    pub(crate) started: std::time::Instant,
+    /// The build an upgrade started this process on (`BUILD_ENV`), if one did.
+    pub(crate) started_on: Option<String>,
 }
 
 impl Controller {
@@ -210,40 +214,58 @@ pub async fn run(
                 .take(),
         );
     }
-    let open = SqlStore::open_as_controller(&config.db_url, &holder, config.standby);
-    let opened = match (&config.follow, config.standby) {
-        (Some(follow), true) => {
-            tokio::select! {
-                biased;
-                opened = open => opened,
-                installed = standby::follow(follow.clone()) => {
-                    tracing::info!(build = %ops::short(&installed.build), "platform build installed; restarting on it, standing by");
-                    return Ok(Exit::Restart {
-                        exe: installed.exe,
-                        build: installed.build,
-                        listener: None,
-                    });
+    let (store, role, listener) = loop {
+        let open = SqlStore::open_as_controller(&config.db_url, &holder, config.standby);
+        let opened = match (&config.follow, config.standby) {
+            (Some(follow), true) => {
+                tokio::select! {
+                    biased;
+                    opened = open => opened,
+                    installed = standby::follow(follow.clone()) => {
+                        tracing::info!(build = %ops::short(&installed.build), "platform build installed; restarting on it, standing by");
+                        return Ok(Exit::Restart {
+                            exe: installed.exe,
+                            build: installed.build,
+                            listener: None,
+                        });
+                    }
                 }
             }
-        }
-        _ => open.await,
-    };
-    let (store, role) = opened
-        .with_context(|| format!("opening the platform database {}", redact(&config.db_url)))?;
-    let store = Arc::new(store);
-    let handed_over = config
-        .listener
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take();
-    let listener = match handed_over {
-        Some(listener) => {
-            listener.set_nonblocking(true)?;
-            tokio::net::TcpListener::from_std(listener)?
-        }
-        None => tokio::net::TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?,
+            _ => open.await,
+        };
+        let (store, role) = opened
+            .with_context(|| format!("opening the platform database {}", redact(&config.db_url)))?;
+        let handed_over = config
+            .listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let listener = match handed_over {
+            Some(listener) => {
+                listener.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(listener)?
+            }
+            None => match tokio::net::TcpListener::bind(config.listen).await {
+                Ok(listener) => listener,
+                // The controller that released the role still serves at this address: it
+                // restarts on a new build, keeping its socket, and takes the role again.
+                Err(e) if config.standby && e.kind() == std::io::ErrorKind::AddrInUse => {
+                    tracing::warn!(
+                        "holding the controller role, but {} is still in use (the controller that held it restarts on a new build?); standing by again",
+                        config.listen
+                    );
+                    drop(role);
+                    drop(store);
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::from(e)
+                        .context(format!("cannot listen on {}", config.listen)));
+                }
+            },
+        };
+        break (Arc::new(store), role, listener);
     };
     // A second handle on the socket, handed over to the next process on a restart.
     let keep = Arc::new(std::sync::Mutex::new(Some(
@@ -286,6 +308,10 @@ pub async fn run(
         incarnations: std::sync::Mutex::new(std::collections::HashMap::new()),
         standbys: std::sync::Mutex::new(std::collections::BTreeMap::new()),
         standby_target: std::sync::Mutex::new(None),
+        started: std::time::Instant::now(),
+        started_on: std::env::var(platform::BUILD_ENV)
+            .ok()
+            .filter(|b| paddock_core::is_sha256(b)),
     });
     tracing::info!(
         database = controller.store.backend(),

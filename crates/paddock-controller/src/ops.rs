@@ -169,10 +169,13 @@ pub async fn plan_upgrade(
         )));
     }
     // The whole farm: the controller goes last. It checks now that it can, rather than fail
-    // there, past the point of no return.
-    if request.zone.is_none()
-        && let Err(e) = crate::platform::can_install_here(c, &build.sha256)
-    {
+    // there, past the point of no return (unless it runs the build already: a standby that
+    // took over from the controller the build was uploaded to keeps no file of it).
+    let controller_behind = request.zone.is_none()
+        && !crate::platform::own_build(c)
+            .await
+            .is_ok_and(|own| own == build.sha256);
+    if controller_behind && let Err(e) = crate::platform::can_install_here(c, &build.sha256) {
         return Err(invalid(format!(
             "the controller could not install the build over its own executable: {e:#}"
         )));
@@ -217,10 +220,6 @@ pub async fn plan_upgrade(
                 .iter()
                 .any(|s| s.alive && s.report.build.as_deref() != Some(&build.sha256));
     if behind.is_empty() {
-        let controller_behind = request.zone.is_none()
-            && crate::platform::own_build(c)
-                .await
-                .is_ok_and(|own| own != build.sha256);
         if !controller_behind && !balancers_behind {
             return Err(invalid(format!(
                 "every front-end{} already runs build {} (paddock {}); nothing to upgrade",
@@ -1252,10 +1251,16 @@ impl Run<'_> {
 
     /// Tells every standby controller reporting now to run the plan's build and waits until
     /// each reports running it (it restarts on it, standing by). A report that it cannot install
-    /// the build fails the step; one silent for [`RESTART_GRACE_MS`] does not hold it (it is
-    /// told again when it reports).
+    /// the build fails the step, and so does silence for [`RESTART_GRACE_MS`] (a resume then
+    /// leaves out one that stays silent).
     async fn upgrade_standbys(&self) -> Result<Vec<String>, StepError> {
         let build = self.build()?;
+        // Reports live in memory: a controller that just took the role waits until every
+        // standby had the time to report to it.
+        let settled = self.c.started
+            + Duration::from_millis(crate::standby::ALIVE_WITHIN_MS as u64)
+            + crate::standby::REPORT_INTERVAL;
+        tokio::time::sleep_until(settled.into()).await;
         let known: Vec<String> = crate::standby::standbys(self.c)
             .into_iter()
             .filter(|s| s.alive)
@@ -1303,13 +1308,16 @@ impl Run<'_> {
                         )));
                     }
                     let silent = now - s.heartbeat_ms;
+                    if !s.alive && now - since.max(s.heartbeat_ms) > RESTART_GRACE_MS {
+                        return Err(StepError::Failed(format!(
+                            "standby {name} (on {}) stopped reporting after it was told to run build {} (no report for {} s): see its log; once it stands by again, or is stopped for good, `paddock op resume`",
+                            r.host,
+                            short(&build.sha256),
+                            silent / 1000
+                        )));
+                    }
                     if r.build.as_deref() != Some(&build.sha256) {
-                        if !s.alive && now - since.max(s.heartbeat_ms) > RESTART_GRACE_MS {
-                            facts.push(format!(
-                                "{name} not alive (no report for {} s): told again when it reports",
-                                silent / 1000
-                            ));
-                        } else if !s.alive {
+                        if !s.alive {
                             missing.push(format!("{name} is restarting (no report for {} s)", silent / 1000));
                         } else if r.installing.is_some() {
                             missing.push(format!("{name} is installing build {}", short(&build.sha256)));
@@ -1360,7 +1368,8 @@ impl Run<'_> {
     /// Tells balancer `name` to run `build` (unless it does, or a run of this step before a
     /// controller restart told it already) and waits until it reports running it, routing by
     /// the table of that generation or newer. A report that it cannot install the build fails
-    /// the step; one silent for [`RESTART_GRACE_MS`] does not hold it (its target stays).
+    /// the step, and so does silence for [`RESTART_GRACE_MS`] (the build does not come up
+    /// there), before the next balancer is told.
     async fn upgrade_balancer(
         &self,
         name: &str,
@@ -1412,11 +1421,14 @@ impl Run<'_> {
                     )));
                 }
                 let silent = now_ms() - b.heartbeat_ms;
+                // It was reporting when told: silence past a restart's time is a build that
+                // does not come up there. The step stops, the other balancers still routing.
                 if !b.alive && now_ms() - since.max(b.heartbeat_ms) > RESTART_GRACE_MS {
-                    return Ok(Check::Done(vec![format!(
-                        "{name} not alive (no report for {} s): installs the build when it comes back",
+                    return Err(StepError::Failed(format!(
+                        "balancer {name} stopped reporting after it was told to run build {} (no report for {} s): see its log; the executable it replaced is kept beside it as paddock.previous; once it routes again, `paddock op resume`",
+                        short(&build.sha256),
                         silent / 1000
-                    )]));
+                    )));
                 }
                 if b.report.build.as_deref() != Some(&build.sha256) {
                     return Ok(Check::Pending(if !b.alive {

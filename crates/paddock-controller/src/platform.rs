@@ -352,7 +352,25 @@ async fn version_of(path: &FsPath) -> Result<String, Failure> {
 pub async fn list(
     State(c): State<Arc<Controller>>,
 ) -> Result<axum::Json<Vec<PlatformBuild>>, Failure> {
+    enabled(&c)?;
     Ok(axum::Json(c.store.platform_builds().await?))
+}
+
+/// `GET /v1/platform/builds/{sha256}`: the build, if this controller keeps its file (a
+/// controller that took over from the one it was uploaded to has the record, not the file).
+pub async fn show(
+    State(c): State<Arc<Controller>>,
+    Path(sha256): Path<String>,
+) -> Result<axum::Json<PlatformBuild>, Failure> {
+    enabled(&c)?;
+    let unknown = || unknown_build(&sha256, "upload it (`paddock platform upload PATH`)");
+    if !paddock_core::is_sha256(&sha256) {
+        return Err(unknown());
+    }
+    match c.store.platform_build(&sha256).await? {
+        Some(build) if build_path(&c, &sha256).is_file() => Ok(axum::Json(build)),
+        _ => Err(unknown()),
+    }
 }
 
 /// `DELETE /v1/platform/builds/{sha256}`: forgets a build and removes its file, unless a server

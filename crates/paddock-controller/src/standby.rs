@@ -129,8 +129,13 @@ pub async fn follow(follow: Follow) -> Installed {
                     let message = serde_json::from_str::<ApiError>(&body)
                         .map(|e| e.message)
                         .unwrap_or(body);
+                    let hint = if status == reqwest::StatusCode::UNAUTHORIZED {
+                        "; copy the active controller's join.token into this standby's --data folder"
+                    } else {
+                        ""
+                    };
                     tracing::warn!(
-                        "the active controller refused this standby's report ({status}): {message}"
+                        "the active controller refused this standby's report ({status}): {message}{hint}"
                     );
                 }
                 failing = true;
@@ -171,17 +176,34 @@ pub async fn report(
             ),
         ));
     }
-    c.standbys
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(name, (report, now_ms()));
+    let now = now_ms();
+    {
+        let mut standbys = c.standbys.lock().unwrap_or_else(|e| e.into_inner());
+        // Two standbys under one name (`ctl-<host>` on two machines with one host name) would
+        // pass for one in the upgrade's facts.
+        if let Some((other, at)) = standbys.get(&name)
+            && (other.host != report.host || other.pid != report.pid)
+            && now - at <= ALIVE_WITHIN_MS
+        {
+            return Err(Failure::new(
+                axum::http::StatusCode::CONFLICT,
+                "standby_name_taken",
+                format!(
+                    "standby {name} reports from process {} on {} already; give this one another --name",
+                    other.pid, other.host
+                ),
+            ));
+        }
+        standbys.insert(name, (report.clone(), now));
+    }
     c.facts_changed();
-    Ok(Json(orders(&c).await?))
+    Ok(Json(orders(&c, &report).await?))
 }
 
-/// The build standbys should run: the one an upgrade named, or the one this controller runs
-/// when an upgrade started it and it keeps the build's file.
-async fn orders(c: &Controller) -> Result<PlatformOrders, Failure> {
+/// The build `standby` should run: the one an upgrade named, or the one this controller runs
+/// when an upgrade started it and it keeps the build's file; never a release older than the
+/// standby's own.
+async fn orders(c: &Controller, standby: &StandbyReport) -> Result<PlatformOrders, Failure> {
     if !c.platform_upgrades {
         return Ok(PlatformOrders::default());
     }
@@ -196,17 +218,20 @@ async fn orders(c: &Controller) -> Result<PlatformOrders, Failure> {
             platform_generation: generation,
         });
     }
-    // Known without hashing only when an upgrade started this process.
-    let own = c.build.lock().await.clone();
-    let Some(own) = own else {
+    let Some(own) = &c.started_on else {
         return Ok(PlatformOrders::default());
     };
-    let kept = c.store.platform_build(&own).await?;
+    let kept = c.store.platform_build(own).await?;
     Ok(match kept {
-        Some(build) if crate::platform::build_path(c, &own).is_file() => PlatformOrders {
-            platform: Some(build),
-            platform_generation: 0,
-        },
+        Some(build)
+            if crate::platform::build_path(c, own).is_file()
+                && !crate::platform::older(&build.version, &standby.version) =>
+        {
+            PlatformOrders {
+                platform: Some(build),
+                platform_generation: 0,
+            }
+        }
         _ => PlatformOrders::default(),
     })
 }

@@ -221,6 +221,8 @@ impl Upgrader {
                 Ok(Some(installed)) => {
                     tracing::info!(build = %short(&target.sha256), version = %target.version, exe = %upgrader.exe.display(), "platform build installed; restarting on it");
                     let _ = upgrader.restart.send(installed).await;
+                    // Whoever polls for it (a standby) looks at once.
+                    upgrader.changed.notify_one();
                     // Busy until the process is replaced: nothing installs twice.
                     std::mem::forget(not_busy);
                 }

@@ -464,4 +464,12 @@ async fn a_lone_front_end_restarts_in_place_without_failing_a_request() {
     let e = standby.fails(&["upgrade", &sha]);
     assert!(e.contains("already runs build"), "{e}");
     assert_eq!(servers(&standby)[0]["observed"]["build"], sha.as_str());
+    // It has the build's record, not its file: an upload sends it.
+    let out = standby.ok(&["platform", "upload", &new.display().to_string()]);
+    assert!(
+        out.contains("kept by the controller") && !out.contains("already"),
+        "{out}"
+    );
+    let out = standby.ok(&["platform", "upload", &new.display().to_string()]);
+    assert!(out.contains("already kept by the controller"), "{out}");
 }

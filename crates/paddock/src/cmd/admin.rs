@@ -97,8 +97,15 @@ impl Client {
         request: reqwest::RequestBuilder,
     ) -> anyhow::Result<reqwest::Response> {
         let response = request.bearer_auth(&self.token).send().await.map_err(|e| {
+            // reqwest's own message names the URL only; the causes say what happened.
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                why.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
             anyhow::anyhow!(
-                "cannot reach the controller at {}: {e}; is `paddock controller` (or `paddock up`) running? Set --controller or PADDOCK_CONTROLLER",
+                "cannot reach the controller at {}: {why}; is `paddock controller` (or `paddock up`) running? Set --controller or PADDOCK_CONTROLLER",
                 self.base
             )
         })?;

@@ -230,14 +230,18 @@ async fn upload_build(client: &Client, path: &Path) -> anyhow::Result<PlatformBu
     }
     // Asked first: a controller that takes no builds answers before a byte is sent, instead of
     // closing the connection under an upload it refused (which reads as "cannot reach"); and
-    // a build it keeps already is not sent again.
-    let kept: Vec<PlatformBuild> = client.get("/v1/platform/builds").await?;
+    // a build whose file it keeps already is not sent again.
+    let _: Vec<PlatformBuild> = client.get("/v1/platform/builds").await?;
     let file = path.to_path_buf();
     let sha256 = tokio::task::spawn_blocking(move || paddock_runtime::sha256_file(&file))
         .await
         .context("hashing the build")?
         .with_context(|| format!("reading {}", path.display()))?;
-    let (build, already) = match kept.into_iter().find(|b| b.sha256 == sha256) {
+    let kept: Option<PlatformBuild> = client
+        .get(&format!("/v1/platform/builds/{sha256}"))
+        .await
+        .ok();
+    let (build, already) = match kept {
         Some(build) => (build, "already "),
         None => (client.post_file("/v1/platform/builds", path).await?, ""),
     };

@@ -766,9 +766,18 @@ impl Controller {
             Some(listen) => listen.to_string(),
             None => self.url.trim_start_matches("http://").to_string(),
         };
-        let exe = match follow_as {
-            Some(_) => own_paddock(dir.path()),
-            None => PathBuf::from(PADDOCK),
+        // One that follows the builds runs from its own executable, with its own data folder
+        // holding copies of the tokens (not the builds the active controller keeps).
+        let (exe, data) = match follow_as {
+            Some(_) => {
+                let data = dir.path().join("data");
+                std::fs::create_dir_all(&data).unwrap();
+                for token in ["admin.token", "join.token"] {
+                    std::fs::copy(self.data.join(token), data.join(token)).unwrap();
+                }
+                (own_paddock(dir.path()), data)
+            }
+            None => (PathBuf::from(PADDOCK), self.data.clone()),
         };
         let mut command = Command::new(&exe);
         command
@@ -781,7 +790,7 @@ impl Controller {
                 "--standby",
             ])
             .arg("--data")
-            .arg(&self.data);
+            .arg(&data);
         if let Some(name) = follow_as {
             command.args(["--follow", &self.url, "--name", name, "--platform-upgrades"]);
         }
@@ -792,7 +801,7 @@ impl Controller {
             admin_token: self.admin_token.clone(),
             join_token: self.join_token.clone(),
             db_url: self.db_url.clone(),
-            data: self.data.clone(),
+            data,
             child: Some(child),
             log,
             extra_args: vec!["--standby".into()],
