@@ -1279,7 +1279,7 @@ impl Run<'_> {
             ]);
         }
         let told = format!(
-            "standbys {} told to run build {} (generation {g})",
+            "standbys {} told to run build {}",
             join(&known),
             short(&build.sha256)
         );
