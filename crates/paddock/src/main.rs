@@ -140,6 +140,12 @@ enum Command {
         #[command(flatten)]
         target: cmd::admin::Target,
     },
+    /// The standby controllers reporting to the controller (`--standby --follow`): where each
+    /// runs, and its build.
+    Standbys {
+        #[command(flatten)]
+        target: cmd::admin::Target,
+    },
     /// The farm's health: one line per server, and what is out of date where.
     Status {
         #[command(flatten)]
@@ -456,6 +462,9 @@ fn main() -> std::process::ExitCode {
         }),
         Command::Routing { target } => admin(&target, |client| {
             Box::pin(async move { cmd::admin::routing(&client).await })
+        }),
+        Command::Standbys { target } => admin(&target, |client| {
+            Box::pin(async move { cmd::admin::standbys(&client).await })
         }),
         Command::Status { target } => admin(&target, |client| {
             Box::pin(async move { cmd::admin::status(&client).await })

@@ -407,6 +407,13 @@ async fn a_lone_front_end_restarts_in_place_without_failing_a_request() {
         serde_json::from_str(&controller.admin_get("/v1/standbys").await).unwrap();
     assert_eq!(standbys[0]["report"]["name"], "ctl-b", "{standbys:#}");
     assert_eq!(standbys[0]["report"]["pid"], standby_pid, "{standbys:#}");
+    let human = controller.ok(&["standbys"]);
+    assert!(
+        human
+            .lines()
+            .any(|l| l.starts_with("ctl-b") && l.contains(&standby_pid.to_string())),
+        "{human}"
+    );
 
     // Then the balancers', the standby's and the controller's turn alone. The standby restarts
     // on the build, still standing by, before the controller does.
@@ -445,6 +452,22 @@ async fn a_lone_front_end_restarts_in_place_without_failing_a_request() {
     assert_eq!(standby.pid(), standby_pid);
     assert!(is_new_build(&standby.own_exe()));
     assert!(is_new_build(Path::new(&format!("/proc/{standby_pid}/exe"))));
+    // Listed by the restarted controller once the standby reported to it (every second).
+    let listed = || {
+        controller
+            .ok(&["standbys"])
+            .lines()
+            .any(|l| l.starts_with("ctl-b") && l.ends_with(&sha[..12]))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !listed() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            controller.ok(&["standbys"])
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         standby.log().contains("restarting on it, standing by"),
         "{}",

@@ -842,6 +842,46 @@ async fn wait_routed_state(
     }
 }
 
+/// `paddock standbys`.
+pub async fn standbys(client: &Client) -> anyhow::Result<()> {
+    let standbys: Vec<paddock_api::StandbyInfo> = client.get("/v1/standbys").await?;
+    client.print(&standbys, |standbys| {
+        if standbys.is_empty() {
+            println!(
+                "no standby controller reports to this one (start one with `paddock controller --standby --follow URL`)"
+            );
+            return;
+        }
+        println!(
+            "{:<16} {:<20} {:<8} {:<8} {:<6} BUILD",
+            "STANDBY", "HOST", "PID", "VERSION", "ALIVE"
+        );
+        for s in standbys {
+            let r = &s.report;
+            let short = |sha: &str| sha.get(..12).unwrap_or(sha).to_string();
+            let mut build = r.build.as_deref().map(short).unwrap_or("-".into());
+            if let Some(installing) = &r.installing {
+                build.push_str(&format!(" (installing {})", short(installing)));
+            }
+            if let Some(failure) = &r.upgrade_error {
+                build.push_str(&format!(
+                    " (cannot install {}: {})",
+                    short(&failure.build),
+                    failure.error
+                ));
+            }
+            println!(
+                "{:<16} {:<20} {:<8} {:<8} {:<6} {build}",
+                r.name,
+                r.host,
+                r.pid,
+                r.version,
+                if s.alive { "yes" } else { "no" }
+            );
+        }
+    })
+}
+
 pub async fn routing(client: &Client) -> anyhow::Result<()> {
     let routing: RoutingStatus = client.get("/v1/routing").await?;
     client.print(&routing, |r| {
