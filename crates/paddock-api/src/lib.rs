@@ -328,8 +328,16 @@ pub struct BalancerReport {
     /// The generation of the table it routes by now.
     pub generation: i64,
     pub upstreams: Vec<UpstreamReport>,
-    /// sha256 of the `paddock` executable it runs, when known (as in a front-end's
-    /// [`HealthReport`]).
+    /// Its platform build (`build`, `upgrade_error`, `installing` beside the other fields).
+    #[serde(flatten)]
+    pub platform: BuildState,
+}
+
+/// What a balancer or a standby controller says of its platform build, as a front-end's
+/// [`HealthReport`] does.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildState {
+    /// sha256 of the `paddock` executable it runs, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build: Option<String>,
     /// Why the platform build it was told to run is not installed yet (it retries).
@@ -365,12 +373,8 @@ pub struct StandbyReport {
     pub pid: u32,
     /// The release it runs (`paddock --version`).
     pub version: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub build: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub upgrade_error: Option<UpgradeFailure>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub installing: Option<String>,
+    #[serde(flatten)]
+    pub platform: BuildState,
 }
 
 /// A standby controller as the controller holding the role knows it (`GET /v1/standbys`).
@@ -529,6 +533,15 @@ pub struct ApiError {
     pub error: String,
     /// What went wrong and what to do, for a person.
     pub message: String,
+}
+
+impl ApiError {
+    /// The message of an error answer's body, or the body itself when it is no `ApiError`.
+    pub fn message_of(body: String) -> String {
+        serde_json::from_str::<ApiError>(&body)
+            .map(|e| e.message)
+            .unwrap_or(body)
+    }
 }
 
 // ---- operations ------------------------------------------------------------------------------

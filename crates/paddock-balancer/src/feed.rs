@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use paddock_api::{
-    ApiError, BalancerReport, Controllers, PlatformBuild, PlatformOrders, RoutingTable,
-};
+use paddock_api::{ApiError, BuildState, Controllers, PlatformBuild, PlatformOrders, RoutingTable};
 use tokio::sync::Notify;
 
 use crate::Balancer;
@@ -42,8 +40,8 @@ impl std::fmt::Debug for ControllerLink {
 /// in each report and the build the controller names back ([`PlatformOrders`]); installing one
 /// and restarting on it is the program's business.
 pub trait Platform: Send + Sync {
-    /// Fills the report's `build`, `installing` and `upgrade_error`.
-    fn describe(&self, report: &mut BalancerReport);
+    /// What each report says of the build.
+    fn state(&self) -> BuildState;
     /// The controller's answer to a report named this build (or none), set by `generation`.
     fn named(&self, build: Option<&PlatformBuild>, generation: i64);
     /// Notified when what `describe` says changed: the next report goes at once.
@@ -184,7 +182,7 @@ pub async fn report(
         let draining = balancer.draining();
         let mut report = balancer.report();
         if let Some(platform) = &link.platform {
-            platform.describe(&mut report);
+            report.platform = platform.state();
         }
         let request = http
             .post(link.controller.url(&path))
@@ -221,9 +219,7 @@ pub async fn report(
                 if !failing {
                     let status = r.status();
                     let body = r.text().await.unwrap_or_default();
-                    let message = serde_json::from_str::<ApiError>(&body)
-                        .map(|e| e.message)
-                        .unwrap_or(body);
+                    let message = ApiError::message_of(body);
                     tracing::warn!(
                         "the controller refused this balancer's report ({status}): {message}"
                     );

@@ -200,9 +200,7 @@ impl Balancer {
                     in_flight: m.upstream.in_flight(),
                 })
                 .collect(),
-            build: None,
-            upgrade_error: None,
-            installing: None,
+            platform: Default::default(),
         }
     }
 

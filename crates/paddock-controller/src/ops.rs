@@ -214,11 +214,11 @@ pub async fn plan_upgrade(
             .balancers(now - crate::routing::BALANCER_ALIVE_WITHIN_MS)
             .await?
             .iter()
-            .any(|b| b.alive && b.report.build.as_deref() != Some(&build.sha256))
+            .any(|b| b.alive && b.report.platform.build.as_deref() != Some(&build.sha256))
         || request.zone.is_none()
             && crate::standby::standbys(c)
                 .iter()
-                .any(|s| s.alive && s.report.build.as_deref() != Some(&build.sha256));
+                .any(|s| s.alive && s.report.platform.build.as_deref() != Some(&build.sha256));
     if behind.is_empty() {
         if !controller_behind && !balancers_behind {
             return Err(invalid(format!(
@@ -1101,7 +1101,9 @@ impl Run<'_> {
                 // Not reporting now: told, not waited for; each installs the build when back.
                 let silent: Vec<String> = all
                     .iter()
-                    .filter(|b| !b.alive && b.report.build.as_deref() != Some(&build.sha256))
+                    .filter(|b| {
+                        !b.alive && b.report.platform.build.as_deref() != Some(&build.sha256)
+                    })
                     .filter(|b| b.platform_target.as_deref() != Some(&build.sha256))
                     .map(|b| b.report.name.clone())
                     .collect();
@@ -1296,7 +1298,7 @@ impl Run<'_> {
                     };
                     let r = &s.report;
                     if let Some(failure) = r
-                        .upgrade_error
+                        .platform.upgrade_error
                         .as_ref()
                         .filter(|f| f.build == build.sha256 && f.generation >= g)
                     {
@@ -1316,10 +1318,10 @@ impl Run<'_> {
                             silent / 1000
                         )));
                     }
-                    if r.build.as_deref() != Some(&build.sha256) {
+                    if r.platform.build.as_deref() != Some(&build.sha256) {
                         if !s.alive {
                             missing.push(format!("{name} is restarting (no report for {} s)", silent / 1000));
-                        } else if r.installing.is_some() {
+                        } else if r.platform.installing.is_some() {
                             missing.push(format!("{name} is installing build {}", short(&build.sha256)));
                         } else {
                             missing.push(format!("{name} does not run build {} yet", short(&build.sha256)));
@@ -1382,7 +1384,7 @@ impl Run<'_> {
         };
         let alive_since = || now_ms() - crate::routing::BALANCER_ALIVE_WITHIN_MS;
         let info = balancer(self.c.store.balancers(alive_since()).await?)?;
-        if info.report.build.as_deref() == Some(&build.sha256) {
+        if info.report.platform.build.as_deref() == Some(&build.sha256) {
             return Ok(vec![format!(
                 "{name} runs build {} already",
                 short(&build.sha256)
@@ -1392,6 +1394,7 @@ impl Run<'_> {
         // and it failed (this is a resume): a new one, which it tries at once.
         let failed_at = |g: i64| {
             info.report
+                .platform
                 .upgrade_error
                 .as_ref()
                 .is_some_and(|f| f.build == build.sha256 && f.generation >= g)
@@ -1410,7 +1413,7 @@ impl Run<'_> {
                 let b = balancer(self.c.store.balancers(alive_since()).await?)?;
                 if let Some(failure) = b
                     .report
-                    .upgrade_error
+                    .platform.upgrade_error
                     .as_ref()
                     .filter(|f| f.build == build.sha256 && f.generation >= g)
                 {
@@ -1430,10 +1433,10 @@ impl Run<'_> {
                         silent / 1000
                     )));
                 }
-                if b.report.build.as_deref() != Some(&build.sha256) {
+                if b.report.platform.build.as_deref() != Some(&build.sha256) {
                     return Ok(Check::Pending(if !b.alive {
                         format!("{name} is restarting (no report for {} s)", silent / 1000)
-                    } else if b.report.installing.is_some() {
+                    } else if b.report.platform.installing.is_some() {
                         format!("{name} is installing build {}", short(&build.sha256))
                     } else {
                         format!("{name} does not run build {} yet", short(&build.sha256))

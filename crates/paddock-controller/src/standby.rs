@@ -20,7 +20,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::{Path, State};
 use paddock_api::{
-    ApiError, Controllers, PlatformBuild, PlatformOrders, StandbyInfo, StandbyReport,
+    ApiError, BuildState, Controllers, PlatformBuild, PlatformOrders, StandbyInfo, StandbyReport,
 };
 use paddock_core::manifest::is_valid_name;
 use tokio::sync::Notify;
@@ -37,8 +37,8 @@ pub const ALIVE_WITHIN_MS: i64 = 3_000;
 /// What runs a standby and installs platform builds: this crate carries the build's state to
 /// the active controller and its answer back.
 pub trait StandbyPlatform: Send + Sync {
-    /// Fills the report's `build`, `installing` and `upgrade_error`.
-    fn describe(&self, report: &mut StandbyReport);
+    /// What each report says of the build.
+    fn state(&self) -> BuildState;
     /// The active controller named this build (or none), set by `generation`.
     fn named(&self, build: Option<&PlatformBuild>, generation: i64);
     /// Notified when what `describe` says changed.
@@ -92,16 +92,13 @@ pub async fn follow(follow: Follow) -> Installed {
         if let Some(installed) = follow.platform.installed() {
             return installed;
         }
-        let mut report = StandbyReport {
+        let report = StandbyReport {
             name: follow.name.clone(),
             host: host.clone(),
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_string(),
-            build: None,
-            upgrade_error: None,
-            installing: None,
+            platform: follow.platform.state(),
         };
-        follow.platform.describe(&mut report);
         let at = follow.controllers.current();
         let sent = http
             .post(follow.controllers.url(&path))
@@ -126,9 +123,7 @@ pub async fn follow(follow: Follow) -> Installed {
                 if !failing {
                     let status = r.status();
                     let body = r.text().await.unwrap_or_default();
-                    let message = serde_json::from_str::<ApiError>(&body)
-                        .map(|e| e.message)
-                        .unwrap_or(body);
+                    let message = ApiError::message_of(body);
                     let hint = if status == reqwest::StatusCode::UNAUTHORIZED {
                         "; copy the active controller's join.token into this standby's --data folder"
                     } else {

@@ -101,6 +101,15 @@ impl BuildStatus {
     pub fn set_installing(&self, build: Option<String>) {
         *self.installing.lock().unwrap_or_else(|e| e.into_inner()) = build;
     }
+
+    /// All three, for a report.
+    pub fn state(&self) -> paddock_api::BuildState {
+        paddock_api::BuildState {
+            build: self.build(),
+            upgrade_error: self.upgrade_error(),
+            installing: self.installing(),
+        }
+    }
 }
 
 pub struct Upgrader {

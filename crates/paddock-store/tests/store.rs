@@ -436,9 +436,7 @@ async fn routing_state(store: &dyn Store) {
         admin: None,
         generation: 7,
         upstreams: vec![],
-        build: None,
-        upgrade_error: None,
-        installing: None,
+        platform: Default::default(),
     };
     store.balancer_report(&report, 100).await.unwrap();
     store.balancer_report(&report, 200).await.unwrap();
@@ -1210,9 +1208,10 @@ async fn platform_builds(store: &SqlStore) {
         admin: None,
         generation: 1,
         upstreams: vec![],
-        build: Some("b".repeat(64)),
-        upgrade_error: None,
-        installing: None,
+        platform: paddock_api::BuildState {
+            build: Some("b".repeat(64)),
+            ..Default::default()
+        },
     };
     for name in ["lb1", "lb2"] {
         store.balancer_report(&report(name), 5).await.unwrap();

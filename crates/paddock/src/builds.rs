@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use paddock_api::{BalancerReport, Controllers, PlatformBuild, StandbyReport};
+use paddock_api::{BuildState, Controllers, PlatformBuild};
 use paddock_frontend::upgrade::{BuildStatus, Installed, Upgrader};
 use tokio::sync::{Notify, mpsc};
 
@@ -60,10 +60,8 @@ impl Builds {
 }
 
 impl paddock_balancer::feed::Platform for Builds {
-    fn describe(&self, report: &mut BalancerReport) {
-        report.build = self.status.build();
-        report.installing = self.status.installing();
-        report.upgrade_error = self.status.upgrade_error();
+    fn state(&self) -> BuildState {
+        self.status.state()
     }
 
     fn named(&self, build: Option<&PlatformBuild>, generation: i64) {
@@ -76,10 +74,8 @@ impl paddock_balancer::feed::Platform for Builds {
 }
 
 impl paddock_controller::standby::StandbyPlatform for Builds {
-    fn describe(&self, report: &mut StandbyReport) {
-        report.build = self.status.build();
-        report.installing = self.status.installing();
-        report.upgrade_error = self.status.upgrade_error();
+    fn state(&self) -> BuildState {
+        self.status.state()
     }
 
     fn named(&self, build: Option<&PlatformBuild>, generation: i64) {

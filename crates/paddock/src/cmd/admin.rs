@@ -842,6 +842,29 @@ async fn wait_routed_state(
     }
 }
 
+/// A process's build for a table: the build when known, the build it is told to run after `→`
+/// when that is another one, and what it is installing or why it cannot.
+fn build_column(state: &paddock_api::BuildState, target: Option<&str>) -> String {
+    let short = |sha: &str| sha.get(..12).unwrap_or(sha).to_string();
+    let mut build = state.build.as_deref().map(short).unwrap_or("-".into());
+    if let Some(target) = target
+        && state.build.as_deref() != Some(target)
+    {
+        build.push_str(&format!(" → {}", short(target)));
+    }
+    if let Some(installing) = &state.installing {
+        build.push_str(&format!(" (installing {})", short(installing)));
+    }
+    if let Some(failure) = &state.upgrade_error {
+        build.push_str(&format!(
+            " (cannot install {}: {})",
+            short(&failure.build),
+            failure.error
+        ));
+    }
+    build
+}
+
 /// `paddock standbys`.
 pub async fn standbys(client: &Client) -> anyhow::Result<()> {
     let standbys: Vec<paddock_api::StandbyInfo> = client.get("/v1/standbys").await?;
@@ -858,18 +881,7 @@ pub async fn standbys(client: &Client) -> anyhow::Result<()> {
         );
         for s in standbys {
             let r = &s.report;
-            let short = |sha: &str| sha.get(..12).unwrap_or(sha).to_string();
-            let mut build = r.build.as_deref().map(short).unwrap_or("-".into());
-            if let Some(installing) = &r.installing {
-                build.push_str(&format!(" (installing {})", short(installing)));
-            }
-            if let Some(failure) = &r.upgrade_error {
-                build.push_str(&format!(
-                    " (cannot install {}: {})",
-                    short(&failure.build),
-                    failure.error
-                ));
-            }
+            let build = build_column(&r.platform, None);
             println!(
                 "{:<16} {:<20} {:<8} {:<8} {:<6} {build}",
                 r.name,
@@ -900,21 +912,7 @@ pub async fn routing(client: &Client) -> anyhow::Result<()> {
         );
         for b in &r.balancers {
             let up = b.report.upstreams.iter().filter(|u| u.up).count();
-            let short = |sha: &str| sha.get(..12).unwrap_or(sha).to_string();
-            // Its build when known, and the build it is told to run when that is another one.
-            let mut build = b.report.build.as_deref().map(short).unwrap_or("-".into());
-            if let Some(target) = b.platform_target.as_deref()
-                && b.report.build.as_deref() != Some(target)
-            {
-                build.push_str(&format!(" → {}", short(target)));
-            }
-            if let Some(failure) = &b.report.upgrade_error {
-                build.push_str(&format!(
-                    " (cannot install {}: {})",
-                    short(&failure.build),
-                    failure.error
-                ));
-            }
+            let build = build_column(&b.report.platform, b.platform_target.as_deref());
             println!(
                 "{:<16} {:<22} {:<6} {:<10} {:<12} {build}",
                 b.report.name,
