@@ -280,6 +280,10 @@ pub async fn run(
         ..RuntimeConfig::default()
     })?;
     let generation = store.generation().await?;
+    // Named by the upgrade that started this process, if one did.
+    let started_on = std::env::var(platform::BUILD_ENV)
+        .ok()
+        .filter(|b| paddock_core::is_sha256(b));
     let controller = Arc::new(Controller {
         store: store.clone(),
         data: store.clone(),
@@ -299,19 +303,13 @@ pub async fn run(
             .context("building the HTTP client")?,
         timer_sync: tokio::sync::Mutex::new(()),
         zone_gate: tokio::sync::Mutex::new(()),
-        build: tokio::sync::Mutex::new(
-            std::env::var(platform::BUILD_ENV)
-                .ok()
-                .filter(|b| paddock_core::is_sha256(b)),
-        ),
+        build: tokio::sync::Mutex::new(started_on.clone()),
         restarting: watch::channel(None).0,
         incarnations: std::sync::Mutex::new(std::collections::HashMap::new()),
         standbys: std::sync::Mutex::new(std::collections::BTreeMap::new()),
         standby_target: std::sync::Mutex::new(None),
         started: std::time::Instant::now(),
-        started_on: std::env::var(platform::BUILD_ENV)
-            .ok()
-            .filter(|b| paddock_core::is_sha256(b)),
+        started_on,
     });
     tracing::info!(
         database = controller.store.backend(),
