@@ -331,6 +331,27 @@ pub struct BalancerReport {
     /// Its platform build (`build`, `upgrade_error`, `installing` beside the other fields).
     #[serde(flatten)]
     pub platform: BuildState,
+    /// What it answered for each app it routes, counted since it started: what a deployment's
+    /// watch step judges the new versions by.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub apps: Vec<AppTraffic>,
+}
+
+/// A balancer's answers for one app since it started, its own included (a 503 when no
+/// front-end could take the request).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppTrafficCounts {
+    /// Responses sent to clients.
+    pub answered: u64,
+    /// Of those, with a 5xx status.
+    pub failed: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppTraffic {
+    pub app: String,
+    #[serde(flatten)]
+    pub counts: AppTrafficCounts,
 }
 
 /// What a balancer or a standby controller says of its platform build, as a front-end's
@@ -361,6 +382,19 @@ pub struct PlatformOrders {
     /// retried at once for a new one, and reported with it.
     #[serde(default)]
     pub platform_generation: i64,
+}
+
+/// The controller's answer to a balancer's report (`POST /control/v1/balancers/{name}`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalancerOrders {
+    /// The platform build it should run (`platform`, `platform_generation`).
+    #[serde(flatten)]
+    pub platform: PlatformOrders,
+    /// Report again within this many milliseconds instead of the usual second: set while an
+    /// operation's watch step counts the balancers' answers, so that it learns of failures
+    /// sooner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_within_ms: Option<u64>,
 }
 
 /// A standby controller's report to the controller holding the role
@@ -501,6 +535,9 @@ pub struct PlatformUpgradeRequest {
     pub plan_only: bool,
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// As for a balanced deployment: the apps' answers watched after each zone's cutover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch: Option<Watch>,
 }
 
 /// One app version a server should serve.
@@ -572,6 +609,53 @@ pub struct BalancedDeployRequest {
     /// How long each wait of the operation may take before it fails (default 2 minutes).
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Watch users' answers after the cutover, and put them back on the old versions when too
+    /// many fail (default: no watch step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch: Option<Watch>,
+}
+
+/// The watch step of a balanced deployment or platform upgrade: for `ms` after the cutover,
+/// the balancers' answers for each app of the zone are counted; more than `max_failed_permille`
+/// of them with a 5xx status fails the step, which puts users back on the old versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Watch {
+    pub ms: u64,
+    /// The share of answers that may fail, in thousandths (10 = 1 %).
+    pub max_failed_permille: u32,
+}
+
+impl Watch {
+    /// The share of failed answers allowed when none is named: 1 %.
+    pub const DEFAULT_MAX_FAILED_PERMILLE: u32 = 10;
+
+    /// Whether `counts` fail more than this watch allows.
+    pub fn exceeded(&self, counts: AppTrafficCounts) -> bool {
+        u128::from(counts.failed) * 1000
+            > u128::from(self.max_failed_permille) * u128::from(counts.answered)
+    }
+
+    /// The share of answers that may fail, as a person writes it: `1%`, `0.5%`.
+    pub fn max_failed(&self) -> String {
+        match self.max_failed_permille % 10 {
+            0 => format!("{}%", self.max_failed_permille / 10),
+            tenth => format!("{}.{tenth}%", self.max_failed_permille / 10),
+        }
+    }
+
+    /// Reads a share written `1%`, `0.5%` or `2` (percent, to a tenth) as thousandths.
+    pub fn parse_percent(text: &str) -> Option<u32> {
+        let number = text.trim().trim_end_matches('%').trim();
+        let (whole, tenth) = match number.split_once('.') {
+            Some((whole, tenth)) if tenth.len() == 1 => (whole, tenth),
+            Some(_) => return None,
+            None => (number, "0"),
+        };
+        let whole: u32 = whole.parse().ok()?;
+        let tenth: u32 = tenth.parse().ok()?;
+        let permille = whole.checked_mul(10)?.checked_add(tenth)?;
+        (permille <= 1000).then_some(permille)
+    }
 }
 
 /// What a balanced deployment will do, with the real server names, decided when it starts.
@@ -586,6 +670,9 @@ pub struct DeployPlan {
     /// again and answer the smoke path with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<PlatformBuild>,
+    /// The watch step after each zone's cutover, when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch: Option<Watch>,
 }
 
 /// One zone of a [`DeployPlan`].
@@ -650,6 +737,9 @@ pub enum Step {
     Smoke,
     /// 6. Route the zone to the updating group only; wait for the acks and the loaded group to drain.
     Cutover,
+    /// 6b, when the plan has a [`Watch`]: count the balancers' answers for the zone's apps for a
+    /// while; too many failures fail the step, and users go back to the old versions.
+    Watch,
     /// 7. Scheduler back on for the updating group.
     SchedulerOnUpdating,
     /// 8. Deployment service back on for the loaded group; wait until each serves the new versions.
@@ -699,6 +789,7 @@ impl Step {
             Step::LoadNew => "load-new",
             Step::Smoke => "smoke",
             Step::Cutover => "cutover",
+            Step::Watch => "watch",
             Step::SchedulerOnUpdating => "scheduler-on-updating",
             Step::DeploymentOn => "deployment-on",
             Step::RouteAll => "route-all",
@@ -774,7 +865,7 @@ impl Step {
     pub fn all() -> impl Iterator<Item = Step> {
         Step::BALANCED
             .into_iter()
-            .chain([Step::InPlace])
+            .chain([Step::Watch, Step::InPlace])
             .chain(Step::RESTORE)
             .chain([
                 Step::UpgradeUpdating,
@@ -796,6 +887,7 @@ impl Step {
             Step::LoadNew => "new version on the updating group; wait until loaded and healthy",
             Step::Smoke => "smoke test each updating server directly",
             Step::Cutover => "route to the updating group only; wait for acks and drain",
+            Step::Watch => "count users' answers; too many 5xx put them back on the old version",
             Step::SchedulerOnUpdating => "scheduler on for the updating group",
             Step::DeploymentOn => {
                 "deployment service on for the loaded group; wait for the new version"
@@ -1145,5 +1237,54 @@ mod controllers_tests {
                 .unwrap_err()
                 .contains("not a controller URL")
         );
+    }
+}
+
+#[cfg(test)]
+mod watch_tests {
+    use super::{AppTrafficCounts, Watch};
+
+    #[test]
+    fn a_watch_allows_its_share_of_failed_answers_and_not_one_more() {
+        let watch = Watch {
+            ms: 5_000,
+            max_failed_permille: Watch::DEFAULT_MAX_FAILED_PERMILLE,
+        };
+        let counts = |answered, failed| AppTrafficCounts { answered, failed };
+        assert!(!watch.exceeded(counts(0, 0)));
+        assert!(!watch.exceeded(counts(100, 1)));
+        assert!(watch.exceeded(counts(100, 2)));
+        assert!(watch.exceeded(counts(3, 1)));
+        let none = Watch {
+            max_failed_permille: 0,
+            ..watch
+        };
+        assert!(!none.exceeded(counts(1_000_000, 0)));
+        assert!(none.exceeded(counts(1_000_000, 1)));
+        assert!(
+            !Watch {
+                max_failed_permille: 1000,
+                ..watch
+            }
+            .exceeded(counts(5, 5))
+        );
+    }
+
+    #[test]
+    fn shares_are_read_and_written_to_a_tenth_of_a_percent() {
+        assert_eq!(Watch::parse_percent("1%"), Some(10));
+        assert_eq!(Watch::parse_percent("0.5%"), Some(5));
+        assert_eq!(Watch::parse_percent("2"), Some(20));
+        assert_eq!(Watch::parse_percent("100%"), Some(1000));
+        for bad in ["", "%", "0.25%", "101%", "-1%", "one", "1.%"] {
+            assert_eq!(Watch::parse_percent(bad), None, "{bad:?}");
+        }
+        let watch = |p| Watch {
+            ms: 1_000,
+            max_failed_permille: p,
+        };
+        assert_eq!(watch(10).max_failed(), "1%");
+        assert_eq!(watch(5).max_failed(), "0.5%");
+        assert_eq!(watch(0).max_failed(), "0%");
     }
 }

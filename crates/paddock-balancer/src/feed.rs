@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use paddock_api::{ApiError, BuildState, Controllers, PlatformBuild, PlatformOrders, RoutingTable};
+use paddock_api::{ApiError, BalancerOrders, BuildState, Controllers, PlatformBuild, RoutingTable};
 use tokio::sync::Notify;
 
 use crate::Balancer;
@@ -165,8 +165,8 @@ async fn fetch(
     Ok(response.json().await?)
 }
 
-/// Reports to the controller every second (more often while a front-end drains) and whenever
-/// `applied` is notified.
+/// Reports to the controller every second (more often while a front-end drains, or when the
+/// controller asks) and whenever `applied` is notified.
 pub async fn report(
     balancer: Arc<Balancer>,
     http: reqwest::Client,
@@ -175,6 +175,8 @@ pub async fn report(
 ) {
     let path = format!("/control/v1/balancers/{}", balancer.name);
     let mut failing = false;
+    // How soon the controller asked for the next report, if sooner than usual.
+    let mut soon: Option<Duration> = None;
     let platform_changed = link.platform.as_ref().map(|p| p.changed());
     loop {
         // Read before the report: if it shows a draining front-end with requests in flight,
@@ -193,26 +195,32 @@ pub async fn report(
         match sent {
             Ok(r) if r.status().is_success() => {
                 failing = false;
-                if let Some(platform) = &link.platform {
-                    // A controller of an older release answers no orders at all. An answer
-                    // not read whole changes nothing (an installation under way goes on).
-                    let orders = match r.bytes().await {
-                        Ok(body) if body.is_empty() => Some(PlatformOrders::default()),
-                        Ok(body) => serde_json::from_slice::<PlatformOrders>(&body)
-                            .inspect_err(|e| {
-                                tracing::warn!(
-                                    "the controller's answer to a report is not understood: {e}"
-                                );
-                            })
-                            .ok(),
-                        Err(e) => {
-                            tracing::debug!("cannot read the controller's answer to a report: {e}");
-                            None
-                        }
-                    };
-                    if let Some(orders) = orders {
-                        platform.named(orders.platform.as_ref(), orders.platform_generation);
+                // A controller of an older release answers no orders at all. An answer not
+                // read whole changes nothing (an installation under way goes on).
+                let orders = match r.bytes().await {
+                    Ok(body) if body.is_empty() => Some(BalancerOrders::default()),
+                    Ok(body) => serde_json::from_slice::<BalancerOrders>(&body)
+                        .inspect_err(|e| {
+                            tracing::warn!(
+                                "the controller's answer to a report is not understood: {e}"
+                            );
+                        })
+                        .ok(),
+                    Err(e) => {
+                        tracing::debug!("cannot read the controller's answer to a report: {e}");
+                        None
                     }
+                };
+                if let Some(orders) = orders {
+                    if let Some(platform) = &link.platform {
+                        platform.named(
+                            orders.platform.platform.as_ref(),
+                            orders.platform.platform_generation,
+                        );
+                    }
+                    soon = orders.report_within_ms.map(|ms| {
+                        Duration::from_millis(ms).clamp(DRAINING_INTERVAL, REPORT_INTERVAL)
+                    });
                 }
             }
             Ok(r) => {
@@ -225,20 +233,23 @@ pub async fn report(
                     );
                 }
                 failing = true;
+                soon = None;
             }
             Err(e) => {
                 if !failing {
                     tracing::debug!("cannot report to the controller: {e}");
                 }
                 failing = true;
+                soon = None;
             }
         }
         // While a drained front-end still has requests in flight, report often: the
-        // operation waiting for it learns that it drained within DRAINING_INTERVAL.
+        // operation waiting for it learns that it drained within DRAINING_INTERVAL. While an
+        // operation watches the answers, as soon as the controller asks.
         let period = if draining || balancer.draining() {
             DRAINING_INTERVAL
         } else {
-            REPORT_INTERVAL
+            soon.unwrap_or(REPORT_INTERVAL)
         };
         let platform_changed = async {
             match &platform_changed {

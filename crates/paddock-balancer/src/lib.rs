@@ -40,7 +40,7 @@ use http::{Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use paddock_api::{BalancerReport, RoutingTable, UpstreamReport};
+use paddock_api::{AppTraffic, BalancerReport, RoutingTable, UpstreamReport};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
@@ -201,6 +201,13 @@ impl Balancer {
                 })
                 .collect(),
             platform: Default::default(),
+            apps: table
+                .apps()
+                .map(|app| AppTraffic {
+                    app: app.to_string(),
+                    counts: self.shared.metrics.app_traffic(app),
+                })
+                .collect(),
         }
     }
 

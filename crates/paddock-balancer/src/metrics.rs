@@ -1,16 +1,19 @@
 //! `/metrics` in Prometheus text format: requests by app, version, status and server; latency by
 //! app; each upstream's health, routing state and requests in flight; the routing generation.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 use crate::table::Table;
+use paddock_api::AppTrafficCounts;
 
 /// Label values shared by many requests are reference-counted, so that counting a request
 /// allocates nothing for them.
@@ -46,10 +49,43 @@ struct StateLabels {
     state: String,
 }
 
+/// An app's latency histogram, with its count of answers readable for the controller's reports
+/// (the histogram keeps its own, which `prometheus-client` does not give out).
+#[derive(Debug)]
+struct AppLatency {
+    histogram: Histogram,
+    answered: AtomicU64,
+}
+
+impl AppLatency {
+    fn new() -> AppLatency {
+        AppLatency {
+            // 0.5 ms to ~16 s.
+            histogram: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            answered: AtomicU64::new(0),
+        }
+    }
+}
+
+impl TypedMetric for AppLatency {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for AppLatency {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.histogram.encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
 pub struct Metrics {
     registry: Mutex<Registry>,
     requests: Family<RequestLabels, Counter>,
-    duration: Family<AppLabels, Histogram>,
+    duration: Family<AppLabels, AppLatency>,
+    failed: Family<AppLabels, Counter>,
     retries: Family<UpstreamLabels, Counter>,
     upstream_up: Family<UpstreamLabels, Gauge>,
     upstream_state: Family<StateLabels, Gauge>,
@@ -58,17 +94,13 @@ pub struct Metrics {
     generation: Gauge,
 }
 
-fn latency_histogram() -> Histogram {
-    // 0.5 ms to ~16 s.
-    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
-}
-
 impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("paddock_balancer");
         let requests = Family::<RequestLabels, Counter>::default();
         let duration =
-            Family::<AppLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> _);
+            Family::<AppLabels, AppLatency>::new_with_constructor(AppLatency::new as fn() -> _);
+        let failed = Family::<AppLabels, Counter>::default();
         let retries = Family::<UpstreamLabels, Counter>::default();
         let upstream_up = Family::<UpstreamLabels, Gauge>::default();
         let upstream_state = Family::<StateLabels, Gauge>::default();
@@ -84,6 +116,11 @@ impl Metrics {
             "request_duration_seconds",
             "Time from a request's arrival to the end of its response, by app",
             duration.clone(),
+        );
+        registry.register(
+            "failed_requests",
+            "Requests answered with a 5xx status (the balancer's own included), by app",
+            failed.clone(),
         );
         registry.register(
             "retries",
@@ -119,6 +156,7 @@ impl Metrics {
             registry: Mutex::new(registry),
             requests,
             duration,
+            failed,
             retries,
             upstream_up,
             upstream_state,
@@ -129,12 +167,30 @@ impl Metrics {
     }
 
     pub fn request(&self, labels: RequestLabels, seconds: f64) {
-        self.duration
-            .get_or_create(&AppLabels {
-                app: labels.app.clone(),
-            })
-            .observe(seconds);
+        let app = AppLabels {
+            app: labels.app.clone(),
+        };
+        {
+            let latency = self.duration.get_or_create(&app);
+            latency.histogram.observe(seconds);
+            latency.answered.fetch_add(1, Ordering::Relaxed);
+        }
+        if labels.status >= 500 {
+            self.failed.get_or_create(&app).inc();
+        }
         self.requests.get_or_create(&labels).inc();
+    }
+
+    /// The requests answered for `app` since the start, and how many with a 5xx status.
+    pub fn app_traffic(&self, app: &Arc<String>) -> AppTrafficCounts {
+        let labels = AppLabels { app: app.clone() };
+        AppTrafficCounts {
+            answered: self
+                .duration
+                .get(&labels)
+                .map_or(0, |l| l.answered.load(Ordering::Relaxed)),
+            failed: self.failed.get(&labels).map_or(0, |c| c.get()),
+        }
     }
 
     pub fn retry(&self, server: &str, zone: &str) {

@@ -116,6 +116,15 @@ impl Table {
         self.routes.iter().find(|r| route_matches(&r.prefix, path))
     }
 
+    /// Every app the table routes, once.
+    pub fn apps(&self) -> impl Iterator<Item = &Arc<String>> {
+        self.routes
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| !self.routes[..*i].iter().any(|o| o.app == r.app))
+            .map(|(_, r)| &r.app)
+    }
+
     /// Every upstream of the table, once.
     pub fn upstreams(&self) -> impl Iterator<Item = (&Zone, &Member)> {
         self.zones

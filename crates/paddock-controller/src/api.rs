@@ -13,10 +13,10 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use paddock_api::{
-    ApiError, AppVersionRef, BalancedDeployRequest, BalancerReport, DeployPlan, DesiredApp,
-    DesiredState, HealthReport, LbState, OpState, Operation, PlatformOrders, Policy, Registration,
-    Role, RoutingTable, ServerFlag, ServerInfo, TimerClaim, TimerFinish, TimerInfo, TimerLease,
-    TimerRun, VersionInfo,
+    ApiError, AppVersionRef, BalancedDeployRequest, BalancerOrders, BalancerReport, DeployPlan,
+    DesiredApp, DesiredState, HealthReport, LbState, OpState, Operation, PlatformOrders, Policy,
+    Registration, Role, RoutingTable, ServerFlag, ServerInfo, TimerClaim, TimerFinish, TimerInfo,
+    TimerLease, TimerRun, VersionInfo,
 };
 use paddock_core::Manifest;
 use paddock_core::manifest::is_valid_name;
@@ -1257,7 +1257,7 @@ async fn balancer_report(
     State(c): State<Arc<Controller>>,
     Path(name): Path<String>,
     Json(report): Json<BalancerReport>,
-) -> Answer<PlatformOrders> {
+) -> Answer<BalancerOrders> {
     if report.name != name || !is_valid_name(&name) {
         return Err(Failure::bad_request(
             "bad_report",
@@ -1269,14 +1269,17 @@ async fn balancer_report(
     }
     c.store.balancer_report(&report, now_ms()).await?;
     c.facts_changed();
-    let orders = match c.store.balancer_target(&name).await? {
+    let platform = match c.store.balancer_target(&name).await? {
         Some((build, generation)) => PlatformOrders {
             platform: Some(build),
             platform_generation: generation,
         },
         None => PlatformOrders::default(),
     };
-    Ok(Json(orders))
+    Ok(Json(BalancerOrders {
+        platform,
+        report_within_ms: c.watching().then_some(crate::ops::WATCH_REPORT_MS),
+    }))
 }
 
 /// A scheduler service asks for due ticks; none while its server's scheduler is off.

@@ -132,6 +132,8 @@ pub struct Controller {
     pub(crate) started: std::time::Instant,
     /// The build an upgrade started this process on (`BUILD_ENV`), if one did.
     pub(crate) started_on: Option<String>,
+    /// Watch steps running now: while there is one, balancers are asked to report sooner.
+    pub(crate) watches: std::sync::atomic::AtomicUsize,
 }
 
 impl Controller {
@@ -183,6 +185,11 @@ impl Controller {
 
     pub fn watch_facts(&self) -> watch::Receiver<u64> {
         self.facts.subscribe()
+    }
+
+    /// Whether an operation's watch step is counting the balancers' answers now.
+    pub fn watching(&self) -> bool {
+        self.watches.load(std::sync::atomic::Ordering::Relaxed) > 0
     }
 }
 
@@ -310,6 +317,7 @@ pub async fn run(
         standby_target: std::sync::Mutex::new(None),
         started: std::time::Instant::now(),
         started_on,
+        watches: std::sync::atomic::AtomicUsize::new(0),
     });
     tracing::info!(
         database = controller.store.backend(),

@@ -21,9 +21,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use paddock_api::{
-    BalancedDeployRequest, DeployPlan, LbState, OpState, OpStep, Operation, PlannedApp,
-    PlannedStep, PlatformBuild, PlatformUpgradeRequest, Role, ServerBefore, ServerFlag, ServerInfo,
-    Step, StepState, ZonePlan,
+    AppTrafficCounts, BalancedDeployRequest, DeployPlan, LbState, OpState, OpStep, Operation,
+    PlannedApp, PlannedStep, PlatformBuild, PlatformUpgradeRequest, Role, ServerBefore, ServerFlag,
+    ServerInfo, Step, StepState, Watch, ZonePlan,
 };
 use paddock_store::{ServerChange, StepEnd, StoreError};
 
@@ -34,6 +34,29 @@ use crate::{Controller, now_ms};
 pub const DEFAULT_TIMEOUT_MS: u64 = 120_000;
 /// How often a wait looks again when no fact arrived (abort requests and deadlines).
 const RECHECK: Duration = Duration::from_millis(250);
+/// The answers an app needs before its failures fail a watch step before its time is up.
+const WATCH_EARLY_ANSWERS: u64 = 20;
+/// How soon balancers report while a watch step counts their answers (instead of every
+/// second): failures are seen, and users put back, within about this long.
+pub const WATCH_REPORT_MS: u64 = 100;
+
+/// Counts a running watch step in [`Controller::watches`] while it lives.
+struct Watching<'a>(&'a Controller);
+
+impl<'a> Watching<'a> {
+    fn new(c: &'a Controller) -> Watching<'a> {
+        c.watches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Watching(c)
+    }
+}
+
+impl Drop for Watching<'_> {
+    fn drop(&mut self) {
+        self.0
+            .watches
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 /// How long a server may be silent and still count as restarting on a new build, not dead.
 const RESTART_GRACE_MS: i64 = 30_000;
 /// How long one smoke request may take.
@@ -127,14 +150,39 @@ pub async fn plan(
         });
     }
 
+    let watch = checked_watch(request.watch)?;
     let zones: Vec<(String, Vec<PlannedApp>)> = zones.into_iter().collect();
-    let plans = zone_plans(c, zones, &request.updating, false).await?;
+    let plans = zone_plans(c, zones, &request.updating, false, watch.is_some()).await?;
     Ok(DeployPlan {
         parallel_zones: request.parallel_zones,
         timeout_ms,
         zones: plans,
         platform: None,
+        watch,
     })
+}
+
+/// The longest watch step: an hour, like the longest wait.
+const MAX_WATCH_MS: u64 = 3_600_000;
+
+fn checked_watch(watch: Option<Watch>) -> Result<Option<Watch>, PlanError> {
+    let Some(watch) = watch else {
+        return Ok(None);
+    };
+    if !(1_000..=MAX_WATCH_MS).contains(&watch.ms) {
+        return Err(invalid(format!(
+            "watch {} ms is out of range: use 1s to 1h",
+            watch.ms
+        )));
+    }
+    if watch.max_failed_permille > 1000 {
+        return Err(invalid(format!(
+            "at most {}.{} % of answers may fail? Name a share from 0% to 100%",
+            watch.max_failed_permille / 10,
+            watch.max_failed_permille % 10
+        )));
+    }
+    Ok(Some(watch))
 }
 
 /// Decides the groups and steps of a balanced platform upgrade: every zone with a serving
@@ -149,6 +197,7 @@ pub async fn plan_upgrade(
             "timeout {timeout_ms} ms is out of range: use 1s to 1h"
         )));
     }
+    let watch = checked_watch(request.watch)?;
     if request.parallel_zones {
         return Err(invalid(
             "a platform upgrade runs its zones one after another (the controller goes last, once every zone is done); leave out --parallel-zones",
@@ -249,6 +298,7 @@ pub async fn plan_upgrade(
                 steps: farm_steps(),
             }],
             platform: Some(build),
+            watch: None,
         });
     }
     let mut zones = Vec::new();
@@ -271,7 +321,7 @@ pub async fn plan_upgrade(
             .collect();
         zones.push((zone, apps));
     }
-    let mut plans = zone_plans(c, zones, &request.updating, true).await?;
+    let mut plans = zone_plans(c, zones, &request.updating, true, watch.is_some()).await?;
     // The controller goes last, after every zone (they run one after another): a build that
     // fails on the front-ends is put back by a controller that works. Not for one zone.
     if request.zone.is_none()
@@ -284,6 +334,7 @@ pub async fn plan_upgrade(
         timeout_ms,
         zones: plans,
         platform: Some(build),
+        watch,
     })
 }
 
@@ -314,6 +365,7 @@ async fn zone_plans(
     zones: Vec<(String, Vec<PlannedApp>)>,
     chosen: &[String],
     upgrade: bool,
+    watch: bool,
 ) -> Result<Vec<ZonePlan>, PlanError> {
     let servers = c.store.servers().await?;
     let now = now_ms();
@@ -422,7 +474,11 @@ async fn zone_plans(
             .collect();
         let steps = forward_steps(in_place, upgrade)
             .iter()
-            .map(|&step| PlannedStep {
+            .flat_map(|&step| match step {
+                Step::Cutover if watch => vec![Step::Cutover, Step::Watch],
+                step => vec![step],
+            })
+            .map(|step| PlannedStep {
                 step,
                 servers: match step {
                     Step::SchedulerOff => everyone.clone(),
@@ -431,6 +487,7 @@ async fn zone_plans(
                     Step::DrainUpdating
                     | Step::LoadNew
                     | Step::Smoke
+                    | Step::Watch
                     | Step::SchedulerOnUpdating
                     | Step::InPlace
                     | Step::UpgradeUpdating
@@ -556,8 +613,14 @@ pub async fn start(c: &Arc<Controller>, plan: &DeployPlan) -> Result<Operation, 
         .filter(|z| z.in_place)
         .map(|z| match &plan.platform {
             None => format!(
-                "zone {} has one serving front-end ({}): deployed in place, without a cutover",
-                z.zone, z.updating[0]
+                "zone {} has one serving front-end ({}): deployed in place, without a cutover{}",
+                z.zone,
+                z.updating[0],
+                if plan.watch.is_some() {
+                    " or a watch"
+                } else {
+                    ""
+                }
             ),
             Some(_) => format!(
                 "zone {} has one serving front-end ({}): it restarts in place (requests wait for it meanwhile)",
@@ -1006,6 +1069,9 @@ impl Run<'_> {
             }
             Step::Smoke => self.smoke().await,
             Step::Cutover => {
+                // The balancers that acknowledge the cutover already report as often as the
+                // watch step after it wants.
+                let _watching = self.plan.watch.map(|_| Watching::new(self.c));
                 let changes = z
                     .updating
                     .iter()
@@ -1014,6 +1080,10 @@ impl Run<'_> {
                 let g = self.set(changes).await?;
                 self.wait_drained(g, &z.loaded).await
             }
+            Step::Watch => match self.plan.watch {
+                Some(watch) => self.watch(watch).await,
+                None => Ok(vec!["no watch in the plan".into()]),
+            },
             Step::SchedulerOnUpdating => {
                 self.restore_flag(&z.updating, ServerFlag::Scheduler).await
             }
@@ -1964,6 +2034,135 @@ impl Run<'_> {
 
     /// Requests each app's smoke path on each updating server directly (not through a
     /// balancer): it must answer 2xx with the new version.
+    /// The watch step: counts what the live balancers answer users for each app of the zone,
+    /// from each balancer's report as the step starts to its first report after the watch's
+    /// time is up. An app whose failed answers pass the share the watch allows fails the step,
+    /// which puts users back on the old versions: at once over at least
+    /// [`WATCH_EARLY_ANSWERS`] answers, or at the end over any number.
+    ///
+    /// The report a balancer sent last as the step starts counts every answer of the old
+    /// versions already: the cutover's wait ended on reports that showed nothing in flight to
+    /// the loaded group, and a balancer counts an answer before it leaves the in-flight count.
+    async fn watch(&self, watch: Watch) -> Result<Vec<String>, StepError> {
+        let apps = &self.zone.apps;
+        let _watching = Watching::new(self.c);
+        let started = now_ms();
+        let end = started + i64::try_from(watch.ms).unwrap_or(i64::MAX);
+        // Per balancer: its counts for each app in its report as the step starts (or its first
+        // one, for a balancer that starts reporting later), and in its latest one.
+        let mut first: BTreeMap<String, Vec<AppTrafficCounts>> = BTreeMap::new();
+        let mut latest: BTreeMap<String, Vec<AppTrafficCounts>> = BTreeMap::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(watch.ms) + self.timeout;
+        let mut facts = self.c.watch_facts();
+        loop {
+            facts.mark_unchanged();
+            let now = now_ms();
+            let balancers = self
+                .c
+                .store
+                .balancers(now - crate::routing::BALANCER_ALIVE_WITHIN_MS)
+                .await?;
+            for b in balancers.iter().filter(|b| b.alive) {
+                let counts: Vec<AppTrafficCounts> = apps
+                    .iter()
+                    .map(|a| {
+                        b.report
+                            .apps
+                            .iter()
+                            .find(|t| t.app == a.app)
+                            .map_or_else(AppTrafficCounts::default, |t| t.counts)
+                    })
+                    .collect();
+                first
+                    .entry(b.report.name.clone())
+                    .or_insert_with(|| counts.clone());
+                latest.insert(b.report.name.clone(), counts);
+            }
+            let totals: Vec<AppTrafficCounts> = (0..apps.len())
+                .map(|i| {
+                    latest
+                        .iter()
+                        .fold(AppTrafficCounts::default(), |sum, (name, now)| {
+                            let since = counted_since(first[name][i], now[i]);
+                            AppTrafficCounts {
+                                answered: sum.answered + since.answered,
+                                failed: sum.failed + since.failed,
+                            }
+                        })
+                })
+                .collect();
+            let seconds = (now - started) as f64 / 1000.0;
+            let through = if latest.is_empty() {
+                "no balancer".to_string()
+            } else {
+                join(&latest.keys().collect::<Vec<_>>())
+            };
+            if let Some((app, counts)) = apps.iter().zip(&totals).find(|(_, t)| {
+                watch.exceeded(**t) && (t.answered >= WATCH_EARLY_ANSWERS || now >= end)
+            }) {
+                let back = match &self.plan.platform {
+                    None => app.from.clone(),
+                    Some(_) => "the servers on the old build".to_string(),
+                };
+                return Err(StepError::Failed(format!(
+                    "{} {}: {} of {} answers through {through} failed (5xx) in {seconds:.1} s, more than the {} allowed: users go back to {back}",
+                    app.app,
+                    app.to,
+                    counts.failed,
+                    counts.answered,
+                    watch.max_failed(),
+                )));
+            }
+            let missing = if now < end {
+                format!("watching until {} s have passed", watch.ms / 1000)
+            } else {
+                let late: Vec<&str> = balancers
+                    .iter()
+                    .filter(|b| b.alive && b.heartbeat_ms < end)
+                    .map(|b| b.report.name.as_str())
+                    .collect();
+                if late.is_empty() {
+                    return Ok(apps
+                        .iter()
+                        .zip(&totals)
+                        .map(|(app, t)| match t.answered {
+                            0 => format!(
+                                "{} {}: no answer through {through} in {seconds:.1} s, nothing to judge",
+                                app.app, app.to
+                            ),
+                            n => format!(
+                                "{} {}: {n} answers through {through} in {seconds:.1} s, {} failed (5xx; at most {} may)",
+                                app.app,
+                                app.to,
+                                t.failed,
+                                watch.max_failed()
+                            ),
+                        })
+                        .collect());
+                }
+                format!(
+                    "balancers {} have not reported since the watch ended",
+                    join(&late)
+                )
+            };
+            if self.c.store.operation(self.id).await?.abort_requested {
+                return Err(StepError::Failed(format!(
+                    "aborted by the operator while watching ({missing})"
+                )));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StepError::Failed(format!(
+                    "not confirmed within {} s after the watch: {missing}",
+                    self.timeout.as_secs()
+                )));
+            }
+            tokio::select! {
+                _ = facts.changed() => {}
+                _ = tokio::time::sleep(RECHECK) => {}
+            }
+        }
+    }
+
     async fn smoke(&self) -> Result<Vec<String>, StepError> {
         let servers = self.c.store.servers().await?;
         let mut requests = Vec::new();
@@ -2028,6 +2227,18 @@ impl Run<'_> {
                 _ = tokio::time::sleep(RECHECK) => {}
             }
         }
+    }
+}
+
+/// What a balancer counted between two of its reports; all of `later` when its counts went
+/// down (it restarted, and counts from zero again).
+fn counted_since(earlier: AppTrafficCounts, later: AppTrafficCounts) -> AppTrafficCounts {
+    if later.answered < earlier.answered || later.failed < earlier.failed {
+        return later;
+    }
+    AppTrafficCounts {
+        answered: later.answered - earlier.answered,
+        failed: later.failed - earlier.failed,
     }
 }
 

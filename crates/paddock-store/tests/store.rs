@@ -437,6 +437,13 @@ async fn routing_state(store: &dyn Store) {
         generation: 7,
         upstreams: vec![],
         platform: Default::default(),
+        apps: vec![paddock_api::AppTraffic {
+            app: "hello".into(),
+            counts: paddock_api::AppTrafficCounts {
+                answered: 12,
+                failed: 1,
+            },
+        }],
     };
     store.balancer_report(&report, 100).await.unwrap();
     store.balancer_report(&report, 200).await.unwrap();
@@ -449,6 +456,8 @@ async fn routing_state(store: &dyn Store) {
         (b.report.generation, b.applied_ms, b.alive),
         (8, 300, false)
     );
+    // Its counts of answers come back whole: the watch step reads them there.
+    assert_eq!(b.report, report);
 }
 
 /// Operations: zone locks, the journal, final states; and the multi-server and multi-app writes
@@ -462,6 +471,7 @@ async fn operations_journal(store: &dyn Store) {
     }
     let plan = |zones: &[&str]| DeployPlan {
         platform: None,
+        watch: None,
         parallel_zones: false,
         timeout_ms: 1000,
         zones: zones
@@ -1212,6 +1222,7 @@ async fn platform_builds(store: &SqlStore) {
             build: Some("b".repeat(64)),
             ..Default::default()
         },
+        apps: vec![],
     };
     for name in ["lb1", "lb2"] {
         store.balancer_report(&report(name), 5).await.unwrap();

@@ -353,6 +353,177 @@ async fn a_version_failing_its_smoke_test_never_reaches_a_user() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_failing_under_users_is_seen_by_the_watch_and_users_go_back() {
+    let f = farm("deploy_watch", Db::Sqlite, 2).await;
+    f.controller.ok(&[
+        "app",
+        "upload",
+        &fixture("hello-v3-failing").display().to_string(),
+    ]);
+    let before = flags(&f.controller);
+
+    // The plan has a watch step after the cutover, and says what it judges by.
+    let plan = f.controller.ok(&[
+        "deploy",
+        "--balanced",
+        "hello@v2",
+        "--watch",
+        "2s",
+        "--max-failed",
+        "0.5%",
+        "--plan",
+    ]);
+    assert!(
+        plan.contains("6. cutover") && plan.contains("7. watch"),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("counts users' answers for 2 s; more than 0.5% failed"),
+        "{plan}"
+    );
+    // Bad input changes nothing.
+    let e = f.controller.fails(&[
+        "deploy",
+        "--balanced",
+        "hello@v2",
+        "--watch",
+        "2s",
+        "--max-failed",
+        "150%",
+    ]);
+    assert!(e.contains("a share from 0% to 100%"), "{e}");
+    let e = f.controller.fails(&["deploy", "hello@v2", "--watch", "2s"]);
+    assert!(e.contains("add --balanced"), "{e}");
+    let e = f
+        .controller
+        .fails(&["deploy", "--balanced", "hello@v2", "--max-failed", "1%"]);
+    assert!(e.contains("--watch"), "{e}");
+    assert_eq!(desired(&f.controller, "hello"), "v1");
+
+    // A version that passes its smoke test and fails users' requests: the watch sees it
+    // before its time is up, and users go back to v1.
+    let load = Load::start(f.lb.addr, "/hello", CLIENTS, PACE);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let window = 30;
+    let out = f
+        .controller
+        .cli_async(&[
+            "deploy",
+            "--balanced",
+            "hello@v3-failing",
+            "--watch",
+            &format!("{window}s"),
+        ])
+        .await;
+    let returned = Instant::now();
+    assert!(!out.success, "the watch should fail it: {}", out.stdout);
+    assert!(
+        out.stderr.contains("hello v3-failing:")
+            && out.stderr.contains("answers through lb1 failed (5xx)")
+            && out
+                .stderr
+                .contains("more than the 1% allowed: users go back to v1"),
+        "{}",
+        out.stderr
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let all = load.stop().await;
+    // Users saw the failing version only between the cutover and the watch's verdict, and
+    // only v1 once the operation had put everything back.
+    let failed: Vec<&Sample> = all.iter().filter(|s| s.status != 200).collect();
+    assert!(!failed.is_empty(), "no request reached v3-failing");
+    assert!(
+        failed
+            .iter()
+            .all(|s| s.status == 500 && s.version.as_deref() == Some("v3-failing")),
+        "{:?}",
+        failures(&all)
+    );
+    let after: Vec<&Sample> = all.iter().filter(|s| s.started > returned).collect();
+    assert!(!after.is_empty());
+    assert!(
+        after
+            .iter()
+            .all(|s| s.status == 200 && s.version.as_deref() == Some("v1")),
+        "{:?}",
+        failures(&all)
+    );
+    let id = serde_json::from_str::<serde_json::Value>(&f.controller.ok(&["op", "list", "--json"]))
+        .unwrap()[0]["id"]
+        .as_i64()
+        .unwrap();
+    eprintln!("{}", f.controller.ok(&["op", "show", &id.to_string()]));
+    let op = op_json(&f.controller, id);
+    assert_eq!(op["state"], "failed", "{op:#}");
+    let steps = op["steps"].as_array().unwrap();
+    let names: Vec<&str> = steps.iter().map(|s| s["step"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "scheduler-off",
+            "drain-updating",
+            "deployment-off",
+            "load-new",
+            "smoke",
+            "cutover",
+            "watch",
+            "restore-routing",
+            "restore-version",
+            "restore-flags"
+        ]
+    );
+    let watch = &steps[6];
+    assert_eq!(watch["state"], "failed");
+    let watched_ms = watch["ended_ms"].as_i64().unwrap() - watch["started_ms"].as_i64().unwrap();
+    assert!(
+        watched_ms < window * 1000,
+        "the watch waited out its {window} s ({watched_ms} ms) instead of failing on the evidence"
+    );
+    assert_eq!(desired(&f.controller, "hello"), "v1");
+    assert_eq!(flags(&f.controller), before);
+    // The balancer counted each of them, as its metrics show.
+    assert_eq!(
+        f.lb.metric_sum("paddock_balancer_failed_requests_total", &["app=\"hello\""])
+            .await,
+        failed.len() as u64
+    );
+
+    // A version that answers well passes the watch, which journals what it counted.
+    let load = Load::start(f.lb.addr, "/hello", CLIENTS, PACE);
+    let out = f
+        .controller
+        .cli_async(&["deploy", "--balanced", "hello@v2", "--watch", "2s"])
+        .await;
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    let all = load.stop().await;
+    assert!(failures(&all).is_empty(), "{:?}", failures(&all));
+    let id = serde_json::from_str::<serde_json::Value>(&f.controller.ok(&["op", "list", "--json"]))
+        .unwrap()[0]["id"]
+        .as_i64()
+        .unwrap();
+    eprintln!("{}", f.controller.ok(&["op", "show", &id.to_string()]));
+    let op = op_json(&f.controller, id);
+    assert_eq!(op["state"], "succeeded", "{op:#}");
+    let watch = op["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "watch")
+        .unwrap()
+        .clone();
+    let facts = watch["facts"].to_string();
+    assert!(
+        facts.contains("hello v2: ")
+            && facts.contains("answers through lb1 in ")
+            && facts.contains(", 0 failed (5xx; at most 1% may)"),
+        "{facts}"
+    );
+    let watched_ms = watch["ended_ms"].as_i64().unwrap() - watch["started_ms"].as_i64().unwrap();
+    assert!(watched_ms >= 2000, "watched {watched_ms} ms");
+    assert_eq!(desired(&f.controller, "hello"), "v2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_killed_during_the_drain_resumes_and_an_abort_after_the_cutover_flips_back() {
     let mut f = farm("deploy_resume", Db::Postgres, 4).await;
     let before = flags(&f.controller);

@@ -42,6 +42,36 @@ pub struct DeployArgs {
     /// How long each wait may take (balanced) or the whole rollout (in place).
     #[arg(long, default_value = "2m", value_parser = crate::positive_duration)]
     timeout: Duration,
+    #[command(flatten)]
+    watch: WatchArgs,
+}
+
+/// The watch step of a balanced deployment or platform upgrade.
+#[derive(clap::Args)]
+pub struct WatchArgs {
+    /// After each zone's cutover, count users' answers through the balancers for this long
+    /// (e.g. 30s); too many 5xx answers fail the step and put users back on the old versions.
+    /// Without it there is no watch step.
+    #[arg(long, value_parser = crate::positive_duration)]
+    watch: Option<Duration>,
+    /// The share of watched answers that may fail (5xx) before users are put back, to a
+    /// tenth of a percent.
+    #[arg(long, default_value = "1%", value_parser = share, requires = "watch")]
+    max_failed: u32,
+}
+
+impl WatchArgs {
+    fn watch(&self) -> Option<paddock_api::Watch> {
+        self.watch.map(|window| paddock_api::Watch {
+            ms: window.as_millis() as u64,
+            max_failed_permille: self.max_failed,
+        })
+    }
+}
+
+fn share(text: &str) -> Result<u32, String> {
+    paddock_api::Watch::parse_percent(text)
+        .ok_or_else(|| "give a share from 0% to 100%, to a tenth (e.g. 1%, 0.5%)".into())
 }
 
 #[derive(clap::Args)]
@@ -69,6 +99,8 @@ pub struct UpgradeArgs {
     /// How long each wait may take.
     #[arg(long, default_value = "2m", value_parser = crate::positive_duration)]
     timeout: Duration,
+    #[command(flatten)]
+    watch: WatchArgs,
 }
 
 #[derive(clap::Subcommand)]
@@ -145,6 +177,11 @@ pub async fn deploy(client: &Client, args: DeployArgs) -> anyhow::Result<()> {
         .iter()
         .map(|a| parse_target(a))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    if !args.balanced && args.watch.watch.is_some() {
+        anyhow::bail!(
+            "--watch watches users after a cutover, which only a balanced deployment has; add --balanced"
+        );
+    }
     if !args.balanced {
         let mut deployed = Vec::new();
         for target in targets {
@@ -206,6 +243,7 @@ pub async fn deploy(client: &Client, args: DeployArgs) -> anyhow::Result<()> {
         parallel_zones: args.parallel_zones,
         plan_only: args.plan,
         timeout_ms: Some(args.timeout.as_millis() as u64),
+        watch: args.watch.watch(),
     };
     let answer: BalancedDeployAnswer = client
         .post("/v1/operations/balanced-deploy", &request)
@@ -304,6 +342,7 @@ pub async fn upgrade(client: &Client, args: UpgradeArgs) -> anyhow::Result<()> {
         parallel_zones: args.parallel_zones,
         plan_only: args.plan,
         timeout_ms: Some(args.timeout.as_millis() as u64),
+        watch: args.watch.watch(),
     };
     let answer: BalancedDeployAnswer = client
         .post("/v1/operations/platform-upgrade", &request)
@@ -486,6 +525,13 @@ fn print_plan(plan: &DeployPlan, plan_only: bool) {
             ""
         }
     );
+    if let Some(watch) = &plan.watch {
+        println!(
+            "The watch step counts users' answers for {} s; more than {} failed (5xx) for an app puts users back on the old versions.",
+            watch.ms as f64 / 1000.0,
+            watch.max_failed()
+        );
+    }
 }
 
 fn print_operation(op: &Operation) {
