@@ -178,7 +178,14 @@ async fn upgrade_under_load(db: Db, test: &str) {
     // Each wait within 20 s: a balancer told the build must hear the new generation at once
     // (a long-poll not woken for it answers only after 25 s).
     let out = controller
-        .cli_async(&["upgrade", &new.display().to_string(), "--timeout", "20s"])
+        .cli_async(&[
+            "upgrade",
+            &new.display().to_string(),
+            "--timeout",
+            "20s",
+            "--watch",
+            "1s",
+        ])
         .await;
     assert!(!out.success, "{}", out.stdout);
     // Uploaded before: not sent again.
@@ -290,6 +297,19 @@ async fn upgrade_under_load(db: Db, test: &str) {
     for line in lines {
         assert!(line.ends_with(&sha[..12]), "{human}");
     }
+    // Users' answers were watched for a second after the cutover to the new build.
+    let watch = newest["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "watch")
+        .unwrap();
+    assert_eq!(watch["state"], "done", "{newest:#}");
+    let facts = watch["facts"].to_string();
+    assert!(
+        facts.contains("hello v1: ") && facts.contains(", 0 failed (5xx; at most 1% may)"),
+        "{facts}"
+    );
     let step = newest["steps"]
         .as_array()
         .unwrap()
