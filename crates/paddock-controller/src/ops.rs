@@ -2045,6 +2045,12 @@ impl Run<'_> {
     /// the loaded group, and a balancer counts an answer before it leaves the in-flight count.
     async fn watch(&self, watch: Watch) -> Result<Vec<String>, StepError> {
         let apps = &self.zone.apps;
+        if apps.is_empty() {
+            return Ok(vec![format!(
+                "zone {} runs no app: nothing to watch",
+                self.zone.zone
+            )]);
+        }
         let _watching = Watching::new(self.c);
         let started = now_ms();
         let end = started + i64::try_from(watch.ms).unwrap_or(i64::MAX);

@@ -378,7 +378,8 @@ async fn a_version_failing_under_users_is_seen_by_the_watch_and_users_go_back() 
         "{plan}"
     );
     assert!(
-        plan.contains("counts users' answers for 2 s; more than 0.5% failed"),
+        plan.contains("counts users' answers for 2 s; more than 0.5% failed")
+            && plan.contains("a failure before step 9 (deployment-on) puts everything back"),
         "{plan}"
     );
     // Bad input changes nothing.

@@ -516,6 +516,8 @@ fn print_plan(plan: &DeployPlan, plan_only: bool) {
         plan.timeout_ms / 1000,
         if upgrade {
             "upgrade-loaded"
+        } else if plan.watch.is_some() {
+            "step 9 (deployment-on)"
         } else {
             "step 8 (deployment-on)"
         },
