@@ -10,6 +10,7 @@
 //! - [`guard`]: the request-smuggling guard under hyper.
 //! - [`feed`]: tables from the controller (or a file), reports back to it.
 //! - [`metrics`]: `/metrics` on the admin port.
+//! - [`tls`]: HTTPS on the client port, from PEM files.
 //!
 //! **Invariants:** a table is applied whole, in one pointer store, and only after every new
 //! front-end in it had its first health check; the generation reported to the controller is the
@@ -24,6 +25,7 @@ pub mod health;
 pub mod metrics;
 pub mod proxy;
 pub mod table;
+pub mod tls;
 pub mod upstream;
 
 use std::convert::Infallible;
@@ -88,6 +90,8 @@ pub struct BalancerConfig {
     pub threads: usize,
     /// Whether each event loop is bound to a CPU of its own.
     pub pin_threads: Pinning,
+    /// HTTPS on the client port ([`tls::server_config`]); plain HTTP without it.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 /// Whether the event loops are bound to CPUs.
@@ -117,6 +121,8 @@ pub struct Shared {
     open: Vec<Arc<AtomicUsize>>,
     /// Stopping or restarting: each response says `Connection: close` and ends its connection.
     closing: AtomicBool,
+    /// Clients come over HTTPS: what `X-Forwarded-Proto` tells the front-ends.
+    pub https: bool,
 }
 
 impl Shared {
@@ -295,6 +301,7 @@ pub async fn run(
             generation: std::sync::atomic::AtomicI64::new(0),
             metrics: Metrics::new(),
             proxy: config.proxy.clone(),
+            https: config.tls.is_some(),
             open: (0..config.threads.max(1))
                 .map(|_| Arc::new(AtomicUsize::new(0)))
                 .collect(),
@@ -355,7 +362,12 @@ pub async fn run(
         tracing::info!("metrics on http://{}/metrics", admin.local_addr()?);
         background.push(tokio::spawn(serve_admin(admin, balancer.clone())));
     }
-    tracing::info!(name = %config.name, "balancing on http://{listen}");
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!(name = %config.name, "balancing on {scheme}://{listen}");
 
     // One event loop per thread, each serving the connections handed to it with its own idle
     // connections to the front-ends, so that a request never crosses threads. This loop accepts
@@ -563,8 +575,8 @@ fn http_builder(config: &BalancerConfig) -> hyper::server::conn::http1::Builder 
     http
 }
 
-/// Serves one client connection on the current event loop; `open` (counted by the accepting
-/// loop already) goes down when it ends.
+/// Serves one client connection on the current event loop, after its TLS handshake when the
+/// port speaks HTTPS; `open` (counted by the accepting loop already) goes down when it ends.
 fn serve(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
@@ -575,29 +587,73 @@ fn serve(
     open: &Arc<AtomicUsize>,
 ) {
     let _ = stream.set_nodelay(true);
-    let suspect = Arc::new(AtomicBool::new(false));
-    let io = TokioIo::new(guard::Guarded::new(
-        stream,
-        config.max_header_bytes,
-        config.send_timeout,
-        suspect.clone(),
-    ));
-    let shared = shared.clone();
-    let peer_ip = match http::HeaderValue::from_str(&peer.ip().to_string()) {
-        Ok(ip) => ip,
-        Err(_) => http::HeaderValue::from_static("unknown"),
+    let client = Client {
+        peer,
+        shared: shared.clone(),
+        http: http.clone(),
+        watcher: graceful.watcher(),
+        max_header_bytes: config.max_header_bytes,
+        send_timeout: config.send_timeout,
     };
-    let service = service_fn(move |request| {
-        proxy::handle(request, shared.clone(), peer_ip.clone(), suspect.clone())
-    });
-    let connection = graceful.watch(http.serve_connection(io, service));
     let open = open.clone();
+    let Some(tls) = config.tls.clone() else {
+        tokio::spawn(async move {
+            client.serve(stream).await;
+            open.fetch_sub(1, Ordering::Relaxed);
+        });
+        return;
+    };
+    // The handshake has the time a client has to send its headers.
+    let handshake_timeout = config.header_timeout;
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(%peer, "client connection ended: {e}");
+        let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
+        match tokio::time::timeout(handshake_timeout, handshake).await {
+            Ok(Ok(stream)) => client.serve(stream).await,
+            Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+            Err(_) => {
+                tracing::debug!(%peer, "no TLS handshake within {handshake_timeout:?}; closed")
+            }
         }
         open.fetch_sub(1, Ordering::Relaxed);
     });
+}
+
+/// What serving one client connection needs, taken from its event loop.
+struct Client {
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    http: hyper::server::conn::http1::Builder,
+    watcher: hyper_util::server::graceful::Watcher,
+    max_header_bytes: usize,
+    send_timeout: Duration,
+}
+
+impl Client {
+    /// Serves its requests until the connection ends (or a stop ends it after a response).
+    async fn serve<S>(self, stream: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let suspect = Arc::new(AtomicBool::new(false));
+        let io = TokioIo::new(guard::Guarded::new(
+            stream,
+            self.max_header_bytes,
+            self.send_timeout,
+            suspect.clone(),
+        ));
+        let shared = self.shared;
+        let peer_ip = match http::HeaderValue::from_str(&self.peer.ip().to_string()) {
+            Ok(ip) => ip,
+            Err(_) => http::HeaderValue::from_static("unknown"),
+        };
+        let service = service_fn(move |request| {
+            proxy::handle(request, shared.clone(), peer_ip.clone(), suspect.clone())
+        });
+        let connection = self.watcher.watch(self.http.serve_connection(io, service));
+        if let Err(e) = connection.await {
+            tracing::debug!(peer = %self.peer, "client connection ended: {e}");
+        }
+    }
 }
 
 /// Accepts client connections until `stopped` turns true, serving each on the event loop with

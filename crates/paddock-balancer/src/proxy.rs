@@ -122,7 +122,7 @@ pub async fn handle(
     );
     let head_request = parts.method == Method::HEAD;
     // Encoded once: a retry sends the same bytes.
-    let head = encode_head(&parts, &peer_ip, host.as_ref(), chunked);
+    let head = encode_head(&parts, &peer_ip, host.as_ref(), chunked, shared.https);
     let mut body = (!bodyless).then_some(body);
 
     // Front-ends already tried, by identity (they are the same across tables).
@@ -408,6 +408,7 @@ fn encode_head(
     peer_ip: &HeaderValue,
     host: Option<&HeaderValue>,
     chunked: bool,
+    https: bool,
 ) -> Vec<u8> {
     let headers = &parts.headers;
     let mut head = Vec::with_capacity(256 + headers.len() * 32);
@@ -451,7 +452,11 @@ fn encode_head(
     }
     head.extend_from_slice(peer_ip.as_bytes());
     head.extend_from_slice(b"\r\n");
-    head.extend_from_slice(b"x-forwarded-proto: http\r\n");
+    head.extend_from_slice(if https {
+        b"x-forwarded-proto: https\r\n"
+    } else {
+        b"x-forwarded-proto: http\r\n"
+    });
     if let Some(host) = host {
         push_field(&mut head, b"x-forwarded-host", host.as_bytes());
     }
@@ -659,11 +664,15 @@ mod tests {
     use super::*;
 
     fn head_of(request: Request<()>, host: Option<&str>) -> String {
+        head_over(request, host, false)
+    }
+
+    fn head_over(request: Request<()>, host: Option<&str>, https: bool) -> String {
         let (parts, ()) = request.into_parts();
         let host = host.map(|h| HeaderValue::from_str(h).unwrap());
         let peer = HeaderValue::from_static("127.0.0.9");
         let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
-        String::from_utf8(encode_head(&parts, &peer, host.as_ref(), chunked)).unwrap()
+        String::from_utf8(encode_head(&parts, &peer, host.as_ref(), chunked, https)).unwrap()
     }
 
     #[test]
@@ -731,5 +740,16 @@ mod tests {
         let head = head_of(request, None);
         assert!(head.starts_with("GET /x HTTP/1.1\r\n"), "{head}");
         assert!(head.ends_with("x-forwarded-proto: http\r\n\r\n"), "{head}");
+    }
+
+    #[test]
+    fn a_balancer_serving_https_says_so_and_a_client_cannot_say_otherwise() {
+        let request = Request::get("/x")
+            .header("x-forwarded-proto", "http")
+            .body(())
+            .unwrap();
+        let head = head_over(request, None, true);
+        assert!(head.ends_with("x-forwarded-proto: https\r\n\r\n"), "{head}");
+        assert_eq!(head.matches("x-forwarded-proto").count(), 1, "{head}");
     }
 }

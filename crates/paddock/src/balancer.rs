@@ -52,6 +52,10 @@ pub fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
             args.max_header_bytes
         );
     }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(paddock_balancer::tls::server_config(cert, key)?),
+        _ => None,
+    };
     let mut config = paddock_balancer::BalancerConfig {
         data_dir: args
             .data
@@ -85,6 +89,7 @@ pub fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
             PinThreads::On => paddock_balancer::Pinning::On,
             PinThreads::Off => paddock_balancer::Pinning::Off,
         },
+        tls,
     };
     // Its file now, before anything may be installed over it: what a restart starts.
     let exe = std::env::current_exe().context("finding this executable")?;

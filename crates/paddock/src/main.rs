@@ -281,6 +281,13 @@ struct BalancerArgs {
     /// Address to take client traffic on.
     #[arg(long, default_value = "127.0.0.1:8000", env = "PADDOCK_LISTEN")]
     listen: SocketAddr,
+    /// Serve HTTPS on --listen with this certificate: a PEM file, the server's certificate
+    /// first, then its chain. Read at start (a restart in place, SIGUSR2, reads it again).
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key, a PEM file (unencrypted).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Address of the admin port (/metrics, /status).
     #[arg(long, default_value = "127.0.0.1:9180")]
     admin: SocketAddr,

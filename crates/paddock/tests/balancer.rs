@@ -773,7 +773,7 @@ async fn bad_requests_never_reach_a_frontend() {
 
 /// A front-end stand-in for the balancer's request and response paths: `POST /echo/...` answers
 /// the body it got, with how it got it (`x-got-length`, `x-got-te`, `x-got-expect`,
-/// `x-got-forwarded-for`); `GET /echo/stream` answers "part-one", then "part-two" only once
+/// `x-got-forwarded-for`, `x-got-forwarded-proto`); `GET /echo/stream` answers "part-one", then "part-two" only once
 /// `go_on` is notified, then ends; `GET /echo/large` answers 64 MiB.
 async fn echo_upstream(go_on: Arc<tokio::sync::Notify>) -> std::net::SocketAddr {
     use http_body_util::BodyExt as _;
@@ -836,10 +836,11 @@ async fn echo_upstream(go_on: Arc<tokio::sync::Notify>) -> std::net::SocketAddr 
                                 .map(|v| v.to_str().unwrap().to_string())
                                 .unwrap_or_default()
                         };
-                        let (te, expect, forwarded) = (
+                        let (te, expect, forwarded, proto) = (
                             got("transfer-encoding"),
                             got("expect"),
                             got("x-forwarded-for"),
+                            got("x-forwarded-proto"),
                         );
                         let body = request.into_body().collect().await.unwrap().to_bytes();
                         let response = http::Response::builder()
@@ -847,6 +848,7 @@ async fn echo_upstream(go_on: Arc<tokio::sync::Notify>) -> std::net::SocketAddr 
                             .header("x-got-te", te)
                             .header("x-got-expect", expect)
                             .header("x-got-forwarded-for", forwarded)
+                            .header("x-got-forwarded-proto", proto)
                             .body(full(body))
                             .unwrap();
                         Ok(response)
@@ -1059,4 +1061,124 @@ async fn bodies_go_through_both_ways_and_responses_are_streamed() {
     )
     .await;
     assert!(String::from_utf8_lossy(&streamed).contains("part-two"));
+}
+
+fn tls_fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/tls")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_balancer_serves_https_with_its_certificate_and_tells_the_frontends() {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+
+    let upstream = echo_upstream(Arc::new(tokio::sync::Notify::new())).await;
+    let table = serde_json::json!({
+        "generation": 1,
+        "zones": [{"zone": "default", "policy": "round-robin", "upstreams": [
+            {"name": "echo", "address": upstream.to_string(), "state": "ready", "weight": 1}]}],
+        "routes": [{"prefix": "/echo", "app": "echo", "zone": "default"}]
+    });
+    let (cert, key) = (tls_fixture("cert.pem"), tls_fixture("key.pem"));
+    let lb = Balancer::with_table("lb1", &table, &["--tls-cert", &cert, "--tls-key", &key]).await;
+    lb.wait_up(&["echo"], true).await;
+
+    // A client that trusts the test authority: HTTP/1.1 (ALPN), keep-alive, bodies both ways,
+    // and the front-end is told the client came over HTTPS (whatever the client claims).
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_file(tls_fixture("ca.pem")).unwrap())
+        .unwrap();
+    let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    client.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let tcp = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = connector.connect(name, tcp).await.unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    for body in ["hello", "again"] {
+        stream
+            .write_all(
+                format!(
+                    "POST /echo/x HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-Proto: http\r\n\
+                     Content-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let (head, got) = read_answer(&mut stream).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(head.contains("x-got-forwarded-proto: https\r\n"), "{head}");
+        assert_eq!(got, body.as_bytes());
+    }
+    assert_eq!(lb.requests_counted(&[r#"server="echo""#]).await, 2);
+
+    // Plain HTTP on the HTTPS port gets no HTTP answer, and reaches no front-end.
+    let answer = raw(lb.addr, b"GET /echo/x HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert!(!answer.contains("HTTP/1.1"), "{answer}");
+    // A client that does not trust the certificate does not get through either.
+    let stranger = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let refused = tokio_rustls::TlsConnector::from(Arc::new(stranger))
+        .connect(name, tcp)
+        .await;
+    assert!(refused.is_err());
+    assert_eq!(lb.requests_counted(&[r#"server="echo""#]).await, 2);
+    assert!(lb.log().contains("balancing on https://"), "{}", lb.log());
+}
+
+#[test]
+fn tls_files_that_cannot_work_are_refused_naming_the_file() {
+    let start = |cert: &str, key: &str| {
+        refused(&[
+            "balancer",
+            "--table",
+            "never-read.json",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            key,
+        ])
+    };
+    let (cert, key) = (tls_fixture("cert.pem"), tls_fixture("key.pem"));
+    let e = start("/no/such/cert.pem", &key);
+    assert!(
+        e.contains("cannot read the TLS certificate /no/such/cert.pem"),
+        "{e}"
+    );
+    let e = start(&cert, &cert);
+    assert!(e.contains("cannot read the TLS private key"), "{e}");
+    let e = start(&cert, &tls_fixture("other-key.pem"));
+    assert!(e.contains("does not go with the certificate"), "{e}");
+    let e = refused(&[
+        "balancer",
+        "--table",
+        "never-read.json",
+        "--tls-cert",
+        &cert,
+    ]);
+    assert!(e.contains("--tls-key"), "{e}");
 }

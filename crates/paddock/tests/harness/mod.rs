@@ -1084,7 +1084,14 @@ impl Balancer {
             &self.log,
             start,
             child,
-            &["balancing on http://", "metrics on http://"],
+            &[
+                if self.args.iter().any(|a| a == "--tls-cert") {
+                    "balancing on https://"
+                } else {
+                    "balancing on http://"
+                },
+                "metrics on http://",
+            ],
         )
         .await;
         self.addr = found[0].parse().unwrap();

@@ -1,0 +1,97 @@
+//! HTTPS on the balancer's port: the certificate chain and private key are read from PEM files
+//! when the balancer starts (and so again at each restart in place, which is how a renewed
+//! certificate is taken: `kill -USR2`). Clients get HTTP/1.1 over TLS 1.2 or 1.3 (rustls); the
+//! handshake must end within the time a client has to send its headers, and a client that
+//! fails it never reaches a front-end.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Why the balancer cannot serve HTTPS with the files it was given.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error(
+        "cannot read the TLS certificate {path}: {reason}; give a PEM file with the server's certificate first, then its chain"
+    )]
+    Certificate { path: PathBuf, reason: String },
+    #[error(
+        "cannot read the TLS private key {path}: {reason}; give a PEM file with the certificate's key (PKCS#8, PKCS#1 or SEC1), unencrypted"
+    )]
+    Key { path: PathBuf, reason: String },
+    #[error(
+        "the TLS key {key} does not go with the certificate {cert}: {reason}; give the key the certificate was issued for"
+    )]
+    Mismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        reason: String,
+    },
+}
+
+/// The server side of TLS for client connections, from a certificate chain and its key.
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let certificate = |reason: String| TlsError::Certificate {
+        path: cert.to_path_buf(),
+        reason,
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| certificate(e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| certificate(e.to_string()))?;
+    if chain.is_empty() {
+        return Err(certificate("it holds no CERTIFICATE block".into()));
+    }
+    let private_key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
+        path: key.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|builder| {
+            builder
+                .with_no_client_auth()
+                .with_single_cert(chain, private_key)
+        })
+        .map_err(|e| TlsError::Mismatch {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    // HTTP/1.1 is what the balancer speaks; a client offering h2 alone is refused in the
+    // handshake, not misunderstood after it.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/tls")
+            .join(name)
+    }
+
+    #[test]
+    fn a_certificate_and_its_key_make_a_config_and_bad_files_say_what_is_wrong() {
+        let config = server_config(&fixture("cert.pem"), &fixture("key.pem")).unwrap();
+        assert_eq!(config.alpn_protocols, [b"http/1.1".to_vec()]);
+
+        let e = server_config(&fixture("none.pem"), &fixture("key.pem")).unwrap_err();
+        assert!(matches!(e, TlsError::Certificate { .. }), "{e}");
+        assert!(e.to_string().contains("none.pem"), "{e}");
+        // A key where the certificate should be: no certificate in it.
+        let e = server_config(&fixture("key.pem"), &fixture("key.pem")).unwrap_err();
+        assert!(e.to_string().contains("no CERTIFICATE block"), "{e}");
+        let e = server_config(&fixture("cert.pem"), &fixture("cert.pem")).unwrap_err();
+        assert!(matches!(e, TlsError::Key { .. }), "{e}");
+        let e = server_config(&fixture("cert.pem"), &fixture("other-key.pem")).unwrap_err();
+        assert!(matches!(e, TlsError::Mismatch { .. }), "{e}");
+    }
+}
