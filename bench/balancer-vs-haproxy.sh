@@ -33,7 +33,8 @@
 # `nstat` counter, so health checks and connection setup count too: compare the two balancers
 # in the same setup, not the figure with other machines), and
 # the balancer's user-space instructions per request, counted by valgrind's callgrind (one
-# thread, 8 connections, counters zeroed after the warm-up; INSTRUCTIONS=0 skips it).
+# thread, 8 connections, counters zeroed after the warm-up; INSTRUCTIONS=0 skips it;
+# KEEP_CALLGRIND=PREFIX keeps each profile as PREFIX.haproxy and PREFIX.paddock).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -195,6 +196,8 @@ instructions_per_request() {
     echo "no instruction count for $kind: callgrind wrote no dump or wrk got no answer; see $work/*.log (INSTRUCTIONS=0 skips this)" >&2
     exit 1
   }
+  # KEEP_CALLGRIND=PREFIX keeps the profile as PREFIX.KIND (for callgrind_annotate).
+  [ -n "${KEEP_CALLGRIND:-}" ] && cp "$work/callgrind.out.1" "$KEEP_CALLGRIND.$kind"
   awk -v r="$requests" '/^totals:/ {printf "%.0f", $2 / r}' "$work/callgrind.out.1"
 }
 
