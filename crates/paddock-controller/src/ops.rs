@@ -39,24 +39,6 @@ const WATCH_EARLY_ANSWERS: u64 = 20;
 /// How soon balancers report while a watch step counts their answers (instead of every
 /// second): failures are seen, and users put back, within about this long.
 pub const WATCH_REPORT_MS: u64 = 100;
-
-/// Counts a running watch step in [`Controller::watches`] while it lives.
-struct Watching<'a>(&'a Controller);
-
-impl<'a> Watching<'a> {
-    fn new(c: &'a Controller) -> Watching<'a> {
-        c.watches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Watching(c)
-    }
-}
-
-impl Drop for Watching<'_> {
-    fn drop(&mut self) {
-        self.0
-            .watches
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
 /// How long a server may be silent and still count as restarting on a new build, not dead.
 const RESTART_GRACE_MS: i64 = 30_000;
 /// How long one smoke request may take.
@@ -177,9 +159,8 @@ fn checked_watch(watch: Option<Watch>) -> Result<Option<Watch>, PlanError> {
     }
     if watch.max_failed_permille > 1000 {
         return Err(invalid(format!(
-            "at most {}.{} % of answers may fail? Name a share from 0% to 100%",
-            watch.max_failed_permille / 10,
-            watch.max_failed_permille % 10
+            "a watch allows {} of answers to fail, more than all of them; give a share from 0% to 100%",
+            watch.max_failed()
         )));
     }
     Ok(Some(watch))
@@ -2236,6 +2217,24 @@ impl Run<'_> {
     }
 }
 
+/// Counts a running watch step in [`Controller::watches`] while it lives.
+struct Watching<'a>(&'a Controller);
+
+impl<'a> Watching<'a> {
+    fn new(c: &'a Controller) -> Watching<'a> {
+        c.watches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Watching(c)
+    }
+}
+
+impl Drop for Watching<'_> {
+    fn drop(&mut self) {
+        self.0
+            .watches
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// What a balancer counted between two of its reports; all of `later` when its counts went
 /// down (it restarted, and counts from zero again).
 fn counted_since(earlier: AppTrafficCounts, later: AppTrafficCounts) -> AppTrafficCounts {
@@ -2385,4 +2384,22 @@ async fn smoke_one(
         app.app,
         started.elapsed().as_millis()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_watch_counts_what_a_balancer_answered_since_and_all_of_it_after_a_restart() {
+        let counts = |answered, failed| AppTrafficCounts { answered, failed };
+        assert_eq!(counted_since(counts(100, 2), counts(150, 3)), counts(50, 1));
+        assert_eq!(counted_since(counts(100, 2), counts(100, 2)), counts(0, 0));
+        // Restarted: it counts from zero again, and what it counts now is all new.
+        assert_eq!(counted_since(counts(100, 2), counts(30, 5)), counts(30, 5));
+        assert_eq!(
+            counted_since(counts(100, 2), counts(120, 0)),
+            counts(120, 0)
+        );
+    }
 }
