@@ -28,6 +28,14 @@
 #
 #   SETUPS="2 2-pinned 2-free" bench/balancer-vs-haproxy.sh
 #
+# TLS=1: clients come over HTTPS (the test certificate of fixtures/tls, an ECDSA P-256 key;
+# Paddock `--tls-cert/--tls-key`, HAProxy `bind ... ssl crt ... alpn http/1.1`, OpenSSL); the
+# backends are still reached over plain HTTP. wrk's connections stay open, so the handshakes are
+# a warm-up's: what is measured is the encryption of each request and response. The protocol
+# and cipher each balancer agreed with an OpenSSL client are printed.
+#
+#   TLS=1 INSTRUCTIONS=0 bench/balancer-vs-haproxy.sh
+#
 # Two figures do not depend on how busy the machine is, and are measured in every run: the TCP
 # segments each request costs on loopback (both sides of every connection, from the machine-wide
 # `nstat` counter, so health checks and connection setup count too: compare the two balancers
@@ -58,6 +66,23 @@ bench_start
 B1=$(port); B2=$((B1 + 1))
 LB=$(port); LB_ADMIN=$((LB + 1))
 PATH_UNDER_TEST=/hello/
+TLS=${TLS:-0}
+SCHEME=http
+PADDOCK_TLS=()
+if [ "$TLS" = 1 ]; then
+  need openssl openssl
+  SCHEME=https
+  PADDOCK_TLS=(--tls-cert fixtures/tls/cert.pem --tls-key fixtures/tls/key.pem)
+  cat fixtures/tls/cert.pem fixtures/tls/key.pem >"$work/haproxy.pem"
+  export HAPROXY_BIND_OPTS="ssl crt $work/haproxy.pem alpn http/1.1"
+fi
+URL="$SCHEME://127.0.0.1:$LB$PATH_UNDER_TEST"
+
+# tls_agreed: the protocol and cipher the balancer on $LB agrees with an OpenSSL client.
+tls_agreed() {
+  openssl s_client -connect "127.0.0.1:$LB" -alpn http/1.1 </dev/null 2>/dev/null |
+    awk '/^New, / {sub(/^New, /, ""); print; exit}'
+}
 
 # run_wrk THREADS URL -> "requests_per_sec p50_ms p99_ms errors"
 run_wrk() {
@@ -118,7 +143,7 @@ start_balancer() { # kind setup -> pid
       routing_table "$B1" "$B2" >"$work/table.json"
       RUST_LOG=warn "${prefix[@]}" "$PADDOCK" balancer --name bench --table "$work/table.json" \
         --listen "127.0.0.1:$LB" --admin "127.0.0.1:$LB_ADMIN" --data "$work/lb" \
-        --threads "$threads" "${pin[@]}" >"$work/paddock-balancer.log" 2>&1 &
+        --threads "$threads" "${pin[@]}" "${PADDOCK_TLS[@]}" >"$work/paddock-balancer.log" 2>&1 &
       ;;
     haproxy)
       haproxy_conf "$LB" "$B1" "$B2" "nbthread $threads" ${cpumap:+"$cpumap"} >"$work/haproxy.cfg"
@@ -147,13 +172,16 @@ for backend in $BACKENDS; do
     for round in $(seq 1 "$ROUNDS"); do
       for kind in haproxy paddock; do
         pid=$(start_balancer "$kind" "$setup")
-        wait_http "http://127.0.0.1:$LB$PATH_UNDER_TEST" ||
+        wait_http "$URL" ||
           { tail -n 20 "$work/paddock-balancer.log" "$work/haproxy.log" >&2 2>/dev/null; exit 1; }
-        wrk -t1 -c4 -d1s "http://127.0.0.1:$LB$PATH_UNDER_TEST" >/dev/null # warm-up
+        if [ "$TLS" = 1 ] && [ "$round" = 1 ]; then
+          echo "$kind: TLS agreed with an OpenSSL client: $(tls_agreed)"
+        fi
+        wrk -t1 -c4 -d1s "$URL" >/dev/null # warm-up
         read -r ticks0 < <(cpu_ticks "$pid")
         nstat -n
         times0=$(cpu_times)
-        read -r rps p50 p99 errors < <(run_wrk "$threads" "http://127.0.0.1:$LB$PATH_UNDER_TEST")
+        read -r rps p50 p99 errors < <(run_wrk "$threads" "$URL")
         read -r ticks1 < <(cpu_ticks "$pid")
         busy=$(busy_shares "$times0" "$(cpu_times)")
         requests=$(awk -v r="$rps" -v d="${DURATION%s}" 'BEGIN {print r * d}') # answered
@@ -186,10 +214,10 @@ instructions_per_request() {
   local kind=$1 pid requests
   rm -f "$work"/callgrind.out*
   pid=$(start_balancer "$kind" instructions)
-  wait_http "http://127.0.0.1:$LB$PATH_UNDER_TEST" || { echo "no answer under valgrind" >&2; exit 1; }
-  wrk -t1 -c4 -d1s "http://127.0.0.1:$LB$PATH_UNDER_TEST" >/dev/null
+  wait_http "$URL" || { echo "no answer under valgrind" >&2; exit 1; }
+  wrk -t1 -c4 -d1s "$URL" >/dev/null
   callgrind_control -z "$pid" >/dev/null 2>&1
-  requests=$(wrk -t1 -c8 -d"$DURATION" "http://127.0.0.1:$LB$PATH_UNDER_TEST" | awk '/requests in/ {print $1}')
+  requests=$(wrk -t1 -c8 -d"$DURATION" "$URL" | awk '/requests in/ {print $1}')
   callgrind_control -d "$pid" >/dev/null 2>&1
   stop_balancer "$pid"
   [ -s "$work/callgrind.out.1" ] && [ "${requests:-0}" -gt 0 ] || {
@@ -222,7 +250,7 @@ wins() {
 echo
 echo "machine: $(nproc) cores, $(awk '/model name/ {$1=$2=$3=""; print; exit}' /proc/cpuinfo | sed 's/^ *//'); $(date -u +%Y-%m-%d)"
 echo "haproxy: $("$HAPROXY" -v | head -1)"
-echo "load: wrk, $CONNECTIONS keep-alive connections, $DURATION per run, $ROUNDS rounds per side, alternating"
+echo "load: wrk, $CONNECTIONS keep-alive connections over $SCHEME, $DURATION per run, $ROUNDS rounds per side, alternating"
 echo "figures: the median of the rounds, [their range]"
 printf '%-9s %-9s %-8s %10s %15s %9s %15s %11s %9s %10s %7s\n' backend setup balancer "req/s" "[range]" "p50 ms" "p99 ms" "cpu us/req" "segs/req" "CPUs busy%" errors
 for backend in $BACKENDS; do

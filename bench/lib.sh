@@ -4,7 +4,7 @@
 
 # wait_http URL: waits (at most 60 s) until URL answers 2xx.
 wait_http() {
-  for _ in $(seq 1 600); do curl -sf -o /dev/null "$1" && return 0; sleep 0.1; done
+  for _ in $(seq 1 600); do curl -skf -o /dev/null "$1" && return 0; sleep 0.1; done
   echo "nothing answers at $1" >&2; return 1
 }
 
@@ -127,7 +127,7 @@ defaults
   option forwardfor
   http-reuse safe
 frontend web
-  bind 127.0.0.1:$lb
+  bind 127.0.0.1:$lb${HAPROXY_BIND_OPTS:+ $HAPROXY_BIND_OPTS}
   acl hello path /hello || path_beg /hello/
   use_backend apps if hello
 backend apps
