@@ -187,8 +187,8 @@ function action(label, name, run, opts = {}) {
 
 // ---- pages ----------------------------------------------------------------------------------
 
-/** What needs the operator's eye, from the status, routing and operations. */
-function problems(status, routing, operations) {
+/** What needs the operator's eye, from the status, routing, operations and standbys. */
+function problems(status, routing, operations, standbys) {
   const found = [];
   for (const { server, alive, out_of_date } of status.servers) {
     if (!alive) found.push([server.name, `${server.name} has sent no heartbeat since ${clock(server.heartbeat_ms)}`]);
@@ -205,6 +205,9 @@ function problems(status, routing, operations) {
   for (const b of routing.balancers) {
     if (!b.alive) found.push([b.report.name, `balancer ${b.report.name} has not reported since ${clock(b.heartbeat_ms)}`]);
     if (b.report.upgrade_error) found.push([b.report.name, `balancer ${b.report.name} cannot install build ${short(b.report.upgrade_error.build)}: ${b.report.upgrade_error.error}`]);
+  }
+  for (const s of standbys) {
+    if (s.report.upgrade_error) found.push([s.report.name, `standby controller ${s.report.name} cannot install build ${short(s.report.upgrade_error.build)}: ${s.report.upgrade_error.error}`]);
   }
   if (routing.pending.length > 0) found.push(["", `balancers not yet routing by generation ${routing.generation}: ${routing.pending.join(", ")}`]);
   for (const op of operations) {
@@ -223,13 +226,13 @@ function problems(status, routing, operations) {
 }
 
 async function overview() {
-  const [status, routing, operations, apps] = await Promise.all([
-    get("/v1/status"), get("/v1/routing"), get("/v1/operations"), get("/v1/apps"),
+  const [status, routing, operations, apps, standbys] = await Promise.all([
+    get("/v1/status"), get("/v1/routing"), get("/v1/operations"), get("/v1/apps"), get("/v1/standbys"),
   ]);
   const alive = status.servers.filter((s) => s.alive).length;
   const liveBalancers = routing.balancers.filter((b) => b.alive).length;
   const running = operations.filter((o) => o.state === "running" || o.state === "paused");
-  const found = problems(status, routing, operations);
+  const found = problems(status, routing, operations, standbys);
   const card = (name, value, label, tone) =>
     h("div", { class: "card", "data-card": name }, h("div", { class: `value ${tone || ""}` }, value), h("div", { class: "label" }, label));
   return [
@@ -301,12 +304,28 @@ function serversTable(status, routing, withActions) {
 }
 
 async function servers() {
-  const [status, routing] = await Promise.all([get("/v1/status"), get("/v1/routing")]);
+  const [status, routing, standbys] = await Promise.all([get("/v1/status"), get("/v1/routing"), get("/v1/standbys")]);
   return [
     h("h1", {}, "Servers"),
     h("p", { class: "muted" }, "Routing: ready takes new requests; drain lets requests in flight finish and takes no new one; maint takes no traffic. Deployment off: the server keeps the versions it has. Scheduler off: it runs no timer."),
     serversTable(status, routing, true),
+    h("h2", {}, "Standby controllers"),
+    standbysTable(standbys),
   ];
+}
+
+function standbysTable(standbys) {
+  const rows = standbys.map((s) => h("tr", { "data-standby": s.report.name },
+    h("td", {}, h("strong", {}, s.report.name)),
+    h("td", { "data-field": "process" }, s.report.host, h("div", { class: "muted" }, `process ${s.report.pid}`)),
+    h("td", { "data-field": "state" }, s.alive ? badge("standing by", "ok") : badge("silent", "bad"),
+      h("div", { class: "muted" }, `report ${ago(s.heartbeat_ms)}`)),
+    h("td", { "data-field": "platform" }, s.report.version,
+      s.report.build ? h("div", { class: "muted mono" }, short(s.report.build)) : null,
+      s.report.installing ? h("div", { class: "info" }, `installing ${short(s.report.installing)}`) : null,
+      s.report.upgrade_error ? h("div", { class: "bad" }, `cannot install ${short(s.report.upgrade_error.build)}: ${s.report.upgrade_error.error}`) : null)));
+  return table(["standby", "host", "state", "platform"], rows,
+    "No standby controller reports to this one: start one with `paddock controller --standby --follow URL` (see the README, \"Run the processes yourself\").");
 }
 
 async function appsPage() {
@@ -483,7 +502,11 @@ async function routingPage() {
     h("td", { "data-field": "build" }, b.report.build ? h("span", { class: "mono" }, short(b.report.build)) : h("span", { class: "muted" }, "not known yet"),
       b.report.installing ? h("div", { class: "info" }, `installing ${short(b.report.installing)}`) : null,
       b.platform_target && b.platform_target !== b.report.build ? h("div", { class: "muted" }, `told to run ${short(b.platform_target)}`) : null),
-    h("td", {}, b.report.upstreams.map((u) => h("div", {}, u.up ? badge("up", "ok") : badge("down", "bad"), ` ${u.name}, ${u.in_flight} in flight`)))));
+    h("td", {}, b.report.upstreams.map((u) => h("div", {}, u.up ? badge("up", "ok") : badge("down", "bad"), ` ${u.name}, ${u.in_flight} in flight`))),
+    h("td", { "data-field": "answers" }, (b.report.apps || []).length
+      ? b.report.apps.map((a) => h("div", { "data-app": a.app }, `${a.app}: ${a.answered} answered`,
+        a.failed ? h("span", { class: "bad" }, `, ${a.failed} failed (5xx)`) : null))
+      : h("span", { class: "muted" }, "no app routed"))));
   const zones = routing.table.zones.map((z) => [
     h("h2", {}, `Zone ${z.zone}: ${z.policy}`),
     table(["front-end", "address", "state", "weight"], z.upstreams.map((u) => h("tr", { "data-upstream": u.name },
@@ -495,7 +518,7 @@ async function routingPage() {
       ? badge("applied by every live balancer", "ok")
       : badge(`not yet applied by ${routing.pending.join(", ") || "any balancer"}`, "warn")),
     h("h2", {}, "Balancers"),
-    table(["balancer", "listens", "state", "generation", "build", "front-ends"], balancers, "No balancer has reported: start one with `paddock balancer --controller URL`."),
+    table(["balancer", "listens", "state", "generation", "build", "front-ends", "answers since it started"], balancers, "No balancer has reported: start one with `paddock balancer --controller URL`."),
     zones,
     h("h2", {}, "Routes"),
     table(["path prefix", "application", "zone"], routing.table.routes.map((r) => h("tr", {},

@@ -261,6 +261,53 @@ async fn the_console_shows_the_farm_and_drives_it() {
             t.parse::<i64>().is_ok_and(|g| g >= generation)
         })
         .await;
+    // What each balancer answered for each app, as its reports count it: two requests more
+    // through lb1 show up.
+    let answered = |routing: &serde_json::Value| {
+        routing["balancers"][0]["report"]["apps"]
+            .as_array()
+            .and_then(|apps| apps.iter().find(|a| a["app"] == "hello"))
+            .and_then(|a| a["answered"].as_u64())
+            .unwrap_or(0)
+    };
+    let before = answered(&routing);
+    let mut conn = lb.connect().await;
+    for _ in 0..2 {
+        assert_eq!(conn.get("/hello/").await.unwrap().status, 200);
+    }
+    browser
+        .wait_text(
+            "tr[data-balancer=lb1] td[data-field=answers] div[data-app=hello]",
+            |t| {
+                t.strip_prefix("hello: ")
+                    .and_then(|t| t.split(' ').next())
+                    .and_then(|n| n.parse::<u64>().ok())
+                    >= Some(before + 2)
+            },
+        )
+        .await;
+    let routing: serde_json::Value =
+        serde_json::from_str(&controller.admin_get("/v1/routing").await).unwrap();
+    assert!(answered(&routing) >= before + 2, "{routing:#}");
+
+    // A standby controller following this one is listed with its process and build.
+    let standby = controller.start_standby_following("ctl-b").await;
+    browser.goto(&format!("{console}#/servers")).await;
+    let row = browser
+        .wait_text("tr[data-standby=ctl-b] td[data-field=state]", |t| {
+            t.starts_with("standing by")
+        })
+        .await;
+    assert!(row.contains("report"), "{row}");
+    let platform = browser
+        .text("tr[data-standby=ctl-b] td[data-field=platform]")
+        .await
+        .unwrap_or_default();
+    assert!(
+        platform.starts_with(env!("CARGO_PKG_VERSION")),
+        "{platform}"
+    );
+    drop(standby);
     browser.goto(&format!("{console}#/audit")).await;
     browser
         .wait_text("main table", |t| {
