@@ -121,9 +121,19 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .find_map(|(key, value)| (key == name).then_some(value))
 }
 
+/// Whether the balancer says the request came over HTTPS (`X-Forwarded-Proto: https`; a
+/// Paddock balancer replaces whatever the client sent). Trusting a client that reaches the
+/// front-end directly and claims it only makes that client's own cookie `Secure`.
+pub fn came_over_https(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-forwarded-proto")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"))
+}
+
 /// The `Set-Cookie` of a session the request started or extended: for the app's route only, out
 /// of scripts' reach, kept by the browser as long as the store keeps the session unused, and
-/// `Secure` when users reach the farm over HTTPS (`--secure-cookies`).
+/// `Secure` when users reach the farm over HTTPS (`--secure-cookies`, or the request came over
+/// HTTPS as [`came_over_https`] says).
 pub fn set_cookie(app: &AppSpec, id: &str, max_age: Duration, secure: bool) -> Option<HeaderValue> {
     let secure = if secure { "; Secure" } else { "" };
     HeaderValue::from_str(&format!(

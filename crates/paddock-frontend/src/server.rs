@@ -347,6 +347,10 @@ async fn handle(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Bo
         store: store.clone(),
         session: session.clone(),
     });
+    // A session cookie is `Secure` when users reach the farm over HTTPS: always with
+    // `--secure-cookies`, else when the balancer says this request came over HTTPS.
+    let secure_cookie =
+        shared.secure_cookies || session.is_some() && data::came_over_https(req.headers());
     let served = shared
         .apps
         .runtime()
@@ -362,12 +366,7 @@ async fn handle(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Bo
             }
             // A session the app started or used before its head goes out with the head.
             let cookie = session.as_ref().and_then(|session| {
-                data::set_cookie(
-                    spec,
-                    session.cookie()?,
-                    session.idle(),
-                    shared.secure_cookies,
-                )
+                data::set_cookie(spec, session.cookie()?, session.idle(), secure_cookie)
             });
             if let Some(cookie) = cookie {
                 response.headers_mut().append(header::SET_COOKIE, cookie);

@@ -151,6 +151,28 @@ async fn app_data_and_sessions(test: &str, db: Db) {
     let bob = conn.get("/counter/visit").await.unwrap();
     assert_eq!(visits(&bob), (1, "v1".into()));
     assert_ne!(session_cookie(&bob).unwrap(), alice);
+    // Through the balancer over plain HTTP the cookie is not `Secure` (above); a request the
+    // balancer took over HTTPS (it says so in `X-Forwarded-Proto`) gets a `Secure` one.
+    let over_https = conn
+        .get_with("/counter/visit", &[("x-forwarded-proto", "https")])
+        .await
+        .unwrap();
+    let set = over_https.header("set-cookie").unwrap();
+    assert!(
+        set.ends_with("; HttpOnly; SameSite=Lax"),
+        "the balancer replaced what the client claimed: {set}"
+    );
+    let direct = frontends[0]
+        .connect()
+        .await
+        .get_with("/counter/visit", &[("x-forwarded-proto", "https")])
+        .await
+        .unwrap();
+    let set = direct.header("set-cookie").unwrap();
+    assert!(
+        set.ends_with("; Path=/counter; Max-Age=86400; HttpOnly; SameSite=Lax; Secure"),
+        "{set}"
+    );
     // An id the client made up, or a malformed one, is not taken: a fresh session starts,
     // under an id Paddock chose.
     for forged in ["0123456789abcdef0123456789abcdef", "../../etc", ""] {
