@@ -92,6 +92,9 @@ pub struct BalancerConfig {
     pub pin_threads: Pinning,
     /// HTTPS on the client port ([`tls::server_config`]); plain HTTP without it.
     pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// Where plain HTTP is answered with a redirect to the same address over HTTPS (with
+    /// `tls`).
+    pub redirect_http: Option<SocketAddr>,
 }
 
 /// Whether the event loops are bound to CPUs.
@@ -234,6 +237,7 @@ impl Balancer {
 pub struct Sockets {
     pub listen: Option<std::net::TcpListener>,
     pub admin: Option<std::net::TcpListener>,
+    pub redirect: Option<std::net::TcpListener>,
 }
 
 /// What ends [`run`].
@@ -262,30 +266,23 @@ pub async fn run(
         None => listener(config.listen)?,
     };
     listening.set_nonblocking(true)?;
-    let admin_listening = match (sockets.admin, config.admin) {
-        (Some(admin), _) => Some(admin),
-        (None, Some(addr)) => Some(
-            std::net::TcpListener::bind(addr)
-                .with_context(|| format!("cannot listen on {addr} (--admin)"))?,
-        ),
-        (None, None) => None,
-    };
-    // Copies of both sockets (the same sockets, other descriptors), kept for a restart.
+    let admin_listening = side_port(sockets.admin, config.admin, "--admin")?;
+    let redirect_listening = side_port(sockets.redirect, config.redirect_http, "--redirect-http")?;
+    // Copies of the sockets (the same sockets, other descriptors), kept for a restart.
     let mut kept = Sockets {
         listen: Some(listening.try_clone()?),
-        admin: match &admin_listening {
-            Some(admin) => Some(admin.try_clone()?),
-            None => None,
-        },
+        admin: admin_listening
+            .as_ref()
+            .map(|l| l.try_clone())
+            .transpose()?,
+        redirect: redirect_listening
+            .as_ref()
+            .map(|l| l.try_clone())
+            .transpose()?,
     };
     let listener = TcpListener::from_std(listening)?;
-    let admin_listener = match admin_listening {
-        Some(admin) => {
-            admin.set_nonblocking(true)?;
-            Some(TcpListener::from_std(admin)?)
-        }
-        None => None,
-    };
+    let admin_listener = admin_listening.map(TcpListener::from_std).transpose()?;
+    let redirect_listener = redirect_listening.map(TcpListener::from_std).transpose()?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data folder {}", config.data_dir.display()))?;
     let listen = listener.local_addr()?;
@@ -361,6 +358,17 @@ pub async fn run(
     if let Some(admin) = admin_listener {
         tracing::info!("metrics on http://{}/metrics", admin.local_addr()?);
         background.push(tokio::spawn(serve_admin(admin, balancer.clone())));
+    }
+    if let Some(redirect) = redirect_listener {
+        tracing::info!(
+            "redirecting http://{} to https://{listen}",
+            redirect.local_addr()?
+        );
+        background.push(tokio::spawn(serve_redirect(
+            redirect,
+            listen.port(),
+            http_builder(&config),
+        )));
     }
     let scheme = if config.tls.is_some() {
         "https"
@@ -757,6 +765,88 @@ async fn serve_handed(
     finish_connections(graceful, &open).await;
 }
 
+/// A port beside the client port (admin, redirect): the one handed over, or a new one bound at
+/// `addr` (named by `flag` when that fails), or none; non-blocking.
+fn side_port(
+    handed: Option<std::net::TcpListener>,
+    addr: Option<SocketAddr>,
+    flag: &str,
+) -> anyhow::Result<Option<std::net::TcpListener>> {
+    let listening = match (handed, addr) {
+        (Some(handed), _) => handed,
+        (None, Some(addr)) => std::net::TcpListener::bind(addr)
+            .with_context(|| format!("cannot listen on {addr} ({flag})"))?,
+        (None, None) => return Ok(None),
+    };
+    listening.set_nonblocking(true)?;
+    Ok(Some(listening))
+}
+
+/// The plain-HTTP port of a balancer serving HTTPS (`--redirect-http`): every request is
+/// answered `308 Permanent Redirect` to the same host, path and query over HTTPS on
+/// `https_port`; a request without a usable `Host` gets 400. Nothing reaches a front-end.
+async fn serve_redirect(
+    listener: TcpListener,
+    https_port: u16,
+    http: hyper::server::conn::http1::Builder,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let service = service_fn(
+            move |request: http::Request<hyper::body::Incoming>| async move {
+                Ok::<_, Infallible>(redirect_to_https(&request, https_port))
+            },
+        );
+        let connection = http.serve_connection(TokioIo::new(stream), service);
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+}
+
+/// The answer of the redirect port to one request.
+fn redirect_to_https<B>(request: &http::Request<B>, https_port: u16) -> Response<Full<Bytes>> {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.parse::<http::uri::Authority>().ok());
+    let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = host.and_then(|host| {
+        let port = match https_port {
+            443 => String::new(),
+            port => format!(":{port}"),
+        };
+        http::HeaderValue::from_str(&format!("https://{}{port}{target}", host.host())).ok()
+    });
+    let (status, body) = match &location {
+        Some(location) => (
+            StatusCode::PERMANENT_REDIRECT,
+            format!(
+                "this site is served over HTTPS: {}\n",
+                location.to_str().unwrap_or_default()
+            ),
+        ),
+        None => (
+            StatusCode::BAD_REQUEST,
+            "a Host header naming this site is needed to send you to it over HTTPS\n".into(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if let Some(location) = location {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    response
+}
+
 /// The admin port: `/metrics` (Prometheus text), `/status` (the report sent to the controller).
 async fn serve_admin(listener: TcpListener, balancer: Arc<Balancer>) {
     loop {
@@ -807,5 +897,42 @@ async fn serve_admin(listener: TcpListener, balancer: Arc<Balancer>) {
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn redirect(host: Option<&str>, target: &str, https_port: u16) -> (u16, Option<String>) {
+        let mut request = http::Request::get(target);
+        if let Some(host) = host {
+            request = request.header(header::HOST, host);
+        }
+        let response = redirect_to_https(&request.body(()).unwrap(), https_port);
+        let location = response
+            .headers()
+            .get(header::LOCATION)
+            .map(|l| l.to_str().unwrap().to_string());
+        (response.status().as_u16(), location)
+    }
+
+    #[test]
+    fn plain_http_is_sent_to_the_same_host_and_path_over_https() {
+        assert_eq!(
+            redirect(Some("shop.example"), "/cart?item=3", 443),
+            (308, Some("https://shop.example/cart?item=3".into()))
+        );
+        // The port of the HTTP request is not the HTTPS one.
+        assert_eq!(
+            redirect(Some("shop.example:8080"), "/", 8443),
+            (308, Some("https://shop.example:8443/".into()))
+        );
+        assert_eq!(
+            redirect(Some("[::1]:80"), "/a", 443),
+            (308, Some("https://[::1]/a".into()))
+        );
+        assert_eq!(redirect(None, "/a", 443), (400, None));
+        assert_eq!(redirect(Some("bad host"), "/a", 443), (400, None));
     }
 }

@@ -90,12 +90,14 @@ pub fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
             PinThreads::Off => paddock_balancer::Pinning::Off,
         },
         tls,
+        redirect_http: args.redirect_http,
     };
     // Its file now, before anything may be installed over it: what a restart starts.
     let exe = std::env::current_exe().context("finding this executable")?;
     let mut sockets = paddock_balancer::Sockets {
         listen: handoff::inherited(args.listen),
         admin: handoff::inherited(args.admin),
+        redirect: args.redirect_http.and_then(handoff::inherited),
     };
     handoff::close_unclaimed();
     // A single-threaded runtime: the balancer runs one event loop per thread itself. The name
@@ -139,8 +141,12 @@ pub fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
             runtime.shutdown_timeout(Duration::from_secs(1));
             return Ok(());
         };
-        let listeners: Vec<&std::net::TcpListener> =
-            kept.listen.iter().chain(kept.admin.iter()).collect();
+        let listeners: Vec<&std::net::TcpListener> = kept
+            .listen
+            .iter()
+            .chain(kept.admin.iter())
+            .chain(kept.redirect.iter())
+            .collect();
         // The same process (PID, arguments, listening sockets) on what is at its path now.
         // SIGUSR2 stays blocked across `exec`, until the new program listens for it.
         restart_signal(libc::SIG_BLOCK);

@@ -288,6 +288,10 @@ struct BalancerArgs {
     /// The certificate's private key, a PEM file (unencrypted).
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// With HTTPS: answer plain HTTP at this address (e.g. 0.0.0.0:80) with a redirect to the
+    /// same host and path over HTTPS.
+    #[arg(long, value_name = "ADDR", requires = "tls_cert")]
+    redirect_http: Option<SocketAddr>,
     /// Address of the admin port (/metrics, /status).
     #[arg(long, default_value = "127.0.0.1:9180")]
     admin: SocketAddr,

@@ -1084,7 +1084,24 @@ async fn the_balancer_serves_https_with_its_certificate_and_tells_the_frontends(
         "routes": [{"prefix": "/echo", "app": "echo", "zone": "default"}]
     });
     let (cert, key) = (tls_fixture("cert.pem"), tls_fixture("key.pem"));
-    let lb = Balancer::with_table("lb1", &table, &["--tls-cert", &cert, "--tls-key", &key]).await;
+    // A port for plain HTTP, answered with redirects.
+    let redirect = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let lb = Balancer::with_table(
+        "lb1",
+        &table,
+        &[
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--redirect-http",
+            &redirect.to_string(),
+        ],
+    )
+    .await;
     lb.wait_up(&["echo"], true).await;
 
     // A client that trusts the test authority: HTTP/1.1 (ALPN), keep-alive, bodies both ways,
@@ -1142,6 +1159,23 @@ async fn the_balancer_serves_https_with_its_certificate_and_tells_the_frontends(
         .connect(name, tcp)
         .await;
     assert!(refused.is_err());
+    // Plain HTTP at --redirect-http is sent to the same host and path over HTTPS, and reaches
+    // no front-end either.
+    let answer = raw(
+        redirect,
+        b"GET /echo/x?y=1 HTTP/1.1\r\nHost: localhost:80\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 308"), "{answer}");
+    assert!(
+        answer.contains(&format!(
+            "location: https://localhost:{}/echo/x?y=1\r\n",
+            lb.addr.port()
+        )),
+        "{answer}"
+    );
+    let answer = raw(redirect, b"GET / HTTP/1.0\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.0 400"), "{answer}");
     assert_eq!(lb.requests_counted(&[r#"server="echo""#]).await, 2);
     assert!(lb.log().contains("balancing on https://"), "{}", lb.log());
 }
@@ -1181,4 +1215,12 @@ fn tls_files_that_cannot_work_are_refused_naming_the_file() {
         &cert,
     ]);
     assert!(e.contains("--tls-key"), "{e}");
+    let e = refused(&[
+        "balancer",
+        "--table",
+        "never-read.json",
+        "--redirect-http",
+        "127.0.0.1:0",
+    ]);
+    assert!(e.contains("--tls-cert"), "{e}");
 }
