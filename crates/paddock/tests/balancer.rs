@@ -1178,6 +1178,35 @@ async fn the_balancer_serves_https_with_its_certificate_and_tells_the_frontends(
     assert!(answer.starts_with("HTTP/1.0 400"), "{answer}");
     assert_eq!(lb.requests_counted(&[r#"server="echo""#]).await, 2);
     assert!(lb.log().contains("balancing on https://"), "{}", lb.log());
+
+    // Restarted in place (as for a renewed certificate), it serves HTTPS and the redirects on
+    // the same ports, from the sockets it kept.
+    let offset = lb.log_len();
+    lb.signal("USR2");
+    lb.wait_for_log_after(offset, "balancing on https://", Duration::from_secs(30))
+        .await;
+    let tcp = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = connector.connect(name, tcp).await.unwrap();
+    stream
+        .write_all(b"GET /echo/x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_answer(&mut stream).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let answer = raw(
+        redirect,
+        b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 308"), "{answer}");
+    let log = lb.log()[offset..].to_string();
+    assert!(
+        log.matches("listening on the socket the previous process handed over")
+            .count()
+            == 3,
+        "{log}"
+    );
 }
 
 #[test]
