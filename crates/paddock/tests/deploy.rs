@@ -482,6 +482,19 @@ async fn a_version_failing_under_users_is_seen_by_the_watch_and_users_go_back() 
     );
     assert_eq!(desired(&f.controller, "hello"), "v1");
     assert_eq!(flags(&f.controller), before);
+    // `paddock routing` shows them with the route, once the balancer reported them all (it
+    // reports every second).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let routing = f.controller.ok(&["routing"]);
+        if routing.lines().any(|l| {
+            l.starts_with("route /hello") && l.ends_with(&format!(" {} failed (5xx)", failed.len()))
+        }) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{routing}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // The balancer counted each of them, as its metrics show.
     assert_eq!(
         f.lb.metric_sum("paddock_balancer_failed_requests_total", &["app=\"hello\""])
