@@ -331,10 +331,15 @@ pub struct BalancerReport {
     /// Its platform build (`build`, `upgrade_error`, `installing` beside the other fields).
     #[serde(flatten)]
     pub platform: BuildState,
-    /// What it answered for each app it routes, counted since it started: what a deployment's
-    /// watch step judges the new versions by.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub apps: Vec<AppTraffic>,
+    /// What it answered for each app it routes, counted since `started_ms`: what a
+    /// deployment's watch step judges the new versions by. `None` from a balancer of a release
+    /// that does not count them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apps: Option<Vec<AppTraffic>>,
+    /// When the run whose counts these are began (ms since the epoch): the counts start from
+    /// zero again with each run (a restart in place is a new one).
+    #[serde(default)]
+    pub started_ms: i64,
 }
 
 /// A balancer's answers for one app since it started, its own included (a 503 when no

@@ -150,6 +150,8 @@ pub struct Balancer {
     pool: PoolConfig,
     /// Applies one table at a time.
     applying: tokio::sync::Mutex<()>,
+    /// When this run (and its counts) began, in ms since the epoch.
+    started_ms: i64,
 }
 
 impl Balancer {
@@ -210,13 +212,17 @@ impl Balancer {
                 })
                 .collect(),
             platform: Default::default(),
-            apps: table
-                .apps()
-                .map(|app| AppTraffic {
-                    app: app.to_string(),
-                    counts: self.shared.metrics.app_traffic(app),
-                })
-                .collect(),
+            apps: Some(
+                table
+                    .apps()
+                    .into_iter()
+                    .map(|app| AppTraffic {
+                        app: app.to_string(),
+                        counts: self.shared.metrics.app_traffic(app),
+                    })
+                    .collect(),
+            ),
+            started_ms: self.started_ms,
         }
     }
 
@@ -287,6 +293,9 @@ pub async fn run(
         .with_context(|| format!("creating the data folder {}", config.data_dir.display()))?;
     let listen = listener.local_addr()?;
     let balancer = Arc::new(Balancer {
+        started_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64),
         name: config.name.clone(),
         listen: listen.to_string(),
         admin: match &admin_listener {

@@ -116,13 +116,12 @@ impl Table {
         self.routes.iter().find(|r| route_matches(&r.prefix, path))
     }
 
-    /// Every app the table routes, once.
-    pub fn apps(&self) -> impl Iterator<Item = &Arc<String>> {
-        self.routes
-            .iter()
-            .enumerate()
-            .filter(|(i, r)| !self.routes[..*i].iter().any(|o| o.app == r.app))
-            .map(|(_, r)| &r.app)
+    /// Every app the table routes, once, by name.
+    pub fn apps(&self) -> Vec<&Arc<String>> {
+        let mut apps: Vec<&Arc<String>> = self.routes.iter().map(|r| &r.app).collect();
+        apps.sort();
+        apps.dedup();
+        apps
     }
 
     /// Every upstream of the table, once.

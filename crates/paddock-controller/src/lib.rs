@@ -132,8 +132,13 @@ pub struct Controller {
     pub(crate) started: std::time::Instant,
     /// The build an upgrade started this process on (`BUILD_ENV`), if one did.
     pub(crate) started_on: Option<String>,
-    /// Watch steps running now: while there is one, balancers are asked to report sooner.
+    /// Cutover and watch steps of plans with a watch running now: while there is one (and for a
+    /// second after the last ended), balancers are asked to report sooner.
     pub(crate) watches: std::sync::atomic::AtomicUsize,
+    pub(crate) watch_ended_ms: std::sync::atomic::AtomicI64,
+    /// The answers counted from each cutover of a plan with a watch, by operation and zone, for
+    /// its watch step.
+    pub(crate) tallies: std::sync::Mutex<std::collections::HashMap<(i64, String), ops::Tally>>,
 }
 
 impl Controller {
@@ -187,9 +192,15 @@ impl Controller {
         self.facts.subscribe()
     }
 
-    /// Whether an operation's watch step is counting the balancers' answers now.
+    /// Whether an operation's cutover or watch step is counting the balancers' answers now (or
+    /// one ended within the last second: the next may be starting).
     pub fn watching(&self) -> bool {
         self.watches.load(std::sync::atomic::Ordering::Relaxed) > 0
+            || now_ms()
+                - self
+                    .watch_ended_ms
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                < 1_000
     }
 }
 
@@ -318,6 +329,8 @@ pub async fn run(
         started: std::time::Instant::now(),
         started_on,
         watches: std::sync::atomic::AtomicUsize::new(0),
+        watch_ended_ms: std::sync::atomic::AtomicI64::new(0),
+        tallies: std::sync::Mutex::default(),
     });
     tracing::info!(
         database = controller.store.backend(),

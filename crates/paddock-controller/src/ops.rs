@@ -10,7 +10,7 @@
 //! in-flight counts and loaded versions, a smoke request's answer. A wait has a deadline and
 //! fails naming what did not confirm. No wait is a sleep.
 //!
-//! Failure or abort before the point of no return (step 8, when the loaded group takes the
+//! Failure or abort before the point of no return (step 8, `deployment-on`, 9 with a watch step: when the loaded group takes the
 //! new version) runs the restore steps: users back on the loaded group, old versions desired
 //! again, every flag as before. A wait after the point of no return that misses its deadline
 //! pauses the operation; `paddock op resume` retries it.
@@ -34,8 +34,9 @@ use crate::{Controller, now_ms};
 pub const DEFAULT_TIMEOUT_MS: u64 = 120_000;
 /// How often a wait looks again when no fact arrived (abort requests and deadlines).
 const RECHECK: Duration = Duration::from_millis(250);
-/// The answers an app needs before its failures fail a watch step before its time is up.
-const WATCH_EARLY_ANSWERS: u64 = 20;
+/// The failed answers an app needs before they fail a watch step before its time is up (one
+/// transient error among the first answers does not).
+const WATCH_EARLY_FAILURES: u64 = 5;
 /// How soon balancers report while a watch step counts their answers (instead of every
 /// second): failures are seen, and users put back, within about this long.
 pub const WATCH_REPORT_MS: u64 = 100;
@@ -132,7 +133,7 @@ pub async fn plan(
         });
     }
 
-    let watch = checked_watch(request.watch)?;
+    let watch = checked_watch(c, request.watch).await?;
     let zones: Vec<(String, Vec<PlannedApp>)> = zones.into_iter().collect();
     let plans = zone_plans(c, zones, &request.updating, false, watch.is_some()).await?;
     Ok(DeployPlan {
@@ -147,10 +148,26 @@ pub async fn plan(
 /// The longest watch step: an hour, like the longest wait.
 const MAX_WATCH_MS: u64 = 3_600_000;
 
-fn checked_watch(watch: Option<Watch>) -> Result<Option<Watch>, PlanError> {
+/// A watch the plan can keep: within bounds, and every live balancer counts answers per app
+/// (one of an older release would look like a balancer without traffic).
+async fn checked_watch(c: &Controller, watch: Option<Watch>) -> Result<Option<Watch>, PlanError> {
     let Some(watch) = watch else {
         return Ok(None);
     };
+    let blind: Vec<String> = c
+        .store
+        .balancers(now_ms() - crate::routing::BALANCER_ALIVE_WITHIN_MS)
+        .await?
+        .into_iter()
+        .filter(|b| b.alive && b.report.apps.is_none())
+        .map(|b| b.report.name)
+        .collect();
+    if !blind.is_empty() {
+        return Err(invalid(format!(
+            "balancers {} run a release that does not count answers per app, so a watch would see nothing there; upgrade them (`paddock upgrade` without --watch) or leave out --watch",
+            blind.join(", ")
+        )));
+    }
     if !(1_000..=MAX_WATCH_MS).contains(&watch.ms) {
         return Err(invalid(format!(
             "watch {} ms is out of range: use 1s to 1h",
@@ -178,7 +195,7 @@ pub async fn plan_upgrade(
             "timeout {timeout_ms} ms is out of range: use 1s to 1h"
         )));
     }
-    let watch = checked_watch(request.watch)?;
+    let watch = checked_watch(c, request.watch).await?;
     if request.parallel_zones {
         return Err(invalid(
             "a platform upgrade runs its zones one after another (the controller goes last, once every zone is done); leave out --parallel-zones",
@@ -524,7 +541,7 @@ fn restore_steps(in_place: bool, upgrade: bool) -> &'static [Step] {
     }
 }
 
-/// From step 8 on, the loaded group takes the new version: there is no old version left to go
+/// From step 8 (9 with a watch step) on, the loaded group takes the new version: there is no old version left to go
 /// back to, so the operation only goes forward.
 pub fn past_point_of_no_return(step: Step) -> bool {
     matches!(
@@ -1051,8 +1068,17 @@ impl Run<'_> {
             Step::Smoke => self.smoke().await,
             Step::Cutover => {
                 // The balancers that acknowledge the cutover already report as often as the
-                // watch step after it wants.
+                // watch step after it wants, and the answers it judges are counted from here.
                 let _watching = self.plan.watch.map(|_| Watching::new(self.c));
+                if self.plan.watch.is_some() {
+                    let mut tally = Tally::default();
+                    self.observe(&mut tally).await?;
+                    self.c
+                        .tallies
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert((self.id, z.zone.clone()), tally);
+                }
                 let changes = z
                     .updating
                     .iter()
@@ -2013,17 +2039,40 @@ impl Run<'_> {
         .await
     }
 
-    /// Requests each app's smoke path on each updating server directly (not through a
-    /// balancer): it must answer 2xx with the new version.
-    /// The watch step: counts what the live balancers answer users for each app of the zone,
-    /// from each balancer's report as the step starts to its first report after the watch's
-    /// time is up. An app whose failed answers pass the share the watch allows fails the step,
-    /// which puts users back on the old versions: at once over at least
-    /// [`WATCH_EARLY_ANSWERS`] answers, or at the end over any number.
-    ///
-    /// The report a balancer sent last as the step starts counts every answer of the old
-    /// versions already: the cutover's wait ended on reports that showed nothing in flight to
-    /// the loaded group, and a balancer counts an answer before it leaves the in-flight count.
+    /// The live balancers' counts for the zone's apps, into `tally`; the balancers that
+    /// reported, with when each did.
+    async fn observe(&self, tally: &mut Tally) -> Result<Vec<(String, i64)>, StepError> {
+        let balancers = self
+            .c
+            .store
+            .balancers(now_ms() - crate::routing::BALANCER_ALIVE_WITHIN_MS)
+            .await?;
+        let mut live = Vec::new();
+        for b in balancers.iter().filter(|b| b.alive) {
+            let reported = b.report.apps.as_deref().unwrap_or_default();
+            let counts = self
+                .zone
+                .apps
+                .iter()
+                .map(|a| {
+                    reported
+                        .iter()
+                        .find(|t| t.app == a.app)
+                        .map_or_else(AppTrafficCounts::default, |t| t.counts)
+                })
+                .collect();
+            tally.observe(&b.report.name, b.report.started_ms, counts);
+            live.push((b.report.name.clone(), b.heartbeat_ms));
+        }
+        Ok(live)
+    }
+
+    /// The watch step: judges the zone's apps by what the live balancers answered users since
+    /// the cutover (the tally the cutover step began; one begun now when this process did not
+    /// run it) until each balancer's first report after the watch's time is up. An app whose
+    /// failed answers pass the share the watch allows fails the step, which puts users back on
+    /// the old versions: as soon as at least [`WATCH_EARLY_FAILURES`] failed, or at the end
+    /// over any number. Looks every [`WATCH_REPORT_MS`], as often as balancers report.
     async fn watch(&self, watch: Watch) -> Result<Vec<String>, StepError> {
         let apps = &self.zone.apps;
         if apps.is_empty() {
@@ -2035,64 +2084,40 @@ impl Run<'_> {
         let _watching = Watching::new(self.c);
         let started = now_ms();
         let end = started + i64::try_from(watch.ms).unwrap_or(i64::MAX);
-        // Per balancer: its counts for each app in its report as the step starts (or its first
-        // one, for a balancer that starts reporting later), and in its latest one.
-        let mut first: BTreeMap<String, Vec<AppTrafficCounts>> = BTreeMap::new();
-        let mut latest: BTreeMap<String, Vec<AppTrafficCounts>> = BTreeMap::new();
+        let mut tally = self
+            .c
+            .tallies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(self.id, self.zone.zone.clone()))
+            .unwrap_or_default();
         let deadline = tokio::time::Instant::now() + Duration::from_millis(watch.ms) + self.timeout;
-        let mut facts = self.c.watch_facts();
         loop {
-            facts.mark_unchanged();
+            let live = self.observe(&mut tally).await?;
             let now = now_ms();
-            let balancers = self
-                .c
-                .store
-                .balancers(now - crate::routing::BALANCER_ALIVE_WITHIN_MS)
-                .await?;
-            for b in balancers.iter().filter(|b| b.alive) {
-                let counts: Vec<AppTrafficCounts> = apps
-                    .iter()
-                    .map(|a| {
-                        b.report
-                            .apps
-                            .iter()
-                            .find(|t| t.app == a.app)
-                            .map_or_else(AppTrafficCounts::default, |t| t.counts)
-                    })
-                    .collect();
-                first
-                    .entry(b.report.name.clone())
-                    .or_insert_with(|| counts.clone());
-                latest.insert(b.report.name.clone(), counts);
-            }
-            let totals: Vec<AppTrafficCounts> = (0..apps.len())
-                .map(|i| {
-                    latest
-                        .iter()
-                        .fold(AppTrafficCounts::default(), |sum, (name, now)| {
-                            let since = counted_since(first[name][i], now[i]);
-                            AppTrafficCounts {
-                                answered: sum.answered + since.answered,
-                                failed: sum.failed + since.failed,
-                            }
-                        })
-                })
-                .collect();
+            let totals = tally.totals(apps.len());
             let seconds = (now - started) as f64 / 1000.0;
-            let through = if latest.is_empty() {
-                "no balancer".to_string()
-            } else {
-                join(&latest.keys().collect::<Vec<_>>())
+            let through = match tally.balancers() {
+                names if names.is_empty() => "no balancer".to_string(),
+                names => join(&names),
             };
-            if let Some((app, counts)) = apps.iter().zip(&totals).find(|(_, t)| {
-                watch.exceeded(**t) && (t.answered >= WATCH_EARLY_ANSWERS || now >= end)
-            }) {
+            let over = |t: &AppTrafficCounts, whole: bool| {
+                watch.exceeded(*t) && (whole || t.failed >= WATCH_EARLY_FAILURES)
+            };
+            let late: Vec<&str> = live
+                .iter()
+                .filter(|(_, heartbeat)| *heartbeat < end)
+                .map(|(name, _)| name.as_str())
+                .collect();
+            // Whole: the time is up and every live balancer has reported since.
+            let whole = now >= end && late.is_empty();
+            if let Some((app, counts)) = apps.iter().zip(&totals).find(|(_, t)| over(t, whole)) {
                 let back = match &self.plan.platform {
                     None => app.from.clone(),
                     Some(_) => "the servers on the old build".to_string(),
                 };
                 return Err(StepError::Failed(format!(
-                    "{} {}: {} of {} answers through {through} failed (5xx) in {seconds:.1} s, more than the {} allowed: users go back to {back}",
+                    "{} {}: {} of {} answers through {through} failed (5xx) since the cutover, more than the {} allowed: users go back to {back}",
                     app.app,
                     app.to,
                     counts.failed,
@@ -2100,36 +2125,31 @@ impl Run<'_> {
                     watch.max_failed(),
                 )));
             }
+            if whole {
+                return Ok(apps
+                    .iter()
+                    .zip(&totals)
+                    .map(|(app, t)| match t.answered {
+                        0 => format!(
+                            "{} {}: no answer through {through} in {seconds:.1} s, nothing to judge",
+                            app.app, app.to
+                        ),
+                        n => format!(
+                            "{} {}: {n} answers through {through} since the cutover ({seconds:.1} s watched), {} failed (5xx; at most {} may)",
+                            app.app,
+                            app.to,
+                            t.failed,
+                            watch.max_failed()
+                        ),
+                    })
+                    .collect());
+            }
             let missing = if now < end {
                 format!("watching until {} s have passed", watch.ms / 1000)
             } else {
-                let late: Vec<&str> = balancers
-                    .iter()
-                    .filter(|b| b.alive && b.heartbeat_ms < end)
-                    .map(|b| b.report.name.as_str())
-                    .collect();
-                if late.is_empty() {
-                    return Ok(apps
-                        .iter()
-                        .zip(&totals)
-                        .map(|(app, t)| match t.answered {
-                            0 => format!(
-                                "{} {}: no answer through {through} in {seconds:.1} s, nothing to judge",
-                                app.app, app.to
-                            ),
-                            n => format!(
-                                "{} {}: {n} answers through {through} in {seconds:.1} s, {} failed (5xx; at most {} may)",
-                                app.app,
-                                app.to,
-                                t.failed,
-                                watch.max_failed()
-                            ),
-                        })
-                        .collect());
-                }
                 format!(
                     "balancers {} have not reported since the watch ended",
-                    join(&late)
+                    late.join(", ")
                 )
             };
             if self.c.store.operation(self.id).await?.abort_requested {
@@ -2143,13 +2163,12 @@ impl Run<'_> {
                     self.timeout.as_secs()
                 )));
             }
-            tokio::select! {
-                _ = facts.changed() => {}
-                _ = tokio::time::sleep(RECHECK) => {}
-            }
+            tokio::time::sleep(Duration::from_millis(WATCH_REPORT_MS)).await;
         }
     }
 
+    /// Requests each app's smoke path on each updating server directly (not through a
+    /// balancer): it must answer 2xx with the new version.
     async fn smoke(&self) -> Result<Vec<String>, StepError> {
         let servers = self.c.store.servers().await?;
         let mut requests = Vec::new();
@@ -2217,7 +2236,9 @@ impl Run<'_> {
     }
 }
 
-/// Counts a running watch step in [`Controller::watches`] while it lives.
+/// Counts a running cutover or watch step of a plan with a watch in [`Controller::watches`]
+/// while it lives; the end is remembered, so that the moment between the two steps does not
+/// count as no watch.
 struct Watching<'a>(&'a Controller);
 
 impl<'a> Watching<'a> {
@@ -2229,21 +2250,86 @@ impl<'a> Watching<'a> {
 
 impl Drop for Watching<'_> {
     fn drop(&mut self) {
-        self.0
-            .watches
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let c = self.0;
+        c.watch_ended_ms
+            .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+        c.watches.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
-/// What a balancer counted between two of its reports; all of `later` when its counts went
-/// down (it restarted, and counts from zero again).
-fn counted_since(earlier: AppTrafficCounts, later: AppTrafficCounts) -> AppTrafficCounts {
-    if later.answered < earlier.answered || later.failed < earlier.failed {
-        return later;
+/// What the balancers answered for a zone's apps since a tally began, from their successive
+/// reports: each balancer's growth between reports of one run, and all of a new run's counts
+/// (a restarted balancer counts from zero). A report older than one already seen (late, or of
+/// an earlier run) changes nothing.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    seen: BTreeMap<String, Seen>,
+}
+
+#[derive(Debug)]
+struct Seen {
+    /// The run of the last report taken (`started_ms`) and its counts.
+    run: i64,
+    last: Vec<AppTrafficCounts>,
+    /// What it counted since the tally began, per app.
+    since: Vec<AppTrafficCounts>,
+}
+
+impl Tally {
+    /// Takes balancer `name`'s report of run `run` with `counts` (one per app). The first one of
+    /// a balancer is where its tally begins.
+    fn observe(&mut self, name: &str, run: i64, counts: Vec<AppTrafficCounts>) {
+        let Some(seen) = self.seen.get_mut(name) else {
+            let since = vec![AppTrafficCounts::default(); counts.len()];
+            self.seen.insert(
+                name.to_string(),
+                Seen {
+                    run,
+                    last: counts,
+                    since,
+                },
+            );
+            return;
+        };
+        let grown = |from: &[AppTrafficCounts]| {
+            counts
+                .iter()
+                .zip(from)
+                .all(|(now, before)| now.answered >= before.answered && now.failed >= before.failed)
+        };
+        let base: Vec<AppTrafficCounts> = if run == seen.run && grown(&seen.last) {
+            seen.last.clone()
+        } else if run > seen.run {
+            vec![AppTrafficCounts::default(); counts.len()]
+        } else {
+            return;
+        };
+        for ((since, now), before) in seen.since.iter_mut().zip(&counts).zip(&base) {
+            since.answered += now.answered - before.answered;
+            since.failed += now.failed - before.failed;
+        }
+        seen.run = run;
+        seen.last = counts;
     }
-    AppTrafficCounts {
-        answered: later.answered - earlier.answered,
-        failed: later.failed - earlier.failed,
+
+    /// What every balancer counted since the tally began, per app.
+    fn totals(&self, apps: usize) -> Vec<AppTrafficCounts> {
+        (0..apps)
+            .map(|i| {
+                self.seen
+                    .values()
+                    .filter_map(|seen| seen.since.get(i))
+                    .fold(AppTrafficCounts::default(), |sum, c| AppTrafficCounts {
+                        answered: sum.answered + c.answered,
+                        failed: sum.failed + c.failed,
+                    })
+            })
+            .collect()
+    }
+
+    /// The balancers it counts, by name.
+    fn balancers(&self) -> Vec<&str> {
+        self.seen.keys().map(String::as_str).collect()
     }
 }
 
@@ -2390,16 +2476,36 @@ async fn smoke_one(
 mod tests {
     use super::*;
 
+    fn counts(answered: u64, failed: u64) -> Vec<AppTrafficCounts> {
+        vec![AppTrafficCounts { answered, failed }]
+    }
+
     #[test]
-    fn a_watch_counts_what_a_balancer_answered_since_and_all_of_it_after_a_restart() {
-        let counts = |answered, failed| AppTrafficCounts { answered, failed };
-        assert_eq!(counted_since(counts(100, 2), counts(150, 3)), counts(50, 1));
-        assert_eq!(counted_since(counts(100, 2), counts(100, 2)), counts(0, 0));
-        // Restarted: it counts from zero again, and what it counts now is all new.
-        assert_eq!(counted_since(counts(100, 2), counts(30, 5)), counts(30, 5));
+    fn a_tally_counts_growth_across_restarts_and_ignores_late_reports() {
+        let mut tally = Tally::default();
+        tally.observe("lb1", 1, counts(100, 2));
         assert_eq!(
-            counted_since(counts(100, 2), counts(120, 0)),
-            counts(120, 0)
+            tally.totals(1),
+            counts(0, 0),
+            "the first report is the start"
         );
+        tally.observe("lb1", 1, counts(150, 3));
+        assert_eq!(tally.totals(1), counts(50, 1));
+        // A report sent before the last one, arriving late: nothing changes.
+        tally.observe("lb1", 1, counts(120, 2));
+        assert_eq!(tally.totals(1), counts(50, 1));
+        // Restarted (a new run): what it counts now is all new, added to what came before.
+        tally.observe("lb1", 2, counts(30, 5));
+        assert_eq!(tally.totals(1), counts(80, 6));
+        tally.observe("lb1", 2, counts(40, 5));
+        assert_eq!(tally.totals(1), counts(90, 6));
+        // A late report of the earlier run changes nothing either.
+        tally.observe("lb1", 1, counts(900, 90));
+        assert_eq!(tally.totals(1), counts(90, 6));
+        // Another balancer's counts add up with it.
+        tally.observe("lb2", 7, counts(1000, 10));
+        tally.observe("lb2", 7, counts(1010, 10));
+        assert_eq!(tally.totals(1), counts(100, 6));
+        assert_eq!(tally.balancers(), ["lb1", "lb2"]);
     }
 }

@@ -437,13 +437,14 @@ async fn routing_state(store: &dyn Store) {
         generation: 7,
         upstreams: vec![],
         platform: Default::default(),
-        apps: vec![paddock_api::AppTraffic {
+        apps: Some(vec![paddock_api::AppTraffic {
             app: "hello".into(),
             counts: paddock_api::AppTrafficCounts {
                 answered: 12,
                 failed: 1,
             },
-        }],
+        }]),
+        started_ms: 42,
     };
     store.balancer_report(&report, 100).await.unwrap();
     store.balancer_report(&report, 200).await.unwrap();
@@ -1222,7 +1223,8 @@ async fn platform_builds(store: &SqlStore) {
             build: Some("b".repeat(64)),
             ..Default::default()
         },
-        apps: vec![],
+        apps: None,
+        started_ms: 0,
     };
     for name in ["lb1", "lb2"] {
         store.balancer_report(&report(name), 5).await.unwrap();

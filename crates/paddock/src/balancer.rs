@@ -108,9 +108,11 @@ pub fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     let (stop, mut stops) = tokio::sync::mpsc::channel(4);
+    // The certificate files a restart reads again, checked before it stops anything.
+    let tls_files = args.tls_cert.clone().zip(args.tls_key.clone());
     {
         let _entered = runtime.enter();
-        balancer_signals(exe.clone(), stop.clone())?;
+        balancer_signals(exe.clone(), tls_files.clone(), stop.clone())?;
     }
     // The build a platform upgrade installed over `exe`: the next process is started on it.
     let installed: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
@@ -122,6 +124,15 @@ pub fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
                 // An installed build: recorded for the next process, and a restart in place.
                 tokio::spawn(async move {
                     while let Some(build) = restarts.recv().await {
+                        if let Some((cert, key)) = &tls_files
+                            && let Err(e) = paddock_balancer::tls::server_config(cert, key)
+                        {
+                            tracing::error!(
+                                "build {} installed, not restarting on it: {e}; the new program would not start. Fix the files, then send SIGUSR2",
+                                build.build
+                            );
+                            continue;
+                        }
                         *installed.lock().unwrap_or_else(|e| e.into_inner()) = Some(build.build);
                         if stop.send(paddock_balancer::Stop::Restart).await.is_err() {
                             return;
@@ -161,9 +172,11 @@ pub fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
 /// Installs the balancer's signal handlers (before anything else, so that no signal finds the
 /// default action, which ends the process): SIGTERM and Ctrl-C stop it; SIGUSR2 restarts it
 /// in the same process on the executable file `exe` it was started from (after a new one was
-/// installed there), keeping the listening sockets, if that file is a program.
+/// installed there), keeping the listening sockets, if that file is a program and the
+/// certificate and key of `tls` (read again by the new program) still make a TLS config.
 fn balancer_signals(
     exe: PathBuf,
+    tls: Option<(PathBuf, PathBuf)>,
     tx: tokio::sync::mpsc::Sender<paddock_balancer::Stop>,
 ) -> anyhow::Result<()> {
     use paddock_balancer::Stop;
@@ -184,13 +197,18 @@ fn balancer_signals(
                     tracing::info!("interrupt received");
                     Stop::Exit
                 }
-                _ = restart.recv() => match runnable(&exe) {
+                _ = restart.recv() => match runnable(&exe).and_then(|()| match &tls {
+                    Some((cert, key)) => paddock_balancer::tls::server_config(cert, key)
+                        .map(|_| ())
+                        .map_err(anyhow::Error::from),
+                    None => Ok(()),
+                }) {
                     Ok(()) => {
                         tracing::info!(exe = %exe.display(), "SIGUSR2 received: restarting on the executable installed at this path");
                         Stop::Restart
                     }
                     Err(e) => {
-                        tracing::error!("SIGUSR2 received, not restarting: {e:#}; install the new `paddock` executable at that path (by rename) and send SIGUSR2 again");
+                        tracing::error!("SIGUSR2 received, not restarting: {e:#}; the new program would not start. Fix that (a new `paddock` is installed at the executable's path by rename), then send SIGUSR2 again");
                         continue;
                     }
                 }

@@ -1083,7 +1083,12 @@ async fn the_balancer_serves_https_with_its_certificate_and_tells_the_frontends(
             {"name": "echo", "address": upstream.to_string(), "state": "ready", "weight": 1}]}],
         "routes": [{"prefix": "/echo", "app": "echo", "zone": "default"}]
     });
-    let (cert, key) = (tls_fixture("cert.pem"), tls_fixture("key.pem"));
+    // Copies of the certificate and key, which the test renews (badly, then well).
+    let files = tempfile::tempdir().unwrap();
+    let (cert, key) = (files.path().join("cert.pem"), files.path().join("key.pem"));
+    std::fs::copy(tls_fixture("cert.pem"), &cert).unwrap();
+    std::fs::copy(tls_fixture("key.pem"), &key).unwrap();
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
     // A port for plain HTTP, answered with redirects.
     let redirect = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -1178,6 +1183,20 @@ async fn the_balancer_serves_https_with_its_certificate_and_tells_the_frontends(
     assert!(answer.starts_with("HTTP/1.0 400"), "{answer}");
     assert_eq!(lb.requests_counted(&[r#"server="echo""#]).await, 2);
     assert!(lb.log().contains("balancing on https://"), "{}", lb.log());
+
+    // A key that does not go with the certificate (a renewal half done): SIGUSR2 is refused,
+    // naming the problem, and the balancer serves on.
+    std::fs::copy(tls_fixture("other-key.pem"), &key).unwrap();
+    let offset = lb.log_len();
+    lb.signal("USR2");
+    lb.wait_for_log_after(offset, "not restarting", Duration::from_secs(30))
+        .await;
+    assert!(
+        lb.log()[offset..].contains("does not go with the certificate"),
+        "{}",
+        lb.log()
+    );
+    std::fs::copy(tls_fixture("key.pem"), &key).unwrap();
 
     // Restarted in place (as for a renewed certificate), it serves HTTPS and the redirects on
     // the same ports, from the sockets it kept.

@@ -528,7 +528,7 @@ async fn a_version_failing_under_users_is_seen_by_the_watch_and_users_go_back() 
     let facts = watch["facts"].to_string();
     assert!(
         facts.contains("hello v2: ")
-            && facts.contains("answers through lb1 in ")
+            && facts.contains("answers through lb1 since the cutover")
             && facts.contains(", 0 failed (5xx; at most 1% may)"),
         "{facts}"
     );

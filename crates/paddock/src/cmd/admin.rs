@@ -958,14 +958,15 @@ pub async fn routing(client: &Client) -> anyhow::Result<()> {
             );
         }
         for route in &r.table.routes {
-            // What the balancers answered for the app since each started.
+            // What the live balancers answered for the app since each started.
             let (answered, failed) = r
                 .balancers
                 .iter()
-                .flat_map(|b| b.report.apps.iter().filter(|a| a.app == route.app))
+                .filter(|b| b.alive)
+                .flat_map(|b| b.report.apps.iter().flatten().filter(|a| a.app == route.app))
                 .fold((0, 0), |(n, f), a| (n + a.counts.answered, f + a.counts.failed));
             println!(
-                "route {:<20} → {} (zone {}): {answered} answered by the balancers, {failed} failed (5xx)",
+                "route {:<20} → {} (zone {}): {answered} answered by the live balancers, {failed} failed (5xx)",
                 route.prefix, route.app, route.zone
             );
         }

@@ -515,11 +515,17 @@ fn print_plan(plan: &DeployPlan, plan_only: bool) {
         "Each wait fails after {} s; a failure before {} puts everything back.{}",
         plan.timeout_ms / 1000,
         if upgrade {
-            "upgrade-loaded"
-        } else if plan.watch.is_some() {
-            "step 9 (deployment-on)"
+            "upgrade-loaded".to_string()
         } else {
-            "step 8 (deployment-on)"
+            // Its number in the zones' lists (one more with a watch step).
+            match plan.zones.iter().find_map(|z| {
+                z.steps
+                    .iter()
+                    .position(|s| s.step == paddock_api::Step::DeploymentOn)
+            }) {
+                Some(i) => format!("step {} (deployment-on)", i + 1),
+                None => "deployment-on".to_string(),
+            }
         },
         if plan.parallel_zones && plan.zones.len() > 1 {
             " Zones run side by side."
