@@ -1104,10 +1104,30 @@ async fn the_balancer_serves_https_with_its_certificate_and_tells_the_frontends(
             &key,
             "--redirect-http",
             &redirect.to_string(),
+            "--header-timeout",
+            "1s",
         ],
     )
     .await;
     lb.wait_up(&["echo"], true).await;
+
+    // A client that connects and never starts its handshake is cut off after the header
+    // timeout, and is no longer counted as open.
+    let mut silent = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut byte))
+        .await
+        .expect("closed within 10 s");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lb
+        .metric_sum("paddock_balancer_client_connections", &[])
+        .await
+        > 0
+    {
+        assert!(Instant::now() < deadline, "{}", lb.metrics().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // A client that trusts the test authority: HTTP/1.1 (ALPN), keep-alive, bodies both ways,
     // and the front-end is told the client came over HTTPS (whatever the client claims).
