@@ -864,15 +864,20 @@ async fn echo_upstream(go_on: Arc<tokio::sync::Notify>) -> std::net::SocketAddr 
     addr
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() {
-    let upstream = echo_upstream(Arc::new(tokio::sync::Notify::new())).await;
-    let table = serde_json::json!({
+/// A fixed routing table sending `/echo` to the [`echo_upstream`] at `upstream`.
+fn echo_table(upstream: std::net::SocketAddr) -> serde_json::Value {
+    serde_json::json!({
         "generation": 1,
         "zones": [{"zone": "default", "policy": "round-robin", "upstreams": [
             {"name": "echo", "address": upstream.to_string(), "state": "ready", "weight": 1}]}],
         "routes": [{"prefix": "/echo", "app": "echo", "zone": "default"}]
-    });
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_after_the_send_timeout() {
+    let upstream = echo_upstream(Arc::new(tokio::sync::Notify::new())).await;
+    let table = echo_table(upstream);
     let lb = Balancer::with_table("lb-stall", &table, &["--send-timeout", "1s"]).await;
     let mut client = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
     client
@@ -954,12 +959,7 @@ async fn read_answer(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> (Strin
 async fn bodies_go_through_both_ways_and_responses_are_streamed() {
     let go_on = Arc::new(tokio::sync::Notify::new());
     let upstream = echo_upstream(go_on.clone()).await;
-    let table = serde_json::json!({
-        "generation": 1,
-        "zones": [{"zone": "default", "policy": "round-robin", "upstreams": [
-            {"name": "echo", "address": upstream.to_string(), "state": "ready", "weight": 1}]}],
-        "routes": [{"prefix": "/echo", "app": "echo", "zone": "default"}]
-    });
+    let table = echo_table(upstream);
     let lb = Balancer::with_table("lb-bodies", &table, &[]).await;
     let mut client = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
 
@@ -1077,12 +1077,7 @@ async fn the_balancer_serves_https_with_its_certificate_and_tells_the_frontends(
     use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 
     let upstream = echo_upstream(Arc::new(tokio::sync::Notify::new())).await;
-    let table = serde_json::json!({
-        "generation": 1,
-        "zones": [{"zone": "default", "policy": "round-robin", "upstreams": [
-            {"name": "echo", "address": upstream.to_string(), "state": "ready", "weight": 1}]}],
-        "routes": [{"prefix": "/echo", "app": "echo", "zone": "default"}]
-    });
+    let table = echo_table(upstream);
     // Copies of the certificate and key, which the test renews (badly, then well).
     let files = tempfile::tempdir().unwrap();
     let (cert, key) = (files.path().join("cert.pem"), files.path().join("key.pem"));
