@@ -128,6 +128,9 @@ pub struct Upgrader {
     /// the next wait.
     retry: std::sync::Mutex<Option<Retry>>,
     restart: tokio::sync::mpsc::Sender<Installed>,
+    /// The build installed and handed over to restart on, and the generation that named it,
+    /// until the process is replaced or [`Upgrader::restart_failed`].
+    restarting: std::sync::Mutex<Option<(String, i64)>>,
     /// Wakes the heartbeat, so that the controller learns of a failure at once.
     changed: Arc<tokio::sync::Notify>,
 }
@@ -177,8 +180,55 @@ impl Upgrader {
             wanted: std::sync::Mutex::new(None),
             retry: std::sync::Mutex::new(None),
             restart,
+            restarting: std::sync::Mutex::new(None),
             changed,
         })
+    }
+
+    /// The process could not restart on the build it installed (`error` says why: a program
+    /// that would not start, certificate files that would not load): the installation is
+    /// reported failed, with that error, and is tried again after the waits of a failed one
+    /// (the build is on disk by then, so that try is the restart alone).
+    pub fn restart_failed(&self, error: &str) {
+        let Some((build, generation)) = self
+            .restarting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return;
+        };
+        self.failed(
+            &build,
+            generation,
+            format!("installed, not restarting on it: {error}"),
+        );
+        // What `NotBusy` would have done had the restart not been expected to replace us.
+        self.status.set_installing(None);
+        self.busy.store(false, Ordering::Release);
+        self.changed.notify_one();
+    }
+
+    /// Records a failed installation of `build`, named by `generation`, and when to try again.
+    fn failed(&self, build: &str, generation: i64, error: String) {
+        let mut retry = self.retry.lock().unwrap_or_else(|e| e.into_inner());
+        let wait = match &*retry {
+            Some(r) if r.build == build && r.generation == generation => r.next,
+            _ => FIRST_RETRY,
+        };
+        *retry = Some(Retry {
+            build: build.to_string(),
+            generation,
+            at: Instant::now() + wait,
+            next: (wait * 2).min(MAX_RETRY),
+        });
+        drop(retry);
+        tracing::error!(build = %short(build), "cannot install the platform build, retrying in {} s: {error}", wait.as_secs());
+        self.status.set_upgrade_error(Some(UpgradeFailure {
+            build: build.to_string(),
+            generation,
+            error,
+        }));
     }
 
     /// Installs `target`, named by the desired state of `generation`, unless this process runs
@@ -229,6 +279,11 @@ impl Upgrader {
             match upgrader.install(&target).await {
                 Ok(Some(installed)) => {
                     tracing::info!(build = %short(&target.sha256), version = %target.version, exe = %upgrader.exe.display(), "platform build installed; restarting on it");
+                    *upgrader
+                        .restarting
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) =
+                        Some((target.sha256.clone(), generation));
                     let _ = upgrader.restart.send(installed).await;
                     // Whoever polls for it (a standby) looks at once.
                     upgrader.changed.notify_one();
@@ -240,22 +295,7 @@ impl Upgrader {
                     upgrader.changed.notify_one();
                 }
                 Err(e) => {
-                    let mut retry = upgrader.retry.lock().unwrap_or_else(|e| e.into_inner());
-                    let wait = match &*retry {
-                        Some(r) if r.build == target.sha256 && r.generation == generation => r.next,
-                        _ => FIRST_RETRY,
-                    };
-                    *retry = Some(Retry {
-                        build: target.sha256.clone(),
-                        generation,
-                        at: Instant::now() + wait,
-                        next: (wait * 2).min(MAX_RETRY),
-                    });
-                    drop(retry);
-                    tracing::error!(build = %short(&target.sha256), "cannot install the platform build, retrying in {} s: {e:#}", wait.as_secs());
-                    upgrader
-                        .status
-                        .set_upgrade_error(Some(failed(format!("{e:#}"))));
+                    upgrader.failed(&target.sha256, generation, format!("{e:#}"));
                     drop(not_busy);
                     upgrader.changed.notify_one();
                 }

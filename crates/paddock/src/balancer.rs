@@ -116,11 +116,16 @@ pub fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
     }
     // The build a platform upgrade installed over `exe`: the next process is started on it.
     let installed: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    // What installs builds, told when a restart on one fails.
+    let mut upgrades: Option<Arc<Builds>> = None;
     if let paddock_balancer::Source::Controller(link) = &mut config.source {
         let installed = installed.clone();
         let _entered = runtime.enter();
         match Builds::new(&link.controller, &link.join_token) {
             Ok((builds, mut restarts)) => {
+                let builds = Arc::new(builds);
+                upgrades = Some(builds.clone());
+                let told = builds.clone();
                 // An installed build: recorded for the next process, and a restart in place.
                 tokio::spawn(async move {
                     while let Some(build) = restarts.recv().await {
@@ -128,9 +133,12 @@ pub fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
                             && let Err(e) = paddock_balancer::tls::server_config(cert, key)
                         {
                             tracing::error!(
-                                "build {} installed, not restarting on it: {e}; the new program would not start. Fix the files, then send SIGUSR2",
+                                "build {} installed, not restarting on it: {e}; the new program would not start. Fix the files, then send SIGUSR2 (or let the build be tried again)",
                                 build.build
                             );
+                            told.restart_failed(&format!(
+                                "{e}; the new program would not start with it. Fix the files, then send SIGUSR2 or `paddock op resume`"
+                            ));
                             continue;
                         }
                         *installed.lock().unwrap_or_else(|e| e.into_inner()) = Some(build.build);
@@ -139,7 +147,7 @@ pub fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
                         }
                     }
                 });
-                link.platform = Some(Arc::new(builds));
+                link.platform = Some(builds);
             }
             // Without its own executable's path a balancer cannot be upgraded, but it routes.
             Err(e) => tracing::warn!("platform upgrades off for this balancer: {e:#}"),
@@ -165,6 +173,11 @@ pub fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
         let failed = handoff::exec(&exe, build.as_deref(), &listeners);
         restart_signal(libc::SIG_UNBLOCK);
         tracing::error!("{failed:#}; serving on as before, on the same sockets");
+        if build.is_some()
+            && let Some(builds) = &upgrades
+        {
+            builds.restart_failed(&format!("{failed:#}"));
+        }
         sockets = kept;
     }
 }

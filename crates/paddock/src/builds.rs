@@ -51,6 +51,12 @@ impl Builds {
         Ok((builds, restarts))
     }
 
+    /// The process could not restart on the build installed (`error`: why): reported as a
+    /// failed installation, tried again later.
+    pub fn restart_failed(&self, error: &str) {
+        self.upgrader.restart_failed(error);
+    }
+
     /// For a standby controller: the installed build is read by polling.
     pub fn standby(controllers: &Arc<Controllers>, join_token: &str) -> anyhow::Result<Builds> {
         let (builds, restarts) = Builds::new(controllers, join_token)?;

@@ -8,7 +8,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use harness::{Balancer, Controller, Db, Frontend, Load, failures, fixture};
+use harness::{
+    Balancer, Controller, Db, Frontend, Load, failures, fixture, tls_connect, tls_fixture,
+};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 async fn farm(test: &str, db: Db, frontends: &[&str]) -> (Controller, Vec<Frontend>) {
@@ -425,7 +427,7 @@ async fn a_killed_frontend_costs_no_request_and_comes_back_after_the_rise_count(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_balancer_restarts_on_a_new_executable_without_failing_a_request() {
     let (controller, _fes) = farm("lb_restart", Db::Sqlite, &["fe1", "fe2"]).await;
-    let mut lb = Balancer::start_own_executable(&controller, "lb1").await;
+    let mut lb = Balancer::start_own_executable(&controller, "lb1", &[]).await;
     lb.wait_up(&["fe1", "fe2"], true).await;
     let pid = lb.pid().unwrap();
     let loops = lb.loop_cpus();
@@ -1063,19 +1065,8 @@ async fn bodies_go_through_both_ways_and_responses_are_streamed() {
     assert!(String::from_utf8_lossy(&streamed).contains("part-two"));
 }
 
-fn tls_fixture(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/tls")
-        .join(name)
-        .display()
-        .to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_balancer_serves_https_with_its_certificate_and_tells_the_frontends() {
-    use tokio_rustls::rustls;
-    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
-
     let upstream = echo_upstream(Arc::new(tokio::sync::Notify::new())).await;
     let table = echo_table(upstream);
     // Copies of the certificate and key, which the test renews (badly, then well).
@@ -1126,22 +1117,9 @@ async fn the_balancer_serves_https_with_its_certificate_and_tells_the_frontends(
 
     // A client that trusts the test authority: HTTP/1.1 (ALPN), keep-alive, bodies both ways,
     // and the front-end is told the client came over HTTPS (whatever the client claims).
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls::pki_types::CertificateDer::from_pem_file(tls_fixture("ca.pem")).unwrap())
+    let mut stream = tls_connect(lb.addr, Some(&tls_fixture("ca.pem")))
+        .await
         .unwrap();
-    let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    client.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
-    let tcp = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut stream = connector.connect(name, tcp).await.unwrap();
     assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
     for body in ["hello", "again"] {
         stream
@@ -1166,19 +1144,7 @@ async fn the_balancer_serves_https_with_its_certificate_and_tells_the_frontends(
     let answer = raw(lb.addr, b"GET /echo/x HTTP/1.1\r\nHost: a\r\n\r\n").await;
     assert!(!answer.contains("HTTP/1.1"), "{answer}");
     // A client that does not trust the certificate does not get through either.
-    let stranger = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(rustls::RootCertStore::empty())
-    .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let refused = tokio_rustls::TlsConnector::from(Arc::new(stranger))
-        .connect(name, tcp)
-        .await;
-    assert!(refused.is_err());
+    assert!(tls_connect(lb.addr, None).await.is_err());
     // Plain HTTP at --redirect-http is sent to the same host and path over HTTPS, and reaches
     // no front-end either.
     let answer = raw(
@@ -1219,9 +1185,9 @@ async fn the_balancer_serves_https_with_its_certificate_and_tells_the_frontends(
     lb.signal("USR2");
     lb.wait_for_log_after(offset, "balancing on https://", Duration::from_secs(30))
         .await;
-    let tcp = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut stream = connector.connect(name, tcp).await.unwrap();
+    let mut stream = tls_connect(lb.addr, Some(&tls_fixture("ca.pem")))
+        .await
+        .unwrap();
     stream
         .write_all(b"GET /echo/x HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use harness::{
     Balancer, Controller, Db, Frontend, Load, PADDOCK, failures, fixture, is_new_build, new_build,
+    tls_connect, tls_fixture,
 };
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 fn servers(controller: &Controller) -> Vec<serde_json::Value> {
     serde_json::from_str::<serde_json::Value>(&controller.ok(&["servers", "--json"]))
@@ -48,8 +50,8 @@ async fn upgrade_under_load(db: Db, test: &str) {
         );
     }
     let balancers = [
-        Balancer::start_own_executable(&controller, "lb1").await,
-        Balancer::start_own_executable(&controller, "lb2").await,
+        Balancer::start_own_executable(&controller, "lb1", &[]).await,
+        Balancer::start_own_executable(&controller, "lb2", &[]).await,
     ];
     for lb in &balancers {
         lb.wait_up(&names, true).await;
@@ -384,7 +386,7 @@ async fn a_lone_front_end_restarts_in_place_without_failing_a_request() {
         .own_executable()
         .start()
         .await;
-    let lb = Balancer::start_own_executable(&controller, "lb1").await;
+    let lb = Balancer::start_own_executable(&controller, "lb1", &[]).await;
     lb.wait_up(&["solo"], true).await;
     controller.ok(&["app", "publish", &fixture("hello-v1").display().to_string()]);
     // A standby controller that follows the active one's builds.
@@ -515,4 +517,110 @@ async fn a_lone_front_end_restarts_in_place_without_failing_a_request() {
     );
     let out = standby.ok(&["platform", "upload", &new.display().to_string()]);
     assert!(out.contains("already kept by the controller"), "{out}");
+}
+
+/// A balancer that installed a build but cannot restart on it (its certificate and key no
+/// longer go together, a renewal half done) says so at once: the step fails naming the files,
+/// the balancer routes on, on its old build, and reports no installation running. Once the
+/// files are mended, `paddock op resume` restarts it on the build and the upgrade ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balancer_that_cannot_restart_on_a_build_says_why_and_routes_on() {
+    let controller = Controller::start_own_executable(
+        Db::Sqlite,
+        "upgrade_lb_refuses",
+        &["--platform-upgrades"],
+    )
+    .await;
+    let _frontend = Frontend::builder("solo")
+        .controller(&controller, "default")
+        .own_executable()
+        .start()
+        .await;
+    let files = tempfile::tempdir().unwrap();
+    let (cert, key) = (files.path().join("cert.pem"), files.path().join("key.pem"));
+    std::fs::copy(tls_fixture("cert.pem"), &cert).unwrap();
+    std::fs::copy(tls_fixture("key.pem"), &key).unwrap();
+    let lb = Balancer::start_own_executable(
+        &controller,
+        "lb1",
+        &[
+            "--tls-cert",
+            &cert.display().to_string(),
+            "--tls-key",
+            &key.display().to_string(),
+        ],
+    )
+    .await;
+    lb.wait_up(&["solo"], true).await;
+    controller.ok(&["app", "publish", &fixture("hello-v1").display().to_string()]);
+    let pid = lb.pid().unwrap();
+    // Answers over HTTPS, from the version published.
+    let get_hello = || async {
+        let mut stream = tls_connect(lb.addr, Some(&tls_fixture("ca.pem")))
+            .await
+            .unwrap();
+        stream
+            .write_all(b"GET /hello HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let answer = get_hello().await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    std::fs::copy(tls_fixture("other-key.pem"), &key).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let new = new_build(&dir.path().join("paddock"));
+    let out = controller
+        .cli_async(&["upgrade", &new.display().to_string(), "--timeout", "60s"])
+        .await;
+    assert!(!out.success, "{}", out.stdout);
+    // Told at once (not at the step's timeout), with what to mend.
+    assert!(
+        out.stderr.contains("paused")
+            && out.stderr.contains("balancer lb1 cannot install build")
+            && out.stderr.contains("installed, not restarting on it")
+            && out
+                .stderr
+                .contains(&format!("the TLS key {}", key.display())),
+        "{}",
+        out.stderr
+    );
+    assert!(is_new_build(&lb.own_exe()));
+    assert_eq!(lb.pid(), Some(pid));
+    assert!(!is_new_build(Path::new(&format!("/proc/{pid}/exe"))));
+    let answer = get_hello().await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let routing: serde_json::Value =
+        serde_json::from_str(&controller.ok(&["routing", "--json"])).unwrap();
+    let report = &routing["balancers"][0]["report"];
+    assert!(report["installing"].is_null(), "{report:#}");
+    assert!(
+        report["upgrade_error"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not restarting on it"),
+        "{report:#}"
+    );
+    assert_ne!(
+        report["build"], report["upgrade_error"]["build"],
+        "{report:#}"
+    );
+
+    // Mended: resumed, the balancer restarts on the build, and the controller after it.
+    std::fs::copy(tls_fixture("key.pem"), &key).unwrap();
+    let op: serde_json::Value =
+        serde_json::from_str(&controller.ok(&["op", "list", "--json"])).unwrap();
+    let id = op[0]["id"].to_string();
+    controller.ok(&["op", "resume", &id]);
+    let out = controller.cli_async(&["op", "watch", &id]).await;
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("succeeded"), "{}", out.stdout);
+    assert_eq!(lb.pid(), Some(pid));
+    assert!(is_new_build(Path::new(&format!("/proc/{pid}/exe"))));
+    assert!(is_new_build(&controller.own_exe()));
+    let answer = get_hello().await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }

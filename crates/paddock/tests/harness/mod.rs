@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::TokioIo;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 
 pub const PADDOCK: &str = env!("CARGO_BIN_EXE_paddock");
 
@@ -25,6 +27,42 @@ pub fn fixture(package: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../fixtures/apps/packages")
         .join(package)
+}
+
+/// A file of the committed test certificates (`fixtures/tls/`, made by its `make.sh`).
+pub fn tls_fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/tls")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// A TLS connection to `addr` as `localhost`, offering HTTP/2 and HTTP/1.1, from a client that
+/// trusts the certificates of the PEM file `trusted` (none: trusts nothing).
+pub async fn tls_connect(
+    addr: SocketAddr,
+    trusted: Option<&str>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(trusted) = trusted {
+        roots
+            .add(rustls::pki_types::CertificateDer::from_pem_file(trusted).unwrap())
+            .unwrap();
+    }
+    let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    client.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(client))
+        .connect(name, tcp)
+        .await
 }
 
 /// Copies a fixture package into `dir/name`, atomically: a watcher sees all of it or none.
@@ -1017,15 +1055,20 @@ impl Balancer {
 
     /// A balancer of `controller` running from its own hard link of the `paddock` executable
     /// ([`Balancer::own_exe`]), which a test may replace.
-    pub async fn start_own_executable(controller: &Controller, name: &str) -> Balancer {
+    pub async fn start_own_executable(
+        controller: &Controller,
+        name: &str,
+        extra_args: &[&str],
+    ) -> Balancer {
         let dir = tempfile::tempdir().unwrap();
         let exe = own_paddock(dir.path());
-        let args = vec![
+        let mut args = vec![
             "--controller".to_string(),
             controller.url.clone(),
             "--join-token".into(),
             controller.join_token.clone(),
         ];
+        args.extend(extra_args.iter().map(|s| s.to_string()));
         Balancer::launched_from(name, args, dir, exe).await
     }
 
