@@ -22,6 +22,9 @@ const state = {
   // Bumped on every refresh: an answer older than one already asked for is dropped.
   refresh: 0,
   lastOk: null,
+  // What the application page's balanced deploy watches after the cutover (`watch` of the
+  // request; 0: no watch step). Kept here: the page is redrawn at every refresh.
+  watch: { ms: 0, permille: 10 },
 };
 
 // ---- small helpers --------------------------------------------------------------------------
@@ -44,6 +47,13 @@ function append(el, children) {
     if (child === null || child === undefined || child === false) continue;
     el.append(child instanceof Node ? child : String(child));
   }
+}
+
+/** A drop-down of `choices` ([value, label], values numbers) showing `current`; `set` gets
+ * the value chosen. */
+function choice(name, choices, current, set) {
+  return h("select", { name, onchange: (event) => set(Number(event.currentTarget.value)) },
+    choices.map(([value, label]) => h("option", { value, selected: value === current }, label)));
 }
 
 function link(href, text) {
@@ -357,10 +367,14 @@ async function appPage(name) {
       h("td", {}, (v.manifest.timers || []).map((t) => t.name).join(", ") || h("span", { class: "muted" }, "none")),
       h("td", {}, deployed ? null : h("div", { class: "actions" },
         action("balanced deploy", "balanced-deploy", async () => {
-          const answer = await post("/v1/operations/balanced-deploy", { apps: [{ app: name, version: v.version }] });
+          const request = { apps: [{ app: name, version: v.version }] };
+          const { ms, permille } = state.watch;
+          if (ms > 0) request.watch = { ms, max_failed_permille: permille };
+          const answer = await post("/v1/operations/balanced-deploy", request);
           go(`#/operations/${answer.operation.id}`);
-          return `operation ${answer.operation.id} started: ${name}@${v.version} without downtime`;
-        }, { title: `paddock deploy --balanced (the procedure with drain and cutover)` }),
+          const watched = ms > 0 ? `, users' answers watched for ${ms / 1000} s` : "";
+          return `operation ${answer.operation.id} started: ${name}@${v.version} without downtime${watched}`;
+        }, { title: `paddock deploy --balanced (the procedure with drain and cutover; --watch as chosen above)` }),
         action("deploy in place", "deploy", async () => {
           const answer = await post(`/v1/apps/${enc(name)}/deploy`, { version: v.version });
           return `${name}@${v.version} is desired (generation ${answer.generation}); every front-end swaps to it in place`;
@@ -375,6 +389,13 @@ async function appPage(name) {
       return `purge ${answer.purge} of ${name}: every cached response of the app; each front-end drops them within its purge poll (servers page: the last purge each applied)`;
     }, { title: `paddock cache purge ${name}` })),
     h("h2", {}, "Versions"),
+    h("p", { id: "watch" }, "A balanced deploy counts users' answers after the cutover for ",
+      choice("watch-ms", [[0, "no time (no watch step)"], [5000, "5 s"], [30000, "30 s"], [60000, "1 min"], [300000, "5 min"]],
+        state.watch.ms, (ms) => { state.watch.ms = ms; }),
+      "; more than ",
+      choice("max-failed", [[1, "0.1 %"], [10, "1 %"], [50, "5 %"]],
+        state.watch.permille, (permille) => { state.watch.permille = permille; }),
+      " of them failing (5xx) puts users back on the old version (`--watch`, `--max-failed`)."),
     table(["version", "uploaded", "component", "route", "timers", ""], rows, "No version."),
     h("h2", {}, "Configuration"),
     config.waiting_for && config.waiting_for.length

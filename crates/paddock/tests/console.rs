@@ -127,7 +127,11 @@ async fn the_console_shows_the_farm_and_drives_it() {
 
     // A balanced deployment of hello@v2 from the application's page: the console follows the
     // operation to its end, step by step.
+    // With a watch step of 5 s, chosen on the page.
     browser.goto(&format!("{console}#/apps/hello")).await;
+    browser
+        .click("select[name=watch-ms] option[value='5000']")
+        .await;
     browser
         .click("tr[data-version=v2] button[data-action=balanced-deploy]")
         .await;
@@ -136,7 +140,10 @@ async fn the_console_shows_the_farm_and_drives_it() {
         .await;
     assert!(browser.url().await.contains("#/operations/"));
     let notice = browser.text("#notice").await.unwrap_or_default();
-    assert!(notice.contains("started: hello@v2"), "{notice}");
+    assert!(
+        notice.contains("started: hello@v2") && notice.contains("watched for 5 s"),
+        "{notice}"
+    );
     let cutover = browser
         .wait_text("tr[data-step=cutover] td[data-field=state]", |t| {
             t == "done"
@@ -147,9 +154,13 @@ async fn the_console_shows_the_farm_and_drives_it() {
         .wait_text("tr[data-step=cutover] ul.facts", |t| !t.is_empty())
         .await;
     assert!(facts.contains("generation"), "{facts}");
-    // Every step of the plan ran.
+    let facts = browser
+        .wait_text("tr[data-step=watch] ul.facts", |t| !t.is_empty())
+        .await;
+    assert!(facts.contains("hello v2: no answer through lb1"), "{facts}");
+    // Every step of the plan ran, the watch step with them.
     let states = browser.texts("tr[data-step] td[data-field=state]").await;
-    assert_eq!(states.len(), 10, "{states:?}");
+    assert_eq!(states.len(), 11, "{states:?}");
     assert!(states.iter().all(|s| s == "done"), "{states:?}");
     let operations: serde_json::Value =
         serde_json::from_str(&controller.admin_get("/v1/operations").await).unwrap();
