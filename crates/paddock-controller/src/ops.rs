@@ -1625,6 +1625,7 @@ impl Run<'_> {
     ) -> Result<Vec<String>, StepError> {
         let build = self.build()?;
         let forward = mode == Mode::Forward;
+        let since = now_ms();
         let facts = self
             .wait(forward, || async {
                 let all = self.c.store.servers().await?;
@@ -1652,6 +1653,16 @@ impl Run<'_> {
                         }
                         missing.push(format!("{failed} (it retries)"));
                         continue;
+                    }
+                    // Silent longer than a restart takes, since it was told: the build does
+                    // not come up there. Before the point of no return, users go back.
+                    let silent = silent_ms(server, now).min(now - since);
+                    if forward && !alive(server, now) && silent > RESTART_GRACE_MS {
+                        return Err(StepError::Failed(format!(
+                            "{name} stopped reporting after it was told to run build {} (no heartbeat for {} s): see its log; the executable it replaced is kept beside it as paddock.previous",
+                            short(&build.sha256),
+                            silent_ms(server, now) / 1000
+                        )));
                     }
                     if !forward && !alive(server, now) && silent_ms(server, now) > RESTART_GRACE_MS
                     {

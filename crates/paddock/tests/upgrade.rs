@@ -624,3 +624,76 @@ async fn a_balancer_that_cannot_restart_on_a_build_says_why_and_routes_on() {
     let answer = get_hello().await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
+
+/// A build that installs on a front-end but does not come up there (here its data folder can
+/// no longer be opened, so the new process stops at start): the step fails once the server is
+/// silent for longer than a restart takes, not at the operation's timeout, naming it, and users,
+/// who were on the loaded group all along, stay there without a failed request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_that_does_not_come_up_on_a_front_end_fails_the_step_and_users_stay() {
+    let controller =
+        Controller::start_own_executable(Db::Sqlite, "upgrade_no_start", &["--platform-upgrades"])
+            .await;
+    let mut frontends = Vec::new();
+    for name in ["fe1", "fe2"] {
+        frontends.push(
+            Frontend::builder(name)
+                .controller(&controller, "default")
+                .own_executable()
+                .start()
+                .await,
+        );
+    }
+    let lb = Balancer::start(&controller, "lb1", &[]).await;
+    lb.wait_up(&["fe1", "fe2"], true).await;
+    controller.ok(&["app", "publish", &fixture("hello-v1").display().to_string()]);
+    // fe1's artifact cache becomes a file: the process running now serves from memory, a new
+    // one cannot start.
+    let artifacts = frontends[0].data_dir().join("artifacts");
+    std::fs::rename(&artifacts, artifacts.with_extension("moved")).unwrap();
+    std::fs::write(&artifacts, b"not a folder").unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let new = new_build(&dir.path().join("paddock"));
+    let load = Load::start(lb.addr, "/hello", 4, Duration::from_millis(5));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let out = controller
+        .cli_async(&[
+            "upgrade",
+            &new.display().to_string(),
+            "--updating",
+            "fe1",
+            "--timeout",
+            "110s",
+        ])
+        .await;
+    let took = started.elapsed();
+    assert!(!out.success, "{}", out.stdout);
+    assert!(
+        out.stderr
+            .contains("fe1 stopped reporting after it was told to run build")
+            && out.stderr.contains("paddock.previous"),
+        "{}",
+        out.stderr
+    );
+    assert!(took < Duration::from_secs(100), "failed after {took:?}");
+    assert!(
+        frontends[0].log().contains("opening the artifact cache"),
+        "{}",
+        frontends[0].log()
+    );
+    let samples = load.stop().await;
+    assert!(samples.len() > 100, "too little load: {}", samples.len());
+    assert!(failures(&samples).is_empty(), "{:?}", failures(&samples));
+    let op: serde_json::Value =
+        serde_json::from_str(&controller.ok(&["op", "list", "--json"])).unwrap();
+    assert_eq!(op[0]["state"], "failed", "{:#}", op[0]);
+    // fe2 was never told the build, and routes on.
+    assert!(!is_new_build(&frontends[1].own_exe()));
+    let fe2 = servers(&controller)
+        .into_iter()
+        .find(|s| s["name"] == "fe2")
+        .unwrap();
+    assert_eq!(fe2["lb"], "ready", "{fe2:#}");
+}

@@ -395,6 +395,11 @@ impl Frontend {
         self._dir.path().join("bin").join("paddock")
     }
 
+    /// Its data folder (`--data`).
+    pub fn data_dir(&self) -> PathBuf {
+        self._dir.path().join("data")
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
