@@ -368,15 +368,20 @@ pub async fn run(
         tracing::info!("metrics on http://{}/metrics", admin.local_addr()?);
         background.push(tokio::spawn(serve_admin(admin, balancer.clone())));
     }
+    let (stop_loops, stopped) = tokio::sync::watch::channel(false);
+    // Its connections end like the client port's at a stop, not cut with the background tasks.
+    let mut redirecting = None;
     if let Some(redirect) = redirect_listener {
         tracing::info!(
             "redirecting http://{} to https://{listen}",
             redirect.local_addr()?
         );
-        background.push(tokio::spawn(serve_redirect(
+        redirecting = Some(tokio::spawn(serve_redirect(
             redirect,
             listen.port(),
             http_builder(&config),
+            balancer.shared.clone(),
+            stopped.clone(),
         )));
     }
     let scheme = if config.tls.is_some() {
@@ -389,7 +394,6 @@ pub async fn run(
     // One event loop per thread, each serving the connections handed to it with its own idle
     // connections to the front-ends, so that a request never crosses threads. This loop accepts
     // and hands each new connection to the loop with the fewest open ones.
-    let (stop_loops, stopped) = tokio::sync::watch::channel(false);
     // Read before any thread is bound: threads inherit the binding of the one that starts them.
     let cpus = cpus_to_bind(config.pin_threads, balancer.shared.open.len());
     // This thread's binding before loop 0 takes its CPU, put back at the end: a program it
@@ -466,6 +470,9 @@ pub async fn run(
         }
         for worker in workers {
             let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+        }
+        if let Some(redirecting) = redirecting {
+            let _ = redirecting.await;
         }
     };
     tokio::pin!(finished);
@@ -794,26 +801,48 @@ fn side_port(
 /// The plain-HTTP port of a balancer serving HTTPS (`--redirect-http`): every request is
 /// answered `308 Permanent Redirect` to the same host, path and query over HTTPS on
 /// `https_port`; a request without a usable `Host` gets 400. Nothing reaches a front-end.
+/// Once `stopped`, it accepts nothing more and ends its connections as the client port does
+/// (`Connection: close` on each answer, idle ones closed after [`CLOSE_GRACE`]).
 async fn serve_redirect(
     listener: TcpListener,
     https_port: u16,
     http: hyper::server::conn::http1::Builder,
+    shared: Arc<Shared>,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let open = Arc::new(AtomicUsize::new(0));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stopped.wait_for(|stop| *stop) => break,
+        };
+        let Ok((stream, _)) = accepted else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let service = service_fn(
-            move |request: http::Request<hyper::body::Incoming>| async move {
-                Ok::<_, Infallible>(redirect_to_https(&request, https_port))
-            },
-        );
-        let connection = http.serve_connection(TokioIo::new(stream), service);
+        let shared = shared.clone();
+        let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+            let closing = shared.closing.load(Ordering::Relaxed);
+            async move {
+                let mut response = redirect_to_https(&request, https_port);
+                if closing {
+                    response
+                        .headers_mut()
+                        .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+                }
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        open.fetch_add(1, Ordering::Relaxed);
+        let open = open.clone();
         tokio::spawn(async move {
             let _ = connection.await;
+            open.fetch_sub(1, Ordering::Relaxed);
         });
     }
+    finish_connections(graceful, &open).await;
 }
 
 /// The answer of the redirect port to one request.

@@ -1180,9 +1180,29 @@ async fn the_balancer_serves_https_with_its_certificate_and_tells_the_frontends(
     std::fs::copy(tls_fixture("key.pem"), &key).unwrap();
 
     // Restarted in place (as for a renewed certificate), it serves HTTPS and the redirects on
-    // the same ports, from the sockets it kept.
+    // the same ports, from the sockets it kept. A keep-alive connection to the redirect port
+    // is not cut by the restart: its next answer says it closes.
+    let mut kept = tokio::net::TcpStream::connect(redirect).await.unwrap();
+    let ask = b"GET /a HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    kept.write_all(ask).await.unwrap();
+    let (head, _) = read_answer(&mut kept).await;
+    assert!(head.starts_with("http/1.1 308"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
     let offset = lb.log_len();
     lb.signal("USR2");
+    lb.wait_for_log_after(
+        offset,
+        "restarting: accepting nothing",
+        Duration::from_secs(10),
+    )
+    .await;
+    kept.write_all(ask).await.unwrap();
+    let (head, _) = read_answer(&mut kept).await;
+    assert!(
+        head.starts_with("http/1.1 308") && head.contains("connection: close"),
+        "{head}"
+    );
+    assert_eq!(kept.read(&mut [0u8; 1]).await.unwrap(), 0);
     lb.wait_for_log_after(offset, "balancing on https://", Duration::from_secs(30))
         .await;
     let mut stream = tls_connect(lb.addr, Some(&tls_fixture("ca.pem")))
