@@ -876,6 +876,11 @@ async fn drive(c: &Arc<Controller>, id: i64) -> anyhow::Result<()> {
         };
         (state, format!("{cause}; {after}"))
     };
+    // Counts a cutover began for a watch step that never ran (the drain failed, an abort).
+    c.tallies
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|(op, _), _| *op != id);
     let now = now_ms();
     let message = (!message.is_empty()).then_some(message);
     c.store
