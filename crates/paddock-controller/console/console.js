@@ -52,7 +52,14 @@ function append(el, children) {
 /** A drop-down of `choices` ([value, label], values numbers) showing `current`; `set` gets
  * the value chosen. */
 function choice(name, choices, current, set) {
-  return h("select", { name, onchange: (event) => set(Number(event.currentTarget.value)) },
+  // Focus leaves it once chosen: the page is not redrawn while a drop-down has it.
+  return h("select", {
+    name,
+    onchange: (event) => {
+      set(Number(event.currentTarget.value));
+      event.currentTarget.blur();
+    },
+  },
     choices.map(([value, label]) => h("option", { value, selected: value === current }, label)));
 }
 
@@ -583,6 +590,13 @@ async function refresh() {
     const content = await load();
     if (!current()) return;
     const main = document.getElementById("view");
+    // A drop-down being chosen from is not redrawn under the operator (its list would close):
+    // this drawing waits for the next refresh.
+    const focused = document.activeElement;
+    if (focused && focused.tagName === "SELECT" && main.contains(focused)) {
+      state.timer = setTimeout(refresh, REFRESH_MS);
+      return;
+    }
     const scroll = window.scrollY;
     main.replaceChildren();
     append(main, [content]);

@@ -771,6 +771,7 @@ async fn drive(c: &Arc<Controller>, id: i64) -> anyhow::Result<()> {
     if op.state != OpState::Running {
         return Ok(());
     }
+    let _tallies = DropTallies(c, id);
     let plan = op.plan.clone();
     if plan.parallel_zones {
         let mut zones = tokio::task::JoinSet::new();
@@ -876,11 +877,6 @@ async fn drive(c: &Arc<Controller>, id: i64) -> anyhow::Result<()> {
         };
         (state, format!("{cause}; {after}"))
     };
-    // Counts a cutover began for a watch step that never ran (the drain failed, an abort).
-    c.tallies
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .retain(|(op, _), _| *op != id);
     let now = now_ms();
     let message = (!message.is_empty()).then_some(message);
     c.store
@@ -2249,6 +2245,20 @@ impl Run<'_> {
                 _ = tokio::time::sleep(RECHECK) => {}
             }
         }
+    }
+}
+
+/// Drops, however `drive` ends, the answer counts its cutovers began for watch steps that never
+/// ran (the drain failed, an abort): a watch run later begins its own.
+struct DropTallies<'a>(&'a Controller, i64);
+
+impl Drop for DropTallies<'_> {
+    fn drop(&mut self) {
+        let DropTallies(c, id) = self;
+        c.tallies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(op, _), _| op != id);
     }
 }
 

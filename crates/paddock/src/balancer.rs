@@ -129,6 +129,16 @@ pub fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
                 // An installed build: recorded for the next process, and a restart in place.
                 tokio::spawn(async move {
                     while let Some(build) = restarts.recv().await {
+                        // Checked before the drain, which a restart that fails would repeat at
+                        // every try.
+                        if let Err(e) = runnable(&build.exe) {
+                            tracing::error!(
+                                "build {} installed, not restarting on it: {e:#}",
+                                build.build
+                            );
+                            told.restart_failed(&format!("{e:#}"));
+                            continue;
+                        }
                         if let Some((cert, key)) = &tls_files
                             && let Err(e) = paddock_balancer::tls::server_config(cert, key)
                         {

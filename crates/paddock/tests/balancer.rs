@@ -1196,13 +1196,22 @@ async fn the_balancer_serves_https_with_its_certificate_and_tells_the_frontends(
         Duration::from_secs(10),
     )
     .await;
+    // Sent within the restart's 250 ms grace (as a client on a live connection does), it is
+    // answered, saying the connection closes, and the connection ends cleanly; a client slower
+    // than that meets a connection closed cleanly before its request, as after any keep-alive
+    // timeout. Cut by the restart instead, it would be answered as if nothing happened, or reset.
     kept.write_all(ask).await.unwrap();
-    let (head, _) = read_answer(&mut kept).await;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), kept.read_to_end(&mut answer))
+        .await
+        .expect("closed within 10 s")
+        .expect("closed cleanly, not reset");
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
     assert!(
-        head.starts_with("http/1.1 308") && head.contains("connection: close"),
-        "{head}"
+        answer.is_empty()
+            || (answer.starts_with("http/1.1 308") && answer.contains("connection: close\r\n")),
+        "{answer}"
     );
-    assert_eq!(kept.read(&mut [0u8; 1]).await.unwrap(), 0);
     lb.wait_for_log_after(offset, "balancing on https://", Duration::from_secs(30))
         .await;
     let mut stream = tls_connect(lb.addr, Some(&tls_fixture("ca.pem")))
