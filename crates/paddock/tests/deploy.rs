@@ -535,6 +535,59 @@ async fn a_version_failing_under_users_is_seen_by_the_watch_and_users_go_back() 
     let watched_ms = watch["ended_ms"].as_i64().unwrap() - watch["started_ms"].as_i64().unwrap();
     assert!(watched_ms >= 2000, "watched {watched_ms} ms");
     assert_eq!(desired(&f.controller, "hello"), "v2");
+
+    // An operator who aborts during the watch puts users back at once, without a failure,
+    // instead of waiting out its time.
+    let before = flags(&f.controller);
+    let load = Load::start(f.lb.addr, "/hello", CLIENTS, PACE);
+    let out = f
+        .controller
+        .cli_async(&[
+            "deploy",
+            "--balanced",
+            "hello@v1",
+            "--watch",
+            "60s",
+            "--detach",
+            "--json",
+        ])
+        .await;
+    let id = started_id(&out);
+    wait_for_step(&f.controller, id, "watch").await;
+    let out = f
+        .controller
+        .cli_async(&["op", "abort", &id.to_string()])
+        .await;
+    assert!(
+        !out.success && out.stderr.contains(&format!("operation {id} aborted")),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+    let all = load.stop().await;
+    assert!(failures(&all).is_empty(), "{:?}", failures(&all));
+    let op = op_json(&f.controller, id);
+    assert_eq!(op["state"], "aborted", "{op:#}");
+    let watch = op["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "watch")
+        .unwrap()
+        .clone();
+    assert_eq!(watch["state"], "failed", "{watch:#}");
+    assert!(
+        watch
+            .to_string()
+            .contains("aborted by the operator while watching"),
+        "{watch:#}"
+    );
+    let watched_ms = watch["ended_ms"].as_i64().unwrap() - watch["started_ms"].as_i64().unwrap();
+    assert!(watched_ms < 30_000, "the abort waited {watched_ms} ms");
+    assert_eq!(desired(&f.controller, "hello"), "v2");
+    assert_eq!(flags(&f.controller), before);
+    let mut conn = f.lb.connect().await;
+    assert_eq!(conn.get("/hello").await.unwrap().version(), Some("v2"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
