@@ -130,24 +130,10 @@ pub fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
                 tokio::spawn(async move {
                     while let Some(build) = restarts.recv().await {
                         // Checked before the drain, which a restart that fails would repeat at
-                        // every try.
-                        if let Err(e) = runnable(&build.exe) {
-                            tracing::error!(
-                                "build {} installed, not restarting on it: {e:#}",
-                                build.build
-                            );
-                            told.restart_failed(&format!("{e:#}"));
-                            continue;
-                        }
-                        if let Some((cert, key)) = &tls_files
-                            && let Err(e) = paddock_balancer::tls::server_config(cert, key)
-                        {
-                            tracing::error!(
-                                "build {} installed, not restarting on it: {e}; the new program would not start. Fix the files, then send SIGUSR2 (or let the build be tried again)",
-                                build.build
-                            );
+                        // every try; the installer logs and reports why, and tries again later.
+                        if let Err(e) = restartable(&build.exe, tls_files.as_ref()) {
                             told.restart_failed(&format!(
-                                "{e}; the new program would not start with it. Fix the files, then send SIGUSR2 or `paddock op resume`"
+                                "{e:#}; the new program would not start. Fix that, then send SIGUSR2 or `paddock op resume`"
                             ));
                             continue;
                         }
@@ -220,12 +206,7 @@ fn balancer_signals(
                     tracing::info!("interrupt received");
                     Stop::Exit
                 }
-                _ = restart.recv() => match runnable(&exe).and_then(|()| match &tls {
-                    Some((cert, key)) => paddock_balancer::tls::server_config(cert, key)
-                        .map(|_| ())
-                        .map_err(anyhow::Error::from),
-                    None => Ok(()),
-                }) {
+                _ = restart.recv() => match restartable(&exe, tls.as_ref()) {
                     Ok(()) => {
                         tracing::info!(exe = %exe.display(), "SIGUSR2 received: restarting on the executable installed at this path");
                         Stop::Restart
@@ -241,6 +222,16 @@ fn balancer_signals(
             }
         }
     });
+    Ok(())
+}
+
+/// Whether a restart in place on `exe` would start: the file is a program, and the certificate
+/// and key of `tls` (which the new program reads again) still make a TLS config.
+fn restartable(exe: &std::path::Path, tls: Option<&(PathBuf, PathBuf)>) -> anyhow::Result<()> {
+    runnable(exe)?;
+    if let Some((cert, key)) = tls {
+        paddock_balancer::tls::server_config(cert, key)?;
+    }
     Ok(())
 }
 

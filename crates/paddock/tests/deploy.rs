@@ -6,7 +6,9 @@ mod harness;
 
 use std::time::{Duration, Instant};
 
-use harness::{Balancer, Controller, Db, Frontend, Load, Sample, failures, fixture};
+use harness::{
+    Balancer, Controller, Db, Frontend, Load, Sample, failures, fixture, op_step, ran_ms,
+};
 
 const CLIENTS: usize = 6;
 const PACE: Duration = Duration::from_millis(5);
@@ -475,7 +477,7 @@ async fn a_version_failing_under_users_is_seen_by_the_watch_and_users_go_back() 
     );
     let watch = &steps[6];
     assert_eq!(watch["state"], "failed");
-    let watched_ms = watch["ended_ms"].as_i64().unwrap() - watch["started_ms"].as_i64().unwrap();
+    let watched_ms = ran_ms(watch);
     assert!(
         watched_ms < window * 1000,
         "the watch waited out its {window} s ({watched_ms} ms) instead of failing on the evidence"
@@ -518,13 +520,7 @@ async fn a_version_failing_under_users_is_seen_by_the_watch_and_users_go_back() 
     eprintln!("{}", f.controller.ok(&["op", "show", &id.to_string()]));
     let op = op_json(&f.controller, id);
     assert_eq!(op["state"], "succeeded", "{op:#}");
-    let watch = op["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["step"] == "watch")
-        .unwrap()
-        .clone();
+    let watch = op_step(&op, "watch");
     let facts = watch["facts"].to_string();
     assert!(
         facts.contains("hello v2: ")
@@ -532,7 +528,7 @@ async fn a_version_failing_under_users_is_seen_by_the_watch_and_users_go_back() 
             && facts.contains(", 0 failed (5xx; at most 1% may)"),
         "{facts}"
     );
-    let watched_ms = watch["ended_ms"].as_i64().unwrap() - watch["started_ms"].as_i64().unwrap();
+    let watched_ms = ran_ms(watch);
     assert!(watched_ms >= 2000, "watched {watched_ms} ms");
     assert_eq!(desired(&f.controller, "hello"), "v2");
 
@@ -568,13 +564,7 @@ async fn a_version_failing_under_users_is_seen_by_the_watch_and_users_go_back() 
     assert!(failures(&all).is_empty(), "{:?}", failures(&all));
     let op = op_json(&f.controller, id);
     assert_eq!(op["state"], "aborted", "{op:#}");
-    let watch = op["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["step"] == "watch")
-        .unwrap()
-        .clone();
+    let watch = op_step(&op, "watch");
     assert_eq!(watch["state"], "failed", "{watch:#}");
     assert!(
         watch
@@ -582,7 +572,7 @@ async fn a_version_failing_under_users_is_seen_by_the_watch_and_users_go_back() 
             .contains("aborted by the operator while watching"),
         "{watch:#}"
     );
-    let watched_ms = watch["ended_ms"].as_i64().unwrap() - watch["started_ms"].as_i64().unwrap();
+    let watched_ms = ran_ms(watch);
     assert!(watched_ms < 30_000, "the abort waited {watched_ms} ms");
     assert_eq!(desired(&f.controller, "hello"), "v2");
     assert_eq!(flags(&f.controller), before);
@@ -637,13 +627,7 @@ async fn a_controller_killed_during_the_drain_resumes_and_an_abort_after_the_cut
     assert_eq!(slow.await.unwrap().status, 200);
     let op = op_json(&f.controller, id);
     assert_eq!(op["state"], "succeeded", "{op:#}");
-    let drain = op["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["step"] == "drain-updating")
-        .unwrap()
-        .clone();
+    let drain = op_step(&op, "drain-updating");
     assert_eq!(
         drain["attempts"], 2,
         "the restarted controller ran the drain again: {drain:#}"
@@ -764,12 +748,7 @@ async fn an_operation_paused_past_its_cutover_says_what_to_do_and_resumes() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(op["state"], "paused", "{op:#}");
-    let failed = op["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["step"] == "deployment-on")
-        .unwrap();
+    let failed = op_step(&op, "deployment-on");
     assert_eq!(failed["state"], "failed", "{op:#}");
     assert!(
         failed["message"].as_str().unwrap().contains(

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use harness::{
     Balancer, Controller, Db, Frontend, Load, PADDOCK, failures, fixture, is_new_build, new_build,
-    tls_connect, tls_fixture,
+    op_step, tls_connect, tls_fixture,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -300,24 +300,14 @@ async fn upgrade_under_load(db: Db, test: &str) {
         assert!(line.ends_with(&sha[..12]), "{human}");
     }
     // Users' answers were watched for a second after the cutover to the new build.
-    let watch = newest["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["step"] == "watch")
-        .unwrap();
+    let watch = op_step(newest, "watch");
     assert_eq!(watch["state"], "done", "{newest:#}");
     let facts = watch["facts"].to_string();
     assert!(
         facts.contains("hello v1: ") && facts.contains(", 0 failed (5xx; at most 1% may)"),
         "{facts}"
     );
-    let step = newest["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["step"] == "upgrade-balancers")
-        .unwrap();
+    let step = op_step(newest, "upgrade-balancers");
     assert_eq!(step["state"], "done", "{newest:#}");
     let facts: Vec<&str> = step["facts"]
         .as_array()
@@ -455,13 +445,7 @@ async fn a_lone_front_end_restarts_in_place_without_failing_a_request() {
     assert!(is_new_build(&lb.own_exe()));
     let op: serde_json::Value =
         serde_json::from_str(&controller.ok(&["op", "list", "--json"])).unwrap();
-    let step = op[0]["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["step"] == "upgrade-standbys")
-        .unwrap()
-        .clone();
+    let step = op_step(&op[0], "upgrade-standbys").clone();
     assert_eq!(step["state"], "done", "{step:#}");
     assert!(
         step["facts"][1]

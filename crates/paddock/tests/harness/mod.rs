@@ -29,6 +29,21 @@ pub fn fixture(package: &str) -> PathBuf {
         .join(package)
 }
 
+/// The step named `name` in an operation's JSON (`op list --json`, `/v1/operations/ID`).
+pub fn op_step<'a>(op: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    op["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == name)
+        .unwrap_or_else(|| panic!("no step {name}: {op:#}"))
+}
+
+/// How long a journaled step ran, in ms.
+pub fn ran_ms(step: &serde_json::Value) -> i64 {
+    step["ended_ms"].as_i64().unwrap() - step["started_ms"].as_i64().unwrap()
+}
+
 /// A file of the committed test certificates (`fixtures/tls/`, made by its `make.sh`).
 pub fn tls_fixture(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
