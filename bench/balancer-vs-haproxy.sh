@@ -36,6 +36,13 @@
 #
 #   TLS=1 INSTRUCTIONS=0 bench/balancer-vs-haproxy.sh
 #
+# ACCESS_LOG=1: both balancers log every request to a file: Paddock `--access-log` (JSON lines,
+# buffered per event loop, written by a thread of its own), HAProxy `option httplog` to
+# `log stdout` (one write per line from the thread that served the request); stdout is a file.
+# The files are removed after each round.
+#
+#   ACCESS_LOG=1 BACKENDS=static SETUPS="1 2" bench/balancer-vs-haproxy.sh
+#
 # Two figures do not depend on how busy the machine is, and are measured in every run: the TCP
 # segments each request costs on loopback (both sides of every connection, from the machine-wide
 # `nstat` counter, so health checks and connection setup count too: compare the two balancers
@@ -77,6 +84,12 @@ if [ "$TLS" = 1 ]; then
   export HAPROXY_BIND_OPTS="ssl crt $work/haproxy.pem alpn http/1.1"
 fi
 URL="$SCHEME://127.0.0.1:$LB$PATH_UNDER_TEST"
+ACCESS_LOG=${ACCESS_LOG:-0}
+PADDOCK_LOG=()
+if [ "$ACCESS_LOG" = 1 ]; then
+  PADDOCK_LOG=(--access-log "$work/paddock-access.log")
+  export HAPROXY_ACCESS_LOG=1
+fi
 
 # tls_agreed: the protocol and cipher the balancer on $LB agrees with an OpenSSL client.
 tls_agreed() {
@@ -143,7 +156,8 @@ start_balancer() { # kind setup -> pid
       routing_table "$B1" "$B2" >"$work/table.json"
       RUST_LOG=warn "${prefix[@]}" "$PADDOCK" balancer --name bench --table "$work/table.json" \
         --listen "127.0.0.1:$LB" --admin "127.0.0.1:$LB_ADMIN" --data "$work/lb" \
-        --threads "$threads" "${pin[@]}" "${PADDOCK_TLS[@]}" >"$work/paddock-balancer.log" 2>&1 &
+        --threads "$threads" "${pin[@]}" "${PADDOCK_TLS[@]}" "${PADDOCK_LOG[@]}" \
+        >"$work/paddock-balancer.log" 2>&1 &
       ;;
     haproxy)
       haproxy_conf "$LB" "$B1" "$B2" "nbthread $threads" ${cpumap:+"$cpumap"} >"$work/haproxy.cfg"
@@ -189,6 +203,12 @@ for backend in $BACKENDS; do
         segments=$(nstat -z TcpOutSegs | awk -v n="$requests" \
           '$1 == "TcpOutSegs" {printf "%.2f", $2 / n}')
         stop_balancer "$pid"
+        if [ "$ACCESS_LOG" = 1 ]; then
+          logged=$([ "$kind" = paddock ] && wc -l <"$work/paddock-access.log" ||
+            grep -c ' "GET ' "$work/haproxy.log" || true)
+          echo "$kind: $logged requests in its access log"
+          rm -f "$work/paddock-access.log" "$work/haproxy.log"
+        fi
         # The balancer's CPU time (user + system, all threads) per request.
         cpu=$(awk -v t=$((ticks1 - ticks0)) -v hz="$HZ" -v n="$requests" \
           'BEGIN {printf "%.1f", t / hz * 1e6 / n}')
@@ -251,6 +271,7 @@ echo
 echo "machine: $(nproc) cores, $(awk '/model name/ {$1=$2=$3=""; print; exit}' /proc/cpuinfo | sed 's/^ *//'); $(date -u +%Y-%m-%d)"
 echo "haproxy: $("$HAPROXY" -v | head -1)"
 echo "load: wrk, $CONNECTIONS keep-alive connections over $SCHEME, $DURATION per run, $ROUNDS rounds per side, alternating"
+[ "$ACCESS_LOG" = 1 ] && echo "access logs: on, to a file (Paddock --access-log, HAProxy option httplog to log stdout)"
 echo "figures: the median of the rounds, [their range]"
 printf '%-9s %-9s %-8s %10s %15s %9s %15s %11s %9s %10s %7s\n' backend setup balancer "req/s" "[range]" "p50 ms" "p99 ms" "cpu us/req" "segs/req" "CPUs busy%" errors
 for backend in $BACKENDS; do

@@ -112,14 +112,18 @@ EOF
 
 # haproxy_conf LB B1 B2 GLOBAL...: the same routing for HAProxy on port LB (round-robin,
 # keep-alive to the servers, the same health checks); GLOBAL lines go in its `global` section.
+# HAPROXY_ACCESS_LOG=1 logs each request (`option httplog`) to its standard output.
 haproxy_conf() {
   local lb=$1 b1=$2 b2=$3; shift 3
   echo global
   for line in "$@"; do echo "  $line"; done
+  [ -n "${HAPROXY_ACCESS_LOG:-}" ] && echo "  log stdout format raw local0"
   cat <<EOF
   maxconn 4096
 defaults
-  mode http
+  mode http${HAPROXY_ACCESS_LOG:+
+  log global
+  option httplog}
   timeout connect 1s
   timeout client 30s
   timeout server 60s

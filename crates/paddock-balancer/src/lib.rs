@@ -2,6 +2,7 @@
 //! zone's front-ends with their state, weight and the zone's policy) and knows nothing of
 //! deployments: the controller decides, the balancer routes and says what it routes by.
 //!
+//! - [`access_log`]: one JSON line per request, written off the request path.
 //! - [`table`]: the table as requests use it, and the policies (round-robin, least-connections,
 //!   ratio).
 //! - [`upstream`]: a front-end's health, requests in flight and keep-alive connection pool.
@@ -18,6 +19,7 @@
 //! moment its table is applied; nothing a client sends reaches a front-end before the request
 //! passed the checks of [`proxy`] and [`guard`].
 
+pub mod access_log;
 pub mod feed;
 pub mod guard;
 pub mod h1;
@@ -90,11 +92,14 @@ pub struct BalancerConfig {
     pub threads: usize,
     /// Whether each event loop is bound to a CPU of its own.
     pub pin_threads: Pinning,
-    /// HTTPS on the client port ([`tls::server_config`]); plain HTTP without it.
-    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// HTTPS on the client port, from these files (read again by [`tls::Certificates::reload`]);
+    /// plain HTTP without them.
+    pub tls: Option<Arc<tls::Certificates>>,
     /// Where plain HTTP is answered with a redirect to the same address over HTTPS (with
     /// `tls`).
     pub redirect_http: Option<SocketAddr>,
+    /// Where each request answered on the client port is logged.
+    pub access_log: Option<access_log::AccessLog>,
 }
 
 /// Whether the event loops are bound to CPUs.
@@ -126,6 +131,7 @@ pub struct Shared {
     closing: AtomicBool,
     /// Clients come over HTTPS: what `X-Forwarded-Proto` tells the front-ends.
     pub https: bool,
+    pub access_log: Option<access_log::AccessLog>,
 }
 
 impl Shared {
@@ -308,6 +314,7 @@ pub async fn run(
             metrics: Metrics::new(),
             proxy: config.proxy.clone(),
             https: config.tls.is_some(),
+            access_log: config.access_log.clone(),
             open: (0..config.threads.max(1))
                 .map(|_| Arc::new(AtomicUsize::new(0)))
                 .collect(),
@@ -620,7 +627,7 @@ fn serve(
         send_timeout: config.send_timeout,
     };
     let open = open.clone();
-    let Some(tls) = config.tls.clone() else {
+    let Some(tls) = config.tls.as_ref().map(|t| t.config()) else {
         tokio::spawn(async move {
             client.serve(stream).await;
             open.fetch_sub(1, Ordering::Relaxed);

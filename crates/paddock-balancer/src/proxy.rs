@@ -19,7 +19,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use paddock_core::route::{RESERVED_PREFIX, route_matches};
 
@@ -48,9 +47,104 @@ pub async fn handle(
     suspect: Arc<AtomicBool>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
+    let Some(access_log) = &shared.access_log else {
+        return forward(request, &shared, peer_ip, suspect, started, &mut None).await;
+    };
+    let mut logged = Some(Box::new(Logged::of(&request, &peer_ip)));
+    let response = forward(request, &shared, peer_ip, suspect, started, &mut logged).await;
+    // Still here: the balancer answered itself (a relayed answer took it along).
+    if let (Some(logged), Ok(response)) = (logged, &response) {
+        let error = match response.body() {
+            ProxyBody::Own(Some(message)) => std::str::from_utf8(message).ok(),
+            _ => None,
+        };
+        logged.record(
+            access_log,
+            Answered {
+                status: response.status().as_u16(),
+                bytes: response.body().size_hint().exact().unwrap_or(0),
+                elapsed: started.elapsed(),
+                version: None,
+                server: None,
+                complete: true,
+                error: error.map(str::trim_end),
+            },
+        );
+    }
+    response
+}
+
+/// What the access log tells of a request, taken from its head before it is forwarded, with
+/// the app and the tries once known.
+pub(crate) struct Logged {
+    client: HeaderValue,
+    method: Method,
+    host: Option<HeaderValue>,
+    target: Option<http::uri::PathAndQuery>,
+    app: Option<Arc<String>>,
+    tries: u32,
+}
+
+/// How a request was answered, for the access log.
+struct Answered<'a> {
+    status: u16,
+    bytes: u64,
+    elapsed: Duration,
+    version: Option<&'a str>,
+    server: Option<&'a str>,
+    complete: bool,
+    error: Option<&'a str>,
+}
+
+impl Logged {
+    fn of(request: &Request<Incoming>, client: &HeaderValue) -> Logged {
+        Logged {
+            client: client.clone(),
+            method: request.method().clone(),
+            host: request.headers().get(header::HOST).cloned(),
+            target: request.uri().path_and_query().cloned(),
+            app: None,
+            tries: 0,
+        }
+    }
+
+    fn record(&self, log: &crate::access_log::AccessLog, answered: Answered<'_>) {
+        let host = self
+            .host
+            .as_ref()
+            .map(|h| String::from_utf8_lossy(h.as_bytes()));
+        log.record(&crate::access_log::Entry {
+            time: crate::access_log::began(answered.elapsed),
+            client: self.client.to_str().unwrap_or_default(),
+            method: self.method.as_str(),
+            host: host.as_deref().unwrap_or_default(),
+            target: self.target.as_ref().map_or("", |t| t.as_str()),
+            status: answered.status,
+            bytes: answered.bytes,
+            ms: crate::access_log::millis(answered.elapsed),
+            app: self.app.as_deref().map(String::as_str),
+            version: answered.version,
+            server: answered.server,
+            tries: self.tries,
+            complete: answered.complete,
+            error: answered.error,
+        });
+    }
+}
+
+/// Routes and forwards a request; `logged` (when the access log is on) is given the app and
+/// the tries, and taken along by a relayed answer.
+async fn forward(
+    request: Request<Incoming>,
+    shared: &Arc<Shared>,
+    peer_ip: HeaderValue,
+    suspect: Arc<AtomicBool>,
+    started: Instant,
+    logged: &mut Option<Box<Logged>>,
+) -> Result<Response<ProxyBody>, Infallible> {
     if suspect.load(Ordering::Acquire) {
         return Ok(refuse(
-            &shared,
+            shared,
             started,
             "",
             StatusCode::BAD_REQUEST,
@@ -61,7 +155,7 @@ pub async fn handle(
         Ok(host) => host,
         Err(message) => {
             return Ok(refuse(
-                &shared,
+                shared,
                 started,
                 "",
                 StatusCode::BAD_REQUEST,
@@ -72,7 +166,7 @@ pub async fn handle(
     let path = request.uri().path();
     if is_reserved(path) {
         return Ok(answer(
-            &shared,
+            shared,
             started,
             "",
             StatusCode::NOT_FOUND,
@@ -82,7 +176,7 @@ pub async fn handle(
     let table = shared.table.load_full();
     if table.generation == 0 {
         return Ok(answer(
-            &shared,
+            shared,
             started,
             "",
             StatusCode::SERVICE_UNAVAILABLE,
@@ -91,7 +185,7 @@ pub async fn handle(
     }
     let Some(route) = table.route(path) else {
         return Ok(answer(
-            &shared,
+            shared,
             started,
             "",
             StatusCode::NOT_FOUND,
@@ -101,11 +195,14 @@ pub async fn handle(
         ));
     };
     let app = route.app.clone();
+    if let Some(logged) = logged {
+        logged.app = Some(app.clone());
+    }
     let mut zone_index = route.zone;
     let mut table = table;
     if let Some(refusal) = check_transfer_encoding(request.headers()) {
         return Ok(refuse(
-            &shared,
+            shared,
             started,
             &app,
             StatusCode::NOT_IMPLEMENTED,
@@ -155,6 +252,9 @@ pub async fn handle(
         if attempt > 0 {
             shared.metrics.retry(&upstream.name, &zone.name);
         }
+        if let Some(logged) = logged {
+            logged.tries += 1;
+        }
         let connection = if fresh_connection {
             upstream.connect().await
         } else {
@@ -184,7 +284,7 @@ pub async fn handle(
                 Ok(outcome) => outcome.map_err(|e| (e, None)),
                 Err(_) => {
                     return Ok(answer(
-                        &shared,
+                        shared,
                         started,
                         &app,
                         StatusCode::GATEWAY_TIMEOUT,
@@ -203,7 +303,15 @@ pub async fn handle(
         };
         match outcome {
             Ok((parts, response)) => {
-                return Ok(relay(parts, response, in_flight, &shared, app, started));
+                return Ok(relay(
+                    parts,
+                    response,
+                    in_flight,
+                    shared,
+                    app,
+                    started,
+                    logged.take(),
+                ));
             }
             Err((ExchangeError::Unsent(e), unsent)) => {
                 body = unsent;
@@ -238,7 +346,7 @@ pub async fn handle(
                         ""
                     };
                     return Ok(answer(
-                        &shared,
+                        shared,
                         started,
                         &app,
                         StatusCode::BAD_GATEWAY,
@@ -251,7 +359,7 @@ pub async fn handle(
             }
             Err((ExchangeError::Invalid(why), _)) => {
                 return Ok(answer(
-                    &shared,
+                    shared,
                     started,
                     &app,
                     StatusCode::BAD_GATEWAY,
@@ -260,7 +368,7 @@ pub async fn handle(
             }
             Err((error @ ExchangeError::ClientBody(_), _)) => {
                 return Ok(refuse(
-                    &shared,
+                    shared,
                     started,
                     &app,
                     StatusCode::BAD_REQUEST,
@@ -271,7 +379,7 @@ pub async fn handle(
     }
     Ok(match last_failure {
         Some(failure) => answer(
-            &shared,
+            shared,
             started,
             &app,
             StatusCode::BAD_GATEWAY,
@@ -282,7 +390,7 @@ pub async fn handle(
         ),
         None => {
             let mut response = answer(
-                &shared,
+                shared,
                 started,
                 &app,
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -478,6 +586,7 @@ fn relay(
     shared: &Arc<Shared>,
     app: Arc<String>,
     started: Instant,
+    logged: Option<Box<Logged>>,
 ) -> Response<ProxyBody> {
     let version = in_flight.upstream().version_label(
         parts
@@ -493,11 +602,13 @@ fn relay(
     };
     let mut relay = Relay {
         body: Some(body),
+        sent: 0,
         end: Some(RelayEnd {
             in_flight,
             shared: shared.clone(),
             labels,
             started,
+            logged,
         }),
     };
     if relay.is_end_stream() {
@@ -547,7 +658,7 @@ fn answer(
         },
         started.elapsed().as_secs_f64(),
     );
-    let mut response = Response::new(ProxyBody::Full(Full::new(Bytes::from(message + "\n"))));
+    let mut response = Response::new(ProxyBody::Own(Some(Bytes::from(message + "\n"))));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -561,10 +672,12 @@ fn answer(
     response
 }
 
-/// A response body: relayed from a front-end, or the balancer's own.
+/// A response body: relayed from a front-end, or the balancer's own (whole, until sent).
+// The relay is what nearly every response is: boxing it would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
 pub enum ProxyBody {
     Relay(Relay),
-    Full(Full<Bytes>),
+    Own(Option<Bytes>),
 }
 
 impl Body for ProxyBody {
@@ -581,6 +694,11 @@ impl Body for ProxyBody {
                     return Poll::Ready(None);
                 };
                 let polled = Pin::new(body).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(frame))) = &polled
+                    && let Some(data) = frame.data_ref()
+                {
+                    relay.sent += data.len() as u64;
+                }
                 match &polled {
                     Poll::Ready(None) => relay.finish(true),
                     Poll::Ready(Some(Ok(_))) if relay.is_end_stream() => relay.finish(true),
@@ -589,16 +707,14 @@ impl Body for ProxyBody {
                 }
                 polled
             }
-            ProxyBody::Full(full) => Pin::new(full)
-                .poll_frame(cx)
-                .map_err(|never| match never {}),
+            ProxyBody::Own(own) => Poll::Ready(own.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Relay(relay) => relay.is_end_stream(),
-            ProxyBody::Full(full) => full.is_end_stream(),
+            ProxyBody::Own(own) => own.is_none(),
         }
     }
 
@@ -608,7 +724,7 @@ impl Body for ProxyBody {
                 .body
                 .as_ref()
                 .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint()),
-            ProxyBody::Full(full) => full.size_hint(),
+            ProxyBody::Own(own) => SizeHint::with_exact(own.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }
 }
@@ -619,6 +735,8 @@ impl Body for ProxyBody {
 pub struct Relay {
     /// Gone once finished.
     body: Option<ResponseBody>,
+    /// Body bytes handed to the client.
+    sent: u64,
     end: Option<RelayEnd>,
 }
 
@@ -627,6 +745,8 @@ struct RelayEnd {
     shared: Arc<Shared>,
     labels: RequestLabels,
     started: Instant,
+    /// For the access log, when it is on.
+    logged: Option<Box<Logged>>,
 }
 
 impl Relay {
@@ -645,9 +765,25 @@ impl Relay {
         {
             end.in_flight.upstream().checkin(conn, now);
         }
+        let elapsed = now - end.started;
+        if let (Some(logged), Some(log)) = (&end.logged, &end.shared.access_log) {
+            let labels = &end.labels;
+            logged.record(
+                log,
+                Answered {
+                    status: labels.status,
+                    bytes: self.sent,
+                    elapsed,
+                    version: (!labels.version.is_empty()).then_some(labels.version.as_str()),
+                    server: Some(labels.server.as_str()),
+                    complete,
+                    error: None,
+                },
+            );
+        }
         end.shared
             .metrics
-            .request(end.labels, (now - end.started).as_secs_f64());
+            .request(end.labels, elapsed.as_secs_f64());
         drop(end.in_flight);
     }
 }

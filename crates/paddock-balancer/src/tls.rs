@@ -1,11 +1,14 @@
 //! HTTPS on the balancer's port: the certificate chain and private key are read from PEM files
-//! when the balancer starts (and so again at each restart in place, which is how a renewed
-//! certificate is taken: `kill -USR2`). Clients get HTTP/1.1 over TLS 1.2 or 1.3 (rustls); the
-//! handshake must end within the time a client has to send its headers, and a client that
+//! when the balancer starts, and again when told ([`Certificates::reload`], on SIGHUP): a
+//! renewed certificate is taken by the next handshakes, without a restart; a pair that does not
+//! load is refused and the one in use kept. Clients get HTTP/1.1 over TLS 1.2 or 1.3 (rustls);
+//! the handshake must end within the time a client has to send its headers, and a client that
 //! fails it never reaches a front-end.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
@@ -30,6 +33,44 @@ pub enum TlsError {
         key: PathBuf,
         reason: String,
     },
+}
+
+/// The certificate and key files of the client port, and the TLS config made of them that new
+/// handshakes use.
+#[derive(Debug)]
+pub struct Certificates {
+    cert: PathBuf,
+    key: PathBuf,
+    config: ArcSwap<rustls::ServerConfig>,
+}
+
+impl Certificates {
+    /// Reads `cert` and `key`: an error names the file that cannot work.
+    pub fn load(cert: &Path, key: &Path) -> Result<Certificates, TlsError> {
+        Ok(Certificates {
+            config: ArcSwap::new(server_config(cert, key)?),
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+        })
+    }
+
+    /// The config the next handshake uses.
+    pub fn config(&self) -> Arc<rustls::ServerConfig> {
+        self.config.load_full()
+    }
+
+    /// Reads the files again: the next handshakes use what they hold now (connections already
+    /// open keep theirs). When they do not make a config, nothing changes and the error says
+    /// which file is wrong.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        self.config.store(server_config(&self.cert, &self.key)?);
+        Ok(())
+    }
+
+    /// The certificate file and the key file.
+    pub fn files(&self) -> (&Path, &Path) {
+        (&self.cert, &self.key)
+    }
 }
 
 /// The server side of TLS for client connections, from a certificate chain and its key.
@@ -93,5 +134,26 @@ mod tests {
         assert!(matches!(e, TlsError::Key { .. }), "{e}");
         let e = server_config(&fixture("cert.pem"), &fixture("other-key.pem")).unwrap_err();
         assert!(matches!(e, TlsError::Mismatch { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_reload_takes_renewed_files_and_keeps_the_config_when_they_do_not_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::copy(fixture("cert.pem"), &cert).unwrap();
+        std::fs::copy(fixture("key.pem"), &key).unwrap();
+        let certificates = Certificates::load(&cert, &key).unwrap();
+        let first = certificates.config();
+
+        // Half renewed: the new certificate, the old key. Refused; the config stays.
+        std::fs::copy(fixture("renewed-cert.pem"), &cert).unwrap();
+        let e = certificates.reload().unwrap_err();
+        assert!(matches!(e, TlsError::Mismatch { .. }), "{e}");
+        assert!(Arc::ptr_eq(&first, &certificates.config()));
+
+        std::fs::copy(fixture("renewed-key.pem"), &key).unwrap();
+        certificates.reload().unwrap();
+        assert!(!Arc::ptr_eq(&first, &certificates.config()));
+        assert_eq!(certificates.files(), (cert.as_path(), key.as_path()));
     }
 }

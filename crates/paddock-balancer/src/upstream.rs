@@ -36,6 +36,11 @@ pub fn set_worker(index: usize) {
     WORKER.with(|w| w.set(index));
 }
 
+/// The index of the worker (event loop) this thread runs.
+pub(crate) fn worker() -> usize {
+    WORKER.with(|w| w.get())
+}
+
 /// Health-check settings.
 #[derive(Debug, Clone)]
 pub struct HealthConfig {
@@ -202,7 +207,7 @@ impl Upstream {
     }
 
     fn own_pool(&self) -> Option<&Mutex<Vec<Idle>>> {
-        let worker = WORKER.with(|w| w.get());
+        let worker = worker();
         self.idle.get(worker).or(self.idle.first())
     }
 

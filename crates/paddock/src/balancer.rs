@@ -53,8 +53,24 @@ pub fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
         );
     }
     let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(paddock_balancer::tls::server_config(cert, key)?),
+        (Some(cert), Some(key)) => Some(Arc::new(paddock_balancer::tls::Certificates::load(
+            cert, key,
+        )?)),
         _ => None,
+    };
+    let access_log = match &args.access_log {
+        None => None,
+        Some(path) => {
+            let destination = if path.as_os_str() == "-" {
+                paddock_balancer::access_log::Destination::Stdout
+            } else {
+                paddock_balancer::access_log::Destination::File(path.clone())
+            };
+            Some(
+                paddock_balancer::access_log::AccessLog::open(destination, threads)
+                    .context("--access-log")?,
+            )
+        }
     };
     let mut config = paddock_balancer::BalancerConfig {
         data_dir: args
@@ -89,8 +105,9 @@ pub fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
             PinThreads::On => paddock_balancer::Pinning::On,
             PinThreads::Off => paddock_balancer::Pinning::Off,
         },
-        tls,
+        tls: tls.clone(),
         redirect_http: args.redirect_http,
+        access_log: access_log.clone(),
     };
     // Its file now, before anything may be installed over it: what a restart starts.
     let exe = std::env::current_exe().context("finding this executable")?;
@@ -112,6 +129,7 @@ pub fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
     let tls_files = args.tls_cert.clone().zip(args.tls_key.clone());
     {
         let _entered = runtime.enter();
+        reload_signal(tls, access_log.clone())?;
         balancer_signals(exe.clone(), tls_files.clone(), stop.clone())?;
     }
     // The build a platform upgrade installed over `exe`: the next process is started on it.
@@ -152,6 +170,10 @@ pub fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
     loop {
         let restart =
             runtime.block_on(paddock_balancer::run(config.clone(), sockets, &mut stops))?;
+        // Every request has ended: its line is written before the process ends or is replaced.
+        if let Some(access_log) = &access_log {
+            access_log.flush();
+        }
         let Some(kept) = restart else {
             runtime.shutdown_timeout(Duration::from_secs(1));
             return Ok(());
@@ -163,7 +185,7 @@ pub fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
             .chain(kept.redirect.iter())
             .collect();
         // The same process (PID, arguments, listening sockets) on what is at its path now.
-        // SIGUSR2 stays blocked across `exec`, until the new program listens for it.
+        // SIGUSR2 and SIGHUP stay blocked across `exec`, until the new program listens for them.
         restart_signal(libc::SIG_BLOCK);
         let build = installed.lock().unwrap_or_else(|e| e.into_inner()).take();
         let failed = handoff::exec(&exe, build.as_deref(), &listeners);
@@ -225,6 +247,42 @@ fn balancer_signals(
     Ok(())
 }
 
+/// SIGHUP: the TLS certificate and key are read again (a renewed certificate, taken by the
+/// next handshakes; a pair that does not load is refused and the one in use kept) and the
+/// access log is opened again by its path (after log rotation renamed it).
+fn reload_signal(
+    tls: Option<Arc<paddock_balancer::tls::Certificates>>,
+    access_log: Option<paddock_balancer::access_log::AccessLog>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            tracing::info!(
+                "SIGHUP received: reading the TLS files and opening the access log again"
+            );
+            if let Some(tls) = &tls {
+                let (cert, key) = tls.files();
+                match tls.reload() {
+                    Ok(()) => tracing::info!(
+                        cert = %cert.display(),
+                        key = %key.display(),
+                        "TLS certificate reloaded: new connections get it"
+                    ),
+                    Err(e) => tracing::error!(
+                        "TLS certificate not reloaded: {e}; new connections get the certificate in use, as before. Fix the files, then send SIGHUP again"
+                    ),
+                }
+            }
+            if let Some(access_log) = access_log.clone() {
+                // It waits for the writer, which may wait for the disk.
+                let _ = tokio::task::spawn_blocking(move || access_log.reopen()).await;
+            }
+        }
+    });
+    Ok(())
+}
+
 /// Whether a restart in place on `exe` would start: the file is a program, and the certificate
 /// and key of `tls` (which the new program reads again) still make a TLS config.
 fn restartable(exe: &std::path::Path, tls: Option<&(PathBuf, PathBuf)>) -> anyhow::Result<()> {
@@ -254,7 +312,7 @@ fn runnable(exe: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Blocks or unblocks SIGUSR2 for this thread (`how`: `SIG_BLOCK`, `SIG_UNBLOCK`); the mask
+/// Blocks or unblocks SIGUSR2 and SIGHUP for this thread (`how`: `SIG_BLOCK`, `SIG_UNBLOCK`); the mask
 /// is kept across `exec`, and threads started later inherit it.
 fn restart_signal(how: libc::c_int) {
     // SAFETY: a signal set built here and passed by pointer to calls that only read it.
@@ -262,6 +320,7 @@ fn restart_signal(how: libc::c_int) {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGUSR2);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(how, &set, std::ptr::null_mut());
     }
 }

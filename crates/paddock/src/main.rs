@@ -282,7 +282,7 @@ struct BalancerArgs {
     #[arg(long, default_value = "127.0.0.1:8000", env = "PADDOCK_LISTEN")]
     listen: SocketAddr,
     /// Serve HTTPS on --listen with this certificate: a PEM file, the server's certificate
-    /// first, then its chain. Read at start (a restart in place, SIGUSR2, reads it again).
+    /// first, then its chain. Read at start, and again on SIGHUP (a renewed certificate).
     #[arg(long, value_name = "PEM", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// The certificate's private key, a PEM file (unencrypted).
@@ -295,6 +295,10 @@ struct BalancerArgs {
     /// Address of the admin port (/metrics, /status).
     #[arg(long, default_value = "127.0.0.1:9180")]
     admin: SocketAddr,
+    /// Log each request answered on --listen to this file, one JSON line each (`-`: standard
+    /// output). Reopened on SIGHUP, after log rotation renamed it.
+    #[arg(long, value_name = "FILE")]
+    access_log: Option<PathBuf>,
     /// This balancer's name in the farm (default: lb-<host name>).
     #[arg(long, env = "PADDOCK_NAME")]
     name: Option<String>,

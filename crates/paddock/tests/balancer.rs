@@ -642,6 +642,12 @@ fn flags_that_cannot_work_are_refused_naming_the_flag() {
         (&balancer, "--check-interval", "soon", "500ms"),
         (&balancer, "--threads", "0", "1 or more"),
         (&balancer, "--max-headers", "0", "1 or more"),
+        (
+            &balancer,
+            "--access-log",
+            "/no-such-folder/access.log",
+            "a folder that exists",
+        ),
         (&frontend, "--max-instances", "0", "not in 1.."),
         (&frontend, "--scan-interval", "0s", "more than zero"),
         (&frontend, "--shutdown-timeout", "9999w", "7 days"),
@@ -1236,6 +1242,203 @@ async fn the_balancer_serves_https_with_its_certificate_and_tells_the_frontends(
             == 3,
         "{log}"
     );
+}
+
+/// The lines of the access log at `path` once it holds `count` (at most 10 s).
+async fn access_lines(path: &Path, count: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        if lines.len() >= count {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} holds {} lines, not {count}:\n{text}",
+            path.display(),
+            lines.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_tells_every_answer_and_is_reopened_after_rotation() {
+    let upstream = echo_upstream(Arc::new(tokio::sync::Notify::new())).await;
+    let logs = tempfile::tempdir().unwrap();
+    let path = logs.path().join("access.log");
+    let mut lb = Balancer::with_table(
+        "lb1",
+        &echo_table(upstream),
+        &["--access-log", &path.display().to_string()],
+    )
+    .await;
+    lb.wait_up(&["echo"], true).await;
+
+    // Relayed from the front-end; answered by the balancer (no app there); refused (no Host).
+    let answer = raw(
+        lb.addr,
+        b"POST /echo/x?y=1 HTTP/1.1\r\nHost: shop.example\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let answer = raw(
+        lb.addr,
+        b"GET /nothing HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    let answer = raw(lb.addr, b"GET /echo/x HTTP/1.1\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+
+    let lines = access_lines(&path, 3).await;
+    assert_eq!(lines.len(), 3, "{lines:#?}");
+    let relayed = &lines[0];
+    assert_eq!(relayed["client"], "127.0.0.1", "{relayed}");
+    assert_eq!(relayed["method"], "POST", "{relayed}");
+    assert_eq!(relayed["host"], "shop.example", "{relayed}");
+    assert_eq!(relayed["target"], "/echo/x?y=1", "{relayed}");
+    assert_eq!(relayed["status"], 200, "{relayed}");
+    assert_eq!(relayed["bytes"], 5, "{relayed}");
+    assert_eq!(relayed["app"], "echo", "{relayed}");
+    assert_eq!(relayed["server"], "echo", "{relayed}");
+    assert_eq!(relayed["tries"], 1, "{relayed}");
+    assert_eq!(relayed["complete"], true, "{relayed}");
+    assert!(relayed["error"].is_null(), "{relayed}");
+    assert!(relayed["ms"].as_f64().unwrap() > 0.0, "{relayed}");
+    let time = relayed["time"].as_str().unwrap();
+    let time = humantime::parse_rfc3339(time).unwrap();
+    let age = std::time::SystemTime::now().duration_since(time).unwrap();
+    assert!(age < Duration::from_secs(60), "{relayed}");
+
+    let own = &lines[1];
+    assert_eq!(own["status"], 404, "{own}");
+    assert!(own["app"].is_null() && own["server"].is_null(), "{own}");
+    assert_eq!(own["tries"], 0, "{own}");
+    assert!(
+        own["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("no app is routed at /nothing"),
+        "{own}"
+    );
+    let refused = &lines[2];
+    assert_eq!(refused["status"], 400, "{refused}");
+    assert_eq!(refused["host"], "", "{refused}");
+    assert!(
+        refused["error"].as_str().unwrap().contains("Host"),
+        "{refused}"
+    );
+
+    // Rotated: renamed, then SIGHUP; later lines go to a new file at the path.
+    let rotated = logs.path().join("access.log.1");
+    std::fs::rename(&path, &rotated).unwrap();
+    let offset = lb.log_len();
+    lb.signal("HUP");
+    lb.wait_for_log_after(offset, "opened again", Duration::from_secs(10))
+        .await;
+    let answer = raw(
+        lb.addr,
+        b"GET /echo/after HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let lines = access_lines(&path, 1).await;
+    assert_eq!(lines[0]["target"], "/echo/after", "{lines:#?}");
+    assert_eq!(access_lines(&rotated, 3).await.len(), 3);
+
+    // A stop writes what the last requests left, however soon it comes after them.
+    let answer = raw(
+        lb.addr,
+        b"GET /echo/last HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    lb.signal("TERM");
+    assert!(lb.wait_exit(Duration::from_secs(30)).await.success());
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("/echo/last"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_is_taken_on_sighup_without_a_restart() {
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+
+    let upstream = echo_upstream(Arc::new(tokio::sync::Notify::new())).await;
+    let files = tempfile::tempdir().unwrap();
+    let (cert, key) = (files.path().join("cert.pem"), files.path().join("key.pem"));
+    std::fs::copy(tls_fixture("cert.pem"), &cert).unwrap();
+    std::fs::copy(tls_fixture("key.pem"), &key).unwrap();
+    let lb = Balancer::with_table(
+        "lb1",
+        &echo_table(upstream),
+        &[
+            "--tls-cert",
+            &cert.display().to_string(),
+            "--tls-key",
+            &key.display().to_string(),
+        ],
+    )
+    .await;
+    lb.wait_up(&["echo"], true).await;
+    let pid = lb.pid();
+    let first_of = |file: &str| CertificateDer::from_pem_file(tls_fixture(file)).unwrap();
+    // A new connection: the certificate it was shown, and a request on it.
+    let connect = || async {
+        let mut stream = tls_connect(lb.addr, Some(&tls_fixture("ca.pem")))
+            .await
+            .unwrap();
+        let shown = stream.get_ref().1.peer_certificates().unwrap()[0].clone();
+        ask(&mut stream).await;
+        (stream, shown)
+    };
+    async fn ask(stream: &mut (impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin)) {
+        stream
+            .write_all(b"GET /echo/x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, _) = read_answer(stream).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+    }
+    let (mut before, shown) = connect().await;
+    assert_eq!(shown, first_of("cert.pem"));
+
+    // Renewed: the new certificate and key, then SIGHUP. New connections get it; one open
+    // before keeps going; the same process serves (no restart, nothing drained).
+    std::fs::copy(tls_fixture("renewed-cert.pem"), &cert).unwrap();
+    std::fs::copy(tls_fixture("renewed-key.pem"), &key).unwrap();
+    let offset = lb.log_len();
+    lb.signal("HUP");
+    lb.wait_for_log_after(offset, "TLS certificate reloaded", Duration::from_secs(10))
+        .await;
+    let (_, shown) = connect().await;
+    assert_eq!(shown, first_of("renewed-cert.pem"));
+    ask(&mut before).await;
+    assert_eq!(lb.pid(), pid);
+    assert!(!lb.log()[offset..].contains("restarting"), "{}", lb.log());
+
+    // A key that does not go with the certificate: refused, naming it; the renewed one stays.
+    std::fs::copy(tls_fixture("other-key.pem"), &key).unwrap();
+    let offset = lb.log_len();
+    lb.signal("HUP");
+    lb.wait_for_log_after(
+        offset,
+        "TLS certificate not reloaded",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(
+        lb.log()[offset..].contains("does not go with the certificate"),
+        "{}",
+        lb.log()
+    );
+    let (_, shown) = connect().await;
+    assert_eq!(shown, first_of("renewed-cert.pem"));
 }
 
 #[test]
