@@ -6,7 +6,8 @@
 //! [`FLUSH_EVERY`], or sooner when one holds [`FLUSH_AT`] bytes, and writes them with one
 //! `write` each (`O_APPEND`, so lines of several loops never interleave). When the writer falls
 //! behind (a full or slow disk) and a loop's buffer reaches [`MAX_BUFFERED`], that loop's next
-//! lines are dropped and counted, and the writer says how many in the log. [`AccessLog::reopen`]
+//! lines are dropped and counted (`paddock_balancer_access_log_lost_lines_total`), and the
+//! writer says how many in the log. [`AccessLog::reopen`]
 //! (SIGHUP) opens the file again by its path: what log rotation needs after it renamed it.
 
 use std::fs::File;
@@ -17,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 
 /// Longest a line waits in a loop's buffer.
@@ -111,6 +113,8 @@ struct Shared {
     destination: Destination,
     /// One per event loop.
     buffers: Box<[Mutex<Buffer>]>,
+    /// Lines dropped or not written, since the start.
+    lost: Counter,
 }
 
 #[derive(Default)]
@@ -140,6 +144,7 @@ impl AccessLog {
         let shared = Arc::new(Shared {
             destination,
             buffers: (0..loops.max(1)).map(|_| Mutex::default()).collect(),
+            lost: Counter::default(),
         });
         let (orders, received) = std::sync::mpsc::sync_channel(16);
         let writer = Writer {
@@ -158,6 +163,11 @@ impl AccessLog {
 
     pub fn destination(&self) -> &Destination {
         &self.shared.destination
+    }
+
+    /// The count of lines dropped (the writer behind) or not written (a write failed).
+    pub fn lost(&self) -> Counter {
+        self.shared.lost.clone()
     }
 
     /// Adds a line for `entry` to the current event loop's buffer.
@@ -295,6 +305,7 @@ impl Writer {
                 )
             };
             self.lost += dropped;
+            self.shared.lost.inc_by(dropped);
             if self.spare.is_empty() {
                 continue;
             }
@@ -312,6 +323,7 @@ impl Writer {
                 }
                 Err(e) => {
                     self.lost += lines;
+                    self.shared.lost.inc_by(lines);
                     if self.failing.is_none() {
                         tracing::error!(
                             "cannot write the access log {}: {e}; its lines are lost until it can (requests are served as before)",

@@ -298,6 +298,10 @@ pub async fn run(
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data folder {}", config.data_dir.display()))?;
     let listen = listener.local_addr()?;
+    let metrics = Metrics::new();
+    if let Some(access_log) = &config.access_log {
+        metrics.count_access_log(access_log.lost());
+    }
     let balancer = Arc::new(Balancer {
         started_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -311,7 +315,7 @@ pub async fn run(
         shared: Arc::new(Shared {
             table: ArcSwap::from_pointee(Table::empty()),
             generation: std::sync::atomic::AtomicI64::new(0),
-            metrics: Metrics::new(),
+            metrics,
             proxy: config.proxy.clone(),
             https: config.tls.is_some(),
             access_log: config.access_log.clone(),

@@ -181,6 +181,18 @@ impl Metrics {
         self.requests.get_or_create(&labels).inc();
     }
 
+    /// Shows the count of access log lines lost (`--access-log`).
+    pub fn count_access_log(&self, lost: Counter) {
+        self.registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .register(
+                "access_log_lost_lines",
+                "Access log lines dropped (the writer fell behind) or not written (a write failed)",
+                lost,
+            );
+    }
+
     /// The requests answered for `app` since the start, and how many with a 5xx status.
     pub fn app_traffic(&self, app: &Arc<String>) -> AppTrafficCounts {
         let labels = AppLabels { app: app.clone() };

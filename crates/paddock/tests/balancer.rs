@@ -1328,6 +1328,11 @@ async fn the_access_log_tells_every_answer_and_is_reopened_after_rotation() {
     );
     let refused = &lines[2];
     assert_eq!(refused["status"], 400, "{refused}");
+    let metrics = lb.metrics().await;
+    assert!(
+        metrics.contains("paddock_balancer_access_log_lost_lines_total 0\n"),
+        "{metrics}"
+    );
     assert_eq!(refused["host"], "", "{refused}");
     assert!(
         refused["error"].as_str().unwrap().contains("Host"),
