@@ -40,6 +40,9 @@ pub struct ProxyConfig {
     pub response_timeout: Duration,
 }
 
+/// Checks, routes and forwards a request. With the access log on, what it tells of the request
+/// is taken from the head first, given the app and the tries, and recorded by the answer: at
+/// once for the balancer's own, when the body ends for a relayed one.
 pub async fn handle(
     request: Request<Incoming>,
     shared: Arc<Shared>,
@@ -47,101 +50,11 @@ pub async fn handle(
     suspect: Arc<AtomicBool>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
-    let Some(access_log) = &shared.access_log else {
-        return forward(request, &shared, peer_ip, suspect, started, &mut None).await;
-    };
-    let mut logged = Some(Box::new(Logged::of(&request, &peer_ip)));
-    let response = forward(request, &shared, peer_ip, suspect, started, &mut logged).await;
-    // Still here: the balancer answered itself (a relayed answer took it along).
-    if let (Some(logged), Ok(response)) = (logged, &response) {
-        let error = match response.body() {
-            ProxyBody::Own(Some(message)) => std::str::from_utf8(message).ok(),
-            _ => None,
-        };
-        logged.record(
-            access_log,
-            Answered {
-                status: response.status().as_u16(),
-                bytes: response.body().size_hint().exact().unwrap_or(0),
-                elapsed: started.elapsed(),
-                version: None,
-                server: None,
-                complete: true,
-                error: error.map(str::trim_end),
-            },
-        );
-    }
-    response
-}
-
-/// What the access log tells of a request, taken from its head before it is forwarded, with
-/// the app and the tries once known.
-pub(crate) struct Logged {
-    client: HeaderValue,
-    method: Method,
-    host: Option<HeaderValue>,
-    target: Option<http::uri::PathAndQuery>,
-    app: Option<Arc<String>>,
-    tries: u32,
-}
-
-/// How a request was answered, for the access log.
-struct Answered<'a> {
-    status: u16,
-    bytes: u64,
-    elapsed: Duration,
-    version: Option<&'a str>,
-    server: Option<&'a str>,
-    complete: bool,
-    error: Option<&'a str>,
-}
-
-impl Logged {
-    fn of(request: &Request<Incoming>, client: &HeaderValue) -> Logged {
-        Logged {
-            client: client.clone(),
-            method: request.method().clone(),
-            host: request.headers().get(header::HOST).cloned(),
-            target: request.uri().path_and_query().cloned(),
-            app: None,
-            tries: 0,
-        }
-    }
-
-    fn record(&self, log: &crate::access_log::AccessLog, answered: Answered<'_>) {
-        let host = self
-            .host
-            .as_ref()
-            .map(|h| String::from_utf8_lossy(h.as_bytes()));
-        log.record(&crate::access_log::Entry {
-            time: crate::access_log::began(answered.elapsed),
-            client: self.client.to_str().unwrap_or_default(),
-            method: self.method.as_str(),
-            host: host.as_deref().unwrap_or_default(),
-            target: self.target.as_ref().map_or("", |t| t.as_str()),
-            status: answered.status,
-            bytes: answered.bytes,
-            ms: crate::access_log::millis(answered.elapsed),
-            app: self.app.as_deref().map(String::as_str),
-            version: answered.version,
-            server: answered.server,
-            tries: self.tries,
-            complete: answered.complete,
-            error: answered.error,
-        });
-    }
-}
-
-/// Routes and forwards a request; `logged` (when the access log is on) is given the app and
-/// the tries, and taken along by a relayed answer.
-async fn forward(
-    request: Request<Incoming>,
-    shared: &Arc<Shared>,
-    peer_ip: HeaderValue,
-    suspect: Arc<AtomicBool>,
-    started: Instant,
-    logged: &mut Option<Box<Logged>>,
-) -> Result<Response<ProxyBody>, Infallible> {
+    let logged = &mut shared
+        .access_log
+        .as_ref()
+        .map(|_| Box::new(Logged::of(&request, &peer_ip)));
+    let shared = &shared;
     if suspect.load(Ordering::Acquire) {
         return Ok(refuse(
             shared,
@@ -149,6 +62,7 @@ async fn forward(
             "",
             StatusCode::BAD_REQUEST,
             "ambiguous request framing: Content-Length together with Transfer-Encoding, or Content-Length twice; send exactly one of them",
+            logged,
         ));
     }
     let host = match check_host(&request) {
@@ -160,6 +74,7 @@ async fn forward(
                 "",
                 StatusCode::BAD_REQUEST,
                 message,
+                logged,
             ));
         }
     };
@@ -171,6 +86,7 @@ async fn forward(
             "",
             StatusCode::NOT_FOUND,
             format!("{path}: {RESERVED_PREFIX} belongs to the platform and is not routed to apps"),
+            logged,
         ));
     }
     let table = shared.table.load_full();
@@ -181,6 +97,7 @@ async fn forward(
             "",
             StatusCode::SERVICE_UNAVAILABLE,
             "this balancer has no routing table yet: the controller has not answered; its log says why".into(),
+            logged,
         ));
     }
     let Some(route) = table.route(path) else {
@@ -192,6 +109,7 @@ async fn forward(
             format!(
                 "no app is routed at {path}; `paddock app list` shows the apps and their routes"
             ),
+            logged,
         ));
     };
     let app = route.app.clone();
@@ -207,6 +125,7 @@ async fn forward(
             &app,
             StatusCode::NOT_IMPLEMENTED,
             refusal,
+            logged,
         ));
     }
 
@@ -292,6 +211,7 @@ async fn forward(
                             "front-end {} did not start answering within {:?}",
                             upstream.name, shared.proxy.response_timeout
                         ),
+                        logged,
                     ));
                 }
             }
@@ -354,6 +274,7 @@ async fn forward(
                             "front-end {}: {why}{on}; the request was not sent again because it is not idempotent or had a body",
                             upstream.name
                         ),
+                        logged,
                     ));
                 }
             }
@@ -364,6 +285,7 @@ async fn forward(
                     &app,
                     StatusCode::BAD_GATEWAY,
                     format!("front-end {} sent an {why}", upstream.name),
+                    logged,
                 ));
             }
             Err((error @ ExchangeError::ClientBody(_), _)) => {
@@ -373,6 +295,7 @@ async fn forward(
                     &app,
                     StatusCode::BAD_REQUEST,
                     &error.to_string(),
+                    logged,
                 ));
             }
         }
@@ -387,6 +310,7 @@ async fn forward(
                 "no front-end of zone {} answered: {failure}",
                 table.zones[zone_index].name
             ),
+            logged,
         ),
         None => {
             let mut response = answer(
@@ -398,6 +322,7 @@ async fn forward(
                     "no front-end can take {app} now: {}; `paddock routing` shows why",
                     table.zones[zone_index].describe_unroutable(&app)
                 ),
+                logged,
             );
             response
                 .headers_mut()
@@ -405,6 +330,64 @@ async fn forward(
             response
         }
     })
+}
+
+/// What the access log tells of a request, taken from its head before it is forwarded, with
+/// the app and the tries once known.
+pub(crate) struct Logged {
+    client: HeaderValue,
+    method: Method,
+    host: Option<HeaderValue>,
+    target: Option<http::uri::PathAndQuery>,
+    app: Option<Arc<String>>,
+    tries: u32,
+}
+
+/// How a request was answered, for the access log.
+struct Answered<'a> {
+    status: u16,
+    bytes: u64,
+    elapsed: Duration,
+    version: Option<&'a str>,
+    server: Option<&'a str>,
+    complete: bool,
+    error: Option<&'a str>,
+}
+
+impl Logged {
+    fn of(request: &Request<Incoming>, client: &HeaderValue) -> Logged {
+        Logged {
+            client: client.clone(),
+            method: request.method().clone(),
+            host: request.headers().get(header::HOST).cloned(),
+            target: request.uri().path_and_query().cloned(),
+            app: None,
+            tries: 0,
+        }
+    }
+
+    fn record(&self, log: &crate::access_log::AccessLog, answered: Answered<'_>) {
+        let host = self
+            .host
+            .as_ref()
+            .map(|h| String::from_utf8_lossy(h.as_bytes()));
+        log.record(&crate::access_log::Entry {
+            time: crate::access_log::began(answered.elapsed),
+            client: self.client.to_str().unwrap_or_default(),
+            method: self.method.as_str(),
+            host: host.as_deref().unwrap_or_default(),
+            target: self.target.as_ref().map_or("", |t| t.as_str()),
+            status: answered.status,
+            bytes: answered.bytes,
+            ms: crate::access_log::millis(answered.elapsed),
+            app: self.app.as_deref().map(String::as_str),
+            version: answered.version,
+            server: answered.server,
+            tries: self.tries,
+            complete: answered.complete,
+            error: answered.error,
+        });
+    }
 }
 
 type Exchanged = Result<(http::response::Parts, ResponseBody), (ExchangeError, Option<Incoming>)>;
@@ -628,8 +611,9 @@ fn refuse(
     app: &str,
     status: StatusCode,
     message: &str,
+    logged: &mut Option<Box<Logged>>,
 ) -> Response<ProxyBody> {
-    let mut response = answer(shared, started, app, status, message.to_string());
+    let mut response = answer(shared, started, app, status, message.to_string(), logged);
     response
         .headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -643,7 +627,22 @@ fn answer(
     app: &str,
     status: StatusCode,
     message: String,
+    logged: &mut Option<Box<Logged>>,
 ) -> Response<ProxyBody> {
+    if let (Some(logged), Some(log)) = (logged.take(), &shared.access_log) {
+        logged.record(
+            log,
+            Answered {
+                status: status.as_u16(),
+                bytes: message.len() as u64 + 1,
+                elapsed: started.elapsed(),
+                version: None,
+                server: None,
+                complete: true,
+                error: Some(&message),
+            },
+        );
+    }
     if status.is_server_error() {
         tracing::warn!(app, status = status.as_u16(), "{message}");
     } else {
