@@ -70,6 +70,9 @@ pub struct Entry<'a> {
     pub server: Option<&'a str>,
     /// Front-ends tried for this answer (0: the balancer answered itself).
     pub tries: u32,
+    /// The request's id, as the front-ends were given it (none: refused before it was
+    /// forwarded).
+    pub request_id: Option<&'a str>,
     /// Whether the whole response reached the client (no: the client went away, or the
     /// front-end's answer broke off).
     pub complete: bool,
@@ -364,6 +367,7 @@ mod tests {
             version: Some("3"),
             server: Some("fe-1"),
             tries: 1,
+            request_id: Some("lb1-19ad8f3c2a1-2a"),
             complete: true,
             error: None,
         }
@@ -382,7 +386,8 @@ mod tests {
             concat!(
                 r#"{"time":"2025-12-01T06:21:02.123Z","client":"10.0.0.7","method":"GET","host":"shop.example","#,
                 r#""target":"/shop/cart?item=\"1\"","status":200,"bytes":12,"ms":1.234,"app":"shop","#,
-                r#""version":"3","server":"fe-1","tries":1,"complete":true,"error":null}"#,
+                r#""version":"3","server":"fe-1","tries":1,"request_id":"lb1-19ad8f3c2a1-2a","complete":true,"#,
+                r#""error":null}"#,
                 "\n"
             )
         );

@@ -132,6 +132,8 @@ pub struct Shared {
     /// Clients come over HTTPS: what `X-Forwarded-Proto` tells the front-ends.
     pub https: bool,
     pub access_log: Option<access_log::AccessLog>,
+    /// Ids for requests that come without one.
+    pub(crate) request_ids: proxy::RequestIds,
 }
 
 impl Shared {
@@ -302,10 +304,11 @@ pub async fn run(
     if let Some(access_log) = &config.access_log {
         metrics.count_access_log(access_log.lost());
     }
+    let started_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
     let balancer = Arc::new(Balancer {
-        started_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64),
+        started_ms,
         name: config.name.clone(),
         listen: listen.to_string(),
         admin: match &admin_listener {
@@ -319,6 +322,7 @@ pub async fn run(
             proxy: config.proxy.clone(),
             https: config.tls.is_some(),
             access_log: config.access_log.clone(),
+            request_ids: proxy::RequestIds::new(&config.name, started_ms),
             open: (0..config.threads.max(1))
                 .map(|_| Arc::new(AtomicUsize::new(0)))
                 .collect(),

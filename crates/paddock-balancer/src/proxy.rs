@@ -10,7 +10,7 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -137,8 +137,18 @@ pub async fn handle(
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     );
     let head_request = parts.method == Method::HEAD;
-    // Encoded once: a retry sends the same bytes.
-    let head = encode_head(&parts, &peer_ip, host.as_ref(), chunked, shared.https);
+    // Encoded once: a retry sends the same bytes, and the same request id.
+    let (head, id) = encode_head(
+        &parts,
+        &peer_ip,
+        host.as_ref(),
+        chunked,
+        shared.https,
+        &shared.request_ids,
+    );
+    if let Some(logged) = logged {
+        logged.request_id = Some(String::from_utf8_lossy(&head[id]).into_owned());
+    }
     let mut body = (!bodyless).then_some(body);
 
     // Front-ends already tried, by identity (they are the same across tables).
@@ -341,6 +351,8 @@ pub(crate) struct Logged {
     target: Option<http::uri::PathAndQuery>,
     app: Option<Arc<String>>,
     tries: u32,
+    /// The id forwarded to the front-ends (none: the request was refused before).
+    request_id: Option<String>,
 }
 
 /// How a request was answered, for the access log.
@@ -363,6 +375,7 @@ impl Logged {
             target: request.uri().path_and_query().cloned(),
             app: None,
             tries: 0,
+            request_id: None,
         }
     }
 
@@ -384,6 +397,7 @@ impl Logged {
             version: answered.version,
             server: answered.server,
             tries: self.tries,
+            request_id: self.request_id.as_deref(),
             complete: answered.complete,
             error: answered.error,
         });
@@ -489,18 +503,50 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_PADDOCK_VERSION: HeaderName = HeaderName::from_static("x-paddock-version");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static(paddock_core::request_id::HEADER);
+
+/// Ids for the requests that come without one ([`paddock_core::request_id`]): this balancer's
+/// name and when its run began (hex ms), then a count: unique in a farm whose balancers have
+/// names of their own.
+pub(crate) struct RequestIds {
+    prefix: Vec<u8>,
+    next: AtomicU64,
+}
+
+impl RequestIds {
+    pub(crate) fn new(name: &str, run_ms: i64) -> RequestIds {
+        RequestIds {
+            prefix: format!("{name}-{run_ms:x}-").into_bytes(),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    /// Appends the next id to `out`.
+    fn push_next(&self, out: &mut Vec<u8>) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        out.extend_from_slice(&self.prefix);
+        let digits = (u64::BITS - n.leading_zeros()).div_ceil(4).max(1);
+        for i in (0..digits).rev() {
+            out.push(HEX[((n >> (i * 4)) & 15) as usize]);
+        }
+    }
+}
 
 /// The request head as the front-end gets it: origin-form target, HTTP/1.1, the client's headers
 /// without the hop-by-hop ones (and those its `Connection` names) and `Expect` (answered here),
 /// then `X-Forwarded-For` (appended to), `-Proto` and `-Host`. `peer_ip` is the client's address
 /// (made once per connection). A chunked body is sent chunked again.
+/// The head sent to the front-ends, and where the request's id is in it: the client's when it
+/// sent a valid one, else a new one of `ids`.
 fn encode_head(
     parts: &http::request::Parts,
     peer_ip: &HeaderValue,
     host: Option<&HeaderValue>,
     chunked: bool,
     https: bool,
-) -> Vec<u8> {
+    ids: &RequestIds,
+) -> (Vec<u8>, std::ops::Range<usize>) {
     let headers = &parts.headers;
     let mut head = Vec::with_capacity(256 + headers.len() * 32);
     head.extend_from_slice(parts.method.as_str().as_bytes());
@@ -520,7 +566,21 @@ fn encode_head(
             *n != header::CONTENT_LENGTH && *n != header::TRANSFER_ENCODING && *n != header::HOST
         })
         .collect();
+    let mut id = None;
     for (name, value) in headers {
+        if *name == X_REQUEST_ID {
+            // The first valid one is kept; others (and any after it) are dropped.
+            if id.is_none() && paddock_core::request_id::is_valid(value.as_bytes()) {
+                let start = head.len() + X_REQUEST_ID.as_str().len() + 2;
+                push_field(
+                    &mut head,
+                    X_REQUEST_ID.as_str().as_bytes(),
+                    value.as_bytes(),
+                );
+                id = Some(start..start + value.len());
+            }
+            continue;
+        }
         if h1::is_hop_by_hop(name)
             || *name == header::EXPECT
             || *name == X_FORWARDED_FOR
@@ -533,6 +593,17 @@ fn encode_head(
         }
         push_field(&mut head, name.as_str().as_bytes(), value.as_bytes());
     }
+    let id = match id {
+        Some(id) => id,
+        None => {
+            head.extend_from_slice(b"x-request-id: ");
+            let start = head.len();
+            ids.push_next(&mut head);
+            let end = head.len();
+            head.extend_from_slice(b"\r\n");
+            start..end
+        }
+    };
     if chunked {
         head.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
@@ -552,7 +623,7 @@ fn encode_head(
         push_field(&mut head, b"x-forwarded-host", host.as_bytes());
     }
     head.extend_from_slice(b"\r\n");
-    head
+    (head, id)
 }
 
 fn push_field(head: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -807,7 +878,9 @@ mod tests {
         let host = host.map(|h| HeaderValue::from_str(h).unwrap());
         let peer = HeaderValue::from_static("127.0.0.9");
         let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
-        String::from_utf8(encode_head(&parts, &peer, host.as_ref(), chunked, https)).unwrap()
+        let ids = RequestIds::new("lb-test", 0);
+        let (head, _) = encode_head(&parts, &peer, host.as_ref(), chunked, https, &ids);
+        String::from_utf8(head).unwrap()
     }
 
     #[test]
@@ -847,7 +920,7 @@ mod tests {
         assert_eq!(
             head,
             "POST /shop/cart?x=1 HTTP/1.1\r\nhost: shop.example:8080\r\nx-kept: yes\r\n\
-             transfer-encoding: chunked\r\nx-forwarded-for: 10.0.0.1, 127.0.0.9\r\n\
+             x-request-id: lb-test-0-0\r\ntransfer-encoding: chunked\r\nx-forwarded-for: 10.0.0.1, 127.0.0.9\r\n\
              x-forwarded-proto: http\r\nx-forwarded-host: shop.example:8080\r\n\r\n"
         );
     }
@@ -875,6 +948,44 @@ mod tests {
         let head = head_of(request, None);
         assert!(head.starts_with("GET /x HTTP/1.1\r\n"), "{head}");
         assert!(head.ends_with("x-forwarded-proto: http\r\n\r\n"), "{head}");
+    }
+
+    #[test]
+    fn each_request_has_an_id_kept_from_the_client_when_valid() {
+        let ids = RequestIds::new("lb1", 0x19a);
+        let peer = HeaderValue::from_static("127.0.0.9");
+        let id_of = |request: Request<()>| {
+            let (parts, ()) = request.into_parts();
+            let (head, id) = encode_head(&parts, &peer, None, false, false, &ids);
+            let head = String::from_utf8(head).unwrap();
+            assert_eq!(head.matches("x-request-id: ").count(), 1, "{head}");
+            assert!(
+                head.contains(&format!("x-request-id: {}\r\n", &head[id.clone()])),
+                "{head}"
+            );
+            head[id].to_string()
+        };
+        assert_eq!(id_of(Request::get("/a").body(()).unwrap()), "lb1-19a-0");
+        assert_eq!(id_of(Request::get("/a").body(()).unwrap()), "lb1-19a-1");
+        let sent = |value: &str| {
+            Request::get("/a")
+                .header("x-request-id", value)
+                .body(())
+                .unwrap()
+        };
+        assert_eq!(id_of(sent("edge-7f3e9c1a")), "edge-7f3e9c1a");
+        // Not an id that reads the same in every log: replaced.
+        assert_eq!(id_of(sent("two words")), "lb1-19a-2");
+        let twice = Request::get("/a")
+            .header("x-request-id", "first")
+            .header("x-request-id", "second")
+            .body(())
+            .unwrap();
+        assert_eq!(id_of(twice), "first");
+        for _ in 3..0x1f {
+            id_of(Request::get("/a").body(()).unwrap());
+        }
+        assert_eq!(id_of(Request::get("/a").body(()).unwrap()), "lb1-19a-1f");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod cache;
 pub mod data;
 pub mod manifest;
+pub mod request_id;
 pub mod route;
 
 pub use manifest::{Limits, Manifest, ManifestError, Timer, TimerSchedule};

@@ -213,7 +213,14 @@ impl Scheduler {
             store,
             session: None,
         });
-        match self.apps.runtime().serve(&version, request, 0, data).await {
+        // A run's id in the app's log lines: the timer and its tick.
+        let id = format!("{}@{}", claim.timer, claim.tick_ms);
+        match self
+            .apps
+            .runtime()
+            .serve(&version, request, &id, data)
+            .await
+        {
             Ok(response) => {
                 let status = response.status();
                 // Drain the body, frame by frame without keeping it: the run ends when the app

@@ -45,6 +45,8 @@ struct Shared {
     apps: Arc<Apps>,
     vitals: Arc<Vitals>,
     next_request_id: AtomicU64,
+    /// Ids of requests that come without one: `<name>-<start, hex ms>-`, then a count.
+    request_prefix: String,
     /// The apps' data and sessions, if this front-end was given the farm's database.
     app_data: Option<Arc<dyn AppData>>,
     /// Session cookies are `Secure` (users reach the farm over HTTPS).
@@ -179,6 +181,13 @@ impl Server {
                 apps,
                 vitals,
                 next_request_id: AtomicU64::new(1),
+                request_prefix: format!(
+                    "{}-{:x}-",
+                    config.name,
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis())
+                ),
                 app_data: data.app_data,
                 secure_cookies: config.secure_cookies,
                 cache: data.cache,
@@ -305,6 +314,12 @@ async fn handle(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Bo
     };
 
     let spec = route.version.spec();
+    // The id the balancer gave the request (or a client, through it): said back on the answer.
+    let given_id = req
+        .headers()
+        .get(paddock_core::request_id::HEADER)
+        .filter(|id| paddock_core::request_id::is_valid(id.as_bytes()))
+        .cloned();
     let session = shared
         .app_data
         .as_ref()
@@ -330,6 +345,11 @@ async fn handle(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Bo
                     headers.insert("x-paddock-app", app);
                     headers.insert("x-paddock-version", version);
                 }
+                if let Some(id) = given_id {
+                    response
+                        .headers_mut()
+                        .insert(paddock_core::request_id::HEADER, id);
+                }
                 return with_server(shared, response);
             }
             // A HEAD's answer has no body to keep.
@@ -340,7 +360,17 @@ async fn handle(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Bo
     }
 
     let guard = InFlight::enter(shared.clone());
-    let request_id = shared.next_request_id.fetch_add(1, Ordering::Relaxed);
+    // The app's log lines and its `PADDOCK_REQUEST_ID` carry it; one of this server's own
+    // without it.
+    let request_id = match &given_id {
+        Some(id) => id.clone(),
+        None => {
+            let n = shared.next_request_id.fetch_add(1, Ordering::Relaxed);
+            HeaderValue::try_from(format!("{}{n:x}", shared.request_prefix))
+                .unwrap_or(HeaderValue::from_static("-"))
+        }
+    };
+    let request_id_text = request_id.to_str().unwrap_or("-");
     // What `Vary` may name, as the app saw it (and as the lookup did).
     let request_headers = ticket.map(|_| req.headers().clone());
     let request_data = shared.app_data.as_ref().map(|store| RequestData {
@@ -354,7 +384,7 @@ async fn handle(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Bo
     let served = shared
         .apps
         .runtime()
-        .serve(&route.version, req, request_id, request_data)
+        .serve(&route.version, req, request_id_text, request_data)
         .await;
     let mut response = match served {
         Ok(mut response) => {
@@ -393,7 +423,7 @@ async fn handle(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Bo
             }
         }
         Err(e) => {
-            let mut r = text(e.status(), &format!("{e} (request {request_id})\n"));
+            let mut r = text(e.status(), &format!("{e} (request {request_id_text})\n"));
             if e.status() == StatusCode::SERVICE_UNAVAILABLE {
                 r.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -406,6 +436,9 @@ async fn handle(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Bo
         headers.insert("x-paddock-app", app);
         headers.insert("x-paddock-version", version);
     }
+    response
+        .headers_mut()
+        .insert(paddock_core::request_id::HEADER, request_id);
     with_server(shared, response)
 }
 

@@ -32,13 +32,13 @@ impl Host {
     pub(crate) fn new(
         spec: &AppSpec,
         env: &Arc<[(String, String)]>,
-        request_id: u64,
+        request_id: &Arc<str>,
         data: Option<RequestData>,
     ) -> Host {
         let tags = Arc::new(LogTags {
             app: spec.name.clone(),
             version: spec.version.clone(),
-            request_id,
+            request_id: request_id.clone(),
         });
         let mut wasi = WasiCtxBuilder::new();
         wasi.stdout(LogStream {
@@ -51,7 +51,7 @@ impl Host {
         })
         .env("PADDOCK_APP", &spec.name)
         .env("PADDOCK_VERSION", &spec.version)
-        .env("PADDOCK_REQUEST_ID", request_id.to_string());
+        .env("PADDOCK_REQUEST_ID", &**request_id);
         for (key, value) in env.iter() {
             wasi.env(key, value);
         }
@@ -149,7 +149,7 @@ impl WasiHttpView for Host {
 struct LogTags {
     app: String,
     version: String,
-    request_id: u64,
+    request_id: Arc<str>,
 }
 
 /// An app's stdout or stderr: each line becomes a log event tagged with app, version, request.
@@ -218,7 +218,7 @@ impl LineLogger {
             target: "paddock::app",
             app = %tags.app,
             version = %tags.version,
-            request = tags.request_id,
+            request = %tags.request_id,
             stream = self.stream,
             "{text}{}",
             if self.truncated { " [line truncated]" } else { "" }

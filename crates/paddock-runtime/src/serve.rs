@@ -95,7 +95,7 @@ impl Runtime {
         &self,
         app: &Arc<AppVersion>,
         request: hyper::Request<B>,
-        request_id: u64,
+        request_id: &str,
         data: Option<RequestData>,
     ) -> Result<hyper::Response<ResponseBody>, ServeError>
     where
@@ -107,15 +107,17 @@ impl Runtime {
         let method = request.method().clone();
         // Kept for the failure logs; cloning a `Uri` shares its bytes, no allocation.
         let uri = request.uri().clone();
+        let request_id: Arc<str> = Arc::from(request_id);
         let log_failure = {
             let app = app.clone();
+            let request_id = request_id.clone();
             let (method, uri) = (method.clone(), uri.clone());
             move |what: &str, error: &dyn std::fmt::Display| {
                 let spec = &app.spec;
                 tracing::warn!(
                     app = %spec.name,
                     version = %spec.version,
-                    request = request_id,
+                    request = %request_id,
                     %method,
                     path = %uri.path(),
                     "{what}: {error}"
@@ -123,7 +125,7 @@ impl Runtime {
             }
         };
 
-        let mut store = Store::new(&self.engine, Host::new(spec, &app.env, request_id, data));
+        let mut store = Store::new(&self.engine, Host::new(spec, &app.env, &request_id, data));
         store.limiter(|host| &mut host.limits);
         // Every tick the instance yields its thread, so a busy loop never starves other requests;
         // once the deadline has passed, the next tick interrupts it. The yield goes through
@@ -179,6 +181,7 @@ impl Runtime {
         let log_in_task = log_failure.clone();
         let failed = Arc::new(AtomicBool::new(false));
         let failed_in_task = failed.clone();
+        let request_in_task = request_id.clone();
         let task = tokio::spawn(async move {
             let _app = app_alive;
             let run = async {
@@ -203,7 +206,7 @@ impl Runtime {
             };
             // The cause in one line for the operator; the wasm backtrace at debug level.
             log_in_task(what, &outcome.1.root_cause());
-            tracing::debug!(request = request_id, "{what}: {:?}", outcome.1);
+            tracing::debug!(request = %request_in_task, "{what}: {:?}", outcome.1);
             // Before the store (and the body's sending end) goes: see `ResponseBody::failed`.
             failed_in_task.store(true, Ordering::Release);
             Err(outcome.0)
@@ -226,7 +229,7 @@ impl Runtime {
                     tracing::error!(
                         app = %spec.name,
                         version = %spec.version,
-                        request = request_id,
+                        request = %request_id,
                         %method,
                         path = %uri.path(),
                         "request task failed: {join}"

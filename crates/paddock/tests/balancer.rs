@@ -1307,6 +1307,10 @@ async fn the_access_log_tells_every_answer_and_is_reopened_after_rotation() {
     assert_eq!(relayed["app"], "echo", "{relayed}");
     assert_eq!(relayed["server"], "echo", "{relayed}");
     assert_eq!(relayed["tries"], 1, "{relayed}");
+    assert!(
+        relayed["request_id"].as_str().unwrap().starts_with("lb1-"),
+        "{relayed}"
+    );
     assert_eq!(relayed["complete"], true, "{relayed}");
     assert!(relayed["error"].is_null(), "{relayed}");
     assert!(relayed["ms"].as_f64().unwrap() > 0.0, "{relayed}");
@@ -1319,6 +1323,7 @@ async fn the_access_log_tells_every_answer_and_is_reopened_after_rotation() {
     assert_eq!(own["status"], 404, "{own}");
     assert!(own["app"].is_null() && own["server"].is_null(), "{own}");
     assert_eq!(own["tries"], 0, "{own}");
+    assert!(own["request_id"].is_null(), "{own}");
     assert!(
         own["error"]
             .as_str()
@@ -1367,6 +1372,73 @@ async fn the_access_log_tells_every_answer_and_is_reopened_after_rotation() {
     assert!(lb.wait_exit(Duration::from_secs(30)).await.success());
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(text.contains("/echo/last"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_request_id_follows_a_request_through_the_balancer_the_frontend_and_the_app() {
+    let (controller, fes) = farm("lb_request_id", Db::Sqlite, &["fe1"]).await;
+    let logs = tempfile::tempdir().unwrap();
+    let path = logs.path().join("access.log");
+    let lb = Balancer::start(
+        &controller,
+        "lb1",
+        &["--access-log", &path.display().to_string()],
+    )
+    .await;
+    lb.wait_up(&["fe1"], true).await;
+    let mut conn = lb.connect().await;
+
+    // Given by the balancer: the app sees it, logs under it, and the client is told it.
+    let reply = conn
+        .get("/hello/?log=1&env=PADDOCK_REQUEST_ID")
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let id = reply.header("x-request-id").unwrap().to_string();
+    assert!(id.starts_with("lb1-"), "{id}");
+    assert_eq!(reply.body, format!("PADDOCK_REQUEST_ID={id}\n"));
+    let logged = access_lines(&path, 1).await;
+    assert_eq!(logged[0]["request_id"], id.as_str(), "{logged:#?}");
+    let line = fes[0]
+        .wait_for_log("says hi on stdout", Duration::from_secs(10))
+        .await;
+    assert!(line.contains(&format!("request={id}")), "{line}");
+
+    // Another request, another id.
+    let reply = conn.get("/hello/").await.unwrap();
+    let next = reply.header("x-request-id").unwrap();
+    assert!(next.starts_with("lb1-") && next != id, "{next} after {id}");
+
+    // Sent by the client (a proxy in front of the farm): kept all the way; one that would not
+    // read the same in a log is replaced.
+    let reply = conn
+        .get_with(
+            "/hello/?env=PADDOCK_REQUEST_ID",
+            &[("x-request-id", "edge-7f3e9c1a")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.header("x-request-id"), Some("edge-7f3e9c1a"));
+    assert_eq!(reply.body, "PADDOCK_REQUEST_ID=edge-7f3e9c1a\n");
+    let reply = conn
+        .get_with("/hello/", &[("x-request-id", "two words")])
+        .await
+        .unwrap();
+    assert!(
+        reply.header("x-request-id").unwrap().starts_with("lb1-"),
+        "{:?}",
+        reply.header("x-request-id")
+    );
+    let logged = access_lines(&path, 4).await;
+    assert_eq!(logged[2]["request_id"], "edge-7f3e9c1a", "{logged:#?}");
+
+    // Straight to the front-end, without one: the front-end gives its own.
+    let reply = fes[0].connect().await.get("/hello/").await.unwrap();
+    assert!(
+        reply.header("x-request-id").unwrap().starts_with("fe1-"),
+        "{:?}",
+        reply.header("x-request-id")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
