@@ -3,12 +3,15 @@
 //!
 //! The request path never waits for the disk. Each event loop appends its lines to a buffer of
 //! its own (a lock no other loop takes); a writer thread takes the buffers' contents every
-//! [`FLUSH_EVERY`], or sooner when one holds [`FLUSH_AT`] bytes, and writes them with one
-//! `write` each (`O_APPEND`, so lines of several loops never interleave). When the writer falls
-//! behind (a full or slow disk) and a loop's buffer reaches [`MAX_BUFFERED`], that loop's next
-//! lines are dropped and counted (`paddock_balancer_access_log_lost_lines_total`), and the
-//! writer says how many in the log. [`AccessLog::reopen`]
-//! (SIGHUP) opens the file again by its path: what log rotation needs after it renamed it.
+//! [`FLUSH_EVERY`], or sooner when one holds [`FLUSH_AT`] bytes, and writes each buffer whole
+//! (`O_APPEND`; one `write` unless the disk takes less, so lines of several loops do not
+//! interleave). Lines reach the file in the order of each loop's answers, loop after loop.
+//! When the writer falls behind (a full or slow disk) and a loop's buffer reaches
+//! [`MAX_BUFFERED`], that loop's next lines are dropped and counted
+//! (`paddock_balancer_access_log_lost_lines_total`), and the writer says how many in the log.
+//! [`AccessLog::reopen`] (SIGHUP) opens the file again by its path: what log rotation needs
+//! after it renamed it. [`AccessLog::flush`] and `reopen` wait for the writer at most
+//! [`WAIT_FOR_WRITER`]: a writer stuck on a hung disk never holds a stop or a restart.
 
 use std::fs::File;
 use std::io::Write as _;
@@ -25,8 +28,10 @@ use serde::Serialize;
 pub const FLUSH_EVERY: Duration = Duration::from_millis(500);
 /// A buffer this full wakes the writer.
 const FLUSH_AT: usize = 32 * 1024;
-/// A buffer this full (the writer is behind) takes no more lines.
+/// A loop's buffer this full (the writer is behind) takes no more lines.
 const MAX_BUFFERED: usize = 4 * 1024 * 1024;
+/// Longest [`AccessLog::flush`] and [`AccessLog::reopen`] wait for the writer.
+pub const WAIT_FOR_WRITER: Duration = Duration::from_secs(5);
 
 /// Where the lines go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,8 +78,8 @@ pub struct Entry<'a> {
     /// The request's id, as the front-ends were given it (none: refused before it was
     /// forwarded).
     pub request_id: Option<&'a str>,
-    /// Whether the whole response reached the client (no: the client went away, or the
-    /// front-end's answer broke off).
+    /// Whether the whole response was handed to the client's connection (no: the client went
+    /// away, or the front-end's answer broke off).
     pub complete: bool,
     /// Why the balancer answered itself (404, 502, 503 …), as the response body says.
     pub error: Option<&'a str>,
@@ -196,12 +201,11 @@ impl AccessLog {
         }
     }
 
-    /// Writes every line recorded so far; returns once they are written (or were lost).
-    pub fn flush(&self) {
+    /// Writes every line recorded so far; returns once they are written (or were lost), or
+    /// after [`WAIT_FOR_WRITER`] with an error when the writer is stuck.
+    pub fn flush(&self) -> anyhow::Result<()> {
         let (done, wait) = std::sync::mpsc::sync_channel(1);
-        if self.orders.send(Order::Flush(done)).is_ok() {
-            let _ = wait.recv();
-        }
+        self.order(Order::Flush(done), &wait)
     }
 
     /// Writes every line recorded so far, then opens the file again by its path (log rotation
@@ -209,11 +213,37 @@ impl AccessLog {
     /// on to the file open before, and the error says why.
     pub fn reopen(&self) -> anyhow::Result<()> {
         let (done, wait) = std::sync::mpsc::sync_channel(1);
-        self.orders
-            .send(Order::Reopen(done))
-            .map_err(|_| anyhow::anyhow!("the access log's writer has stopped"))?;
-        wait.recv()
-            .map_err(|_| anyhow::anyhow!("the access log's writer has stopped"))?
+        self.order(Order::Reopen(done), &wait)?
+    }
+
+    /// Gives the writer `order` and waits for its answer on `wait`, at most
+    /// [`WAIT_FOR_WRITER`] in all.
+    fn order<T>(&self, order: Order, wait: &Receiver<T>) -> anyhow::Result<T> {
+        let deadline = Instant::now() + WAIT_FOR_WRITER;
+        let stuck = || {
+            anyhow::anyhow!(
+                "the access log's writer has not written to {} for {WAIT_FOR_WRITER:?}: the disk (or the reader of standard output) does not take the lines; lines not written yet may be lost",
+                self.shared.destination
+            )
+        };
+        let mut order = Some(order);
+        while let Some(o) = order.take() {
+            match self.orders.try_send(o) {
+                Ok(()) => {}
+                Err(std::sync::mpsc::TrySendError::Full(o)) => {
+                    if Instant::now() >= deadline {
+                        return Err(stuck());
+                    }
+                    order = Some(o);
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                    anyhow::bail!("the access log's writer has stopped")
+                }
+            }
+        }
+        wait.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .map_err(|_| stuck())
     }
 }
 
@@ -278,12 +308,16 @@ impl Writer {
                 }
                 Ok(Order::Reopen(done)) => {
                     self.write_buffers();
-                    let opened = Out::open(&self.shared.destination).map(|out| self.out = out);
-                    match &opened {
-                        Ok(()) => {
-                            tracing::info!("access log {} opened again", self.shared.destination)
-                        }
-                        Err(e) => tracing::error!("{e:#}; writing on to the file open before"),
+                    let opened = match &self.shared.destination {
+                        // Nothing to open again.
+                        Destination::Stdout => Ok(()),
+                        destination => Out::open(destination).map(|out| {
+                            self.out = out;
+                            tracing::info!("access log {destination} opened again");
+                        }),
+                    };
+                    if let Err(e) = &opened {
+                        tracing::error!("{e:#}; writing on to the file open before");
                     }
                     let _ = done.send(opened);
                 }
@@ -329,7 +363,7 @@ impl Writer {
                     self.shared.lost.inc_by(lines);
                     if self.failing.is_none() {
                         tracing::error!(
-                            "cannot write the access log {}: {e}; its lines are lost until it can (requests are served as before)",
+                            "cannot write the access log {}: {e}; its lines are lost until it can (requests are served as before). Free space on its disk or mend the file's permissions: writing resumes by itself, and paddock_balancer_access_log_lost_lines_total counts what was lost",
                             self.shared.destination
                         );
                         self.failing = Some((Instant::now(), e.to_string()));
@@ -340,7 +374,7 @@ impl Writer {
         if self.lost > 0 && self.failing.is_none() {
             tracing::warn!(
                 lost = self.lost,
-                "access log {}: {} lines were not written: the disk did not keep up, or writing failed",
+                "access log {}: {} lines were not written: the disk did not keep up, or writing failed (paddock_balancer_access_log_lost_lines_total counts them)",
                 self.shared.destination,
                 self.lost
             );
@@ -379,7 +413,7 @@ mod tests {
         let path = dir.path().join("access.log");
         let log = AccessLog::open(Destination::File(path.clone()), 2).unwrap();
         log.record(&entry("/shop/cart?item=\"1\""));
-        log.flush();
+        log.flush().unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(
             text,
@@ -407,6 +441,16 @@ mod tests {
         assert_eq!(rotated.lines().count(), 2, "{rotated}");
         assert!(rotated.contains("/before"), "{rotated}");
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
+    }
+
+    #[test]
+    fn lines_that_cannot_be_written_are_counted_as_lost() {
+        // Every write to it fails: no space left on the device.
+        let log = AccessLog::open(Destination::File("/dev/full".into()), 1).unwrap();
+        log.record(&entry("/a"));
+        log.record(&entry("/b"));
+        log.flush().unwrap();
+        assert_eq!(log.lost().get(), 2);
     }
 
     #[test]

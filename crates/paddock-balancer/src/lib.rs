@@ -133,7 +133,7 @@ pub struct Shared {
     pub https: bool,
     pub access_log: Option<access_log::AccessLog>,
     /// Ids for requests that come without one.
-    pub(crate) request_ids: proxy::RequestIds,
+    pub(crate) request_ids: paddock_core::request_id::Ids,
 }
 
 impl Shared {
@@ -322,7 +322,7 @@ pub async fn run(
             proxy: config.proxy.clone(),
             https: config.tls.is_some(),
             access_log: config.access_log.clone(),
-            request_ids: proxy::RequestIds::new(&config.name, started_ms),
+            request_ids: paddock_core::request_id::Ids::new(&config.name, started_ms),
             open: (0..config.threads.max(1))
                 .map(|_| Arc::new(AtomicUsize::new(0)))
                 .collect(),

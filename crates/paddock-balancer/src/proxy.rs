@@ -10,7 +10,7 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -53,7 +53,7 @@ pub async fn handle(
     let logged = &mut shared
         .access_log
         .as_ref()
-        .map(|_| Box::new(Logged::of(&request, &peer_ip)));
+        .map(|log| Box::new(Logged::of(log, started, &request, &peer_ip)));
     let shared = &shared;
     if suspect.load(Ordering::Acquire) {
         return Ok(refuse(
@@ -63,6 +63,7 @@ pub async fn handle(
             StatusCode::BAD_REQUEST,
             "ambiguous request framing: Content-Length together with Transfer-Encoding, or Content-Length twice; send exactly one of them",
             logged,
+            None,
         ));
     }
     let host = match check_host(&request) {
@@ -75,6 +76,7 @@ pub async fn handle(
                 StatusCode::BAD_REQUEST,
                 message,
                 logged,
+                None,
             ));
         }
     };
@@ -87,6 +89,7 @@ pub async fn handle(
             StatusCode::NOT_FOUND,
             format!("{path}: {RESERVED_PREFIX} belongs to the platform and is not routed to apps"),
             logged,
+            None,
         ));
     }
     let table = shared.table.load_full();
@@ -98,6 +101,7 @@ pub async fn handle(
             StatusCode::SERVICE_UNAVAILABLE,
             "this balancer has no routing table yet: the controller has not answered; its log says why".into(),
             logged,
+            None,
         ));
     }
     let Some(route) = table.route(path) else {
@@ -110,6 +114,7 @@ pub async fn handle(
                 "no app is routed at {path}; `paddock app list` shows the apps and their routes"
             ),
             logged,
+            None,
         ));
     };
     let app = route.app.clone();
@@ -126,6 +131,7 @@ pub async fn handle(
             StatusCode::NOT_IMPLEMENTED,
             refusal,
             logged,
+            None,
         ));
     }
 
@@ -146,8 +152,9 @@ pub async fn handle(
         shared.https,
         &shared.request_ids,
     );
+    let request_id = &head[id];
     if let Some(logged) = logged {
-        logged.request_id = Some(String::from_utf8_lossy(&head[id]).into_owned());
+        logged.request_id = Some(String::from_utf8_lossy(request_id).into_owned());
     }
     let mut body = (!bodyless).then_some(body);
 
@@ -222,6 +229,7 @@ pub async fn handle(
                             upstream.name, shared.proxy.response_timeout
                         ),
                         logged,
+                        Some(request_id),
                     ));
                 }
             }
@@ -285,6 +293,7 @@ pub async fn handle(
                             upstream.name
                         ),
                         logged,
+                        Some(request_id),
                     ));
                 }
             }
@@ -296,6 +305,7 @@ pub async fn handle(
                     StatusCode::BAD_GATEWAY,
                     format!("front-end {} sent an {why}", upstream.name),
                     logged,
+                    Some(request_id),
                 ));
             }
             Err((error @ ExchangeError::ClientBody(_), _)) => {
@@ -306,6 +316,7 @@ pub async fn handle(
                     StatusCode::BAD_REQUEST,
                     &error.to_string(),
                     logged,
+                    Some(request_id),
                 ));
             }
         }
@@ -321,6 +332,7 @@ pub async fn handle(
                 table.zones[zone_index].name
             ),
             logged,
+            Some(request_id),
         ),
         None => {
             let mut response = answer(
@@ -333,6 +345,7 @@ pub async fn handle(
                     table.zones[zone_index].describe_unroutable(&app)
                 ),
                 logged,
+                Some(request_id),
             );
             response
                 .headers_mut()
@@ -345,6 +358,10 @@ pub async fn handle(
 /// What the access log tells of a request, taken from its head before it is forwarded, with
 /// the app and the tries once known.
 pub(crate) struct Logged {
+    log: crate::access_log::AccessLog,
+    started: Instant,
+    /// Recorded already: a guard dropped before records that the client went away.
+    recorded: bool,
     client: HeaderValue,
     method: Method,
     host: Option<HeaderValue>,
@@ -359,7 +376,6 @@ pub(crate) struct Logged {
 struct Answered<'a> {
     status: u16,
     bytes: u64,
-    elapsed: Duration,
     version: Option<&'a str>,
     server: Option<&'a str>,
     complete: bool,
@@ -367,8 +383,16 @@ struct Answered<'a> {
 }
 
 impl Logged {
-    fn of(request: &Request<Incoming>, client: &HeaderValue) -> Logged {
+    fn of(
+        log: &crate::access_log::AccessLog,
+        started: Instant,
+        request: &Request<Incoming>,
+        client: &HeaderValue,
+    ) -> Logged {
         Logged {
+            log: log.clone(),
+            started,
+            recorded: false,
             client: client.clone(),
             method: request.method().clone(),
             host: request.headers().get(header::HOST).cloned(),
@@ -379,20 +403,25 @@ impl Logged {
         }
     }
 
-    fn record(&self, log: &crate::access_log::AccessLog, answered: Answered<'_>) {
+    /// Records the request's line (the first call only).
+    fn record(&mut self, answered: Answered<'_>) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
+        let elapsed = self.started.elapsed();
         let host = self
             .host
             .as_ref()
             .map(|h| String::from_utf8_lossy(h.as_bytes()));
-        log.record(&crate::access_log::Entry {
-            time: crate::access_log::began(answered.elapsed),
+        self.log.record(&crate::access_log::Entry {
+            time: crate::access_log::began(elapsed),
             client: self.client.to_str().unwrap_or_default(),
             method: self.method.as_str(),
             host: host.as_deref().unwrap_or_default(),
             target: self.target.as_ref().map_or("", |t| t.as_str()),
             status: answered.status,
             bytes: answered.bytes,
-            ms: crate::access_log::millis(answered.elapsed),
+            ms: crate::access_log::millis(elapsed),
             app: self.app.as_deref().map(String::as_str),
             version: answered.version,
             server: answered.server,
@@ -403,6 +432,27 @@ impl Logged {
         });
     }
 }
+
+/// A request dropped before its answer was recorded: the client closed its connection first
+/// (hyper then drops the request), or a stop cut it.
+impl Drop for Logged {
+    fn drop(&mut self) {
+        self.record(Answered {
+            status: CLIENT_GONE,
+            bytes: 0,
+            version: None,
+            server: None,
+            complete: false,
+            error: Some(
+                "the client closed its connection before the answer, or a stop cut the request",
+            ),
+        });
+    }
+}
+
+/// The status the access log gives a request whose client went away before the answer (as
+/// nginx logs it; no response was sent).
+const CLIENT_GONE: u16 = 499;
 
 type Exchanged = Result<(http::response::Parts, ResponseBody), (ExchangeError, Option<Incoming>)>;
 
@@ -505,38 +555,6 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static X_PADDOCK_VERSION: HeaderName = HeaderName::from_static("x-paddock-version");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static(paddock_core::request_id::HEADER);
 
-/// Ids for the requests that come without one ([`paddock_core::request_id`]): this balancer's
-/// name and when its run began (hex ms), then a count: unique in a farm whose balancers have
-/// names of their own.
-pub(crate) struct RequestIds {
-    prefix: Vec<u8>,
-    next: AtomicU64,
-}
-
-impl RequestIds {
-    pub(crate) fn new(name: &str, run_ms: i64) -> RequestIds {
-        RequestIds {
-            prefix: format!("{name}-{run_ms:x}-").into_bytes(),
-            next: AtomicU64::new(0),
-        }
-    }
-
-    /// Appends the next id to `out`.
-    fn push_next(&self, out: &mut Vec<u8>) {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        out.extend_from_slice(&self.prefix);
-        let digits = (u64::BITS - n.leading_zeros()).div_ceil(4).max(1);
-        for i in (0..digits).rev() {
-            out.push(HEX[((n >> (i * 4)) & 15) as usize]);
-        }
-    }
-}
-
-/// The request head as the front-end gets it: origin-form target, HTTP/1.1, the client's headers
-/// without the hop-by-hop ones (and those its `Connection` names) and `Expect` (answered here),
-/// then `X-Forwarded-For` (appended to), `-Proto` and `-Host`. `peer_ip` is the client's address
-/// (made once per connection). A chunked body is sent chunked again.
 /// The head sent to the front-ends, and where the request's id is in it: the client's when it
 /// sent a valid one, else a new one of `ids`.
 fn encode_head(
@@ -545,7 +563,7 @@ fn encode_head(
     host: Option<&HeaderValue>,
     chunked: bool,
     https: bool,
-    ids: &RequestIds,
+    ids: &paddock_core::request_id::Ids,
 ) -> (Vec<u8>, std::ops::Range<usize>) {
     let headers = &parts.headers;
     let mut head = Vec::with_capacity(256 + headers.len() * 32);
@@ -683,8 +701,17 @@ fn refuse(
     status: StatusCode,
     message: &str,
     logged: &mut Option<Box<Logged>>,
+    request_id: Option<&[u8]>,
 ) -> Response<ProxyBody> {
-    let mut response = answer(shared, started, app, status, message.to_string(), logged);
+    let mut response = answer(
+        shared,
+        started,
+        app,
+        status,
+        message.to_string(),
+        logged,
+        request_id,
+    );
     response
         .headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -699,20 +726,21 @@ fn answer(
     status: StatusCode,
     message: String,
     logged: &mut Option<Box<Logged>>,
+    request_id: Option<&[u8]>,
 ) -> Response<ProxyBody> {
-    if let (Some(logged), Some(log)) = (logged.take(), &shared.access_log) {
-        logged.record(
-            log,
-            Answered {
-                status: status.as_u16(),
-                bytes: message.len() as u64 + 1,
-                elapsed: started.elapsed(),
-                version: None,
-                server: None,
-                complete: true,
-                error: Some(&message),
-            },
-        );
+    if let Some(mut logged) = logged.take() {
+        let bytes = match logged.method {
+            Method::HEAD => 0,
+            _ => message.len() as u64 + 1,
+        };
+        logged.record(Answered {
+            status: status.as_u16(),
+            bytes,
+            version: None,
+            server: None,
+            complete: true,
+            error: Some(&message),
+        });
     }
     if status.is_server_error() {
         tracing::warn!(app, status = status.as_u16(), "{message}");
@@ -738,6 +766,10 @@ fn answer(
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    // Given once the request was on its way to a front-end: the id its lines are under.
+    if let Some(id) = request_id.and_then(|id| HeaderValue::from_bytes(id).ok()) {
+        response.headers_mut().insert(X_REQUEST_ID.clone(), id);
     }
     response
 }
@@ -825,7 +857,7 @@ impl Relay {
     }
 
     fn finish(&mut self, complete: bool) {
-        let Some(end) = self.end.take() else {
+        let Some(mut end) = self.end.take() else {
             return;
         };
         let now = Instant::now();
@@ -836,20 +868,16 @@ impl Relay {
             end.in_flight.upstream().checkin(conn, now);
         }
         let elapsed = now - end.started;
-        if let (Some(logged), Some(log)) = (&end.logged, &end.shared.access_log) {
+        if let Some(logged) = &mut end.logged {
             let labels = &end.labels;
-            logged.record(
-                log,
-                Answered {
-                    status: labels.status,
-                    bytes: self.sent,
-                    elapsed,
-                    version: (!labels.version.is_empty()).then_some(labels.version.as_str()),
-                    server: Some(labels.server.as_str()),
-                    complete,
-                    error: None,
-                },
-            );
+            logged.record(Answered {
+                status: labels.status,
+                bytes: self.sent,
+                version: (!labels.version.is_empty()).then_some(labels.version.as_str()),
+                server: Some(labels.server.as_str()),
+                complete,
+                error: None,
+            });
         }
         end.shared
             .metrics
@@ -878,7 +906,7 @@ mod tests {
         let host = host.map(|h| HeaderValue::from_str(h).unwrap());
         let peer = HeaderValue::from_static("127.0.0.9");
         let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
-        let ids = RequestIds::new("lb-test", 0);
+        let ids = paddock_core::request_id::Ids::new("lb-test", 0);
         let (head, _) = encode_head(&parts, &peer, host.as_ref(), chunked, https, &ids);
         String::from_utf8(head).unwrap()
     }
@@ -952,7 +980,7 @@ mod tests {
 
     #[test]
     fn each_request_has_an_id_kept_from_the_client_when_valid() {
-        let ids = RequestIds::new("lb1", 0x19a);
+        let ids = paddock_core::request_id::Ids::new("lb1", 0x19a);
         let peer = HeaderValue::from_static("127.0.0.9");
         let id_of = |request: Request<()>| {
             let (parts, ()) = request.into_parts();
@@ -982,10 +1010,6 @@ mod tests {
             .body(())
             .unwrap();
         assert_eq!(id_of(twice), "first");
-        for _ in 3..0x1f {
-            id_of(Request::get("/a").body(()).unwrap());
-        }
-        assert_eq!(id_of(Request::get("/a").body(()).unwrap()), "lb1-19a-1f");
     }
 
     #[test]

@@ -56,7 +56,7 @@ const KEPT_STATUSES: [u16; 11] = [200, 203, 204, 300, 301, 308, 404, 405, 410, 4
 
 /// Response headers not kept with an entry: the connection's own, and those the front-end
 /// writes on each answer.
-const NOT_KEPT: [&str; 10] = [
+const NOT_KEPT: [&str; 11] = [
     "connection",
     "keep-alive",
     "transfer-encoding",
@@ -67,6 +67,8 @@ const NOT_KEPT: [&str; 10] = [
     "x-paddock-version",
     STATUS_HEADER,
     "upgrade",
+    // Each answer says its own request's.
+    paddock_core::request_id::HEADER,
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

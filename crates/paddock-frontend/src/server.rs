@@ -44,9 +44,8 @@ struct Shared {
     server_header: HeaderValue,
     apps: Arc<Apps>,
     vitals: Arc<Vitals>,
-    next_request_id: AtomicU64,
-    /// Ids of requests that come without one: `<name>-<start, hex ms>-`, then a count.
-    request_prefix: String,
+    /// Ids of requests that come without one.
+    request_ids: paddock_core::request_id::Ids,
     /// The apps' data and sessions, if this front-end was given the farm's database.
     app_data: Option<Arc<dyn AppData>>,
     /// Session cookies are `Secure` (users reach the farm over HTTPS).
@@ -180,13 +179,11 @@ impl Server {
                 server_header,
                 apps,
                 vitals,
-                next_request_id: AtomicU64::new(1),
-                request_prefix: format!(
-                    "{}-{:x}-",
-                    config.name,
+                request_ids: paddock_core::request_id::Ids::new(
+                    &config.name,
                     std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_millis())
+                        .map_or(0, |d| d.as_millis() as i64),
                 ),
                 app_data: data.app_data,
                 secure_cookies: config.secure_cookies,
@@ -314,12 +311,17 @@ async fn handle(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Bo
     };
 
     let spec = route.version.spec();
-    // The id the balancer gave the request (or a client, through it): said back on the answer.
-    let given_id = req
+    // The id the balancer gave the request (or a client, through it), else one of this
+    // server's: the app's log lines and its `PADDOCK_REQUEST_ID` carry it, the answer says it.
+    let request_id = match req
         .headers()
         .get(paddock_core::request_id::HEADER)
         .filter(|id| paddock_core::request_id::is_valid(id.as_bytes()))
-        .cloned();
+    {
+        Some(id) => id.clone(),
+        None => HeaderValue::try_from(shared.request_ids.next())
+            .unwrap_or(HeaderValue::from_static("-")),
+    };
     let session = shared
         .app_data
         .as_ref()
@@ -345,11 +347,9 @@ async fn handle(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Bo
                     headers.insert("x-paddock-app", app);
                     headers.insert("x-paddock-version", version);
                 }
-                if let Some(id) = given_id {
-                    response
-                        .headers_mut()
-                        .insert(paddock_core::request_id::HEADER, id);
-                }
+                response
+                    .headers_mut()
+                    .insert(paddock_core::request_id::HEADER, request_id);
                 return with_server(shared, response);
             }
             // A HEAD's answer has no body to keep.
@@ -360,16 +360,6 @@ async fn handle(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Bo
     }
 
     let guard = InFlight::enter(shared.clone());
-    // The app's log lines and its `PADDOCK_REQUEST_ID` carry it; one of this server's own
-    // without it.
-    let request_id = match &given_id {
-        Some(id) => id.clone(),
-        None => {
-            let n = shared.next_request_id.fetch_add(1, Ordering::Relaxed);
-            HeaderValue::try_from(format!("{}{n:x}", shared.request_prefix))
-                .unwrap_or(HeaderValue::from_static("-"))
-        }
-    };
     let request_id_text = request_id.to_str().unwrap_or("-");
     // What `Vary` may name, as the app saw it (and as the lookup did).
     let request_headers = ticket.map(|_| req.headers().clone());

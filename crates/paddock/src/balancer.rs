@@ -11,6 +11,9 @@ use crate::{BalancerArgs, PinThreads, handoff, host_name};
 use anyhow::Context as _;
 
 pub fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
+    // Held until the handlers listen (`balancer_signals`): a SIGHUP or SIGUSR2 sent while the
+    // balancer starts waits instead of meeting the default action, which ends the process.
+    handoff_signals(libc::SIG_BLOCK);
     let name = match args.name {
         Some(name) => name,
         None => format!("lb-{}", host_name()),
@@ -170,14 +173,14 @@ pub fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
     loop {
         let restart =
             runtime.block_on(paddock_balancer::run(config.clone(), sockets, &mut stops))?;
-        // Every request has ended: its line is written before the process ends or is replaced.
-        if let Some(access_log) = &access_log {
-            access_log.flush();
-        }
         let Some(kept) = restart else {
             runtime.shutdown_timeout(Duration::from_secs(1));
+            // Every request has ended: its line is written before the process ends.
+            flush(access_log.as_ref());
             return Ok(());
         };
+        // Every request has ended: its line is written before the process is replaced.
+        flush(access_log.as_ref());
         let listeners: Vec<&std::net::TcpListener> = kept
             .listen
             .iter()
@@ -186,10 +189,10 @@ pub fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
             .collect();
         // The same process (PID, arguments, listening sockets) on what is at its path now.
         // SIGUSR2 and SIGHUP stay blocked across `exec`, until the new program listens for them.
-        restart_signal(libc::SIG_BLOCK);
+        handoff_signals(libc::SIG_BLOCK);
         let build = installed.lock().unwrap_or_else(|e| e.into_inner()).take();
         let failed = handoff::exec(&exe, build.as_deref(), &listeners);
-        restart_signal(libc::SIG_UNBLOCK);
+        handoff_signals(libc::SIG_UNBLOCK);
         tracing::error!("{failed:#}; serving on as before, on the same sockets");
         if build.is_some()
             && let Some(builds) = &upgrades
@@ -215,8 +218,8 @@ fn balancer_signals(
     let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
     let mut restart = signal(SignalKind::user_defined2()).context("listening for SIGUSR2")?;
-    // A restart blocked it so that one sent meanwhile waits for this moment.
-    restart_signal(libc::SIG_UNBLOCK);
+    // Blocked at the start, and by a restart, so that one sent meanwhile waits for this moment.
+    handoff_signals(libc::SIG_UNBLOCK);
     tokio::spawn(async move {
         loop {
             let stop = tokio::select! {
@@ -261,9 +264,14 @@ fn reload_signal(
             tracing::info!(
                 "SIGHUP received: reading the TLS files and opening the access log again"
             );
-            if let Some(tls) = &tls {
+            if let Some(tls) = tls.clone() {
+                // Reading and parsing files: off the event loop this task shares.
+                let reloaded = tokio::task::spawn_blocking(move || (tls.reload(), tls)).await;
+                let Ok((reloaded, tls)) = reloaded else {
+                    continue;
+                };
                 let (cert, key) = tls.files();
-                match tls.reload() {
+                match reloaded {
                     Ok(()) => tracing::info!(
                         cert = %cert.display(),
                         key = %key.display(),
@@ -281,6 +289,13 @@ fn reload_signal(
         }
     });
     Ok(())
+}
+
+/// Writes what the access log holds, saying so when its writer is stuck.
+fn flush(access_log: Option<&paddock_balancer::access_log::AccessLog>) {
+    if let Some(Err(e)) = access_log.map(|log| log.flush()) {
+        tracing::error!("{e:#}");
+    }
 }
 
 /// Whether a restart in place on `exe` would start: the file is a program, and the certificate
@@ -314,7 +329,7 @@ fn runnable(exe: &std::path::Path) -> anyhow::Result<()> {
 
 /// Blocks or unblocks SIGUSR2 and SIGHUP for this thread (`how`: `SIG_BLOCK`, `SIG_UNBLOCK`); the mask
 /// is kept across `exec`, and threads started later inherit it.
-fn restart_signal(how: libc::c_int) {
+fn handoff_signals(how: libc::c_int) {
     // SAFETY: a signal set built here and passed by pointer to calls that only read it.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();

@@ -824,6 +824,11 @@ async fn echo_upstream(go_on: Arc<tokio::sync::Notify>) -> std::net::SocketAddr 
                                 report.into(),
                             )));
                         }
+                        if path == "/echo/hold" {
+                            // Answers once the test lets it.
+                            go_on.notified().await;
+                            return Ok(http::Response::new(full("held".into())));
+                        }
                         if path == "/echo/large" {
                             // Far more than the sockets on the way buffer.
                             return Ok(http::Response::new(full(vec![b'x'; 64 << 20].into())));
@@ -1266,20 +1271,45 @@ async fn access_lines(path: &Path, count: usize) -> Vec<serde_json::Value> {
     }
 }
 
+/// The access log line of the request for `target` among `lines`.
+fn line_for<'a>(lines: &'a [serde_json::Value], target: &str) -> &'a serde_json::Value {
+    lines
+        .iter()
+        .find(|l| l["target"] == target)
+        .unwrap_or_else(|| panic!("no line for {target}: {lines:#?}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_access_log_tells_every_answer_and_is_reopened_after_rotation() {
-    let upstream = echo_upstream(Arc::new(tokio::sync::Notify::new())).await;
+    let held = Arc::new(tokio::sync::Notify::new());
+    let upstream = echo_upstream(held.clone()).await;
+    // Besides /echo, an app whose only front-end is never up.
+    let mut table = echo_table(upstream);
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gone_addr = gone.local_addr().unwrap();
+    drop(gone);
+    table["zones"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!(
+        {"zone": "gone", "policy": "round-robin", "upstreams": [
+            {"name": "nobody", "address": gone_addr.to_string(), "state": "ready", "weight": 1}]}));
+    table["routes"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"prefix": "/gone", "app": "gone", "zone": "gone"}));
     let logs = tempfile::tempdir().unwrap();
     let path = logs.path().join("access.log");
     let mut lb = Balancer::with_table(
         "lb1",
-        &echo_table(upstream),
+        &table,
         &["--access-log", &path.display().to_string()],
     )
     .await;
     lb.wait_up(&["echo"], true).await;
 
-    // Relayed from the front-end; answered by the balancer (no app there); refused (no Host).
+    // Relayed from the front-end; answered by the balancer (no app there, a HEAD, no
+    // front-end up); refused (no Host).
     let answer = raw(
         lb.addr,
         b"POST /echo/x?y=1 HTTP/1.1\r\nHost: shop.example\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
@@ -1292,16 +1322,46 @@ async fn the_access_log_tells_every_answer_and_is_reopened_after_rotation() {
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
-    let answer = raw(lb.addr, b"GET /echo/x HTTP/1.1\r\n\r\n").await;
+    let answer = raw(
+        lb.addr,
+        b"HEAD /nothing/head HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    let answer = raw(
+        lb.addr,
+        b"GET /gone/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    // The balancer's own answer, once the request was on its way, says the request's id.
+    let gone_id = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .unwrap_or_else(|| panic!("no request id: {answer}"))
+        .to_string();
+    let answer = raw(lb.addr, b"GET /echo/no-host HTTP/1.1\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // A client that goes away before its answer.
+    let mut leaving = tokio::net::TcpStream::connect(lb.addr).await.unwrap();
+    leaving
+        .write_all(b"GET /echo/hold HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    lb.wait_status("the held request in flight", |s| {
+        s["upstreams"]
+            .as_array()
+            .is_some_and(|u| u.iter().any(|u| u["name"] == "echo" && u["in_flight"] == 1))
+    })
+    .await;
+    drop(leaving);
 
-    let lines = access_lines(&path, 3).await;
-    assert_eq!(lines.len(), 3, "{lines:#?}");
-    let relayed = &lines[0];
+    let lines = access_lines(&path, 6).await;
+    assert_eq!(lines.len(), 6, "{lines:#?}");
+    let relayed = line_for(&lines, "/echo/x?y=1");
     assert_eq!(relayed["client"], "127.0.0.1", "{relayed}");
     assert_eq!(relayed["method"], "POST", "{relayed}");
     assert_eq!(relayed["host"], "shop.example", "{relayed}");
-    assert_eq!(relayed["target"], "/echo/x?y=1", "{relayed}");
     assert_eq!(relayed["status"], 200, "{relayed}");
     assert_eq!(relayed["bytes"], 5, "{relayed}");
     assert_eq!(relayed["app"], "echo", "{relayed}");
@@ -1319,7 +1379,7 @@ async fn the_access_log_tells_every_answer_and_is_reopened_after_rotation() {
     let age = std::time::SystemTime::now().duration_since(time).unwrap();
     assert!(age < Duration::from_secs(60), "{relayed}");
 
-    let own = &lines[1];
+    let own = line_for(&lines, "/nothing");
     assert_eq!(own["status"], 404, "{own}");
     assert!(own["app"].is_null() && own["server"].is_null(), "{own}");
     assert_eq!(own["tries"], 0, "{own}");
@@ -1331,17 +1391,32 @@ async fn the_access_log_tells_every_answer_and_is_reopened_after_rotation() {
             .starts_with("no app is routed at /nothing"),
         "{own}"
     );
-    let refused = &lines[2];
-    assert_eq!(refused["status"], 400, "{refused}");
-    let metrics = lb.metrics().await;
-    assert!(
-        metrics.contains("paddock_balancer_access_log_lost_lines_total 0\n"),
-        "{metrics}"
+    assert!(own["bytes"].as_u64().unwrap() > 0, "{own}");
+    let head = line_for(&lines, "/nothing/head");
+    assert_eq!(
+        (head["method"].as_str(), head["bytes"].as_u64()),
+        (Some("HEAD"), Some(0))
     );
+    let unroutable = line_for(&lines, "/gone/x");
+    assert_eq!(unroutable["status"], 503, "{unroutable}");
+    assert_eq!(unroutable["app"], "gone", "{unroutable}");
+    assert_eq!(unroutable["request_id"], gone_id.as_str(), "{unroutable}");
+    let refused = line_for(&lines, "/echo/no-host");
+    assert_eq!(refused["status"], 400, "{refused}");
     assert_eq!(refused["host"], "", "{refused}");
     assert!(
         refused["error"].as_str().unwrap().contains("Host"),
         "{refused}"
+    );
+    let left = line_for(&lines, "/echo/hold");
+    assert_eq!(left["status"], 499, "{left}");
+    assert_eq!(left["complete"], false, "{left}");
+    assert_eq!(left["app"], "echo", "{left}");
+    assert!(left["server"].is_null(), "{left}");
+    let metrics = lb.metrics().await;
+    assert!(
+        metrics.contains("paddock_balancer_access_log_lost_lines_total 0\n"),
+        "{metrics}"
     );
 
     // Rotated: renamed, then SIGHUP; later lines go to a new file at the path.
@@ -1359,7 +1434,7 @@ async fn the_access_log_tells_every_answer_and_is_reopened_after_rotation() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let lines = access_lines(&path, 1).await;
     assert_eq!(lines[0]["target"], "/echo/after", "{lines:#?}");
-    assert_eq!(access_lines(&rotated, 3).await.len(), 3);
+    assert_eq!(access_lines(&rotated, 6).await.len(), 6);
 
     // A stop writes what the last requests left, however soon it comes after them.
     let answer = raw(
@@ -1372,6 +1447,7 @@ async fn the_access_log_tells_every_answer_and_is_reopened_after_rotation() {
     assert!(lb.wait_exit(Duration::from_secs(30)).await.success());
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(text.contains("/echo/last"), "{text}");
+    held.notify_waiters();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -146,6 +146,20 @@ async fn responses_are_cached_and_purged_farm_wide(test: &str, db: Db) {
     assert!(reply.header("age").is_some());
     assert_eq!(reply.header("x-paddock-version"), Some("v1"));
     assert_eq!(reply.header("cache-control"), Some("public, max-age=60"));
+    // A hit says its own request's id, not the one of the request whose answer was kept.
+    let again = fe1
+        .get_with("/counter/note?key=a", &[("x-request-id", "edge-1")])
+        .await
+        .unwrap();
+    assert_eq!(again.header("x-paddock-cache"), Some("hit"));
+    assert_eq!(again.header("x-request-id"), Some("edge-1"));
+    let own = reply.header("x-request-id").unwrap();
+    let next = fe1.get("/counter/note?key=a").await.unwrap();
+    assert_eq!(next.header("x-paddock-cache"), Some("hit"));
+    assert!(
+        next.header("x-request-id")
+            .is_some_and(|id| id != own && id != "edge-1")
+    );
     // A HEAD is answered from the GET's entry: the same head, no body.
     let head = fe1.head("/counter/note?key=a").await.unwrap();
     assert_eq!(head.header("x-paddock-cache"), Some("hit"));
