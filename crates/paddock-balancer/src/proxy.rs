@@ -555,8 +555,13 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static X_PADDOCK_VERSION: HeaderName = HeaderName::from_static("x-paddock-version");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static(paddock_core::request_id::HEADER);
 
-/// The head sent to the front-ends, and where the request's id is in it: the client's when it
-/// sent a valid one, else a new one of `ids`.
+/// The request head as the front-end gets it: origin-form target, HTTP/1.1, the client's headers
+/// without the hop-by-hop ones (and those its `Connection` names) and `Expect` (answered here),
+/// the request's id, then `X-Forwarded-For` (appended to), `-Proto` and `-Host`. `peer_ip` is the
+/// client's address (made once per connection). A chunked body is sent chunked again.
+///
+/// The id is the client's first valid `X-Request-Id`, else the next of `ids`; the range returned
+/// is where it is in the head.
 fn encode_head(
     parts: &http::request::Parts,
     peer_ip: &HeaderValue,

@@ -581,6 +581,64 @@ async fn a_version_failing_under_users_is_seen_by_the_watch_and_users_go_back() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_killed_during_the_watch_watches_again_and_finishes() {
+    let mut f = farm("deploy_watch_resume", Db::Sqlite, 2).await;
+    let before = flags(&f.controller);
+    let load = Load::start(f.lb.addr, "/hello", CLIENTS, PACE);
+    let out = f
+        .controller
+        .cli_async(&[
+            "deploy",
+            "--balanced",
+            "hello@v2",
+            "--watch",
+            "5s",
+            "--detach",
+            "--json",
+        ])
+        .await;
+    let id = started_id(&out);
+    wait_for_step(&f.controller, id, "watch").await;
+    // Users are on v2 when the controller dies: they stay there, the restarted controller
+    // watches the whole time again (its counts were in the memory of the one that died), then
+    // finishes the deployment.
+    f.controller.kill();
+    f.controller.restart().await;
+    let out = f
+        .controller
+        .cli_async(&["op", "watch", &id.to_string()])
+        .await;
+    assert!(out.success, "{}{}", out.stdout, out.stderr);
+    let op = op_json(&f.controller, id);
+    assert_eq!(op["state"], "succeeded", "{op:#}");
+    let watch = op_step(&op, "watch");
+    assert_eq!(watch["attempts"], 2, "{watch:#}");
+    let facts = watch["facts"].to_string();
+    assert!(
+        facts.contains("answers through lb1 since the cutover") && facts.contains(", 0 failed"),
+        "{facts}"
+    );
+    let watched_ms = ran_ms(watch);
+    assert!(
+        watched_ms >= 5000,
+        "watched {watched_ms} ms after the restart"
+    );
+    let clients = load.stop_by_client().await;
+    let all: Vec<Sample> = clients.iter().flatten().cloned().collect();
+    assert!(failures(&all).is_empty(), "{:?}", failures(&all));
+    for (i, client) in clients.iter().enumerate() {
+        assert_eq!(
+            runs(client),
+            ["v1", "v2"],
+            "client {i} saw {:?}",
+            runs(client)
+        );
+    }
+    assert_eq!(desired(&f.controller, "hello"), "v2");
+    assert_eq!(flags(&f.controller), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_killed_during_the_drain_resumes_and_an_abort_after_the_cutover_flips_back() {
     let mut f = farm("deploy_resume", Db::Postgres, 4).await;
     let before = flags(&f.controller);

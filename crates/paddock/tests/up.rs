@@ -160,6 +160,7 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
     // Once publish returns, the app answers through the balancer.
     let addr = format!("127.0.0.1:{balancer_port}").parse().unwrap();
     let mut conn = Conn::open(addr).await.unwrap();
+    let mut ids = Vec::new();
     for _ in 0..4 {
         let reply = conn.get("/hello").await.unwrap();
         assert_eq!(
@@ -168,6 +169,24 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
             "{}",
             reply.body
         );
+        ids.push(reply.header("x-request-id").unwrap().to_string());
+    }
+    // Each is in the balancer's access log, under the id its answer gave.
+    let access_log = dir.path().join("lb-1/access.log");
+    assert!(
+        printed.contains(&format!("access log: {}", access_log.display())),
+        "{printed}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ids.iter().all(|id| {
+        std::fs::read_to_string(&access_log).is_ok_and(|t| t.contains(&format!("\"{id}\"")))
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "{ids:?} not in {}",
+            access_log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
     // The README's balanced deployment: a package folder, uploaded and moved to without downtime.

@@ -257,6 +257,9 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     }
 
     let balancer_url = format!("http://127.0.0.1:{}", args.balancer_port);
+    let access_log = data.join("lb-1").join("access.log");
+    std::fs::create_dir_all(data.join("lb-1"))
+        .with_context(|| format!("creating {}", data.join("lb-1").display()))?;
     let balancer = spawn(
         "balancer",
         &[
@@ -271,6 +274,8 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             data.join("lb-1").display().to_string(),
             "--controller".into(),
             controller_url.clone(),
+            "--access-log".into(),
+            access_log.display().to_string(),
         ],
         &[("PADDOCK_JOIN_TOKEN", join_token.as_str())],
     )?;
@@ -306,6 +311,10 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     println!(
         "              metrics: http://127.0.0.1:{}/metrics",
         args.balancer_admin_port
+    );
+    println!(
+        "              access log: {} (one JSON line per request)",
+        access_log.display()
     );
     println!("  controller: {controller_url}   (admin token: {admin_token})");
     println!("  console:    {controller_url}/#token={admin_token}   <- open in a browser");
