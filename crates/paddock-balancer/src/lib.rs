@@ -706,12 +706,22 @@ async fn accept_loop(
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let http = http_builder(&config);
+    let mut last_warned = None;
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    tracing::warn!("accept failed: {e}");
+                    // Said once in a while: it repeats every 50 ms while it lasts.
+                    if last_warned.is_none_or(|at: std::time::Instant| at.elapsed() > Duration::from_secs(5)) {
+                        last_warned = Some(std::time::Instant::now());
+                        match rustix::io::Errno::from_io_error(&e) {
+                            Some(rustix::io::Errno::MFILE | rustix::io::Errno::NFILE) => tracing::error!(
+                                "accept failed: {e}: this balancer has as many connections open as the open files limit allows (two per client); new clients wait in the backlog until some close. Raise the limit (systemd: LimitNOFILE=65536)"
+                            ),
+                            _ => tracing::warn!("accept failed: {e}"),
+                        }
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

@@ -415,6 +415,38 @@ enum PinThreads {
     Off,
 }
 
+/// Raises this process's limit of open files to the most it may have (what HAProxy and Go's
+/// runtime do): each client of a balancer holds two descriptors (its connection and one to a
+/// front-end), and the usual soft limit of 1024 would refuse the 500th client. Processes it
+/// starts (`paddock up`'s, a restart in place) inherit it.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let (Some(current), Some(most)) = (limit.current, limit.maximum) else {
+        return; // Unlimited already.
+    };
+    if current < most {
+        let raised = rustix::process::Rlimit {
+            current: Some(most),
+            maximum: Some(most),
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => tracing::debug!("open files limit raised from {current} to {most}"),
+            Err(e) => tracing::warn!("cannot raise the open files limit from {current}: {e}"),
+        }
+    }
+    let now = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    if now < MIN_OPEN_FILES {
+        tracing::warn!(
+            "this process may open {now} files at most: a balancer holds two per client, so it could serve about {} clients at once; raise the hard limit (systemd: LimitNOFILE=65536; a shell: ulimit -Hn)",
+            now / 2
+        );
+    }
+}
+
+/// Fewer open files than this are worth a warning.
+const MIN_OPEN_FILES: u64 = 4096;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -425,6 +457,12 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if matches!(
+        cli.command,
+        Command::Up(_) | Command::Controller(_) | Command::Frontend(_) | Command::Balancer(_)
+    ) {
+        raise_open_files_limit();
+    }
     let result = match cli.command {
         Command::Up(args) => cmd::up::up(args),
         Command::Controller(args) => controller(args),

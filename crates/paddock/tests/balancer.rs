@@ -662,6 +662,92 @@ fn flags_that_cannot_work_are_refused_naming_the_flag() {
     }
 }
 
+/// The soft and hard limits of open files of process `pid`, once its soft one is `soft`.
+fn open_files_limit(pid: u32, soft: u64) -> (u64, u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap();
+        let numbers: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        if numbers[0] == soft || Instant::now() > deadline {
+            return (numbers[0], numbers[1]);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_balancer_raises_its_open_files_limit_and_says_when_the_most_is_low() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("table.json");
+    std::fs::write(&table, r#"{"generation": 1, "zones": [], "routes": []}"#).unwrap();
+    // Started under soft limit 256: a balancer could not hold more than about 120 clients.
+    let start = |hard: u64| {
+        let mut command = std::process::Command::new(harness::PADDOCK);
+        command
+            .args([
+                "balancer",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+            ])
+            .arg("--table")
+            .arg(&table)
+            .arg("--data")
+            .arg(dir.path().join(format!("lb-{hard}")))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        // SAFETY: only an async-signal-safe system call between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                let limit = libc::rlimit {
+                    rlim_cur: 256,
+                    rlim_max: hard,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        command.spawn().unwrap()
+    };
+    let mut high = start(8192);
+    assert_eq!(open_files_limit(high.id(), 8192), (8192, 8192));
+    high.kill().unwrap();
+    let out = high.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("files at most"), "{stderr}");
+
+    // A hard limit too low to serve many clients: raised as far as it goes, and said.
+    let mut low = start(2048);
+    assert_eq!(open_files_limit(low.id(), 2048), (2048, 2048));
+    let stderr = std::io::BufReader::new(low.stderr.take().unwrap());
+    let (tx, said) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(stderr).map_while(Result::ok) {
+            if line.contains("files at most") {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let line = said.recv_timeout(Duration::from_secs(10));
+    low.kill().unwrap();
+    let _ = low.wait();
+    let line = line.expect("no warning about the open files limit");
+    assert!(
+        line.contains("may open 2048 files at most") && line.contains("LimitNOFILE"),
+        "{line}"
+    );
+}
+
 /// Sends raw bytes on a new connection and returns what came back until the server closed it
 /// (or 5 s passed).
 async fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
