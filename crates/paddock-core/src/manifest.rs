@@ -18,6 +18,10 @@ pub const MAX_MEMORY_MIB: u32 = 1024;
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest wall-clock limit of one request a manifest may ask for.
 pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default limit on a request's body.
+pub const DEFAULT_REQUEST_BODY_MIB: u32 = 16;
+/// Largest request body limit a manifest may ask for.
+pub const MAX_REQUEST_BODY_MIB: u32 = 4096;
 /// The zone of apps and servers that name none.
 pub const DEFAULT_ZONE: &str = "default";
 
@@ -52,6 +56,21 @@ pub struct Limits {
     /// How long a user's session lives unused before it is gone with its values.
     #[serde(default = "default_session_idle", with = "humantime_serde")]
     pub session_idle: Duration,
+    /// Largest request body the front-end hands the app, in MiB: a larger one is answered
+    /// 413 without the app.
+    #[serde(default = "default_request_body_mib")]
+    pub request_body_mib: u32,
+}
+
+fn default_request_body_mib() -> u32 {
+    DEFAULT_REQUEST_BODY_MIB
+}
+
+impl Limits {
+    /// [`Limits::request_body_mib`] in bytes.
+    pub fn request_body_bytes(&self) -> u64 {
+        u64::from(self.request_body_mib) << 20
+    }
 }
 
 fn default_session_idle() -> Duration {
@@ -64,6 +83,7 @@ impl Default for Limits {
             memory_mib: DEFAULT_MEMORY_MIB,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             session_idle: crate::data::DEFAULT_SESSION_IDLE,
+            request_body_mib: DEFAULT_REQUEST_BODY_MIB,
         }
     }
 }
@@ -160,6 +180,7 @@ struct RawLimits {
     request_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     session_idle: Option<Duration>,
+    request_body_mib: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -236,7 +257,20 @@ impl Manifest {
                 .limits
                 .session_idle
                 .unwrap_or(crate::data::DEFAULT_SESSION_IDLE),
+            request_body_mib: raw
+                .limits
+                .request_body_mib
+                .unwrap_or(DEFAULT_REQUEST_BODY_MIB),
         };
+        if limits.request_body_mib == 0 || limits.request_body_mib > MAX_REQUEST_BODY_MIB {
+            return Err(field(
+                "limits.request_body_mib",
+                format!(
+                    "is {}: use 1 to {MAX_REQUEST_BODY_MIB} (MiB)",
+                    limits.request_body_mib
+                ),
+            ));
+        }
         if limits.memory_mib == 0 || limits.memory_mib > MAX_MEMORY_MIB {
             return Err(field(
                 "limits.memory_mib",
@@ -511,6 +545,7 @@ smoke = "/shop/orders/health?deep=1"
 memory_mib = 128
 request_timeout = "5s"
 session_idle = "30m"
+request_body_mib = 2
 [[timer]]
 name = "nightly-report"
 schedule = "0 2 * * *"
@@ -528,6 +563,7 @@ currency = "EUR"
         assert_eq!(m.limits.memory_mib, 128);
         assert_eq!(m.limits.request_timeout, Duration::from_secs(5));
         assert_eq!(m.limits.session_idle, Duration::from_secs(1800));
+        assert_eq!(m.limits.request_body_bytes(), 2 << 20);
         assert_eq!(
             m.timers[1].schedule,
             TimerSchedule::Every(Duration::from_secs(30))
@@ -567,6 +603,10 @@ currency = "EUR"
             (
                 "name = \"a\"\ncomponent = \"a.wasm\"\n[limits]\nsession_idle = \"0s\"",
                 "limits.session_idle",
+            ),
+            (
+                "name = \"a\"\ncomponent = \"a.wasm\"\n[limits]\nrequest_body_mib = 5000",
+                "limits.request_body_mib",
             ),
             (
                 "name = \"a\"\ncomponent = \"a.wasm\"\n[config]\n\"my-key\" = \"x\"",

@@ -71,6 +71,11 @@ pub enum ServeError {
     /// The request could not be handed to the app (e.g. a malformed header): 400.
     #[error("the request could not be passed to the app")]
     BadRequest,
+    /// The request's body is larger than the app takes (`[limits] request_body_mib`): 413.
+    #[error(
+        "the request body is over the app's limit of {limit_mib} MiB (`request_body_mib` under [limits] in its paddock.toml); send a smaller one"
+    )]
+    BodyTooLarge { limit_mib: u32 },
 }
 
 impl ServeError {
@@ -81,6 +86,7 @@ impl ServeError {
             ServeError::Timeout => S::GATEWAY_TIMEOUT,
             ServeError::Busy => S::SERVICE_UNAVAILABLE,
             ServeError::BadRequest => S::BAD_REQUEST,
+            ServeError::BodyTooLarge { .. } => S::PAYLOAD_TOO_LARGE,
         }
     }
 }
@@ -91,6 +97,10 @@ impl Runtime {
     /// the body is done or the app's time limit passes. `data` is what the request may reach of
     /// the app's data (`wasi:keyvalue`); without it, opening a bucket fails with a message that
     /// says so.
+    ///
+    /// A body larger than the app's `request_body_mib` is refused: before the app runs when its
+    /// `Content-Length` says so, else when the app reads past the limit (the app's read fails,
+    /// and whatever it answers, the request gets [`ServeError::BodyTooLarge`]).
     pub async fn serve<B>(
         &self,
         app: &Arc<AppVersion>,
@@ -99,10 +109,34 @@ impl Runtime {
         data: Option<RequestData>,
     ) -> Result<hyper::Response<ResponseBody>, ServeError>
     where
-        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
         let spec = &app.spec;
+        let too_large = ServeError::BodyTooLarge {
+            limit_mib: spec.limits.request_body_mib,
+        };
+        let limit = spec.limits.request_body_bytes();
+        let declared = request
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > limit) {
+            tracing::debug!(app = %spec.name, request = request_id, "{too_large}");
+            return Err(too_large);
+        }
+        // Set once the app reads past the limit: the request is then answered 413, and its
+        // failure is not the app's.
+        let over = Arc::new(AtomicBool::new(false));
+        let request = request.map({
+            let over = over.clone();
+            move |inner| LimitedBody {
+                inner,
+                left: limit,
+                limit,
+                over,
+            }
+        });
         let deadline = Instant::now() + spec.limits.request_timeout;
         let method = request.method().clone();
         // Kept for the failure logs; cloning a `Uri` shares its bytes, no allocation.
@@ -111,9 +145,14 @@ impl Runtime {
         let log_failure = {
             let app = app.clone();
             let request_id = request_id.clone();
+            let over = over.clone();
             let (method, uri) = (method.clone(), uri.clone());
             move |what: &str, error: &dyn std::fmt::Display| {
                 let spec = &app.spec;
+                if over.load(Ordering::Acquire) {
+                    tracing::debug!(request = %request_id, "{what} after the body went over its limit: {error}");
+                    return;
+                }
                 tracing::warn!(
                     app = %spec.name,
                     version = %spec.version,
@@ -212,7 +251,7 @@ impl Runtime {
             Err(outcome.0)
         });
 
-        match receiver.await {
+        let served = match receiver.await {
             Ok(Ok(response)) => Ok(response.map(|inner| ResponseBody { inner, failed })),
             Ok(Err(code)) => {
                 log_failure("app answered with an error", &error_code_message(&code));
@@ -237,7 +276,59 @@ impl Runtime {
                     Err(ServeError::Trap)
                 }
             },
+        };
+        if over.load(Ordering::Acquire) {
+            return Err(too_large);
         }
+        served
+    }
+}
+
+/// A request body that fails once more than `limit` bytes came: the app's read then fails with
+/// `HTTP-request-body-size`, and `over` says so.
+struct LimitedBody<B> {
+    inner: B,
+    left: u64,
+    limit: u64,
+    over: Arc<AtomicBool>,
+}
+
+impl<B> http_body::Body for LimitedBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<wasmtime_wasi_http::Error>,
+{
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                let size = frame.data_ref().map_or(0, |d| d.len() as u64);
+                if size > self.left {
+                    self.over.store(true, Ordering::Release);
+                    let limit = self.limit;
+                    return Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpRequestBodySize(
+                        Some(limit),
+                    ))));
+                }
+                self.left -= size;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -258,4 +349,66 @@ fn classify(error: anyhow::Error) -> (ServeError, anyhow::Error) {
 
 fn error_code_message(code: &ErrorCode) -> String {
     format!("{code:?}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt as _;
+
+    /// A body that arrives in pieces, as a chunked upload does.
+    struct Pieces(std::collections::VecDeque<usize>);
+
+    impl http_body::Body for Pieces {
+        type Data = Bytes;
+        type Error = hyper::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+            Poll::Ready(
+                self.0
+                    .pop_front()
+                    .map(|n| Ok(Frame::data(Bytes::from(vec![b'x'; n])))),
+            )
+        }
+    }
+
+    fn limited(sizes: &[usize], limit: u64) -> (LimitedBody<Pieces>, Arc<AtomicBool>) {
+        let over = Arc::new(AtomicBool::new(false));
+        let body = LimitedBody {
+            inner: Pieces(sizes.iter().copied().collect()),
+            left: limit,
+            limit,
+            over: over.clone(),
+        };
+        (body, over)
+    }
+
+    #[tokio::test]
+    async fn a_body_read_past_the_limit_fails_and_says_so() {
+        let (body, over) = limited(&[4, 4, 2], 10);
+        assert_eq!(body.collect().await.unwrap().to_bytes().len(), 10);
+        assert!(!over.load(Ordering::Acquire));
+
+        let (mut body, over) = limited(&[4, 4, 3], 10);
+        let mut read = 0;
+        let error = loop {
+            match body.frame().await {
+                Some(Ok(frame)) => read += frame.into_data().unwrap().len(),
+                Some(Err(e)) => break e,
+                None => panic!("the body ended without an error"),
+            }
+        };
+        assert_eq!(read, 8);
+        assert!(
+            matches!(
+                error,
+                wasmtime_wasi_http::Error::HttpRequestBodySize(Some(10))
+            ),
+            "{error:?}"
+        );
+        assert!(over.load(Ordering::Acquire));
+    }
 }

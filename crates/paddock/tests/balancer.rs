@@ -1604,6 +1604,49 @@ async fn one_request_id_follows_a_request_through_the_balancer_the_frontend_and_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_over_the_apps_limit_is_refused_with_413_naming_it() {
+    let (controller, _fes) = farm("lb_body_limit", Db::Sqlite, &["fe1"]).await;
+    // hello, as an app that takes bodies of 1 MiB at most.
+    let package = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("hello-v1").join("hello.wasm"),
+        package.path().join("hello.wasm"),
+    )
+    .unwrap();
+    std::fs::write(
+        package.path().join("paddock.toml"),
+        "name = \"upload\"\nversion = \"v1\"\ncomponent = \"hello.wasm\"\nroute = \"/upload\"\n\
+         [limits]\nrequest_body_mib = 1\n",
+    )
+    .unwrap();
+    controller.ok(&["app", "publish", &package.path().display().to_string()]);
+    let lb = Balancer::start(&controller, "lb1", &[]).await;
+    lb.wait_up(&["fe1"], true).await;
+    let post = |size: usize| {
+        let mut request = format!(
+            "POST /upload/ HTTP/1.1\r\nHost: a\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
+        )
+        .into_bytes();
+        request.extend(std::iter::repeat_n(b'x', size));
+        request
+    };
+    // Within the limit: the app answers.
+    let answer = raw(lb.addr, &post(512 << 10)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("hello from v1"), "{answer}");
+    // Over it: 413 before the app runs, saying which limit and where it is set.
+    let answer = raw(lb.addr, &post((1 << 20) + 1)).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.contains("over the app's limit of 1 MiB") && answer.contains("request_body_mib"),
+        "{answer}"
+    );
+    // The front-end and the balancer serve on.
+    let mut conn = lb.connect().await;
+    assert_eq!(conn.get("/upload/").await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewed_certificate_is_taken_on_sighup_without_a_restart() {
     use tokio_rustls::rustls::pki_types::CertificateDer;
     use tokio_rustls::rustls::pki_types::pem::PemObject as _;
