@@ -716,8 +716,11 @@ async fn accept_loop(
                     if last_warned.is_none_or(|at: std::time::Instant| at.elapsed() > Duration::from_secs(5)) {
                         last_warned = Some(std::time::Instant::now());
                         match rustix::io::Errno::from_io_error(&e) {
-                            Some(rustix::io::Errno::MFILE | rustix::io::Errno::NFILE) => tracing::error!(
-                                "accept failed: {e}: this balancer has as many connections open as the open files limit allows (two per client); new clients wait in the backlog until some close. Raise the limit (systemd: LimitNOFILE=65536)"
+                            Some(rustix::io::Errno::MFILE) => tracing::error!(
+                                "accept failed: {e}: this balancer has as many connections open as its open files limit allows (two per client); new clients wait in the backlog until some close. Raise the limit (systemd: LimitNOFILE=65536)"
+                            ),
+                            Some(rustix::io::Errno::NFILE) => tracing::error!(
+                                "accept failed: {e}: the machine has as many files open as it allows (fs.file-max); new clients wait in the backlog until some close. Raise fs.file-max, or find what holds the files"
                             ),
                             _ => tracing::warn!("accept failed: {e}"),
                         }

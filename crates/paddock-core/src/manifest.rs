@@ -56,8 +56,9 @@ pub struct Limits {
     /// How long a user's session lives unused before it is gone with its values.
     #[serde(default = "default_session_idle", with = "humantime_serde")]
     pub session_idle: Duration,
-    /// Largest request body the front-end hands the app, in MiB: a larger one is answered
-    /// 413 without the app.
+    /// Largest request body the front-end hands the app, in MiB: a larger one is answered 413
+    /// (before the app runs when its `Content-Length` says so; else the app's read past it
+    /// fails).
     #[serde(default = "default_request_body_mib")]
     pub request_body_mib: u32,
 }

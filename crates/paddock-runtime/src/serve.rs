@@ -99,8 +99,9 @@ impl Runtime {
     /// says so.
     ///
     /// A body larger than the app's `request_body_mib` is refused: before the app runs when its
-    /// `Content-Length` says so, else when the app reads past the limit (the app's read fails,
-    /// and whatever it answers, the request gets [`ServeError::BodyTooLarge`]).
+    /// `Content-Length` says so, else when the app reads past the limit (the app's read fails;
+    /// if its head had not gone out yet, the request gets [`ServeError::BodyTooLarge`], else the
+    /// answer it started goes on, with what the app makes of the failed read).
     pub async fn serve<B>(
         &self,
         app: &Arc<AppVersion>,

@@ -438,7 +438,7 @@ fn raise_open_files_limit() {
     let now = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
     if now < MIN_OPEN_FILES {
         tracing::warn!(
-            "this process may open {now} files at most: a balancer holds two per client, so it could serve about {} clients at once; raise the hard limit (systemd: LimitNOFILE=65536; a shell: ulimit -Hn)",
+            "this process may open {now} files at most (a balancer holds two per client, about {} clients at once); raise the hard limit: LimitNOFILE=65536 in its systemd unit, or `nofile` in /etc/security/limits.conf",
             now / 2
         );
     }

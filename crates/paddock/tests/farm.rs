@@ -126,18 +126,11 @@ async fn publish_reaches_every_frontend_and_late_joiners(db: Db) {
     assert!(err.contains("unknown server \"fe3\""), "{err}");
 
     // An app's `[config]` is its environment, beside Paddock's own variables.
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        fixture("hello-v1").join("hello.wasm"),
-        dir.path().join("hello.wasm"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("paddock.toml"),
+    let dir = harness::hello_package(
+        "hello-v1",
         "name = \"greeter\"\nversion = \"v1\"\ncomponent = \"hello.wasm\"\n\
          [config]\ngreeting = \"hi there\"\n",
-    )
-    .unwrap();
+    );
     controller.ok(&["app", "publish", &dir.path().display().to_string()]);
     let mut conn = fe1.connect().await;
     for (query, answer) in [
@@ -450,17 +443,10 @@ async fn zones_keep_their_apps(db: Db) {
     let controller = Controller::start(db, "zones", &[]).await;
     let fe_a = frontend(&controller, "fe-a", "a").await;
     let fe_b = frontend(&controller, "fe-b", "b").await;
-    let package = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        fixture("hello-v1").join("hello.wasm"),
-        package.path().join("hello.wasm"),
-    )
-    .unwrap();
-    std::fs::write(
-        package.path().join("paddock.toml"),
+    let package = harness::hello_package(
+        "hello-v1",
         "name = \"hello\"\nversion = \"v1\"\ncomponent = \"hello.wasm\"\nzone = \"a\"\n",
-    )
-    .unwrap();
+    );
     let out = controller.ok(&["app", "publish", &package.path().display().to_string()]);
     assert!(
         out.contains("served by all 1 front-end(s) of zone a"),

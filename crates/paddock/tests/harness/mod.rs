@@ -80,6 +80,18 @@ pub async fn tls_connect(
         .await
 }
 
+/// A package folder of the `hello.wasm` of fixture package `source` with this `paddock.toml`.
+pub fn hello_package(source: &str, manifest: &str) -> tempfile::TempDir {
+    let package = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture(source).join("hello.wasm"),
+        package.path().join("hello.wasm"),
+    )
+    .unwrap();
+    std::fs::write(package.path().join("paddock.toml"), manifest).unwrap();
+    package
+}
+
 /// Copies a fixture package into `dir/name`, atomically: a watcher sees all of it or none.
 pub fn install_package(apps_dir: &Path, package: &str, name: &str) {
     let staging = apps_dir.join(format!(".staging-{name}"));
