@@ -1646,6 +1646,62 @@ async fn a_request_body_over_the_apps_limit_is_refused_with_413_naming_it() {
     // The front-end and the balancer serve on.
     let mut conn = lb.connect().await;
     assert_eq!(conn.get("/upload/").await.unwrap().status, 200);
+
+    // A body far larger than the socket buffers, sent while the answer is read (as a client
+    // does): the 413 still reaches the client, and the front-end is not taken for failed.
+    let log_start = lb.log_len();
+    for _ in 0..5 {
+        let answer = upload(lb.addr, 32 << 20).await;
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    }
+    assert!(
+        !lb.log()[log_start..].contains("down at once"),
+        "{}",
+        &lb.log()[log_start..]
+    );
+    assert_eq!(conn.get("/upload/").await.unwrap().status, 200);
+}
+
+/// POST `size` bytes to `/upload/`, reading the answer while the body goes out; the answer.
+async fn upload(addr: std::net::SocketAddr, size: usize) -> String {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+    let sending = tokio::spawn(async move {
+        let head = format!("POST /upload/ HTTP/1.1\r\nHost: a\r\nContent-Length: {size}\r\n\r\n");
+        write.write_all(head.as_bytes()).await?;
+        let chunk = vec![b'x'; 64 << 10];
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            write.write_all(&chunk[..n]).await?;
+            left -= n;
+        }
+        std::io::Result::Ok(write)
+    });
+    let mut answer = Vec::new();
+    let mut buf = vec![0; 16 << 10];
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+            let text = String::from_utf8_lossy(&answer);
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length = text[..end]
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .and_then(|n| n.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if answer.len() >= end + 4 + length {
+                    break;
+                }
+            }
+        }
+    })
+    .await;
+    sending.abort();
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
