@@ -1651,8 +1651,19 @@ async fn a_request_body_over_the_apps_limit_is_refused_with_413_naming_it() {
     // does): the 413 still reaches the client, and the front-end is not taken for failed.
     let log_start = lb.log_len();
     for _ in 0..5 {
-        let answer = upload(lb.addr, 32 << 20).await;
+        let answer = upload(lb.addr, "/upload/", 32 << 20, false).await;
         assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    }
+    // A chunked body, which only the app's reading can measure: within the limit the app
+    // reads it all; over it the app's read fails, and the answer is 413 whatever the app made
+    // of the failure.
+    let answer = upload(lb.addr, "/upload/?read_body=1", 512 << 10, true).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("hello v1 read 524288 bytes"), "{answer}");
+    for size in [(1 << 20) + 1, 8 << 20] {
+        let answer = upload(lb.addr, "/upload/?read_body=1", size, true).await;
+        assert!(answer.starts_with("HTTP/1.1 413"), "{size}: {answer}");
+        assert!(answer.contains("over the app's limit of 1 MiB"), "{answer}");
     }
     assert!(
         !lb.log()[log_start..].contains("down at once"),
@@ -1662,19 +1673,34 @@ async fn a_request_body_over_the_apps_limit_is_refused_with_413_naming_it() {
     assert_eq!(conn.get("/upload/").await.unwrap().status, 200);
 }
 
-/// POST `size` bytes to `/upload/`, reading the answer while the body goes out; the answer.
-async fn upload(addr: std::net::SocketAddr, size: usize) -> String {
+/// POST `size` bytes to `target`, with a `Content-Length` or chunked, reading the answer while
+/// the body goes out (as a client does); the answer.
+async fn upload(addr: std::net::SocketAddr, target: &str, size: usize, chunked: bool) -> String {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut read, mut write) = stream.into_split();
+    let framing = if chunked {
+        "Transfer-Encoding: chunked".to_string()
+    } else {
+        format!("Content-Length: {size}")
+    };
+    let head = format!("POST {target} HTTP/1.1\r\nHost: a\r\n{framing}\r\n\r\n");
     let sending = tokio::spawn(async move {
-        let head = format!("POST /upload/ HTTP/1.1\r\nHost: a\r\nContent-Length: {size}\r\n\r\n");
         write.write_all(head.as_bytes()).await?;
         let chunk = vec![b'x'; 64 << 10];
         let mut left = size;
         while left > 0 {
             let n = left.min(chunk.len());
+            if chunked {
+                write.write_all(format!("{n:x}\r\n").as_bytes()).await?;
+            }
             write.write_all(&chunk[..n]).await?;
+            if chunked {
+                write.write_all(b"\r\n").await?;
+            }
             left -= n;
+        }
+        if chunked {
+            write.write_all(b"0\r\n\r\n").await?;
         }
         std::io::Result::Ok(write)
     });
@@ -1691,9 +1717,12 @@ async fn upload(addr: std::net::SocketAddr, size: usize) -> String {
                 let length = text[..end]
                     .lines()
                     .find_map(|l| l.strip_prefix("content-length: "))
-                    .and_then(|n| n.trim().parse::<usize>().ok())
-                    .unwrap_or(0);
-                if answer.len() >= end + 4 + length {
+                    .and_then(|n| n.trim().parse::<usize>().ok());
+                let done = match length {
+                    Some(length) => answer.len() >= end + 4 + length,
+                    None => text.ends_with("\r\n0\r\n\r\n"),
+                };
+                if done {
                     break;
                 }
             }
