@@ -218,14 +218,19 @@ impl Server {
         tokio::pin!(shutdown);
         let mut stop_accepting_at: Option<tokio::time::Instant> = None;
         let mut hand_over = false;
+        let mut last_warned = None;
         loop {
             let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
             let (stream, _peer) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
-                        // Out of file descriptors and the like: wait a moment, keep serving.
-                        tracing::warn!("accept failed: {e}");
+                        // Out of file descriptors and the like: wait a moment, keep serving, and
+                        // say so once in a while (it repeats every 50 ms while it lasts).
+                        if last_warned.is_none_or(|at: std::time::Instant| at.elapsed() > Duration::from_secs(5)) {
+                            last_warned = Some(std::time::Instant::now());
+                            warn_accept_failed(&e);
+                        }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
@@ -296,6 +301,20 @@ pub struct Stop {
     pub drain_delay: Duration,
     /// Keep the listening socket open and return it (for the process that replaces this one).
     pub hand_over: bool,
+}
+
+/// An accept that failed, explained: running out of descriptors is the usual cause, and what to
+/// raise depends on whose limit it is.
+fn warn_accept_failed(e: &std::io::Error) {
+    match rustix::io::Errno::from_io_error(e) {
+        Some(rustix::io::Errno::MFILE) => tracing::error!(
+            "accept failed: {e}: this front-end has as many files open as its open files limit allows (one per client connection, the balancers' pooled ones included); new connections wait in the backlog until some close. Raise the limit (systemd: LimitNOFILE=65536)"
+        ),
+        Some(rustix::io::Errno::NFILE) => tracing::error!(
+            "accept failed: {e}: the machine has as many files open as it allows (fs.file-max); new connections wait in the backlog until some close. Raise fs.file-max, or find what holds the files"
+        ),
+        _ => tracing::warn!("accept failed: {e}"),
+    }
 }
 
 async fn handle(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Body> {

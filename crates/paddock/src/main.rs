@@ -419,7 +419,10 @@ enum PinThreads {
 /// runtime do): each client of a balancer holds two descriptors (its connection and one to a
 /// front-end), and the usual soft limit of 1024 would refuse the 500th client. Processes it
 /// starts (`paddock up`'s, a restart in place) inherit it.
-fn raise_open_files_limit() {
+///
+/// `holds` says what one connection costs the process, for the warning when the limit is low;
+/// `None` for `paddock up`, whose processes each say it for themselves.
+fn raise_open_files_limit(holds: Option<&str>) {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);
     let (Some(current), Some(most)) = (limit.current, limit.maximum) else {
@@ -436,10 +439,9 @@ fn raise_open_files_limit() {
         }
     }
     let now = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
-    if now < MIN_OPEN_FILES {
+    if let Some(holds) = holds.filter(|_| now < MIN_OPEN_FILES) {
         tracing::warn!(
-            "this process may open {now} files at most (a balancer holds two per client, about {} clients at once); raise the hard limit: LimitNOFILE=65536 in its systemd unit, or `nofile` in /etc/security/limits.conf",
-            now / 2
+            "this process may open {now} files at most ({holds}); raise the hard limit: LimitNOFILE=65536 in its systemd unit, or `nofile` in /etc/security/limits.conf"
         );
     }
 }
@@ -457,11 +459,18 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    if matches!(
-        cli.command,
-        Command::Up(_) | Command::Controller(_) | Command::Frontend(_) | Command::Balancer(_)
-    ) {
-        raise_open_files_limit();
+    match cli.command {
+        Command::Up(_) => raise_open_files_limit(None),
+        Command::Controller(_) => raise_open_files_limit(Some(
+            "a controller holds one per connection: the CLI's, the servers' reports, the database's",
+        )),
+        Command::Frontend(_) => raise_open_files_limit(Some(
+            "a front-end holds one per client connection, the balancers' pooled ones included",
+        )),
+        Command::Balancer(_) => raise_open_files_limit(Some(
+            "a balancer holds two per client: its connection and one to a front-end",
+        )),
+        _ => {}
     }
     let result = match cli.command {
         Command::Up(args) => cmd::up::up(args),

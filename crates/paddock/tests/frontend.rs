@@ -465,3 +465,26 @@ async fn sigterm_reports_stopping_and_finishes_requests_in_flight() {
         "nothing listens after the shutdown"
     );
 }
+
+#[test]
+fn a_frontend_raises_its_open_files_limit_and_says_when_it_runs_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let apps = dir.path().join("apps");
+    std::fs::create_dir(&apps).unwrap();
+    let mut args: Vec<std::ffi::OsString> = ["frontend", "--listen", "127.0.0.1:0"]
+        .map(Into::into)
+        .to_vec();
+    args.extend([
+        "--name".into(),
+        "fe1".into(),
+        "--apps".into(),
+        apps.into(),
+        "--data".into(),
+        dir.path().join("data").into(),
+    ]);
+    harness::open_files_limit_raised_and_said(
+        &args,
+        "listening on http://",
+        "one per client connection",
+    );
+}

@@ -1606,3 +1606,129 @@ impl Drop for Browser {
         let _ = self.driver.wait();
     }
 }
+
+/// Checks how `paddock <args>` (a server command) deals with its open files limit. Started under
+/// a soft limit of 256, it raises it to the hard one: 8192 (or the machine's most) and nothing
+/// said; 512, and it warns, naming what one connection costs it (`holds`). Out of descriptors with
+/// 600 clients waiting, it says why accepting fails once, not at each retry (every 50 ms).
+/// `listening` is the start of the log line that gives its address.
+pub fn open_files_limit_raised_and_said(args: &[std::ffi::OsString], listening: &str, holds: &str) {
+    let start = |hard: u64| {
+        let mut command = Command::new(PADDOCK);
+        command
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: only an async-signal-safe system call between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: 256,
+                    rlim_max: hard,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().unwrap();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        (child, lines)
+    };
+    let next = |lines: &std::sync::mpsc::Receiver<String>, needle: &str| loop {
+        match lines.recv_timeout(Duration::from_secs(10)) {
+            Ok(line) if line.contains(needle) => break line,
+            Ok(_) => {}
+            Err(e) => panic!("no line with {needle:?}: {e}"),
+        }
+    };
+    // SAFETY: reads into a struct the call fills.
+    let most = unsafe {
+        let mut limit = std::mem::zeroed::<libc::rlimit>();
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_max
+    };
+    let high = most.min(8192);
+    assert!(high >= 4096, "this machine allows only {most} open files");
+    let (mut child, lines) = start(high);
+    assert_eq!(open_files_limit(child.id(), high), (high, high));
+    next(&lines, listening);
+    child.kill().unwrap();
+    let _ = child.wait();
+    let said: Vec<String> = lines
+        .iter()
+        .filter(|l| l.contains("files at most"))
+        .collect();
+    assert!(said.is_empty(), "{said:?}");
+
+    // A hard limit too low to serve many clients: raised as far as it goes, and said.
+    let (mut child, lines) = start(512);
+    assert_eq!(open_files_limit(child.id(), 512), (512, 512));
+    let line = next(&lines, "files at most");
+    assert!(
+        line.contains("may open 512 files at most")
+            && line.contains(holds)
+            && line.contains("LimitNOFILE"),
+        "{line}"
+    );
+    // Out of descriptors: clients wait in the backlog, and the process says why, once.
+    let address = next(&lines, listening);
+    let address: SocketAddr = address
+        .rsplit(listening)
+        .next()
+        .and_then(|a| a.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let clients: Vec<_> = (0..600)
+        .map(|_| std::net::TcpStream::connect(address).unwrap())
+        .collect();
+    let line = next(&lines, "accept failed");
+    assert!(
+        line.contains("open files limit allows") && line.contains("LimitNOFILE"),
+        "{line}"
+    );
+    let until = Instant::now() + Duration::from_secs(2);
+    let mut again = 0;
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        if lines
+            .recv_timeout(left)
+            .is_ok_and(|l| l.contains("accept failed"))
+        {
+            again += 1;
+        }
+    }
+    assert_eq!(again, 0, "the accept failure was said again within 2 s");
+    drop(clients);
+    child.kill().unwrap();
+    let _ = child.wait();
+}
+
+/// The soft and hard limits of open files of process `pid`, once its soft one is `soft`.
+fn open_files_limit(pid: u32, soft: u64) -> (u64, u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap();
+        let numbers: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        if numbers[0] == soft || Instant::now() > deadline {
+            return (numbers[0], numbers[1]);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
