@@ -46,6 +46,19 @@ impl<T> Guarded<T> {
         }
     }
 
+    /// A connection whose framing needs no watching (HTTP/2 frames each message itself): only
+    /// its writes are timed.
+    pub fn unscanned(inner: T, send_timeout: Duration) -> Guarded<T> {
+        let mut scanner = Scanner::new(0, Arc::new(AtomicBool::new(false)));
+        scanner.state = State::Off;
+        Guarded {
+            inner,
+            scanner,
+            send_timeout,
+            stalled: None,
+        }
+    }
+
     /// After a write: progress disarms the stall timer; waiting arms it, and fails the write
     /// once it has run out.
     fn watch<R>(

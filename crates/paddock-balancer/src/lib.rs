@@ -43,7 +43,7 @@ use bytes::Bytes;
 use http::{Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use paddock_api::{AppTraffic, BalancerReport, RoutingTable, UpstreamReport};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -647,7 +647,13 @@ fn serve(
     tokio::spawn(async move {
         let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
         match tokio::time::timeout(handshake_timeout, handshake).await {
-            Ok(Ok(stream)) => client.serve(stream).await,
+            Ok(Ok(stream)) => {
+                if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    client.serve_h2(stream).await
+                } else {
+                    client.serve(stream).await
+                }
+            }
             Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
             Err(_) => {
                 tracing::debug!(%peer, "no TLS handshake within {handshake_timeout:?}; closed")
@@ -668,6 +674,12 @@ struct Client {
 }
 
 impl Client {
+    /// The client's address as `X-Forwarded-For` gives it (made once per connection).
+    fn peer_ip(&self) -> http::HeaderValue {
+        http::HeaderValue::from_str(&self.peer.ip().to_string())
+            .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"))
+    }
+
     /// Serves its requests until the connection ends (or a stop ends it after a response).
     async fn serve<S>(self, stream: S)
     where
@@ -680,11 +692,8 @@ impl Client {
             self.send_timeout,
             suspect.clone(),
         ));
+        let peer_ip = self.peer_ip();
         let shared = self.shared;
-        let peer_ip = match http::HeaderValue::from_str(&self.peer.ip().to_string()) {
-            Ok(ip) => ip,
-            Err(_) => http::HeaderValue::from_static("unknown"),
-        };
         let service = service_fn(move |request| {
             proxy::handle(request, shared.clone(), peer_ip.clone(), suspect.clone())
         });
@@ -693,7 +702,41 @@ impl Client {
             tracing::debug!(peer = %self.peer, "client connection ended: {e}");
         }
     }
+
+    /// Serves an HTTP/2 connection (chosen in the TLS handshake): each stream is a request of
+    /// its own, on this event loop, forwarded to the front-ends over HTTP/1.1 like any other.
+    async fn serve_h2<S>(self, stream: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let io = TokioIo::new(guard::Guarded::unscanned(stream, self.send_timeout));
+        let peer_ip = self.peer_ip();
+        let shared = self.shared;
+        // Never raised: HTTP/2 frames each message itself, so its framing cannot be ambiguous.
+        let suspect = Arc::new(AtomicBool::new(false));
+        let service = service_fn(move |request| {
+            proxy::handle(request, shared.clone(), peer_ip.clone(), suspect.clone())
+        });
+        let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        http.timer(TokioTimer::new())
+            .max_concurrent_streams(H2_MAX_STREAMS)
+            .max_header_list_size(u32::try_from(self.max_header_bytes).unwrap_or(u32::MAX))
+            // A peer that stops answering pings is gone: its connection is closed.
+            .keep_alive_interval(H2_PING_INTERVAL)
+            .keep_alive_timeout(H2_PING_TIMEOUT);
+        let connection = self.watcher.watch(http.serve_connection(io, service));
+        if let Err(e) = connection.await {
+            tracing::debug!(peer = %self.peer, "HTTP/2 client connection ended: {e}");
+        }
+    }
 }
+
+/// Requests at once on one HTTP/2 connection (HAProxy's default).
+const H2_MAX_STREAMS: u32 = 100;
+/// An HTTP/2 connection idle this long is pinged; one whose ping gets no answer within
+/// [`H2_PING_TIMEOUT`] is closed.
+const H2_PING_INTERVAL: Option<Duration> = Some(Duration::from_secs(30));
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts client connections until `stopped` turns true, serving each on the event loop with
 /// the fewest open ones; then lets the requests in flight on this loop finish (at most 30 s).

@@ -136,8 +136,17 @@ pub async fn handle(
     }
 
     let (parts, body) = request.into_parts();
-    let bodyless = is_bodyless(&parts.headers);
-    let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
+    // HTTP/2 frames a body without `Content-Length` by its stream's end: it goes on chunked.
+    let (bodyless, chunked) = if parts.version == Version::HTTP_2 {
+        let bodyless = body.is_end_stream();
+        let length = parts.headers.contains_key(header::CONTENT_LENGTH);
+        (bodyless, !bodyless && !length)
+    } else {
+        (
+            is_bodyless(&parts.headers),
+            parts.headers.contains_key(header::TRANSFER_ENCODING),
+        )
+    };
     let idempotent = matches!(
         parts.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
@@ -395,7 +404,11 @@ impl Logged {
             recorded: false,
             client: client.clone(),
             method: request.method().clone(),
-            host: request.headers().get(header::HOST).cloned(),
+            host: request.headers().get(header::HOST).cloned().or_else(|| {
+                // HTTP/2: the `:authority`.
+                let authority = request.uri().authority()?;
+                HeaderValue::from_str(authority.as_str()).ok()
+            }),
             target: request.uri().path_and_query().cloned(),
             app: None,
             tries: 0,
@@ -501,15 +514,36 @@ async fn exchange_with_body(
     }
 }
 
-/// Exactly one valid `Host` (none is allowed for HTTP/1.0 only).
-fn check_host(request: &Request<Incoming>) -> Result<Option<HeaderValue>, &'static str> {
+/// Exactly one valid `Host` (none is allowed for HTTP/1.0 only). Over HTTP/2 the request's
+/// `:authority` stands for it, and a `Host` sent besides must agree (RFC 9113, 8.3.1).
+fn check_host<B>(request: &Request<B>) -> Result<Option<HeaderValue>, &'static str> {
     let mut all = request.headers().get_all(header::HOST).iter();
-    let host = match (all.next(), all.next()) {
-        (Some(host), None) => host,
-        (None, _) if request.version() == Version::HTTP_10 => return Ok(None),
-        (None, _) => return Err("the request has no Host header; HTTP/1.1 requires one"),
-        (Some(_), Some(_)) => return Err("the request has more than one Host header"),
-    };
+    let (first, second) = (all.next(), all.next());
+    if request.version() == Version::HTTP_2 {
+        let authority = request.uri().authority().map(|a| a.as_str());
+        return match (authority, first, second) {
+            (_, _, Some(_)) => Err("the request has more than one Host header"),
+            (Some(authority), Some(host), None) if host.as_bytes() != authority.as_bytes() => {
+                Err("the Host header differs from the request's :authority")
+            }
+            (Some(authority), _, None) => HeaderValue::from_str(authority)
+                .map_err(|_| "the request's :authority is not a valid host[:port]")
+                .and_then(valid_host)
+                .map(Some),
+            (None, Some(host), None) => valid_host(host.clone()).map(Some),
+            (None, None, _) => Err("the request has neither :authority nor a Host header"),
+        };
+    }
+    match (first, second) {
+        (Some(host), None) => valid_host(host.clone()).map(Some),
+        (None, _) if request.version() == Version::HTTP_10 => Ok(None),
+        (None, _) => Err("the request has no Host header; HTTP/1.1 requires one"),
+        (Some(_), Some(_)) => Err("the request has more than one Host header"),
+    }
+}
+
+/// `host` when it is a host name or address with an optional port, and nothing else.
+fn valid_host(host: HeaderValue) -> Result<HeaderValue, &'static str> {
     let valid = host
         .to_str()
         .ok()
@@ -523,7 +557,7 @@ fn check_host(request: &Request<Incoming>) -> Result<Option<HeaderValue>, &'stat
                         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')))
         });
     if valid {
-        Ok(Some(host.clone()))
+        Ok(host)
     } else {
         Err("the Host header is not a valid host[:port]")
     }
@@ -577,6 +611,15 @@ fn encode_head(
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     head.extend_from_slice(target.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
+    // Over HTTP/2 the host is the `:authority`, and a client may send each cookie as a field
+    // of its own: HTTP/1.1 wants a `Host` and one `Cookie` (RFC 9113, 8.3.1 and 8.2.3).
+    let h2 = parts.version == Version::HTTP_2;
+    if h2
+        && !headers.contains_key(header::HOST)
+        && let Some(host) = host
+    {
+        push_field(&mut head, b"host", host.as_bytes());
+    }
     // The headers the client's `Connection` names are hop-by-hop, except those that frame the
     // request or name its host: dropping `Content-Length` would send the body as a request of
     // its own (smuggling).
@@ -604,6 +647,9 @@ fn encode_head(
             }
             continue;
         }
+        if h2 && *name == header::COOKIE {
+            continue;
+        }
         if h1::is_hop_by_hop(name)
             || *name == header::EXPECT
             || *name == X_FORWARDED_FOR
@@ -627,6 +673,18 @@ fn encode_head(
             start..end
         }
     };
+    if h2 {
+        let mut cookies = headers.get_all(header::COOKIE).iter();
+        if let Some(first) = cookies.next() {
+            head.extend_from_slice(b"cookie: ");
+            head.extend_from_slice(first.as_bytes());
+            for cookie in cookies {
+                head.extend_from_slice(b"; ");
+                head.extend_from_slice(cookie.as_bytes());
+            }
+            head.extend_from_slice(b"\r\n");
+        }
+    }
     if chunked {
         head.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
@@ -981,6 +1039,71 @@ mod tests {
         let head = head_of(request, None);
         assert!(head.starts_with("GET /x HTTP/1.1\r\n"), "{head}");
         assert!(head.ends_with("x-forwarded-proto: http\r\n\r\n"), "{head}");
+    }
+
+    #[test]
+    fn an_http2_request_reaches_the_frontend_with_its_host_and_one_cookie_field() {
+        let request = Request::get("https://example.com:8443/a?b=1")
+            .version(Version::HTTP_2)
+            .header("cookie", "a=1")
+            .header("accept", "*/*")
+            .header("cookie", "b=2")
+            .body(())
+            .unwrap();
+        let head = head_over(request, Some("example.com:8443"), true);
+        assert!(
+            head.starts_with("GET /a?b=1 HTTP/1.1\r\nhost: example.com:8443\r\n"),
+            "{head}"
+        );
+        assert_eq!(head.matches("cookie").count(), 1, "{head}");
+        assert!(head.contains("\r\ncookie: a=1; b=2\r\n"), "{head}");
+        assert!(head.contains("\r\naccept: */*\r\n"), "{head}");
+        assert!(
+            head.contains("\r\nx-forwarded-host: example.com:8443\r\n"),
+            "{head}"
+        );
+        // HTTP/1.1 cookies go as they came.
+        let request = Request::get("/a")
+            .header("host", "example.com")
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
+            .body(())
+            .unwrap();
+        let head = head_of(request, Some("example.com"));
+        assert!(
+            head.contains("\r\ncookie: a=1\r\ncookie: b=2\r\n"),
+            "{head}"
+        );
+        assert_eq!(head.matches("host: example.com\r\n").count(), 2, "{head}");
+    }
+
+    #[test]
+    fn an_http2_request_names_its_host_by_its_authority_and_a_host_header_must_agree() {
+        let h2 = |uri: &str, hosts: &[&str]| {
+            let mut request = Request::get(uri).version(Version::HTTP_2);
+            for host in hosts {
+                request = request.header("host", *host);
+            }
+            check_host(&request.body(()).unwrap())
+        };
+        let host = |s: &str| Ok(Some(HeaderValue::from_str(s).unwrap()));
+        assert_eq!(h2("https://example.com/a", &[]), host("example.com"));
+        assert_eq!(
+            h2("https://example.com:8443/a", &[]),
+            host("example.com:8443")
+        );
+        assert_eq!(
+            h2("https://example.com/a", &["example.com"]),
+            host("example.com")
+        );
+        assert_eq!(h2("/a", &["example.com"]), host("example.com"));
+        let refused = |result: Result<Option<HeaderValue>, &str>, says: &str| {
+            assert!(result.is_err_and(|e| e.contains(says)), "{says}");
+        };
+        refused(h2("https://example.com/a", &["other.com"]), "differs");
+        refused(h2("https://a/a", &["a", "a"]), "more than one");
+        refused(h2("/a", &[]), "neither :authority nor a Host");
+        refused(h2("https://user@example.com/a", &[]), "not a valid host");
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! HTTPS on the balancer's port: the certificate chain and private key are read from PEM files
 //! when the balancer starts, and again when told ([`Certificates::reload`], on SIGHUP): a
 //! renewed certificate is taken by the next handshakes, without a restart; a pair that does not
-//! load is refused and the one in use kept. Clients get HTTP/1.1 over TLS 1.2 or 1.3 (rustls);
-//! the handshake must end within the time a client has to send its headers, and a client that
-//! fails it never reaches a front-end.
+//! load is refused and the one in use kept. Clients get HTTP/2 or HTTP/1.1, as they choose in
+//! the handshake (ALPN; HTTP/1.1 alone with `http2` off), over TLS 1.2 or 1.3 (rustls); the
+//! handshake must end within the time a client has to send its headers, and a client that fails
+//! it never reaches a front-end.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,16 +42,19 @@ pub enum TlsError {
 pub struct Certificates {
     cert: PathBuf,
     key: PathBuf,
+    http2: bool,
     config: ArcSwap<rustls::ServerConfig>,
 }
 
 impl Certificates {
-    /// Reads `cert` and `key`: an error names the file that cannot work.
-    pub fn load(cert: &Path, key: &Path) -> Result<Certificates, TlsError> {
+    /// Reads `cert` and `key`: an error names the file that cannot work. `http2`: whether
+    /// clients may choose HTTP/2.
+    pub fn load(cert: &Path, key: &Path, http2: bool) -> Result<Certificates, TlsError> {
         Ok(Certificates {
-            config: ArcSwap::new(server_config(cert, key)?),
+            config: ArcSwap::new(server_config(cert, key, http2)?),
             cert: cert.to_path_buf(),
             key: key.to_path_buf(),
+            http2,
         })
     }
 
@@ -63,7 +67,8 @@ impl Certificates {
     /// open keep theirs). When they do not make a config, nothing changes and the error says
     /// which file is wrong.
     pub fn reload(&self) -> Result<(), TlsError> {
-        self.config.store(server_config(&self.cert, &self.key)?);
+        self.config
+            .store(server_config(&self.cert, &self.key, self.http2)?);
         Ok(())
     }
 
@@ -74,7 +79,11 @@ impl Certificates {
 }
 
 /// The server side of TLS for client connections, from a certificate chain and its key.
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    http2: bool,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let certificate = |reason: String| TlsError::Certificate {
         path: cert.to_path_buf(),
         reason,
@@ -103,9 +112,12 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
             key: key.to_path_buf(),
             reason: e.to_string(),
         })?;
-    // HTTP/1.1 is what the balancer speaks; a client offering h2 alone is refused in the
-    // handshake, not misunderstood after it.
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // A client offering neither is refused in the handshake, not misunderstood after it.
+    config.alpn_protocols = if http2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
     Ok(Arc::new(config))
 }
 
@@ -121,18 +133,23 @@ mod tests {
 
     #[test]
     fn a_certificate_and_its_key_make_a_config_and_bad_files_say_what_is_wrong() {
-        let config = server_config(&fixture("cert.pem"), &fixture("key.pem")).unwrap();
+        let config = server_config(&fixture("cert.pem"), &fixture("key.pem"), true).unwrap();
+        assert_eq!(
+            config.alpn_protocols,
+            [b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+        let config = server_config(&fixture("cert.pem"), &fixture("key.pem"), false).unwrap();
         assert_eq!(config.alpn_protocols, [b"http/1.1".to_vec()]);
 
-        let e = server_config(&fixture("none.pem"), &fixture("key.pem")).unwrap_err();
+        let e = server_config(&fixture("none.pem"), &fixture("key.pem"), true).unwrap_err();
         assert!(matches!(e, TlsError::Certificate { .. }), "{e}");
         assert!(e.to_string().contains("none.pem"), "{e}");
         // A key where the certificate should be: no certificate in it.
-        let e = server_config(&fixture("key.pem"), &fixture("key.pem")).unwrap_err();
+        let e = server_config(&fixture("key.pem"), &fixture("key.pem"), true).unwrap_err();
         assert!(e.to_string().contains("no CERTIFICATE block"), "{e}");
-        let e = server_config(&fixture("cert.pem"), &fixture("cert.pem")).unwrap_err();
+        let e = server_config(&fixture("cert.pem"), &fixture("cert.pem"), true).unwrap_err();
         assert!(matches!(e, TlsError::Key { .. }), "{e}");
-        let e = server_config(&fixture("cert.pem"), &fixture("other-key.pem")).unwrap_err();
+        let e = server_config(&fixture("cert.pem"), &fixture("other-key.pem"), true).unwrap_err();
         assert!(matches!(e, TlsError::Mismatch { .. }), "{e}");
     }
 
@@ -142,7 +159,7 @@ mod tests {
         let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
         std::fs::copy(fixture("cert.pem"), &cert).unwrap();
         std::fs::copy(fixture("key.pem"), &key).unwrap();
-        let certificates = Certificates::load(&cert, &key).unwrap();
+        let certificates = Certificates::load(&cert, &key, true).unwrap();
         let first = certificates.config();
 
         // Half renewed: the new certificate, the old key. Refused; the config stays.

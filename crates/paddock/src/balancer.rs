@@ -57,7 +57,9 @@ pub fn balancer(args: BalancerArgs) -> anyhow::Result<()> {
     }
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(Arc::new(paddock_balancer::tls::Certificates::load(
-            cert, key,
+            cert,
+            key,
+            !args.no_http2,
         )?)),
         _ => None,
     };
@@ -303,7 +305,7 @@ fn flush(access_log: Option<&paddock_balancer::access_log::AccessLog>) {
 fn restartable(exe: &std::path::Path, tls: Option<&(PathBuf, PathBuf)>) -> anyhow::Result<()> {
     runnable(exe)?;
     if let Some((cert, key)) = tls {
-        paddock_balancer::tls::server_config(cert, key)?;
+        paddock_balancer::tls::server_config(cert, key, true)?;
     }
     Ok(())
 }

@@ -288,6 +288,10 @@ struct BalancerArgs {
     /// The certificate's private key, a PEM file (unencrypted).
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// With HTTPS: offer HTTP/1.1 only. By default clients may choose HTTP/2 in the TLS
+    /// handshake (front-ends get HTTP/1.1 either way).
+    #[arg(long, requires = "tls_cert")]
+    no_http2: bool,
     /// With HTTPS: answer plain HTTP at this address (e.g. 0.0.0.0:80) with a redirect to the
     /// same host and path over HTTPS.
     #[arg(long, value_name = "ADDR", requires = "tls_cert")]

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use harness::{
-    Balancer, Controller, Db, Frontend, Load, failures, fixture, tls_connect, tls_fixture,
+    Balancer, Controller, Db, Frontend, Load, failures, fixture, tls_connect, tls_connect_offering,
+    tls_fixture,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -874,6 +875,11 @@ async fn echo_upstream(go_on: Arc<tokio::sync::Notify>) -> std::net::SocketAddr 
                             got("x-forwarded-for"),
                             got("x-forwarded-proto"),
                         );
+                        let (host, cookies) = (
+                            got("host"),
+                            request.headers().get_all("cookie").iter().count(),
+                        );
+                        let (cookie, id) = (got("cookie"), got("x-request-id"));
                         let body = request.into_body().collect().await.unwrap().to_bytes();
                         let response = http::Response::builder()
                             .header("x-got-length", body.len())
@@ -881,6 +887,10 @@ async fn echo_upstream(go_on: Arc<tokio::sync::Notify>) -> std::net::SocketAddr 
                             .header("x-got-expect", expect)
                             .header("x-got-forwarded-for", forwarded)
                             .header("x-got-forwarded-proto", proto)
+                            .header("x-got-host", host)
+                            .header("x-got-cookie", cookie)
+                            .header("x-got-cookie-fields", cookies)
+                            .header("x-got-request-id", id)
                             .body(full(body))
                             .unwrap();
                         Ok(response)
@@ -1655,6 +1665,118 @@ async fn upload(addr: std::net::SocketAddr, target: &str, size: usize, chunked: 
     .await;
     sending.abort();
     String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_clients_may_speak_http2_and_frontends_get_http1() {
+    use http_body_util::BodyExt as _;
+
+    /// A request body of these parts, of a length said nowhere (sent as it comes).
+    struct Parts(std::collections::VecDeque<bytes::Bytes>);
+    impl http_body::Body for Parts {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+            std::task::Poll::Ready(self.0.pop_front().map(|p| Ok(http_body::Frame::data(p))))
+        }
+    }
+
+    let upstream = echo_upstream(Arc::new(tokio::sync::Notify::new())).await;
+    let tls = [
+        "--tls-cert",
+        &tls_fixture("cert.pem"),
+        "--tls-key",
+        &tls_fixture("key.pem"),
+    ];
+    let lb = Balancer::with_table("lb1", &echo_table(upstream), &tls).await;
+    lb.wait_up(&["echo"], true).await;
+    let ca = tls_fixture("ca.pem");
+    let stream = tls_connect_offering(lb.addr, Some(&ca), &[b"h2", b"http/1.1"])
+        .await
+        .unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let base = format!("https://localhost:{}", lb.addr.port());
+
+    // A GET: the front-end gets the host from :authority, the cookies as one field, and
+    // hears the client came over HTTPS, and the request's id.
+    let request = http::Request::get(format!("{base}/echo/x"))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .body(Parts(Default::default()))
+        .unwrap();
+    let response = sender.clone().send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let got = |name: &str| response.headers()[name].to_str().unwrap().to_string();
+    assert_eq!(got("x-got-host"), format!("localhost:{}", lb.addr.port()));
+    assert_eq!(got("x-got-cookie"), "a=1; b=2");
+    assert_eq!(got("x-got-cookie-fields"), "1");
+    assert_eq!(got("x-got-forwarded-proto"), "https");
+    assert!(got("x-got-request-id").starts_with("lb1-"), "{response:?}");
+
+    // A body of no said length goes on chunked, whole.
+    let parts = ["first ", "second ", "third"]
+        .map(|p: &'static str| bytes::Bytes::from_static(p.as_bytes()));
+    let request = http::Request::post(format!("{base}/echo/x"))
+        .body(Parts(parts.into_iter().collect()))
+        .unwrap();
+    let response = sender.clone().send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-got-te"], "chunked");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "first second third");
+
+    // Many requests at once on the one connection.
+    let requests = (0..40).map(|i| {
+        let mut sender = sender.clone();
+        let uri = format!("{base}/echo/{i}");
+        async move {
+            let request = http::Request::get(uri)
+                .body(Parts(Default::default()))
+                .unwrap();
+            sender.send_request(request).await.map(|r| r.status())
+        }
+    });
+    for status in all_at_once(requests).await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    assert_eq!(lb.requests_counted(&[r#"server="echo""#]).await, 42);
+
+    // With --no-http2, HTTP/1.1 is all a client can choose.
+    let http1 = Balancer::with_table(
+        "lb2",
+        &echo_table(upstream),
+        &[&tls[..], &["--no-http2"]].concat(),
+    )
+    .await;
+    let stream = tls_connect_offering(http1.addr, Some(&ca), &[b"h2", b"http/1.1"])
+        .await
+        .unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+}
+
+/// Awaits every future, each on a task of its own; their outputs in order.
+async fn all_at_once<F>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let tasks: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut outputs = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        outputs.push(task.await.unwrap());
+    }
+    outputs
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

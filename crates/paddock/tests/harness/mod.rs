@@ -53,11 +53,20 @@ pub fn tls_fixture(name: &str) -> String {
         .to_string()
 }
 
-/// A TLS connection to `addr` as `localhost`, offering HTTP/2 and HTTP/1.1, from a client that
+/// A TLS connection to `addr` as `localhost`, offering HTTP/1.1 (ALPN), from a client that
 /// trusts the certificates of the PEM file `trusted` (none: trusts nothing).
 pub async fn tls_connect(
     addr: SocketAddr,
     trusted: Option<&str>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    tls_connect_offering(addr, trusted, &[b"http/1.1"]).await
+}
+
+/// [`tls_connect`] offering these protocols, in order of preference.
+pub async fn tls_connect_offering(
+    addr: SocketAddr,
+    trusted: Option<&str>,
+    protocols: &[&[u8]],
 ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
     if let Some(trusted) = trusted {
@@ -72,7 +81,7 @@ pub async fn tls_connect(
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    client.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    client.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     tokio_rustls::TlsConnector::from(Arc::new(client))
