@@ -12,6 +12,7 @@
 //! - [`feed`]: tables from the controller (or a file), reports back to it.
 //! - [`metrics`]: `/metrics` on the admin port.
 //! - [`tls`]: HTTPS on the client port, from PEM files.
+//! - [`h2`]: clients that chose HTTP/2: hyper's settings, and their idle connections closed.
 //!
 //! **Invariants:** a table is applied whole, in one pointer store, and only after every new
 //! front-end in it had its first health check; the generation reported to the controller is the
@@ -23,6 +24,7 @@ pub mod access_log;
 pub mod feed;
 pub mod guard;
 pub mod h1;
+pub mod h2;
 pub mod health;
 pub mod metrics;
 pub mod proxy;
@@ -43,7 +45,7 @@ use bytes::Bytes;
 use http::{Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use paddock_api::{AppTraffic, BalancerReport, RoutingTable, UpstreamReport};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -633,6 +635,7 @@ fn serve(
         watcher: graceful.watcher(),
         max_header_bytes: config.max_header_bytes,
         send_timeout: config.send_timeout,
+        idle: config.header_timeout,
     };
     let open = open.clone();
     let Some(tls) = config.tls.as_ref().map(|t| t.config()) else {
@@ -671,6 +674,9 @@ struct Client {
     watcher: hyper_util::server::graceful::Watcher,
     max_header_bytes: usize,
     send_timeout: Duration,
+    /// Longest an HTTP/2 connection stays open with no request in progress (an HTTP/1.1 one
+    /// waits as long for its next request's head).
+    idle: Duration,
 }
 
 impl Client {
@@ -714,29 +720,34 @@ impl Client {
         let shared = self.shared;
         // Never raised: HTTP/2 frames each message itself, so its framing cannot be ambiguous.
         let suspect = Arc::new(AtomicBool::new(false));
-        let service = service_fn(move |request| {
-            proxy::handle(request, shared.clone(), peer_ip.clone(), suspect.clone())
+        let streams = h2::Streams::new();
+        let service = service_fn({
+            let streams = streams.clone();
+            move |request| {
+                let stream = streams.start();
+                let handled =
+                    proxy::handle(request, shared.clone(), peer_ip.clone(), suspect.clone());
+                async move {
+                    let Ok(response) = handled.await;
+                    h2::Answer::Ok(response.map(|body| h2::Counted { body, stream }))
+                }
+            }
         });
-        let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        http.timer(TokioTimer::new())
-            .max_concurrent_streams(H2_MAX_STREAMS)
-            .max_header_list_size(u32::try_from(self.max_header_bytes).unwrap_or(u32::MAX))
-            // A peer that stops answering pings is gone: its connection is closed.
-            .keep_alive_interval(H2_PING_INTERVAL)
-            .keep_alive_timeout(H2_PING_TIMEOUT);
+        let http = h2::builder(self.max_header_bytes);
         let connection = self.watcher.watch(http.serve_connection(io, service));
-        if let Err(e) = connection.await {
-            tracing::debug!(peer = %self.peer, "HTTP/2 client connection ended: {e}");
+        // With no request in progress for as long as an HTTP/1.1 connection may wait for its
+        // next one, it is closed (a stop or a restart closes it at once when it is idle, with
+        // GOAWAY).
+        tokio::select! {
+            ended = connection => if let Err(e) = ended {
+                tracing::debug!(peer = %self.peer, "HTTP/2 client connection ended: {e}");
+            },
+            () = streams.idle(self.idle) => {
+                tracing::debug!(peer = %self.peer, "HTTP/2 client connection idle for {:?}: closed", self.idle);
+            }
         }
     }
 }
-
-/// Requests at once on one HTTP/2 connection (HAProxy's default).
-const H2_MAX_STREAMS: u32 = 100;
-/// An HTTP/2 connection idle this long is pinged; one whose ping gets no answer within
-/// [`H2_PING_TIMEOUT`] is closed.
-const H2_PING_INTERVAL: Option<Duration> = Some(Duration::from_secs(30));
-const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts client connections until `stopped` turns true, serving each on the event loop with
 /// the fewest open ones; then lets the requests in flight on this loop finish (at most 30 s).

@@ -1684,14 +1684,20 @@ async fn https_clients_may_speak_http2_and_frontends_get_http1() {
         }
     }
 
-    let upstream = echo_upstream(Arc::new(tokio::sync::Notify::new())).await;
+    let go_on = Arc::new(tokio::sync::Notify::new());
+    let upstream = echo_upstream(go_on.clone()).await;
     let tls = [
         "--tls-cert",
         &tls_fixture("cert.pem"),
         "--tls-key",
         &tls_fixture("key.pem"),
     ];
-    let lb = Balancer::with_table("lb1", &echo_table(upstream), &tls).await;
+    let lb = Balancer::with_table(
+        "lb1",
+        &echo_table(upstream),
+        &[&tls[..], &["--header-timeout", "1s"]].concat(),
+    )
+    .await;
     lb.wait_up(&["echo"], true).await;
     let ca = tls_fixture("ca.pem");
     let stream = tls_connect_offering(lb.addr, Some(&ca), &[b"h2", b"http/1.1"])
@@ -1704,7 +1710,7 @@ async fn https_clients_may_speak_http2_and_frontends_get_http1() {
     )
     .await
     .unwrap();
-    tokio::spawn(connection);
+    let connection = tokio::spawn(connection);
     let base = format!("https://localhost:{}", lb.addr.port());
 
     // A GET: the front-end gets the host from :authority, the cookies as one field, and
@@ -1751,6 +1757,23 @@ async fn https_clients_may_speak_http2_and_frontends_get_http1() {
         assert_eq!(status.unwrap(), 200);
     }
     assert_eq!(lb.requests_counted(&[r#"server="echo""#]).await, 42);
+
+    // A request in progress holds the connection open past the idle time (the header timeout,
+    // as for HTTP/1.1); once none is, the balancer closes it.
+    let held = tokio::spawn({
+        let mut sender = sender.clone();
+        let request = http::Request::get(format!("{base}/echo/hold"))
+            .body(Parts(Default::default()))
+            .unwrap();
+        async move { sender.send_request(request).await.map(|r| r.status()) }
+    });
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!connection.is_finished() && !held.is_finished());
+    go_on.notify_one();
+    assert_eq!(held.await.unwrap().unwrap(), 200);
+    let closed = tokio::time::timeout(Duration::from_secs(10), connection).await;
+    assert!(closed.is_ok(), "the idle connection was not closed");
+    drop(sender);
 
     // With --no-http2, HTTP/1.1 is all a client can choose.
     let http1 = Balancer::with_table(
