@@ -34,7 +34,9 @@ pub async fn watch(upstream: Weak<Upstream>, config: HealthConfig) {
 pub async fn check(upstream: &Arc<Upstream>, config: &HealthConfig, conn: &mut Option<Connection>) {
     match tokio::time::timeout(config.timeout, probe(upstream, conn)).await {
         Ok(Ok(apps)) => upstream.check_passed(apps, config.rise),
-        Ok(Err(why)) => {
+        // No connection for want of something on this machine: the check did not happen.
+        Ok(Err(Probe::Shortage)) => {}
+        Ok(Err(Probe::Failed(why))) => {
             *conn = None;
             upstream.check_failed(&why, config.fall);
         }
@@ -48,13 +50,33 @@ pub async fn check(upstream: &Arc<Upstream>, config: &HealthConfig, conn: &mut O
     }
 }
 
-async fn probe(upstream: &Upstream, conn: &mut Option<Connection>) -> Result<Vec<String>, String> {
+/// Why a probe gave no health report.
+enum Probe {
+    /// Its connection could not be opened for a want on this machine (see
+    /// [`crate::upstream::shortage`]).
+    Shortage,
+    Failed(String),
+}
+
+impl From<String> for Probe {
+    fn from(why: String) -> Probe {
+        Probe::Failed(why)
+    }
+}
+
+async fn probe(upstream: &Upstream, conn: &mut Option<Connection>) -> Result<Vec<String>, Probe> {
     let mut connection = match conn.take() {
         Some(c) if c.is_open() => c,
-        _ => upstream
-            .connect()
-            .await
-            .map_err(|e| format!("connect failed: {e}"))?,
+        _ => match upstream.connect().await {
+            Ok(c) => c,
+            Err(e) => match crate::upstream::shortage(&e) {
+                Some(hint) => {
+                    crate::upstream::warn_shortage(&e, hint);
+                    return Err(Probe::Shortage);
+                }
+                None => return Err(format!("connect failed: {e}").into()),
+            },
+        },
     };
     let request = format!(
         "GET {HEALTH_PATH} HTTP/1.1\r\nhost: {}\r\nuser-agent: paddock-balancer\r\n\r\n",
@@ -78,7 +100,7 @@ async fn probe(upstream: &Upstream, conn: &mut Option<Connection>) -> Result<Vec
         let state = serde_json::from_slice::<HealthReport>(&body)
             .map(|r| format!(" ({:?})", r.state).to_lowercase())
             .unwrap_or_default();
-        return Err(format!("health answered {status}{state}"));
+        return Err(format!("health answered {status}{state}").into());
     }
     let report: HealthReport = serde_json::from_slice(&body)
         .map_err(|e| format!("the health answer is not a health report: {e}"))?;

@@ -209,6 +209,22 @@ pub async fn handle(
         let conn = match connection {
             Ok(conn) => conn,
             Err(e) => {
+                if let Some(hint) = crate::upstream::shortage(&e) {
+                    // This machine's want, not the front-end's failure: no front-end is marked
+                    // down for it, and another would fail the same way.
+                    crate::upstream::warn_shortage(&e, hint);
+                    return Ok(answer(
+                        shared,
+                        started,
+                        &app,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "the balancer cannot open a connection to a front-end now ({e}); try again shortly"
+                        ),
+                        logged,
+                        Some(request_id),
+                    ));
+                }
                 let why = format!("connect failed: {e}");
                 upstream.failed_passively(&why);
                 last_failure = Some(format!("{}: {why}", upstream.name));

@@ -276,3 +276,35 @@ impl Drop for InFlight {
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
+
+/// Why a connection to a front-end could not be opened when the cause is on this machine (out of
+/// descriptors, ports or socket memory), which says nothing of the front-end's health: what to
+/// raise. `None` for any other failure.
+pub fn shortage(e: &std::io::Error) -> Option<&'static str> {
+    use rustix::io::Errno;
+    match Errno::from_io_error(e)? {
+        Errno::MFILE => Some(
+            "this balancer has as many files open as its open files limit allows; raise it (systemd: LimitNOFILE=65536)",
+        ),
+        Errno::NFILE => Some(
+            "the machine has as many files open as it allows; raise fs.file-max, or find what holds the files",
+        ),
+        Errno::ADDRNOTAVAIL => Some(
+            "no local port is free for a new connection; widen net.ipv4.ip_local_port_range, or find what holds the ports",
+        ),
+        Errno::NOBUFS | Errno::NOMEM => Some("the machine is out of memory for sockets"),
+        _ => None,
+    }
+}
+
+/// Logs a [`shortage`], once every 5 s at most: while it lasts, every request would say it.
+pub fn warn_shortage(e: &std::io::Error, hint: &str) {
+    static LAST: Mutex<Option<Instant>> = Mutex::new(None);
+    let Ok(mut last) = LAST.lock() else {
+        return;
+    };
+    if last.is_none_or(|at| at.elapsed() > Duration::from_secs(5)) {
+        *last = Some(Instant::now());
+        tracing::error!("cannot open a connection to a front-end: {e}: {hint}");
+    }
+}

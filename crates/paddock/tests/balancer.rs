@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use harness::{
-    Balancer, Controller, Db, Frontend, Load, failures, fixture, tls_connect, tls_connect_offering,
-    tls_fixture,
+    Balancer, Conn, Controller, Db, Frontend, Load, failures, fixture, tls_connect,
+    tls_connect_offering, tls_fixture,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -680,6 +680,70 @@ fn a_balancer_raises_its_open_files_limit_and_says_when_it_runs_out() {
     .to_vec();
     args.extend([table.into(), "--data".into(), dir.path().join("lb").into()]);
     harness::open_files_limit_raised_and_said(&args, "balancing on http://", "two per client");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balancer_out_of_descriptors_answers_503_and_takes_no_frontend_for_failed() {
+    let upstream = echo_upstream(Arc::new(tokio::sync::Notify::new())).await;
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("table.json");
+    std::fs::write(&table, echo_table(upstream).to_string()).unwrap();
+    let mut args: Vec<std::ffi::OsString> = [
+        "balancer",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--threads",
+        "1",
+        "--header-timeout",
+        "60s",
+        "--table",
+    ]
+    .map(Into::into)
+    .to_vec();
+    args.extend([table.into(), "--data".into(), dir.path().join("lb").into()]);
+    let (mut lb, lines) = harness::spawn_with_open_files(&args, 256);
+    // The first table is applied once its front-ends had their first check, before the port
+    // opens.
+    harness::next_line(&lines, "up: health checks pass");
+    let addr = harness::address_after(
+        &harness::next_line(&lines, "balancing on http://"),
+        "balancing on http://",
+    );
+    // A client connected first; then idle ones until the balancer has no descriptor left.
+    let mut client = Conn::open(addr).await.unwrap();
+    let idle: Vec<_> = (0..300)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    harness::next_line(&lines, "accept failed");
+    // A request needing a new connection to the front-end: 503 saying why, at once.
+    let reply = client.get("/echo/x").await.unwrap();
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert!(
+        reply
+            .body
+            .contains("cannot open a connection to a front-end"),
+        "{}",
+        reply.body
+    );
+    let said = harness::next_line(&lines, "cannot open a connection to a front-end");
+    assert!(said.contains("LimitNOFILE"), "{said}");
+    // Descriptors free again: the front-end serves at once, never having been taken for down.
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = client.get("/echo/x").await.unwrap();
+        if reply.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{} {}", reply.status, reply.body);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    lb.kill().unwrap();
+    let _ = lb.wait();
+    let said: Vec<String> = lines.try_iter().filter(|l| l.contains("down")).collect();
+    assert!(said.is_empty(), "{said:?}");
 }
 
 /// Sends raw bytes on a new connection and returns what came back until the server closed it

@@ -1616,50 +1616,70 @@ impl Drop for Browser {
     }
 }
 
+/// Starts `paddock <args>` (a server command) under an open files limit of 256, hard limit
+/// `hard`, logging at info; its stderr, line by line.
+pub fn spawn_with_open_files(
+    args: &[std::ffi::OsString],
+    hard: u64,
+) -> (Child, std::sync::mpsc::Receiver<String>) {
+    let mut command = Command::new(PADDOCK);
+    command
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: only an async-signal-safe system call between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: 256,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            eprintln!("[limited] {line}");
+            let _ = tx.send(line);
+        }
+    });
+    (child, lines)
+}
+
+/// The next of `lines` that contains `needle` (within 10 s), skipping the others.
+pub fn next_line(lines: &std::sync::mpsc::Receiver<String>, needle: &str) -> String {
+    loop {
+        match lines.recv_timeout(Duration::from_secs(10)) {
+            Ok(line) if line.contains(needle) => return line,
+            Ok(_) => {}
+            Err(e) => panic!("no line with {needle:?}: {e}"),
+        }
+    }
+}
+
+/// The address a log line gives after `before` (e.g. `"balancing on http://"`).
+pub fn address_after(line: &str, before: &str) -> SocketAddr {
+    line.rsplit(before)
+        .next()
+        .and_then(|a| a.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address after {before:?} in {line:?}"))
+}
+
 /// Checks how `paddock <args>` (a server command) deals with its open files limit. Started under
 /// a soft limit of 256, it raises it to the hard one: 8192 (or the machine's most) and nothing
 /// said; 512, and it warns, naming what one connection costs it (`holds`). Out of descriptors with
 /// 600 clients waiting, it says why accepting fails once, not at each retry (every 50 ms).
 /// `listening` is the start of the log line that gives its address.
 pub fn open_files_limit_raised_and_said(args: &[std::ffi::OsString], listening: &str, holds: &str) {
-    let start = |hard: u64| {
-        let mut command = Command::new(PADDOCK);
-        command
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        // SAFETY: only an async-signal-safe system call between fork and exec.
-        unsafe {
-            command.pre_exec(move || {
-                let limit = libc::rlimit {
-                    rlim_cur: 256,
-                    rlim_max: hard,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = command.spawn().unwrap();
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        (child, lines)
-    };
-    let next = |lines: &std::sync::mpsc::Receiver<String>, needle: &str| loop {
-        match lines.recv_timeout(Duration::from_secs(10)) {
-            Ok(line) if line.contains(needle) => break line,
-            Ok(_) => {}
-            Err(e) => panic!("no line with {needle:?}: {e}"),
-        }
-    };
     // SAFETY: reads into a struct the call fills.
     let most = unsafe {
         let mut limit = std::mem::zeroed::<libc::rlimit>();
@@ -1668,9 +1688,9 @@ pub fn open_files_limit_raised_and_said(args: &[std::ffi::OsString], listening: 
     };
     let high = most.min(8192);
     assert!(high >= 4096, "this machine allows only {most} open files");
-    let (mut child, lines) = start(high);
+    let (mut child, lines) = spawn_with_open_files(args, high);
     assert_eq!(open_files_limit(child.id(), high), (high, high));
-    next(&lines, listening);
+    next_line(&lines, listening);
     child.kill().unwrap();
     let _ = child.wait();
     let said: Vec<String> = lines
@@ -1680,9 +1700,9 @@ pub fn open_files_limit_raised_and_said(args: &[std::ffi::OsString], listening: 
     assert!(said.is_empty(), "{said:?}");
 
     // A hard limit too low to serve many clients: raised as far as it goes, and said.
-    let (mut child, lines) = start(512);
+    let (mut child, lines) = spawn_with_open_files(args, 512);
     assert_eq!(open_files_limit(child.id(), 512), (512, 512));
-    let line = next(&lines, "files at most");
+    let line = next_line(&lines, "files at most");
     assert!(
         line.contains("may open 512 files at most")
             && line.contains(holds)
@@ -1690,18 +1710,11 @@ pub fn open_files_limit_raised_and_said(args: &[std::ffi::OsString], listening: 
         "{line}"
     );
     // Out of descriptors: clients wait in the backlog, and the process says why, once.
-    let address = next(&lines, listening);
-    let address: SocketAddr = address
-        .rsplit(listening)
-        .next()
-        .and_then(|a| a.split_whitespace().next())
-        .unwrap()
-        .parse()
-        .unwrap();
+    let address = address_after(&next_line(&lines, listening), listening);
     let clients: Vec<_> = (0..600)
         .map(|_| std::net::TcpStream::connect(address).unwrap())
         .collect();
-    let line = next(&lines, "accept failed");
+    let line = next_line(&lines, "accept failed");
     assert!(
         line.contains("open files limit allows") && line.contains("LimitNOFILE"),
         "{line}"
