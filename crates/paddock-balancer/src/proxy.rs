@@ -797,6 +797,52 @@ fn refuse(
     response
 }
 
+/// The balancer's own 5xx answers are logged [`OWN_ERRORS_SAID`] per [`OWN_ERRORS_WINDOW`] at
+/// most: in an outage every request would say the same, and the log would grow as fast as the
+/// traffic.
+const OWN_ERRORS_SAID: u32 = 10;
+const OWN_ERRORS_WINDOW: Duration = Duration::from_secs(1);
+static SAID: std::sync::Mutex<Said> = std::sync::Mutex::new(Said {
+    since: None,
+    said: 0,
+    unsaid: 0,
+});
+
+/// What has been logged in the current window.
+struct Said {
+    since: Option<Instant>,
+    said: u32,
+    unsaid: u64,
+}
+
+enum Say {
+    /// Log it; `unsaid` were left out since the last one logged.
+    Yes {
+        unsaid: u64,
+    },
+    No,
+}
+
+impl Said {
+    fn take(&mut self, now: Instant) -> Say {
+        if self
+            .since
+            .is_none_or(|since| now.saturating_duration_since(since) >= OWN_ERRORS_WINDOW)
+        {
+            self.since = Some(now);
+            self.said = 0;
+        }
+        if self.said >= OWN_ERRORS_SAID {
+            self.unsaid += 1;
+            return Say::No;
+        }
+        self.said += 1;
+        Say::Yes {
+            unsaid: std::mem::take(&mut self.unsaid),
+        }
+    }
+}
+
 /// An answer of the balancer itself: plain text naming the problem.
 fn answer(
     shared: &Shared,
@@ -822,7 +868,18 @@ fn answer(
         });
     }
     if status.is_server_error() {
-        tracing::warn!(app, status = status.as_u16(), "{message}");
+        match SAID.lock().map(|mut said| said.take(Instant::now())) {
+            Ok(Say::Yes { unsaid }) => {
+                if unsaid > 0 {
+                    tracing::warn!(
+                        "{unsaid} more answers of the balancer's own with a 5xx status were not logged in the last {:?} (the access log and /metrics have them all)",
+                        OWN_ERRORS_WINDOW
+                    );
+                }
+                tracing::warn!(app, status = status.as_u16(), "{message}");
+            }
+            Ok(Say::No) | Err(_) => {}
+        }
     } else {
         tracing::debug!(app, status = status.as_u16(), "{message}");
     }
@@ -1120,6 +1177,29 @@ mod tests {
         refused(h2("https://a/a", &["a", "a"]), "more than one");
         refused(h2("/a", &[]), "neither :authority nor a Host");
         refused(h2("https://user@example.com/a", &[]), "not a valid host");
+    }
+
+    #[test]
+    fn own_errors_are_logged_ten_a_second_at_most_and_the_rest_counted() {
+        let mut said = Said {
+            since: None,
+            said: 0,
+            unsaid: 0,
+        };
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        for i in 0..OWN_ERRORS_SAID {
+            assert!(matches!(
+                said.take(at(u64::from(i))),
+                Say::Yes { unsaid: 0 }
+            ));
+        }
+        for i in 0..25 {
+            assert!(matches!(said.take(at(100 + i)), Say::No));
+        }
+        // A new window: said again, with the count of those left out.
+        assert!(matches!(said.take(at(1000)), Say::Yes { unsaid: 25 }));
+        assert!(matches!(said.take(at(1001)), Say::Yes { unsaid: 0 }));
     }
 
     #[test]
