@@ -131,6 +131,8 @@ pub struct Shared {
     open: Vec<Arc<AtomicUsize>>,
     /// Stopping or restarting: each response says `Connection: close` and ends its connection.
     closing: AtomicBool,
+    /// Turns true with `closing`: HTTP/2 connections then say GOAWAY.
+    stopping: tokio::sync::watch::Sender<bool>,
     /// Clients come over HTTPS: what `X-Forwarded-Proto` tells the front-ends.
     pub https: bool,
     pub access_log: Option<access_log::AccessLog>,
@@ -329,6 +331,7 @@ pub async fn run(
                 .map(|_| Arc::new(AtomicUsize::new(0)))
                 .collect(),
             closing: AtomicBool::new(false),
+            stopping: tokio::sync::watch::Sender::new(false),
         }),
         health: config.health.clone(),
         pool: config.pool.clone(),
@@ -477,6 +480,7 @@ pub async fn run(
         ),
     }
     balancer.shared.closing.store(true, Ordering::Relaxed);
+    balancer.shared.stopping.send_replace(true);
     let _ = stop_loops.send(true);
     let draining = std::time::Instant::now();
     // Every loop's connections, this one's and the other threads': a stop asked for meanwhile
@@ -717,6 +721,7 @@ impl Client {
     {
         let io = TokioIo::new(guard::Guarded::unscanned(stream, self.send_timeout));
         let peer_ip = self.peer_ip();
+        let mut stopping = self.shared.stopping.subscribe();
         let shared = self.shared;
         // Never raised: HTTP/2 frames each message itself, so its framing cannot be ambiguous.
         let suspect = Arc::new(AtomicBool::new(false));
@@ -734,16 +739,41 @@ impl Client {
             }
         });
         let http = h2::builder(self.max_header_bytes);
-        let connection = self.watcher.watch(http.serve_connection(io, service));
-        // With no request in progress for as long as an HTTP/1.1 connection may wait for its
-        // next one, it is closed (a stop or a restart closes it at once when it is idle, with
-        // GOAWAY).
-        tokio::select! {
-            ended = connection => if let Err(e) = ended {
-                tracing::debug!(peer = %self.peer, "HTTP/2 client connection ended: {e}");
-            },
-            () = streams.idle(self.idle) => {
-                tracing::debug!(peer = %self.peer, "HTTP/2 client connection idle for {:?}: closed", self.idle);
+        let connection = http.serve_connection(io, service);
+        tokio::pin!(connection);
+        // Held until the connection ends: the loop's stop waits for it as for a watched one.
+        let _watcher = self.watcher;
+        // A stop, or no request in progress for as long as an HTTP/1.1 connection may wait for
+        // its next one: GOAWAY, the streams in progress finish, then the connection closes.
+        // Responses the client takes nothing of for the send timeout: closed at once.
+        let mut closing = false;
+        let watch = streams.watch(self.idle, self.send_timeout);
+        tokio::pin!(watch);
+        loop {
+            tokio::select! {
+                ended = connection.as_mut() => {
+                    if let Err(e) = ended {
+                        tracing::debug!(peer = %self.peer, "HTTP/2 client connection ended: {e}");
+                    }
+                    return;
+                }
+                close = &mut watch => match close {
+                    h2::Close::Stalled => {
+                        tracing::debug!(peer = %self.peer, "HTTP/2 client took nothing for {:?}: closed", self.send_timeout);
+                        return;
+                    }
+                    h2::Close::Idle => {
+                        if !std::mem::replace(&mut closing, true) {
+                            connection.as_mut().graceful_shutdown();
+                        }
+                        // Watched again: a client that stalls the last responses is cut off.
+                        watch.set(streams.watch(Duration::MAX, self.send_timeout));
+                    }
+                },
+                _ = stopping.wait_for(|stop| *stop), if !closing => {
+                    closing = true;
+                    connection.as_mut().graceful_shutdown();
+                }
             }
         }
     }

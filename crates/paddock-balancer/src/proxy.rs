@@ -66,6 +66,17 @@ pub async fn handle(
             None,
         ));
     }
+    if request.method() == Method::CONNECT {
+        return Ok(refuse(
+            shared,
+            started,
+            "",
+            StatusCode::NOT_IMPLEMENTED,
+            "CONNECT is not supported: the balancer forwards requests to apps, it opens no tunnels",
+            logged,
+            None,
+        ));
+    }
     let host = match check_host(&request) {
         Ok(host) => host,
         Err(message) => {
@@ -539,7 +550,9 @@ fn check_host<B>(request: &Request<B>) -> Result<Option<HeaderValue>, &'static s
         let authority = request.uri().authority().map(|a| a.as_str());
         return match (authority, first, second) {
             (_, _, Some(_)) => Err("the request has more than one Host header"),
-            (Some(authority), Some(host), None) if host.as_bytes() != authority.as_bytes() => {
+            (Some(authority), Some(host), None)
+                if !host.as_bytes().eq_ignore_ascii_case(authority.as_bytes()) =>
+            {
                 Err("the Host header differs from the request's :authority")
             }
             (Some(authority), _, None) => HeaderValue::from_str(authority)
@@ -649,6 +662,7 @@ fn encode_head(
         })
         .collect();
     let mut id = None;
+    let mut length_sent = false;
     for (name, value) in headers {
         if *name == X_REQUEST_ID {
             // The first valid one is kept; others (and any after it) are dropped.
@@ -664,6 +678,10 @@ fn encode_head(
             continue;
         }
         if h2 && *name == header::COOKIE {
+            continue;
+        }
+        // HTTP/2 lets equal duplicates through (h2 checked them against the body): one is sent.
+        if h2 && *name == header::CONTENT_LENGTH && std::mem::replace(&mut length_sent, true) {
             continue;
         }
         if h1::is_hop_by_hop(name)
@@ -1135,6 +1153,15 @@ mod tests {
             head.contains("\r\nx-forwarded-host: example.com:8443\r\n"),
             "{head}"
         );
+        // Equal Content-Length fields, which HTTP/2 lets through: one goes on.
+        let request = Request::post("https://example.com/a")
+            .version(Version::HTTP_2)
+            .header("content-length", "3")
+            .header("content-length", "3")
+            .body(())
+            .unwrap();
+        let head = head_over(request, Some("example.com"), true);
+        assert_eq!(head.matches("content-length: 3\r\n").count(), 1, "{head}");
         // HTTP/1.1 cookies go as they came.
         let request = Request::get("/a")
             .header("host", "example.com")
@@ -1173,6 +1200,10 @@ mod tests {
         let refused = |result: Result<Option<HeaderValue>, &str>, says: &str| {
             assert!(result.is_err_and(|e| e.contains(says)), "{says}");
         };
+        assert_eq!(
+            h2("https://example.com/a", &["Example.COM"]),
+            host("example.com")
+        );
         refused(h2("https://example.com/a", &["other.com"]), "differs");
         refused(h2("https://a/a", &["a", "a"]), "more than one");
         refused(h2("/a", &[]), "neither :authority nor a Host");

@@ -1735,7 +1735,8 @@ async fn upload(addr: std::net::SocketAddr, target: &str, size: usize, chunked: 
 async fn https_clients_may_speak_http2_and_frontends_get_http1() {
     use http_body_util::BodyExt as _;
 
-    /// A request body of these parts, of a length said nowhere (sent as it comes).
+    /// A request body of these parts, of a length said nowhere (sent as it comes); none: a
+    /// request without a body.
     struct Parts(std::collections::VecDeque<bytes::Bytes>);
     impl http_body::Body for Parts {
         type Data = bytes::Bytes;
@@ -1745,6 +1746,9 @@ async fn https_clients_may_speak_http2_and_frontends_get_http1() {
             _: &mut std::task::Context<'_>,
         ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
             std::task::Poll::Ready(self.0.pop_front().map(|p| Ok(http_body::Frame::data(p))))
+        }
+        fn is_end_stream(&self) -> bool {
+            self.0.is_empty()
         }
     }
 
@@ -1759,7 +1763,11 @@ async fn https_clients_may_speak_http2_and_frontends_get_http1() {
     let lb = Balancer::with_table(
         "lb1",
         &echo_table(upstream),
-        &[&tls[..], &["--header-timeout", "1s"]].concat(),
+        &[
+            &tls[..],
+            &["--header-timeout", "3s", "--send-timeout", "2s"],
+        ]
+        .concat(),
     )
     .await;
     lb.wait_up(&["echo"], true).await;
@@ -1792,6 +1800,11 @@ async fn https_clients_may_speak_http2_and_frontends_get_http1() {
     assert_eq!(got("x-got-cookie"), "a=1; b=2");
     assert_eq!(got("x-got-cookie-fields"), "1");
     assert_eq!(got("x-got-forwarded-proto"), "https");
+    assert_eq!(
+        got("x-got-te"),
+        "",
+        "a request without a body went on with one"
+    );
     assert!(got("x-got-request-id").starts_with("lb1-"), "{response:?}");
 
     // A body of no said length goes on chunked, whole.
@@ -1831,13 +1844,73 @@ async fn https_clients_may_speak_http2_and_frontends_get_http1() {
             .unwrap();
         async move { sender.send_request(request).await.map(|r| r.status()) }
     });
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(!connection.is_finished() && !held.is_finished());
     go_on.notify_one();
     assert_eq!(held.await.unwrap().unwrap(), 200);
     let closed = tokio::time::timeout(Duration::from_secs(10), connection).await;
-    assert!(closed.is_ok(), "the idle connection was not closed");
+    assert!(
+        matches!(closed, Ok(Ok(Ok(())))),
+        "the idle connection was not closed (with GOAWAY): {closed:?}"
+    );
     drop(sender);
+
+    // A client that takes none of a response (its flow-control window stays full) is cut off
+    // after the send timeout, as an HTTP/1.1 one that stops reading is.
+    let stream = tls_connect_offering(lb.addr, Some(&ca), &[b"h2"])
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get(format!("{base}/echo/large"))
+        .body(Parts(Default::default()))
+        .unwrap();
+    let unread = sender.send_request(request).await.unwrap();
+    assert_eq!(unread.status(), 200);
+    let cut = tokio::time::timeout(Duration::from_secs(10), connection).await;
+    assert!(cut.is_ok(), "a client taking nothing was not cut off");
+    drop((unread, sender));
+
+    // A stop lets a request in progress on an HTTP/2 connection finish, then closes it.
+    let stream = tls_connect_offering(lb.addr, Some(&ca), &[b"h2"])
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get(format!("{base}/echo/hold"))
+        .body(Parts(Default::default()))
+        .unwrap();
+    let held = tokio::spawn(async move { sender.send_request(request).await.map(|r| r.status()) });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lb
+        .metric_sum("paddock_balancer_upstream_in_flight", &[])
+        .await
+        == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the held request never reached the front-end"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let offset = lb.log_len();
+    lb.signal("TERM");
+    lb.wait_for_log_after(offset, "stopping", Duration::from_secs(10))
+        .await;
+    go_on.notify_one();
+    assert_eq!(held.await.unwrap().unwrap(), 200);
+    let closed = tokio::time::timeout(Duration::from_secs(10), connection).await;
+    assert!(matches!(closed, Ok(Ok(Ok(())))), "{closed:?}");
 
     // With --no-http2, HTTP/1.1 is all a client can choose.
     let http1 = Balancer::with_table(
