@@ -72,8 +72,9 @@ pub enum ServeError {
     #[error("the request could not be passed to the app")]
     BadRequest,
     /// The request's body is larger than the app takes (`[limits] request_body_mib`): 413.
+    /// Its text is for the app's users; the front-end's log names the setting.
     #[error(
-        "the request body is over the app's limit of {limit_mib} MiB (`request_body_mib` under [limits] in its paddock.toml); send a smaller one"
+        "the request body is larger than this app takes ({limit_mib} MiB at most); send a smaller one"
     )]
     BodyTooLarge { limit_mib: u32 },
 }
@@ -123,7 +124,12 @@ impl Runtime {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|length| length > limit) {
-            tracing::debug!(app = %spec.name, request = request_id, "{too_large}");
+            tracing::debug!(
+                app = %spec.name,
+                request = request_id,
+                "request body refused: over the app's `request_body_mib` ({} MiB, [limits] in its paddock.toml)",
+                spec.limits.request_body_mib
+            );
             return Err(too_large);
         }
         // Set once the app reads past the limit: the request is then answered 413, and its
