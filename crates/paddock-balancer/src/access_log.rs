@@ -62,6 +62,8 @@ pub struct Entry<'a> {
     pub host: &'a str,
     /// Path and query, as the client sent them.
     pub target: &'a str,
+    /// `HTTP/1.1`, `HTTP/2.0` or `HTTP/1.0`, as the client spoke.
+    pub protocol: &'a str,
     pub status: u16,
     /// Response body bytes handed to the client.
     pub bytes: u64,
@@ -394,6 +396,7 @@ mod tests {
             method: "GET",
             host: "shop.example",
             target,
+            protocol: "HTTP/1.1",
             status: 200,
             bytes: 12,
             ms: millis(Duration::from_micros(1_234)),
@@ -419,7 +422,7 @@ mod tests {
             text,
             concat!(
                 r#"{"time":"2025-12-01T06:21:02.123Z","client":"10.0.0.7","method":"GET","host":"shop.example","#,
-                r#""target":"/shop/cart?item=\"1\"","status":200,"bytes":12,"ms":1.234,"app":"shop","#,
+                r#""target":"/shop/cart?item=\"1\"","protocol":"HTTP/1.1","status":200,"bytes":12,"ms":1.234,"app":"shop","#,
                 r#""version":"3","server":"fe-1","tries":1,"request_id":"lb1-19ad8f3c2a1-2a","complete":true,"#,
                 r#""error":null}"#,
                 "\n"

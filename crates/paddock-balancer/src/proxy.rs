@@ -402,6 +402,7 @@ pub(crate) struct Logged {
     method: Method,
     host: Option<HeaderValue>,
     target: Option<http::uri::PathAndQuery>,
+    protocol: Version,
     app: Option<Arc<String>>,
     tries: u32,
     /// The id forwarded to the front-ends (none: the request was refused before).
@@ -437,6 +438,7 @@ impl Logged {
                 HeaderValue::from_str(authority.as_str()).ok()
             }),
             target: request.uri().path_and_query().cloned(),
+            protocol: request.version(),
             app: None,
             tries: 0,
             request_id: None,
@@ -459,6 +461,11 @@ impl Logged {
             method: self.method.as_str(),
             host: host.as_deref().unwrap_or_default(),
             target: self.target.as_ref().map_or("", |t| t.as_str()),
+            protocol: match self.protocol {
+                Version::HTTP_2 => "HTTP/2.0",
+                Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
             status: answered.status,
             bytes: answered.bytes,
             ms: crate::access_log::millis(elapsed),

@@ -1763,12 +1763,15 @@ async fn https_clients_may_speak_http2_and_frontends_get_http1() {
         "--tls-key",
         &tls_fixture("key.pem"),
     ];
+    let logs = tempfile::tempdir().unwrap();
+    let access_log = logs.path().join("access.log");
     let lb = Balancer::with_table(
         "lb1",
         &echo_table(upstream),
         &[
             &tls[..],
             &["--header-timeout", "3s", "--send-timeout", "2s"],
+            &["--access-log", &access_log.display().to_string()],
         ]
         .concat(),
     )
@@ -1809,6 +1812,14 @@ async fn https_clients_may_speak_http2_and_frontends_get_http1() {
         "a request without a body went on with one"
     );
     assert!(got("x-got-request-id").starts_with("lb1-"), "{response:?}");
+    // The access log says how the client spoke, and the host it named.
+    let lines = access_lines(&access_log, 1).await;
+    assert_eq!(lines[0]["protocol"], "HTTP/2.0", "{lines:#?}");
+    assert_eq!(
+        lines[0]["host"],
+        format!("localhost:{}", lb.addr.port()),
+        "{lines:#?}"
+    );
 
     // A body of no said length goes on chunked, whole.
     let parts = ["first ", "second ", "third"]
