@@ -703,7 +703,7 @@ async fn a_balancer_out_of_descriptors_answers_503_and_takes_no_frontend_for_fai
     .map(Into::into)
     .to_vec();
     args.extend([table.into(), "--data".into(), dir.path().join("lb").into()]);
-    let (mut lb, lines) = harness::spawn_with_open_files(&args, 256);
+    let (lb, lines) = harness::spawn_with_open_files(&args, 256);
     // The first table is applied once its front-ends had their first check, before the port
     // opens.
     harness::next_line(&lines, "up: health checks pass");
@@ -740,8 +740,7 @@ async fn a_balancer_out_of_descriptors_answers_503_and_takes_no_frontend_for_fai
         assert!(Instant::now() < deadline, "{} {}", reply.status, reply.body);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    lb.kill().unwrap();
-    let _ = lb.wait();
+    drop(lb);
     let said: Vec<String> = lines.try_iter().filter(|l| l.contains("down")).collect();
     assert!(said.is_empty(), "{said:?}");
 }
@@ -1778,17 +1777,7 @@ async fn https_clients_may_speak_http2_and_frontends_get_http1() {
     .await;
     lb.wait_up(&["echo"], true).await;
     let ca = tls_fixture("ca.pem");
-    let stream = tls_connect_offering(lb.addr, Some(&ca), &[b"h2", b"http/1.1"])
-        .await
-        .unwrap();
-    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    let connection = tokio::spawn(connection);
+    let (sender, connection) = h2_connect(lb.addr, &ca).await;
     let base = format!("https://localhost:{}", lb.addr.port());
 
     // A GET: the front-end gets the host from :authority, the cookies as one field, and
@@ -1871,16 +1860,7 @@ async fn https_clients_may_speak_http2_and_frontends_get_http1() {
 
     // A client that takes none of a response (its flow-control window stays full) is cut off
     // after the send timeout, as an HTTP/1.1 one that stops reading is.
-    let stream = tls_connect_offering(lb.addr, Some(&ca), &[b"h2"])
-        .await
-        .unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    let connection = tokio::spawn(connection);
+    let (mut sender, connection) = h2_connect(lb.addr, &ca).await;
     let request = http::Request::get(format!("{base}/echo/large"))
         .body(Parts(Default::default()))
         .unwrap();
@@ -1891,16 +1871,7 @@ async fn https_clients_may_speak_http2_and_frontends_get_http1() {
     drop((unread, sender));
 
     // A stop lets a request in progress on an HTTP/2 connection finish, then closes it.
-    let stream = tls_connect_offering(lb.addr, Some(&ca), &[b"h2"])
-        .await
-        .unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    let connection = tokio::spawn(connection);
+    let (mut sender, connection) = h2_connect(lb.addr, &ca).await;
     let request = http::Request::get(format!("{base}/echo/hold"))
         .body(Parts(Default::default()))
         .unwrap();
@@ -1937,6 +1908,33 @@ async fn https_clients_may_speak_http2_and_frontends_get_http1() {
         .await
         .unwrap();
     assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+}
+
+/// An HTTP/2 connection to the balancer at `addr`, trusting `ca`: the client offers h2 and
+/// HTTP/1.1, and the balancer chooses h2. Its request sender, and the task driving it.
+async fn h2_connect<B>(
+    addr: std::net::SocketAddr,
+    ca: &str,
+) -> (
+    hyper::client::conn::http2::SendRequest<B>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+)
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tls_connect_offering(addr, Some(ca), &[b"h2", b"http/1.1"])
+        .await
+        .unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    (sender, tokio::spawn(connection))
 }
 
 /// Awaits every future, each on a task of its own; their outputs in order.

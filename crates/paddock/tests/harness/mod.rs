@@ -1616,12 +1616,22 @@ impl Drop for Browser {
     }
 }
 
+/// A process the test started by hand, killed when dropped (a failing test leaves none behind).
+pub struct Started(pub Child);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `paddock <args>` (a server command) under an open files limit of 256, hard limit
 /// `hard`, logging at info; its stderr, line by line.
 pub fn spawn_with_open_files(
     args: &[std::ffi::OsString],
     hard: u64,
-) -> (Child, std::sync::mpsc::Receiver<String>) {
+) -> (Started, std::sync::mpsc::Receiver<String>) {
     let mut command = Command::new(PADDOCK);
     command
         .args(args)
@@ -1651,7 +1661,7 @@ pub fn spawn_with_open_files(
             let _ = tx.send(line);
         }
     });
-    (child, lines)
+    (Started(child), lines)
 }
 
 /// The next of `lines` that contains `needle` (within 10 s), skipping the others.
@@ -1688,11 +1698,10 @@ pub fn open_files_limit_raised_and_said(args: &[std::ffi::OsString], listening: 
     };
     let high = most.min(8192);
     assert!(high >= 4096, "this machine allows only {most} open files");
-    let (mut child, lines) = spawn_with_open_files(args, high);
-    assert_eq!(open_files_limit(child.id(), high), (high, high));
+    let (child, lines) = spawn_with_open_files(args, high);
+    assert_eq!(open_files_limit(child.0.id(), high), (high, high));
     next_line(&lines, listening);
-    child.kill().unwrap();
-    let _ = child.wait();
+    drop(child);
     let said: Vec<String> = lines
         .iter()
         .filter(|l| l.contains("files at most"))
@@ -1700,8 +1709,8 @@ pub fn open_files_limit_raised_and_said(args: &[std::ffi::OsString], listening: 
     assert!(said.is_empty(), "{said:?}");
 
     // A hard limit too low to serve many clients: raised as far as it goes, and said.
-    let (mut child, lines) = spawn_with_open_files(args, 512);
-    assert_eq!(open_files_limit(child.id(), 512), (512, 512));
+    let (child, lines) = spawn_with_open_files(args, 512);
+    assert_eq!(open_files_limit(child.0.id(), 512), (512, 512));
     let line = next_line(&lines, "files at most");
     assert!(
         line.contains("may open 512 files at most")
@@ -1731,8 +1740,7 @@ pub fn open_files_limit_raised_and_said(args: &[std::ffi::OsString], listening: 
     }
     assert_eq!(again, 0, "the accept failure was said again within 2 s");
     drop(clients);
-    child.kill().unwrap();
-    let _ = child.wait();
+    drop(child);
 }
 
 /// The soft and hard limits of open files of process `pid`, once its soft one is `soft`.
