@@ -666,43 +666,47 @@ fn flags_that_cannot_work_are_refused_naming_the_flag() {
 #[test]
 fn a_balancer_raises_its_open_files_limit_and_says_when_it_runs_out() {
     let dir = tempfile::tempdir().unwrap();
-    let table = dir.path().join("table.json");
-    std::fs::write(&table, r#"{"generation": 1, "zones": [], "routes": []}"#).unwrap();
+    let empty = serde_json::json!({"generation": 1, "zones": [], "routes": []});
+    let args = table_balancer_args(dir.path(), &empty, &[]);
+    harness::open_files_limit_raised_and_said(&args, "balancing on http://", "two per client");
+}
+
+/// The command line of a balancer routing by `table` (written into `dir`, its data there too).
+fn table_balancer_args(
+    dir: &Path,
+    table: &serde_json::Value,
+    extra: &[&str],
+) -> Vec<std::ffi::OsString> {
+    let file = dir.join("table.json");
+    std::fs::write(&file, table.to_string()).unwrap();
     let mut args: Vec<std::ffi::OsString> = [
         "balancer",
         "--listen",
         "127.0.0.1:0",
         "--admin",
         "127.0.0.1:0",
-        "--table",
     ]
     .map(Into::into)
     .to_vec();
-    args.extend([table.into(), "--data".into(), dir.path().join("lb").into()]);
-    harness::open_files_limit_raised_and_said(&args, "balancing on http://", "two per client");
+    args.extend(extra.iter().map(Into::into));
+    args.extend([
+        "--table".into(),
+        file.into(),
+        "--data".into(),
+        dir.join("lb").into(),
+    ]);
+    args
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_balancer_out_of_descriptors_answers_503_and_takes_no_frontend_for_failed() {
     let upstream = echo_upstream(Arc::new(tokio::sync::Notify::new())).await;
     let dir = tempfile::tempdir().unwrap();
-    let table = dir.path().join("table.json");
-    std::fs::write(&table, echo_table(upstream).to_string()).unwrap();
-    let mut args: Vec<std::ffi::OsString> = [
-        "balancer",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--threads",
-        "1",
-        "--header-timeout",
-        "60s",
-        "--table",
-    ]
-    .map(Into::into)
-    .to_vec();
-    args.extend([table.into(), "--data".into(), dir.path().join("lb").into()]);
+    let args = table_balancer_args(
+        dir.path(),
+        &echo_table(upstream),
+        &["--threads", "1", "--header-timeout", "60s"],
+    );
     let (lb, lines) = harness::spawn_with_open_files(&args, 256);
     // The first table is applied once its front-ends had their first check, before the port
     // opens.
