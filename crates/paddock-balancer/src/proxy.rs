@@ -433,7 +433,7 @@ impl Logged {
             client: client.clone(),
             method: request.method().clone(),
             host: request.headers().get(header::HOST).cloned().or_else(|| {
-                // HTTP/2: the `:authority`.
+                // No `Host`: the request's authority (HTTP/2's `:authority`).
                 let authority = request.uri().authority()?;
                 HeaderValue::from_str(authority.as_str()).ok()
             }),

@@ -1700,13 +1700,19 @@ pub fn open_files_limit_raised_and_said(args: &[std::ffi::OsString], listening: 
     assert!(high >= 4096, "this machine allows only {most} open files");
     let (child, lines) = spawn_with_open_files(args, high);
     assert_eq!(open_files_limit(child.0.id(), high), (high, high));
-    next_line(&lines, listening);
+    // Every line it wrote until it listens (the warning would come before).
+    let mut said = Vec::new();
+    while !said.last().is_some_and(|l: &String| l.contains(listening)) {
+        match lines.recv_timeout(Duration::from_secs(10)) {
+            Ok(line) => said.push(line),
+            Err(e) => panic!("no line with {listening:?}: {e}; it said {said:#?}"),
+        }
+    }
     drop(child);
-    let said: Vec<String> = lines
-        .iter()
-        .filter(|l| l.contains("files at most"))
-        .collect();
-    assert!(said.is_empty(), "{said:?}");
+    assert!(
+        !said.iter().any(|l| l.contains("files at most")),
+        "{said:#?}"
+    );
 
     // A hard limit too low to serve many clients: raised as far as it goes, and said.
     let (child, lines) = spawn_with_open_files(args, 512);
