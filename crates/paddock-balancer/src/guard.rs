@@ -24,7 +24,8 @@ const MAX_LINE: usize = 16 * 1024;
 /// client has taken nothing for `send_timeout`.
 pub struct Guarded<T> {
     inner: T,
-    scanner: Scanner,
+    /// None on a connection whose framing needs no watching.
+    scanner: Option<Scanner>,
     send_timeout: Duration,
     /// Armed while a write waits for the client to make room.
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -40,7 +41,7 @@ impl<T> Guarded<T> {
     ) -> Guarded<T> {
         Guarded {
             inner,
-            scanner: Scanner::new(max_head, suspect),
+            scanner: Some(Scanner::new(max_head, suspect)),
             send_timeout,
             stalled: None,
         }
@@ -49,11 +50,9 @@ impl<T> Guarded<T> {
     /// A connection whose framing needs no watching (HTTP/2 frames each message itself): only
     /// its writes are timed.
     pub fn unscanned(inner: T, send_timeout: Duration) -> Guarded<T> {
-        let mut scanner = Scanner::new(0, Arc::new(AtomicBool::new(false)));
-        scanner.state = State::Off;
         Guarded {
             inner,
-            scanner,
+            scanner: None,
             send_timeout,
             stalled: None,
         }
@@ -93,8 +92,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
         let before = buf.filled().len();
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = polled {
-            this.scanner.feed(&buf.filled()[before..]);
+        if let (Poll::Ready(Ok(())), Some(scanner)) = (&polled, &mut this.scanner) {
+            scanner.feed(&buf.filled()[before..]);
         }
         polled
     }

@@ -705,7 +705,12 @@ impl Client {
         let peer_ip = self.peer_ip();
         let shared = self.shared;
         let service = service_fn(move |request| {
-            proxy::handle(request, shared.clone(), peer_ip.clone(), suspect.clone())
+            proxy::handle(
+                request,
+                shared.clone(),
+                peer_ip.clone(),
+                Some(suspect.clone()),
+            )
         });
         let connection = self.watcher.watch(self.http.serve_connection(io, service));
         if let Err(e) = connection.await {
@@ -723,15 +728,13 @@ impl Client {
         let peer_ip = self.peer_ip();
         let mut stopping = self.shared.stopping.subscribe();
         let shared = self.shared;
-        // Never raised: HTTP/2 frames each message itself, so its framing cannot be ambiguous.
-        let suspect = Arc::new(AtomicBool::new(false));
         let streams = h2::Streams::new();
         let service = service_fn({
             let streams = streams.clone();
             move |request| {
                 let stream = streams.start();
-                let handled =
-                    proxy::handle(request, shared.clone(), peer_ip.clone(), suspect.clone());
+                // No framing to watch: HTTP/2 frames each message itself.
+                let handled = proxy::handle(request, shared.clone(), peer_ip.clone(), None);
                 async move {
                     let Ok(response) = handled.await;
                     h2::Answer::Ok(response.map(|body| h2::Counted { body, stream }))

@@ -47,7 +47,7 @@ pub async fn handle(
     request: Request<Incoming>,
     shared: Arc<Shared>,
     peer_ip: HeaderValue,
-    suspect: Arc<AtomicBool>,
+    suspect: Option<Arc<AtomicBool>>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let logged = &mut shared
@@ -55,7 +55,7 @@ pub async fn handle(
         .as_ref()
         .map(|log| Box::new(Logged::of(log, started, &request, &peer_ip)));
     let shared = &shared;
-    if suspect.load(Ordering::Acquire) {
+    if suspect.is_some_and(|suspect| suspect.load(Ordering::Acquire)) {
         return Ok(refuse(
             shared,
             started,
