@@ -28,6 +28,7 @@ pub mod h2;
 pub mod health;
 pub mod metrics;
 pub mod proxy;
+pub mod sends;
 pub mod table;
 pub mod tls;
 pub mod upstream;
@@ -620,6 +621,33 @@ fn http_builder(config: &BalancerConfig) -> hyper::server::conn::http1::Builder 
     http
 }
 
+/// What one event loop gives each client connection it serves.
+struct Serving {
+    http: hyper::server::conn::http1::Builder,
+    graceful: hyper_util::server::graceful::GracefulShutdown,
+    sends: Arc<sends::Sends>,
+    /// Writes `sends` until the loop ends, after its connections.
+    sending: sends::Sending,
+}
+
+impl Serving {
+    fn new(config: &BalancerConfig) -> Serving {
+        let (sends, sending) = sends::Sends::start();
+        Serving {
+            http: http_builder(config),
+            graceful: hyper_util::server::graceful::GracefulShutdown::new(),
+            sends,
+            sending,
+        }
+    }
+
+    /// Lets the loop's connections finish (see [`finish_connections`]).
+    async fn finish(self, open: &AtomicUsize) {
+        finish_connections(self.graceful, open).await;
+        drop(self.sending);
+    }
+}
+
 /// Serves one client connection on the current event loop, after its TLS handshake when the
 /// port speaks HTTPS; `open` (counted by the accepting loop already) goes down when it ends.
 fn serve(
@@ -627,16 +655,16 @@ fn serve(
     peer: SocketAddr,
     shared: &Arc<Shared>,
     config: &BalancerConfig,
-    http: &hyper::server::conn::http1::Builder,
-    graceful: &hyper_util::server::graceful::GracefulShutdown,
+    serving: &Serving,
     open: &Arc<AtomicUsize>,
 ) {
     let _ = stream.set_nodelay(true);
+    let stream = serving.sends.stream(stream);
     let client = Client {
         peer,
         shared: shared.clone(),
-        http: http.clone(),
-        watcher: graceful.watcher(),
+        http: serving.http.clone(),
+        watcher: serving.graceful.watcher(),
         max_header_bytes: config.max_header_bytes,
         send_timeout: config.send_timeout,
         idle: config.header_timeout,
@@ -791,8 +819,7 @@ async fn accept_loop(
     config: BalancerConfig,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let http = http_builder(&config);
+    let serving = Serving::new(&config);
     let mut last_warned = None;
     loop {
         let (stream, peer) = tokio::select! {
@@ -829,7 +856,7 @@ async fn accept_loop(
         // Counted now, so that the next choice sees it.
         open.fetch_add(1, Ordering::Relaxed);
         let Some(handoff) = handoff else {
-            serve(stream, peer, &shared, &config, &http, &graceful, open);
+            serve(stream, peer, &shared, &config, &serving, open);
             continue;
         };
         let handed = match stream.into_std() {
@@ -847,7 +874,7 @@ async fn accept_loop(
     // The other loops finish their connections once their hand-off channel closes.
     drop(handoffs);
     let open = shared.open[0].clone();
-    finish_connections(graceful, &open).await;
+    serving.finish(&open).await;
 }
 
 /// How long a stopping balancer keeps an idle client connection open for its next request
@@ -882,18 +909,17 @@ async fn serve_handed(
     shared: Arc<Shared>,
     config: BalancerConfig,
 ) {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let http = http_builder(&config);
+    let serving = Serving::new(&config);
     while let Some((stream, peer)) = incoming.recv().await {
         match tokio::net::TcpStream::from_std(stream) {
-            Ok(stream) => serve(stream, peer, &shared, &config, &http, &graceful, &open),
+            Ok(stream) => serve(stream, peer, &shared, &config, &serving, &open),
             Err(e) => {
                 open.fetch_sub(1, Ordering::Relaxed);
                 tracing::warn!("taking over a connection from {peer} failed: {e}");
             }
         }
     }
-    finish_connections(graceful, &open).await;
+    serving.finish(&open).await;
 }
 
 /// A port beside the client port (admin, redirect): the one handed over, or a new one bound at
