@@ -29,6 +29,9 @@ pub struct Guarded<T> {
     send_timeout: Duration,
     /// Armed while a write waits for the client to make room.
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Bytes the socket took, counted beneath this wrapper (where writes may be queued and
+    /// sent later: [`crate::sends`]), and the count when the timer was armed.
+    progress: Option<(Arc<std::sync::atomic::AtomicU64>, u64)>,
 }
 
 impl<T> Guarded<T> {
@@ -44,6 +47,7 @@ impl<T> Guarded<T> {
             scanner: Some(Scanner::new(max_head, suspect)),
             send_timeout,
             stalled: None,
+            progress: None,
         }
     }
 
@@ -55,7 +59,14 @@ impl<T> Guarded<T> {
             scanner: None,
             send_timeout,
             stalled: None,
+            progress: None,
         }
+    }
+
+    /// A write waiting for room counts as stalled only while `sent` does not move.
+    pub fn with_progress(mut self, sent: Arc<std::sync::atomic::AtomicU64>) -> Guarded<T> {
+        self.progress = Some((sent, 0));
+        self
     }
 
     /// After a write: progress disarms the stall timer; waiting arms it, and fails the write
@@ -68,6 +79,14 @@ impl<T> Guarded<T> {
         if polled.is_ready() {
             self.stalled = None;
             return polled;
+        }
+        if let Some((sent, seen)) = &mut self.progress {
+            let now = sent.load(Ordering::Relaxed);
+            if now != *seen {
+                // The client took bytes since the timer was armed: it starts again.
+                *seen = now;
+                self.stalled = None;
+            }
         }
         let timeout = self.send_timeout;
         let stalled = self
@@ -365,6 +384,61 @@ fn chunk_size(line: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client that never makes room.
+    struct Full;
+
+    impl AsyncWrite for Full {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Pending
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_fails_once_the_client_took_nothing_for_the_send_timeout() {
+        let timeout = Duration::from_secs(10);
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut guarded = Guarded::unscanned(Full, timeout).with_progress(sent.clone());
+        let mut flush =
+            || futures_poll(|cx| Pin::new(&mut guarded).poll_flush(cx).map(|r| r.is_err()));
+        assert_eq!(flush(), None);
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert_eq!(flush(), None);
+        // Bytes taken beneath (by the loop's sending task): the wait starts again.
+        sent.fetch_add(100, Ordering::Relaxed);
+        assert_eq!(flush(), None);
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert_eq!(
+            flush(),
+            None,
+            "timed out although the client took bytes 9 s ago"
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(
+            flush(),
+            Some(true),
+            "no timeout after 11 s with nothing taken"
+        );
+    }
+
+    /// Polls once with a waker that does nothing.
+    fn futures_poll<R>(mut poll: impl FnMut(&mut Context<'_>) -> Poll<R>) -> Option<R> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match poll(&mut cx) {
+            Poll::Ready(r) => Some(r),
+            Poll::Pending => None,
+        }
+    }
 
     fn scan(chunks: &[&[u8]]) -> bool {
         let suspect = Arc::new(AtomicBool::new(false));

@@ -626,25 +626,20 @@ struct Serving {
     http: hyper::server::conn::http1::Builder,
     graceful: hyper_util::server::graceful::GracefulShutdown,
     sends: Arc<sends::Sends>,
-    /// Writes `sends` until the loop ends, after its connections.
-    sending: sends::Sending,
 }
 
 impl Serving {
     fn new(config: &BalancerConfig) -> Serving {
-        let (sends, sending) = sends::Sends::start();
         Serving {
             http: http_builder(config),
             graceful: hyper_util::server::graceful::GracefulShutdown::new(),
-            sends,
-            sending,
+            sends: sends::Sends::start(config.send_timeout),
         }
     }
 
     /// Lets the loop's connections finish (see [`finish_connections`]).
     async fn finish(self, open: &AtomicUsize) {
         finish_connections(self.graceful, open).await;
-        drop(self.sending);
     }
 }
 
@@ -660,6 +655,7 @@ fn serve(
 ) {
     let _ = stream.set_nodelay(true);
     let stream = serving.sends.stream(stream);
+    let progress = stream.progress();
     let client = Client {
         peer,
         shared: shared.clone(),
@@ -667,6 +663,7 @@ fn serve(
         watcher: serving.graceful.watcher(),
         max_header_bytes: config.max_header_bytes,
         send_timeout: config.send_timeout,
+        progress,
         idle: config.header_timeout,
     };
     let open = open.clone();
@@ -706,6 +703,8 @@ struct Client {
     watcher: hyper_util::server::graceful::Watcher,
     max_header_bytes: usize,
     send_timeout: Duration,
+    /// Bytes the client's socket took (see [`sends::Stream::progress`]).
+    progress: Arc<std::sync::atomic::AtomicU64>,
     /// Longest an HTTP/2 connection stays open with no request in progress (an HTTP/1.1 one
     /// waits as long for its next request's head).
     idle: Duration,
@@ -724,12 +723,15 @@ impl Client {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let suspect = Arc::new(AtomicBool::new(false));
-        let io = TokioIo::new(guard::Guarded::new(
-            stream,
-            self.max_header_bytes,
-            self.send_timeout,
-            suspect.clone(),
-        ));
+        let io = TokioIo::new(
+            guard::Guarded::new(
+                stream,
+                self.max_header_bytes,
+                self.send_timeout,
+                suspect.clone(),
+            )
+            .with_progress(self.progress.clone()),
+        );
         let peer_ip = self.peer_ip();
         let shared = self.shared;
         let service = service_fn(move |request| {
@@ -752,7 +754,10 @@ impl Client {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let io = TokioIo::new(guard::Guarded::unscanned(stream, self.send_timeout));
+        let io = TokioIo::new(
+            guard::Guarded::unscanned(stream, self.send_timeout)
+                .with_progress(self.progress.clone()),
+        );
         let peer_ip = self.peer_ip();
         let mut stopping = self.shared.stopping.subscribe();
         let shared = self.shared;

@@ -14,14 +14,18 @@
 //!
 //! Invariants: bytes reach the socket in the order they were written; a `flush` answers ready
 //! only when nothing is left or the rest goes out in this turn; what the socket cannot take now
-//! is written by the connection's own task, which waits for room like any writer (so the send
-//! timeout sees a client that reads nothing); an error of a queued write is returned by the
-//! connection's next write or flush, and wakes its task.
+//! is written by the connection's own task, which waits for room like any writer, and every
+//! byte the socket takes counts as progress for the send timeout ([`Stream::progress`]); an
+//! error of a queued write is returned by the connection's next write or flush, and wakes its
+//! task; bytes left when the connection is dropped (hyper took the queued flush as done) are
+//! still written, by a task of their own, for at most the send timeout.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker, ready};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -31,35 +35,29 @@ use tokio::sync::Notify;
 const QUEUED_WRITE: usize = 16 * 1024;
 /// Most bytes a connection holds queued.
 const QUEUED_MOST: usize = 64 * 1024;
-/// A connection's queue keeps its allocation up to this size between turns.
-const KEPT_CAPACITY: usize = 16 * 1024;
+/// A connection's queue keeps its allocation up to this size between turns (an idle
+/// keep-alive connection holds no more).
+const KEPT_CAPACITY: usize = 4 * 1024;
 
 /// One event loop's queued sends, and the task that writes them.
 pub struct Sends {
     queued: Mutex<Vec<Arc<Mutex<Out>>>>,
     notify: Notify,
-}
-
-/// Stops the loop's sending task when the loop ends.
-pub struct Sending(tokio::task::JoinHandle<()>);
-
-impl Drop for Sending {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    /// How long the bytes of a dropped connection may wait for the client to take them.
+    send_timeout: Duration,
 }
 
 impl Sends {
-    /// The current event loop's queue; its task runs until the returned [`Sending`] is dropped
-    /// (after the loop's connections ended: a connection's last bytes go out before that, as
-    /// its shutdown flushes them).
-    pub fn start() -> (Arc<Sends>, Sending) {
+    /// The current event loop's queue. Its task runs as long as the runtime: connections the
+    /// loop gave up waiting for at a stop still have their bytes written.
+    pub fn start(send_timeout: Duration) -> Arc<Sends> {
         let sends = Arc::new(Sends {
             queued: Mutex::new(Vec::new()),
             notify: Notify::new(),
+            send_timeout,
         });
-        let task = tokio::spawn(sends.clone().write_queued());
-        (sends, Sending(task))
+        tokio::spawn(sends.clone().write_queued());
+        sends
     }
 
     /// A client connection whose small writes go out with the loop turn's others.
@@ -71,9 +69,23 @@ impl Sends {
                 queued: false,
                 error: None,
                 waker: None,
+                sent: Arc::new(AtomicU64::new(0)),
             })),
             sends: self.clone(),
         }
+    }
+
+    /// Writes what a dropped connection left, as the client takes it, for at most the send
+    /// timeout; then the socket closes.
+    fn linger(&self, out: Arc<Mutex<Out>>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let timeout = self.send_timeout;
+        runtime.spawn(async move {
+            let written = std::future::poll_fn(|cx| lock(&out).poll_write_left(cx));
+            let _ = tokio::time::timeout(timeout, written).await;
+        });
     }
 
     fn queue(&self, out: Arc<Mutex<Out>>) {
@@ -91,7 +103,15 @@ impl Sends {
             self.notify.notified().await;
             std::mem::swap(&mut turn, &mut *lock(&self.queued));
             for out in turn.drain(..) {
-                lock(&out).write_queued();
+                let left = {
+                    let mut queued = lock(&out);
+                    queued.write_queued();
+                    queued.left()
+                };
+                // Its connection is gone: nobody else will write the rest.
+                if left && Arc::strong_count(&out) == 1 {
+                    self.linger(out);
+                }
             }
         }
     }
@@ -108,6 +128,8 @@ struct Out {
     error: Option<io::Error>,
     /// The connection's task, woken when the queued bytes could not all go out.
     waker: Option<Waker>,
+    /// Bytes the socket took, by either writer.
+    sent: Arc<AtomicU64>,
 }
 
 impl Out {
@@ -115,6 +137,19 @@ impl Out {
         self.error
             .as_ref()
             .map(|e| io::Error::new(e.kind(), e.to_string()))
+    }
+
+    /// Bytes left to write by the connection (not queued, not failed).
+    fn left(&self) -> bool {
+        !self.queued && !self.bytes.is_empty() && self.error.is_none()
+    }
+
+    fn took(&mut self, n: usize) {
+        self.bytes.drain(..n);
+        self.sent.fetch_add(n as u64, Ordering::Relaxed);
+        if self.bytes.is_empty() && self.bytes.capacity() > KEPT_CAPACITY {
+            self.bytes = Vec::new();
+        }
     }
 
     /// The sending task's part: as much as the socket takes now, without waiting.
@@ -126,9 +161,7 @@ impl Out {
                     self.error = Some(io::ErrorKind::WriteZero.into());
                     break;
                 }
-                Ok(n) => {
-                    self.bytes.drain(..n);
-                }
+                Ok(n) => self.took(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -137,12 +170,10 @@ impl Out {
                 }
             }
         }
-        if self.bytes.is_empty() && self.error.is_none() {
-            if self.bytes.capacity() > KEPT_CAPACITY {
-                self.bytes = Vec::new();
-            }
-        } else if let Some(waker) = self.waker.take() {
-            // The rest is the connection's to write (or to fail on).
+        // The rest is the connection's to write (or to fail on).
+        if (!self.bytes.is_empty() || self.error.is_some())
+            && let Some(waker) = self.waker.take()
+        {
             waker.wake();
         }
     }
@@ -152,9 +183,7 @@ impl Out {
         while !self.bytes.is_empty() {
             match ready!(Pin::new(&mut self.stream).poll_write(cx, &self.bytes)) {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Ok(n) => {
-                    self.bytes.drain(..n);
-                }
+                Ok(n) => self.took(n),
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
@@ -181,7 +210,22 @@ pub struct Stream {
     sends: Arc<Sends>,
 }
 
+impl Drop for Stream {
+    fn drop(&mut self) {
+        // Queued, the sending task sees to the rest; else the connection's leftover is orphaned.
+        if lock(&self.out).left() {
+            self.sends.linger(self.out.clone());
+        }
+    }
+}
+
 impl Stream {
+    /// Counts the bytes the socket takes, whoever writes them: what the send timeout watches
+    /// (a write that waits for room may have made progress meanwhile).
+    pub fn progress(&self) -> Arc<AtomicU64> {
+        lock(&self.out).sent.clone()
+    }
+
     fn queued(&self, out: &mut Out, cx: &Context<'_>) {
         out.remember(cx);
         if !out.queued {
@@ -204,7 +248,14 @@ impl AsyncRead for Stream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut lock(&self.out).stream).poll_read(cx, buf)
+        let mut out = lock(&self.out);
+        // A task that only reads now (a TLS handshake) still writes its leftover as room comes.
+        if out.left()
+            && let Poll::Ready(Err(e)) = out.poll_write_left(cx)
+        {
+            out.error = Some(e);
+        }
+        Pin::new(&mut out.stream).poll_read(cx, buf)
     }
 }
 
@@ -225,7 +276,9 @@ impl AsyncWrite for Stream {
             return Poll::Ready(Ok(buf.len()));
         }
         ready!(out.poll_write_left(cx))?;
-        Pin::new(&mut out.stream).poll_write(cx, buf)
+        let written = ready!(Pin::new(&mut out.stream).poll_write(cx, buf))?;
+        out.sent.fetch_add(written as u64, Ordering::Relaxed);
+        Poll::Ready(Ok(written))
     }
 
     fn poll_write_vectored(
@@ -247,7 +300,9 @@ impl AsyncWrite for Stream {
             return Poll::Ready(Ok(len));
         }
         ready!(out.poll_write_left(cx))?;
-        Pin::new(&mut out.stream).poll_write_vectored(cx, bufs)
+        let written = ready!(Pin::new(&mut out.stream).poll_write_vectored(cx, bufs))?;
+        out.sent.fetch_add(written as u64, Ordering::Relaxed);
+        Poll::Ready(Ok(written))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -300,9 +355,31 @@ mod tests {
         got
     }
 
+    fn pattern(at: u64) -> u8 {
+        (at % 251) as u8
+    }
+
+    /// Small writes of a known pattern, each turn's sent by the sending task, until the socket
+    /// is full and a write has to wait for room; the bytes accepted.
+    async fn fill(a: &mut Stream) -> u64 {
+        let mut written: u64 = 0;
+        loop {
+            let chunk: Vec<u8> = (0..1000).map(|i| pattern(written + i)).collect();
+            let polled =
+                std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *a).poll_write(cx, &chunk)))
+                    .await;
+            match polled {
+                Poll::Ready(n) => written += n.unwrap() as u64,
+                Poll::Pending => return written,
+            }
+            tokio::task::yield_now().await;
+            assert!(written < 1 << 30, "the writer was never held back");
+        }
+    }
+
     #[tokio::test]
     async fn small_writes_wait_for_the_turn_and_keep_their_order_with_large_ones() {
-        let (sends, _sending) = Sends::start();
+        let sends = Sends::start(Duration::from_secs(5));
         let (mut a, peer_a) = pair(&sends).await;
         let (mut b, peer_b) = pair(&sends).await;
         a.write_all(b"one ").await.unwrap();
@@ -327,7 +404,7 @@ mod tests {
 
     #[tokio::test]
     async fn bytes_queued_when_the_connection_is_dropped_still_go_out() {
-        let (sends, _sending) = Sends::start();
+        let sends = Sends::start(Duration::from_secs(5));
         let (mut a, peer) = pair(&sends).await;
         a.write_all(b"last words").await.unwrap();
         drop(a);
@@ -336,46 +413,41 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_that_reads_nothing_holds_the_writer_back_and_loses_nothing() {
-        let (sends, _sending) = Sends::start();
+        let sends = Sends::start(Duration::from_secs(5));
         let (mut a, peer) = pair(&sends).await;
-        // Small writes, each turn's sent by the sending task, until the socket is full and a
-        // write has to wait for room.
-        let mut written: u64 = 0;
-        let mut chunk = [0u8; 1000];
-        loop {
-            for (i, byte) in chunk.iter_mut().enumerate() {
-                *byte = ((written + i as u64) % 251) as u8;
-            }
-            let polled =
-                std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut a).poll_write(cx, &chunk)))
-                    .await;
-            match polled {
-                Poll::Ready(n) => written += n.unwrap() as u64,
-                Poll::Pending => break,
-            }
-            tokio::task::yield_now().await;
-            assert!(written < 1 << 30, "the writer was never held back");
-        }
+        let written = fill(&mut a).await;
         assert!(lock(&a.out).bytes.len() <= QUEUED_MOST);
         let reading = tokio::spawn(read_to_end(peer));
-        let mut rest = Vec::new();
-        for i in 0..chunk.len() as u64 {
-            rest.push(((written + i) % 251) as u8);
-        }
+        let rest: Vec<u8> = (0..1000).map(|i| pattern(written + i)).collect();
         a.write_all(&rest).await.unwrap();
         a.shutdown().await.unwrap();
         let got = reading.await.unwrap();
         assert_eq!(got.len() as u64, written + rest.len() as u64);
+        assert!(got.iter().enumerate().all(|(i, b)| *b == pattern(i as u64)));
+    }
+
+    #[tokio::test]
+    async fn what_a_dropped_connection_could_not_send_goes_out_as_the_client_reads() {
+        let sends = Sends::start(Duration::from_secs(5));
+        let (mut a, peer) = pair(&sends).await;
+        let progress = a.progress();
+        let written = fill(&mut a).await;
         assert!(
-            got.iter()
-                .enumerate()
-                .all(|(i, byte)| *byte == (i as u64 % 251) as u8)
+            !lock(&a.out).bytes.is_empty(),
+            "nothing was left to the connection"
         );
+        assert!(progress.load(Ordering::Relaxed) < written);
+        // hyper took the queued flush as done and drops the connection (a header timeout).
+        drop(a);
+        let got = read_to_end(peer).await;
+        assert_eq!(got.len() as u64, written);
+        assert!(got.iter().enumerate().all(|(i, b)| *b == pattern(i as u64)));
+        assert_eq!(progress.load(Ordering::Relaxed), written);
     }
 
     #[tokio::test]
     async fn a_queued_write_that_fails_fails_the_next_write() {
-        let (sends, _sending) = Sends::start();
+        let sends = Sends::start(Duration::from_secs(5));
         let (mut a, peer) = pair(&sends).await;
         // The client resets the connection.
         rustix::net::sockopt::set_socket_linger(&peer, Some(std::time::Duration::ZERO)).unwrap();
