@@ -134,7 +134,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        // A close may first wait for the last bytes to go out (TLS's close_notify, or writes
+        // queued beneath): as long as the client takes them.
+        let polled = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.watch(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -429,6 +432,17 @@ mod tests {
             Some(true),
             "no timeout after 11 s with nothing taken"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_close_waiting_on_a_client_that_takes_nothing_fails_after_the_send_timeout() {
+        let timeout = Duration::from_secs(10);
+        let mut guarded = Guarded::unscanned(Full, timeout);
+        let mut shutdown =
+            || futures_poll(|cx| Pin::new(&mut guarded).poll_shutdown(cx).map(|r| r.is_err()));
+        assert_eq!(shutdown(), None);
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(shutdown(), Some(true));
     }
 
     /// Polls once with a waker that does nothing.

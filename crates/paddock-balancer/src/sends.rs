@@ -17,8 +17,9 @@
 //! is written by the connection's own task, which waits for room like any writer, and every
 //! byte the socket takes counts as progress for the send timeout ([`Stream::progress`]); an
 //! error of a queued write is returned by the connection's next write or flush, and wakes its
-//! task; bytes left when the connection is dropped (hyper took the queued flush as done) are
-//! still written, by a task of their own, for at most the send timeout.
+//! task; bytes left when the connection is dropped (hyper took the queued flush as done, then
+//! closed the idle connection) are still written, by a task of their own, until the client has
+//! taken nothing for the send timeout, counted from when the connection began to wait.
 
 use std::io;
 use std::pin::Pin;
@@ -48,8 +49,8 @@ pub struct Sends {
 }
 
 impl Sends {
-    /// The current event loop's queue. Its task runs as long as the runtime: connections the
-    /// loop gave up waiting for at a stop still have their bytes written.
+    /// The current event loop's queue. Its task runs as long as the runtime (never stopped
+    /// while a connection of the loop may still queue).
     pub fn start(send_timeout: Duration) -> Arc<Sends> {
         let sends = Arc::new(Sends {
             queued: Mutex::new(Vec::new()),
@@ -70,22 +71,35 @@ impl Sends {
                 error: None,
                 waker: None,
                 sent: Arc::new(AtomicU64::new(0)),
+                waiting_since: None,
+                orphaned: false,
             })),
             sends: self.clone(),
         }
     }
 
-    /// Writes what a dropped connection left, as the client takes it, for at most the send
-    /// timeout; then the socket closes.
-    fn linger(&self, out: Arc<Mutex<Out>>) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
+    /// Writes what a dropped connection left, as the client takes it, until it has taken
+    /// nothing for the send timeout (counted from when the connection began to wait, so a
+    /// connection cut off for that reason is not given it twice); then the socket closes.
+    fn linger(&self, out: Arc<Mutex<Out>>) -> Option<tokio::task::JoinHandle<()>> {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
         let timeout = self.send_timeout;
-        runtime.spawn(async move {
-            let written = std::future::poll_fn(|cx| lock(&out).poll_write_left(cx));
-            let _ = tokio::time::timeout(timeout, written).await;
+        let lingering = runtime.spawn(async move {
+            loop {
+                let (since, sent) = {
+                    let out = lock(&out);
+                    (out.waiting_since, out.sent.load(Ordering::Relaxed))
+                };
+                let deadline = since.unwrap_or_else(tokio::time::Instant::now) + timeout;
+                let written = std::future::poll_fn(|cx| lock(&out).poll_write_left(cx));
+                match tokio::time::timeout_at(deadline, written).await {
+                    Ok(_) => return,
+                    Err(_) if lock(&out).sent.load(Ordering::Relaxed) == sent => return,
+                    Err(_) => {}
+                }
+            }
         });
+        Some(lingering)
     }
 
     fn queue(&self, out: Arc<Mutex<Out>>) {
@@ -103,14 +117,14 @@ impl Sends {
             self.notify.notified().await;
             std::mem::swap(&mut turn, &mut *lock(&self.queued));
             for out in turn.drain(..) {
-                let left = {
+                let orphaned = {
                     let mut queued = lock(&out);
                     queued.write_queued();
-                    queued.left()
+                    queued.orphaned && queued.left()
                 };
                 // Its connection is gone: nobody else will write the rest.
-                if left && Arc::strong_count(&out) == 1 {
-                    self.linger(out);
+                if orphaned {
+                    let _ = self.linger(out);
                 }
             }
         }
@@ -130,6 +144,10 @@ struct Out {
     waker: Option<Waker>,
     /// Bytes the socket took, by either writer.
     sent: Arc<AtomicU64>,
+    /// Since when a write has waited for room with nothing taken (None while bytes move).
+    waiting_since: Option<tokio::time::Instant>,
+    /// The connection's handle was dropped.
+    orphaned: bool,
 }
 
 impl Out {
@@ -147,6 +165,7 @@ impl Out {
     fn took(&mut self, n: usize) {
         self.bytes.drain(..n);
         self.sent.fetch_add(n as u64, Ordering::Relaxed);
+        self.waiting_since = None;
         if self.bytes.is_empty() && self.bytes.capacity() > KEPT_CAPACITY {
             self.bytes = Vec::new();
         }
@@ -181,7 +200,13 @@ impl Out {
     /// The connection's part: what is left, waiting for room.
     fn poll_write_left(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.bytes.is_empty() {
-            match ready!(Pin::new(&mut self.stream).poll_write(cx, &self.bytes)) {
+            let Poll::Ready(written) = Pin::new(&mut self.stream).poll_write(cx, &self.bytes)
+            else {
+                self.waiting_since
+                    .get_or_insert_with(tokio::time::Instant::now);
+                return Poll::Pending;
+            };
+            match written {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Ok(n) => self.took(n),
                 Err(e) => return Poll::Ready(Err(e)),
@@ -212,9 +237,14 @@ pub struct Stream {
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        // Queued, the sending task sees to the rest; else the connection's leftover is orphaned.
-        if lock(&self.out).left() {
-            self.sends.linger(self.out.clone());
+        // Queued, the sending task sees to the rest (it reads `orphaned` under the same lock).
+        let left = {
+            let mut out = lock(&self.out);
+            out.orphaned = true;
+            out.left()
+        };
+        if left {
+            let _ = self.sends.linger(self.out.clone());
         }
     }
 }
@@ -443,6 +473,25 @@ mod tests {
         assert_eq!(got.len() as u64, written);
         assert!(got.iter().enumerate().all(|(i, b)| *b == pattern(i as u64)));
         assert_eq!(progress.load(Ordering::Relaxed), written);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_cut_off_for_taking_nothing_is_not_given_the_send_timeout_again() {
+        let timeout = Duration::from_secs(60);
+        let sends = Sends::start(timeout);
+        let (mut a, _peer) = pair(&sends).await;
+        fill(&mut a).await;
+        // The guard's send timeout runs out: the client took nothing since the write waited.
+        tokio::time::advance(timeout).await;
+        let started = tokio::time::Instant::now();
+        let lingering = sends.linger(a.out.clone()).unwrap();
+        lingering.await.unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "lingered {:?}",
+            started.elapsed()
+        );
+        assert!(!lock(&a.out).bytes.is_empty());
     }
 
     #[tokio::test]
