@@ -636,11 +636,6 @@ impl Serving {
             sends: sends::Sends::start(config.send_timeout),
         }
     }
-
-    /// Lets the loop's connections finish (see [`finish_connections`]).
-    async fn finish(self, open: &AtomicUsize) {
-        finish_connections(self.graceful, open).await;
-    }
 }
 
 /// Serves one client connection on the current event loop, after its TLS handshake when the
@@ -879,7 +874,7 @@ async fn accept_loop(
     // The other loops finish their connections once their hand-off channel closes.
     drop(handoffs);
     let open = shared.open[0].clone();
-    serving.finish(&open).await;
+    finish_connections(serving.graceful, &open).await;
 }
 
 /// How long a stopping balancer keeps an idle client connection open for its next request
@@ -924,7 +919,7 @@ async fn serve_handed(
             }
         }
     }
-    serving.finish(&open).await;
+    finish_connections(serving.graceful, &open).await;
 }
 
 /// A port beside the client port (admin, redirect): the one handed over, or a new one bound at
