@@ -57,6 +57,10 @@ ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 # count FILE NAME: an event's count from `perf stat -x,` output.
 count() { awk -F, -v e="$2" '$3 == e {print $1}' "$1"; }
 
+# per COUNT, us MS: a count, and a task-clock in ms, per request of the round ($n).
+per() { awk -v c="$1" -v n="$n" 'BEGIN {printf "%.2f", c / n}'; }
+us() { awk -v ms="$1" -v n="$n" 'BEGIN {printf "%.1f", ms * 1000 / n}'; }
+
 start_balancer() { # kind -> pid
   case $1 in
     paddock)
@@ -105,8 +109,6 @@ for round in $(seq 1 "$ROUNDS"); do
     stop_balancer "$pid"
     rps=$(awk '/^Requests\/sec/ {print $2}' "$work/wrk.out")
     n=$(awk -v r="$rps" -v s="$SAMPLE" 'BEGIN {print r * s}') # requests in the sample
-    per() { awk -v c="$1" -v n="$n" 'BEGIN {printf "%.2f", c / n}'; }
-    us() { awk -v ms="$1" -v n="$n" 'BEGIN {printf "%.1f", ms * 1000 / n}'; } # task-clock is in ms
     read -r u0 s0 <<<"$t0"
     read -r u1 s1 <<<"$t1"
     user=$(awk -v t=$((u1 - u0)) -v hz="$HZ" -v n="$n" 'BEGIN {printf "%.1f", t / hz * 1e6 / n}')
