@@ -18,6 +18,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -28,6 +29,8 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt as _;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::sends::{Sends, Stream};
 
 /// Room read into at once.
 const READ_ROOM: usize = 16 * 1024;
@@ -57,7 +60,11 @@ pub enum ExchangeError {
 
 /// A connection to a front-end.
 pub struct Connection {
-    stream: TcpStream,
+    /// Small writes go out with the loop turn's other sends ([`crate::sends`]).
+    stream: Stream,
+    /// Where the request being exchanged starts in the count of bytes sent (see
+    /// [`Stream::withdraw`]).
+    request_at: u64,
     /// `buf[..filled]` is read and not consumed; the rest is room (initialized, so that reads
     /// need no `unsafe`).
     buf: BytesMut,
@@ -71,13 +78,23 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub async fn connect(address: &str, timeout: Duration) -> io::Result<Connection> {
+    /// Connects, with writes queued on `sends` (the current event loop's) when given.
+    pub async fn connect(
+        address: &str,
+        timeout: Duration,
+        sends: Option<&Arc<Sends>>,
+    ) -> io::Result<Connection> {
         let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
         stream.set_nodelay(true)?;
+        let stream = match sends {
+            Some(sends) => sends.front_end(stream),
+            None => Stream::direct(stream),
+        };
         Ok(Connection {
             stream,
+            request_at: 0,
             buf: BytesMut::new(),
             filled: 0,
             fields: Vec::new(),
@@ -88,32 +105,40 @@ impl Connection {
     /// Whether it still looks usable: the front-end did not close it and sent nothing unasked.
     /// Costs a system call only when the socket was signalled readable.
     pub fn is_open(&self) -> bool {
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        match self.stream.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-            }
-        }
+        self.stream.is_open()
     }
 
-    /// Writes a request head (and a body short enough to be part of it). An error means
-    /// nothing was written.
+    /// Writes a request head (and a body short enough to be part of it), queued with the loop
+    /// turn's other sends. An error means nothing was written; so does
+    /// [`ExchangeError::Unsent`] from [`Connection::read_response`], when the connection failed
+    /// before the queued head reached it.
     pub async fn write_head(&mut self, head: &[u8]) -> Result<(), ExchangeError> {
-        let written = self
-            .stream
-            .write(head)
-            .await
-            .map_err(ExchangeError::Unsent)?;
-        if written == 0 {
-            return Err(ExchangeError::Unsent(io::ErrorKind::WriteZero.into()));
+        self.request_at = self.stream.end();
+        let written = self.stream.write(head).await;
+        self.rest_of_head(head, written).await
+    }
+
+    /// Writes a request head at once: an error means nothing was written, and is known before
+    /// the request's body is read from the client.
+    pub async fn write_head_now(&mut self, head: &[u8]) -> Result<(), ExchangeError> {
+        self.request_at = self.stream.end();
+        let written = self.stream.write_now(head).await;
+        self.rest_of_head(head, written).await
+    }
+
+    async fn rest_of_head(
+        &mut self,
+        head: &[u8],
+        written: io::Result<usize>,
+    ) -> Result<(), ExchangeError> {
+        match written.map_err(ExchangeError::Unsent)? {
+            0 => Err(ExchangeError::Unsent(io::ErrorKind::WriteZero.into())),
+            n => {
+                self.stream.write_all_now(&head[n..]).await.map_err(|e| {
+                    ExchangeError::NoResponse(format!("sending the request failed: {e}"))
+                })
+            }
         }
-        self.stream
-            .write_all(&head[written..])
-            .await
-            .map_err(|e| ExchangeError::NoResponse(format!("sending the request failed: {e}")))
     }
 
     /// Streams the client's body: as it comes when it has a `Content-Length`, re-chunked when it
@@ -136,13 +161,13 @@ impl Connection {
                 chunk.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
                 chunk.extend_from_slice(&data);
                 chunk.extend_from_slice(b"\r\n");
-                self.stream.write_all(&chunk).await.map_err(Ok)?;
+                self.stream.write_all_now(&chunk).await.map_err(Ok)?;
             } else {
-                self.stream.write_all(&data).await.map_err(Ok)?;
+                self.stream.write_all_now(&data).await.map_err(Ok)?;
             }
         }
         if chunked {
-            self.stream.write_all(b"0\r\n\r\n").await.map_err(Ok)?;
+            self.stream.write_all_now(b"0\r\n\r\n").await.map_err(Ok)?;
         }
         Ok(())
     }
@@ -183,6 +208,12 @@ impl Connection {
                         "the connection closed in the middle of its head".into(),
                     ));
                 }
+                Ok(0) if self.stream.withdraw(self.request_at) => {
+                    return Err(ExchangeError::Unsent(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the connection was closed",
+                    )));
+                }
                 Ok(0) => {
                     return Err(ExchangeError::NoResponse(
                         "the connection was closed".into(),
@@ -193,6 +224,9 @@ impl Connection {
                     return Err(ExchangeError::Invalid(format!(
                         "reading its head failed: {e}"
                     )));
+                }
+                Err(e) if self.stream.withdraw(self.request_at) => {
+                    return Err(ExchangeError::Unsent(e));
                 }
                 Err(e) => return Err(ExchangeError::NoResponse(format!("{e}"))),
             }
@@ -673,7 +707,8 @@ mod tests {
         head_request: bool,
     ) -> Result<(http::response::Parts, ResponseBody), ExchangeError> {
         let address = serve(answer, piece, keep).await;
-        let mut conn = Connection::connect(&address, Duration::from_secs(1))
+        let sends = Sends::start(Duration::from_secs(5));
+        let mut conn = Connection::connect(&address, Duration::from_secs(1), Some(&sends))
             .await
             .unwrap();
         conn.write_head(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -921,5 +956,38 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "close never seen");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn a_head_queued_on_a_connection_found_closed_is_unsent_and_never_goes_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        // Says it closes, and still reads: what it gets is what the balancer sent after.
+        let front_end = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            socket.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            socket.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let sends = Sends::start(Duration::from_secs(5));
+        let mut conn = Connection::connect(&address, Duration::from_secs(1), Some(&sends))
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while conn.is_open() {
+            assert!(tokio::time::Instant::now() < deadline, "close never seen");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The close is known when the response is read, before the loop's turn sends the head.
+        conn.write_head(b"POST /order HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        match conn.read_response(false).await {
+            Err(ExchangeError::Unsent(_)) => {}
+            Err(e) => panic!("not taken for unsent: {e}"),
+            Ok((parts, _)) => panic!("answered {}", parts.status),
+        }
+        assert_eq!(front_end.await.unwrap(), b"");
     }
 }

@@ -67,7 +67,7 @@ impl From<String> for Probe {
 async fn probe(upstream: &Upstream, conn: &mut Option<Connection>) -> Result<Vec<String>, Probe> {
     let mut connection = match conn.take() {
         Some(c) if c.is_open() => c,
-        _ => match upstream.connect().await {
+        _ => match upstream.connect(None).await {
             Ok(c) => c,
             Err(e) => match crate::upstream::shortage(&e) {
                 Some(hint) => {

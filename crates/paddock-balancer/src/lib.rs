@@ -130,6 +130,8 @@ pub struct Shared {
     pub proxy: ProxyConfig,
     /// Client connections open on each event loop.
     open: Vec<Arc<AtomicUsize>>,
+    /// Each event loop's queued sends, which its new connections to front-ends use.
+    sends: Vec<std::sync::Mutex<Option<Arc<sends::Sends>>>>,
     /// Stopping or restarting: each response says `Connection: close` and ends its connection.
     closing: AtomicBool,
     /// Turns true with `closing`: HTTP/2 connections then say GOAWAY.
@@ -150,6 +152,12 @@ impl Shared {
     /// Whether the balancer is stopping or restarting: each response ends its connection.
     pub(crate) fn closing(&self) -> bool {
         self.closing.load(Ordering::Relaxed)
+    }
+
+    /// The current event loop's queued sends (none outside the loops).
+    pub(crate) fn sends(&self) -> Option<Arc<sends::Sends>> {
+        let slot = self.sends.get(upstream::worker())?;
+        slot.lock().ok()?.clone()
     }
 }
 
@@ -330,6 +338,9 @@ pub async fn run(
             request_ids: paddock_core::request_id::Ids::new(&config.name, started_ms),
             open: (0..config.threads.max(1))
                 .map(|_| Arc::new(AtomicUsize::new(0)))
+                .collect(),
+            sends: (0..config.threads.max(1))
+                .map(|_| std::sync::Mutex::new(None))
                 .collect(),
             closing: AtomicBool::new(false),
             stopping: tokio::sync::watch::Sender::new(false),
@@ -629,11 +640,16 @@ struct Serving {
 }
 
 impl Serving {
-    fn new(config: &BalancerConfig) -> Serving {
+    /// The current event loop's, which it also gives the loop's connections to front-ends.
+    fn new(config: &BalancerConfig, shared: &Shared) -> Serving {
+        let sends = sends::Sends::start(config.send_timeout);
+        if let Some(Ok(mut slot)) = shared.sends.get(upstream::worker()).map(|s| s.lock()) {
+            *slot = Some(sends.clone());
+        }
         Serving {
             http: http_builder(config),
             graceful: hyper_util::server::graceful::GracefulShutdown::new(),
-            sends: sends::Sends::start(config.send_timeout),
+            sends,
         }
     }
 }
@@ -649,7 +665,7 @@ fn serve(
     open: &Arc<AtomicUsize>,
 ) {
     let _ = stream.set_nodelay(true);
-    let stream = serving.sends.stream(stream);
+    let stream = serving.sends.client(stream);
     let progress = stream.progress();
     let client = Client {
         peer,
@@ -819,7 +835,7 @@ async fn accept_loop(
     config: BalancerConfig,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
-    let serving = Serving::new(&config);
+    let serving = Serving::new(&config, &shared);
     let mut last_warned = None;
     loop {
         let (stream, peer) = tokio::select! {
@@ -909,7 +925,7 @@ async fn serve_handed(
     shared: Arc<Shared>,
     config: BalancerConfig,
 ) {
-    let serving = Serving::new(&config);
+    let serving = Serving::new(&config, &shared);
     while let Some((stream, peer)) = incoming.recv().await {
         match tokio::net::TcpStream::from_std(stream) {
             Ok(stream) => serve(stream, peer, &shared, &config, &serving, &open),

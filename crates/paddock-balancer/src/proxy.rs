@@ -211,10 +211,12 @@ pub async fn handle(
         if let Some(logged) = logged {
             logged.tries += 1;
         }
-        let connection = if fresh_connection {
-            upstream.connect().await
-        } else {
-            upstream.connection(started).await
+        let pooled = (!fresh_connection)
+            .then(|| upstream.checkout(started))
+            .flatten();
+        let connection = match pooled {
+            Some(conn) => Ok(conn),
+            None => upstream.connect(shared.sends().as_ref()).await,
         };
         fresh_connection = false;
         let conn = match connection {
@@ -521,7 +523,7 @@ async fn exchange_with_body(
     chunked: bool,
     head_request: bool,
 ) -> Exchanged {
-    if let Err(e) = conn.write_head(head).await {
+    if let Err(e) = conn.write_head_now(head).await {
         return Err((e, Some(body)));
     }
     match conn.write_body(body, chunked).await {

@@ -61,21 +61,16 @@ impl Sends {
         sends
     }
 
-    /// A client connection whose small writes go out with the loop turn's others.
-    pub fn stream(self: &Arc<Self>, stream: TcpStream) -> Stream {
-        Stream {
-            out: Arc::new(Mutex::new(Out {
-                stream,
-                bytes: Vec::new(),
-                queued: false,
-                error: None,
-                waker: None,
-                sent: Arc::new(AtomicU64::new(0)),
-                waiting_since: None,
-                orphaned: false,
-            })),
-            sends: self.clone(),
-        }
+    /// A client connection whose small writes go out with the loop turn's others; what is left
+    /// when it is dropped still goes out.
+    pub fn client(self: &Arc<Self>, stream: TcpStream) -> Stream {
+        Stream::new(stream, Some(self.clone()), true)
+    }
+
+    /// A connection to a front-end whose small writes go out with the loop turn's others; what
+    /// is left when it is dropped does not (the request it belonged to was given up).
+    pub fn front_end(self: &Arc<Self>, stream: TcpStream) -> Stream {
+        Stream::new(stream, Some(self.clone()), false)
     }
 
     /// Writes what a dropped connection left, as the client takes it, until it has taken
@@ -148,6 +143,8 @@ struct Out {
     waiting_since: Option<tokio::time::Instant>,
     /// The connection's handle was dropped.
     orphaned: bool,
+    /// What is left when the handle is dropped is still written.
+    linger: bool,
 }
 
 impl Out {
@@ -215,6 +212,17 @@ impl Out {
         Poll::Ready(Ok(()))
     }
 
+    /// A write straight to the socket, after what is left.
+    fn poll_write_now(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.failed() {
+            return Poll::Ready(Err(e));
+        }
+        ready!(self.poll_write_left(cx))?;
+        let written = ready!(Pin::new(&mut self.stream).poll_write(cx, buf))?;
+        self.sent.fetch_add(written as u64, Ordering::Relaxed);
+        Poll::Ready(Ok(written))
+    }
+
     /// Whether a write of `len` bytes is queued rather than written.
     fn queues(&self, len: usize) -> bool {
         len <= QUEUED_WRITE
@@ -229,10 +237,11 @@ impl Out {
     }
 }
 
-/// A client's TCP connection whose small writes are queued for the loop's [`Sends`].
+/// A TCP connection whose small writes are queued for its loop's [`Sends`] (without one, every
+/// write goes to the socket at once).
 pub struct Stream {
     out: Arc<Mutex<Out>>,
-    sends: Arc<Sends>,
+    sends: Option<Arc<Sends>>,
 }
 
 impl Drop for Stream {
@@ -241,27 +250,122 @@ impl Drop for Stream {
         let left = {
             let mut out = lock(&self.out);
             out.orphaned = true;
+            if !out.linger {
+                out.bytes = Vec::new();
+            }
             out.left()
         };
-        if left {
-            let _ = self.sends.linger(self.out.clone());
+        if left && let Some(sends) = &self.sends {
+            let _ = sends.linger(self.out.clone());
         }
     }
 }
 
 impl Stream {
+    fn new(stream: TcpStream, sends: Option<Arc<Sends>>, linger: bool) -> Stream {
+        Stream {
+            out: Arc::new(Mutex::new(Out {
+                stream,
+                bytes: Vec::new(),
+                queued: false,
+                error: None,
+                waker: None,
+                sent: Arc::new(AtomicU64::new(0)),
+                waiting_since: None,
+                orphaned: false,
+                linger,
+            })),
+            sends,
+        }
+    }
+
+    /// A connection whose writes all go to the socket at once (no loop queues for it).
+    pub fn direct(stream: TcpStream) -> Stream {
+        Stream::new(stream, None, false)
+    }
+
+    /// Whether it still looks usable: no write failed, the peer did not close it and sent
+    /// nothing unasked. Costs a system call only when the socket was signalled readable.
+    pub fn is_open(&self) -> bool {
+        let out = lock(&self.out);
+        if out.error.is_some() {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        match out.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(out.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    /// The count of bytes sent once everything written so far is: where the next write
+    /// starts, for [`Stream::withdraw`].
+    pub fn end(&self) -> u64 {
+        let out = lock(&self.out);
+        out.sent.load(Ordering::Relaxed) + out.bytes.len() as u64
+    }
+
+    /// Takes back what was written from `from` (an [`Stream::end`]) on, if none of it reached
+    /// the socket yet: whether it was taken back (then the peer cannot have seen any of it,
+    /// and none of it will be sent).
+    pub fn withdraw(&self, from: u64) -> bool {
+        let mut out = lock(&self.out);
+        let sent = out.sent.load(Ordering::Relaxed);
+        if sent > from {
+            return false;
+        }
+        let keep = usize::try_from(from - sent).unwrap_or(usize::MAX);
+        out.bytes.truncate(keep);
+        true
+    }
+
+    /// Writes to the socket at once (after whatever is queued before), like a plain socket:
+    /// an error here is this write's.
+    pub async fn write_now(&self, buf: &[u8]) -> io::Result<usize> {
+        std::future::poll_fn(|cx| lock(&self.out).poll_write_now(cx, buf)).await
+    }
+
+    /// [`Stream::write_now`] until all of `buf` is written.
+    pub async fn write_all_now(&self, mut buf: &[u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.write_now(buf).await? {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                n => buf = &buf[n..],
+            }
+        }
+        Ok(())
+    }
     /// Counts the bytes the socket takes, whoever writes them: what the send timeout watches
     /// (a write that waits for room may have made progress meanwhile).
     pub fn progress(&self) -> Arc<AtomicU64> {
         lock(&self.out).sent.clone()
     }
 
-    fn queued(&self, out: &mut Out, cx: &Context<'_>) {
+    /// Queues `len` bytes that `append` adds, when they are to be queued: whether they were.
+    fn queue(
+        &self,
+        out: &mut Out,
+        cx: &Context<'_>,
+        len: usize,
+        append: impl FnOnce(&mut Vec<u8>),
+    ) -> bool {
+        let Some(sends) = &self.sends else {
+            return false;
+        };
+        if out.error.is_some() || !out.queues(len) {
+            return false;
+        }
+        append(&mut out.bytes);
         out.remember(cx);
         if !out.queued {
             out.queued = true;
-            self.sends.queue(self.out.clone());
+            sends.queue(self.out.clone());
         }
+        true
     }
 }
 
@@ -285,7 +389,14 @@ impl AsyncRead for Stream {
         {
             out.error = Some(e);
         }
-        Pin::new(&mut out.stream).poll_read(cx, buf)
+        match Pin::new(&mut out.stream).poll_read(cx, buf) {
+            // What was sent failed, and nothing came: the connection is broken.
+            Poll::Pending => match out.failed() {
+                Some(e) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            },
+            read => read,
+        }
     }
 }
 
@@ -297,18 +408,10 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         let this = &*self;
         let mut out = lock(&this.out);
-        if let Some(e) = out.failed() {
-            return Poll::Ready(Err(e));
-        }
-        if out.queues(buf.len()) {
-            out.bytes.extend_from_slice(buf);
-            this.queued(&mut out, cx);
+        if this.queue(&mut out, cx, buf.len(), |b| b.extend_from_slice(buf)) {
             return Poll::Ready(Ok(buf.len()));
         }
-        ready!(out.poll_write_left(cx))?;
-        let written = ready!(Pin::new(&mut out.stream).poll_write(cx, buf))?;
-        out.sent.fetch_add(written as u64, Ordering::Relaxed);
-        Poll::Ready(Ok(written))
+        out.poll_write_now(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -318,16 +421,13 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         let this = &*self;
         let mut out = lock(&this.out);
+        let len = bufs.iter().map(|b| b.len()).sum();
+        let append = |bytes: &mut Vec<u8>| bufs.iter().for_each(|b| bytes.extend_from_slice(b));
+        if this.queue(&mut out, cx, len, append) {
+            return Poll::Ready(Ok(len));
+        }
         if let Some(e) = out.failed() {
             return Poll::Ready(Err(e));
-        }
-        let len = bufs.iter().map(|b| b.len()).sum();
-        if out.queues(len) {
-            for buf in bufs {
-                out.bytes.extend_from_slice(buf);
-            }
-            this.queued(&mut out, cx);
-            return Poll::Ready(Ok(len));
         }
         ready!(out.poll_write_left(cx))?;
         let written = ready!(Pin::new(&mut out.stream).poll_write_vectored(cx, bufs))?;
@@ -368,10 +468,16 @@ mod tests {
 
     /// A queued stream and the plain socket at its other end.
     async fn pair(sends: &Arc<Sends>) -> (Stream, TcpStream) {
+        let (accepted, connected) = sockets().await;
+        (sends.client(accepted), connected)
+    }
+
+    /// The two ends of a loopback connection.
+    async fn sockets() -> (TcpStream, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let connecting = TcpStream::connect(listener.local_addr().unwrap());
         let (accepted, connected) = tokio::join!(listener.accept(), connecting);
-        (sends.stream(accepted.unwrap().0), connected.unwrap())
+        (accepted.unwrap().0, connected.unwrap())
     }
 
     fn nothing_yet(peer: &TcpStream) -> bool {
@@ -439,6 +545,16 @@ mod tests {
         a.write_all(b"last words").await.unwrap();
         drop(a);
         assert_eq!(read_to_end(peer).await, b"last words");
+    }
+
+    #[tokio::test]
+    async fn bytes_queued_when_a_front_end_connection_is_dropped_are_not_sent() {
+        let sends = Sends::start(Duration::from_secs(5));
+        let (socket, peer) = sockets().await;
+        let mut a = sends.front_end(socket);
+        a.write_all(b"a request given up").await.unwrap();
+        drop(a);
+        assert_eq!(read_to_end(peer).await, b"");
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::h1::Connection;
+use crate::sends::Sends;
 use arc_swap::ArcSwap;
 
 /// Connection and pool settings shared by every upstream.
@@ -223,15 +224,8 @@ impl Upstream {
         label
     }
 
-    /// A pooled connection (`reused` set), or a new one. `now`: about now.
-    pub async fn connection(&self, now: Instant) -> std::io::Result<Connection> {
-        if let Some(conn) = self.checkout(now) {
-            return Ok(conn);
-        }
-        self.connect().await
-    }
-
-    fn checkout(&self, now: Instant) -> Option<Connection> {
+    /// A pooled connection (`reused` set), if one is open. `now`: about now.
+    pub fn checkout(&self, now: Instant) -> Option<Connection> {
         let mut idle = self.own_pool()?.lock().ok()?;
         while let Some(entry) = idle.pop() {
             if now.saturating_duration_since(entry.since) < self.pool.idle_timeout
@@ -243,9 +237,10 @@ impl Upstream {
         None
     }
 
-    /// Opens a new connection, always (the pool is not looked at).
-    pub async fn connect(&self) -> std::io::Result<Connection> {
-        Connection::connect(&self.address, self.pool.connect_timeout).await
+    /// Opens a new connection (the pool is not looked at), whose small writes are queued on
+    /// `sends` when given (the current event loop's: [`crate::sends`]).
+    pub async fn connect(&self, sends: Option<&Arc<Sends>>) -> std::io::Result<Connection> {
+        Connection::connect(&self.address, self.pool.connect_timeout, sends).await
     }
 
     /// Gives a connection back once its exchange is complete (`now`).
