@@ -8,6 +8,10 @@
 //! (`bench/RESULTS.md`). Here the request's task writes the head (already encoded by
 //! [`crate::proxy`]) and reads the response on the connection itself; the response body is read
 //! from the socket while hyper's server polls it, and the bytes go to the client without a copy.
+//! The head of a request without a body is queued with the loop turn's other sends
+//! ([`crate::sends`]), so that a front-end gets a turn's requests together; a request with a body
+//! writes its head and body at once, so that a head that could not be sent is known before the
+//! body is read from the client, which can then be sent again elsewhere.
 //!
 //! What a response may be is RFC 9112's: interim `1xx` answers are skipped (`101` is refused:
 //! the balancer forwards no upgrade), a response to `HEAD` and a `204` or `304` have no body,
@@ -60,7 +64,8 @@ pub enum ExchangeError {
 
 /// A connection to a front-end.
 pub struct Connection {
-    /// Small writes go out with the loop turn's other sends ([`crate::sends`]).
+    /// Request heads without a body go out with the loop turn's other sends
+    /// ([`crate::sends`]); bodies, and everything on a health check's connection, at once.
     stream: Stream,
     /// Where the request being exchanged starts in the count of bytes sent (see
     /// [`Stream::withdraw`]).
@@ -102,24 +107,25 @@ impl Connection {
         })
     }
 
-    /// Whether it still looks usable: the front-end did not close it and sent nothing unasked.
-    /// Costs a system call only when the socket was signalled readable.
+    /// Whether it still looks usable: the front-end did not close it and sent nothing unasked,
+    /// no write failed, and no byte of the last request is still waiting to go out. Costs a
+    /// system call only when the socket was signalled readable.
     pub fn is_open(&self) -> bool {
         self.stream.is_open()
     }
 
     /// Writes a request head (and a body short enough to be part of it), queued with the loop
-    /// turn's other sends. An error means nothing was written; so does
-    /// [`ExchangeError::Unsent`] from [`Connection::read_response`], when the connection failed
-    /// before the queued head reached it.
+    /// turn's other sends. [`ExchangeError::Unsent`] means nothing was written, here or from
+    /// [`Connection::read_response`] when the connection ended before the queued head reached
+    /// it; an error after part of a head larger than a queued write went out is `NoResponse`.
     pub async fn write_head(&mut self, head: &[u8]) -> Result<(), ExchangeError> {
         self.request_at = self.stream.end();
         let written = self.stream.write(head).await;
         self.rest_of_head(head, written).await
     }
 
-    /// Writes a request head at once: an error means nothing was written, and is known before
-    /// the request's body is read from the client.
+    /// Writes a request head at once: [`ExchangeError::Unsent`] means nothing was written, and
+    /// is known before the request's body is read from the client.
     pub async fn write_head_now(&mut self, head: &[u8]) -> Result<(), ExchangeError> {
         self.request_at = self.stream.end();
         let written = self.stream.write_now(head).await;
@@ -955,6 +961,36 @@ mod tests {
         while conn.is_open() {
             assert!(tokio::time::Instant::now() < deadline, "close never seen");
             tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_head_the_front_end_had_before_it_closed_is_not_taken_for_unsent() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        // Reads the whole head, then closes without an answer.
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !got.ends_with(b"\r\n\r\n") {
+                let n = socket.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the head never came");
+                got.extend_from_slice(&buf[..n]);
+            }
+        });
+        let sends = Sends::start(Duration::from_secs(5));
+        let mut conn = Connection::connect(&address, Duration::from_secs(1), Some(&sends))
+            .await
+            .unwrap();
+        conn.write_head(b"POST /order HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        // Sending it again elsewhere could make two orders.
+        match conn.read_response(false).await {
+            Err(ExchangeError::NoResponse(_)) => {}
+            Err(e) => panic!("not taken for sent without an answer: {e}"),
+            Ok((parts, _)) => panic!("answered {}", parts.status),
         }
     }
 

@@ -154,7 +154,8 @@ impl Shared {
         self.closing.load(Ordering::Relaxed)
     }
 
-    /// The current event loop's queued sends (none outside the loops).
+    /// The current event loop's queued sends (a thread that runs no loop counts as loop 0;
+    /// none before the loop started).
     pub(crate) fn sends(&self) -> Option<Arc<sends::Sends>> {
         let slot = self.sends.get(upstream::worker())?;
         slot.lock().ok()?.clone()

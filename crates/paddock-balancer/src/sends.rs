@@ -1,11 +1,11 @@
-//! A loop turn's sends to clients, written together.
+//! A loop turn's sends, to clients and to front-ends, written together.
 //!
 //! Each client connection is a task of its own, so left to itself the balancer would send each
 //! response the moment its task has it, between the handling of the next request and the next:
-//! the client (and whatever shares its CPU) is then woken for about each response. Measured
-//! against HAProxy, which reads every ready socket of a loop turn before sending anything, a
-//! load generator on the other CPU went back to the kernel 3–4 times as often per request
-//! (`bench/balancer-wakeups.sh`, `bench/RESULTS.md`).
+//! the client (and whatever shares its CPU) is then woken for about each response, and a
+//! front-end for about each request. Measured against HAProxy, which reads every ready socket of
+//! a loop turn before sending anything, a load generator on the other CPU went back to the
+//! kernel 3–4 times as often per request (`bench/balancer-wakeups.sh`, `bench/RESULTS.md`).
 //!
 //! Here a small write is queued on the connection's [`Stream`], which answers at once, and the
 //! loop's [`Sends`] task writes every queued connection after the tasks the loop had ready when
@@ -16,10 +16,17 @@
 //! only when nothing is left or the rest goes out in this turn; what the socket cannot take now
 //! is written by the connection's own task, which waits for room like any writer, and every
 //! byte the socket takes counts as progress for the send timeout ([`Stream::progress`]); an
-//! error of a queued write is returned by the connection's next write or flush, and wakes its
-//! task; bytes left when the connection is dropped (hyper took the queued flush as done, then
+//! error of a queued write is returned by the connection's next write or flush (or a read that
+//! would wait), and wakes its task; bytes left when the connection is dropped (hyper took the queued flush as done, then
 //! closed the idle connection) are still written, by a task of their own, until the client has
 //! taken nothing for the send timeout, counted from when the connection began to wait.
+//!
+//! A connection to a front-end ([`Sends::front_end`]) differs in two ways: what is left when it
+//! is dropped is not sent (the request it belonged to was given up, and may be sent again on
+//! another connection), and a request whose bytes none reached the socket can be taken back
+//! ([`Stream::withdraw`]), so that the request counts as not sent; a connection with bytes still
+//! waiting to go out is not taken for open ([`Stream::is_open`]), so that nothing is queued behind
+//! a request the front-end answered before it had it all.
 
 use std::io;
 use std::pin::Pin;
@@ -284,11 +291,12 @@ impl Stream {
         Stream::new(stream, None, false)
     }
 
-    /// Whether it still looks usable: no write failed, the peer did not close it and sent
-    /// nothing unasked. Costs a system call only when the socket was signalled readable.
+    /// Whether it still looks usable: no write failed, nothing written waits to go out, the
+    /// peer did not close it and sent nothing unasked. Costs a system call only when the socket
+    /// was signalled readable.
     pub fn is_open(&self) -> bool {
         let out = lock(&self.out);
-        if out.error.is_some() {
+        if out.error.is_some() || !out.bytes.is_empty() {
             return false;
         }
         let mut cx = Context::from_waker(Waker::noop());
@@ -553,6 +561,26 @@ mod tests {
         let (socket, peer) = sockets().await;
         let mut a = sends.front_end(socket);
         a.write_all(b"a request given up").await.unwrap();
+        drop(a);
+        assert_eq!(read_to_end(peer).await, b"");
+    }
+
+    #[tokio::test]
+    async fn a_withdrawn_write_never_goes_out_and_one_the_socket_took_cannot_be_withdrawn() {
+        let sends = Sends::start(Duration::from_secs(5));
+        let (socket, mut peer) = sockets().await;
+        let mut a = sends.front_end(socket);
+        let at = a.end();
+        a.write_all(b"given up").await.unwrap();
+        assert!(a.withdraw(at));
+        // The loop's turn passes with the connection still queued.
+        tokio::task::yield_now().await;
+        let at = a.end();
+        a.write_all(b"sent").await.unwrap();
+        let mut got = [0u8; 4];
+        peer.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"sent");
+        assert!(!a.withdraw(at));
         drop(a);
         assert_eq!(read_to_end(peer).await, b"");
     }
