@@ -11,7 +11,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -30,43 +30,40 @@ pub struct Guarded<T> {
     /// Armed while a write waits for the client to make room.
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Bytes the socket took, counted beneath this wrapper (where writes may be queued and
-    /// sent later: [`crate::sends`]), and the count when the timer was armed.
-    progress: Option<(Arc<std::sync::atomic::AtomicU64>, u64)>,
+    /// sent later: [`crate::sends`]): a write waiting for room counts as stalled only while it
+    /// does not move.
+    sent: Arc<AtomicU64>,
+    /// `sent` when the timer was armed.
+    seen: u64,
 }
 
 impl<T> Guarded<T> {
-    /// `suspect` is raised when the client sent an ambiguous request.
+    /// `suspect` is raised when the client sent an ambiguous request; `sent` counts the bytes
+    /// the socket took.
     pub fn new(
         inner: T,
         max_head: usize,
         send_timeout: Duration,
+        sent: Arc<AtomicU64>,
         suspect: Arc<AtomicBool>,
     ) -> Guarded<T> {
         Guarded {
-            inner,
             scanner: Some(Scanner::new(max_head, suspect)),
-            send_timeout,
-            stalled: None,
-            progress: None,
+            ..Guarded::unscanned(inner, send_timeout, sent)
         }
     }
 
     /// A connection whose framing needs no watching (HTTP/2 frames each message itself): only
     /// its writes are timed.
-    pub fn unscanned(inner: T, send_timeout: Duration) -> Guarded<T> {
+    pub fn unscanned(inner: T, send_timeout: Duration, sent: Arc<AtomicU64>) -> Guarded<T> {
         Guarded {
             inner,
             scanner: None,
             send_timeout,
             stalled: None,
-            progress: None,
+            sent,
+            seen: 0,
         }
-    }
-
-    /// A write waiting for room counts as stalled only while `sent` does not move.
-    pub fn with_progress(mut self, sent: Arc<std::sync::atomic::AtomicU64>) -> Guarded<T> {
-        self.progress = Some((sent, 0));
-        self
     }
 
     /// After a write: progress disarms the stall timer; waiting arms it, and fails the write
@@ -80,13 +77,11 @@ impl<T> Guarded<T> {
             self.stalled = None;
             return polled;
         }
-        if let Some((sent, seen)) = &mut self.progress {
-            let now = sent.load(Ordering::Relaxed);
-            if now != *seen {
-                // The client took bytes since the timer was armed: it starts again.
-                *seen = now;
-                self.stalled = None;
-            }
+        let now = self.sent.load(Ordering::Relaxed);
+        if now != self.seen {
+            // The client took bytes since the timer was armed: it starts again.
+            self.seen = now;
+            self.stalled = None;
         }
         let timeout = self.send_timeout;
         let stalled = self
@@ -410,8 +405,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_write_fails_once_the_client_took_nothing_for_the_send_timeout() {
         let timeout = Duration::from_secs(10);
-        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let mut guarded = Guarded::unscanned(Full, timeout).with_progress(sent.clone());
+        let sent = Arc::new(AtomicU64::new(0));
+        let mut guarded = Guarded::unscanned(Full, timeout, sent.clone());
         let mut flush =
             || futures_poll(|cx| Pin::new(&mut guarded).poll_flush(cx).map(|r| r.is_err()));
         assert_eq!(flush(), None);
@@ -437,7 +432,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_close_waiting_on_a_client_that_takes_nothing_fails_after_the_send_timeout() {
         let timeout = Duration::from_secs(10);
-        let mut guarded = Guarded::unscanned(Full, timeout);
+        let mut guarded = Guarded::unscanned(Full, timeout, Arc::default());
         let mut shutdown =
             || futures_poll(|cx| Pin::new(&mut guarded).poll_shutdown(cx).map(|r| r.is_err()));
         assert_eq!(shutdown(), None);

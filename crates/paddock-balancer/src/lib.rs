@@ -735,15 +735,13 @@ impl Client {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let suspect = Arc::new(AtomicBool::new(false));
-        let io = TokioIo::new(
-            guard::Guarded::new(
-                stream,
-                self.max_header_bytes,
-                self.send_timeout,
-                suspect.clone(),
-            )
-            .with_progress(self.progress.clone()),
-        );
+        let io = TokioIo::new(guard::Guarded::new(
+            stream,
+            self.max_header_bytes,
+            self.send_timeout,
+            self.progress.clone(),
+            suspect.clone(),
+        ));
         let peer_ip = self.peer_ip();
         let shared = self.shared;
         let service = service_fn(move |request| {
@@ -766,10 +764,11 @@ impl Client {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let io = TokioIo::new(
-            guard::Guarded::unscanned(stream, self.send_timeout)
-                .with_progress(self.progress.clone()),
-        );
+        let io = TokioIo::new(guard::Guarded::unscanned(
+            stream,
+            self.send_timeout,
+            self.progress.clone(),
+        ));
         let peer_ip = self.peer_ip();
         let mut stopping = self.shared.stopping.subscribe();
         let shared = self.shared;
