@@ -193,9 +193,11 @@ impl Out {
                 }
             }
         }
-        // The rest is the connection's to write (or to fail on).
+        // The rest is the connection's to write (or to fail on). With nothing left the waker is
+        // let go: a pooled connection would keep a finished task's memory with it.
+        let waker = self.waker.take();
         if (!self.bytes.is_empty() || self.error.is_some())
-            && let Some(waker) = self.waker.take()
+            && let Some(waker) = waker
         {
             waker.wake();
         }
@@ -583,6 +585,30 @@ mod tests {
         assert!(!a.withdraw(at));
         drop(a);
         assert_eq!(read_to_end(peer).await, b"");
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_bytes_all_went_out_keeps_no_waker() {
+        struct Task;
+        impl std::task::Wake for Task {
+            fn wake(self: Arc<Self>) {}
+        }
+        let sends = Sends::start(Duration::from_secs(5));
+        let (mut a, mut peer) = pair(&sends).await;
+        let task = Arc::new(Task);
+        let waker = Waker::from(task.clone());
+        let polled = Pin::new(&mut a).poll_write(&mut Context::from_waker(&waker), b"answer");
+        assert!(matches!(polled, Poll::Ready(Ok(6))));
+        drop(waker);
+        assert_eq!(
+            Arc::strong_count(&task),
+            2,
+            "the queued connection keeps its waker"
+        );
+        let mut got = [0u8; 6];
+        peer.read_exact(&mut got).await.unwrap();
+        // A pooled connection would otherwise hold a finished task's memory.
+        assert_eq!(Arc::strong_count(&task), 1);
     }
 
     #[tokio::test]
