@@ -712,15 +712,30 @@ mod tests {
         keep: bool,
         head_request: bool,
     ) -> Result<(http::response::Parts, ResponseBody), ExchangeError> {
-        let address = serve(answer, piece, keep).await;
-        let sends = Sends::start(Duration::from_secs(5));
-        let mut conn = Connection::connect(&address, Duration::from_secs(1), Some(&sends))
-            .await
-            .unwrap();
+        let mut conn = queued_to(&serve(answer, piece, keep).await).await;
         conn.write_head(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
             .await
             .unwrap();
         conn.read_response(head_request).await
+    }
+
+    /// A connection to `address` whose request heads are queued with a loop's sends.
+    async fn queued_to(address: &str) -> Connection {
+        let sends = Sends::start(Duration::from_secs(5));
+        Connection::connect(address, Duration::from_secs(1), Some(&sends))
+            .await
+            .unwrap()
+    }
+
+    /// A POST on `conn` that gets no answer: how the exchange failed.
+    async fn unanswered_post(mut conn: Connection) -> ExchangeError {
+        conn.write_head(b"POST /order HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        match conn.read_response(false).await {
+            Err(e) => e,
+            Ok((parts, _)) => panic!("answered {}", parts.status),
+        }
     }
 
     /// [`get`], with the body read whole: its frames and whether the connection is reusable.
@@ -979,18 +994,10 @@ mod tests {
                 got.extend_from_slice(&buf[..n]);
             }
         });
-        let sends = Sends::start(Duration::from_secs(5));
-        let mut conn = Connection::connect(&address, Duration::from_secs(1), Some(&sends))
-            .await
-            .unwrap();
-        conn.write_head(b"POST /order HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
-            .await
-            .unwrap();
         // Sending it again elsewhere could make two orders.
-        match conn.read_response(false).await {
-            Err(ExchangeError::NoResponse(_)) => {}
-            Err(e) => panic!("not taken for sent without an answer: {e}"),
-            Ok((parts, _)) => panic!("answered {}", parts.status),
+        match unanswered_post(queued_to(&address).await).await {
+            ExchangeError::NoResponse(_) => {}
+            e => panic!("not taken for sent without an answer: {e}"),
         }
     }
 
@@ -1006,23 +1013,16 @@ mod tests {
             socket.read_to_end(&mut got).await.unwrap();
             got
         });
-        let sends = Sends::start(Duration::from_secs(5));
-        let mut conn = Connection::connect(&address, Duration::from_secs(1), Some(&sends))
-            .await
-            .unwrap();
+        let conn = queued_to(&address).await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while conn.is_open() {
             assert!(tokio::time::Instant::now() < deadline, "close never seen");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // The close is known when the response is read, before the loop's turn sends the head.
-        conn.write_head(b"POST /order HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
-            .await
-            .unwrap();
-        match conn.read_response(false).await {
-            Err(ExchangeError::Unsent(_)) => {}
-            Err(e) => panic!("not taken for unsent: {e}"),
-            Ok((parts, _)) => panic!("answered {}", parts.status),
+        match unanswered_post(conn).await {
+            ExchangeError::Unsent(_) => {}
+            e => panic!("not taken for unsent: {e}"),
         }
         assert_eq!(front_end.await.unwrap(), b"");
     }
