@@ -64,8 +64,9 @@ pub enum ExchangeError {
 
 /// A connection to a front-end.
 pub struct Connection {
-    /// Request heads without a body go out with the loop turn's other sends
-    /// ([`crate::sends`]); bodies, and everything on a health check's connection, at once.
+    /// The heads of requests without a body go out with the loop turn's other sends
+    /// ([`crate::sends`]); a request with a body (head and body), and everything on a health
+    /// check's connection, at once.
     stream: Stream,
     /// Where the request being exchanged starts in the count of bytes sent (see
     /// [`Stream::withdraw`]).
@@ -189,6 +190,17 @@ impl Connection {
             if self.filled > 0 {
                 got_any = true;
                 if let Some(head) = self.parse_head(head_request)? {
+                    // Not this request's answer (a front-end closing an idle connection may
+                    // say 408 first): none of the request had gone out.
+                    if self.stream.withdraw(self.request_at) {
+                        return Err(ExchangeError::Unsent(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!(
+                                "the front-end answered {} before it had the request",
+                                head.0.status
+                            ),
+                        )));
+                    }
                     let (parts, framing, keep_alive) = head;
                     let mut body = ResponseBody {
                         conn: self,
@@ -998,6 +1010,32 @@ mod tests {
         match unanswered_post(queued_to(&address).await).await {
             ExchangeError::NoResponse(_) => {}
             e => panic!("not taken for sent without an answer: {e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_came_before_the_queued_head_went_out_is_not_taken_for_its_answer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        // Closing an idle connection, it says so first.
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            socket
+                .write_all(b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            let mut rest = Vec::new();
+            let _ = socket.read_to_end(&mut rest).await;
+        });
+        let conn = queued_to(&address).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while conn.is_open() {
+            assert!(tokio::time::Instant::now() < deadline, "the 408 never came");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        match unanswered_post(conn).await {
+            ExchangeError::Unsent(e) => assert!(e.to_string().contains("408"), "{e}"),
+            e => panic!("not taken for unsent: {e}"),
         }
     }
 

@@ -16,17 +16,17 @@
 //! only when nothing is left or the rest goes out in this turn; what the socket cannot take now
 //! is written by the connection's own task, which waits for room like any writer, and every
 //! byte the socket takes counts as progress for the send timeout ([`Stream::progress`]); an
-//! error of a queued write is returned by the connection's next write or flush (or a read that
-//! would wait), and wakes its task; bytes left when the connection is dropped (hyper took the queued flush as done, then
-//! closed the idle connection) are still written, by a task of their own, until the client has
-//! taken nothing for the send timeout, counted from when the connection began to wait.
+//! error of a queued write is returned by the connection's next write or flush, or by a read
+//! that would wait, and wakes its task; bytes left when the connection is dropped (hyper took
+//! the queued flush as done, then closed the idle connection) are still written, by a task of
+//! their own, until the client has taken nothing for the send timeout, counted from when the
+//! connection began to wait; a connection with bytes waiting or a failed write is not taken for
+//! open ([`Stream::is_open`]), so that a pool never queues a request behind another's tail.
 //!
 //! A connection to a front-end ([`Sends::front_end`]) differs in two ways: what is left when it
 //! is dropped is not sent (the request it belonged to was given up, and may be sent again on
 //! another connection), and a request whose bytes none reached the socket can be taken back
-//! ([`Stream::withdraw`]), so that the request counts as not sent; a connection with bytes still
-//! waiting to go out is not taken for open ([`Stream::is_open`]), so that nothing is queued behind
-//! a request the front-end answered before it had it all.
+//! ([`Stream::withdraw`]), so that the request counts as not sent.
 
 use std::io;
 use std::pin::Pin;
@@ -298,22 +298,19 @@ impl Stream {
     }
 
     /// Whether it still looks usable: no write failed, nothing written waits to go out, the
-    /// peer did not close it and sent nothing unasked. Costs a system call only when the socket
-    /// was signalled readable.
+    /// peer did not close it and sent nothing unasked (which stays to be read). Costs a system
+    /// call only when the socket was signalled readable.
     pub fn is_open(&self) -> bool {
         let out = lock(&self.out);
         if out.error.is_some() || !out.bytes.is_empty() {
             return false;
         }
+        // A peek: what the peer sent stays to be read.
+        let mut probe = [0u8; 1];
         let mut cx = Context::from_waker(Waker::noop());
-        match out.stream.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                matches!(out.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-            }
-        }
+        out.stream
+            .poll_peek(&mut cx, &mut ReadBuf::new(&mut probe))
+            .is_pending()
     }
 
     /// The count of bytes sent once everything written so far is: where the next write
@@ -337,8 +334,8 @@ impl Stream {
         true
     }
 
-    /// Writes to the socket at once (after whatever is queued before), like a plain socket:
-    /// an error here is this write's.
+    /// Writes to the socket at once (after whatever is queued before), like a plain socket: an
+    /// error is this write's, or the earlier one's that broke the connection.
     pub async fn write_now(&self, buf: &[u8]) -> io::Result<usize> {
         std::future::poll_fn(|cx| {
             lock(&self.out).poll_write_now(cx, |stream, cx| stream.poll_write(cx, buf))
@@ -604,6 +601,20 @@ mod tests {
         peer.read_exact(&mut got).await.unwrap();
         // A pooled connection would otherwise hold a finished task's memory.
         assert_eq!(Arc::strong_count(&task), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_with_bytes_waiting_is_not_open() {
+        let sends = Sends::start(Duration::from_secs(5));
+        let (socket, _peer) = sockets().await;
+        let mut a = sends.front_end(socket);
+        assert!(a.is_open());
+        // The peer takes nothing: what the socket cannot take waits.
+        fill(&mut a).await;
+        assert!(
+            !a.is_open(),
+            "a request would be queued behind another's tail"
+        );
     }
 
     #[tokio::test]
