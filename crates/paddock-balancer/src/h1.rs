@@ -696,13 +696,37 @@ mod tests {
     use tokio::io::AsyncReadExt as _;
     use tokio::net::TcpListener;
 
+    /// A front-end on a port of its own that does `serve` with the one connection it accepts:
+    /// its address, and what `serve` gives.
+    async fn front_end<F, T>(
+        serve: impl FnOnce(TcpStream) -> F + Send + 'static,
+    ) -> (String, tokio::task::JoinHandle<T>)
+    where
+        F: std::future::Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let served = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            serve(socket).await
+        });
+        (address, served)
+    }
+
+    /// Waits until `conn` is no longer taken for open, for what the front-end did (`what`).
+    async fn until_not_open(conn: &Connection, what: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while conn.is_open() {
+            assert!(tokio::time::Instant::now() < deadline, "{what} never seen");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// A front-end that answers the first request on a connection with `answer`, written in
     /// pieces of `piece` bytes, and then keeps the connection open (`keep`) or closes it.
     async fn serve(answer: &'static [u8], piece: usize, keep: bool) -> String {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
+        let (address, _) = front_end(move |mut socket| async move {
             let mut request = vec![0u8; 4096];
             let _ = socket.read(&mut request).await.unwrap();
             for part in answer.chunks(piece) {
@@ -713,7 +737,8 @@ mod tests {
             if keep {
                 let _ = socket.read(&mut request).await;
             }
-        });
+        })
+        .await;
         address
     }
 
@@ -984,20 +1009,13 @@ mod tests {
         .unwrap();
         let conn = body.into_connection().unwrap();
         // The front-end closes it; once the event arrives, the pool sees it.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while conn.is_open() {
-            assert!(tokio::time::Instant::now() < deadline, "close never seen");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_not_open(&conn, "the close").await;
     }
 
     #[tokio::test]
     async fn a_head_the_front_end_had_before_it_closed_is_not_taken_for_unsent() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap().to_string();
         // Reads the whole head, then closes without an answer.
-        tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
+        let (address, _) = front_end(|mut socket| async move {
             let mut got = Vec::new();
             let mut buf = [0u8; 1024];
             while !got.ends_with(b"\r\n\r\n") {
@@ -1005,7 +1023,8 @@ mod tests {
                 assert!(n > 0, "the head never came");
                 got.extend_from_slice(&buf[..n]);
             }
-        });
+        })
+        .await;
         // Sending it again elsewhere could make two orders.
         match unanswered_post(queued_to(&address).await).await {
             ExchangeError::NoResponse(_) => {}
@@ -1015,24 +1034,18 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_that_came_before_the_queued_head_went_out_is_not_taken_for_its_answer() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap().to_string();
         // Closing an idle connection, it says so first.
-        tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
+        let (address, _) = front_end(|mut socket| async move {
             socket
                 .write_all(b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
                 .await
                 .unwrap();
             let mut rest = Vec::new();
             let _ = socket.read_to_end(&mut rest).await;
-        });
+        })
+        .await;
         let conn = queued_to(&address).await;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while conn.is_open() {
-            assert!(tokio::time::Instant::now() < deadline, "the 408 never came");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_not_open(&conn, "the 408").await;
         match unanswered_post(conn).await {
             ExchangeError::Unsent(e) => assert!(e.to_string().contains("408"), "{e}"),
             e => panic!("not taken for unsent: {e}"),
@@ -1041,27 +1054,21 @@ mod tests {
 
     #[tokio::test]
     async fn a_head_queued_on_a_connection_found_closed_is_unsent_and_never_goes_out() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap().to_string();
         // Says it closes, and still reads: what it gets is what the balancer sent after.
-        let front_end = tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
+        let (address, received) = front_end(|mut socket| async move {
             socket.shutdown().await.unwrap();
             let mut got = Vec::new();
             socket.read_to_end(&mut got).await.unwrap();
             got
-        });
+        })
+        .await;
         let conn = queued_to(&address).await;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while conn.is_open() {
-            assert!(tokio::time::Instant::now() < deadline, "close never seen");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_not_open(&conn, "the close").await;
         // The close is known when the response is read, before the loop's turn sends the head.
         match unanswered_post(conn).await {
             ExchangeError::Unsent(_) => {}
             e => panic!("not taken for unsent: {e}"),
         }
-        assert_eq!(front_end.await.unwrap(), b"");
+        assert_eq!(received.await.unwrap(), b"");
     }
 }
