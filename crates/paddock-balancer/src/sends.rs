@@ -255,6 +255,8 @@ impl Out {
 pub struct Stream {
     out: Arc<Mutex<Out>>,
     sends: Option<Arc<Sends>>,
+    /// `Out::sent`, read without the lock (it only grows).
+    sent: Arc<AtomicU64>,
 }
 
 impl Drop for Stream {
@@ -276,6 +278,7 @@ impl Drop for Stream {
 
 impl Stream {
     fn new(stream: TcpStream, sends: Option<Arc<Sends>>, linger: bool) -> Stream {
+        let sent = Arc::new(AtomicU64::new(0));
         Stream {
             out: Arc::new(Mutex::new(Out {
                 stream,
@@ -283,12 +286,13 @@ impl Stream {
                 queued: false,
                 error: None,
                 waker: None,
-                sent: Arc::new(AtomicU64::new(0)),
+                sent: sent.clone(),
                 waiting_since: None,
                 orphaned: false,
                 linger,
             })),
             sends,
+            sent,
         }
     }
 
@@ -324,6 +328,10 @@ impl Stream {
     /// the socket yet: whether it was taken back (then the peer cannot have seen any of it,
     /// and none of it will be sent).
     pub fn withdraw(&self, from: u64) -> bool {
+        // Asked after every response: once any of it went out, the answer needs no lock.
+        if self.sent.load(Ordering::Relaxed) > from {
+            return false;
+        }
         let mut out = lock(&self.out);
         let sent = out.sent.load(Ordering::Relaxed);
         if sent > from {
@@ -356,7 +364,7 @@ impl Stream {
     /// Counts the bytes the socket takes, whoever writes them: what the send timeout watches
     /// (a write that waits for room may have made progress meanwhile).
     pub fn progress(&self) -> Arc<AtomicU64> {
-        lock(&self.out).sent.clone()
+        self.sent.clone()
     }
 
     /// Queues `len` bytes that `append` adds, when they are to be queued: whether they were.
