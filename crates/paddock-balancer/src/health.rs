@@ -34,8 +34,11 @@ pub async fn watch(upstream: Weak<Upstream>, config: HealthConfig) {
 pub async fn check(upstream: &Arc<Upstream>, config: &HealthConfig, conn: &mut Option<Connection>) {
     match tokio::time::timeout(config.timeout, probe(upstream, conn)).await {
         Ok(Ok(apps)) => upstream.check_passed(apps, config.rise),
-        // No connection for want of something on this machine: the check did not happen.
-        Ok(Err(Probe::Shortage)) => {}
+        // No connection for want of something on this machine: the check did not happen, and
+        // counts neither way (what is short was said, at most every 5 s).
+        Ok(Err(Probe::Shortage)) => {
+            tracing::debug!(upstream = %upstream.name, "health check skipped: no connection could be opened");
+        }
         Ok(Err(Probe::Failed(why))) => {
             *conn = None;
             upstream.check_failed(&why, config.fall);

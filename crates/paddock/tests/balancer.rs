@@ -700,12 +700,20 @@ fn table_balancer_args(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_balancer_out_of_descriptors_answers_503_and_takes_no_frontend_for_failed() {
-    let upstream = echo_upstream(Arc::new(tokio::sync::Notify::new())).await;
+    // Every health check opens a connection, so that checks meet the shortage too.
+    let upstream = echo_upstream_with(Arc::new(tokio::sync::Notify::new()), true).await;
     let dir = tempfile::tempdir().unwrap();
     let args = table_balancer_args(
         dir.path(),
         &echo_table(upstream),
-        &["--threads", "1", "--header-timeout", "60s"],
+        &[
+            "--threads",
+            "1",
+            "--header-timeout",
+            "60s",
+            "--check-interval",
+            "100ms",
+        ],
     );
     let (lb, lines) = harness::spawn_with_open_files(&args, 256);
     // The first table is applied once its front-ends had their first check, before the port
@@ -733,6 +741,12 @@ async fn a_balancer_out_of_descriptors_answers_503_and_takes_no_frontend_for_fai
     );
     let said = harness::next_line(&lines, "cannot open a connection to a front-end");
     assert!(said.contains("LimitNOFILE"), "{said}");
+    // Checks that could not open their connection, more than the 2 failures that take a
+    // front-end down: none of them counts as failed.
+    for _ in 0..3 {
+        let line = next_line_no_down(&lines, "health check skipped");
+        assert!(line.contains("no connection could be opened"), "{line}");
+    }
     // Descriptors free again: the front-end serves at once, never having been taken for down.
     drop(idle);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -748,6 +762,17 @@ async fn a_balancer_out_of_descriptors_answers_503_and_takes_no_frontend_for_fai
     // What it wrote since, to its last line.
     let said: Vec<String> = lines.iter().filter(|l| l.contains("down")).collect();
     assert!(said.is_empty(), "{said:?}");
+}
+
+/// [`harness::next_line`], failing on any line before it that says a front-end went down.
+fn next_line_no_down(lines: &std::sync::mpsc::Receiver<String>, needle: &str) -> String {
+    loop {
+        match lines.recv_timeout(Duration::from_secs(10)) {
+            Ok(line) if line.contains(needle) => return line,
+            Ok(line) => assert!(!line.contains("down"), "{line}"),
+            Err(e) => panic!("no line with {needle:?}: {e}"),
+        }
+    }
 }
 
 /// Sends raw bytes on a new connection and returns what came back until the server closed it
@@ -872,6 +897,15 @@ async fn bad_requests_never_reach_a_frontend() {
 /// `x-got-forwarded-for`, `x-got-forwarded-proto`); `GET /echo/stream` answers "part-one", then "part-two" only once
 /// `go_on` is notified, then ends; `GET /echo/large` answers 64 MiB.
 async fn echo_upstream(go_on: Arc<tokio::sync::Notify>) -> std::net::SocketAddr {
+    echo_upstream_with(go_on, false).await
+}
+
+/// [`echo_upstream`]; with `close_health`, it closes the connection after each health answer,
+/// so that every check opens a new one.
+async fn echo_upstream_with(
+    go_on: Arc<tokio::sync::Notify>,
+    close_health: bool,
+) -> std::net::SocketAddr {
     use http_body_util::BodyExt as _;
 
     /// A response body fed by a channel: each message is a chunk.
@@ -908,9 +942,14 @@ async fn echo_upstream(go_on: Arc<tokio::sync::Notify>) -> std::net::SocketAddr 
                         };
                         if path == "/_paddock/health" {
                             let report = r#"{"server":"echo","state":"serving","apps":[{"name":"echo","version":"v1","route":"/echo","component_sha256":""}],"in_flight":0}"#;
-                            return Ok::<_, std::convert::Infallible>(http::Response::new(full(
-                                report.into(),
-                            )));
+                            let mut answer = http::Response::new(full(report.into()));
+                            if close_health {
+                                answer.headers_mut().insert(
+                                    http::header::CONNECTION,
+                                    http::HeaderValue::from_static("close"),
+                                );
+                            }
+                            return Ok::<_, std::convert::Infallible>(answer);
                         }
                         if path == "/echo/hold" {
                             // Answers once the test lets it.

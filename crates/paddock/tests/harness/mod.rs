@@ -1627,7 +1627,7 @@ impl Drop for Started {
 }
 
 /// Starts `paddock <args>` (a server command) under an open files limit of 256, hard limit
-/// `hard`, logging at info; its stderr, line by line.
+/// `hard`, logging at info (the balancer's health checks at debug); its stderr, line by line.
 pub fn spawn_with_open_files(
     args: &[std::ffi::OsString],
     hard: u64,
@@ -1635,7 +1635,7 @@ pub fn spawn_with_open_files(
     let mut command = Command::new(PADDOCK);
     command
         .args(args)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "info,paddock_balancer::health=debug")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
