@@ -290,3 +290,142 @@ fn up_fails_naming_the_process_that_could_not_start() {
     // The controller it had started is stopped.
     assert!(std::net::TcpStream::connect(("127.0.0.1", controller_port)).is_err());
 }
+
+/// The process whose command line has every one of `parts` as an argument.
+fn pid_with_args(parts: &[&str]) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            parts
+                .iter()
+                .all(|part| args.contains(&part.as_bytes()))
+                .then_some(pid)
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_starts_a_process_again_that_exited_and_stops_when_it_keeps_exiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller_port = free_port_pair();
+    let frontend_port = free_port_pair();
+    let balancer_port = free_port_pair();
+    let mut up = up_command(
+        dir.path(),
+        2,
+        [controller_port, frontend_port, balancer_port],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let output = Arc::new(Mutex::new(String::new()));
+    for stream in [
+        Box::new(up.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(up.stderr.take().unwrap()),
+    ] {
+        let output = output.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                eprintln!("[up] {line}");
+                output.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+    }
+    let said = |text: &str| output.lock().unwrap().contains(text);
+    let wait_said = |text: &'static str| {
+        let output = output.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !output.lock().unwrap().contains(text) {
+                assert!(
+                    Instant::now() < deadline,
+                    "paddock up did not say {text:?}:\n{}",
+                    output.lock().unwrap()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait_said("Stop: Ctrl-C").await;
+    let published = Command::new(PADDOCK)
+        .args(["app", "publish"])
+        .arg(fixture("hello-v1"))
+        .env(
+            "PADDOCK_CONTROLLER",
+            format!("http://127.0.0.1:{controller_port}"),
+        )
+        .env("PADDOCK_DATA", dir.path())
+        .env_remove("PADDOCK_TOKEN")
+        .output()
+        .unwrap();
+    assert!(published.status.success(), "{published:?}");
+
+    // fe-1 dies: it is started again, and serves what it served; users saw nothing of it.
+    let fe1_data = dir.path().canonicalize().unwrap().join("fe-1");
+    let fe1 = || pid_with_args(&["frontend", "fe-1", fe1_data.to_str().unwrap()]);
+    harness::send_signal(fe1().expect("fe-1's process"), "KILL");
+    let balancer = format!("127.0.0.1:{balancer_port}").parse().unwrap();
+    let mut users = Conn::open(balancer).await.unwrap();
+    let fe1_addr = format!("127.0.0.1:{frontend_port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let reply = users.get("/hello/").await.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        if said("starting fe-1 again")
+            && let Ok(mut conn) = Conn::open(fe1_addr).await
+            && let Ok(reply) = conn.get("/hello/").await
+            && reply.status == 200
+        {
+            assert_eq!(reply.version(), Some("v1"));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fe-1 did not come back:\n{}",
+            output.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        said("fe-1 exited (signal: 9 (SIGKILL)); starting it again in 2s"),
+        "{}",
+        output.lock().unwrap()
+    );
+
+    // fe-1 dies again and its port is taken meanwhile: it cannot start, and after three exits
+    // in a row `paddock up` stops the farm, naming it.
+    harness::send_signal(fe1().expect("fe-1's process"), "KILL");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let _taken = loop {
+        match std::net::TcpListener::bind(("127.0.0.1", frontend_port)) {
+            Ok(listener) => break listener,
+            Err(e) => assert!(Instant::now() < deadline, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = up.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "paddock up did not stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success(), "{status}");
+    wait_said("within 10s of its start").await;
+    assert!(
+        said("fe-1 exited 3 times in a row within 10s of its start"),
+        "{}",
+        output.lock().unwrap()
+    );
+    for port in [controller_port, frontend_port + 1, balancer_port] {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "port {port} still served after the farm stopped"
+        );
+    }
+}

@@ -1,5 +1,9 @@
 //! `paddock up`: a whole farm on one machine — the controller (SQLite), a balancer and N
 //! front-ends, as child processes of this one, stopped together on Ctrl-C or SIGTERM.
+//!
+//! A process that exits once the farm is up is started again after [`RESTART_DELAY`], as a
+//! service manager would (the others route around it meanwhile); one that exits
+//! [`QUICK_EXITS`] times in a row within [`QUICK`] of its start stops the farm, naming it.
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
@@ -30,13 +34,95 @@ pub struct UpArgs {
     balancer_admin_port: u16,
 }
 
+/// How long a process of the farm that exited waits before it is started again.
+const RESTART_DELAY: Duration = Duration::from_secs(2);
+/// An exit within this time of the start counts as the process not starting.
+const QUICK: Duration = Duration::from_secs(10);
+/// Quick exits in a row after which the farm stops instead of starting it once more.
+const QUICK_EXITS: u32 = 3;
+
+/// One process of the farm, and how to start it again.
+struct Member {
+    name: String,
+    args: Vec<String>,
+    env: Vec<(&'static str, String)>,
+    /// None while it waits to be started again.
+    child: Option<Child>,
+    started: Instant,
+    /// Exits in a row, each within [`QUICK`] of its start.
+    quick_exits: u32,
+    restart_at: Option<Instant>,
+}
+
+impl Member {
+    fn start(
+        name: &str,
+        args: Vec<String>,
+        env: Vec<(&'static str, String)>,
+    ) -> anyhow::Result<Member> {
+        let child = spawn(name, &args, &env)?;
+        Ok(Member {
+            name: name.to_string(),
+            args,
+            env,
+            child: Some(child),
+            started: Instant::now(),
+            quick_exits: 0,
+            restart_at: None,
+        })
+    }
+
+    fn child(&mut self) -> &mut Child {
+        self.child
+            .as_mut()
+            .expect("a member is started before the farm is up")
+    }
+
+    /// Once the farm is up: notices an exit and starts the process again when its time has
+    /// come; the reason to stop the farm when it keeps exiting.
+    fn watch(&mut self) -> anyhow::Result<Option<String>> {
+        if let Some(child) = &mut self.child {
+            let Some(status) = child.try_wait()? else {
+                return Ok(None);
+            };
+            self.child = None;
+            self.quick_exits = if self.started.elapsed() < QUICK {
+                self.quick_exits + 1
+            } else {
+                0
+            };
+            if self.quick_exits >= QUICK_EXITS {
+                return Ok(Some(format!(
+                    "{} exited {} times in a row within {}s of its start (last: {status}); its log is above",
+                    self.name,
+                    self.quick_exits,
+                    QUICK.as_secs()
+                )));
+            }
+            eprintln!(
+                "{} exited ({status}); starting it again in {}s",
+                self.name,
+                RESTART_DELAY.as_secs()
+            );
+            self.restart_at = Some(Instant::now() + RESTART_DELAY);
+        }
+        if self.restart_at.is_some_and(|at| at <= Instant::now()) {
+            self.restart_at = None;
+            eprintln!("starting {} again", self.name);
+            self.child = Some(spawn(&self.name, &self.args, &self.env)?);
+            self.started = Instant::now();
+        }
+        Ok(None)
+    }
+}
+
 struct Farm {
-    children: Vec<(String, Child)>,
+    children: Vec<Member>,
 }
 
 impl Drop for Farm {
     fn drop(&mut self) {
-        for (_, child) in &mut self.children {
+        for child in self.children.iter_mut().filter_map(|m| m.child.as_mut()) {
             // One that has exited is not signalled: its process id may be another's by now.
             if let Ok(Some(_)) = child.try_wait() {
                 continue;
@@ -45,7 +131,15 @@ impl Drop for Farm {
                 .args(["-TERM", &child.id().to_string()])
                 .status();
         }
-        for (name, child) in &mut self.children {
+        for member in &mut self.children {
+            let Member {
+                name,
+                child: Some(child),
+                ..
+            } = member
+            else {
+                continue;
+            };
             let deadline = Instant::now() + Duration::from_secs(40);
             loop {
                 match child.try_wait() {
@@ -66,11 +160,11 @@ impl Drop for Farm {
 }
 
 /// Starts a child whose output is relayed line by line, tagged with `name`.
-fn spawn(name: &str, args: &[String], env: &[(&str, &str)]) -> anyhow::Result<Child> {
+fn spawn(name: &str, args: &[String], env: &[(&'static str, String)]) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("finding the paddock binary")?;
     let mut child = Command::new(exe)
         .args(args)
-        .envs(env.iter().copied())
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -193,9 +287,9 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     };
 
     let db = format!("sqlite://{}", data.join("paddock.db").display());
-    let controller = spawn(
+    let controller = Member::start(
         "controller",
-        &[
+        vec![
             "controller".into(),
             "--listen".into(),
             format!("127.0.0.1:{}", args.controller_port),
@@ -207,11 +301,14 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             // installs a new one over it.
             "--platform-upgrades".into(),
         ],
-        &[],
+        Vec::new(),
     )?;
-    farm.children.push(("controller".into(), controller));
-    let join_token = wait_for_file(&controller_dir.join("join.token"), &mut farm.children[0].1)?;
-    let admin_token = wait_for_file(&controller_dir.join("admin.token"), &mut farm.children[0].1)?;
+    farm.children.push(controller);
+    let join_token = wait_for_file(&controller_dir.join("join.token"), farm.children[0].child())?;
+    let admin_token = wait_for_file(
+        &controller_dir.join("admin.token"),
+        farm.children[0].child(),
+    )?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -219,7 +316,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     runtime.block_on(wait_ready(
         &http,
         "the controller",
-        &mut farm.children[0].1,
+        farm.children[0].child(),
         Ready::Controller {
             url: &controller_url,
             admin_token: &admin_token,
@@ -231,9 +328,9 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     for i in 1..=args.frontends {
         let name = format!("fe-{i}");
         let port = args.frontend_port + i - 1;
-        let child = spawn(
+        let member = Member::start(
             &name,
-            &[
+            vec![
                 "frontend".into(),
                 "--name".into(),
                 name.clone(),
@@ -248,11 +345,11 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
                 db.clone(),
             ],
             // Through the environment: a command line is readable by every local user.
-            &[("PADDOCK_JOIN_TOKEN", join_token.as_str())],
+            vec![("PADDOCK_JOIN_TOKEN", join_token.clone())],
         )?;
         let health = format!("http://127.0.0.1:{port}/_paddock/health");
         waiting.push((farm.children.len(), health));
-        farm.children.push((name.clone(), child));
+        farm.children.push(member);
         frontends.push(format!("{name}: http://127.0.0.1:{port}/"));
     }
 
@@ -260,9 +357,9 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     let access_log = data.join("lb-1").join("access.log");
     std::fs::create_dir_all(data.join("lb-1"))
         .with_context(|| format!("creating {}", data.join("lb-1").display()))?;
-    let balancer = spawn(
+    let balancer = Member::start(
         "balancer",
-        &[
+        vec![
             "balancer".into(),
             "--name".into(),
             "lb-1".into(),
@@ -277,23 +374,23 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
             "--access-log".into(),
             access_log.display().to_string(),
         ],
-        &[("PADDOCK_JOIN_TOKEN", join_token.as_str())],
+        vec![("PADDOCK_JOIN_TOKEN", join_token.clone())],
     )?;
     let status = format!("http://127.0.0.1:{}/status", args.balancer_admin_port);
     waiting.push((farm.children.len(), status));
-    farm.children.push(("balancer".into(), balancer));
+    farm.children.push(balancer);
     for (index, url) in waiting {
-        let (name, child) = &mut farm.children[index];
+        let member = &mut farm.children[index];
+        let name = member.name.clone();
         let expected = if name == "balancer" {
-            "lb-1"
+            "lb-1".to_string()
         } else {
-            name.as_str()
+            name.clone()
         };
-        let expected = expected.to_string();
         runtime.block_on(wait_ready(
             &http,
-            &name.clone(),
-            child,
+            &name,
+            member.child(),
             Ready::Named {
                 url,
                 name: &expected,
@@ -337,9 +434,9 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
                 _ = term.recv() => return anyhow::Ok(None),
                 _ = tokio::signal::ctrl_c() => return Ok(None),
                 _ = watch.tick() => {
-                    for (name, child) in &mut farm.children {
-                        if let Some(status) = child.try_wait()? {
-                            return Ok(Some(format!("{name} exited ({status}); its log is above")));
+                    for member in &mut farm.children {
+                        if let Some(why) = member.watch()? {
+                            return Ok(Some(why));
                         }
                     }
                 }
