@@ -744,7 +744,7 @@ async fn a_balancer_out_of_descriptors_answers_503_and_takes_no_frontend_for_fai
     // Checks that could not open their connection, more than the 2 failures that take a
     // front-end down: none of them counts as failed.
     for _ in 0..3 {
-        let line = next_line_no_down(&lines, "health check skipped");
+        let line = harness::next_line_without(&lines, "health check skipped", &["down"]);
         assert!(line.contains("no connection could be opened"), "{line}");
     }
     // Descriptors free again: the front-end serves at once, never having been taken for down.
@@ -762,17 +762,6 @@ async fn a_balancer_out_of_descriptors_answers_503_and_takes_no_frontend_for_fai
     // What it wrote since, to its last line.
     let said: Vec<String> = lines.iter().filter(|l| l.contains("down")).collect();
     assert!(said.is_empty(), "{said:?}");
-}
-
-/// [`harness::next_line`], failing on any line before it that says a front-end went down.
-fn next_line_no_down(lines: &std::sync::mpsc::Receiver<String>, needle: &str) -> String {
-    loop {
-        match lines.recv_timeout(Duration::from_secs(10)) {
-            Ok(line) if line.contains(needle) => return line,
-            Ok(line) => assert!(!line.contains("down"), "{line}"),
-            Err(e) => panic!("no line with {needle:?}: {e}"),
-        }
-    }
 }
 
 /// Sends raw bytes on a new connection and returns what came back until the server closed it

@@ -54,24 +54,13 @@ fn up_command_from(
     up
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
-    let controller_port = free_port_pair();
-    let frontend_port = free_port_pair();
-    let balancer_port = free_port_pair();
-    // Its own executable, as an installed one: the platform upgrade below replaces it.
-    let exe = own_paddock(dir.path());
-    let mut up = up_command_from(
-        &exe,
-        dir.path(),
-        2,
-        [controller_port, frontend_port, balancer_port],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+/// Starts `up` with its output collected (and echoed, tagged `[up]`).
+fn spawn_up(up: &mut Command) -> (std::process::Child, Arc<Mutex<String>>) {
+    let mut up = up
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let output = Arc::new(Mutex::new(String::new()));
     for stream in [
         Box::new(up.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
@@ -85,6 +74,61 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
             }
         });
     }
+    (up, output)
+}
+
+/// Waits (at most 60 s) until `output` has `text`.
+async fn wait_said(output: &Mutex<String>, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !output.lock().unwrap().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "paddock up did not say {text:?}:\n{}",
+            output.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The number `output` gives after the last `before` (a pid).
+fn number_after(output: &Mutex<String>, before: &str) -> u32 {
+    let output = output.lock().unwrap();
+    output
+        .rsplit(before)
+        .next()
+        .and_then(|rest| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no number after {before:?} in:\n{output}"))
+}
+
+/// Waits (at most 60 s) until `up` has exited; its status.
+async fn wait_exited(up: &mut std::process::Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = up.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "paddock up did not stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller_port = free_port_pair();
+    let frontend_port = free_port_pair();
+    let balancer_port = free_port_pair();
+    // Its own executable, as an installed one: the platform upgrade below replaces it.
+    let exe = own_paddock(dir.path());
+    let (mut up, output) = spawn_up(&mut up_command_from(
+        &exe,
+        dir.path(),
+        2,
+        [controller_port, frontend_port, balancer_port],
+    ));
     let deadline = Instant::now() + Duration::from_secs(60);
     let registered = || {
         output
@@ -238,18 +282,24 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
         .unwrap();
     assert_eq!(reply.body, "visits=4 version=v1\n");
 
+    // A process that dies after the upgrade starts again on the new build: the one now at the
+    // path the farm was started from, not the file it replaced.
+    let fe1 = number_after(
+        &output,
+        &format!("fe-1: http://127.0.0.1:{frontend_port}/   (pid "),
+    );
+    harness::send_signal(fe1, "KILL");
+    wait_said(&output, "started fe-1 again (pid ").await;
+    let fe1 = number_after(&output, "started fe-1 again (pid ");
+    assert!(harness::is_new_build(std::path::Path::new(&format!(
+        "/proc/{fe1}/exe"
+    ))));
+
     Command::new("kill")
         .args(["-TERM", &up.id().to_string()])
         .status()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = up.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "paddock up did not stop");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = wait_exited(&mut up).await;
     assert!(status.success(), "{status}");
     for port in [
         controller_port,
@@ -291,66 +341,19 @@ fn up_fails_naming_the_process_that_could_not_start() {
     assert!(std::net::TcpStream::connect(("127.0.0.1", controller_port)).is_err());
 }
 
-/// The process whose command line has every one of `parts` as an argument.
-fn pid_with_args(parts: &[&str]) -> Option<u32> {
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            parts
-                .iter()
-                .all(|part| args.contains(&part.as_bytes()))
-                .then_some(pid)
-        })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_starts_a_process_again_that_exited_and_stops_when_it_keeps_exiting() {
     let dir = tempfile::tempdir().unwrap();
     let controller_port = free_port_pair();
     let frontend_port = free_port_pair();
     let balancer_port = free_port_pair();
-    let mut up = up_command(
+    let (mut up, output) = spawn_up(&mut up_command(
         dir.path(),
         2,
         [controller_port, frontend_port, balancer_port],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let output = Arc::new(Mutex::new(String::new()));
-    for stream in [
-        Box::new(up.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(up.stderr.take().unwrap()),
-    ] {
-        let output = output.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                eprintln!("[up] {line}");
-                output.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
-    }
+    ));
     let said = |text: &str| output.lock().unwrap().contains(text);
-    let wait_said = |text: &'static str| {
-        let output = output.clone();
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !output.lock().unwrap().contains(text) {
-                assert!(
-                    Instant::now() < deadline,
-                    "paddock up did not say {text:?}:\n{}",
-                    output.lock().unwrap()
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
-    wait_said("Stop: Ctrl-C").await;
+    wait_said(&output, "Stop: Ctrl-C").await;
     let published = Command::new(PADDOCK)
         .args(["app", "publish"])
         .arg(fixture("hello-v1"))
@@ -362,12 +365,19 @@ async fn up_starts_a_process_again_that_exited_and_stops_when_it_keeps_exiting()
         .env_remove("PADDOCK_TOKEN")
         .output()
         .unwrap();
-    assert!(published.status.success(), "{published:?}");
+    let stdout = String::from_utf8_lossy(&published.stdout);
+    assert!(
+        stdout.contains("served by all 2 front-end(s)"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&published.stderr)
+    );
 
     // fe-1 dies: it is started again, and serves what it served; users saw nothing of it.
-    let fe1_data = dir.path().canonicalize().unwrap().join("fe-1");
-    let fe1 = || pid_with_args(&["frontend", "fe-1", fe1_data.to_str().unwrap()]);
-    harness::send_signal(fe1().expect("fe-1's process"), "KILL");
+    let fe1 = number_after(
+        &output,
+        &format!("fe-1: http://127.0.0.1:{frontend_port}/   (pid "),
+    );
+    harness::send_signal(fe1, "KILL");
     let balancer = format!("127.0.0.1:{balancer_port}").parse().unwrap();
     let mut users = Conn::open(balancer).await.unwrap();
     let fe1_addr = format!("127.0.0.1:{frontend_port}").parse().unwrap();
@@ -375,7 +385,7 @@ async fn up_starts_a_process_again_that_exited_and_stops_when_it_keeps_exiting()
     loop {
         let reply = users.get("/hello/").await.unwrap();
         assert_eq!(reply.status, 200, "{}", reply.body);
-        if said("starting fe-1 again")
+        if said("started fe-1 again (pid ")
             && let Ok(mut conn) = Conn::open(fe1_addr).await
             && let Ok(reply) = conn.get("/hello/").await
             && reply.status == 200
@@ -396,9 +406,9 @@ async fn up_starts_a_process_again_that_exited_and_stops_when_it_keeps_exiting()
         output.lock().unwrap()
     );
 
-    // fe-1 dies again and its port is taken meanwhile: it cannot start, and after three exits
-    // in a row `paddock up` stops the farm, naming it.
-    harness::send_signal(fe1().expect("fe-1's process"), "KILL");
+    // fe-1 dies again and its port is taken meanwhile: it cannot start, and once it exited 3
+    // times in a row soon after its start, `paddock up` stops the farm, naming it.
+    harness::send_signal(number_after(&output, "started fe-1 again (pid "), "KILL");
     let deadline = Instant::now() + Duration::from_secs(10);
     let _taken = loop {
         match std::net::TcpListener::bind(("127.0.0.1", frontend_port)) {
@@ -407,16 +417,9 @@ async fn up_starts_a_process_again_that_exited_and_stops_when_it_keeps_exiting()
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = up.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "paddock up did not stop");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = wait_exited(&mut up).await;
     assert!(!status.success(), "{status}");
-    wait_said("within 10s of its start").await;
+    wait_said(&output, "then run `paddock up` again").await;
     assert!(
         said("fe-1 exited 3 times in a row within 10s of its start"),
         "{}",

@@ -56,11 +56,12 @@ struct Member {
 
 impl Member {
     fn start(
+        exe: &Path,
         name: &str,
         args: Vec<String>,
         env: Vec<(&'static str, String)>,
     ) -> anyhow::Result<Member> {
-        let child = spawn(name, &args, &env)?;
+        let child = spawn(exe, name, &args, &env)?;
         Ok(Member {
             name: name.to_string(),
             args,
@@ -78,42 +79,55 @@ impl Member {
             .expect("a member is started before the farm is up")
     }
 
-    /// Once the farm is up: notices an exit and starts the process again when its time has
-    /// come; the reason to stop the farm when it keeps exiting.
-    fn watch(&mut self) -> anyhow::Result<Option<String>> {
+    /// Once the farm is up: notices an exit and starts the process again (from `exe`) when its
+    /// time has come; the reason to stop the farm when it keeps exiting.
+    fn watch(&mut self, exe: &Path) -> anyhow::Result<Option<String>> {
         if let Some(child) = &mut self.child {
             let Some(status) = child.try_wait()? else {
                 return Ok(None);
             };
             self.child = None;
-            self.quick_exits = if self.started.elapsed() < QUICK {
-                self.quick_exits + 1
-            } else {
-                0
-            };
-            if self.quick_exits >= QUICK_EXITS {
-                return Ok(Some(format!(
-                    "{} exited {} times in a row within {}s of its start (last: {status}); its log is above",
-                    self.name,
-                    self.quick_exits,
-                    QUICK.as_secs()
-                )));
-            }
-            eprintln!(
-                "{} exited ({status}); starting it again in {}s",
-                self.name,
-                RESTART_DELAY.as_secs()
-            );
-            self.restart_at = Some(Instant::now() + RESTART_DELAY);
+            return Ok(self.ended(format!("exited ({status})")));
         }
         if self.restart_at.is_some_and(|at| at <= Instant::now()) {
             self.restart_at = None;
-            eprintln!("starting {} again", self.name);
-            self.child = Some(spawn(&self.name, &self.args, &self.env)?);
             self.started = Instant::now();
+            match spawn(exe, &self.name, &self.args, &self.env) {
+                Ok(child) => {
+                    eprintln!("started {} again (pid {})", self.name, child.id());
+                    self.child = Some(child);
+                }
+                Err(e) => return Ok(self.ended(format!("could not be started ({e:#})"))),
+            }
         }
         Ok(None)
     }
+
+    /// Counts an exit (`what` says how it ended) and sets the next start; the reason to stop
+    /// the farm when it keeps exiting.
+    fn ended(&mut self, what: String) -> Option<String> {
+        self.quick_exits = quick_exits_after(self.quick_exits, self.started.elapsed());
+        if self.quick_exits >= QUICK_EXITS {
+            return Some(format!(
+                "{} exited {} times in a row within {}s of its start (last: {what}); fix what its log above says, then run `paddock up` again",
+                self.name,
+                self.quick_exits,
+                QUICK.as_secs()
+            ));
+        }
+        eprintln!(
+            "{} {what}; starting it again in {}s",
+            self.name,
+            RESTART_DELAY.as_secs()
+        );
+        self.restart_at = Some(Instant::now() + RESTART_DELAY);
+        None
+    }
+}
+
+/// Quick exits in a row, once a process that had `before` of them exits `ran` after its start.
+fn quick_exits_after(before: u32, ran: Duration) -> u32 {
+    if ran < QUICK { before + 1 } else { 0 }
 }
 
 struct Farm {
@@ -160,8 +174,12 @@ impl Drop for Farm {
 }
 
 /// Starts a child whose output is relayed line by line, tagged with `name`.
-fn spawn(name: &str, args: &[String], env: &[(&'static str, String)]) -> anyhow::Result<Child> {
-    let exe = std::env::current_exe().context("finding the paddock binary")?;
+fn spawn(
+    exe: &Path,
+    name: &str,
+    args: &[String],
+    env: &[(&'static str, String)],
+) -> anyhow::Result<Child> {
     let mut child = Command::new(exe)
         .args(args)
         .envs(env.iter().map(|(k, v)| (k, v)))
@@ -282,12 +300,16 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     let data = args.data.canonicalize()?;
     let controller_dir = data.join("controller");
     let controller_url = format!("http://127.0.0.1:{}", args.controller_port);
+    // Its path now: a platform upgrade renames a new build over it, and a process started
+    // again later runs that one (`current_exe` would then name the replaced file, gone).
+    let exe = std::env::current_exe().context("finding the paddock binary")?;
     let mut farm = Farm {
         children: Vec::new(),
     };
 
     let db = format!("sqlite://{}", data.join("paddock.db").display());
     let controller = Member::start(
+        &exe,
         "controller",
         vec![
             "controller".into(),
@@ -329,6 +351,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         let name = format!("fe-{i}");
         let port = args.frontend_port + i - 1;
         let member = Member::start(
+            &exe,
             &name,
             vec![
                 "frontend".into(),
@@ -349,8 +372,11 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         )?;
         let health = format!("http://127.0.0.1:{port}/_paddock/health");
         waiting.push((farm.children.len(), health));
+        frontends.push(format!(
+            "{name}: http://127.0.0.1:{port}/   (pid {})",
+            member.child.as_ref().map_or(0, Child::id)
+        ));
         farm.children.push(member);
-        frontends.push(format!("{name}: http://127.0.0.1:{port}/"));
     }
 
     let balancer_url = format!("http://127.0.0.1:{}", args.balancer_port);
@@ -358,6 +384,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(data.join("lb-1"))
         .with_context(|| format!("creating {}", data.join("lb-1").display()))?;
     let balancer = Member::start(
+        &exe,
         "balancer",
         vec![
             "balancer".into(),
@@ -431,11 +458,14 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         let mut watch = tokio::time::interval(Duration::from_millis(200));
         loop {
             tokio::select! {
+                // A stop first: the processes had the signal too, and their exits are not
+                // to be taken for ones to start again.
+                biased;
                 _ = term.recv() => return anyhow::Ok(None),
                 _ = tokio::signal::ctrl_c() => return Ok(None),
                 _ = watch.tick() => {
                     for member in &mut farm.children {
-                        if let Some(why) = member.watch()? {
+                        if let Some(why) = member.watch(&exe)? {
                             return Ok(Some(why));
                         }
                     }
@@ -448,5 +478,31 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     match exited {
         Some(why) => anyhow::bail!(why),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_exits_in_a_row_soon_after_the_start_stop_the_farm() {
+        let soon = QUICK - Duration::from_millis(1);
+        let late = QUICK;
+        // A process that ran its while: nothing counted.
+        assert_eq!(quick_exits_after(0, late), 0);
+        // Three quick exits in a row reach the limit.
+        let mut n = 0;
+        for _ in 0..QUICK_EXITS {
+            n = quick_exits_after(n, soon);
+        }
+        assert_eq!(n, QUICK_EXITS);
+        // Two quick, one that ran its while, two quick: not in a row.
+        let mut n = 0;
+        for ran in [soon, soon, late, soon, soon] {
+            n = quick_exits_after(n, ran);
+        }
+        assert_eq!(n, 2);
+        assert!(n < QUICK_EXITS);
     }
 }

@@ -1666,10 +1666,19 @@ pub fn spawn_with_open_files(
 
 /// The next of `lines` that contains `needle` (within 10 s), skipping the others.
 pub fn next_line(lines: &std::sync::mpsc::Receiver<String>, needle: &str) -> String {
+    next_line_without(lines, needle, &[])
+}
+
+/// [`next_line`], failing on a line before it that contains any of `forbidden`.
+pub fn next_line_without(
+    lines: &std::sync::mpsc::Receiver<String>,
+    needle: &str,
+    forbidden: &[&str],
+) -> String {
     loop {
         match lines.recv_timeout(Duration::from_secs(10)) {
             Ok(line) if line.contains(needle) => return line,
-            Ok(_) => {}
+            Ok(line) => assert!(!forbidden.iter().any(|f| line.contains(f)), "{line}"),
             Err(e) => panic!("no line with {needle:?}: {e}"),
         }
     }
