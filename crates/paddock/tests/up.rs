@@ -94,9 +94,8 @@ async fn wait_said(output: &Mutex<String>, text: &str) {
 fn number_after(output: &Mutex<String>, before: &str) -> u32 {
     let output = output.lock().unwrap();
     output
-        .rsplit(before)
-        .next()
-        .and_then(|rest| {
+        .rsplit_once(before)
+        .and_then(|(_, rest)| {
             let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
             digits.parse().ok()
         })
@@ -291,9 +290,13 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
     harness::send_signal(fe1, "KILL");
     wait_said(&output, "started fe-1 again (pid ").await;
     let fe1 = number_after(&output, "started fe-1 again (pid ");
-    assert!(harness::is_new_build(std::path::Path::new(&format!(
-        "/proc/{fe1}/exe"
-    ))));
+    let runs = std::path::PathBuf::from(format!("/proc/{fe1}/exe"));
+    assert!(
+        runs.exists(),
+        "fe-1 (pid {fe1}) is gone:\n{}",
+        output.lock().unwrap()
+    );
+    assert!(harness::is_new_build(&runs));
 
     Command::new("kill")
         .args(["-TERM", &up.id().to_string()])
@@ -421,7 +424,7 @@ async fn up_starts_a_process_again_that_exited_and_stops_when_it_keeps_exiting()
     assert!(!status.success(), "{status}");
     wait_said(&output, "then run `paddock up` again").await;
     assert!(
-        said("fe-1 exited 3 times in a row within 10s of its start"),
+        said("fe-1 ended 3 times in a row within 10s of its start (last: it exited"),
         "{}",
         output.lock().unwrap()
     );

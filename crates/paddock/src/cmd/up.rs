@@ -2,8 +2,9 @@
 //! front-ends, as child processes of this one, stopped together on Ctrl-C or SIGTERM.
 //!
 //! A process that exits once the farm is up is started again after [`RESTART_DELAY`], as a
-//! service manager would (the others route around it meanwhile); one that exits
-//! [`QUICK_EXITS`] times in a row within [`QUICK`] of its start stops the farm, naming it.
+//! service manager would (the balancer routes around a front-end meanwhile); a start that fails
+//! counts as an exit, and a process that ends [`QUICK_EXITS`] times in a row within [`QUICK`] of
+//! its start stops the farm, naming it.
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
@@ -87,7 +88,10 @@ impl Member {
                 return Ok(None);
             };
             self.child = None;
-            return Ok(self.ended(format!("exited ({status})")));
+            return Ok(self.ended(
+                format!("exited ({status})"),
+                "fix what its log above says".into(),
+            ));
         }
         if self.restart_at.is_some_and(|at| at <= Instant::now()) {
             self.restart_at = None;
@@ -97,19 +101,23 @@ impl Member {
                     eprintln!("started {} again (pid {})", self.name, child.id());
                     self.child = Some(child);
                 }
-                Err(e) => return Ok(self.ended(format!("could not be started ({e:#})"))),
+                Err(e) => {
+                    let what = format!("could not be started ({e:#})");
+                    let fix = format!("put a paddock build back at {}", exe.display());
+                    return Ok(self.ended(what, fix));
+                }
             }
         }
         Ok(None)
     }
 
-    /// Counts an exit (`what` says how it ended) and sets the next start; the reason to stop
-    /// the farm when it keeps exiting.
-    fn ended(&mut self, what: String) -> Option<String> {
+    /// Counts an end (`what` says how it ended, `fix` what to do if it keeps ending so) and sets
+    /// the next start; the reason to stop the farm when it keeps ending.
+    fn ended(&mut self, what: String, fix: String) -> Option<String> {
         self.quick_exits = quick_exits_after(self.quick_exits, self.started.elapsed());
         if self.quick_exits >= QUICK_EXITS {
             return Some(format!(
-                "{} exited {} times in a row within {}s of its start (last: {what}); fix what its log above says, then run `paddock up` again",
+                "{} ended {} times in a row within {}s of its start (last: it {what}); {fix}, then run `paddock up` again",
                 self.name,
                 self.quick_exits,
                 QUICK.as_secs()
@@ -187,7 +195,7 @@ fn spawn(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .with_context(|| format!("starting {name}"))?;
+        .with_context(|| format!("starting {name} from {}", exe.display()))?;
     for stream in [
         child
             .stdout
@@ -350,7 +358,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
     for i in 1..=args.frontends {
         let name = format!("fe-{i}");
         let port = args.frontend_port + i - 1;
-        let member = Member::start(
+        let mut member = Member::start(
             &exe,
             &name,
             vec![
@@ -374,7 +382,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<()> {
         waiting.push((farm.children.len(), health));
         frontends.push(format!(
             "{name}: http://127.0.0.1:{port}/   (pid {})",
-            member.child.as_ref().map_or(0, Child::id)
+            member.child().id()
         ));
         farm.children.push(member);
     }
@@ -504,5 +512,31 @@ mod tests {
         }
         assert_eq!(n, 2);
         assert!(n < QUICK_EXITS);
+    }
+
+    #[test]
+    fn starts_that_fail_stop_the_farm_saying_what_to_put_back() {
+        let gone = Path::new("/nonexistent/paddock");
+        let mut member = Member {
+            name: "fe-1".into(),
+            args: vec!["frontend".into()],
+            env: Vec::new(),
+            child: None,
+            started: Instant::now(),
+            quick_exits: 0,
+            restart_at: None,
+        };
+        let mut said = Vec::new();
+        for _ in 0..QUICK_EXITS {
+            member.restart_at = Some(Instant::now());
+            said.push(member.watch(gone).unwrap());
+        }
+        assert!(said[..2].iter().all(Option::is_none), "{said:?}");
+        let why = said[2].as_deref().unwrap_or_default();
+        assert!(why.contains("fe-1 ended 3 times in a row"), "{why}");
+        assert!(why.contains("could not be started"), "{why}");
+        assert!(why.contains("/nonexistent/paddock"), "{why}");
+        assert!(why.contains("put a paddock build back"), "{why}");
+        assert!(member.child.is_none());
     }
 }
