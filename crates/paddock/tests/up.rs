@@ -77,6 +77,28 @@ fn spawn_up(up: &mut Command) -> (std::process::Child, Arc<Mutex<String>>) {
     (up, output)
 }
 
+/// `paddock ARGS` against the farm `up` started with its data in `data`, finding the admin
+/// token there; its standard output, once it succeeded.
+fn farm_cli(controller_port: u16, data: &std::path::Path, args: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(PADDOCK)
+        .args(args)
+        .env(
+            "PADDOCK_CONTROLLER",
+            format!("http://127.0.0.1:{controller_port}"),
+        )
+        .env("PADDOCK_DATA", data)
+        .env_remove("PADDOCK_TOKEN")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// Waits (at most 60 s) until `output` has `text`.
 async fn wait_said(output: &Mutex<String>, text: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -163,25 +185,7 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
     );
 
     // The admin token is found in the data folder, as after `paddock up` in a project folder.
-    let cli = |args: &[&std::ffi::OsStr]| {
-        let out = Command::new(PADDOCK)
-            .args(args)
-            .env(
-                "PADDOCK_CONTROLLER",
-                format!("http://127.0.0.1:{controller_port}"),
-            )
-            .env("PADDOCK_DATA", dir.path())
-            .env_remove("PADDOCK_TOKEN")
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "{stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        stdout
-    };
+    let cli = |args: &[&std::ffi::OsStr]| farm_cli(controller_port, dir.path(), args);
     let admin = |args: &[&str], package: &str| {
         let package = fixture(package);
         let mut all: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
@@ -357,23 +361,13 @@ async fn up_starts_a_process_again_that_exited_and_stops_when_it_keeps_exiting()
     ));
     let said = |text: &str| output.lock().unwrap().contains(text);
     wait_said(&output, "Stop: Ctrl-C").await;
-    let published = Command::new(PADDOCK)
-        .args(["app", "publish"])
-        .arg(fixture("hello-v1"))
-        .env(
-            "PADDOCK_CONTROLLER",
-            format!("http://127.0.0.1:{controller_port}"),
-        )
-        .env("PADDOCK_DATA", dir.path())
-        .env_remove("PADDOCK_TOKEN")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&published.stdout);
-    assert!(
-        stdout.contains("served by all 2 front-end(s)"),
-        "{stdout}{}",
-        String::from_utf8_lossy(&published.stderr)
+    let hello = fixture("hello-v1");
+    let stdout = farm_cli(
+        controller_port,
+        dir.path(),
+        &["app".as_ref(), "publish".as_ref(), hello.as_os_str()],
     );
+    assert!(stdout.contains("served by all 2 front-end(s)"), "{stdout}");
 
     // fe-1 dies: it is started again, and serves what it served; users saw nothing of it.
     let fe1 = number_after(
