@@ -20,6 +20,21 @@ fn free_port_pair() -> u16 {
     }
 }
 
+/// Ports for a farm: controller, first front-end, balancer (each with the next one free too).
+fn farm_ports() -> [u16; 3] {
+    [(); 3].map(|_| free_port_pair())
+}
+
+/// Fails if any of `ports` still takes connections once the farm stopped.
+fn assert_not_served(ports: &[u16]) {
+    for &port in ports {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "port {port} still served after the farm stopped"
+        );
+    }
+}
+
 /// `paddock up` with its data in `data` and its ports: controller, first front-end, balancer
 /// (its admin port is the next one).
 fn up_command(
@@ -139,9 +154,7 @@ async fn wait_exited(up: &mut std::process::Child) -> std::process::ExitStatus {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let controller_port = free_port_pair();
-    let frontend_port = free_port_pair();
-    let balancer_port = free_port_pair();
+    let [controller_port, frontend_port, balancer_port] = farm_ports();
     // Its own executable, as an installed one: the platform upgrade below replaces it.
     let exe = own_paddock(dir.path());
     let (mut up, output) = spawn_up(&mut up_command_from(
@@ -308,17 +321,12 @@ async fn up_starts_a_farm_that_publishes_and_stops_on_sigterm() {
         .unwrap();
     let status = wait_exited(&mut up).await;
     assert!(status.success(), "{status}");
-    for port in [
+    assert_not_served(&[
         controller_port,
         frontend_port,
         frontend_port + 1,
         balancer_port,
-    ] {
-        assert!(
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
-            "port {port} still served after the farm stopped"
-        );
-    }
+    ]);
 }
 
 #[test]
@@ -345,15 +353,13 @@ fn up_fails_naming_the_process_that_could_not_start() {
         "{stderr}"
     );
     // The controller it had started is stopped.
-    assert!(std::net::TcpStream::connect(("127.0.0.1", controller_port)).is_err());
+    assert_not_served(&[controller_port]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_starts_a_process_again_that_exited_and_stops_when_it_keeps_exiting() {
     let dir = tempfile::tempdir().unwrap();
-    let controller_port = free_port_pair();
-    let frontend_port = free_port_pair();
-    let balancer_port = free_port_pair();
+    let [controller_port, frontend_port, balancer_port] = farm_ports();
     let (mut up, output) = spawn_up(&mut up_command(
         dir.path(),
         2,
@@ -422,10 +428,5 @@ async fn up_starts_a_process_again_that_exited_and_stops_when_it_keeps_exiting()
         "{}",
         output.lock().unwrap()
     );
-    for port in [controller_port, frontend_port + 1, balancer_port] {
-        assert!(
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
-            "port {port} still served after the farm stopped"
-        );
-    }
+    assert_not_served(&[controller_port, frontend_port + 1, balancer_port]);
 }

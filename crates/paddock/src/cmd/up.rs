@@ -56,22 +56,28 @@ struct Member {
 }
 
 impl Member {
+    /// A member not started yet.
+    fn new(name: &str, args: Vec<String>, env: Vec<(&'static str, String)>) -> Member {
+        Member {
+            name: name.to_string(),
+            args,
+            env,
+            child: None,
+            started: Instant::now(),
+            quick_exits: 0,
+            restart_at: None,
+        }
+    }
+
     fn start(
         exe: &Path,
         name: &str,
         args: Vec<String>,
         env: Vec<(&'static str, String)>,
     ) -> anyhow::Result<Member> {
-        let child = spawn(exe, name, &args, &env)?;
-        Ok(Member {
-            name: name.to_string(),
-            args,
-            env,
-            child: Some(child),
-            started: Instant::now(),
-            quick_exits: 0,
-            restart_at: None,
-        })
+        let mut member = Member::new(name, args, env);
+        member.child = Some(spawn(exe, name, &member.args, &member.env)?);
+        Ok(member)
     }
 
     fn child(&mut self) -> &mut Child {
@@ -517,15 +523,7 @@ mod tests {
     #[test]
     fn starts_that_fail_stop_the_farm_saying_what_to_put_back() {
         let gone = Path::new("/nonexistent/paddock");
-        let mut member = Member {
-            name: "fe-1".into(),
-            args: vec!["frontend".into()],
-            env: Vec::new(),
-            child: None,
-            started: Instant::now(),
-            quick_exits: 0,
-            restart_at: None,
-        };
+        let mut member = Member::new("fe-1", vec!["frontend".into()], Vec::new());
         let mut said = Vec::new();
         for _ in 0..QUICK_EXITS {
             member.restart_at = Some(Instant::now());
